@@ -1,0 +1,71 @@
+//! The HTTP face: an axum router for the registry pull API, health and
+//! readiness. Handlers parse, ask `mirror`, and frame the answer.
+
+mod error;
+mod handlers;
+mod path;
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::Router;
+use axum::extract::Request;
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{any, get};
+use http::{HeaderValue, StatusCode};
+
+pub use error::{ApiError, ErrorCode};
+
+use crate::mirror::Mirror;
+
+pub fn router(mirror: Arc<Mirror>) -> Router {
+    Router::new()
+        .route("/v2", any(handlers::v2))
+        .route("/v2/", any(handlers::v2))
+        .route("/v2/{*rest}", any(handlers::v2))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(handlers::ready))
+        .fallback(|| async { ApiError::not_found_route() })
+        .layer(middleware::from_fn(common_headers_and_log))
+        .with_state(mirror)
+}
+
+/// Every response says which API it speaks; every request is logged once.
+async fn common_headers_and_log(req: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let method = req.method().clone();
+    let path = req.uri().path().to_owned();
+    let mut resp = next.run(req).await;
+    resp.headers_mut().insert(
+        "docker-distribution-api-version",
+        HeaderValue::from_static("registry/2.0"),
+    );
+    let status = resp.status();
+    let ms = started.elapsed().as_secs_f64() * 1000.0;
+    if status.is_server_error() {
+        tracing::warn!(%method, %path, status = status.as_u16(), ms, "request");
+    } else {
+        tracing::info!(%method, %path, status = status.as_u16(), ms, "request");
+    }
+    resp
+}
+
+impl From<StatusCode> for ApiError {
+    fn from(s: StatusCode) -> Self {
+        ApiError::new(
+            s,
+            ErrorCode::Unknown,
+            s.canonical_reason().unwrap_or("error"),
+        )
+    }
+}
+
+pub(crate) fn json_response(status: StatusCode, body: String) -> Response {
+    (
+        status,
+        [(http::header::CONTENT_TYPE, "application/json")],
+        body,
+    )
+        .into_response()
+}

@@ -1,0 +1,218 @@
+//! The one place where errors become OCI error bodies
+//! (`{"errors":[{"code","message","detail"}]}`) with the matching status.
+
+use axum::response::{IntoResponse, Response};
+use http::{HeaderValue, StatusCode, header};
+use serde_json::json;
+
+use crate::mirror::MirrorError;
+use crate::reference::ReferenceError;
+use crate::route::RouteError;
+use crate::storage::StorageError;
+use crate::upstream::UpstreamError;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ErrorCode {
+    BlobUnknown,
+    DigestInvalid,
+    ManifestUnknown,
+    NameInvalid,
+    NameUnknown,
+    Unsupported,
+    Denied,
+    TooManyRequests,
+    RangeInvalid,
+    PaginationInvalid,
+    Unavailable,
+    Unknown,
+}
+
+impl ErrorCode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::BlobUnknown => "BLOB_UNKNOWN",
+            ErrorCode::DigestInvalid => "DIGEST_INVALID",
+            ErrorCode::ManifestUnknown => "MANIFEST_UNKNOWN",
+            ErrorCode::NameInvalid => "NAME_INVALID",
+            ErrorCode::NameUnknown => "NAME_UNKNOWN",
+            ErrorCode::Unsupported => "UNSUPPORTED",
+            ErrorCode::Denied => "DENIED",
+            ErrorCode::TooManyRequests => "TOOMANYREQUESTS",
+            ErrorCode::RangeInvalid => "RANGE_INVALID",
+            ErrorCode::PaginationInvalid => "PAGINATION_NUMBER_INVALID",
+            ErrorCode::Unavailable => "UNAVAILABLE",
+            ErrorCode::Unknown => "UNKNOWN",
+        }
+    }
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub code: ErrorCode,
+    pub message: String,
+    headers: Vec<(header::HeaderName, String)>,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, code: ErrorCode, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            code,
+            message: message.into(),
+            headers: Vec::new(),
+        }
+    }
+
+    fn with_header(mut self, name: header::HeaderName, value: String) -> Self {
+        self.headers.push((name, value));
+        self
+    }
+
+    pub fn name_invalid(why: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, ErrorCode::NameInvalid, why)
+    }
+
+    pub fn not_found_route() -> Self {
+        Self::new(
+            StatusCode::NOT_FOUND,
+            ErrorCode::NameUnknown,
+            "not a registry API path: expected /v2/<name>/manifests|blobs|tags|referrers/...",
+        )
+    }
+
+    pub fn unsupported() -> Self {
+        Self::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            ErrorCode::Unsupported,
+            "this registry is a read-only pull-through mirror: only GET and HEAD are supported",
+        )
+        .with_header(header::ALLOW, "GET, HEAD".into())
+    }
+
+    pub fn range_not_satisfiable(size: u64) -> Self {
+        Self::new(
+            StatusCode::RANGE_NOT_SATISFIABLE,
+            ErrorCode::RangeInvalid,
+            format!("the requested range is outside the blob's {size} bytes"),
+        )
+        .with_header(header::CONTENT_RANGE, format!("bytes */{size}"))
+    }
+
+    pub fn malformed_range() -> Self {
+        Self::new(
+            StatusCode::RANGE_NOT_SATISFIABLE,
+            ErrorCode::RangeInvalid,
+            "the Range header must be one range such as bytes=0-1023, bytes=1024- or bytes=-512",
+        )
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = json!({
+            "errors": [{ "code": self.code.as_str(), "message": self.message, "detail": null }]
+        });
+        let mut resp = (self.status, axum::Json(body)).into_response();
+        for (name, value) in self.headers {
+            if let Ok(v) = HeaderValue::from_str(&value) {
+                resp.headers_mut().insert(name, v);
+            }
+        }
+        resp
+    }
+}
+
+impl From<RouteError> for ApiError {
+    fn from(e: RouteError) -> Self {
+        let status = match e {
+            RouteError::Name(_) => StatusCode::BAD_REQUEST,
+            _ => StatusCode::NOT_FOUND,
+        };
+        let code = match e {
+            RouteError::Name(_) => ErrorCode::NameInvalid,
+            _ => ErrorCode::NameUnknown,
+        };
+        Self::new(status, code, e.to_string())
+    }
+}
+
+impl From<ReferenceError> for ApiError {
+    fn from(e: ReferenceError) -> Self {
+        let code = match e {
+            ReferenceError::Digest(..) => ErrorCode::DigestInvalid,
+            ReferenceError::Tag(_) => ErrorCode::ManifestUnknown,
+            ReferenceError::Name(..) => ErrorCode::NameInvalid,
+        };
+        Self::new(StatusCode::BAD_REQUEST, code, e.to_string())
+    }
+}
+
+impl From<UpstreamError> for ApiError {
+    fn from(e: UpstreamError) -> Self {
+        let msg = e.to_string();
+        match e {
+            UpstreamError::NotFound { .. } => {
+                Self::new(StatusCode::NOT_FOUND, ErrorCode::NameUnknown, msg)
+            }
+            UpstreamError::TooManyRequests { retry_after, .. } => {
+                let err = Self::new(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    ErrorCode::TooManyRequests,
+                    msg,
+                );
+                match retry_after {
+                    Some(r) => err.with_header(header::RETRY_AFTER, r),
+                    None => err,
+                }
+            }
+            UpstreamError::Unavailable { .. } => Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                ErrorCode::Unavailable,
+                format!("{msg}; nothing usable is cached"),
+            ),
+            UpstreamError::Invalid { .. } => {
+                Self::new(StatusCode::BAD_GATEWAY, ErrorCode::Unavailable, msg)
+            }
+        }
+    }
+}
+
+impl From<MirrorError> for ApiError {
+    fn from(e: MirrorError) -> Self {
+        match e {
+            MirrorError::Upstream(u) => u.into(),
+            MirrorError::Storage(StorageError::Unsatisfiable { size }) => {
+                Self::range_not_satisfiable(size)
+            }
+            MirrorError::Storage(StorageError::MalformedRange) => Self::malformed_range(),
+            MirrorError::ManifestUnknown(m) => {
+                Self::new(StatusCode::NOT_FOUND, ErrorCode::ManifestUnknown, m)
+            }
+            MirrorError::BlobUnknown(m) => {
+                Self::new(StatusCode::NOT_FOUND, ErrorCode::BlobUnknown, m)
+            }
+            MirrorError::NameUnknown(m) => {
+                Self::new(StatusCode::NOT_FOUND, ErrorCode::NameUnknown, m)
+            }
+            e @ MirrorError::DigestMismatch { .. } => {
+                tracing::warn!(error = %e, "refused upstream content");
+                Self::new(
+                    StatusCode::BAD_GATEWAY,
+                    ErrorCode::Unavailable,
+                    e.to_string(),
+                )
+            }
+            MirrorError::Fetch(m) => Self::new(StatusCode::BAD_GATEWAY, ErrorCode::Unavailable, m),
+            e @ (MirrorError::Storage(_) | MirrorError::Meta(_)) => {
+                // Internal detail stays in the log.
+                tracing::error!(error = %e, "internal error");
+                Self::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    ErrorCode::Unknown,
+                    "internal storage error; the mirror's log has the details",
+                )
+            }
+        }
+    }
+}

@@ -1,0 +1,363 @@
+//! Request handlers for `/v2/...`.
+
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::response::{IntoResponse, Response};
+use http::{HeaderMap, HeaderValue, Method, StatusCode, header};
+use serde_json::json;
+
+use super::error::{ApiError, ErrorCode};
+use super::json_response;
+use super::path::{self, V2Path};
+use crate::mirror::Mirror;
+use crate::range::{RangeError, RangeSpec};
+use crate::reference::{Digest, Reference};
+use crate::route::Target;
+
+/// Largest page of tags or repositories one response carries.
+const MAX_PAGE: usize = 10_000;
+/// Page size of `_catalog` when the client names none.
+const DEFAULT_CATALOG_PAGE: usize = 1_000;
+
+/// The parts of a request handlers look at.
+struct Ask<'a> {
+    method: &'a Method,
+    headers: &'a HeaderMap,
+    query: Vec<(String, String)>,
+}
+
+impl Ask<'_> {
+    fn param(&self, key: &str) -> Option<&str> {
+        self.query
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
+    }
+
+    fn host(&self) -> Option<&str> {
+        self.headers.get(header::HOST).and_then(|v| v.to_str().ok())
+    }
+}
+
+pub async fn v2(State(mirror): State<Arc<Mirror>>, req: Request) -> Response {
+    let method = req.method();
+    if method != Method::GET && method != Method::HEAD {
+        return ApiError::unsupported().into_response();
+    }
+    let uri = req.uri();
+    let query = uri
+        .query()
+        .map(|q| {
+            url::form_urlencoded::parse(q.as_bytes())
+                .into_owned()
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut headers = req.headers().clone();
+    if !headers.contains_key(header::HOST)
+        && let Some(a) = uri.authority()
+        && let Ok(v) = HeaderValue::from_str(a.as_str())
+    {
+        headers.insert(header::HOST, v);
+    }
+    let ask = Ask {
+        method,
+        headers: &headers,
+        query,
+    };
+    let raw = uri.path().strip_prefix("/v2").unwrap_or(uri.path());
+    match handle(&mirror, &ask, raw).await {
+        Ok(r) => r,
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn handle(mirror: &Mirror, ask: &Ask<'_>, raw: &str) -> Result<Response, ApiError> {
+    match path::parse(raw)? {
+        V2Path::Base => Ok(json_response(StatusCode::OK, "{}".into())),
+        V2Path::Upload => Err(ApiError::unsupported()),
+        V2Path::Catalog => catalog(mirror, ask).await,
+        V2Path::Manifest { name, reference } => {
+            let target = resolve(mirror, ask, name)?;
+            let reference = Reference::parse(reference)?;
+            manifest(mirror, ask, &target, &reference).await
+        }
+        V2Path::Blob { name, digest } => {
+            let target = resolve(mirror, ask, name)?;
+            let digest = Digest::parse(digest)?;
+            blob(mirror, ask, &target, &digest).await
+        }
+        V2Path::Tags { name } => {
+            let target = resolve(mirror, ask, name)?;
+            tags(mirror, ask, &target, name).await
+        }
+        V2Path::Referrers { name, digest } => {
+            let target = resolve(mirror, ask, name)?;
+            let digest = Digest::parse(digest)?;
+            referrers(mirror, ask, &target, &digest).await
+        }
+    }
+}
+
+fn resolve(mirror: &Mirror, ask: &Ask<'_>, name: &str) -> Result<Target, ApiError> {
+    Ok(mirror.router.resolve(ask.host(), name, ask.param("ns"))?)
+}
+
+async fn manifest(
+    mirror: &Mirror,
+    ask: &Ask<'_>,
+    target: &Target,
+    reference: &Reference,
+) -> Result<Response, ApiError> {
+    let hit = mirror.manifest(target, reference).await?;
+    let media_type = &hit.manifest.media_type;
+    if !accepts(ask.headers, media_type) {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            ErrorCode::ManifestUnknown,
+            format!(
+                "the manifest is {media_type}, which this request's Accept header does not list"
+            ),
+        ));
+    }
+    let mut resp = if ask.method == Method::HEAD {
+        Response::new(Body::empty())
+    } else {
+        Response::new(Body::from(hit.manifest.bytes.clone()))
+    };
+    let h = resp.headers_mut();
+    set(h, header::CONTENT_TYPE, media_type);
+    set(
+        h,
+        header::CONTENT_LENGTH,
+        &hit.manifest.bytes.len().to_string(),
+    );
+    set(h, "docker-content-digest", &hit.digest.to_string());
+    set(h, header::ETAG, &format!("\"{}\"", hit.digest));
+    if hit.stale {
+        set(
+            h,
+            header::WARNING,
+            "110 pier \"served from cache; upstream unreachable\"",
+        );
+    }
+    Ok(resp)
+}
+
+/// Whether the client's Accept lines (podman sends one per type, containerd
+/// one comma-joined line) allow `media_type`. No manifest types listed means
+/// anything goes.
+fn accepts(headers: &HeaderMap, media_type: &str) -> bool {
+    let listed: Vec<&str> = headers
+        .get_all(header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|t| t.split(';').next().unwrap_or("").trim())
+        .collect();
+    let manifest_types = listed
+        .iter()
+        .filter(|t| t.starts_with("application/vnd."))
+        .count();
+    manifest_types == 0
+        || listed
+            .iter()
+            .any(|t| t.eq_ignore_ascii_case(media_type) || *t == "*/*")
+}
+
+async fn blob(
+    mirror: &Mirror,
+    ask: &Ask<'_>,
+    target: &Target,
+    digest: &Digest,
+) -> Result<Response, ApiError> {
+    if ask.method == Method::HEAD {
+        let info = mirror.blob_info(target, digest).await?;
+        let mut resp = Response::new(Body::empty());
+        let h = resp.headers_mut();
+        blob_headers(h, digest);
+        if let Some(size) = info.size {
+            set(h, header::CONTENT_LENGTH, &size.to_string());
+        }
+        return Ok(resp);
+    }
+    let range = match ask.headers.get(header::RANGE).map(|v| v.to_str()) {
+        None => None,
+        Some(Ok(v)) => match RangeSpec::parse(v) {
+            Ok(r) => r,
+            Err(RangeError::Malformed | RangeError::Unsatisfiable) => {
+                return Err(ApiError::malformed_range());
+            }
+        },
+        Some(Err(_)) => return Err(ApiError::malformed_range()),
+    };
+    let b = mirror.blob(target, digest, range).await?;
+    let len = match (b.range, b.size) {
+        (Some(r), _) => Some(r.len()),
+        (None, size) => size,
+    };
+    let mut resp = Response::new(Body::from_stream(b.stream));
+    let h = resp.headers_mut();
+    blob_headers(h, digest);
+    if let Some(len) = len {
+        set(h, header::CONTENT_LENGTH, &len.to_string());
+    }
+    if let (Some(r), Some(size)) = (b.range, b.size) {
+        *resp.status_mut() = StatusCode::PARTIAL_CONTENT;
+        set(
+            resp.headers_mut(),
+            header::CONTENT_RANGE,
+            &r.content_range(size),
+        );
+    }
+    Ok(resp)
+}
+
+fn blob_headers(h: &mut HeaderMap, digest: &Digest) {
+    set(h, header::CONTENT_TYPE, "application/octet-stream");
+    set(h, "docker-content-digest", &digest.to_string());
+    set(h, header::ETAG, &format!("\"{digest}\""));
+    set(h, header::ACCEPT_RANGES, "bytes");
+    set(h, header::CACHE_CONTROL, "max-age=31536000");
+}
+
+/// `n` and `last`: the page a listing asks for.
+fn page(ask: &Ask<'_>, default: usize) -> Result<(usize, Option<String>), ApiError> {
+    let n = match ask.param("n") {
+        None | Some("") => default,
+        Some(v) => v
+            .parse::<u64>()
+            .map_err(|_| {
+                ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    ErrorCode::PaginationInvalid,
+                    "n must be a non-negative integer",
+                )
+            })?
+            .min(MAX_PAGE as u64) as usize,
+    };
+    let last = ask
+        .param("last")
+        .filter(|l| !l.is_empty())
+        .map(str::to_owned);
+    Ok((n, last))
+}
+
+async fn tags(
+    mirror: &Mirror,
+    ask: &Ask<'_>,
+    target: &Target,
+    name: &str,
+) -> Result<Response, ApiError> {
+    let (n, last) = page(ask, MAX_PAGE)?;
+    let all = mirror.tags(target).await?;
+    let start = match &last {
+        Some(l) => all.partition_point(|t| t.as_str() <= l.as_str()),
+        None => 0,
+    };
+    let page: Vec<&String> = all[start..].iter().take(n).collect();
+    let more = start + page.len() < all.len() && !page.is_empty();
+    let body = json!({ "name": name, "tags": page }).to_string();
+    let mut resp = json_response(StatusCode::OK, body);
+    if more && let Some(last_tag) = page.last() {
+        let mut q = url::form_urlencoded::Serializer::new(String::new());
+        q.append_pair("n", &n.to_string());
+        q.append_pair("last", last_tag);
+        if let Some(ns) = ask.param("ns") {
+            q.append_pair("ns", ns);
+        }
+        let link = format!("</v2/{name}/tags/list?{}>; rel=\"next\"", q.finish());
+        set(resp.headers_mut(), header::LINK, &link);
+    }
+    Ok(resp)
+}
+
+async fn catalog(mirror: &Mirror, ask: &Ask<'_>) -> Result<Response, ApiError> {
+    let (n, last) = page(ask, DEFAULT_CATALOG_PAGE)?;
+    // One more than asked tells whether another page exists.
+    let mut repos = mirror.catalog(last.as_deref(), n + 1).await?;
+    let more = repos.len() > n;
+    repos.truncate(n);
+    let body = json!({ "repositories": repos }).to_string();
+    let mut resp = json_response(StatusCode::OK, body);
+    if more && let Some(last_repo) = repos.last() {
+        let q = url::form_urlencoded::Serializer::new(String::new())
+            .append_pair("n", &n.to_string())
+            .append_pair("last", last_repo)
+            .finish();
+        set(
+            resp.headers_mut(),
+            header::LINK,
+            &format!("</v2/_catalog?{q}>; rel=\"next\""),
+        );
+    }
+    Ok(resp)
+}
+
+async fn referrers(
+    mirror: &Mirror,
+    ask: &Ask<'_>,
+    target: &Target,
+    digest: &Digest,
+) -> Result<Response, ApiError> {
+    let artifact_type = ask.param("artifactType");
+    let (body, filtered) = mirror.referrers(target, digest, artifact_type).await?;
+    let mut resp = Response::new(Body::from(body));
+    set(
+        resp.headers_mut(),
+        header::CONTENT_TYPE,
+        "application/vnd.oci.image.index.v1+json",
+    );
+    if filtered {
+        set(resp.headers_mut(), "oci-filters-applied", "artifactType");
+    }
+    Ok(resp)
+}
+
+pub async fn ready(State(mirror): State<Arc<Mirror>>) -> Response {
+    match mirror.ready().await {
+        Ok(()) => (StatusCode::OK, "ready\n").into_response(),
+        Err(e) => {
+            tracing::warn!(error = %e, "not ready");
+            (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {e}\n")).into_response()
+        }
+    }
+}
+
+fn set(h: &mut HeaderMap, name: impl header::IntoHeaderName, value: &str) {
+    if let Ok(v) = HeaderValue::from_str(value) {
+        h.insert(name, v);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accept_lines_are_all_read() {
+        let mut h = HeaderMap::new();
+        assert!(accepts(&h, "application/vnd.oci.image.index.v1+json"));
+        h.append(
+            header::ACCEPT,
+            HeaderValue::from_static("application/vnd.oci.image.manifest.v1+json"),
+        );
+        h.append(
+            header::ACCEPT,
+            HeaderValue::from_static("application/vnd.oci.image.index.v1+json"),
+        );
+        assert!(accepts(&h, "application/vnd.oci.image.index.v1+json"));
+        assert!(!accepts(
+            &h,
+            "application/vnd.docker.distribution.manifest.v2+json"
+        ));
+        let mut h = HeaderMap::new();
+        h.append(
+            header::ACCEPT,
+            HeaderValue::from_static("application/vnd.docker.distribution.manifest.v2+json, application/vnd.oci.image.index.v1+json;q=0.5"),
+        );
+        assert!(accepts(&h, "application/vnd.oci.image.index.v1+json"));
+    }
+}

@@ -1,0 +1,111 @@
+//! `/v2/...` paths: repository names contain slashes, so one wildcard route
+//! captures the rest and this parser splits `<name>/<kind>/<reference>`.
+
+use super::error::ApiError;
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum V2Path<'a> {
+    Base,
+    Catalog,
+    Manifest {
+        name: &'a str,
+        reference: &'a str,
+    },
+    Blob {
+        name: &'a str,
+        digest: &'a str,
+    },
+    Tags {
+        name: &'a str,
+    },
+    Referrers {
+        name: &'a str,
+        digest: &'a str,
+    },
+    /// Push endpoints (`blobs/uploads/...`): refused, Pier is pull-only.
+    Upload,
+}
+
+/// Parses the raw (still percent-encoded) path after `/v2`.
+pub fn parse(raw: &str) -> Result<V2Path<'_>, ApiError> {
+    // Nothing legitimate in a name, tag or digest is percent-encoded, and
+    // decoding would let `%2e%2e` or `%2f` smuggle in path structure.
+    if raw.contains('%') {
+        return Err(ApiError::name_invalid(
+            "percent-encoded characters are not allowed in names",
+        ));
+    }
+    let rest = raw.strip_prefix('/').unwrap_or(raw);
+    if rest.is_empty() {
+        return Ok(V2Path::Base);
+    }
+    if rest == "_catalog" {
+        return Ok(V2Path::Catalog);
+    }
+    if let Some(name) = rest.strip_suffix("/tags/list") {
+        return Ok(V2Path::Tags { name });
+    }
+    if rest.ends_with("/blobs/uploads")
+        || rest.ends_with("/blobs/uploads/")
+        || rest.contains("/blobs/uploads/")
+    {
+        return Ok(V2Path::Upload);
+    }
+    let (head, reference) = rest.rsplit_once('/').ok_or_else(not_found)?;
+    let (name, kind) = head.rsplit_once('/').ok_or_else(not_found)?;
+    match kind {
+        "manifests" => Ok(V2Path::Manifest { name, reference }),
+        "blobs" => Ok(V2Path::Blob {
+            name,
+            digest: reference,
+        }),
+        "referrers" => Ok(V2Path::Referrers {
+            name,
+            digest: reference,
+        }),
+        _ => Err(not_found()),
+    }
+}
+
+fn not_found() -> ApiError {
+    ApiError::not_found_route()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths() {
+        assert_eq!(parse("/"), Ok(V2Path::Base));
+        assert_eq!(parse(""), Ok(V2Path::Base));
+        assert_eq!(parse("/_catalog"), Ok(V2Path::Catalog));
+        assert_eq!(
+            parse("/docker.io/library/nginx/manifests/latest"),
+            Ok(V2Path::Manifest {
+                name: "docker.io/library/nginx",
+                reference: "latest"
+            })
+        );
+        assert_eq!(
+            parse("/a/blobs/b/blobs/sha256:x"),
+            Ok(V2Path::Blob {
+                name: "a/blobs/b",
+                digest: "sha256:x"
+            })
+        );
+        assert_eq!(parse("/a/b/tags/list"), Ok(V2Path::Tags { name: "a/b" }));
+        assert_eq!(
+            parse("/a/referrers/sha256:x"),
+            Ok(V2Path::Referrers {
+                name: "a",
+                digest: "sha256:x"
+            })
+        );
+        assert_eq!(parse("/a/blobs/uploads/"), Ok(V2Path::Upload));
+        assert_eq!(parse("/a/blobs/uploads/123"), Ok(V2Path::Upload));
+        assert!(parse("/a/%2e%2e/manifests/x").is_err());
+        assert!(parse("/a").is_err());
+        assert!(parse("/a/other/x").is_err());
+    }
+}

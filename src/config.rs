@@ -1,0 +1,219 @@
+//! The configuration model: built-in defaults (the upstream table and the
+//! short-name routes), loading from a TOML file plus `PIER_*` environment
+//! overrides, and validation that names every bad key at once.
+
+mod builtin;
+mod env;
+mod file;
+mod validate;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Serialize;
+use url::Url;
+
+pub use builtin::{builtin_routes, builtin_upstreams};
+
+/// The whole, validated configuration.
+#[derive(Clone, Debug, Serialize)]
+pub struct Config {
+    /// Address the HTTP server binds.
+    pub listen: SocketAddr,
+    /// Domains for host-prefix mode: `docker.<domain>` names docker.io.
+    pub domains: Vec<String>,
+    /// Registry for short names that no route matches.
+    pub default_registry: String,
+    /// `text` or `json` log lines.
+    pub log_format: LogFormat,
+    pub storage: StorageConfig,
+    pub metadata: MetadataConfig,
+    pub timeouts: TimeoutConfig,
+    pub upstreams: Vec<UpstreamConfig>,
+    /// Short-name rules, first match wins: the file's, then the built-in ones.
+    pub routes: Vec<RouteConfig>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Where blobs live.
+#[derive(Clone, Debug, Serialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum StorageConfig {
+    Fs {
+        path: PathBuf,
+    },
+    S3 {
+        bucket: String,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        prefix: Option<String>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        endpoint: Option<Url>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        region: Option<String>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        path_style: Option<bool>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        access_key_id: Option<String>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        secret_access_key: Option<Secret>,
+        /// Local directory for the spool files of in-flight fetches.
+        spool_path: PathBuf,
+    },
+}
+
+impl StorageConfig {
+    /// The local directory where in-flight blob fetches are spooled. For the
+    /// fs store it sits on the same filesystem as the blobs, so a verified
+    /// spool file is committed with a rename.
+    pub fn spool_dir(&self) -> PathBuf {
+        match self {
+            StorageConfig::Fs { path } => path.join("tmp"),
+            StorageConfig::S3 { spool_path, .. } => spool_path.clone(),
+        }
+    }
+}
+
+/// Where manifests, tags and repository links live.
+#[derive(Clone, Debug, Serialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum MetadataConfig {
+    Embedded {
+        /// The database file's directory.
+        path: PathBuf,
+    },
+    Redis {
+        url: Secret,
+        key_prefix: String,
+    },
+}
+
+/// Timeouts for talking to upstreams.
+#[derive(Clone, Debug, Serialize)]
+pub struct TimeoutConfig {
+    /// TCP + TLS connect.
+    #[serde(with = "humantime_serde")]
+    pub connect: Duration,
+    /// From sending a request to the response headers.
+    #[serde(with = "humantime_serde")]
+    pub response: Duration,
+    /// Longest pause between two chunks of a response body.
+    #[serde(with = "humantime_serde")]
+    pub body_idle: Duration,
+}
+
+/// One upstream registry.
+#[derive(Clone, Debug, Serialize)]
+pub struct UpstreamConfig {
+    /// The registry's name as clients write it: `docker.io`, `gcr.io`.
+    pub registry: String,
+    /// Host prefixes: `docker` makes `docker.<domain>` name this registry.
+    pub aliases: Vec<String>,
+    /// Base URLs, tried in order (failover).
+    pub endpoints: Vec<Url>,
+    /// How long a tag is served from cache before it is revalidated.
+    #[serde(with = "humantime_serde")]
+    pub tag_ttl: Duration,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub username: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub password: Option<Secret>,
+}
+
+/// A short-name rule: repository names matching `pattern` go to `registry`.
+#[derive(Clone, Debug, Serialize)]
+pub struct RouteConfig {
+    /// A glob over the repository name: `*` matches within one path
+    /// component, `**` across components.
+    pub pattern: String,
+    pub registry: String,
+}
+
+/// A value that is never printed.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(s: impl Into<String>) -> Self {
+        Self(s.into())
+    }
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("\"********\"")
+    }
+}
+
+impl Serialize for Secret {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str("********")
+    }
+}
+
+/// Every problem found while loading, each naming its key.
+#[derive(Debug, thiserror::Error)]
+#[error("{}", .problems.join("\n"))]
+pub struct ConfigError {
+    pub problems: Vec<String>,
+}
+
+impl ConfigError {
+    fn one(p: impl Into<String>) -> Self {
+        Self {
+            problems: vec![p.into()],
+        }
+    }
+}
+
+impl Config {
+    /// Loads `path` (if any) and applies `PIER_*` variables from `vars`.
+    /// Pure apart from reading the file, so tests pass their own variables.
+    pub fn load(
+        path: Option<&Path>,
+        vars: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
+        let text = match path {
+            Some(p) => std::fs::read_to_string(p)
+                .map_err(|e| ConfigError::one(format!("{}: {e}", p.display())))?,
+            None => String::new(),
+        };
+        Self::from_toml(&text, vars)
+    }
+
+    /// Parses TOML text, applies `PIER_*` variables, fills defaults, validates.
+    pub fn from_toml(
+        text: &str,
+        vars: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
+        let mut table: toml::Table = toml::from_str(text)
+            .map_err(|e| ConfigError::one(format!("invalid TOML: {}", e.to_string().trim_end())))?;
+        env::apply(&mut table, vars)?;
+        let raw: file::FileConfig = toml::Value::Table(table)
+            .try_into()
+            .map_err(|e: toml::de::Error| ConfigError::one(e.message().to_owned()))?;
+        validate::build(raw)
+    }
+
+    /// The upstream for `registry`, if configured.
+    pub fn upstream(&self, registry: &str) -> Option<&UpstreamConfig> {
+        self.upstreams.iter().find(|u| u.registry == registry)
+    }
+
+    /// The effective configuration as TOML, secrets masked.
+    pub fn to_masked_toml(&self) -> String {
+        toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot print: {e}\n"))
+    }
+}
+
+#[cfg(test)]
+mod tests;

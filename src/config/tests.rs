@@ -1,0 +1,182 @@
+use std::time::Duration;
+
+use super::*;
+
+fn load(text: &str, vars: &[(&str, &str)]) -> Result<Config, ConfigError> {
+    Config::from_toml(
+        text,
+        vars.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())),
+    )
+}
+
+#[test]
+fn defaults_without_a_file() {
+    let c = load("", &[]).unwrap();
+    assert_eq!(c.listen.to_string(), "0.0.0.0:5000");
+    assert_eq!(c.default_registry, "docker.io");
+    assert!(matches!(&c.storage, StorageConfig::Fs { path } if path == Path::new("./data")));
+    assert!(
+        matches!(&c.metadata, MetadataConfig::Embedded { path } if path == Path::new("./data"))
+    );
+    let docker = c.upstream("docker.io").unwrap();
+    assert_eq!(
+        docker.endpoints[0].as_str(),
+        "https://registry-1.docker.io/"
+    );
+    assert!(docker.aliases.contains(&"docker".to_owned()));
+    for (registry, alias) in [
+        ("gcr.io", "gcr"),
+        ("ghcr.io", "ghcr"),
+        ("registry.k8s.io", "k8s"),
+        ("k8s.gcr.io", "k8s-gcr"),
+        ("quay.io", "quay"),
+        ("mcr.microsoft.com", "mcr"),
+        ("nvcr.io", "nvcr"),
+        ("docker.elastic.co", "elastic"),
+    ] {
+        assert_eq!(
+            c.upstream(registry).unwrap().aliases,
+            vec![alias.to_owned()]
+        );
+    }
+    assert!(c.routes.iter().any(|r| r.pattern == "kube-*"));
+}
+
+#[test]
+fn an_upstream_entry_overrides_only_what_it_sets() {
+    let c = load(
+        r#"
+        [[upstreams]]
+        registry = "docker.io"
+        endpoints = ["http://127.0.0.1:5001"]
+        tag_ttl = "30s"
+        "#,
+        &[],
+    )
+    .unwrap();
+    let d = c.upstream("docker.io").unwrap();
+    assert_eq!(d.endpoints[0].as_str(), "http://127.0.0.1:5001/");
+    assert_eq!(d.tag_ttl, Duration::from_secs(30));
+    assert_eq!(d.aliases, vec!["docker".to_owned(), "hub".to_owned()]);
+}
+
+#[test]
+fn file_routes_come_before_builtin_ones() {
+    let c = load(
+        r#"
+        [[routes]]
+        pattern = "kube-special"
+        registry = "quay.io"
+        "#,
+        &[],
+    )
+    .unwrap();
+    assert_eq!(c.routes[0].pattern, "kube-special");
+    assert!(c.routes.len() > 1);
+}
+
+#[test]
+fn every_problem_is_named_by_key() {
+    let err = load(
+        r#"
+        listen = "nope"
+        log_format = "xml"
+        default_registry = "nowhere.example"
+        [storage]
+        kind = "fs"
+        bucket = "b"
+        [[upstreams]]
+        registry = "corp.example"
+        endpoints = ["ftp://x"]
+        [[upstreams]]
+        registry = "other.example"
+        [[routes]]
+        pattern = "x"
+        registry = "missing.example"
+        "#,
+        &[],
+    )
+    .unwrap_err();
+    let all = err.problems.join("\n");
+    for key in [
+        "listen:",
+        "log_format:",
+        "default_registry:",
+        "storage.bucket:",
+        "upstreams[0] (corp.example).endpoints[0]:",
+        "upstreams[1] (other.example).endpoints:",
+        "routes[0].registry:",
+    ] {
+        assert!(all.contains(key), "{key} missing from:\n{all}");
+    }
+}
+
+#[test]
+fn unknown_keys_are_refused() {
+    let err = load("lisen = \"0.0.0.0:1\"", &[]).unwrap_err();
+    assert!(err.to_string().contains("lisen"), "{err}");
+}
+
+#[test]
+fn environment_overrides_the_file() {
+    let c = load(
+        "listen = \"127.0.0.1:1\"",
+        &[
+            ("PIER_LISTEN", "127.0.0.1:2"),
+            ("PIER_DOMAINS", "m.example.com, n.example.com"),
+            ("PIER_STORAGE__PATH", "/var/lib/pier"),
+            ("PIER_UPSTREAMS__DOCKER_IO__USERNAME", "u"),
+            ("PIER_UPSTREAMS__DOCKER_IO__PASSWORD", "123456"),
+            ("PIER_CONFIG", "ignored.toml"),
+            ("HOME", "/root"),
+        ],
+    )
+    .unwrap();
+    assert_eq!(c.listen.to_string(), "127.0.0.1:2");
+    assert_eq!(c.domains, vec!["m.example.com", "n.example.com"]);
+    assert!(matches!(&c.storage, StorageConfig::Fs { path } if path == Path::new("/var/lib/pier")));
+    // Embedded metadata follows the storage path.
+    assert!(
+        matches!(&c.metadata, MetadataConfig::Embedded { path } if path == Path::new("/var/lib/pier"))
+    );
+    let d = c.upstream("docker.io").unwrap();
+    assert_eq!(d.username.as_deref(), Some("u"));
+    assert_eq!(d.password.as_ref().unwrap().expose(), "123456");
+}
+
+#[test]
+fn a_bad_environment_key_is_named() {
+    let err = load("", &[("PIER_UPSTREAMS__NOWHERE__PASSWORD", "x")]).unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("PIER_UPSTREAMS__NOWHERE__PASSWORD"),
+        "{err}"
+    );
+}
+
+#[test]
+fn secrets_are_masked_when_printed() {
+    let c = load(
+        r#"
+        [[upstreams]]
+        registry = "docker.io"
+        username = "me"
+        password = "hunter2"
+        "#,
+        &[],
+    )
+    .unwrap();
+    let printed = c.to_masked_toml();
+    assert!(!printed.contains("hunter2"));
+    assert!(printed.contains("********"));
+    assert!(!format!("{c:?}").contains("hunter2"));
+    // The printed config loads again.
+    load(&printed.replace("\"********\"", "\"x\""), &[]).unwrap();
+}
+
+#[test]
+fn the_example_config_loads() {
+    let text =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/pier.example.toml")).unwrap();
+    load(&text, &[]).unwrap();
+}

@@ -1,0 +1,417 @@
+//! Turns the file as written into a `Config`: fills defaults, merges the
+//! built-in upstream table, and reports every problem by key.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use url::Url;
+
+use super::builtin::{DEFAULT_TAG_TTL, builtin_routes, builtin_upstreams};
+use super::file::{FileConfig, FileMetadata, FileStorage, FileUpstream};
+use super::{
+    Config, ConfigError, LogFormat, MetadataConfig, RouteConfig, Secret, StorageConfig,
+    TimeoutConfig, UpstreamConfig,
+};
+
+const DEFAULT_LISTEN: &str = "0.0.0.0:5000";
+const DEFAULT_DATA: &str = "./data";
+
+pub fn build(raw: FileConfig) -> Result<Config, ConfigError> {
+    let mut p = Problems::default();
+
+    let listen_text = raw.listen.as_deref().unwrap_or(DEFAULT_LISTEN);
+    let listen = listen_text.parse().unwrap_or_else(|_| {
+        p.add(
+            "listen",
+            format!("{listen_text:?} is not an address like 0.0.0.0:5000"),
+        );
+        ([0, 0, 0, 0], 5000).into()
+    });
+
+    let domains: Vec<String> = raw.domains.unwrap_or_default();
+    for (i, d) in domains.iter().enumerate() {
+        if !is_host_name(d) {
+            p.add(
+                &format!("domains[{i}]"),
+                format!("{d:?} is not a lowercase host name without a port"),
+            );
+        }
+    }
+
+    let log_format = match raw.log_format.as_deref() {
+        None | Some("text") => LogFormat::Text,
+        Some("json") => LogFormat::Json,
+        Some(other) => {
+            p.add(
+                "log_format",
+                format!("{other:?} is neither \"text\" nor \"json\""),
+            );
+            LogFormat::Text
+        }
+    };
+
+    let storage = storage(raw.storage.unwrap_or_default(), &mut p);
+    let data_dir = match &storage {
+        StorageConfig::Fs { path } => path.clone(),
+        StorageConfig::S3 { .. } => PathBuf::from(DEFAULT_DATA),
+    };
+    let metadata = metadata(raw.metadata.unwrap_or_default(), data_dir, &mut p);
+
+    let t = raw.timeouts.unwrap_or_default();
+    let timeouts = TimeoutConfig {
+        connect: positive(&mut p, "timeouts.connect", t.connect, 5),
+        response: positive(&mut p, "timeouts.response", t.response, 30),
+        body_idle: positive(&mut p, "timeouts.body_idle", t.body_idle, 60),
+    };
+
+    let builtins = raw.builtin_upstreams.unwrap_or(true);
+    let upstreams = upstreams(builtins, raw.upstreams, &mut p);
+    let configured = |r: &str| upstreams.iter().any(|u| u.registry == r);
+
+    let default_registry = raw.default_registry.unwrap_or_else(|| "docker.io".into());
+    if !configured(&default_registry) {
+        p.add(
+            "default_registry",
+            format!("{default_registry:?} is not a configured upstream"),
+        );
+    }
+
+    let mut routes = Vec::new();
+    for (i, r) in raw.routes.into_iter().enumerate() {
+        let key = format!("routes[{i}]");
+        let (Some(pattern), Some(registry)) = (r.pattern, r.registry) else {
+            p.add(&key, "needs both `pattern` and `registry`".into());
+            continue;
+        };
+        if !is_route_pattern(&pattern) {
+            p.add(
+                &format!("{key}.pattern"),
+                format!("{pattern:?} is not a glob over a repository name (a-z 0-9 . _ - / *)"),
+            );
+        }
+        if !configured(&registry) {
+            p.add(
+                &format!("{key}.registry"),
+                format!("{registry:?} is not a configured upstream"),
+            );
+        }
+        routes.push(RouteConfig { pattern, registry });
+    }
+    if builtins {
+        routes.extend(
+            builtin_routes()
+                .into_iter()
+                .filter(|r| configured(&r.registry)),
+        );
+    }
+
+    p.finish(Config {
+        listen,
+        domains,
+        default_registry,
+        log_format,
+        storage,
+        metadata,
+        timeouts,
+        upstreams,
+        routes,
+    })
+}
+
+fn storage(s: FileStorage, p: &mut Problems) -> StorageConfig {
+    match s.kind.as_deref().unwrap_or("fs") {
+        "fs" => {
+            for (set, key) in [
+                (s.bucket.is_some(), "bucket"),
+                (s.prefix.is_some(), "prefix"),
+                (s.endpoint.is_some(), "endpoint"),
+                (s.region.is_some(), "region"),
+                (s.path_style.is_some(), "path_style"),
+                (s.access_key_id.is_some(), "access_key_id"),
+                (s.secret_access_key.is_some(), "secret_access_key"),
+                (s.spool_path.is_some(), "spool_path"),
+            ] {
+                if set {
+                    p.add(
+                        &format!("storage.{key}"),
+                        "only applies to kind = \"s3\"".into(),
+                    );
+                }
+            }
+            StorageConfig::Fs {
+                path: s.path.unwrap_or_else(|| PathBuf::from(DEFAULT_DATA)),
+            }
+        }
+        "s3" => {
+            if s.path.is_some() {
+                p.add(
+                    "storage.path",
+                    "only applies to kind = \"fs\" (use spool_path for the local spool)".into(),
+                );
+            }
+            let bucket = s.bucket.unwrap_or_else(|| {
+                p.add("storage.bucket", "is required for kind = \"s3\"".into());
+                String::new()
+            });
+            let endpoint = s.endpoint.and_then(|e| match http_url(&e) {
+                Ok(u) => Some(u),
+                Err(why) => {
+                    p.add("storage.endpoint", why);
+                    None
+                }
+            });
+            if s.access_key_id.is_some() != s.secret_access_key.is_some() {
+                p.add(
+                    "storage.access_key_id",
+                    "access_key_id and secret_access_key go together".into(),
+                );
+            }
+            StorageConfig::S3 {
+                bucket,
+                prefix: s.prefix,
+                endpoint,
+                region: s.region,
+                path_style: s.path_style,
+                access_key_id: s.access_key_id,
+                secret_access_key: s.secret_access_key.map(Secret::new),
+                spool_path: s
+                    .spool_path
+                    .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA).join("tmp")),
+            }
+        }
+        other => {
+            p.add(
+                "storage.kind",
+                format!("{other:?} is neither \"fs\" nor \"s3\""),
+            );
+            StorageConfig::Fs {
+                path: PathBuf::from(DEFAULT_DATA),
+            }
+        }
+    }
+}
+
+fn metadata(m: FileMetadata, data_dir: PathBuf, p: &mut Problems) -> MetadataConfig {
+    match m.kind.as_deref().unwrap_or("embedded") {
+        "embedded" => {
+            for (set, key) in [
+                (m.url.is_some(), "url"),
+                (m.key_prefix.is_some(), "key_prefix"),
+            ] {
+                if set {
+                    p.add(
+                        &format!("metadata.{key}"),
+                        "only applies to kind = \"redis\"".into(),
+                    );
+                }
+            }
+            MetadataConfig::Embedded {
+                path: m.path.unwrap_or(data_dir),
+            }
+        }
+        "redis" => {
+            if m.path.is_some() {
+                p.add(
+                    "metadata.path",
+                    "only applies to kind = \"embedded\"".into(),
+                );
+            }
+            let url = m.url.unwrap_or_default();
+            if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
+                p.add(
+                    "metadata.url",
+                    "is required for kind = \"redis\" and starts with redis:// or rediss://".into(),
+                );
+            }
+            MetadataConfig::Redis {
+                url: Secret::new(url),
+                key_prefix: m.key_prefix.unwrap_or_else(|| "pier:".into()),
+            }
+        }
+        other => {
+            p.add(
+                "metadata.kind",
+                format!("{other:?} is neither \"embedded\" nor \"redis\""),
+            );
+            MetadataConfig::Embedded { path: data_dir }
+        }
+    }
+}
+
+/// The built-in table (when enabled) with the file's entries merged in: an
+/// entry for a built-in registry overrides only the fields it sets.
+fn upstreams(builtins: bool, file: Vec<FileUpstream>, p: &mut Problems) -> Vec<UpstreamConfig> {
+    let mut list = if builtins {
+        builtin_upstreams()
+    } else {
+        Vec::new()
+    };
+    let mut seen = Vec::new();
+    for (i, f) in file.into_iter().enumerate() {
+        let key = format!("upstreams[{i}]");
+        let Some(registry) = f.registry.clone() else {
+            p.add(&format!("{key}.registry"), "is required".into());
+            continue;
+        };
+        let key = format!("upstreams[{i}] ({registry})");
+        if !is_registry_name(&registry) {
+            p.add(
+                &format!("{key}.registry"),
+                "must be a lowercase host name with a '.' (or `localhost`), without a port: \
+                 it is the first path component in add-a-prefix pulls"
+                    .into(),
+            );
+        }
+        if seen.contains(&registry) {
+            p.add(&format!("{key}.registry"), "appears twice".into());
+            continue;
+        }
+        seen.push(registry.clone());
+        let index = match list.iter().position(|u| u.registry == registry) {
+            Some(i) => i,
+            None => {
+                if f.endpoints.is_none() {
+                    p.add(
+                        &format!("{key}.endpoints"),
+                        "is required for a registry that is not built in".into(),
+                    );
+                }
+                list.push(UpstreamConfig {
+                    registry: registry.clone(),
+                    aliases: Vec::new(),
+                    endpoints: Vec::new(),
+                    tag_ttl: DEFAULT_TAG_TTL,
+                    username: None,
+                    password: None,
+                });
+                list.len() - 1
+            }
+        };
+        let u = &mut list[index];
+        if let Some(aliases) = f.aliases {
+            for (j, a) in aliases.iter().enumerate() {
+                if !is_dns_label(a) {
+                    p.add(
+                        &format!("{key}.aliases[{j}]"),
+                        format!("{a:?} is not a lowercase DNS label"),
+                    );
+                }
+            }
+            u.aliases = aliases;
+        }
+        if let Some(endpoints) = f.endpoints {
+            if endpoints.is_empty() {
+                p.add(&format!("{key}.endpoints"), "must not be empty".into());
+            }
+            u.endpoints = endpoints
+                .iter()
+                .enumerate()
+                .filter_map(|(j, e)| match http_url(e) {
+                    Ok(url) => Some(url),
+                    Err(why) => {
+                        p.add(&format!("{key}.endpoints[{j}]"), why);
+                        None
+                    }
+                })
+                .collect();
+        }
+        if let Some(ttl) = f.tag_ttl {
+            u.tag_ttl = ttl;
+        }
+        if f.username.is_some() != f.password.is_some() {
+            p.add(
+                &format!("{key}.username"),
+                "username and password go together".into(),
+            );
+        }
+        if f.username.is_some() {
+            u.username = f.username;
+            u.password = f.password.map(Secret::new);
+        }
+    }
+    // One alias names one registry.
+    let mut aliases: Vec<(&str, &str)> = Vec::new();
+    for u in &list {
+        for a in &u.aliases {
+            if let Some((_, other)) = aliases.iter().find(|(x, _)| x == a) {
+                p.add(
+                    &format!("upstreams ({}).aliases", u.registry),
+                    format!("alias {a:?} is also used by {other}"),
+                );
+            }
+            aliases.push((a, &u.registry));
+        }
+    }
+    list
+}
+
+fn positive(p: &mut Problems, key: &str, v: Option<Duration>, default_secs: u64) -> Duration {
+    match v {
+        Some(d) if d.is_zero() => {
+            p.add(key, "must be longer than zero".into());
+            Duration::from_secs(default_secs)
+        }
+        Some(d) => d,
+        None => Duration::from_secs(default_secs),
+    }
+}
+
+fn http_url(s: &str) -> Result<Url, String> {
+    let url = Url::parse(s).map_err(|e| format!("{s:?} is not a URL: {e}"))?;
+    if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
+        return Err(format!("{s:?} is not an http:// or https:// URL"));
+    }
+    if url.path() != "/" || url.query().is_some() || url.fragment().is_some() {
+        return Err(format!(
+            "{s:?} must be a base URL (scheme, host, port) without a path"
+        ));
+    }
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err("credentials go in username/password, not in the URL".into());
+    }
+    Ok(url)
+}
+
+pub(crate) fn is_dns_label(s: &str) -> bool {
+    let b = s.as_bytes();
+    !b.is_empty()
+        && b.len() <= 63
+        && b.iter()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
+        && b[0] != b'-'
+        && b[b.len() - 1] != b'-'
+}
+
+fn is_host_name(s: &str) -> bool {
+    s.len() <= 253 && s.split('.').all(is_dns_label)
+}
+
+fn is_registry_name(s: &str) -> bool {
+    s == "localhost" || (s.contains('.') && is_host_name(s))
+}
+
+fn is_route_pattern(s: &str) -> bool {
+    !s.is_empty()
+        && s.bytes().all(|c| {
+            c.is_ascii_lowercase()
+                || c.is_ascii_digit()
+                || matches!(c, b'.' | b'_' | b'-' | b'/' | b'*')
+        })
+}
+
+#[derive(Default)]
+struct Problems(Vec<String>);
+
+impl Problems {
+    fn add(&mut self, key: &str, why: String) {
+        self.0.push(format!("{key}: {why}"));
+    }
+
+    fn finish(self, config: Config) -> Result<Config, ConfigError> {
+        if self.0.is_empty() {
+            Ok(config)
+        } else {
+            Err(ConfigError { problems: self.0 })
+        }
+    }
+}

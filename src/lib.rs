@@ -1,0 +1,17 @@
+//! Pier: a pull-through mirror for OCI / Docker registries.
+//!
+//! Layering (who may call whom): `api → mirror → {upstream, storage, meta}
+//! → {reference, config}`. `route` and `range` are pure. Nothing imports
+//! `api`; `server` wires the pieces together.
+
+pub mod api;
+pub mod config;
+pub mod meta;
+pub mod mirror;
+pub mod range;
+pub mod reference;
+pub mod route;
+pub mod server;
+pub mod storage;
+pub mod telemetry;
+pub mod upstream;

@@ -1,0 +1,75 @@
+//! Metadata: manifests by digest, tag → digest records, which digests each
+//! repository may serve, and the catalog. The `MetaStore` trait and backends.
+
+mod embedded;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+pub use embedded::EmbeddedMeta;
+
+use crate::reference::Digest;
+
+#[derive(Debug, Error)]
+pub enum MetaError {
+    #[error("metadata store: {0}")]
+    Backend(String),
+    #[error("metadata store holds a corrupt record: {0}")]
+    Corrupt(String),
+}
+
+/// A manifest exactly as upstream sent it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoredManifest {
+    pub media_type: String,
+    pub bytes: Bytes,
+}
+
+/// What a tag pointed at when Pier last asked upstream.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TagRecord {
+    pub digest: String,
+    /// Unix time in milliseconds of the last upstream confirmation.
+    pub checked_at_ms: u64,
+}
+
+#[async_trait]
+pub trait MetaStore: Send + Sync + 'static {
+    async fn manifest(&self, digest: &Digest) -> Result<Option<StoredManifest>, MetaError>;
+
+    /// Stores a verified manifest and links it, and the digests it
+    /// references, to repository `repo` (`<registry>/<repository>`).
+    async fn put_manifest(
+        &self,
+        repo: &str,
+        digest: &Digest,
+        manifest: &StoredManifest,
+        references: &[Digest],
+    ) -> Result<(), MetaError>;
+
+    async fn tag(&self, repo: &str, tag: &str) -> Result<Option<TagRecord>, MetaError>;
+
+    async fn put_tag(&self, repo: &str, tag: &str, record: &TagRecord) -> Result<(), MetaError>;
+
+    /// Tags cached for `repo`, sorted.
+    async fn tags(&self, repo: &str) -> Result<Vec<String>, MetaError>;
+
+    /// Records that `repo` may serve `digests` (upstream confirmed them).
+    async fn link(&self, repo: &str, digests: &[Digest]) -> Result<(), MetaError>;
+
+    async fn is_linked(&self, repo: &str, digest: &Digest) -> Result<bool, MetaError>;
+
+    /// Cached repositories in order, those after `after`, at most `limit`.
+    async fn repositories(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<String>, MetaError>;
+
+    async fn health(&self) -> Result<(), MetaError>;
+}
+
+#[cfg(test)]
+pub(crate) mod suite;

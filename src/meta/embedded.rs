@@ -1,0 +1,248 @@
+//! Metadata in one redb database file on local disk: transactional and
+//! durable (each commit is fsynced), so a restarted Pier keeps its cache.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use redb::{Database, TableDefinition};
+
+use super::{MetaError, MetaStore, StoredManifest, TagRecord};
+use crate::reference::Digest;
+
+/// digest → media type, `\n`, manifest bytes
+const MANIFESTS: TableDefinition<&str, &[u8]> = TableDefinition::new("manifests");
+/// `<repo>:<tag>` → JSON `TagRecord` (neither part can contain ':')
+const TAGS: TableDefinition<&str, &[u8]> = TableDefinition::new("tags");
+/// `<repo>@<digest>` → ()
+const LINKS: TableDefinition<&str, ()> = TableDefinition::new("links");
+/// repo → ()
+const REPOS: TableDefinition<&str, ()> = TableDefinition::new("repositories");
+
+pub struct EmbeddedMeta {
+    db: Arc<Database>,
+}
+
+impl EmbeddedMeta {
+    /// Opens (creating if needed) `<dir>/meta.redb`.
+    pub fn open(dir: &Path) -> Result<Self, MetaError> {
+        std::fs::create_dir_all(dir).map_err(|e| MetaError::Backend(e.to_string()))?;
+        let db = Database::create(dir.join("meta.redb")).map_err(backend)?;
+        let txn = db.begin_write().map_err(backend)?;
+        txn.open_table(MANIFESTS).map_err(backend)?;
+        txn.open_table(TAGS).map_err(backend)?;
+        txn.open_table(LINKS).map_err(backend)?;
+        txn.open_table(REPOS).map_err(backend)?;
+        txn.commit().map_err(backend)?;
+        Ok(Self { db: Arc::new(db) })
+    }
+
+    /// Runs blocking database work off the async threads.
+    async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Database) -> Result<T, MetaError> + Send + 'static,
+    ) -> Result<T, MetaError> {
+        let db = self.db.clone();
+        tokio::task::spawn_blocking(move || f(&db))
+            .await
+            .map_err(|e| MetaError::Backend(e.to_string()))?
+    }
+}
+
+fn backend(e: impl std::fmt::Display) -> MetaError {
+    MetaError::Backend(e.to_string())
+}
+
+fn link_key(repo: &str, digest: &Digest) -> String {
+    format!("{repo}@{digest}")
+}
+
+#[async_trait]
+impl MetaStore for EmbeddedMeta {
+    async fn manifest(&self, digest: &Digest) -> Result<Option<StoredManifest>, MetaError> {
+        let key = digest.to_string();
+        self.blocking(move |db| {
+            let txn = db.begin_read().map_err(backend)?;
+            let table = txn.open_table(MANIFESTS).map_err(backend)?;
+            let Some(v) = table.get(key.as_str()).map_err(backend)? else {
+                return Ok(None);
+            };
+            let raw = v.value();
+            let nl = raw
+                .iter()
+                .position(|&b| b == b'\n')
+                .ok_or_else(|| MetaError::Corrupt(format!("manifest {key}")))?;
+            Ok(Some(StoredManifest {
+                media_type: String::from_utf8_lossy(&raw[..nl]).into_owned(),
+                bytes: Bytes::copy_from_slice(&raw[nl + 1..]),
+            }))
+        })
+        .await
+    }
+
+    async fn put_manifest(
+        &self,
+        repo: &str,
+        digest: &Digest,
+        manifest: &StoredManifest,
+        references: &[Digest],
+    ) -> Result<(), MetaError> {
+        let mut value = Vec::with_capacity(manifest.media_type.len() + 1 + manifest.bytes.len());
+        value.extend_from_slice(manifest.media_type.as_bytes());
+        value.push(b'\n');
+        value.extend_from_slice(&manifest.bytes);
+        let key = digest.to_string();
+        let repo = repo.to_owned();
+        let links: Vec<String> = std::iter::once(digest)
+            .chain(references)
+            .map(|d| link_key(&repo, d))
+            .collect();
+        self.blocking(move |db| {
+            let txn = db.begin_write().map_err(backend)?;
+            {
+                txn.open_table(MANIFESTS)
+                    .map_err(backend)?
+                    .insert(key.as_str(), value.as_slice())
+                    .map_err(backend)?;
+                let mut t = txn.open_table(LINKS).map_err(backend)?;
+                for l in &links {
+                    t.insert(l.as_str(), ()).map_err(backend)?;
+                }
+                txn.open_table(REPOS)
+                    .map_err(backend)?
+                    .insert(repo.as_str(), ())
+                    .map_err(backend)?;
+            }
+            txn.commit().map_err(backend)
+        })
+        .await
+    }
+
+    async fn tag(&self, repo: &str, tag: &str) -> Result<Option<TagRecord>, MetaError> {
+        let key = format!("{repo}:{tag}");
+        self.blocking(move |db| {
+            let txn = db.begin_read().map_err(backend)?;
+            let table = txn.open_table(TAGS).map_err(backend)?;
+            match table.get(key.as_str()).map_err(backend)? {
+                Some(v) => serde_json::from_slice(v.value())
+                    .map(Some)
+                    .map_err(|e| MetaError::Corrupt(format!("tag {key}: {e}"))),
+                None => Ok(None),
+            }
+        })
+        .await
+    }
+
+    async fn put_tag(&self, repo: &str, tag: &str, record: &TagRecord) -> Result<(), MetaError> {
+        let key = format!("{repo}:{tag}");
+        let repo = repo.to_owned();
+        let value = serde_json::to_vec(record).map_err(backend)?;
+        self.blocking(move |db| {
+            let txn = db.begin_write().map_err(backend)?;
+            {
+                txn.open_table(TAGS)
+                    .map_err(backend)?
+                    .insert(key.as_str(), value.as_slice())
+                    .map_err(backend)?;
+                txn.open_table(REPOS)
+                    .map_err(backend)?
+                    .insert(repo.as_str(), ())
+                    .map_err(backend)?;
+            }
+            txn.commit().map_err(backend)
+        })
+        .await
+    }
+
+    async fn tags(&self, repo: &str) -> Result<Vec<String>, MetaError> {
+        // ';' sorts right after ':', so this range is exactly `<repo>:*`.
+        let (from, to) = (format!("{repo}:"), format!("{repo};"));
+        self.blocking(move |db| {
+            let txn = db.begin_read().map_err(backend)?;
+            let table = txn.open_table(TAGS).map_err(backend)?;
+            let mut out = Vec::new();
+            for entry in table.range(from.as_str()..to.as_str()).map_err(backend)? {
+                let (k, _) = entry.map_err(backend)?;
+                out.push(k.value()[from.len()..].to_owned());
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn link(&self, repo: &str, digests: &[Digest]) -> Result<(), MetaError> {
+        let repo = repo.to_owned();
+        let links: Vec<String> = digests.iter().map(|d| link_key(&repo, d)).collect();
+        self.blocking(move |db| {
+            let txn = db.begin_write().map_err(backend)?;
+            {
+                let mut t = txn.open_table(LINKS).map_err(backend)?;
+                for l in &links {
+                    t.insert(l.as_str(), ()).map_err(backend)?;
+                }
+                txn.open_table(REPOS)
+                    .map_err(backend)?
+                    .insert(repo.as_str(), ())
+                    .map_err(backend)?;
+            }
+            txn.commit().map_err(backend)
+        })
+        .await
+    }
+
+    async fn is_linked(&self, repo: &str, digest: &Digest) -> Result<bool, MetaError> {
+        let key = link_key(repo, digest);
+        self.blocking(move |db| {
+            let txn = db.begin_read().map_err(backend)?;
+            let table = txn.open_table(LINKS).map_err(backend)?;
+            Ok(table.get(key.as_str()).map_err(backend)?.is_some())
+        })
+        .await
+    }
+
+    async fn repositories(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<String>, MetaError> {
+        let after = after.map(str::to_owned);
+        self.blocking(move |db| {
+            let txn = db.begin_read().map_err(backend)?;
+            let table = txn.open_table(REPOS).map_err(backend)?;
+            let iter = match &after {
+                Some(a) => table.range::<&str>((
+                    std::ops::Bound::Excluded(a.as_str()),
+                    std::ops::Bound::Unbounded,
+                )),
+                None => table.range::<&str>(..),
+            }
+            .map_err(backend)?;
+            let mut out = Vec::new();
+            for entry in iter.take(limit) {
+                out.push(entry.map_err(backend)?.0.value().to_owned());
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn health(&self) -> Result<(), MetaError> {
+        self.blocking(|db| db.begin_read().map(drop).map_err(backend))
+            .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[tokio::test]
+    async fn embedded_meta_passes_the_suite() {
+        let dir = tempfile::tempdir().unwrap();
+        let meta = super::EmbeddedMeta::open(dir.path()).unwrap();
+        crate::meta::suite::run(&meta).await;
+        drop(meta);
+        // What was written survives reopening.
+        let meta = super::EmbeddedMeta::open(dir.path()).unwrap();
+        crate::meta::suite::check_persisted(&meta).await;
+    }
+}

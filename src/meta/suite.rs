@@ -1,0 +1,105 @@
+//! The behaviour every `MetaStore` must show, run against each backend.
+
+use bytes::Bytes;
+
+use super::{MetaStore, StoredManifest, TagRecord};
+use crate::reference::Digest;
+
+const REPO: &str = "docker.io/library/nginx";
+
+fn manifest() -> (Digest, StoredManifest) {
+    let bytes = Bytes::from_static(b"{\"schemaVersion\":2,\n\"x\":1}");
+    (
+        Digest::sha256_of(&bytes),
+        StoredManifest {
+            media_type: "application/vnd.oci.image.manifest.v1+json".into(),
+            bytes,
+        },
+    )
+}
+
+pub async fn run(meta: &dyn MetaStore) {
+    meta.health().await.unwrap();
+    let (digest, m) = manifest();
+    let layer = Digest::sha256_of(b"layer");
+    assert_eq!(meta.manifest(&digest).await.unwrap(), None);
+    assert!(!meta.is_linked(REPO, &digest).await.unwrap());
+
+    meta.put_manifest(REPO, &digest, &m, std::slice::from_ref(&layer))
+        .await
+        .unwrap();
+    assert_eq!(meta.manifest(&digest).await.unwrap(), Some(m.clone()));
+    assert!(meta.is_linked(REPO, &digest).await.unwrap());
+    assert!(meta.is_linked(REPO, &layer).await.unwrap());
+    // Links are per repository: another repository may not serve it.
+    assert!(
+        !meta
+            .is_linked("docker.io/library/other", &layer)
+            .await
+            .unwrap()
+    );
+    assert!(
+        !meta
+            .is_linked("docker.io/library/ngin", &layer)
+            .await
+            .unwrap()
+    );
+
+    let rec = TagRecord {
+        digest: digest.to_string(),
+        checked_at_ms: 1234,
+    };
+    assert_eq!(meta.tag(REPO, "latest").await.unwrap(), None);
+    meta.put_tag(REPO, "latest", &rec).await.unwrap();
+    meta.put_tag(REPO, "1.25", &rec).await.unwrap();
+    meta.put_tag("docker.io/library/nginx2", "zzz", &rec)
+        .await
+        .unwrap();
+    assert_eq!(meta.tag(REPO, "latest").await.unwrap(), Some(rec.clone()));
+    assert_eq!(meta.tags(REPO).await.unwrap(), vec!["1.25", "latest"]);
+
+    let other = Digest::sha256_of(b"other");
+    meta.link("gcr.io/distroless/static", std::slice::from_ref(&other))
+        .await
+        .unwrap();
+    assert!(
+        meta.is_linked("gcr.io/distroless/static", &other)
+            .await
+            .unwrap()
+    );
+
+    let all = meta.repositories(None, 100).await.unwrap();
+    assert_eq!(
+        all,
+        vec![
+            "docker.io/library/nginx",
+            "docker.io/library/nginx2",
+            "gcr.io/distroless/static"
+        ]
+    );
+    assert_eq!(meta.repositories(None, 1).await.unwrap(), vec![REPO]);
+    assert_eq!(
+        meta.repositories(Some(REPO), 1).await.unwrap(),
+        vec!["docker.io/library/nginx2"]
+    );
+    assert!(
+        meta.repositories(Some("gcr.io/distroless/static"), 5)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}
+
+/// What `run` wrote, read back (after a restart for durable stores).
+pub async fn check_persisted(meta: &dyn MetaStore) {
+    let (digest, m) = manifest();
+    assert_eq!(meta.manifest(&digest).await.unwrap(), Some(m));
+    assert_eq!(
+        meta.tag(REPO, "latest")
+            .await
+            .unwrap()
+            .map(|r| r.checked_at_ms),
+        Some(1234)
+    );
+    assert!(meta.is_linked(REPO, &digest).await.unwrap());
+}

@@ -1,0 +1,118 @@
+//! The pull-through rules: manifests cached by digest and revalidated by tag,
+//! blobs fetched once and streamed to every waiting client while they are
+//! verified and stored, stale copies served when upstream is down.
+
+mod blobs;
+mod flight;
+mod keyed_lock;
+mod listing;
+mod manifests;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use thiserror::Error;
+
+pub use blobs::{BlobInfo, BlobResponse};
+pub use listing::EMPTY_INDEX;
+pub use manifests::ManifestHit;
+
+use crate::config::Config;
+use crate::meta::{MetaError, MetaStore};
+use crate::reference::Digest;
+use crate::route::{Router, Target};
+use crate::storage::{BlobStore, StorageError};
+use crate::upstream::{UpstreamClient, UpstreamError, Upstreams};
+use flight::Flights;
+use keyed_lock::KeyedLocks;
+
+#[derive(Debug, Error)]
+pub enum MirrorError {
+    #[error(transparent)]
+    Upstream(#[from] UpstreamError),
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+    #[error(transparent)]
+    Meta(#[from] MetaError),
+    #[error("manifest unknown: {0}")]
+    ManifestUnknown(String),
+    #[error("blob unknown: {0}")]
+    BlobUnknown(String),
+    #[error("repository unknown: {0}")]
+    NameUnknown(String),
+    #[error("upstream {registry} sent content that does not match digest {expected}")]
+    DigestMismatch { registry: String, expected: String },
+    #[error("fetching from upstream failed: {0}")]
+    Fetch(String),
+}
+
+pub struct Mirror {
+    pub router: Router,
+    upstreams: Upstreams,
+    blobs: Arc<dyn BlobStore>,
+    meta: Arc<dyn MetaStore>,
+    flights: Arc<Flights>,
+    tag_locks: KeyedLocks,
+    tag_ttls: HashMap<String, Duration>,
+    body_idle: Duration,
+}
+
+impl Mirror {
+    pub fn new(
+        config: &Config,
+        blobs: Arc<dyn BlobStore>,
+        meta: Arc<dyn MetaStore>,
+        spool_dir: PathBuf,
+    ) -> Result<Self, reqwest::Error> {
+        Ok(Self {
+            router: Router::new(config),
+            upstreams: Upstreams::new(config)?,
+            blobs,
+            meta,
+            flights: Arc::new(Flights::new(spool_dir)),
+            tag_locks: KeyedLocks::default(),
+            tag_ttls: config
+                .upstreams
+                .iter()
+                .map(|u| (u.registry.clone(), u.tag_ttl))
+                .collect(),
+            body_idle: config.timeouts.body_idle,
+        })
+    }
+
+    fn upstream(&self, target: &Target) -> Result<&Arc<UpstreamClient>, MirrorError> {
+        self.upstreams
+            .get(&target.registry)
+            .ok_or_else(|| MirrorError::NameUnknown(format!("no upstream {}", target.registry)))
+    }
+
+    /// Whether storage and metadata answer.
+    pub async fn ready(&self) -> Result<(), MirrorError> {
+        self.blobs.health().await?;
+        self.meta.health().await?;
+        Ok(())
+    }
+
+    /// Whether `repo` may serve `digest`: linked by one of its manifests, or
+    /// confirmed by upstream now (then remembered).
+    async fn authorized(&self, target: &Target, digest: &Digest) -> Result<bool, MirrorError> {
+        let key = target.key();
+        if self.meta.is_linked(&key, digest).await? {
+            return Ok(true);
+        }
+        match self
+            .upstream(target)?
+            .blob_size(target.repository.as_str(), digest)
+            .await
+        {
+            Ok(_) => {
+                self.meta.link(&key, std::slice::from_ref(digest)).await?;
+                Ok(true)
+            }
+            Err(UpstreamError::NotFound { .. }) => Ok(false),
+            Err(e) => Err(e.into()),
+        }
+    }
+}

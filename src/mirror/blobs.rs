@@ -1,0 +1,140 @@
+//! Blob requests: serve from the store when the repository may see the blob,
+//! otherwise join or start the single fetch and stream from its spool.
+
+use std::io;
+
+use bytes::Bytes;
+use futures::StreamExt;
+use futures::stream::BoxStream;
+
+use super::flight::{FetchJob, FlightError, Started};
+use super::{Mirror, MirrorError};
+use crate::range::{ByteRange, RangeError, RangeSpec};
+use crate::reference::Digest;
+use crate::route::Target;
+use crate::storage::{BlobBody, StorageError};
+use crate::upstream::UpstreamError;
+
+/// A blob (or part of it) on its way to a client.
+pub struct BlobResponse {
+    /// Size of the whole blob, when known (upstream may stream without one).
+    pub size: Option<u64>,
+    /// The part being sent, for a satisfied Range request.
+    pub range: Option<ByteRange>,
+    pub stream: BoxStream<'static, io::Result<Bytes>>,
+    /// Whether the bytes come from the cache (for logs and metrics).
+    pub cached: bool,
+}
+
+/// What HEAD reports.
+pub struct BlobInfo {
+    pub size: Option<u64>,
+}
+
+impl From<BlobBody> for BlobResponse {
+    fn from(b: BlobBody) -> Self {
+        Self {
+            size: Some(b.size),
+            range: b.range,
+            stream: b.stream,
+            cached: true,
+        }
+    }
+}
+
+impl Mirror {
+    pub async fn blob(
+        &self,
+        target: &Target,
+        digest: &Digest,
+        range: Option<RangeSpec>,
+    ) -> Result<BlobResponse, MirrorError> {
+        if self.blobs.stat(digest).await?.is_some() {
+            if !self.authorized(target, digest).await? {
+                return Err(unknown(target, digest));
+            }
+            if let Some(body) = self.blobs.get(digest, range).await? {
+                return Ok(body.into());
+            }
+        }
+        let key = target.key();
+        if let Some(f) = self.flights.get(digest)
+            && f.repo_key != key
+            && !self.authorized(target, digest).await?
+        {
+            return Err(unknown(target, digest));
+        }
+        let job = FetchJob {
+            upstream: self.upstream(target)?.clone(),
+            repository: target.repository.as_str().to_owned(),
+            repo_key: key,
+            blobs: self.blobs.clone(),
+            meta: self.meta.clone(),
+            body_idle: self.body_idle,
+        };
+        let flight = self.flights.join_or_start(digest, job);
+        match flight.started().await {
+            Ok(Started::Stored) => match self.blobs.get(digest, range).await? {
+                Some(body) => Ok(body.into()),
+                None => Err(unknown(target, digest)),
+            },
+            Ok(Started::Streaming(size)) => {
+                let range = match (range, size) {
+                    (Some(spec), Some(size)) => Some(spec.resolve(size).map_err(|e| match e {
+                        RangeError::Unsatisfiable => StorageError::Unsatisfiable { size },
+                        RangeError::Malformed => StorageError::MalformedRange,
+                    })?),
+                    // Without a size, ranges cannot be checked: send it all.
+                    _ => None,
+                };
+                let (start, end) = range.map_or((0, None), |r| (r.start, Some(r.end + 1)));
+                Ok(BlobResponse {
+                    size,
+                    range,
+                    stream: flight.stream(start, end).boxed(),
+                    cached: false,
+                })
+            }
+            Err(e) => Err(flight_error(target, digest, e)),
+        }
+    }
+
+    pub async fn blob_info(
+        &self,
+        target: &Target,
+        digest: &Digest,
+    ) -> Result<BlobInfo, MirrorError> {
+        if let Some(size) = self.blobs.stat(digest).await?
+            && self.meta.is_linked(&target.key(), digest).await?
+        {
+            return Ok(BlobInfo { size: Some(size) });
+        }
+        match self
+            .upstream(target)?
+            .blob_size(target.repository.as_str(), digest)
+            .await
+        {
+            Ok(size) => Ok(BlobInfo { size }),
+            Err(UpstreamError::NotFound { .. }) => Err(unknown(target, digest)),
+            Err(e) => Err(e.into()),
+        }
+    }
+}
+
+fn unknown(target: &Target, digest: &Digest) -> MirrorError {
+    MirrorError::BlobUnknown(format!(
+        "{digest} is not a blob of {} on {}",
+        target.repository, target.registry
+    ))
+}
+
+fn flight_error(target: &Target, digest: &Digest, e: FlightError) -> MirrorError {
+    match e {
+        FlightError::Upstream(UpstreamError::NotFound { .. }) => unknown(target, digest),
+        FlightError::Upstream(u) => MirrorError::Upstream(u),
+        FlightError::Mismatch { registry, expected } => {
+            MirrorError::DigestMismatch { registry, expected }
+        }
+        FlightError::Failed(why) => MirrorError::Fetch(why),
+    }
+}

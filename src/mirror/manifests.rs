@@ -1,0 +1,334 @@
+//! Manifest requests. By digest: immutable, served from cache once verified.
+//! By tag: served from cache for the upstream's `tag_ttl`, then revalidated
+//! with a HEAD and refetched only when the digest moved; served stale when
+//! upstream is unreachable.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use http::Method;
+
+use super::{Mirror, MirrorError};
+use crate::meta::{StoredManifest, TagRecord};
+use crate::reference::{Digest, Reference, Tag};
+use crate::route::Target;
+use crate::upstream::UpstreamError;
+
+/// A manifest ready to serve.
+pub struct ManifestHit {
+    pub digest: Digest,
+    pub manifest: StoredManifest,
+    /// Served from cache although upstream could not confirm it.
+    pub stale: bool,
+}
+
+impl Mirror {
+    pub async fn manifest(
+        &self,
+        target: &Target,
+        reference: &Reference,
+    ) -> Result<ManifestHit, MirrorError> {
+        match reference {
+            Reference::Digest(d) => self.manifest_by_digest(target, d).await,
+            Reference::Tag(t) => self.manifest_by_tag(target, t).await,
+        }
+    }
+
+    async fn manifest_by_digest(
+        &self,
+        target: &Target,
+        digest: &Digest,
+    ) -> Result<ManifestHit, MirrorError> {
+        let key = target.key();
+        if let Some(manifest) = self.meta.manifest(digest).await?
+            && self.meta.is_linked(&key, digest).await?
+        {
+            return Ok(ManifestHit {
+                digest: digest.clone(),
+                manifest,
+                stale: false,
+            });
+        }
+        let (got, manifest) = self.fetch_manifest(target, &digest.to_string()).await?;
+        if got != *digest {
+            return Err(MirrorError::DigestMismatch {
+                registry: target.registry.clone(),
+                expected: digest.to_string(),
+            });
+        }
+        Ok(ManifestHit {
+            digest: got,
+            manifest,
+            stale: false,
+        })
+    }
+
+    async fn manifest_by_tag(
+        &self,
+        target: &Target,
+        tag: &Tag,
+    ) -> Result<ManifestHit, MirrorError> {
+        let key = target.key();
+        if let Some(hit) = self.fresh_tag(target, tag).await? {
+            return Ok(hit);
+        }
+        // One revalidation per tag at a time; the others wait and reuse it.
+        let _guard = self.tag_locks.lock(&format!("{key}:{tag}")).await;
+        if let Some(hit) = self.fresh_tag(target, tag).await? {
+            return Ok(hit);
+        }
+        let cached = match self.meta.tag(&key, tag.as_str()).await? {
+            Some(rec) => match Digest::parse(&rec.digest) {
+                Ok(d) => self.meta.manifest(&d).await?.map(|m| (d, m)),
+                Err(_) => None,
+            },
+            None => None,
+        };
+        let upstream = self.upstream(target)?;
+        let repo = target.repository.as_str();
+        if let Some((digest, manifest)) = cached {
+            // Revalidate cheaply: HEAD is free against Docker Hub's limits.
+            match upstream.manifest(repo, tag.as_str(), Method::HEAD).await {
+                Ok(head) if head.digest.as_ref() == Some(&digest) => {
+                    self.remember_tag(&key, tag, &digest).await?;
+                    return Ok(ManifestHit {
+                        digest,
+                        manifest,
+                        stale: false,
+                    });
+                }
+                Ok(_) => {}
+                Err(e) if e.is_outage() || matches!(e, UpstreamError::Invalid { .. }) => {
+                    tracing::warn!(repository = %key, %tag, error = %e, "serving a stale tag");
+                    return Ok(ManifestHit {
+                        digest,
+                        manifest,
+                        stale: true,
+                    });
+                }
+                Err(e) => return Err(tag_error(target, tag, e)),
+            }
+            // The tag moved (or HEAD gave no digest): fetch it again.
+            return match self.fetch_manifest(target, tag.as_str()).await {
+                Ok((digest, manifest)) => {
+                    self.remember_tag(&key, tag, &digest).await?;
+                    Ok(ManifestHit {
+                        digest,
+                        manifest,
+                        stale: false,
+                    })
+                }
+                Err(MirrorError::Upstream(e)) if e.is_outage() => Ok(ManifestHit {
+                    digest,
+                    manifest,
+                    stale: true,
+                }),
+                Err(e) => Err(e),
+            };
+        }
+        let (digest, manifest) = self
+            .fetch_manifest(target, tag.as_str())
+            .await
+            .map_err(|e| match e {
+                MirrorError::Upstream(u) => tag_error(target, tag, u),
+                other => other,
+            })?;
+        self.remember_tag(&key, tag, &digest).await?;
+        Ok(ManifestHit {
+            digest,
+            manifest,
+            stale: false,
+        })
+    }
+
+    /// The cached manifest for `tag` if it was confirmed within the TTL.
+    async fn fresh_tag(
+        &self,
+        target: &Target,
+        tag: &Tag,
+    ) -> Result<Option<ManifestHit>, MirrorError> {
+        let key = target.key();
+        let Some(rec) = self.meta.tag(&key, tag.as_str()).await? else {
+            return Ok(None);
+        };
+        let ttl = self
+            .tag_ttls
+            .get(&target.registry)
+            .copied()
+            .unwrap_or_default();
+        if now_ms().saturating_sub(rec.checked_at_ms) >= ttl.as_millis() as u64 {
+            return Ok(None);
+        }
+        let Ok(digest) = Digest::parse(&rec.digest) else {
+            return Ok(None);
+        };
+        Ok(self
+            .meta
+            .manifest(&digest)
+            .await?
+            .map(|manifest| ManifestHit {
+                digest,
+                manifest,
+                stale: false,
+            }))
+    }
+
+    async fn remember_tag(&self, key: &str, tag: &Tag, digest: &Digest) -> Result<(), MirrorError> {
+        let rec = TagRecord {
+            digest: digest.to_string(),
+            checked_at_ms: now_ms(),
+        };
+        Ok(self.meta.put_tag(key, tag.as_str(), &rec).await?)
+    }
+
+    /// GETs a manifest upstream, verifies it, stores it and links it (and
+    /// what it references) to the repository.
+    async fn fetch_manifest(
+        &self,
+        target: &Target,
+        reference: &str,
+    ) -> Result<(Digest, StoredManifest), MirrorError> {
+        let resp = self
+            .upstream(target)?
+            .manifest(target.repository.as_str(), reference, Method::GET)
+            .await
+            .map_err(|e| match e {
+                UpstreamError::NotFound { .. } => MirrorError::ManifestUnknown(format!(
+                    "{}:{reference} is not on {}",
+                    target.repository, target.registry
+                )),
+                other => MirrorError::Upstream(other),
+            })?;
+        let body = resp.body.unwrap_or_default();
+        // Trust the upstream's digest only after checking it against the bytes.
+        let digest = match resp.digest {
+            Some(d) if d.matches(&body) => d,
+            Some(d) => {
+                return Err(MirrorError::DigestMismatch {
+                    registry: target.registry.clone(),
+                    expected: d.to_string(),
+                });
+            }
+            None => Digest::sha256_of(&body),
+        };
+        let media_type = media_type(resp.media_type.as_deref(), &body);
+        let references = referenced_digests(&body);
+        let manifest = StoredManifest {
+            media_type,
+            bytes: body,
+        };
+        self.meta
+            .put_manifest(&target.key(), &digest, &manifest, &references)
+            .await?;
+        Ok((digest, manifest))
+    }
+}
+
+fn tag_error(target: &Target, tag: &Tag, e: UpstreamError) -> MirrorError {
+    match e {
+        UpstreamError::NotFound { .. } => MirrorError::ManifestUnknown(format!(
+            "{}:{tag} is not on {}",
+            target.repository, target.registry
+        )),
+        other => MirrorError::Upstream(other),
+    }
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// The manifest's media type: upstream's Content-Type when it is a real one,
+/// else the document's own `mediaType`, else a guess from its shape.
+fn media_type(header: Option<&str>, body: &Bytes) -> String {
+    if let Some(h) = header
+        && h.starts_with("application/vnd.")
+    {
+        return h.to_owned();
+    }
+    let doc: serde_json::Value = serde_json::from_slice(body).unwrap_or_default();
+    if let Some(mt) = doc.get("mediaType").and_then(|v| v.as_str()) {
+        return mt.to_owned();
+    }
+    if doc.get("manifests").is_some() {
+        "application/vnd.oci.image.index.v1+json".into()
+    } else if doc.get("schemaVersion").and_then(|v| v.as_u64()) == Some(1) {
+        "application/vnd.docker.distribution.manifest.v1+prettyjws".into()
+    } else {
+        "application/vnd.oci.image.manifest.v1+json".into()
+    }
+}
+
+/// Digests a manifest points at: its config, layers, child manifests,
+/// subject and (schema 1) layer sums.
+pub(super) fn referenced_digests(body: &[u8]) -> Vec<Digest> {
+    let Ok(doc) = serde_json::from_slice::<serde_json::Value>(body) else {
+        return Vec::new();
+    };
+    let field = |v: &serde_json::Value, name: &str| {
+        v.get(name)
+            .and_then(|d| d.as_str())
+            .and_then(|d| Digest::parse(d).ok())
+    };
+    let mut out = Vec::new();
+    for single in ["config", "subject"] {
+        if let Some(d) = doc.get(single).and_then(|v| field(v, "digest")) {
+            out.push(d);
+        }
+    }
+    for list in ["layers", "manifests", "blobs"] {
+        if let Some(items) = doc.get(list).and_then(|v| v.as_array()) {
+            out.extend(items.iter().filter_map(|v| field(v, "digest")));
+        }
+    }
+    if let Some(items) = doc.get("fsLayers").and_then(|v| v.as_array()) {
+        out.extend(items.iter().filter_map(|v| field(v, "blobSum")));
+    }
+    out.sort();
+    out.dedup();
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn references_of_a_manifest_and_an_index() {
+        let a = Digest::sha256_of(b"a");
+        let b = Digest::sha256_of(b"b");
+        let m = format!(
+            r#"{{"schemaVersion":2,"config":{{"digest":"{a}"}},"layers":[{{"digest":"{b}"}},{{"digest":"bogus"}}]}}"#
+        );
+        let mut want = vec![a.clone(), b.clone()];
+        want.sort();
+        assert_eq!(referenced_digests(m.as_bytes()), want);
+        let i = format!(r#"{{"manifests":[{{"digest":"{a}"}}]}}"#);
+        assert_eq!(referenced_digests(i.as_bytes()), vec![a]);
+        assert!(referenced_digests(b"not json").is_empty());
+    }
+
+    #[test]
+    fn media_types() {
+        let idx = Bytes::from_static(br#"{"manifests":[]}"#);
+        assert_eq!(
+            media_type(
+                Some("application/vnd.docker.distribution.manifest.v2+json"),
+                &idx
+            ),
+            "application/vnd.docker.distribution.manifest.v2+json"
+        );
+        assert_eq!(
+            media_type(Some("text/plain"), &idx),
+            "application/vnd.oci.image.index.v1+json"
+        );
+        let m =
+            Bytes::from_static(br#"{"mediaType":"application/vnd.oci.image.manifest.v1+json"}"#);
+        assert_eq!(
+            media_type(None, &m),
+            "application/vnd.oci.image.manifest.v1+json"
+        );
+    }
+}

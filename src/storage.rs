@@ -1,0 +1,81 @@
+//! Content-addressed blob storage: the `BlobStore` trait and its backends.
+//! A store only ever holds verified bytes under a digest's key.
+
+mod fs;
+
+use std::io;
+use std::path::Path;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures::stream::BoxStream;
+use thiserror::Error;
+
+pub use fs::FsBlobStore;
+
+use crate::range::{ByteRange, RangeSpec};
+use crate::reference::Digest;
+
+#[derive(Debug, Error)]
+pub enum StorageError {
+    #[error("blob storage I/O: {0}")]
+    Io(#[from] io::Error),
+    #[error("range not satisfiable for a blob of {size} bytes")]
+    Unsatisfiable { size: u64 },
+    #[error("malformed Range header")]
+    MalformedRange,
+    #[error("blob storage: {0}")]
+    Backend(String),
+}
+
+/// Bytes of a stored blob, whole or a range of it.
+pub struct BlobBody {
+    /// Size of the whole blob.
+    pub size: u64,
+    /// The part being sent, when the request named a range.
+    pub range: Option<ByteRange>,
+    pub stream: BoxStream<'static, io::Result<Bytes>>,
+}
+
+impl BlobBody {
+    /// How many bytes `stream` yields.
+    pub fn len(&self) -> u64 {
+        self.range.map_or(self.size, |r| r.len())
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[async_trait]
+pub trait BlobStore: Send + Sync + 'static {
+    /// The blob's size, or `None` when it is not stored.
+    async fn stat(&self, digest: &Digest) -> Result<Option<u64>, StorageError>;
+
+    /// Streams a stored blob, or the part `range` selects.
+    async fn get(
+        &self,
+        digest: &Digest,
+        range: Option<RangeSpec>,
+    ) -> Result<Option<BlobBody>, StorageError>;
+
+    /// Commits `file`, whose `size` bytes the caller has already verified
+    /// against `digest`. The store may move the file. Until this returns Ok,
+    /// nothing is visible under the digest.
+    async fn put_verified_file(
+        &self,
+        digest: &Digest,
+        file: &Path,
+        size: u64,
+    ) -> Result<(), StorageError>;
+
+    /// Removes a blob; removing a missing blob is not an error.
+    async fn delete(&self, digest: &Digest) -> Result<(), StorageError>;
+
+    /// Whether the store can be read and written now.
+    async fn health(&self) -> Result<(), StorageError>;
+}
+
+#[cfg(test)]
+pub(crate) mod suite;

@@ -1,0 +1,606 @@
+//! Talking to upstream registries: token and basic auth with a token cache,
+//! retries with backoff, endpoint failover, and redirects followed without
+//! carrying credentials to another host. Only configured endpoints, the token
+//! realms they announce and the redirects they send are ever contacted.
+
+mod challenge;
+mod tokens;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as BASE64;
+use bytes::{Bytes, BytesMut};
+use futures::StreamExt;
+use http::{HeaderMap, HeaderValue, Method, StatusCode, header};
+use thiserror::Error;
+use url::Url;
+
+use crate::config::{Config, Secret, TimeoutConfig, UpstreamConfig};
+use crate::reference::Digest;
+use challenge::Challenge;
+use tokens::{TokenCache, TokenResponse};
+
+/// The manifest media types Pier asks for: every one it can serve.
+pub const MANIFEST_ACCEPT: &str = "application/vnd.oci.image.index.v1+json, \
+    application/vnd.oci.image.manifest.v1+json, \
+    application/vnd.docker.distribution.manifest.list.v2+json, \
+    application/vnd.docker.distribution.manifest.v2+json";
+
+/// Manifests larger than this are refused (as distribution does).
+pub const MAX_MANIFEST_BYTES: usize = 4 * 1024 * 1024;
+/// Attempts per request across retries and endpoints.
+const ATTEMPTS: usize = 3;
+const MAX_REDIRECTS: usize = 5;
+/// Pages of `tags/list` followed before giving up on a huge repository.
+const MAX_TAG_PAGES: usize = 100;
+
+#[derive(Clone, Debug, Error)]
+pub enum UpstreamError {
+    #[error("upstream {registry} is unavailable: {detail}")]
+    Unavailable { registry: String, detail: String },
+    #[error("upstream {registry} does not have it (HTTP {status})")]
+    NotFound { registry: String, status: u16 },
+    #[error("upstream {registry} is rate limiting this mirror")]
+    TooManyRequests {
+        registry: String,
+        retry_after: Option<String>,
+    },
+    #[error("upstream {registry} answered unexpectedly: {detail}")]
+    Invalid { registry: String, detail: String },
+}
+
+impl UpstreamError {
+    /// Whether the upstream could not be reached at all, so a cached copy
+    /// may be served stale.
+    pub fn is_outage(&self) -> bool {
+        matches!(
+            self,
+            UpstreamError::Unavailable { .. } | UpstreamError::TooManyRequests { .. }
+        )
+    }
+}
+
+/// A manifest response's headers and, for GET, its body.
+pub struct UpstreamManifest {
+    pub digest: Option<Digest>,
+    pub media_type: Option<String>,
+    pub body: Option<Bytes>,
+}
+
+/// All configured upstreams, by registry name.
+pub struct Upstreams {
+    clients: HashMap<String, Arc<UpstreamClient>>,
+}
+
+impl Upstreams {
+    pub fn new(config: &Config) -> Result<Self, reqwest::Error> {
+        let http = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .connect_timeout(config.timeouts.connect)
+            .read_timeout(config.timeouts.body_idle)
+            .tcp_nodelay(true)
+            .user_agent(concat!("pier/", env!("CARGO_PKG_VERSION")))
+            .no_proxy()
+            .build()?;
+        let clients = config
+            .upstreams
+            .iter()
+            .map(|u| {
+                let client = UpstreamClient::new(u, http.clone(), config.timeouts.clone());
+                (u.registry.clone(), Arc::new(client))
+            })
+            .collect();
+        Ok(Self { clients })
+    }
+
+    pub fn get(&self, registry: &str) -> Option<&Arc<UpstreamClient>> {
+        self.clients.get(registry)
+    }
+}
+
+pub struct UpstreamClient {
+    registry: String,
+    endpoints: Vec<Url>,
+    credentials: Option<(String, Secret)>,
+    http: reqwest::Client,
+    timeouts: TimeoutConfig,
+    tokens: TokenCache,
+    /// Set once the upstream asked for Basic auth: send it up front.
+    basic: AtomicBool,
+    /// The endpoint that answered last; tried first.
+    preferred: AtomicUsize,
+}
+
+impl UpstreamClient {
+    fn new(cfg: &UpstreamConfig, http: reqwest::Client, timeouts: TimeoutConfig) -> Self {
+        Self {
+            registry: cfg.registry.clone(),
+            endpoints: cfg.endpoints.clone(),
+            credentials: cfg.username.clone().zip(cfg.password.clone()),
+            http,
+            timeouts,
+            tokens: TokenCache::default(),
+            basic: AtomicBool::new(false),
+            preferred: AtomicUsize::new(0),
+        }
+    }
+
+    pub fn registry(&self) -> &str {
+        &self.registry
+    }
+
+    /// Fetches (GET) or checks (HEAD) a manifest by tag or digest.
+    pub async fn manifest(
+        &self,
+        repo: &str,
+        reference: &str,
+        method: Method,
+    ) -> Result<UpstreamManifest, UpstreamError> {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::ACCEPT, HeaderValue::from_static(MANIFEST_ACCEPT));
+        let path = format!("/v2/{repo}/manifests/{reference}");
+        let resp = self.send(method.clone(), &path, headers, repo).await?;
+        let resp = self.expect_success(resp).await?;
+        let digest = resp
+            .headers()
+            .get("docker-content-digest")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| Digest::parse(v.trim()).ok());
+        let media_type = resp
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .map(|v| v.split(';').next().unwrap_or(v).trim().to_owned())
+            .filter(|v| !v.is_empty());
+        let body = if method == Method::HEAD {
+            None
+        } else {
+            Some(self.read_limited(resp, MAX_MANIFEST_BYTES).await?)
+        };
+        Ok(UpstreamManifest {
+            digest,
+            media_type,
+            body,
+        })
+    }
+
+    /// Starts a blob download; the caller reads the body as a stream.
+    pub async fn blob(
+        &self,
+        repo: &str,
+        digest: &Digest,
+    ) -> Result<reqwest::Response, UpstreamError> {
+        let path = format!("/v2/{repo}/blobs/{digest}");
+        let resp = self
+            .send(Method::GET, &path, HeaderMap::new(), repo)
+            .await?;
+        self.expect_success(resp).await
+    }
+
+    /// The size of an upstream blob, without downloading it.
+    pub async fn blob_size(
+        &self,
+        repo: &str,
+        digest: &Digest,
+    ) -> Result<Option<u64>, UpstreamError> {
+        let path = format!("/v2/{repo}/blobs/{digest}");
+        let resp = self
+            .send(Method::HEAD, &path, HeaderMap::new(), repo)
+            .await?;
+        let resp = self.expect_success(resp).await?;
+        Ok(resp
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok()?.parse().ok()))
+    }
+
+    /// Every tag of `repo`, following upstream pagination.
+    pub async fn tags(&self, repo: &str) -> Result<Vec<String>, UpstreamError> {
+        #[derive(serde::Deserialize)]
+        struct TagList {
+            tags: Option<Vec<String>>,
+        }
+        let mut all = Vec::new();
+        let mut path = format!("/v2/{repo}/tags/list");
+        for _ in 0..MAX_TAG_PAGES {
+            let resp = self
+                .send(Method::GET, &path, HeaderMap::new(), repo)
+                .await?;
+            let resp = self.expect_success(resp).await?;
+            let next = resp
+                .headers()
+                .get(header::LINK)
+                .and_then(|v| v.to_str().ok())
+                .and_then(next_link);
+            let body = self.read_limited(resp, 16 * 1024 * 1024).await?;
+            let list: TagList = serde_json::from_slice(&body).map_err(|e| self.invalid(e))?;
+            all.extend(list.tags.unwrap_or_default());
+            match next {
+                // Only follow links on the same upstream, relative paths.
+                Some(n) if n.starts_with(&format!("/v2/{repo}/tags/list?")) => path = n,
+                _ => break,
+            }
+        }
+        Ok(all)
+    }
+
+    /// The referrers index for `digest`, or `None` when the upstream does not
+    /// support the referrers API.
+    pub async fn referrers(
+        &self,
+        repo: &str,
+        digest: &Digest,
+        artifact_type: Option<&str>,
+    ) -> Result<Option<(Bytes, bool)>, UpstreamError> {
+        let mut path = format!("/v2/{repo}/referrers/{digest}");
+        if let Some(t) = artifact_type {
+            let q: String = url::form_urlencoded::Serializer::new(String::new())
+                .append_pair("artifactType", t)
+                .finish();
+            path = format!("{path}?{q}");
+        }
+        let resp = self
+            .send(Method::GET, &path, HeaderMap::new(), repo)
+            .await?;
+        if resp.status() == StatusCode::NOT_FOUND
+            || resp.status() == StatusCode::METHOD_NOT_ALLOWED
+            || resp.status() == StatusCode::BAD_REQUEST
+        {
+            return Ok(None);
+        }
+        let resp = self.expect_success(resp).await?;
+        let is_index = resp
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.starts_with("application/vnd.oci.image.index.v1+json"));
+        if !is_index {
+            return Ok(None);
+        }
+        let filtered = resp.headers().contains_key("oci-filters-applied");
+        let body = self.read_limited(resp, MAX_MANIFEST_BYTES).await?;
+        Ok(Some((body, filtered)))
+    }
+
+    /// Sends a request with retries, failover, auth and redirects.
+    async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        headers: HeaderMap,
+        repo: &str,
+    ) -> Result<reqwest::Response, UpstreamError> {
+        let scope = format!("repository:{repo}:pull");
+        let n = self.endpoints.len().max(1);
+        let first = self.preferred.load(Ordering::Relaxed);
+        let mut last_error = String::from("no endpoints configured");
+        for attempt in 0..ATTEMPTS.max(n) {
+            let index = (first + attempt) % n;
+            let Some(endpoint) = self.endpoints.get(index) else {
+                break;
+            };
+            if attempt > 0 {
+                let backoff = Duration::from_millis(100 << attempt.min(4));
+                tokio::time::sleep(backoff).await;
+            }
+            let url = endpoint
+                .join(path.trim_start_matches('/'))
+                .map_err(|e| self.invalid(e))?;
+            match self.send_once(&method, url, &headers, &scope).await {
+                Ok(resp) if resp.status().is_server_error() => {
+                    last_error = format!("{} answered HTTP {}", host_of(endpoint), resp.status());
+                }
+                Ok(resp) => {
+                    self.preferred.store(index, Ordering::Relaxed);
+                    return Ok(resp);
+                }
+                Err(e) => {
+                    last_error = format!("{}: {e}", host_of(endpoint));
+                    tracing::debug!(registry = %self.registry, error = %last_error, "upstream attempt failed");
+                    // A timeout is not worth repeating on the same endpoint.
+                    if matches!(e, Failure::Timeout(_)) && n == 1 {
+                        break;
+                    }
+                }
+            }
+        }
+        Err(UpstreamError::Unavailable {
+            registry: self.registry.clone(),
+            detail: last_error,
+        })
+    }
+
+    /// One request to one endpoint: answer an auth challenge once, then
+    /// follow redirects.
+    async fn send_once(
+        &self,
+        method: &Method,
+        url: Url,
+        headers: &HeaderMap,
+        scope: &str,
+    ) -> Result<reqwest::Response, Failure> {
+        let mut auth = self.authorization(scope);
+        let mut resp = self
+            .execute(method, url.clone(), headers, auth.clone())
+            .await?;
+        if resp.status() == StatusCode::UNAUTHORIZED {
+            let challenge = resp
+                .headers()
+                .get_all(header::WWW_AUTHENTICATE)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .find_map(challenge::parse);
+            let answered = match challenge {
+                Some(Challenge::Bearer {
+                    realm,
+                    service,
+                    scope: asked,
+                }) => {
+                    let wanted = asked.unwrap_or_else(|| scope.to_owned());
+                    self.fetch_token(&realm, service.as_deref(), &wanted, scope)
+                        .await
+                }
+                Some(Challenge::Basic) if self.credentials.is_some() => {
+                    self.basic.store(true, Ordering::Relaxed);
+                    true
+                }
+                _ => false,
+            };
+            if answered {
+                auth = self.authorization(scope);
+                resp = self.execute(method, url, headers, auth.clone()).await?;
+            }
+        }
+        self.follow_redirects(method, resp, headers, auth).await
+    }
+
+    /// The `Authorization` value for `scope`: a cached token, or Basic
+    /// credentials once the upstream asked for them.
+    fn authorization(&self, scope: &str) -> Option<HeaderValue> {
+        if let Some(token) = self.tokens.get(scope) {
+            return HeaderValue::from_str(&format!("Bearer {token}")).ok();
+        }
+        if !self.basic.load(Ordering::Relaxed) {
+            return None;
+        }
+        let (user, pass) = self.credentials.as_ref()?;
+        let raw = format!("{user}:{}", pass.expose());
+        let mut v = HeaderValue::from_str(&format!("Basic {}", BASE64.encode(raw))).ok()?;
+        v.set_sensitive(true);
+        Some(v)
+    }
+
+    /// Sends one request, waiting at most the response timeout for headers.
+    /// The body has no overall deadline (a blob may take minutes); the
+    /// client's read timeout bounds pauses inside it.
+    async fn execute(
+        &self,
+        method: &Method,
+        url: Url,
+        headers: &HeaderMap,
+        auth: Option<HeaderValue>,
+    ) -> Result<reqwest::Response, Failure> {
+        let mut req = self
+            .http
+            .request(method.clone(), url)
+            .headers(headers.clone());
+        if let Some(mut a) = auth {
+            a.set_sensitive(true);
+            req = req.header(header::AUTHORIZATION, a);
+        }
+        match tokio::time::timeout(self.timeouts.response, req.send()).await {
+            Ok(r) => r.map_err(Failure::Http),
+            Err(_) => Err(Failure::Timeout(self.timeouts.response)),
+        }
+    }
+
+    /// Gets a token from the realm the upstream announced. Returns whether a
+    /// token is now cached for `scope`.
+    async fn fetch_token(
+        &self,
+        realm: &str,
+        service: Option<&str>,
+        wanted: &str,
+        scope: &str,
+    ) -> bool {
+        let Ok(mut url) = Url::parse(realm) else {
+            tracing::warn!(registry = %self.registry, realm, "token realm is not a URL");
+            return false;
+        };
+        if !matches!(url.scheme(), "http" | "https") {
+            return false;
+        }
+        {
+            let mut q = url.query_pairs_mut();
+            if let Some(s) = service {
+                q.append_pair("service", s);
+            }
+            q.append_pair("scope", wanted);
+        }
+        let mut req = self.http.get(url);
+        if let Some((user, pass)) = &self.credentials {
+            req = req.basic_auth(user, Some(pass.expose()));
+        }
+        let resp = match tokio::time::timeout(self.timeouts.response, req.send()).await {
+            Ok(Ok(r)) if r.status().is_success() => r,
+            Ok(Ok(r)) => {
+                tracing::warn!(registry = %self.registry, status = %r.status(), "token server refused");
+                return false;
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(registry = %self.registry, error = %describe(&e), "token server unreachable");
+                return false;
+            }
+            Err(_) => {
+                tracing::warn!(registry = %self.registry, "token server timed out");
+                return false;
+            }
+        };
+        let Ok(body) = self.read_limited(resp, 1024 * 1024).await else {
+            return false;
+        };
+        match serde_json::from_slice::<TokenResponse>(&body)
+            .ok()
+            .and_then(TokenResponse::into_parts)
+        {
+            Some((token, life)) => {
+                self.tokens.put(scope, token, life);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Follows 301/302/303/307/308 to wherever the upstream points (blob
+    /// storage, a CDN). `Authorization` goes along only to the same origin.
+    async fn follow_redirects(
+        &self,
+        method: &Method,
+        mut resp: reqwest::Response,
+        headers: &HeaderMap,
+        auth: Option<HeaderValue>,
+    ) -> Result<reqwest::Response, Failure> {
+        let origin = resp.url().origin();
+        for _ in 0..MAX_REDIRECTS {
+            if !matches!(resp.status().as_u16(), 301 | 302 | 303 | 307 | 308) {
+                return Ok(resp);
+            }
+            let Some(next) = resp
+                .headers()
+                .get(header::LOCATION)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|loc| resp.url().join(loc).ok())
+                .filter(|u| matches!(u.scheme(), "http" | "https"))
+            else {
+                return Ok(resp);
+            };
+            let keep_auth = next.origin() == origin;
+            resp = self
+                .execute(method, next, headers, auth.clone().filter(|_| keep_auth))
+                .await?;
+        }
+        Ok(resp)
+    }
+
+    /// Maps a final response to an error unless it is 2xx.
+    async fn expect_success(
+        &self,
+        resp: reqwest::Response,
+    ) -> Result<reqwest::Response, UpstreamError> {
+        let status = resp.status();
+        if status.is_success() {
+            return Ok(resp);
+        }
+        let registry = self.registry.clone();
+        Err(match status {
+            StatusCode::NOT_FOUND | StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => {
+                UpstreamError::NotFound {
+                    registry,
+                    status: status.as_u16(),
+                }
+            }
+            StatusCode::TOO_MANY_REQUESTS => UpstreamError::TooManyRequests {
+                registry,
+                retry_after: resp
+                    .headers()
+                    .get(header::RETRY_AFTER)
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_owned),
+            },
+            s if s.is_server_error() => UpstreamError::Unavailable {
+                registry,
+                detail: format!("HTTP {s}"),
+            },
+            s => UpstreamError::Invalid {
+                registry,
+                detail: format!("HTTP {s}"),
+            },
+        })
+    }
+
+    async fn read_limited(
+        &self,
+        resp: reqwest::Response,
+        limit: usize,
+    ) -> Result<Bytes, UpstreamError> {
+        if resp.content_length().is_some_and(|n| n > limit as u64) {
+            return Err(self.invalid(format!("body larger than {limit} bytes")));
+        }
+        let mut buf = BytesMut::new();
+        let mut stream = resp.bytes_stream();
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.map_err(|e| UpstreamError::Unavailable {
+                registry: self.registry.clone(),
+                detail: describe(&e),
+            })?;
+            if buf.len() + chunk.len() > limit {
+                return Err(self.invalid(format!("body larger than {limit} bytes")));
+            }
+            buf.extend_from_slice(&chunk);
+        }
+        Ok(buf.freeze())
+    }
+
+    fn invalid(&self, detail: impl std::fmt::Display) -> UpstreamError {
+        UpstreamError::Invalid {
+            registry: self.registry.clone(),
+            detail: detail.to_string(),
+        }
+    }
+}
+
+/// The `rel="next"` target of a `Link` header.
+fn next_link(link: &str) -> Option<String> {
+    link.split(',').find_map(|part| {
+        let (target, params) = part.split_once(';')?;
+        params.contains("rel=\"next\"").then(|| {
+            target
+                .trim()
+                .trim_start_matches('<')
+                .trim_end_matches('>')
+                .to_owned()
+        })
+    })
+}
+
+fn host_of(url: &Url) -> String {
+    match url.port() {
+        Some(p) => format!("{}:{p}", url.host_str().unwrap_or("?")),
+        None => url.host_str().unwrap_or("?").to_owned(),
+    }
+}
+
+/// Why one attempt failed.
+#[derive(Debug)]
+enum Failure {
+    Http(reqwest::Error),
+    Timeout(Duration),
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Failure::Http(e) => f.write_str(&describe(e)),
+            Failure::Timeout(d) => {
+                write!(f, "no response within {}", humantime::format_duration(*d))
+            }
+        }
+    }
+}
+
+/// A reqwest error with its cause chain, which is where the useful part
+/// ("connection refused", "dns error") lives.
+pub fn describe(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
+}
