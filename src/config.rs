@@ -46,26 +46,29 @@ pub enum LogFormat {
 #[derive(Clone, Debug, Serialize)]
 #[serde(tag = "kind", rename_all = "lowercase")]
 pub enum StorageConfig {
-    Fs {
-        path: PathBuf,
-    },
-    S3 {
-        bucket: String,
-        #[serde(skip_serializing_if = "Option::is_none")]
-        prefix: Option<String>,
-        #[serde(skip_serializing_if = "Option::is_none")]
-        endpoint: Option<Url>,
-        #[serde(skip_serializing_if = "Option::is_none")]
-        region: Option<String>,
-        #[serde(skip_serializing_if = "Option::is_none")]
-        path_style: Option<bool>,
-        #[serde(skip_serializing_if = "Option::is_none")]
-        access_key_id: Option<String>,
-        #[serde(skip_serializing_if = "Option::is_none")]
-        secret_access_key: Option<Secret>,
-        /// Local directory for the spool files of in-flight fetches.
-        spool_path: PathBuf,
-    },
+    Fs { path: PathBuf },
+    S3(Box<S3Config>),
+}
+
+/// An S3-compatible bucket for blobs.
+#[derive(Clone, Debug, Serialize)]
+pub struct S3Config {
+    pub bucket: String,
+    /// Key prefix inside the bucket.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prefix: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<Url>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub region: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub path_style: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub access_key_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub secret_access_key: Option<Secret>,
+    /// Local directory for the spool files of in-flight fetches.
+    pub spool_path: PathBuf,
 }
 
 impl StorageConfig {
@@ -75,7 +78,7 @@ impl StorageConfig {
     pub fn spool_dir(&self) -> PathBuf {
         match self {
             StorageConfig::Fs { path } => path.join("tmp"),
-            StorageConfig::S3 { spool_path, .. } => spool_path.clone(),
+            StorageConfig::S3(s3) => s3.spool_path.clone(),
         }
     }
 }

@@ -21,7 +21,7 @@ pub async fn build_mirror(config: &Config) -> anyhow::Result<Arc<Mirror>> {
                 .await
                 .with_context(|| format!("opening blob storage at {}", path.display()))?,
         ),
-        StorageConfig::S3 { .. } => {
+        StorageConfig::S3(_) => {
             bail!("storage.kind = \"s3\" is not available in this version of Pier yet")
         }
     };

@@ -13,7 +13,8 @@ pub struct FileConfig {
     pub domains: Option<Vec<String>>,
     pub default_registry: Option<String>,
     pub log_format: Option<String>,
-    /// `false` drops the built-in upstream table and routes.
+    /// `false` drops the built-in upstream table (built-in routes stay for
+    /// the registries that remain configured).
     pub builtin_upstreams: Option<bool>,
     pub storage: Option<FileStorage>,
     pub metadata: Option<FileMetadata>,

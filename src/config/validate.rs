@@ -9,7 +9,7 @@ use url::Url;
 use super::builtin::{DEFAULT_TAG_TTL, builtin_routes, builtin_upstreams};
 use super::file::{FileConfig, FileMetadata, FileStorage, FileUpstream};
 use super::{
-    Config, ConfigError, LogFormat, MetadataConfig, RouteConfig, Secret, StorageConfig,
+    Config, ConfigError, LogFormat, MetadataConfig, RouteConfig, S3Config, Secret, StorageConfig,
     TimeoutConfig, UpstreamConfig,
 };
 
@@ -53,7 +53,7 @@ pub fn build(raw: FileConfig) -> Result<Config, ConfigError> {
     let storage = storage(raw.storage.unwrap_or_default(), &mut p);
     let data_dir = match &storage {
         StorageConfig::Fs { path } => path.clone(),
-        StorageConfig::S3 { .. } => PathBuf::from(DEFAULT_DATA),
+        StorageConfig::S3(_) => PathBuf::from(DEFAULT_DATA),
     };
     let metadata = metadata(raw.metadata.unwrap_or_default(), data_dir, &mut p);
 
@@ -97,13 +97,12 @@ pub fn build(raw: FileConfig) -> Result<Config, ConfigError> {
         }
         routes.push(RouteConfig { pattern, registry });
     }
-    if builtins {
-        routes.extend(
-            builtin_routes()
-                .into_iter()
-                .filter(|r| configured(&r.registry)),
-        );
-    }
+    // Built-in short-name rules apply whenever their registry is configured.
+    routes.extend(
+        builtin_routes()
+            .into_iter()
+            .filter(|r| configured(&r.registry)),
+    );
 
     p.finish(Config {
         listen,
@@ -166,7 +165,7 @@ fn storage(s: FileStorage, p: &mut Problems) -> StorageConfig {
                     "access_key_id and secret_access_key go together".into(),
                 );
             }
-            StorageConfig::S3 {
+            StorageConfig::S3(Box::new(S3Config {
                 bucket,
                 prefix: s.prefix,
                 endpoint,
@@ -177,7 +176,7 @@ fn storage(s: FileStorage, p: &mut Problems) -> StorageConfig {
                 spool_path: s
                     .spool_path
                     .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA).join("tmp")),
-            }
+            }))
         }
         other => {
             p.add(

@@ -1,0 +1,275 @@
+//! A scripted upstream for what a real registry will not do on demand: wrong
+//! bytes under a digest, truncated bodies, 429s, slow bodies, redirects, and
+//! a Bearer token flow. Every request is recorded.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::extract::{Request, State};
+use axum::response::{IntoResponse, Response};
+use http::{HeaderValue, StatusCode, header};
+
+#[derive(Clone)]
+pub enum Blob {
+    /// Serves these bytes.
+    Good(Bytes),
+    /// Announces the full length, sends only the first half, then hangs up.
+    Truncated(Bytes),
+    /// Answers 429 with Retry-After: 7.
+    TooMany,
+    /// Sends the first 1 KiB, waits, then the rest.
+    Slow(Bytes, Duration),
+    /// Redirects (307) to this absolute URL.
+    Redirect(String),
+}
+
+#[derive(Clone, Debug)]
+pub struct Hit {
+    pub method: String,
+    pub path: String,
+    pub authorization: Option<String>,
+}
+
+#[derive(Default)]
+struct Script {
+    /// Demand `Bearer <token>` and serve tokens at /token.
+    token: Option<String>,
+    manifests: HashMap<String, (String, Bytes)>,
+    blobs: HashMap<String, Blob>,
+    hits: Vec<Hit>,
+}
+
+pub struct Fake {
+    pub addr: SocketAddr,
+    script: Arc<Mutex<Script>>,
+    _stop: tokio::sync::oneshot::Sender<()>,
+}
+
+impl Fake {
+    pub fn start() -> Fake {
+        let script = Arc::new(Mutex::new(Script::default()));
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let app = Router::new().fallback(handle).with_state(script.clone());
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                let l = tokio::net::TcpListener::from_std(listener).unwrap();
+                axum::serve(l, app)
+                    .with_graceful_shutdown(async {
+                        let _ = rx.await;
+                    })
+                    .await
+                    .unwrap();
+            });
+        });
+        Fake {
+            addr,
+            script,
+            _stop: tx,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn require_token(&self, token: &str) {
+        self.script.lock().unwrap().token = Some(token.to_owned());
+    }
+
+    pub fn manifest(&self, repo: &str, reference: &str, media_type: &str, body: &[u8]) {
+        self.script.lock().unwrap().manifests.insert(
+            format!("{repo}:{reference}"),
+            (media_type.to_owned(), Bytes::copy_from_slice(body)),
+        );
+    }
+
+    pub fn blob(&self, digest: &str, blob: Blob) {
+        self.script
+            .lock()
+            .unwrap()
+            .blobs
+            .insert(digest.to_owned(), blob);
+    }
+
+    pub fn hits(&self) -> Vec<Hit> {
+        self.script.lock().unwrap().hits.clone()
+    }
+
+    /// Requests whose method is `method` and path starts with `prefix`.
+    pub fn count(&self, method: &str, prefix: &str) -> usize {
+        self.hits()
+            .iter()
+            .filter(|h| h.method == method && h.path.starts_with(prefix))
+            .count()
+    }
+}
+
+async fn handle(State(script): State<Arc<Mutex<Script>>>, req: Request) -> Response {
+    let method = req.method().as_str().to_owned();
+    let path = req.uri().path().to_owned();
+    let query = req.uri().query().unwrap_or("").to_owned();
+    let authorization = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let host = req
+        .headers()
+        .get(header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_owned();
+    let (token, manifests, blobs) = {
+        let mut s = script.lock().unwrap();
+        s.hits.push(Hit {
+            method: method.clone(),
+            path: if query.is_empty() {
+                path.clone()
+            } else {
+                format!("{path}?{query}")
+            },
+            authorization: authorization.clone(),
+        });
+        (s.token.clone(), s.manifests.clone(), s.blobs.clone())
+    };
+    if path == "/token" {
+        let ok = query.contains("scope=repository%3A") || query.contains("scope=repository:");
+        return if ok {
+            let t = token.unwrap_or_default();
+            (
+                [(header::CONTENT_TYPE, "application/json")],
+                format!(r#"{{"access_token":"{t}","expires_in":300}}"#),
+            )
+                .into_response()
+        } else {
+            StatusCode::BAD_REQUEST.into_response()
+        };
+    }
+    if path.starts_with("/cdn/") {
+        let digest = path.trim_start_matches("/cdn/");
+        return match blobs.get(digest) {
+            Some(Blob::Good(b)) => b.clone().into_response(),
+            _ => StatusCode::NOT_FOUND.into_response(),
+        };
+    }
+    if let Some(t) = &token {
+        let want = format!("Bearer {t}");
+        if authorization.as_deref() != Some(want.as_str()) {
+            let challenge = format!("Bearer realm=\"http://{host}/token\",service=\"fake\"");
+            let mut r = (
+                StatusCode::UNAUTHORIZED,
+                r#"{"errors":[{"code":"UNAUTHORIZED","message":"token required"}]}"#,
+            )
+                .into_response();
+            r.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_str(&challenge).unwrap(),
+            );
+            return r;
+        }
+    }
+    if path == "/v2/" {
+        return "{}".into_response();
+    }
+    let rest = path.trim_start_matches("/v2/");
+    if let Some((repo, reference)) = rest.rsplit_once("/manifests/") {
+        return match manifests.get(&format!("{repo}:{reference}")) {
+            Some((mt, body)) => {
+                let digest = format!("sha256:{}", sha256_hex(body));
+                let mut r = Response::new(if method == "HEAD" {
+                    Body::empty()
+                } else {
+                    Body::from(body.clone())
+                });
+                let h = r.headers_mut();
+                h.insert(header::CONTENT_TYPE, HeaderValue::from_str(mt).unwrap());
+                h.insert(header::CONTENT_LENGTH, body.len().into());
+                h.insert(
+                    "docker-content-digest",
+                    HeaderValue::from_str(&digest).unwrap(),
+                );
+                r
+            }
+            None => StatusCode::NOT_FOUND.into_response(),
+        };
+    }
+    if let Some((_, digest)) = rest.rsplit_once("/blobs/") {
+        let Some(blob) = blobs.get(digest).cloned() else {
+            return StatusCode::NOT_FOUND.into_response();
+        };
+        return match blob {
+            Blob::Good(b) => {
+                if method == "HEAD" {
+                    let mut r = Response::new(Body::empty());
+                    r.headers_mut()
+                        .insert(header::CONTENT_LENGTH, b.len().into());
+                    r
+                } else {
+                    b.into_response()
+                }
+            }
+            Blob::TooMany => {
+                let mut r = StatusCode::TOO_MANY_REQUESTS.into_response();
+                r.headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from_static("7"));
+                r
+            }
+            Blob::Redirect(to) => {
+                let mut r = StatusCode::TEMPORARY_REDIRECT.into_response();
+                r.headers_mut()
+                    .insert(header::LOCATION, HeaderValue::from_str(&to).unwrap());
+                r
+            }
+            Blob::Truncated(b) => {
+                let half = b.slice(..b.len() / 2);
+                let stream = futures::stream::iter(vec![
+                    Ok::<_, std::io::Error>(half),
+                    Err(std::io::Error::other("hang up")),
+                ]);
+                let mut r = Response::new(Body::from_stream(stream));
+                r.headers_mut()
+                    .insert(header::CONTENT_LENGTH, b.len().into());
+                r
+            }
+            Blob::Slow(b, pause) => {
+                let head = b.slice(..1024.min(b.len()));
+                let tail = b.slice(1024.min(b.len())..);
+                let stream = futures::stream::unfold(0u8, move |step| {
+                    let (head, tail) = (head.clone(), tail.clone());
+                    async move {
+                        match step {
+                            0 => Some((Ok::<_, std::io::Error>(head), 1)),
+                            1 => {
+                                tokio::time::sleep(pause).await;
+                                Some((Ok(tail), 2))
+                            }
+                            _ => None,
+                        }
+                    }
+                });
+                let mut r = Response::new(Body::from_stream(stream));
+                r.headers_mut()
+                    .insert(header::CONTENT_LENGTH, b.len().into());
+                r
+            }
+        };
+    }
+    StatusCode::NOT_FOUND.into_response()
+}
+
+pub fn sha256_hex(b: &[u8]) -> String {
+    use sha2::Digest as _;
+    hex::encode(sha2::Sha256::digest(b))
+}

@@ -1,0 +1,436 @@
+//! Integration-test harness: real upstream registries (`docker-registry`)
+//! started on copies of generated fixtures, Pier started in-process on a
+//! loopback port, and real clients (`skopeo`) run against it.
+//!
+//! The fixtures and tools come from `tests/run.sh`. When a tool is missing,
+//! tests fail if `PIER_TEST_STRICT=1` (CI) and skip loudly otherwise.
+
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+pub mod fake;
+
+pub const ACCEPT_ALL: &str = "application/vnd.oci.image.index.v1+json, \
+    application/vnd.oci.image.manifest.v1+json, \
+    application/vnd.docker.distribution.manifest.list.v2+json, \
+    application/vnd.docker.distribution.manifest.v2+json";
+
+/// Hosts the test script maps to 127.0.0.1 in /etc/hosts for host-prefix mode.
+pub const DOMAIN: &str = "m.pier.test";
+
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn strict() -> bool {
+    std::env::var("PIER_TEST_STRICT").is_ok_and(|v| v == "1")
+}
+
+/// Returns false (after saying why) when `tools` are missing and the run is
+/// not strict; panics in strict mode.
+pub fn have_tools(tools: &[&str]) -> bool {
+    let missing: Vec<&&str> = tools
+        .iter()
+        .filter(|t| {
+            !Command::new("sh")
+                .args(["-c", &format!("command -v {t}")])
+                .stdout(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success())
+        })
+        .collect();
+    if missing.is_empty() {
+        return true;
+    }
+    let msg = format!("missing {missing:?}: run tests/run.sh, which installs them");
+    if strict() {
+        panic!("{msg}");
+    }
+    eprintln!("SKIPPED: {msg}");
+    false
+}
+
+/// The generated fixture tree, built once per machine by
+/// `tests/fixtures/build.sh` (idempotent, locked against parallel callers).
+pub fn fixtures() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = std::env::var_os("PIER_FIXTURES")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| repo_root().join("target/pier-fixtures"));
+        let status = Command::new("bash")
+            .arg(repo_root().join("tests/fixtures/build.sh"))
+            .arg(&dir)
+            .status()
+            .expect("run tests/fixtures/build.sh");
+        assert!(status.success(), "tests/fixtures/build.sh failed");
+        dir
+    })
+}
+
+/// `<template> <repo>:<tag>` → digest, from the fixtures' images.txt.
+pub fn digest_of(template: &str, image: &str) -> String {
+    let text = std::fs::read_to_string(fixtures().join("images.txt")).unwrap();
+    text.lines()
+        .find_map(|l| {
+            let mut parts = l.split_whitespace();
+            (parts.next() == Some(template) && parts.next() == Some(image))
+                .then(|| parts.next().unwrap().to_owned())
+        })
+        .unwrap_or_else(|| panic!("{template} {image} not in images.txt"))
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Waits until `url` answers at all (any status).
+pub fn wait_http(url: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline {
+        let ok = Command::new("curl")
+            .args(["-s", "-o", "/dev/null", "--max-time", "1", url])
+            .status()
+            .is_ok_and(|s| s.success());
+        if ok {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("{url} did not come up");
+}
+
+/// A `docker-registry` serving a private copy of one fixture template.
+pub struct Upstream {
+    pub port: u16,
+    dir: tempfile::TempDir,
+    child: Option<Child>,
+}
+
+impl Upstream {
+    pub fn start(template: &str) -> Upstream {
+        let dir = tempfile::tempdir().unwrap();
+        let status = Command::new("cp")
+            .arg("-a")
+            .arg(fixtures().join("registries").join(template))
+            .arg(dir.path().join("storage"))
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let mut up = Upstream {
+            port: free_port(),
+            dir,
+            child: None,
+        };
+        up.run();
+        up
+    }
+
+    fn run(&mut self) {
+        let cfg = self.dir.path().join("config.yml");
+        std::fs::write(
+            &cfg,
+            format!(
+                "version: 0.1\n\
+                 log: {{level: info, formatter: text, accesslog: {{disabled: false}}}}\n\
+                 storage:\n  filesystem: {{rootdirectory: {}}}\n  delete: {{enabled: true}}\n  \
+                 maintenance: {{uploadpurging: {{enabled: false}}}}\n\
+                 http: {{addr: \"127.0.0.1:{}\", secret: pier-test}}\n",
+                self.dir.path().join("storage").display(),
+                self.port
+            ),
+        )
+        .unwrap();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.access_log())
+            .unwrap();
+        let child = Command::new("docker-registry")
+            .arg("serve")
+            .arg(&cfg)
+            .stdout(log)
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start docker-registry");
+        self.child = Some(child);
+        wait_http(&format!("{}/v2/", self.url()));
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    fn access_log(&self) -> PathBuf {
+        self.dir.path().join("access.log")
+    }
+
+    /// Pier's requests (by user agent) for `METHOD /v2/<path prefix>`.
+    pub fn requests(&self, method: &str, path_prefix: &str) -> usize {
+        let needle = format!("\"{method} /v2/{path_prefix}");
+        self.log().lines().filter(|l| l.contains(&needle)).count()
+    }
+
+    /// The access-log lines of requests Pier sent (not the harness's own).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.access_log())
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.contains("\"pier/"))
+            .map(|l| format!("{l}\n"))
+            .collect()
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn restart(&mut self) {
+        self.stop();
+        self.run();
+    }
+
+    /// Pushes a fixture layout (`layouts/<template>/<repo>/<tag>`) to
+    /// `repo:tag` on this upstream.
+    pub fn push_layout(&self, layout: &str, repo_tag: &str) {
+        let src = fixtures().join("layouts").join(layout);
+        let tag = layout.rsplit('/').next().unwrap();
+        let out = Command::new("skopeo")
+            .args(["copy", "--insecure-policy", "--dest-tls-verify=false"])
+            .arg(format!("oci:{}:{tag}", src.display()))
+            .arg(format!("docker://127.0.0.1:{}/{repo_tag}", self.port))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+impl Drop for Upstream {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Pier running in-process on its own runtime and thread.
+pub struct Pier {
+    pub addr: SocketAddr,
+    pub data: PathBuf,
+    config: String,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Pier {
+    /// Starts Pier with `extra` config TOML, every built-in upstream switched
+    /// off, and `upstreams` (registry → endpoint URL) configured, with data
+    /// under a fresh directory.
+    pub fn start(upstreams: &[(&str, &str)], extra: &str) -> (Pier, tempfile::TempDir) {
+        let data = tempfile::tempdir().unwrap();
+        let pier = Pier::start_in(data.path(), upstreams, extra);
+        (pier, data)
+    }
+
+    pub fn start_in(data: &Path, upstreams: &[(&str, &str)], extra: &str) -> Pier {
+        let mut config = format!(
+            "listen = \"127.0.0.1:0\"\ndomains = [\"{DOMAIN}\"]\nbuiltin_upstreams = false\n{extra}\n[storage]\nkind = \"fs\"\npath = \"{}\"\n",
+            data.display()
+        );
+        for (registry, url) in upstreams {
+            let alias = match *registry {
+                "docker.io" => "docker",
+                "registry.k8s.io" => "k8s",
+                "gcr.io" => "gcr",
+                _ => "corp",
+            };
+            config.push_str(&format!(
+                "[[upstreams]]\nregistry = \"{registry}\"\naliases = [\"{alias}\"]\nendpoints = [\"{url}\"]\n"
+            ));
+        }
+        Pier::run(data, config)
+    }
+
+    fn run(data: &Path, config: String) -> Pier {
+        let parsed = pier::config::Config::from_toml(&config, Vec::new())
+            .unwrap_or_else(|e| panic!("test config invalid: {e}\n{config}"));
+        let std_listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        std_listener.set_nonblocking(true).unwrap();
+        let addr = std_listener.local_addr().unwrap();
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                let listener = tokio::net::TcpListener::from_std(std_listener).unwrap();
+                let shutdown = async {
+                    let _ = rx.await;
+                };
+                if let Err(e) = pier::server::serve(&parsed, listener, shutdown).await {
+                    eprintln!("pier stopped with an error: {e:#}");
+                }
+            });
+            // Dropping the runtime cancels detached fetches too.
+            rt.shutdown_timeout(Duration::from_secs(2));
+        });
+        pier::telemetry::init(pier::config::LogFormat::Text);
+        Pier {
+            addr,
+            data: data.to_owned(),
+            config,
+            stop: Some(tx),
+            thread: Some(thread),
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// `127.0.0.1:PORT`, the way clients name the mirror.
+    pub fn host(&self) -> String {
+        self.addr.to_string()
+    }
+
+    pub fn port(&self) -> u16 {
+        self.addr.port()
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+
+    /// Stops and starts again on the same data directory and config.
+    pub fn restart(&mut self) {
+        self.stop();
+        let fresh = Pier::run(&self.data, self.config.clone());
+        *self = fresh;
+    }
+
+    /// Every file under the blob store (verified blobs only ever).
+    pub fn stored_blobs(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        let root = self.data.join("blobs");
+        walk(&root, &mut out);
+        out.sort();
+        out
+    }
+}
+
+impl Drop for Pier {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn walk(dir: &Path, out: &mut Vec<String>) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            walk(&p, out);
+        } else {
+            out.push(p.file_name().unwrap().to_string_lossy().into_owned());
+        }
+    }
+}
+
+/// Output of a finished `skopeo` run.
+pub struct Run {
+    pub ok: bool,
+    pub stderr: String,
+}
+
+/// `skopeo copy docker://SRC dir:DEST` with extra arguments.
+pub async fn skopeo_copy(src: &str, dest: &Path, extra: &[&str]) -> Run {
+    let out = tokio::process::Command::new("skopeo")
+        .args([
+            "copy",
+            "--insecure-policy",
+            "--src-tls-verify=false",
+            "--retry-times=0",
+        ])
+        .args(extra)
+        .arg(format!("docker://{src}"))
+        .arg(format!("dir:{}", dest.display()))
+        .output()
+        .await
+        .expect("run skopeo");
+    Run {
+        ok: out.status.success(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// The sha256 digest of the manifest skopeo wrote into a `dir:` copy.
+pub fn manifest_digest_in(dir: &Path) -> String {
+    use sha2::Digest as _;
+    let bytes = std::fs::read(dir.join("manifest.json")).unwrap();
+    format!("sha256:{}", hex::encode(sha2::Sha256::digest(&bytes)))
+}
+
+/// An HTTP client that resolves `*.m.pier.test` to Pier without /etc/hosts.
+pub fn http_for(pier: &Pier) -> reqwest::Client {
+    let mut b = reqwest::Client::builder().redirect(reqwest::redirect::Policy::none());
+    for h in ["docker", "k8s", "gcr", "evil", "corp"] {
+        b = b.resolve(&format!("{h}.{DOMAIN}"), pier.addr);
+    }
+    b.resolve(DOMAIN, pier.addr).build().unwrap()
+}
+
+/// GET (or another method) with the full manifest Accept list.
+pub async fn fetch(
+    client: &reqwest::Client,
+    method: reqwest::Method,
+    url: &str,
+    headers: &[(&str, &str)],
+) -> reqwest::Response {
+    let mut req = client.request(method, url).header("accept", ACCEPT_ALL);
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    req.send().await.unwrap()
+}
+
+/// The OCI error code in a response body.
+pub async fn error_code(resp: reqwest::Response) -> String {
+    let v: serde_json::Value = serde_json::from_slice(&resp.bytes().await.unwrap()).unwrap();
+    v["errors"][0]["code"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned()
+}
+
+/// Counts how many times each line occurs (for request-count assertions).
+pub fn histogram<'a>(lines: impl Iterator<Item = &'a str>) -> HashMap<&'a str, usize> {
+    let mut m = HashMap::new();
+    for l in lines {
+        *m.entry(l).or_default() += 1;
+    }
+    m
+}

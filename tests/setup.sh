@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Installs what Pier's integration tests run against (real upstream
+# registries, real clients) on Debian, and maps the host-prefix test names to
+# loopback. Idempotent; needs root.
+set -euo pipefail
+
+packages=(docker-registry skopeo curl ca-certificates)
+missing=()
+for p in "${packages[@]}"; do
+	dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+	echo "installing: ${missing[*]}"
+	export DEBIAN_FRONTEND=noninteractive
+	apt-get update -qq
+	apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# Host-prefix mode needs <alias>.<domain> names; the tests use m.pier.test
+# (.test is reserved, so nothing real is ever reached).
+hosts_line="127.0.0.1 m.pier.test docker.m.pier.test k8s.m.pier.test gcr.m.pier.test corp.m.pier.test evil.m.pier.test # pier tests"
+if ! grep -qF "# pier tests" /etc/hosts; then
+	echo "$hosts_line" >>/etc/hosts
+fi
