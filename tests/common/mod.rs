@@ -248,10 +248,26 @@ impl Pier {
     }
 
     pub fn start_in(data: &Path, upstreams: &[(&str, &str)], extra: &str) -> Pier {
+        Pier::start_with(data, upstreams, extra, "")
+    }
+
+    /// Like `start_in`, with `per_upstream` TOML lines (e.g. `tag_ttl = "1s"`)
+    /// added to every `[[upstreams]]` entry.
+    pub fn start_with(
+        data: &Path,
+        upstreams: &[(&str, &str)],
+        extra: &str,
+        per_upstream: &str,
+    ) -> Pier {
         let mut config = format!(
             "listen = \"127.0.0.1:0\"\ndomains = [\"{DOMAIN}\"]\nbuiltin_upstreams = false\n{extra}\n[storage]\nkind = \"fs\"\npath = \"{}\"\n",
             data.display()
         );
+        if !upstreams.iter().any(|(r, _)| *r == "docker.io")
+            && let Some((first, _)) = upstreams.first()
+        {
+            config.insert_str(0, &format!("default_registry = \"{first}\"\n"));
+        }
         for (registry, url) in upstreams {
             let alias = match *registry {
                 "docker.io" => "docker",
@@ -260,7 +276,7 @@ impl Pier {
                 _ => "corp",
             };
             config.push_str(&format!(
-                "[[upstreams]]\nregistry = \"{registry}\"\naliases = [\"{alias}\"]\nendpoints = [\"{url}\"]\n"
+                "[[upstreams]]\nregistry = \"{registry}\"\naliases = [\"{alias}\"]\nendpoints = [\"{url}\"]\n{per_upstream}\n"
             ));
         }
         Pier::run(data, config)

@@ -1,0 +1,235 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+//! Upstream misbehaviour a real registry will not produce on demand, from a
+//! scripted fake: wrong bytes, truncated bodies, 429s, slow bodies,
+//! redirects to another host, and a Bearer token flow.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use common::fake::{Blob, Fake, sha256_hex};
+use common::*;
+use futures::StreamExt;
+use reqwest::{Method, StatusCode};
+
+fn random_bytes(n: usize, seed: u8) -> Bytes {
+    let mut x: u32 = 0x9e37_79b9 ^ u32::from(seed);
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            x as u8
+        })
+        .collect::<Vec<u8>>()
+        .into()
+}
+
+fn digest(b: &[u8]) -> String {
+    format!("sha256:{}", sha256_hex(b))
+}
+
+fn start(fake: &Fake) -> (Pier, tempfile::TempDir, reqwest::Client) {
+    let (pier, data) = Pier::start(&[("corp.example", &fake.url())], "");
+    let http = http_for(&pier);
+    (pier, data, http)
+}
+
+fn blob_url(pier: &Pier, d: &str) -> String {
+    format!("{}/v2/corp.example/team/app/blobs/{d}", pier.url())
+}
+
+/// Reads a whole response body; `Err` when the body broke off.
+async fn read_body(r: reqwest::Response) -> Result<Bytes, reqwest::Error> {
+    r.bytes().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bytes_that_do_not_match_the_digest_are_never_cached_or_completed() {
+    let fake = Fake::start();
+    let good = random_bytes(300_000, 1);
+    let bad = random_bytes(300_000, 2);
+    let d = digest(&good);
+    fake.blob(&d, Blob::Good(bad.clone()));
+    let (pier, _data, http) = start(&fake);
+
+    for round in 1..=2 {
+        let r = fetch(&http, Method::GET, &blob_url(&pier, &d), &[]).await;
+        // Streaming already began, so the client sees the body break off
+        // short of its length: it never holds a complete wrong blob.
+        if r.status() == StatusCode::OK {
+            let body = read_body(r).await;
+            assert!(body.is_err() || body.unwrap().len() < bad.len());
+        } else {
+            assert_eq!(r.status(), StatusCode::BAD_GATEWAY);
+        }
+        assert!(pier.stored_blobs().is_empty());
+        assert_eq!(
+            fake.count("GET", "/v2/team/app/blobs/"),
+            round,
+            "refetched, not cached"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_truncated_upstream_body_is_not_cached() {
+    let fake = Fake::start();
+    let good = random_bytes(200_000, 3);
+    let d = digest(&good);
+    fake.blob(&d, Blob::Truncated(good.clone()));
+    let (pier, data, http) = start(&fake);
+    let r = fetch(&http, Method::GET, &blob_url(&pier, &d), &[]).await;
+    if r.status() == StatusCode::OK {
+        assert!(read_body(r).await.is_err());
+    }
+    // The fetch ends on its own; nothing lands in the store or the spool.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(pier.stored_blobs().is_empty());
+    assert_eq!(
+        std::fs::read_dir(data.path().join("tmp")).unwrap().count(),
+        0
+    );
+    // Once upstream behaves, the next request fetches and serves it.
+    fake.blob(&d, Blob::Good(good.clone()));
+    let r = fetch(&http, Method::GET, &blob_url(&pier, &d), &[]).await;
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(read_body(r).await.unwrap(), good);
+    assert_eq!(pier.stored_blobs(), vec![sha256_hex(&good)]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_429_reaches_the_client_as_toomanyrequests() {
+    let fake = Fake::start();
+    let d = digest(b"limited");
+    fake.blob(&d, Blob::TooMany);
+    let (pier, _data, http) = start(&fake);
+    let r = fetch(&http, Method::GET, &blob_url(&pier, &d), &[]).await;
+    assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(r.headers()["retry-after"], "7");
+    assert_eq!(error_code(r).await, "TOOMANYREQUESTS");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_cold_blob_streams_to_every_client_from_one_fetch() {
+    let fake = Fake::start();
+    let good = random_bytes(2_000_000, 4);
+    let d = digest(&good);
+    let pause = Duration::from_secs(2);
+    fake.blob(&d, Blob::Slow(good.clone(), pause));
+    let (pier, _data, http) = start(&fake);
+
+    let started = Instant::now();
+    let mut clients = Vec::new();
+    for _ in 0..10 {
+        let (http, url) = (http.clone(), blob_url(&pier, &d));
+        clients.push(tokio::spawn(async move {
+            let r = fetch(&http, Method::GET, &url, &[]).await;
+            assert_eq!(r.status(), StatusCode::OK);
+            let mut stream = r.bytes_stream();
+            let first = stream.next().await.unwrap().unwrap();
+            let first_at = started.elapsed();
+            let mut all = first.to_vec();
+            while let Some(c) = stream.next().await {
+                all.extend_from_slice(&c.unwrap());
+            }
+            (first_at, all)
+        }));
+    }
+    for c in clients {
+        let (first_at, all) = c.await.unwrap();
+        // The first bytes arrive while upstream is still paused.
+        assert!(first_at < pause, "first byte after {first_at:?}");
+        assert_eq!(all, good);
+    }
+    assert_eq!(fake.count("GET", "/v2/team/app/blobs/"), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_hanging_up_does_not_cancel_the_fetch() {
+    let fake = Fake::start();
+    let good = random_bytes(1_000_000, 5);
+    let d = digest(&good);
+    fake.blob(&d, Blob::Slow(good.clone(), Duration::from_millis(800)));
+    let (pier, _data, http) = start(&fake);
+    let r = fetch(&http, Method::GET, &blob_url(&pier, &d), &[]).await;
+    let mut stream = r.bytes_stream();
+    stream.next().await.unwrap().unwrap();
+    drop(stream);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(pier.stored_blobs(), vec![sha256_hex(&good)]);
+    let r = fetch(&http, Method::GET, &blob_url(&pier, &d), &[]).await;
+    assert_eq!(read_body(r).await.unwrap(), good);
+    assert_eq!(fake.count("GET", "/v2/team/app/blobs/"), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bearer_tokens_are_fetched_once_and_not_sent_to_redirect_targets() {
+    let fake = Fake::start();
+    let cdn = Fake::start();
+    fake.require_token("secret-token");
+    let manifest = br#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"sha256:0000000000000000000000000000000000000000000000000000000000000000","size":2},"layers":[]}"#;
+    fake.manifest(
+        "team/app",
+        "v1",
+        "application/vnd.oci.image.manifest.v1+json",
+        manifest,
+    );
+    let good = random_bytes(100_000, 6);
+    let d = digest(&good);
+    fake.blob(&d, Blob::Redirect(format!("{}/cdn/{d}", cdn.url())));
+    cdn.blob(&d, Blob::Good(good.clone()));
+    let (pier, _data, http) = start(&fake);
+
+    let r = fetch(
+        &http,
+        Method::GET,
+        &format!("{}/v2/corp.example/team/app/manifests/v1", pier.url()),
+        &[],
+    )
+    .await;
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(r.bytes().await.unwrap(), Bytes::from_static(manifest));
+    let r = fetch(&http, Method::GET, &blob_url(&pier, &d), &[]).await;
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(read_body(r).await.unwrap(), good);
+
+    // One token for the repository, used for both requests.
+    assert_eq!(fake.count("GET", "/token"), 1);
+    let authed: Vec<_> = fake
+        .hits()
+        .into_iter()
+        .filter(|h| h.path.starts_with("/v2/team/app/"))
+        .collect();
+    assert!(
+        authed
+            .iter()
+            .any(|h| h.authorization.as_deref() == Some("Bearer secret-token"))
+    );
+    // The CDN got the request, without the token.
+    let cdn_hits = cdn.hits();
+    assert_eq!(cdn_hits.len(), 1);
+    assert_eq!(cdn_hits[0].authorization, None);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_manifest_that_does_not_match_its_digest_is_refused() {
+    let fake = Fake::start();
+    let real = br#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","layers":[]}"#;
+    let wanted = digest(b"something else");
+    fake.manifest(
+        "team/app",
+        &wanted,
+        "application/vnd.oci.image.manifest.v1+json",
+        real,
+    );
+    let (pier, _data, http) = start(&fake);
+    let url = format!("{}/v2/corp.example/team/app/manifests/{wanted}", pier.url());
+    for _ in 0..2 {
+        let r = fetch(&http, Method::GET, &url, &[]).await;
+        assert_eq!(r.status(), StatusCode::BAD_GATEWAY);
+        assert!(r.text().await.unwrap().contains("does not match"));
+    }
+}
