@@ -4,7 +4,7 @@
 # loopback. Idempotent; needs root.
 set -euo pipefail
 
-packages=(docker-registry skopeo curl ca-certificates)
+packages=(docker-registry skopeo curl ca-certificates apache2-utils)
 missing=()
 for p in "${packages[@]}"; do
 	dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

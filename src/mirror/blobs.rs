@@ -130,7 +130,9 @@ fn unknown(target: &Target, digest: &Digest) -> MirrorError {
 
 fn flight_error(target: &Target, digest: &Digest, e: FlightError) -> MirrorError {
     match e {
-        FlightError::Upstream(UpstreamError::NotFound { .. }) => unknown(target, digest),
+        FlightError::Upstream(UpstreamError::NotFound { status, .. }) => MirrorError::BlobUnknown(
+            super::manifests::not_on_upstream(target, &digest.to_string(), status),
+        ),
         FlightError::Upstream(u) => MirrorError::Upstream(u),
         FlightError::Mismatch { registry, expected } => {
             MirrorError::DigestMismatch { registry, expected }

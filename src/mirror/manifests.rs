@@ -193,10 +193,9 @@ impl Mirror {
             .manifest(target.repository.as_str(), reference, Method::GET)
             .await
             .map_err(|e| match e {
-                UpstreamError::NotFound { .. } => MirrorError::ManifestUnknown(format!(
-                    "{}:{reference} is not on {}",
-                    target.repository, target.registry
-                )),
+                UpstreamError::NotFound { status, .. } => {
+                    MirrorError::ManifestUnknown(not_on_upstream(target, reference, status))
+                }
                 other => MirrorError::Upstream(other),
             })?;
         let body = resp.body.unwrap_or_default();
@@ -226,11 +225,29 @@ impl Mirror {
 
 fn tag_error(target: &Target, tag: &Tag, e: UpstreamError) -> MirrorError {
     match e {
-        UpstreamError::NotFound { .. } => MirrorError::ManifestUnknown(format!(
-            "{}:{tag} is not on {}",
-            target.repository, target.registry
-        )),
+        UpstreamError::NotFound { status, .. } => {
+            MirrorError::ManifestUnknown(not_on_upstream(target, tag.as_str(), status))
+        }
         other => MirrorError::Upstream(other),
+    }
+}
+
+/// Registries answer 401/403 for repositories that do not exist as well as
+/// for ones that need credentials: say both.
+pub(super) fn not_on_upstream(target: &Target, what: &str, status: u16) -> String {
+    let name = format!("{}:{what}", target.repository);
+    let name = if what.contains(':') {
+        format!("{}@{what}", target.repository)
+    } else {
+        name
+    };
+    match status {
+        401 | 403 => format!(
+            "{name}: upstream {} answered {status}; the repository does not exist there \
+             or needs credentials this mirror does not have",
+            target.registry
+        ),
+        _ => format!("{name} is not on {}", target.registry),
     }
 }
 

@@ -25,6 +25,8 @@ pub enum Blob {
     Slow(Bytes, Duration),
     /// Redirects (307) to this absolute URL.
     Redirect(String),
+    /// Answers 503 to the first n GETs, then serves the bytes.
+    FailFirst(usize, Bytes),
 }
 
 #[derive(Clone, Debug)]
@@ -206,9 +208,22 @@ async fn handle(State(script): State<Arc<Mutex<Script>>>, req: Request) -> Respo
         };
     }
     if let Some((_, digest)) = rest.rsplit_once("/blobs/") {
-        let Some(blob) = blobs.get(digest).cloned() else {
+        let Some(mut blob) = blobs.get(digest).cloned() else {
             return StatusCode::NOT_FOUND.into_response();
         };
+        if let Blob::FailFirst(n, bytes) = blob {
+            let earlier = script
+                .lock()
+                .unwrap()
+                .hits
+                .iter()
+                .filter(|h| h.method == "GET" && h.path == path)
+                .count();
+            if earlier <= n {
+                return StatusCode::SERVICE_UNAVAILABLE.into_response();
+            }
+            blob = Blob::Good(bytes);
+        }
         return match blob {
             Blob::Good(b) => {
                 if method == "HEAD" {
@@ -243,6 +258,7 @@ async fn handle(State(script): State<Arc<Mutex<Script>>>, req: Request) -> Respo
                     .insert(header::CONTENT_LENGTH, b.len().into());
                 r
             }
+            Blob::FailFirst(..) => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
             Blob::Slow(b, pause) => {
                 let head = b.slice(..1024.min(b.len()));
                 let tail = b.slice(1024.min(b.len())..);

@@ -115,6 +115,8 @@ pub struct Upstream {
     pub port: u16,
     dir: tempfile::TempDir,
     child: Option<Child>,
+    /// Extra top-level YAML for the registry config (e.g. `auth:`).
+    extra: String,
 }
 
 impl Upstream {
@@ -131,7 +133,27 @@ impl Upstream {
             port: free_port(),
             dir,
             child: None,
+            extra: String::new(),
         };
+        up.run();
+        up
+    }
+
+    /// Like `start`, demanding HTTP Basic credentials (htpasswd auth).
+    pub fn start_with_basic_auth(template: &str, user: &str, password: &str) -> Upstream {
+        let mut up = Upstream::start(template);
+        up.stop();
+        let htpasswd = up.dir.path().join("htpasswd");
+        let out = Command::new("htpasswd")
+            .args(["-Bbn", user, password])
+            .output()
+            .expect("run htpasswd (apache2-utils)");
+        assert!(out.status.success());
+        std::fs::write(&htpasswd, out.stdout).unwrap();
+        up.extra = format!(
+            "auth: {{htpasswd: {{realm: test, path: {}}}}}\n",
+            htpasswd.display()
+        );
         up.run();
         up
     }
@@ -145,9 +167,10 @@ impl Upstream {
                  log: {{level: info, formatter: text, accesslog: {{disabled: false}}}}\n\
                  storage:\n  filesystem: {{rootdirectory: {}}}\n  delete: {{enabled: true}}\n  \
                  maintenance: {{uploadpurging: {{enabled: false}}}}\n\
-                 http: {{addr: \"127.0.0.1:{}\", secret: pier-test}}\n",
+                 http: {{addr: \"127.0.0.1:{}\", secret: pier-test}}\n{}",
                 self.dir.path().join("storage").display(),
-                self.port
+                self.port,
+                self.extra,
             ),
         )
         .unwrap();
@@ -280,6 +303,11 @@ impl Pier {
             ));
         }
         Pier::run(data, config)
+    }
+
+    /// Starts Pier with exactly this config text.
+    pub fn start_raw(data: &Path, config: &str) -> Pier {
+        Pier::run(data, config.to_owned())
     }
 
     fn run(data: &Path, config: String) -> Pier {

@@ -1,0 +1,116 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+//! The `pier` command itself: `check-config` and `serve` with no config.
+
+mod common;
+
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::*;
+
+fn pier() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_pier"))
+}
+
+#[test]
+fn check_config_prints_the_effective_config_with_secrets_masked() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("pier.toml");
+    std::fs::write(
+        &file,
+        "[[upstreams]]\nregistry = \"docker.io\"\nusername = \"me\"\npassword = \"hunter2\"\n",
+    )
+    .unwrap();
+    let out = pier().arg("check-config").arg(&file).output().unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.contains("listen = \"0.0.0.0:5000\""), "{text}");
+    assert!(text.contains("registry = \"gcr.io\""));
+    assert!(!text.contains("hunter2") && text.contains("********"));
+
+    // PIER_CONFIG names the file; PIER_* variables override it.
+    let out = pier()
+        .arg("check-config")
+        .env("PIER_CONFIG", &file)
+        .env("PIER_LISTEN", "127.0.0.1:7000")
+        .output()
+        .unwrap();
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        text.contains("listen = \"127.0.0.1:7000\"") && text.contains("********"),
+        "{text}"
+    );
+}
+
+#[test]
+fn check_config_names_every_bad_key_and_fails() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("pier.toml");
+    std::fs::write(
+        &file,
+        "listen = \"nope\"\n[[upstreams]]\nregistry = \"docker.io\"\nendpoints = [\"ftp://x\"]\ntag_ttl = \"1m\"\n[[routes]]\npattern = \"x\"\nregistry = \"nowhere.example\"\n",
+    )
+    .unwrap();
+    let out = pier().arg("check-config").arg(&file).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8(out.stderr).unwrap();
+    for key in [
+        "listen:",
+        "upstreams[0] (docker.io).endpoints[0]:",
+        "routes[0].registry:",
+    ] {
+        assert!(err.contains(key), "{key} missing: {err}");
+    }
+    let out = pier()
+        .arg("check-config")
+        .arg(dir.path().join("missing.toml"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+}
+
+#[test]
+fn serve_without_a_config_keeps_its_data_under_the_working_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let mut child = pier()
+        .arg("serve")
+        .current_dir(dir.path())
+        .env("PIER_LISTEN", format!("127.0.0.1:{port}"))
+        .env_remove("PIER_CONFIG")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_http(&format!("http://127.0.0.1:{port}/healthz"));
+    let out = Command::new("curl")
+        .args(["-s", "-i", &format!("http://127.0.0.1:{port}/v2/")])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(
+        text.to_ascii_lowercase()
+            .contains("docker-distribution-api-version: registry/2.0")
+    );
+    assert!(dir.path().join("data/meta.redb").exists());
+    assert!(dir.path().join("data/blobs").is_dir());
+    // SIGTERM stops it cleanly.
+    Command::new("kill")
+        .arg(child.id().to_string())
+        .status()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            assert!(status.success(), "{status}");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "pier did not stop on SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

@@ -1,0 +1,716 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+//! Real container runtimes as Pier's clients: a private Docker daemon
+//! (`registry-mirrors` and add-a-prefix), containerd through `ctr` and a
+//! `hosts.toml` mirror (`?ns=`, HEAD-first), and podman through
+//! `registries.conf` (one `Accept:` line per media type). Each test starts
+//! its own daemon on its own sockets and data directories under a short
+//! /tmp directory, and stops it on drop, even when the test panics.
+//!
+//! Nothing may leave loopback: every registry a runtime could fall back to
+//! is pointed at a closed loopback port, and the runtimes get an HTTP(S)
+//! proxy on a closed loopback port too (Go never proxies loopback, so the
+//! mirror is reached directly and anything else fails at once).
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+/// Upper bound for one CLI call (a pull through a cold mirror included).
+const CMD_TIMEOUT: Duration = Duration::from_secs(240);
+/// Upper bound for a daemon to answer on its socket.
+const START_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// A directory directly under /tmp with a short name: unix socket paths
+/// must stay under ~108 bytes, and containerd nests its own sockets deeper.
+fn short_tempdir() -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix("prt")
+        .tempdir_in("/tmp")
+        .unwrap()
+}
+
+/// A loopback port nothing listens on (bound, then released).
+fn closed_port() -> u16 {
+    free_port()
+}
+
+/// Proxy variables that send any non-loopback HTTP(S) to a closed port.
+fn no_egress_env() -> Vec<(&'static str, String)> {
+    let proxy = format!("http://127.0.0.1:{}", closed_port());
+    let no_proxy = "127.0.0.1,localhost".to_owned();
+    vec![
+        ("HTTP_PROXY", proxy.clone()),
+        ("HTTPS_PROXY", proxy.clone()),
+        ("http_proxy", proxy.clone()),
+        ("https_proxy", proxy),
+        ("NO_PROXY", no_proxy.clone()),
+        ("no_proxy", no_proxy),
+    ]
+}
+
+/// A daemon started in its own process group, its output in a log file.
+/// Dropping it sends SIGTERM to the group, waits, then SIGKILLs the group,
+/// and finally unmounts anything the daemon left mounted under `root`.
+struct Daemon {
+    name: &'static str,
+    child: Option<Child>,
+    log: PathBuf,
+    root: PathBuf,
+}
+
+impl Daemon {
+    fn spawn(name: &'static str, mut cmd: Command, root: &Path) -> Daemon {
+        use std::os::unix::process::CommandExt as _;
+        let log = root.join(format!("{name}.log"));
+        let out = std::fs::File::create(&log).unwrap();
+        let err = out.try_clone().unwrap();
+        cmd.stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .process_group(0);
+        let child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("start {name}: {e}"));
+        Daemon {
+            name,
+            child: Some(child),
+            log,
+            root: root.to_owned(),
+        }
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The last lines of the daemon's log, for failure messages.
+    fn log_tail(&self) -> String {
+        let text = self.log_text();
+        let lines: Vec<&str> = text.lines().collect();
+        let from = lines.len().saturating_sub(40);
+        format!(
+            "--- last lines of {} log ---\n{}",
+            self.name,
+            lines[from..].join("\n")
+        )
+    }
+
+    fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.as_mut().and_then(|c| c.try_wait().ok().flatten())
+    }
+
+    fn signal_group(pid: u32, sig: &str) {
+        let _ = Command::new("kill")
+            .args([sig, "--", &format!("-{pid}")])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+    }
+
+    fn stop(&mut self) {
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        let pid = child.id();
+        Self::signal_group(pid, "-TERM");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if child.try_wait().ok().flatten().is_some() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        // Whatever is left of the group (the leader too, if it hung).
+        Self::signal_group(pid, "-KILL");
+        let _ = child.kill();
+        let _ = child.wait();
+        unmount_under(&self.root);
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Lazily unmounts every mount point under `root`, deepest first (dockerd
+/// bind-mounts its data-root onto itself and leaves it on a hard kill).
+fn unmount_under(root: &Path) {
+    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return;
+    };
+    let mut points: Vec<&str> = info
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .filter(|p| Path::new(p).starts_with(root))
+        .collect();
+    points.sort_by_key(|p| std::cmp::Reverse(p.len()));
+    for p in points {
+        let _ = Command::new("umount")
+            .args(["-l", p])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+/// A finished CLI call.
+struct Out {
+    ok: bool,
+    stdout: String,
+    stderr: String,
+}
+
+impl Out {
+    fn both(&self) -> String {
+        format!("stdout:\n{}\nstderr:\n{}", self.stdout, self.stderr)
+    }
+}
+
+/// Runs `cmd` to completion, killing it if it outlives `CMD_TIMEOUT`.
+async fn run(mut cmd: tokio::process::Command) -> Out {
+    let what = format!("{:?}", cmd.as_std());
+    cmd.stdin(Stdio::null()).kill_on_drop(true);
+    let out = tokio::time::timeout(CMD_TIMEOUT, cmd.output())
+        .await
+        .unwrap_or_else(|_| panic!("timed out after {CMD_TIMEOUT:?}: {what}"))
+        .unwrap_or_else(|e| panic!("could not run {what}: {e}"));
+    Out {
+        ok: out.status.success(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// Polls `probe` until it succeeds; panics with the daemon's log otherwise.
+async fn wait_ready<F>(daemon: &mut Daemon, mut probe: F)
+where
+    F: FnMut() -> tokio::process::Command,
+{
+    let deadline = Instant::now() + START_TIMEOUT;
+    loop {
+        if run(probe()).await.ok {
+            return;
+        }
+        if let Some(status) = daemon.exited() {
+            panic!(
+                "{} exited during start-up ({status})\n{}",
+                daemon.name,
+                daemon.log_tail()
+            );
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} did not come up within {START_TIMEOUT:?}\n{}",
+            daemon.name,
+            daemon.log_tail()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Lines of Pier's upstream requests whose path starts with `/v2/<prefix>`
+/// (any method).
+fn upstream_hits(up: &Upstream, prefix: &str) -> usize {
+    let needle = format!(" /v2/{prefix}");
+    up.log().lines().filter(|l| l.contains(&needle)).count()
+}
+
+/// Asserts Pier fetched `repo`'s manifest and blobs from `up`.
+fn assert_served(up: &Upstream, name: &str, repo: &str) {
+    let log = up.log();
+    assert!(
+        up.requests("GET", &format!("{repo}/manifests/")) > 0,
+        "Pier never fetched {repo}'s manifest from the {name} upstream; its log:\n{log}"
+    );
+    assert!(
+        up.requests("GET", &format!("{repo}/blobs/")) > 0,
+        "Pier never fetched {repo}'s blobs from the {name} upstream; its log:\n{log}"
+    );
+}
+
+/// The digest after `@` in a `name@sha256:...` reference.
+fn digest_part(reference: &str) -> &str {
+    reference.rsplit_once('@').map_or(reference, |(_, d)| d)
+}
+
+// ---------------------------------------------------------------------------
+// Docker daemon
+// ---------------------------------------------------------------------------
+
+struct Dockerd {
+    sock: String,
+    config_dir: PathBuf,
+    daemon: Daemon,
+}
+
+impl Dockerd {
+    /// A private dockerd whose only Docker Hub mirror is `mirror`.
+    async fn start(dir: &Path, mirror: &str) -> Dockerd {
+        let sock = dir.join("d.sock").display().to_string();
+        let config = serde_json::json!({
+            "registry-mirrors": [format!("http://{mirror}")],
+            "insecure-registries": [mirror],
+            "storage-driver": "vfs",
+            "iptables": false,
+            "ip6tables": false,
+            "ip-forward": false,
+            "ip-masq": false,
+            "bridge": "none",
+            "data-root": dir.join("data"),
+            "exec-root": dir.join("x"),
+            "pidfile": dir.join("d.pid"),
+            "hosts": [format!("unix://{sock}")],
+            "max-download-attempts": 1,
+        });
+        let file = dir.join("daemon.json");
+        std::fs::write(&file, serde_json::to_vec_pretty(&config).unwrap()).unwrap();
+        let config_dir = dir.join("cli");
+        std::fs::create_dir_all(&config_dir).unwrap();
+        let mut cmd = Command::new("dockerd");
+        cmd.arg("--config-file").arg(&file).envs(no_egress_env());
+        let mut d = Dockerd {
+            sock,
+            config_dir,
+            daemon: Daemon::spawn("dockerd", cmd, dir),
+        };
+        let (sock, cfg) = (d.sock.clone(), d.config_dir.clone());
+        wait_ready(&mut d.daemon, || docker_cmd(&sock, &cfg, &["version"])).await;
+        d
+    }
+
+    fn cmd(&self, args: &[&str]) -> tokio::process::Command {
+        docker_cmd(&self.sock, &self.config_dir, args)
+    }
+
+    /// `docker pull REF`; returns the digest from its `Digest:` line.
+    async fn pull(&self, reference: &str) -> String {
+        let out = run(self.cmd(&["pull", reference])).await;
+        assert!(
+            out.ok,
+            "docker pull {reference} failed\n{}\n{}",
+            out.both(),
+            self.daemon.log_tail()
+        );
+        out.stdout
+            .lines()
+            .find_map(|l| l.strip_prefix("Digest: "))
+            .unwrap_or_else(|| panic!("no Digest: line in docker pull output\n{}", out.both()))
+            .trim()
+            .to_owned()
+    }
+
+    /// `docker image inspect`'s RepoDigests for `reference`.
+    async fn repo_digests(&self, reference: &str) -> Vec<String> {
+        let out = run(self.cmd(&[
+            "image",
+            "inspect",
+            "--format",
+            "{{json .RepoDigests}}",
+            reference,
+        ]))
+        .await;
+        assert!(out.ok, "docker image inspect {reference}\n{}", out.both());
+        serde_json::from_str(out.stdout.trim()).unwrap()
+    }
+}
+
+fn docker_cmd(sock: &str, config_dir: &Path, args: &[&str]) -> tokio::process::Command {
+    let mut c = tokio::process::Command::new("docker");
+    c.args(args)
+        .env("DOCKER_HOST", format!("unix://{sock}"))
+        .env("DOCKER_CONFIG", config_dir)
+        .env_remove("DOCKER_CONTEXT")
+        .env_remove("DOCKER_TLS_VERIFY")
+        .env_remove("DOCKER_CERT_PATH");
+    c
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn docker_daemon_pulls_through_registry_mirrors_and_prefix() {
+    if !have_tools(&["docker-registry", "dockerd", "docker", "containerd", "runc"]) {
+        return;
+    }
+    let started = Instant::now();
+    let docker = Upstream::start("docker");
+    let k8s = Upstream::start("k8s");
+    let (pier, _data) = Pier::start(
+        &[("docker.io", &docker.url()), ("registry.k8s.io", &k8s.url())],
+        "",
+    );
+    let dir = short_tempdir();
+    let d = Dockerd::start(dir.path(), &pier.host()).await;
+    eprintln!("dockerd ready after {:?}", started.elapsed());
+
+    // registry-mirrors: a Docker Hub short name, sent as /v2/library/nginx/...
+    // with no ns, so Pier must take it to docker.io (k8s has a different
+    // library/nginx:latest).
+    let want = digest_of("docker", "library/nginx:latest");
+    assert_eq!(d.pull("nginx:latest").await, want, "docker pull nginx:latest");
+    let digests = d.repo_digests("nginx:latest").await;
+    assert!(
+        digests.iter().any(|r| digest_part(r) == want),
+        "RepoDigests {digests:?} lack {want}"
+    );
+    assert_served(&docker, "docker", "library/nginx");
+    assert_eq!(
+        upstream_hits(&k8s, "library/nginx/"),
+        0,
+        "k8s upstream was asked for nginx:\n{}",
+        k8s.log()
+    );
+
+    // Add-a-prefix, Docker schema2: 127.0.0.1 is an insecure registry by
+    // default, so the daemon talks plain HTTP to Pier.
+    let want = digest_of("docker", "library/alpine:3.19");
+    let reference = format!("{}/docker.io/library/alpine:3.19", pier.host());
+    assert_eq!(d.pull(&reference).await, want, "docker pull {reference}");
+    let digests = d.repo_digests(&reference).await;
+    assert!(
+        digests.iter().any(|r| digest_part(r) == want),
+        "RepoDigests {digests:?} lack {want}"
+    );
+    assert_served(&docker, "docker", "library/alpine");
+
+    drop(d);
+    eprintln!(
+        "docker_daemon_pulls_through_registry_mirrors_and_prefix took {:?}",
+        started.elapsed()
+    );
+}
+
+// ---------------------------------------------------------------------------
+// containerd
+// ---------------------------------------------------------------------------
+
+struct Containerd {
+    sock: String,
+    daemon: Daemon,
+}
+
+impl Containerd {
+    async fn start(dir: &Path) -> Containerd {
+        let sock = dir.join("c.sock").display().to_string();
+        let config = format!(
+            r#"version = 2
+root = "{root}"
+state = "{state}"
+disabled_plugins = [
+  "io.containerd.grpc.v1.cri",
+  "io.containerd.snapshotter.v1.aufs",
+  "io.containerd.snapshotter.v1.btrfs",
+  "io.containerd.snapshotter.v1.devmapper",
+  "io.containerd.snapshotter.v1.zfs",
+]
+
+[grpc]
+  address = "{sock}"
+
+[ttrpc]
+  address = "{ttrpc}"
+
+[plugins."io.containerd.internal.v1.opt"]
+  path = "{opt}"
+"#,
+            root = dir.join("root").display(),
+            state = dir.join("state").display(),
+            ttrpc = dir.join("t.sock").display(),
+            opt = dir.join("opt").display(),
+        );
+        let file = dir.join("containerd.toml");
+        std::fs::write(&file, config).unwrap();
+        let mut cmd = Command::new("containerd");
+        cmd.arg("--config").arg(&file).envs(no_egress_env());
+        let mut c = Containerd {
+            sock,
+            daemon: Daemon::spawn("containerd", cmd, dir),
+        };
+        let sock = c.sock.clone();
+        wait_ready(&mut c.daemon, || ctr_cmd(&sock, &["version"])).await;
+        c
+    }
+
+    fn cmd(&self, args: &[&str]) -> tokio::process::Command {
+        ctr_cmd(&self.sock, args)
+    }
+
+    /// `ctr images pull` through the mirrors in `hosts_dir`, unpacked with
+    /// the native snapshotter (works on any filesystem).
+    async fn pull(&self, hosts_dir: &Path, reference: &str) {
+        let hosts = hosts_dir.display().to_string();
+        let out = run(self.cmd(&[
+            "images",
+            "pull",
+            "--hosts-dir",
+            &hosts,
+            "--snapshotter",
+            "native",
+            reference,
+        ]))
+        .await;
+        assert!(
+            out.ok,
+            "ctr images pull {reference} failed\n{}\n{}",
+            out.both(),
+            self.daemon.log_tail()
+        );
+    }
+
+    /// The digest `ctr images ls` shows for `reference`.
+    async fn listed_digest(&self, reference: &str) -> String {
+        let out = run(self.cmd(&["images", "ls"])).await;
+        assert!(out.ok, "ctr images ls\n{}", out.both());
+        // REF TYPE DIGEST SIZE PLATFORMS LABELS
+        out.stdout
+            .lines()
+            .find_map(|l| {
+                let mut cols = l.split_whitespace();
+                (cols.next() == Some(reference)).then(|| cols.nth(1).unwrap_or_default().to_owned())
+            })
+            .unwrap_or_else(|| panic!("{reference} not in ctr images ls:\n{}", out.stdout))
+    }
+}
+
+fn ctr_cmd(sock: &str, args: &[&str]) -> tokio::process::Command {
+    let mut c = tokio::process::Command::new("ctr");
+    c.arg("--address")
+        .arg(sock)
+        .args(["--namespace", "pier-test"])
+        .args(args)
+        .envs(no_egress_env())
+        .env_remove("CONTAINERD_ADDRESS")
+        .env_remove("CONTAINERD_NAMESPACE")
+        .env_remove("CONTAINERD_SNAPSHOTTER");
+    c
+}
+
+/// `DIR/<registry>/hosts.toml`: Pier as the only pull/resolve host, and the
+/// registry itself (the fallback) on a closed loopback port.
+fn write_hosts_toml(dir: &Path, registry: &str, mirror: &str) {
+    let d = dir.join(registry);
+    std::fs::create_dir_all(&d).unwrap();
+    std::fs::write(
+        d.join("hosts.toml"),
+        format!(
+            "server = \"http://127.0.0.1:{}\"\n\n\
+             [host.\"http://{mirror}\"]\n  capabilities = [\"pull\", \"resolve\"]\n",
+            closed_port()
+        ),
+    )
+    .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn containerd_pulls_through_hosts_toml_mirror() {
+    if !have_tools(&["docker-registry", "containerd", "ctr"]) {
+        return;
+    }
+    let started = Instant::now();
+    let docker = Upstream::start("docker");
+    let k8s = Upstream::start("k8s");
+    let (pier, _data) = Pier::start(
+        &[("docker.io", &docker.url()), ("registry.k8s.io", &k8s.url())],
+        "",
+    );
+    let dir = short_tempdir();
+    let hosts = dir.path().join("certs.d");
+    write_hosts_toml(&hosts, "docker.io", &pier.host());
+    write_hosts_toml(&hosts, "registry.k8s.io", &pier.host());
+    let c = Containerd::start(dir.path()).await;
+    eprintln!("containerd ready after {:?}", started.elapsed());
+
+    // docker.io: HEAD /v2/library/nginx/manifests/latest?ns=docker.io first,
+    // then GETs by digest; an OCI index, of which ctr takes linux/amd64.
+    let reference = "docker.io/library/nginx:latest";
+    c.pull(&hosts, reference).await;
+    assert_eq!(
+        c.listed_digest(reference).await,
+        digest_of("docker", "library/nginx:latest"),
+        "ctr images ls digest of {reference}"
+    );
+
+    // registry.k8s.io: the same path shape; only ns says which registry.
+    // docker.io has a library/pause:3.9 with another digest, so a wrong
+    // route would show up as a wrong digest as well as in the logs.
+    let reference = "registry.k8s.io/pause:3.9";
+    c.pull(&hosts, reference).await;
+    assert_eq!(
+        c.listed_digest(reference).await,
+        digest_of("k8s", "pause:3.9"),
+        "ctr images ls digest of {reference}"
+    );
+
+    assert_served(&docker, "docker", "library/nginx");
+    assert_served(&k8s, "k8s", "pause");
+    assert_eq!(
+        upstream_hits(&k8s, "library/nginx/"),
+        0,
+        "k8s upstream was asked for nginx:\n{}",
+        k8s.log()
+    );
+    assert_eq!(
+        upstream_hits(&docker, "pause/") + upstream_hits(&docker, "library/pause/"),
+        0,
+        "docker upstream was asked for pause:\n{}",
+        docker.log()
+    );
+
+    drop(c);
+    eprintln!(
+        "containerd_pulls_through_hosts_toml_mirror took {:?}",
+        started.elapsed()
+    );
+}
+
+// ---------------------------------------------------------------------------
+// podman
+// ---------------------------------------------------------------------------
+
+/// podman, as root, with storage, state, configuration and registries all
+/// private to one directory.
+struct Podman {
+    dir: PathBuf,
+}
+
+impl Podman {
+    fn new(dir: &Path, mirror: &str) -> Podman {
+        std::fs::write(
+            dir.join("registries.conf"),
+            format!(
+                "unqualified-search-registries = []\n\n\
+                 [[registry]]\nprefix = \"docker.io\"\nlocation = \"127.0.0.1:{}\"\n\n\
+                 [[registry.mirror]]\nlocation = \"{mirror}\"\ninsecure = true\n",
+                closed_port()
+            ),
+        )
+        .unwrap();
+        std::fs::write(
+            dir.join("policy.json"),
+            r#"{"default": [{"type": "insecureAcceptAnything"}]}"#,
+        )
+        .unwrap();
+        std::fs::write(
+            dir.join("storage.conf"),
+            format!(
+                "[storage]\ndriver = \"vfs\"\nrunroot = \"{}\"\ngraphroot = \"{}\"\n",
+                dir.join("runroot").display(),
+                dir.join("root").display()
+            ),
+        )
+        .unwrap();
+        std::fs::write(
+            dir.join("containers.conf"),
+            format!(
+                "[engine]\ncgroup_manager = \"cgroupfs\"\nevents_logger = \"file\"\n\
+                 events_logfile_path = \"{}\"\ntmp_dir = \"{}\"\n",
+                dir.join("events.log").display(),
+                dir.join("tmp").display()
+            ),
+        )
+        .unwrap();
+        for sub in ["tmp", "xdg-runtime", "xdg-config", "xdg-data", "home"] {
+            std::fs::create_dir_all(dir.join(sub)).unwrap();
+        }
+        Podman {
+            dir: dir.to_owned(),
+        }
+    }
+
+    fn cmd(&self, args: &[&str]) -> tokio::process::Command {
+        let d = &self.dir;
+        let mut c = tokio::process::Command::new("podman");
+        c.arg("--root")
+            .arg(d.join("root"))
+            .arg("--runroot")
+            .arg(d.join("runroot"))
+            .arg("--tmpdir")
+            .arg(d.join("tmp"))
+            .args([
+                "--storage-driver",
+                "vfs",
+                "--cgroup-manager",
+                "cgroupfs",
+                "--events-backend",
+                "file",
+            ])
+            .args(args)
+            .env("CONTAINERS_REGISTRIES_CONF", d.join("registries.conf"))
+            .env("CONTAINERS_STORAGE_CONF", d.join("storage.conf"))
+            .env("CONTAINERS_CONF", d.join("containers.conf"))
+            .env("XDG_RUNTIME_DIR", d.join("xdg-runtime"))
+            .env("XDG_CONFIG_HOME", d.join("xdg-config"))
+            .env("XDG_DATA_HOME", d.join("xdg-data"))
+            .env("HOME", d.join("home"))
+            .env_remove("REGISTRY_AUTH_FILE")
+            .env_remove("CONTAINER_HOST")
+            .env_remove("CONTAINER_CONNECTION")
+            .envs(no_egress_env());
+        c
+    }
+
+    async fn pull(&self, reference: &str) {
+        let policy = self.dir.join("policy.json").display().to_string();
+        let out = run(self.cmd(&[
+            "pull",
+            "--signature-policy",
+            &policy,
+            reference,
+        ]))
+        .await;
+        assert!(out.ok, "podman pull {reference} failed\n{}", out.both());
+    }
+
+    async fn inspect(&self, reference: &str, format: &str) -> String {
+        let out = run(self.cmd(&["image", "inspect", "--format", format, reference])).await;
+        assert!(out.ok, "podman image inspect {reference}\n{}", out.both());
+        out.stdout.trim().to_owned()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn podman_pulls_through_registries_conf_mirror() {
+    if !have_tools(&["docker-registry", "podman"]) {
+        return;
+    }
+    let started = Instant::now();
+    let docker = Upstream::start("docker");
+    let (pier, _data) = Pier::start(&[("docker.io", &docker.url())], "");
+    let dir = short_tempdir();
+    let podman = Podman::new(dir.path(), &pier.host());
+
+    // Docker schema2, single arch.
+    let reference = "docker.io/library/alpine:3.19";
+    podman.pull(reference).await;
+    assert_eq!(
+        podman.inspect(reference, "{{.Digest}}").await,
+        digest_of("docker", "library/alpine:3.19"),
+        "podman image inspect digest of {reference}"
+    );
+    assert_served(&docker, "docker", "library/alpine");
+
+    // OCI multi-arch index: podman takes linux/amd64 from it, and records
+    // the index's digest.
+    let reference = "docker.io/library/nginx:latest";
+    podman.pull(reference).await;
+    let want = digest_of("docker", "library/nginx:latest");
+    let digest = podman.inspect(reference, "{{.Digest}}").await;
+    let repo_digests = podman.inspect(reference, "{{json .RepoDigests}}").await;
+    assert_eq!(
+        digest, want,
+        "podman image inspect digest of {reference} (RepoDigests {repo_digests})"
+    );
+    assert_served(&docker, "docker", "library/nginx");
+
+    drop(podman);
+    unmount_under(dir.path());
+    eprintln!(
+        "podman_pulls_through_registries_conf_mirror took {:?}",
+        started.elapsed()
+    );
+}
