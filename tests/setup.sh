@@ -22,3 +22,8 @@ hosts_line="127.0.0.1 m.pier.test docker.m.pier.test k8s.m.pier.test gcr.m.pier.
 if ! grep -qF "# pier tests" /etc/hosts; then
 	echo "$hosts_line" >>/etc/hosts
 fi
+
+# The token server for Bearer-auth upstreams signs JWTs with `cryptography`.
+if ! python3 -c 'import cryptography' 2>/dev/null; then
+	python3 -m pip install --quiet cryptography
+fi

@@ -48,6 +48,44 @@ async fn basic_credentials_from_config_reach_the_upstream() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bearer_tokens_from_the_upstreams_realm_are_fetched_and_reused() {
+    if !have_tools(&["docker-registry", "skopeo", "python3"]) {
+        return;
+    }
+    let (docker, tokens) = Upstream::start_with_token_auth("docker");
+    // The upstream really demands a token.
+    let r = reqwest::get(format!("{}/v2/library/alpine/manifests/3.19", docker.url()))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+
+    let (pier, _data) = Pier::start(&[("docker.io", &docker.url())], "");
+    for _ in 0..2 {
+        let out = tempfile::tempdir().unwrap();
+        let run = skopeo_copy(
+            &format!("{}/docker.io/library/alpine:3.19", pier.host()),
+            out.path(),
+            &[],
+        )
+        .await;
+        assert!(run.ok, "{}", run.stderr);
+        assert_eq!(
+            manifest_digest_in(out.path()),
+            digest_of("docker", "library/alpine:3.19")
+        );
+    }
+    // One token for the repository, reused for every request until expiry;
+    // anonymous, as no credentials are configured.
+    let asked = tokens.requests();
+    assert_eq!(asked.len(), 1, "{asked:?}");
+    assert!(
+        asked[0].contains("scope=repository%3Alibrary%2Falpine%3Apull"),
+        "{asked:?}"
+    );
+    assert!(asked[0].ends_with("auth=no"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_endpoint_fails_over_to_the_next() {
     if !have_tools(&["docker-registry", "skopeo"]) {
         return;

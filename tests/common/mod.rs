@@ -139,6 +139,37 @@ impl Upstream {
         up
     }
 
+    /// Like `start`, demanding Bearer tokens from a Docker-Hub-style token
+    /// server (`tests/fixtures/token_server.py`), which it also starts.
+    /// Returns the upstream and the token server's request log.
+    pub fn start_with_token_auth(template: &str) -> (Upstream, TokenServer) {
+        let mut up = Upstream::start(template);
+        up.stop();
+        let port = free_port();
+        let cert = up.dir.path().join("token-cert.pem");
+        let log = up.dir.path().join("token.log");
+        std::fs::write(&log, "").unwrap();
+        let child = Command::new("python3")
+            .arg(repo_root().join("tests/fixtures/token_server.py"))
+            .args(["--port", &port.to_string(), "--issuer", "pier-test-issuer"])
+            .arg("--cert")
+            .arg(&cert)
+            .arg("--log")
+            .arg(&log)
+            .spawn()
+            .expect("start token_server.py");
+        let server = TokenServer { child, log };
+        wait_http(&format!("http://127.0.0.1:{port}/token"));
+        up.extra = format!(
+            "auth:\n  token:\n    realm: http://127.0.0.1:{port}/token\n    \
+             service: pier-test-registry\n    issuer: pier-test-issuer\n    \
+             rootcertbundle: {}\n",
+            cert.display()
+        );
+        up.run();
+        (up, server)
+    }
+
     /// Like `start`, demanding HTTP Basic credentials (htpasswd auth).
     pub fn start_with_basic_auth(template: &str, user: &str, password: &str) -> Upstream {
         let mut up = Upstream::start(template);
@@ -242,6 +273,31 @@ impl Upstream {
             "{}",
             String::from_utf8_lossy(&out.stderr)
         );
+    }
+}
+
+/// The token server behind a token-auth upstream.
+pub struct TokenServer {
+    child: Child,
+    log: PathBuf,
+}
+
+impl TokenServer {
+    /// Token requests served so far (`<path?query> auth=yes|no` lines).
+    pub fn requests(&self) -> Vec<String> {
+        std::fs::read_to_string(&self.log)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.starts_with("/token?"))
+            .map(str::to_owned)
+            .collect()
+    }
+}
+
+impl Drop for TokenServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 
