@@ -53,9 +53,11 @@ fn no_egress_env() -> Vec<(&'static str, String)> {
     ]
 }
 
-/// A daemon started in its own process group, its output in a log file.
-/// Dropping it sends SIGTERM to the group, waits, then SIGKILLs the group,
-/// and finally unmounts anything the daemon left mounted under `root`.
+/// A daemon with its output in a log file. Dropping it sends SIGTERM (a
+/// graceful stop: dockerd stops the containerd it manages and unmounts its
+/// data-root), waits, SIGKILLs it if it hung, and finally unmounts anything
+/// it left mounted under `root`. It stays in the test's process group, so a
+/// runner that kills the group on a timeout or Ctrl-C takes it along.
 struct Daemon {
     name: &'static str,
     child: Option<Child>,
@@ -65,17 +67,11 @@ struct Daemon {
 
 impl Daemon {
     fn spawn(name: &'static str, mut cmd: Command, root: &Path) -> Daemon {
-        use std::os::unix::process::CommandExt as _;
         let log = root.join(format!("{name}.log"));
         let out = std::fs::File::create(&log).unwrap();
         let err = out.try_clone().unwrap();
-        cmd.stdin(Stdio::null())
-            .stdout(out)
-            .stderr(err)
-            .process_group(0);
-        let child = cmd
-            .spawn()
-            .unwrap_or_else(|e| panic!("start {name}: {e}"));
+        cmd.stdin(Stdio::null()).stdout(out).stderr(err);
+        let child = cmd.spawn().unwrap_or_else(|e| panic!("start {name}: {e}"));
         Daemon {
             name,
             child: Some(child),
@@ -101,12 +97,14 @@ impl Daemon {
     }
 
     fn exited(&mut self) -> Option<std::process::ExitStatus> {
-        self.child.as_mut().and_then(|c| c.try_wait().ok().flatten())
+        self.child
+            .as_mut()
+            .and_then(|c| c.try_wait().ok().flatten())
     }
 
-    fn signal_group(pid: u32, sig: &str) {
+    fn signal(pid: u32, sig: &str) {
         let _ = Command::new("kill")
-            .args([sig, "--", &format!("-{pid}")])
+            .args([sig, &pid.to_string()])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .status();
@@ -117,7 +115,7 @@ impl Daemon {
             return;
         };
         let pid = child.id();
-        Self::signal_group(pid, "-TERM");
+        Self::signal(pid, "-TERM");
         let deadline = Instant::now() + Duration::from_secs(20);
         while Instant::now() < deadline {
             if child.try_wait().ok().flatten().is_some() {
@@ -125,8 +123,7 @@ impl Daemon {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        // Whatever is left of the group (the leader too, if it hung).
-        Self::signal_group(pid, "-KILL");
+        // SIGKILL if it hung (a no-op on the reaped-to-be zombie otherwise).
         let _ = child.kill();
         let _ = child.wait();
         unmount_under(&self.root);
@@ -341,7 +338,10 @@ async fn docker_daemon_pulls_through_registry_mirrors_and_prefix() {
     let docker = Upstream::start("docker");
     let k8s = Upstream::start("k8s");
     let (pier, _data) = Pier::start(
-        &[("docker.io", &docker.url()), ("registry.k8s.io", &k8s.url())],
+        &[
+            ("docker.io", &docker.url()),
+            ("registry.k8s.io", &k8s.url()),
+        ],
         "",
     );
     let dir = short_tempdir();
@@ -352,7 +352,11 @@ async fn docker_daemon_pulls_through_registry_mirrors_and_prefix() {
     // with no ns, so Pier must take it to docker.io (k8s has a different
     // library/nginx:latest).
     let want = digest_of("docker", "library/nginx:latest");
-    assert_eq!(d.pull("nginx:latest").await, want, "docker pull nginx:latest");
+    assert_eq!(
+        d.pull("nginx:latest").await,
+        want,
+        "docker pull nginx:latest"
+    );
     let digests = d.repo_digests("nginx:latest").await;
     assert!(
         digests.iter().any(|r| digest_part(r) == want),
@@ -515,7 +519,10 @@ async fn containerd_pulls_through_hosts_toml_mirror() {
     let docker = Upstream::start("docker");
     let k8s = Upstream::start("k8s");
     let (pier, _data) = Pier::start(
-        &[("docker.io", &docker.url()), ("registry.k8s.io", &k8s.url())],
+        &[
+            ("docker.io", &docker.url()),
+            ("registry.k8s.io", &k8s.url()),
+        ],
         "",
     );
     let dir = short_tempdir();
@@ -656,13 +663,7 @@ impl Podman {
 
     async fn pull(&self, reference: &str) {
         let policy = self.dir.join("policy.json").display().to_string();
-        let out = run(self.cmd(&[
-            "pull",
-            "--signature-policy",
-            &policy,
-            reference,
-        ]))
-        .await;
+        let out = run(self.cmd(&["pull", "--signature-policy", &policy, reference])).await;
         assert!(out.ok, "podman pull {reference} failed\n{}", out.both());
     }
 
@@ -670,6 +671,13 @@ impl Podman {
         let out = run(self.cmd(&["image", "inspect", "--format", format, reference])).await;
         assert!(out.ok, "podman image inspect {reference}\n{}", out.both());
         out.stdout.trim().to_owned()
+    }
+}
+
+impl Drop for Podman {
+    /// podman runs no daemon; just make sure no mount outlives the test.
+    fn drop(&mut self) {
+        unmount_under(&self.dir);
     }
 }
 
@@ -708,7 +716,6 @@ async fn podman_pulls_through_registries_conf_mirror() {
     assert_served(&docker, "docker", "library/nginx");
 
     drop(podman);
-    unmount_under(dir.path());
     eprintln!(
         "podman_pulls_through_registries_conf_mirror took {:?}",
         started.elapsed()

@@ -5,6 +5,10 @@
 set -euo pipefail
 
 packages=(docker-registry skopeo curl ca-certificates apache2-utils)
+# Real container runtimes as clients (tests/runtimes.rs): each test starts its
+# own private daemon as root; runc comes with them, and nothing else (no
+# rootless helpers, overlay or network tools) is needed for vfs/native pulls.
+packages+=(docker.io containerd podman)
 missing=()
 for p in "${packages[@]}"; do
 	dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
