@@ -92,8 +92,15 @@ pub enum MetadataConfig {
         path: PathBuf,
     },
     Redis {
+        /// `redis://` or `rediss://` (TLS); may carry a password.
         url: Secret,
+        /// Prefix of every key, so several deployments can share a Redis.
         key_prefix: String,
+        /// Connections kept open per replica.
+        pool_size: usize,
+        /// Deadline for one Redis command, connection included.
+        #[serde(with = "humantime_serde")]
+        timeout: Duration,
     },
 }
 
@@ -200,6 +207,8 @@ impl Config {
     ) -> Result<Config, ConfigError> {
         let mut table: toml::Table = toml::from_str(text)
             .map_err(|e| ConfigError::one(format!("invalid TOML: {}", e.to_string().trim_end())))?;
+        // PIER_* variables that name no key (Kubernetes service links) are
+        // not configuration; they are left alone.
         env::apply(&mut table, vars)?;
         let raw: file::FileConfig = toml::Value::Table(table)
             .try_into()

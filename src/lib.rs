@@ -14,4 +14,6 @@ pub mod route;
 pub mod server;
 pub mod storage;
 pub mod telemetry;
+#[cfg(test)]
+mod testenv;
 pub mod upstream;

@@ -2,6 +2,7 @@
 //! repository may serve, and the catalog. The `MetaStore` trait and backends.
 
 mod embedded;
+mod redis;
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -9,6 +10,7 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 pub use embedded::EmbeddedMeta;
+pub use redis::RedisMeta;
 
 use crate::reference::Digest;
 

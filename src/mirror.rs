@@ -26,7 +26,11 @@ use crate::route::{Router, Target};
 use crate::storage::{BlobStore, StorageError};
 use crate::upstream::{UpstreamClient, UpstreamError, Upstreams};
 use flight::Flights;
-use keyed_lock::KeyedLocks;
+use keyed_lock::{KeyedLocks, RecentFailures};
+
+/// After upstream failed to revalidate a tag, serve the cached copy without
+/// asking again for this long.
+const STALE_RETRY_AFTER: Duration = Duration::from_secs(10);
 
 #[derive(Debug, Error)]
 pub enum MirrorError {
@@ -55,6 +59,7 @@ pub struct Mirror {
     meta: Arc<dyn MetaStore>,
     flights: Arc<Flights>,
     tag_locks: KeyedLocks,
+    upstream_failures: RecentFailures,
     tag_ttls: HashMap<String, Duration>,
     body_idle: Duration,
 }
@@ -73,6 +78,7 @@ impl Mirror {
             meta,
             flights: Arc::new(Flights::new(spool_dir)),
             tag_locks: KeyedLocks::default(),
+            upstream_failures: RecentFailures::new(STALE_RETRY_AFTER),
             tag_ttls: config
                 .upstreams
                 .iter()

@@ -200,33 +200,20 @@ fn strip_port(host: &str) -> &str {
 
 /// `*` matches within one path component, `**` across components.
 pub fn glob_match(pattern: &str, name: &str) -> bool {
-    let (p, n) = (pattern.as_bytes(), name.as_bytes());
-    // Iterative matcher with backtracking to the last star.
-    let (mut pi, mut ni) = (0, 0);
-    let mut star: Option<(usize, usize, bool)> = None; // (pattern after star, name pos, crosses '/')
-    while ni < n.len() {
-        if pi < p.len() && p[pi] == b'*' {
-            let double = pi + 1 < p.len() && p[pi + 1] == b'*';
-            pi += if double { 2 } else { 1 };
-            star = Some((pi, ni, double));
-        } else if pi < p.len() && p[pi] == n[ni] {
-            pi += 1;
-            ni += 1;
-        } else if let Some((sp, sn, double)) = star {
-            if !double && n[sn] == b'/' {
-                return false;
-            }
-            star = Some((sp, sn + 1, double));
-            pi = sp;
-            ni = sn + 1;
-        } else {
-            return false;
+    glob_bytes(pattern.as_bytes(), name.as_bytes())
+}
+
+fn glob_bytes(p: &[u8], n: &[u8]) -> bool {
+    match p {
+        [] => n.is_empty(),
+        [b'*', b'*', rest @ ..] => (0..=n.len()).any(|i| glob_bytes(rest, &n[i..])),
+        [b'*', rest @ ..] => {
+            // Any run of the name up to the next '/'.
+            let stop = n.iter().position(|&c| c == b'/').unwrap_or(n.len());
+            (0..=stop).any(|i| glob_bytes(rest, &n[i..]))
         }
+        [c, rest @ ..] => n.first() == Some(c) && glob_bytes(rest, &n[1..]),
     }
-    while pi < p.len() && p[pi] == b'*' {
-        pi += 1;
-    }
-    pi == p.len()
 }
 
 fn shorten(s: &str) -> String {
@@ -378,5 +365,8 @@ mod tests {
         assert!(!glob_match("*", "x/y"));
         assert!(glob_match("**", "x/y"));
         assert!(glob_match("a*b*c", "aXbYc"));
+        assert!(glob_match("**/b*", "x/bc/bd"));
+        assert!(glob_match("team-*/**", "team-a/x/y"));
+        assert!(!glob_match("team-*/**", "team/x"));
     }
 }

@@ -9,7 +9,7 @@ use anyhow::{Context, bail};
 use tokio::net::TcpListener;
 
 use crate::config::{Config, MetadataConfig, StorageConfig};
-use crate::meta::{EmbeddedMeta, MetaStore};
+use crate::meta::{EmbeddedMeta, MetaStore, RedisMeta};
 use crate::mirror::Mirror;
 use crate::storage::{BlobStore, FsBlobStore};
 
@@ -26,13 +26,23 @@ pub async fn build_mirror(config: &Config) -> anyhow::Result<Arc<Mirror>> {
         }
     };
     let meta: Arc<dyn MetaStore> = match &config.metadata {
-        MetadataConfig::Embedded { path } => Arc::new(
-            EmbeddedMeta::open(path)
-                .with_context(|| format!("opening metadata at {}", path.display()))?,
-        ),
-        MetadataConfig::Redis { .. } => {
-            bail!("metadata.kind = \"redis\" is not available in this version of Pier yet")
+        MetadataConfig::Embedded { path } => {
+            let dir = path.clone();
+            let meta = tokio::task::spawn_blocking(move || EmbeddedMeta::open(&dir))
+                .await
+                .context("opening metadata")?
+                .with_context(|| format!("opening metadata at {}", path.display()))?;
+            Arc::new(meta)
         }
+        MetadataConfig::Redis {
+            url,
+            key_prefix,
+            pool_size,
+            timeout,
+        } => Arc::new(
+            RedisMeta::new(url.expose(), key_prefix, *pool_size, *timeout)
+                .context("setting up the Redis pool")?,
+        ),
     };
     let spool = config.storage.spool_dir();
     clear_spool(&spool).await?;

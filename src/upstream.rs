@@ -3,16 +3,15 @@
 //! carrying credentials to another host. Only configured endpoints, the token
 //! realms they announce and the redirects they send are ever contacted.
 
+mod auth;
 mod challenge;
 mod tokens;
+mod transport;
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, AtomicUsize};
 
-use base64::Engine as _;
-use base64::engine::general_purpose::STANDARD as BASE64;
 use bytes::{Bytes, BytesMut};
 use futures::StreamExt;
 use http::{HeaderMap, HeaderValue, Method, StatusCode, header};
@@ -21,8 +20,7 @@ use url::Url;
 
 use crate::config::{Config, Secret, TimeoutConfig, UpstreamConfig};
 use crate::reference::Digest;
-use challenge::Challenge;
-use tokens::{TokenCache, TokenResponse};
+use tokens::TokenCache;
 
 /// The manifest media types Pier asks for: every one it can serve.
 pub const MANIFEST_ACCEPT: &str = "application/vnd.oci.image.index.v1+json, \
@@ -32,9 +30,6 @@ pub const MANIFEST_ACCEPT: &str = "application/vnd.oci.image.index.v1+json, \
 
 /// Manifests larger than this are refused (as distribution does).
 pub const MAX_MANIFEST_BYTES: usize = 4 * 1024 * 1024;
-/// Attempts per request across retries and endpoints.
-const ATTEMPTS: usize = 3;
-const MAX_REDIRECTS: usize = 5;
 /// Pages of `tags/list` followed before giving up on a huge repository.
 const MAX_TAG_PAGES: usize = 100;
 
@@ -192,10 +187,23 @@ impl UpstreamClient {
             .send(Method::HEAD, &path, HeaderMap::new(), repo)
             .await?;
         let resp = self.expect_success(resp).await?;
-        Ok(resp
+        if let Some(n) = resp
             .headers()
             .get(header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok()?.parse().ok()))
+            .and_then(|v| v.to_str().ok()?.parse().ok())
+        {
+            return Ok(Some(n));
+        }
+        // No length on HEAD: a one-byte range tells the total.
+        let mut headers = HeaderMap::new();
+        headers.insert(header::RANGE, HeaderValue::from_static("bytes=0-0"));
+        let resp = self.send(Method::GET, &path, headers, repo).await?;
+        let resp = self.expect_success(resp).await?;
+        Ok(resp
+            .headers()
+            .get(header::CONTENT_RANGE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.rsplit('/').next()?.trim().parse().ok()))
     }
 
     /// Every tag of `repo`, following upstream pagination.
@@ -266,226 +274,6 @@ impl UpstreamClient {
         Ok(Some((body, filtered)))
     }
 
-    /// Sends a request with retries, failover, auth and redirects.
-    async fn send(
-        &self,
-        method: Method,
-        path: &str,
-        headers: HeaderMap,
-        repo: &str,
-    ) -> Result<reqwest::Response, UpstreamError> {
-        let scope = format!("repository:{repo}:pull");
-        let n = self.endpoints.len().max(1);
-        let first = self.preferred.load(Ordering::Relaxed);
-        let mut last_error = String::from("no endpoints configured");
-        for attempt in 0..ATTEMPTS.max(n) {
-            let index = (first + attempt) % n;
-            let Some(endpoint) = self.endpoints.get(index) else {
-                break;
-            };
-            if attempt > 0 {
-                let backoff = Duration::from_millis(100 << attempt.min(4));
-                tokio::time::sleep(backoff).await;
-            }
-            let url = endpoint
-                .join(path.trim_start_matches('/'))
-                .map_err(|e| self.invalid(e))?;
-            match self.send_once(&method, url, &headers, &scope).await {
-                Ok(resp) if resp.status().is_server_error() => {
-                    last_error = format!("{} answered HTTP {}", host_of(endpoint), resp.status());
-                }
-                Ok(resp) => {
-                    self.preferred.store(index, Ordering::Relaxed);
-                    return Ok(resp);
-                }
-                Err(e) => {
-                    last_error = format!("{}: {e}", host_of(endpoint));
-                    tracing::debug!(registry = %self.registry, error = %last_error, "upstream attempt failed");
-                    // A timeout is not worth repeating on the same endpoint.
-                    if matches!(e, Failure::Timeout(_)) && n == 1 {
-                        break;
-                    }
-                }
-            }
-        }
-        Err(UpstreamError::Unavailable {
-            registry: self.registry.clone(),
-            detail: last_error,
-        })
-    }
-
-    /// One request to one endpoint: answer an auth challenge once, then
-    /// follow redirects.
-    async fn send_once(
-        &self,
-        method: &Method,
-        url: Url,
-        headers: &HeaderMap,
-        scope: &str,
-    ) -> Result<reqwest::Response, Failure> {
-        let mut auth = self.authorization(scope);
-        let mut resp = self
-            .execute(method, url.clone(), headers, auth.clone())
-            .await?;
-        if resp.status() == StatusCode::UNAUTHORIZED {
-            let challenge = resp
-                .headers()
-                .get_all(header::WWW_AUTHENTICATE)
-                .iter()
-                .filter_map(|v| v.to_str().ok())
-                .find_map(challenge::parse);
-            let answered = match challenge {
-                Some(Challenge::Bearer {
-                    realm,
-                    service,
-                    scope: asked,
-                }) => {
-                    let wanted = asked.unwrap_or_else(|| scope.to_owned());
-                    self.fetch_token(&realm, service.as_deref(), &wanted, scope)
-                        .await
-                }
-                Some(Challenge::Basic) if self.credentials.is_some() => {
-                    self.basic.store(true, Ordering::Relaxed);
-                    true
-                }
-                _ => false,
-            };
-            if answered {
-                auth = self.authorization(scope);
-                resp = self.execute(method, url, headers, auth.clone()).await?;
-            }
-        }
-        self.follow_redirects(method, resp, headers, auth).await
-    }
-
-    /// The `Authorization` value for `scope`: a cached token, or Basic
-    /// credentials once the upstream asked for them.
-    fn authorization(&self, scope: &str) -> Option<HeaderValue> {
-        if let Some(token) = self.tokens.get(scope) {
-            return HeaderValue::from_str(&format!("Bearer {token}")).ok();
-        }
-        if !self.basic.load(Ordering::Relaxed) {
-            return None;
-        }
-        let (user, pass) = self.credentials.as_ref()?;
-        let raw = format!("{user}:{}", pass.expose());
-        let mut v = HeaderValue::from_str(&format!("Basic {}", BASE64.encode(raw))).ok()?;
-        v.set_sensitive(true);
-        Some(v)
-    }
-
-    /// Sends one request, waiting at most the response timeout for headers.
-    /// The body has no overall deadline (a blob may take minutes); the
-    /// client's read timeout bounds pauses inside it.
-    async fn execute(
-        &self,
-        method: &Method,
-        url: Url,
-        headers: &HeaderMap,
-        auth: Option<HeaderValue>,
-    ) -> Result<reqwest::Response, Failure> {
-        let mut req = self
-            .http
-            .request(method.clone(), url)
-            .headers(headers.clone());
-        if let Some(mut a) = auth {
-            a.set_sensitive(true);
-            req = req.header(header::AUTHORIZATION, a);
-        }
-        match tokio::time::timeout(self.timeouts.response, req.send()).await {
-            Ok(r) => r.map_err(Failure::Http),
-            Err(_) => Err(Failure::Timeout(self.timeouts.response)),
-        }
-    }
-
-    /// Gets a token from the realm the upstream announced. Returns whether a
-    /// token is now cached for `scope`.
-    async fn fetch_token(
-        &self,
-        realm: &str,
-        service: Option<&str>,
-        wanted: &str,
-        scope: &str,
-    ) -> bool {
-        let Ok(mut url) = Url::parse(realm) else {
-            tracing::warn!(registry = %self.registry, realm, "token realm is not a URL");
-            return false;
-        };
-        if !matches!(url.scheme(), "http" | "https") {
-            return false;
-        }
-        {
-            let mut q = url.query_pairs_mut();
-            if let Some(s) = service {
-                q.append_pair("service", s);
-            }
-            q.append_pair("scope", wanted);
-        }
-        let mut req = self.http.get(url);
-        if let Some((user, pass)) = &self.credentials {
-            req = req.basic_auth(user, Some(pass.expose()));
-        }
-        let resp = match tokio::time::timeout(self.timeouts.response, req.send()).await {
-            Ok(Ok(r)) if r.status().is_success() => r,
-            Ok(Ok(r)) => {
-                tracing::warn!(registry = %self.registry, status = %r.status(), "token server refused");
-                return false;
-            }
-            Ok(Err(e)) => {
-                tracing::warn!(registry = %self.registry, error = %describe(&e), "token server unreachable");
-                return false;
-            }
-            Err(_) => {
-                tracing::warn!(registry = %self.registry, "token server timed out");
-                return false;
-            }
-        };
-        let Ok(body) = self.read_limited(resp, 1024 * 1024).await else {
-            return false;
-        };
-        match serde_json::from_slice::<TokenResponse>(&body)
-            .ok()
-            .and_then(TokenResponse::into_parts)
-        {
-            Some((token, life)) => {
-                self.tokens.put(scope, token, life);
-                true
-            }
-            None => false,
-        }
-    }
-
-    /// Follows 301/302/303/307/308 to wherever the upstream points (blob
-    /// storage, a CDN). `Authorization` goes along only to the same origin.
-    async fn follow_redirects(
-        &self,
-        method: &Method,
-        mut resp: reqwest::Response,
-        headers: &HeaderMap,
-        auth: Option<HeaderValue>,
-    ) -> Result<reqwest::Response, Failure> {
-        let origin = resp.url().origin();
-        for _ in 0..MAX_REDIRECTS {
-            if !matches!(resp.status().as_u16(), 301 | 302 | 303 | 307 | 308) {
-                return Ok(resp);
-            }
-            let Some(next) = resp
-                .headers()
-                .get(header::LOCATION)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|loc| resp.url().join(loc).ok())
-                .filter(|u| matches!(u.scheme(), "http" | "https"))
-            else {
-                return Ok(resp);
-            };
-            let keep_auth = next.origin() == origin;
-            resp = self
-                .execute(method, next, headers, auth.clone().filter(|_| keep_auth))
-                .await?;
-        }
-        Ok(resp)
-    }
-
     /// Maps a final response to an error unless it is 2xx.
     async fn expect_success(
         &self,
@@ -496,6 +284,19 @@ impl UpstreamClient {
             return Ok(resp);
         }
         let registry = self.registry.clone();
+        // Past a redirect, a refusal comes from storage or a CDN (an expired
+        // signature, say), not from the registry: the blob exists, the
+        // transfer failed.
+        let foreign = !self
+            .endpoints
+            .iter()
+            .any(|e| e.origin() == resp.url().origin());
+        if foreign {
+            return Err(UpstreamError::Unavailable {
+                registry,
+                detail: format!("the redirect target answered HTTP {status}"),
+            });
+        }
         Err(match status {
             StatusCode::NOT_FOUND | StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => {
                 UpstreamError::NotFound {
@@ -530,19 +331,34 @@ impl UpstreamClient {
         if resp.content_length().is_some_and(|n| n > limit as u64) {
             return Err(self.invalid(format!("body larger than {limit} bytes")));
         }
-        let mut buf = BytesMut::new();
-        let mut stream = resp.bytes_stream();
-        while let Some(chunk) = stream.next().await {
-            let chunk = chunk.map_err(|e| UpstreamError::Unavailable {
-                registry: self.registry.clone(),
-                detail: describe(&e),
-            })?;
-            if buf.len() + chunk.len() > limit {
-                return Err(self.invalid(format!("body larger than {limit} bytes")));
+        // Small bodies get one deadline in all, so a trickle cannot hold a
+        // request (and the tag lock behind it) forever.
+        let read = async {
+            let mut buf = BytesMut::new();
+            let mut stream = resp.bytes_stream();
+            while let Some(chunk) = stream.next().await {
+                let chunk = chunk.map_err(|e| UpstreamError::Unavailable {
+                    registry: self.registry.clone(),
+                    detail: describe(&e.without_url()),
+                })?;
+                if buf.len() + chunk.len() > limit {
+                    return Err(self.invalid(format!("body larger than {limit} bytes")));
+                }
+                buf.extend_from_slice(&chunk);
             }
-            buf.extend_from_slice(&chunk);
-        }
-        Ok(buf.freeze())
+            Ok(buf.freeze())
+        };
+        tokio::time::timeout(self.timeouts.response, read)
+            .await
+            .unwrap_or_else(|_| {
+                Err(UpstreamError::Unavailable {
+                    registry: self.registry.clone(),
+                    detail: format!(
+                        "the response body took longer than {}",
+                        humantime::format_duration(self.timeouts.response)
+                    ),
+                })
+            })
     }
 
     fn invalid(&self, detail: impl std::fmt::Display) -> UpstreamError {
@@ -565,31 +381,6 @@ fn next_link(link: &str) -> Option<String> {
                 .to_owned()
         })
     })
-}
-
-fn host_of(url: &Url) -> String {
-    match url.port() {
-        Some(p) => format!("{}:{p}", url.host_str().unwrap_or("?")),
-        None => url.host_str().unwrap_or("?").to_owned(),
-    }
-}
-
-/// Why one attempt failed.
-#[derive(Debug)]
-enum Failure {
-    Http(reqwest::Error),
-    Timeout(Duration),
-}
-
-impl std::fmt::Display for Failure {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Failure::Http(e) => f.write_str(&describe(e)),
-            Failure::Timeout(d) => {
-                write!(f, "no response within {}", humantime::format_duration(*d))
-            }
-        }
-    }
 }
 
 /// A reqwest error with its cause chain, which is where the useful part

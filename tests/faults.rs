@@ -97,7 +97,7 @@ async fn a_truncated_upstream_body_is_not_cached() {
     let r = fetch(&http, Method::GET, &blob_url(&pier, &d), &[]).await;
     assert_eq!(r.status(), StatusCode::OK);
     assert_eq!(read_body(r).await.unwrap(), good);
-    assert_eq!(pier.stored_blobs(), vec![sha256_hex(&good)]);
+    assert_eq!(pier.wait_stored(1), vec![sha256_hex(&good)]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -158,8 +158,7 @@ async fn a_client_hanging_up_does_not_cancel_the_fetch() {
     let mut stream = r.bytes_stream();
     stream.next().await.unwrap().unwrap();
     drop(stream);
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    assert_eq!(pier.stored_blobs(), vec![sha256_hex(&good)]);
+    assert_eq!(pier.wait_stored(1), vec![sha256_hex(&good)]);
     let r = fetch(&http, Method::GET, &blob_url(&pier, &d), &[]).await;
     assert_eq!(read_body(r).await.unwrap(), good);
     assert_eq!(fake.count("GET", "/v2/team/app/blobs/"), 1);
@@ -232,4 +231,84 @@ async fn a_manifest_that_does_not_match_its_digest_is_refused() {
         assert_eq!(r.status(), StatusCode::BAD_GATEWAY);
         assert!(r.text().await.unwrap().contains("does not match"));
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cold_range_never_completes_on_unverified_bytes() {
+    let fake = Fake::start();
+    let good = random_bytes(400_000, 7);
+    let bad = random_bytes(400_000, 8);
+    let d = digest(&good);
+    // The first KiB arrives at once, the rest (wrong) after a pause.
+    fake.blob(&d, Blob::Slow(bad, Duration::from_millis(500)));
+    let (pier, _data, http) = start(&fake);
+    let r = fetch(
+        &http,
+        Method::GET,
+        &blob_url(&pier, &d),
+        &[("range", "bytes=0-99")],
+    )
+    .await;
+    // The range lies in bytes already received, yet its last byte waits for
+    // the digest check, which fails: the response breaks off.
+    if r.status() == StatusCode::PARTIAL_CONTENT {
+        let body = read_body(r).await;
+        assert!(body.is_err() || body.unwrap().len() < 100);
+    } else {
+        assert!(r.status().is_server_error(), "{}", r.status());
+    }
+    assert!(pier.stored_blobs().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_server_outage_serves_cached_tags_stale() {
+    let fake = Fake::start();
+    fake.require_token("tok");
+    let manifest = br#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","layers":[]}"#;
+    fake.manifest(
+        "team/app",
+        "v1",
+        "application/vnd.oci.image.manifest.v1+json",
+        manifest,
+    );
+    let data = tempfile::tempdir().unwrap();
+    let pier = Pier::start_with(
+        data.path(),
+        &[("corp.example", &fake.url())],
+        "",
+        "tag_ttl = \"1s\"",
+    );
+    let http = http_for(&pier);
+    let url = format!("{}/v2/corp.example/team/app/manifests/v1", pier.url());
+    assert_eq!(
+        fetch(&http, Method::GET, &url, &[]).await.status(),
+        StatusCode::OK
+    );
+
+    // Token expired from Pier's point of view: a fresh Pier on the same data.
+    drop(pier);
+    fake.token_down(true);
+    let pier = Pier::start_with(
+        data.path(),
+        &[("corp.example", &fake.url())],
+        "",
+        "tag_ttl = \"1s\"",
+    );
+    let http = http_for(&pier);
+    let url = format!("{}/v2/corp.example/team/app/manifests/v1", pier.url());
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let r = fetch(&http, Method::GET, &url, &[]).await;
+    assert_eq!(r.status(), StatusCode::OK);
+    assert!(r.headers().contains_key("warning"));
+    assert_eq!(r.bytes().await.unwrap(), Bytes::from_static(manifest));
+    // Never cached: a clear outage error, not "unknown".
+    let r = fetch(
+        &http,
+        Method::GET,
+        &format!("{}/v2/corp.example/team/app/manifests/v2", pier.url()),
+        &[],
+    )
+    .await;
+    assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert!(r.text().await.unwrap().contains("token server"));
 }

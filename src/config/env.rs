@@ -2,26 +2,67 @@
 //! typed. `__` separates nesting levels: `PIER_STORAGE__PATH` sets
 //! `[storage] path`, `PIER_UPSTREAMS__DOCKER_IO__PASSWORD` sets `password` of
 //! the docker.io upstream (its registry name upper-cased, non-alphanumerics
-//! as `_`). `PIER_CONFIG` names the file and is not a key.
+//! as `_`).
+//!
+//! Only variables naming a configuration key are applied. Others with the
+//! prefix are left alone: Kubernetes injects `PIER_PORT`,
+//! `PIER_SERVICE_HOST`, ... for a Service named `pier`, and `PIER_CONFIG`
+//! names the file.
 
 use toml::{Table, Value};
 
 use super::ConfigError;
 use super::builtin::builtin_upstreams;
 
+const TOP_LEVEL: &[&str] = &[
+    "listen",
+    "domains",
+    "default_registry",
+    "log_format",
+    "builtin_upstreams",
+];
+const SECTIONS: &[(&str, &[&str])] = &[
+    (
+        "storage",
+        &[
+            "kind",
+            "path",
+            "bucket",
+            "prefix",
+            "endpoint",
+            "region",
+            "path_style",
+            "access_key_id",
+            "secret_access_key",
+            "spool_path",
+        ],
+    ),
+    (
+        "metadata",
+        &["kind", "path", "url", "key_prefix", "pool_size", "timeout"],
+    ),
+    ("timeouts", &["connect", "response", "body_idle"]),
+];
+const UPSTREAM_KEYS: &[&str] = &["aliases", "endpoints", "tag_ttl", "username", "password"];
+
 /// Keys whose values are comma-separated lists.
 const LIST_KEYS: &[&str] = &["domains", "aliases", "endpoints"];
 /// Keys whose values are booleans.
 const BOOL_KEYS: &[&str] = &["path_style", "builtin_upstreams"];
+/// Keys whose values are integers.
+const INT_KEYS: &[&str] = &["pool_size"];
 
+/// Applies the variables that name configuration keys; returns the names of
+/// `PIER_*` variables that were ignored.
 pub fn apply(
     table: &mut Table,
     vars: impl IntoIterator<Item = (String, String)>,
-) -> Result<(), ConfigError> {
+) -> Result<Vec<String>, ConfigError> {
     let mut problems = Vec::new();
+    let mut ignored = Vec::new();
     let mut vars: Vec<(String, String)> = vars
         .into_iter()
-        .filter(|(k, _)| k.starts_with("PIER_") && k != "PIER_CONFIG")
+        .filter(|(k, _)| k.starts_with("PIER_"))
         .collect();
     // Deterministic order, whatever the process environment's order is.
     vars.sort();
@@ -30,39 +71,54 @@ pub fn apply(
             .split("__")
             .map(str::to_ascii_lowercase)
             .collect();
-        if let Err(p) = set(table, &path, &raw) {
+        let result = match path.as_slice() {
+            [key] if TOP_LEVEL.contains(&key.as_str()) => set(table, key, &raw),
+            [section, key]
+                if SECTIONS
+                    .iter()
+                    .any(|(s, keys)| s == section && keys.contains(&key.as_str())) =>
+            {
+                match section_table(table, section) {
+                    Ok(t) => set(t, key, &raw),
+                    Err(e) => Err(e),
+                }
+            }
+            [section, registry, key]
+                if section == "upstreams" && UPSTREAM_KEYS.contains(&key.as_str()) =>
+            {
+                match upstream_entry(table, registry) {
+                    Ok(t) => set(t, key, &raw),
+                    Err(e) => Err(e),
+                }
+            }
+            _ => {
+                ignored.push(name.clone());
+                Ok(())
+            }
+        };
+        if let Err(p) = result {
             problems.push(format!("{name}: {p}"));
         }
     }
     if problems.is_empty() {
-        Ok(())
+        Ok(ignored)
     } else {
         Err(ConfigError { problems })
     }
 }
 
-fn set(table: &mut Table, path: &[String], raw: &str) -> Result<(), String> {
-    match path {
-        [key] if key.is_empty() => Err("empty key".into()),
-        [key] => {
-            table.insert(key.clone(), typed(key, raw)?);
-            Ok(())
-        }
-        [section, registry, key] if section == "upstreams" => {
-            let entry = upstream_entry(table, registry)?;
-            entry.insert(key.clone(), typed(key, raw)?);
-            Ok(())
-        }
-        [section, rest @ ..] if section != "upstreams" && section != "routes" => {
-            let sub = table
-                .entry(section.clone())
-                .or_insert_with(|| Value::Table(Table::new()));
-            match sub {
-                Value::Table(t) => set(t, rest, raw),
-                _ => Err(format!("{section} is not a table")),
-            }
-        }
-        _ => Err("not a configuration key (see `pier check-config`)".into()),
+fn set(table: &mut Table, key: &str, raw: &str) -> Result<(), String> {
+    table.insert(key.to_owned(), typed(key, raw)?);
+    Ok(())
+}
+
+fn section_table<'t>(table: &'t mut Table, section: &str) -> Result<&'t mut Table, String> {
+    match table
+        .entry(section.to_owned())
+        .or_insert_with(|| Value::Table(Table::new()))
+    {
+        Value::Table(t) => Ok(t),
+        _ => Err(format!("{section} is not a table")),
     }
 }
 
@@ -130,6 +186,13 @@ fn typed(key: &str, raw: &str) -> Result<Value, String> {
             "false" | "0" => Ok(Value::Boolean(false)),
             other => Err(format!("expected true or false, got {other:?}")),
         };
+    }
+    if INT_KEYS.contains(&key) {
+        return raw
+            .trim()
+            .parse::<i64>()
+            .map(Value::Integer)
+            .map_err(|_| format!("expected a whole number, got {raw:?}"));
     }
     Ok(Value::String(raw.to_owned()))
 }

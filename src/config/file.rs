@@ -47,6 +47,9 @@ pub struct FileMetadata {
     pub path: Option<PathBuf>,
     pub url: Option<String>,
     pub key_prefix: Option<String>,
+    pub pool_size: Option<usize>,
+    #[serde(default, with = "humantime_serde")]
+    pub timeout: Option<Duration>,
 }
 
 #[derive(Debug, Default, Deserialize)]

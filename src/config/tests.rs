@@ -128,6 +128,10 @@ fn environment_overrides_the_file() {
             ("PIER_UPSTREAMS__DOCKER_IO__USERNAME", "u"),
             ("PIER_UPSTREAMS__DOCKER_IO__PASSWORD", "123456"),
             ("PIER_CONFIG", "ignored.toml"),
+            // Kubernetes service links for a Service named `pier`.
+            ("PIER_PORT", "tcp://10.0.0.1:5000"),
+            ("PIER_SERVICE_HOST", "10.0.0.1"),
+            ("PIER_PORT_5000_TCP_ADDR", "10.0.0.1"),
             ("HOME", "/root"),
         ],
     )
@@ -142,6 +146,34 @@ fn environment_overrides_the_file() {
     let d = c.upstream("docker.io").unwrap();
     assert_eq!(d.username.as_deref(), Some("u"));
     assert_eq!(d.password.as_ref().unwrap().expose(), "123456");
+}
+
+#[test]
+fn redis_metadata_settings() {
+    let c = load(
+        "[metadata]\nkind = \"redis\"\nurl = \"redis://:pw@127.0.0.1:6379\"",
+        &[
+            ("PIER_METADATA__POOL_SIZE", "8"),
+            ("PIER_METADATA__TIMEOUT", "500ms"),
+        ],
+    )
+    .unwrap();
+    let MetadataConfig::Redis {
+        url,
+        key_prefix,
+        pool_size,
+        timeout,
+    } = &c.metadata
+    else {
+        panic!("{:?}", c.metadata);
+    };
+    assert_eq!(url.expose(), "redis://:pw@127.0.0.1:6379");
+    assert_eq!(key_prefix, "pier:");
+    assert_eq!(*pool_size, 8);
+    assert_eq!(*timeout, Duration::from_millis(500));
+    assert!(!c.to_masked_toml().contains(":pw@"));
+    let err = load("[metadata]\nkind = \"redis\"", &[]).unwrap_err();
+    assert!(err.to_string().contains("metadata.url"), "{err}");
 }
 
 #[test]

@@ -222,9 +222,14 @@ fn metadata(m: FileMetadata, data_dir: PathBuf, p: &mut Problems) -> MetadataCon
                     "is required for kind = \"redis\" and starts with redis:// or rediss://".into(),
                 );
             }
+            if m.pool_size == Some(0) {
+                p.add("metadata.pool_size", "must be at least 1".into());
+            }
             MetadataConfig::Redis {
                 url: Secret::new(url),
                 key_prefix: m.key_prefix.unwrap_or_else(|| "pier:".into()),
+                pool_size: m.pool_size.unwrap_or(32),
+                timeout: positive(p, "metadata.timeout", m.timeout, 2),
             }
         }
         other => {
@@ -390,7 +395,10 @@ fn is_registry_name(s: &str) -> bool {
 }
 
 fn is_route_pattern(s: &str) -> bool {
+    // A handful of stars keeps matching cheap (it backtracks).
     !s.is_empty()
+        && s.len() <= 255
+        && s.bytes().filter(|&c| c == b'*').count() <= 8
         && s.bytes().all(|c| {
             c.is_ascii_lowercase()
                 || c.is_ascii_digit()

@@ -58,44 +58,62 @@ impl Mirror {
             }
         }
         let key = target.key();
-        if let Some(f) = self.flights.get(digest)
-            && f.repo_key != key
-            && !self.authorized(target, digest).await?
-        {
-            return Err(unknown(target, digest));
-        }
-        let job = FetchJob {
-            upstream: self.upstream(target)?.clone(),
-            repository: target.repository.as_str().to_owned(),
-            repo_key: key,
-            blobs: self.blobs.clone(),
-            meta: self.meta.clone(),
-            body_idle: self.body_idle,
-        };
-        let flight = self.flights.join_or_start(digest, job);
-        match flight.started().await {
-            Ok(Started::Stored) => match self.blobs.get(digest, range).await? {
-                Some(body) => Ok(body.into()),
-                None => Err(unknown(target, digest)),
-            },
-            Ok(Started::Streaming(size)) => {
-                let range = match (range, size) {
-                    (Some(spec), Some(size)) => Some(spec.resolve(size).map_err(|e| match e {
-                        RangeError::Unsatisfiable => StorageError::Unsatisfiable { size },
-                        RangeError::Malformed => StorageError::MalformedRange,
-                    })?),
-                    // Without a size, ranges cannot be checked: send it all.
-                    _ => None,
-                };
-                let (start, end) = range.map_or((0, None), |r| (r.start, Some(r.end + 1)));
-                Ok(BlobResponse {
-                    size,
-                    range,
-                    stream: flight.stream(start, end).boxed(),
-                    cached: false,
-                })
+        // A fetch started for another repository, or a blob another fetch
+        // stored meanwhile, is served only once upstream confirms this
+        // repository has it. If such a joined fetch fails as unknown, this
+        // repository gets a fetch of its own (once).
+        let mut joined_foreign = false;
+        loop {
+            let job = FetchJob {
+                upstream: self.upstream(target)?.clone(),
+                repository: target.repository.as_str().to_owned(),
+                repo_key: key.clone(),
+                blobs: self.blobs.clone(),
+                meta: self.meta.clone(),
+                body_idle: self.body_idle,
+            };
+            let flight = self.flights.join_or_start(digest, job);
+            let foreign = flight.repo_key != key;
+            if foreign && !self.authorized(target, digest).await? {
+                return Err(unknown(target, digest));
             }
-            Err(e) => Err(flight_error(target, digest, e)),
+            return match flight.started().await {
+                Ok(Started::Stored) => {
+                    if !foreign && !self.authorized(target, digest).await? {
+                        return Err(unknown(target, digest));
+                    }
+                    match self.blobs.get(digest, range).await? {
+                        Some(body) => Ok(body.into()),
+                        None => Err(unknown(target, digest)),
+                    }
+                }
+                Ok(Started::Streaming(size)) => {
+                    let range = match (range, size) {
+                        (Some(spec), Some(size)) => {
+                            Some(spec.resolve(size).map_err(|e| match e {
+                                RangeError::Unsatisfiable => StorageError::Unsatisfiable { size },
+                                RangeError::Malformed => StorageError::MalformedRange,
+                            })?)
+                        }
+                        // Without a size, ranges cannot be checked: send it all.
+                        _ => None,
+                    };
+                    let (start, end) = range.map_or((0, None), |r| (r.start, Some(r.end + 1)));
+                    Ok(BlobResponse {
+                        size,
+                        range,
+                        stream: flight.stream(start, end).boxed(),
+                        cached: false,
+                    })
+                }
+                Err(FlightError::Upstream(UpstreamError::NotFound { .. }))
+                    if foreign && !joined_foreign =>
+                {
+                    joined_foreign = true;
+                    continue;
+                }
+                Err(e) => Err(flight_error(target, digest, e)),
+            };
         }
     }
 

@@ -97,11 +97,6 @@ impl Flights {
         self.active.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The fetch of `digest` under way, if any.
-    pub fn get(&self, digest: &Digest) -> Option<Arc<Flight>> {
-        self.map().get(digest).cloned()
-    }
-
     /// Joins the fetch of `digest`, starting it if none runs.
     pub fn join_or_start(self: &Arc<Self>, digest: &Digest, job: FetchJob) -> Arc<Flight> {
         let flight = {
@@ -133,15 +128,15 @@ struct FlightGuard {
     flight: Arc<Flight>,
 }
 
-impl Drop for FlightGuard {
-    fn drop(&mut self) {
-        self.flight.phase.send_if_modified(|p| match p {
-            Phase::Connecting | Phase::Streaming { .. } => {
-                *p = Phase::Failed(FlightError::Failed("the fetch stopped".into()));
-                true
-            }
-            _ => false,
-        });
+impl FlightGuard {
+    /// Leaves the map first, so a request arriving now starts afresh instead
+    /// of joining a failure, then tells the readers.
+    fn fail(&self, e: FlightError) {
+        self.leave();
+        self.flight.phase.send_replace(Phase::Failed(e));
+    }
+
+    fn leave(&self) {
         let mut map = self.flights.map();
         if map
             .get(&self.flight.digest)
@@ -149,6 +144,19 @@ impl Drop for FlightGuard {
         {
             map.remove(&self.flight.digest);
         }
+    }
+}
+
+impl Drop for FlightGuard {
+    fn drop(&mut self) {
+        self.leave();
+        self.flight.phase.send_if_modified(|p| match p {
+            Phase::Connecting | Phase::Streaming { .. } => {
+                *p = Phase::Failed(FlightError::Failed("the fetch stopped".into()));
+                true
+            }
+            _ => false,
+        });
     }
 }
 
@@ -180,7 +188,7 @@ async fn fetch(guard: FlightGuard, job: FetchJob, spool_dir: PathBuf) {
         }
         Err(e) => {
             tracing::warn!(%digest, registry = job.upstream.registry(), error = ?e, "blob fetch failed");
-            flight.phase.send_replace(Phase::Failed(e));
+            guard.fail(e);
             remove_quietly(&spool).await;
         }
     }
@@ -240,7 +248,7 @@ async fn download(flight: &Flight, job: &FetchJob, spool: &Path) -> Result<u64, 
                     registry,
                     detail: format!(
                         "the blob body broke off after {written} bytes: {}",
-                        crate::upstream::describe(&e)
+                        crate::upstream::describe(&e.without_url())
                     ),
                 }));
             }
@@ -331,9 +339,19 @@ impl Flight {
                 return None;
             }
             loop {
-                let (file, readable, total) = match &*rx.borrow_and_update() {
-                    Phase::Streaming { file, readable, .. } => (file.clone(), *readable, None),
-                    Phase::Verified { file, size } => (file.clone(), *size, Some(*size)),
+                // While unverified, the last byte of the blob (held back by
+                // the fetch) and the last byte of the requested range stay
+                // unsent, so no response completes on unchecked bytes.
+                let (file, limit, total) = match &*rx.borrow_and_update() {
+                    Phase::Streaming { file, readable, .. } => {
+                        let cap = end.map_or(*readable, |e| (*readable).min(e - 1));
+                        (file.clone(), cap, None)
+                    }
+                    Phase::Verified { file, size } => (
+                        file.clone(),
+                        end.map_or(*size, |e| e.min(*size)),
+                        Some(*size),
+                    ),
                     Phase::Failed(e) => {
                         let e = io::Error::other(format!("upstream fetch failed: {e:?}"));
                         return Some((Err(e), None));
@@ -342,7 +360,6 @@ impl Flight {
                         return Some((Err(io::Error::other("the fetch is not streaming")), None));
                     }
                 };
-                let limit = end.map_or(readable, |e| e.min(readable));
                 if pos < limit {
                     let n = (limit - pos).min(READ_CHUNK) as usize;
                     let read = tokio::task::spawn_blocking(move || {

@@ -40,27 +40,40 @@ impl Mirror {
         digest: &Digest,
     ) -> Result<ManifestHit, MirrorError> {
         let key = target.key();
-        if let Some(manifest) = self.meta.manifest(digest).await?
-            && self.meta.is_linked(&key, digest).await?
-        {
-            return Ok(ManifestHit {
-                digest: digest.clone(),
-                manifest,
-                stale: false,
-            });
+        if let Some(hit) = self.cached_by_digest(&key, digest).await? {
+            return Ok(hit);
         }
-        let (got, manifest) = self.fetch_manifest(target, &digest.to_string()).await?;
-        if got != *digest {
-            return Err(MirrorError::DigestMismatch {
-                registry: target.registry.clone(),
-                expected: digest.to_string(),
-            });
+        // Nodes pulling one image at once ask for the same child manifests:
+        // one upstream GET each, the others wait and read the cache.
+        let _guard = self.tag_locks.lock(&format!("{key}@{digest}")).await;
+        if let Some(hit) = self.cached_by_digest(&key, digest).await? {
+            return Ok(hit);
         }
+        let (got, manifest) = self
+            .fetch_manifest(target, &digest.to_string(), Some(digest))
+            .await?;
         Ok(ManifestHit {
             digest: got,
             manifest,
             stale: false,
         })
+    }
+
+    async fn cached_by_digest(
+        &self,
+        key: &str,
+        digest: &Digest,
+    ) -> Result<Option<ManifestHit>, MirrorError> {
+        if let Some(manifest) = self.meta.manifest(digest).await?
+            && self.meta.is_linked(key, digest).await?
+        {
+            return Ok(Some(ManifestHit {
+                digest: digest.clone(),
+                manifest,
+                stale: false,
+            }));
+        }
+        Ok(None)
     }
 
     async fn manifest_by_tag(
@@ -86,7 +99,18 @@ impl Mirror {
         };
         let upstream = self.upstream(target)?;
         let repo = target.repository.as_str();
+        let lock_key = format!("{key}:{tag}");
         if let Some((digest, manifest)) = cached {
+            let stale = |digest, manifest| ManifestHit {
+                digest,
+                manifest,
+                stale: true,
+            };
+            // Upstream just failed for this tag: do not make every waiting
+            // client sit through the same timeout again.
+            if self.upstream_failures.recent(&lock_key) {
+                return Ok(stale(digest, manifest));
+            }
             // Revalidate cheaply: HEAD is free against Docker Hub's limits.
             match upstream.manifest(repo, tag.as_str(), Method::HEAD).await {
                 Ok(head) if head.digest.as_ref() == Some(&digest) => {
@@ -98,18 +122,15 @@ impl Mirror {
                     });
                 }
                 Ok(_) => {}
-                Err(e) if e.is_outage() || matches!(e, UpstreamError::Invalid { .. }) => {
+                Err(e) if allows_stale(&e) => {
                     tracing::warn!(repository = %key, %tag, error = %e, "serving a stale tag");
-                    return Ok(ManifestHit {
-                        digest,
-                        manifest,
-                        stale: true,
-                    });
+                    self.upstream_failures.note(&lock_key);
+                    return Ok(stale(digest, manifest));
                 }
                 Err(e) => return Err(tag_error(target, tag, e)),
             }
             // The tag moved (or HEAD gave no digest): fetch it again.
-            return match self.fetch_manifest(target, tag.as_str()).await {
+            return match self.fetch_manifest(target, tag.as_str(), None).await {
                 Ok((digest, manifest)) => {
                     self.remember_tag(&key, tag, &digest).await?;
                     Ok(ManifestHit {
@@ -118,16 +139,16 @@ impl Mirror {
                         stale: false,
                     })
                 }
-                Err(MirrorError::Upstream(e)) if e.is_outage() => Ok(ManifestHit {
-                    digest,
-                    manifest,
-                    stale: true,
-                }),
+                Err(MirrorError::Upstream(e)) if allows_stale(&e) => {
+                    tracing::warn!(repository = %key, %tag, error = %e, "serving a stale tag");
+                    self.upstream_failures.note(&lock_key);
+                    Ok(stale(digest, manifest))
+                }
                 Err(e) => Err(e),
             };
         }
         let (digest, manifest) = self
-            .fetch_manifest(target, tag.as_str())
+            .fetch_manifest(target, tag.as_str(), None)
             .await
             .map_err(|e| match e {
                 MirrorError::Upstream(u) => tag_error(target, tag, u),
@@ -181,12 +202,14 @@ impl Mirror {
         Ok(self.meta.put_tag(key, tag.as_str(), &rec).await?)
     }
 
-    /// GETs a manifest upstream, verifies it, stores it and links it (and
-    /// what it references) to the repository.
+    /// GETs a manifest upstream, verifies it (against `expected` when the
+    /// request named a digest, and against upstream's digest header), then
+    /// stores it and links it, and what it references, to the repository.
     async fn fetch_manifest(
         &self,
         target: &Target,
         reference: &str,
+        expected: Option<&Digest>,
     ) -> Result<(Digest, StoredManifest), MirrorError> {
         let resp = self
             .upstream(target)?
@@ -199,16 +222,19 @@ impl Mirror {
                 other => MirrorError::Upstream(other),
             })?;
         let body = resp.body.unwrap_or_default();
-        // Trust the upstream's digest only after checking it against the bytes.
-        let digest = match resp.digest {
-            Some(d) if d.matches(&body) => d,
-            Some(d) => {
-                return Err(MirrorError::DigestMismatch {
-                    registry: target.registry.clone(),
-                    expected: d.to_string(),
-                });
+        let mismatch = |d: &Digest| MirrorError::DigestMismatch {
+            registry: target.registry.clone(),
+            expected: d.to_string(),
+        };
+        for claimed in expected.into_iter().chain(resp.digest.as_ref()) {
+            if !claimed.matches(&body) {
+                return Err(mismatch(claimed));
             }
-            None => Digest::sha256_of(&body),
+        }
+        let digest = match (expected, resp.digest) {
+            (Some(d), _) => d.clone(),
+            (None, Some(d)) => d,
+            (None, None) => Digest::sha256_of(&body),
         };
         let media_type = media_type(resp.media_type.as_deref(), &body);
         let references = referenced_digests(&body);
@@ -221,6 +247,12 @@ impl Mirror {
             .await?;
         Ok((digest, manifest))
     }
+}
+
+/// Failures after which a cached copy may be served: upstream unreachable,
+/// rate limiting, or answering nonsense.
+fn allows_stale(e: &UpstreamError) -> bool {
+    e.is_outage() || matches!(e, UpstreamError::Invalid { .. })
 }
 
 fn tag_error(target: &Target, tag: &Tag, e: UpstreamError) -> MirrorError {

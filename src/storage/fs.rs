@@ -96,10 +96,19 @@ impl BlobStore for FsBlobStore {
         let dir = dest.parent().unwrap_or(&self.root).to_owned();
         tokio::fs::create_dir_all(&dir).await?;
         tokio::fs::rename(file, &dest).await?;
-        // Make the rename itself durable.
-        tokio::task::spawn_blocking(move || std::fs::File::open(dir)?.sync_all())
-            .await
-            .map_err(|e| StorageError::Backend(e.to_string()))??;
+        // The blob is in place and complete; making the rename durable is
+        // best effort (a crash could lose it, never corrupt it).
+        let synced = tokio::task::spawn_blocking(move || {
+            std::fs::File::open(&dir)?.sync_all()?;
+            match dir.parent() {
+                Some(parent) => std::fs::File::open(parent)?.sync_all(),
+                None => Ok(()),
+            }
+        })
+        .await;
+        if let Ok(Err(e)) | Err(e) = synced.map_err(std::io::Error::other) {
+            tracing::warn!(%digest, error = %e, "cannot fsync the blob directory");
+        }
         Ok(())
     }
 

@@ -40,6 +40,8 @@ pub struct Hit {
 struct Script {
     /// Demand `Bearer <token>` and serve tokens at /token.
     token: Option<String>,
+    /// The token endpoint answers 503.
+    token_down: bool,
     manifests: HashMap<String, (String, Bytes)>,
     blobs: HashMap<String, Blob>,
     hits: Vec<Hit>,
@@ -90,6 +92,10 @@ impl Fake {
         self.script.lock().unwrap().token = Some(token.to_owned());
     }
 
+    pub fn token_down(&self, down: bool) {
+        self.script.lock().unwrap().token_down = down;
+    }
+
     pub fn manifest(&self, repo: &str, reference: &str, media_type: &str, body: &[u8]) {
         self.script.lock().unwrap().manifests.insert(
             format!("{repo}:{reference}"),
@@ -133,7 +139,7 @@ async fn handle(State(script): State<Arc<Mutex<Script>>>, req: Request) -> Respo
         .and_then(|v| v.to_str().ok())
         .unwrap_or("")
         .to_owned();
-    let (token, manifests, blobs) = {
+    let (token, token_down, manifests, blobs) = {
         let mut s = script.lock().unwrap();
         s.hits.push(Hit {
             method: method.clone(),
@@ -144,8 +150,16 @@ async fn handle(State(script): State<Arc<Mutex<Script>>>, req: Request) -> Respo
             },
             authorization: authorization.clone(),
         });
-        (s.token.clone(), s.manifests.clone(), s.blobs.clone())
+        (
+            s.token.clone(),
+            s.token_down,
+            s.manifests.clone(),
+            s.blobs.clone(),
+        )
     };
+    if path == "/token" && token_down {
+        return StatusCode::SERVICE_UNAVAILABLE.into_response();
+    }
     if path == "/token" {
         let ok = query.contains("scope=repository%3A") || query.contains("scope=repository:");
         return if ok {
@@ -249,10 +263,20 @@ async fn handle(State(script): State<Arc<Mutex<Script>>>, req: Request) -> Respo
             }
             Blob::Truncated(b) => {
                 let half = b.slice(..b.len() / 2);
-                let stream = futures::stream::iter(vec![
-                    Ok::<_, std::io::Error>(half),
-                    Err(std::io::Error::other("hang up")),
-                ]);
+                // Headers and half the body go out; then the connection dies.
+                let stream = futures::stream::unfold(0u8, move |step| {
+                    let half = half.clone();
+                    async move {
+                        match step {
+                            0 => Some((Ok::<_, std::io::Error>(half), 1)),
+                            1 => {
+                                tokio::time::sleep(Duration::from_millis(100)).await;
+                                Some((Err(std::io::Error::other("hang up")), 2))
+                            }
+                            _ => None,
+                        }
+                    }
+                });
                 let mut r = Response::new(Body::from_stream(stream));
                 r.headers_mut()
                     .insert(header::CONTENT_LENGTH, b.len().into());

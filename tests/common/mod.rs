@@ -430,6 +430,19 @@ impl Pier {
         *self = fresh;
     }
 
+    /// Waits (up to 5 s) until the blob store holds `n` blobs, and returns
+    /// them: a blob is committed just after its last byte is sent.
+    pub fn wait_stored(&self, n: usize) -> Vec<String> {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let blobs = self.stored_blobs();
+            if blobs.len() >= n || Instant::now() > deadline {
+                return blobs;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Every file under the blob store (verified blobs only ever).
     pub fn stored_blobs(&self) -> Vec<String> {
         let mut out = Vec::new();

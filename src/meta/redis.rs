@@ -1,0 +1,223 @@
+//! Metadata in Redis, shared by every replica. Keys (after `key_prefix`):
+//! `m:<digest>` manifest (media type, `\n`, bytes); `t:<repo>:<tag>` JSON
+//! `TagRecord`; `tags:<repo>` and `repos` sorted sets (all scores 0, so
+//! they sort by name); `l:<repo>` set of digests the repository may serve.
+//! Every command has a deadline: a Redis outage turns into errors, never
+//! into hung requests.
+
+use std::future::Future;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use deadpool_redis::redis::{self, AsyncCommands};
+use deadpool_redis::{Config as PoolSettings, Connection, Pool, PoolConfig, Runtime, Timeouts};
+
+use super::{MetaError, MetaStore, StoredManifest, TagRecord};
+use crate::reference::Digest;
+
+pub struct RedisMeta {
+    pool: Pool,
+    prefix: String,
+    timeout: Duration,
+}
+
+impl RedisMeta {
+    /// Builds the pool; connections are made on first use, so a Redis that
+    /// is down at start is not fatal.
+    pub fn new(
+        url: &str,
+        prefix: &str,
+        pool_size: usize,
+        timeout: Duration,
+    ) -> Result<Self, MetaError> {
+        let mut settings = PoolSettings::from_url(url);
+        let mut pool = PoolConfig::new(pool_size.max(1));
+        pool.timeouts = Timeouts {
+            wait: Some(timeout),
+            create: Some(timeout),
+            recycle: Some(timeout),
+        };
+        settings.pool = Some(pool);
+        let pool = settings
+            .create_pool(Some(Runtime::Tokio1))
+            .map_err(|e| MetaError::Backend(format!("redis: {e}")))?;
+        Ok(Self {
+            pool,
+            prefix: prefix.to_owned(),
+            timeout,
+        })
+    }
+
+    fn key(&self, parts: &[&str]) -> String {
+        let mut k = self.prefix.clone();
+        k.push_str(&parts.join(":"));
+        k
+    }
+
+    /// Runs `op` on a pooled connection within the deadline.
+    async fn run<T, F, Fut>(&self, op: F) -> Result<T, MetaError>
+    where
+        F: FnOnce(Connection) -> Fut,
+        Fut: Future<Output = redis::RedisResult<T>>,
+    {
+        let work = async {
+            let conn = self
+                .pool
+                .get()
+                .await
+                .map_err(|e| MetaError::Backend(format!("redis: {e}")))?;
+            op(conn)
+                .await
+                .map_err(|e| MetaError::Backend(format!("redis: {e}")))
+        };
+        tokio::time::timeout(self.timeout, work)
+            .await
+            .unwrap_or_else(|_| Err(MetaError::Backend("redis: timed out".into())))
+    }
+}
+
+#[async_trait]
+impl MetaStore for RedisMeta {
+    async fn manifest(&self, digest: &Digest) -> Result<Option<StoredManifest>, MetaError> {
+        let key = self.key(&["m", &digest.to_string()]);
+        let raw: Option<Vec<u8>> = self.run(|mut c| async move { c.get(key).await }).await?;
+        let Some(raw) = raw else { return Ok(None) };
+        let nl = raw
+            .iter()
+            .position(|&b| b == b'\n')
+            .ok_or_else(|| MetaError::Corrupt(format!("manifest {digest}")))?;
+        Ok(Some(StoredManifest {
+            media_type: String::from_utf8_lossy(&raw[..nl]).into_owned(),
+            bytes: Bytes::copy_from_slice(&raw[nl + 1..]),
+        }))
+    }
+
+    async fn put_manifest(
+        &self,
+        repo: &str,
+        digest: &Digest,
+        manifest: &StoredManifest,
+        references: &[Digest],
+    ) -> Result<(), MetaError> {
+        let mut value = Vec::with_capacity(manifest.media_type.len() + 1 + manifest.bytes.len());
+        value.extend_from_slice(manifest.media_type.as_bytes());
+        value.push(b'\n');
+        value.extend_from_slice(&manifest.bytes);
+        let members: Vec<String> = std::iter::once(digest)
+            .chain(references)
+            .map(Digest::to_string)
+            .collect();
+        let mut pipe = redis::pipe();
+        pipe.atomic()
+            .set(self.key(&["m", &digest.to_string()]), value)
+            .ignore()
+            .sadd(self.key(&["l", repo]), members)
+            .ignore()
+            .zadd(self.key(&["repos"]), repo, 0)
+            .ignore();
+        self.run(|mut c| async move { pipe.query_async::<()>(&mut c).await })
+            .await
+    }
+
+    async fn tag(&self, repo: &str, tag: &str) -> Result<Option<TagRecord>, MetaError> {
+        let key = self.key(&["t", repo, tag]);
+        let raw: Option<Vec<u8>> = self.run(|mut c| async move { c.get(key).await }).await?;
+        raw.map(|r| {
+            serde_json::from_slice(&r)
+                .map_err(|e| MetaError::Corrupt(format!("tag {repo}:{tag}: {e}")))
+        })
+        .transpose()
+    }
+
+    async fn put_tag(&self, repo: &str, tag: &str, record: &TagRecord) -> Result<(), MetaError> {
+        let value = serde_json::to_vec(record).map_err(|e| MetaError::Backend(e.to_string()))?;
+        let mut pipe = redis::pipe();
+        pipe.atomic()
+            .set(self.key(&["t", repo, tag]), value)
+            .ignore()
+            .zadd(self.key(&["tags", repo]), tag, 0)
+            .ignore()
+            .zadd(self.key(&["repos"]), repo, 0)
+            .ignore();
+        self.run(|mut c| async move { pipe.query_async::<()>(&mut c).await })
+            .await
+    }
+
+    async fn tags(&self, repo: &str) -> Result<Vec<String>, MetaError> {
+        let key = self.key(&["tags", repo]);
+        self.run(|mut c| async move { c.zrange(key, 0, -1).await })
+            .await
+    }
+
+    async fn link(&self, repo: &str, digests: &[Digest]) -> Result<(), MetaError> {
+        if digests.is_empty() {
+            return Ok(());
+        }
+        let members: Vec<String> = digests.iter().map(Digest::to_string).collect();
+        let mut pipe = redis::pipe();
+        pipe.atomic()
+            .sadd(self.key(&["l", repo]), members)
+            .ignore()
+            .zadd(self.key(&["repos"]), repo, 0)
+            .ignore();
+        self.run(|mut c| async move { pipe.query_async::<()>(&mut c).await })
+            .await
+    }
+
+    async fn is_linked(&self, repo: &str, digest: &Digest) -> Result<bool, MetaError> {
+        let key = self.key(&["l", repo]);
+        let member = digest.to_string();
+        self.run(|mut c| async move { c.sismember(key, member).await })
+            .await
+    }
+
+    async fn repositories(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<String>, MetaError> {
+        let key = self.key(&["repos"]);
+        let min = after.map_or_else(|| "-".to_owned(), |a| format!("({a}"));
+        let limit = isize::try_from(limit).unwrap_or(isize::MAX);
+        self.run(|mut c| async move { c.zrangebylex_limit(key, min, "+", 0, limit).await })
+            .await
+    }
+
+    async fn health(&self) -> Result<(), MetaError> {
+        self.run(|mut c| async move { redis::cmd("PING").query_async::<String>(&mut c).await })
+            .await
+            .map(drop)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use crate::meta::MetaStore;
+
+    /// Runs the shared suite against the Redis that `tests/run.sh` starts
+    /// (`PIER_TEST_REDIS_URL`).
+    #[tokio::test]
+    async fn redis_meta_passes_the_suite() {
+        let Some(url) = crate::testenv::backend("PIER_TEST_REDIS_URL") else {
+            return;
+        };
+        let prefix = format!("suite-{:x}:", rand::random::<u64>());
+        let meta = super::RedisMeta::new(&url, &prefix, 4, Duration::from_secs(2)).unwrap();
+        crate::meta::suite::run(&meta).await;
+        crate::meta::suite::check_persisted(&meta).await;
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_redis_is_an_error_within_the_deadline() {
+        let meta =
+            super::RedisMeta::new("redis://127.0.0.1:1", "x:", 2, Duration::from_millis(300))
+                .unwrap();
+        let started = std::time::Instant::now();
+        assert!(meta.health().await.is_err());
+        assert!(meta.tags("r").await.is_err());
+        assert!(started.elapsed() < Duration::from_secs(2));
+    }
+}
