@@ -60,21 +60,34 @@ pub trait BlobStore: Send + Sync + 'static {
         range: Option<RangeSpec>,
     ) -> Result<Option<BlobBody>, StorageError>;
 
-    /// Commits `file`, whose `size` bytes the caller has already verified
-    /// against `digest`. The store may move the file. Until this returns Ok,
-    /// nothing is visible under the digest.
-    async fn put_verified_file(
+    /// Starts storing `digest`, whose bytes are being appended to the local
+    /// spool file `spool` (by the caller, which also verifies them). The
+    /// store may upload while the spool grows; nothing is visible under the
+    /// digest until the writer's `commit`.
+    async fn begin_write(
         &self,
         digest: &Digest,
-        file: &Path,
-        size: u64,
-    ) -> Result<(), StorageError>;
+        spool: &Path,
+    ) -> Result<Box<dyn BlobWriter>, StorageError>;
 
     /// Removes a blob; removing a missing blob is not an error.
     async fn delete(&self, digest: &Digest) -> Result<(), StorageError>;
 
     /// Whether the store can be read and written now.
     async fn health(&self) -> Result<(), StorageError>;
+}
+
+/// A blob on its way into a store, fed from a growing spool file.
+/// Dropping it without `commit` abandons the write: nothing becomes visible
+/// and partial uploads are cleaned up.
+#[async_trait]
+pub trait BlobWriter: Send {
+    /// The spool now holds the first `written` bytes of the blob.
+    fn progress(&mut self, written: u64);
+
+    /// The spool holds all `size` bytes and they matched the digest: make
+    /// the blob visible under its key.
+    async fn commit(self: Box<Self>, size: u64) -> Result<(), StorageError>;
 }
 
 #[cfg(test)]

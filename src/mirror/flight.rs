@@ -19,7 +19,7 @@ use tokio::sync::watch;
 
 use crate::meta::MetaStore;
 use crate::reference::{Digest, Hasher};
-use crate::storage::BlobStore;
+use crate::storage::{BlobStore, BlobWriter};
 use crate::upstream::{UpstreamClient, UpstreamError};
 
 /// Bytes a reader takes from the spool per read.
@@ -174,17 +174,23 @@ async fn fetch(guard: FlightGuard, job: FetchJob, spool_dir: PathBuf) {
         rand::random::<u64>()
     ));
     match download(&flight, &job, &spool).await {
-        Ok(size) => {
-            if let Err(e) = job.blobs.put_verified_file(&digest, &spool, size).await {
-                tracing::error!(%digest, error = %e, "storing a verified blob failed");
-                remove_quietly(&spool).await;
-            } else if let Err(e) = job
-                .meta
-                .link(&job.repo_key, std::slice::from_ref(&digest))
-                .await
-            {
-                tracing::warn!(%digest, error = %e, "linking a stored blob failed");
+        Ok((size, writer)) => {
+            // Clients already have every verified byte; storing is for the
+            // next ones. A store that fails here only costs a refetch later.
+            match writer.commit(size).await {
+                Ok(()) => {
+                    if let Err(e) = job
+                        .meta
+                        .link(&job.repo_key, std::slice::from_ref(&digest))
+                        .await
+                    {
+                        tracing::warn!(%digest, error = %e, "linking a stored blob failed");
+                    }
+                }
+                Err(e) => tracing::error!(%digest, error = %e, "storing a verified blob failed"),
             }
+            // Gone already when the store took the file itself.
+            remove_quietly(&spool).await;
         }
         Err(e) => {
             tracing::warn!(%digest, registry = job.upstream.registry(), error = ?e, "blob fetch failed");
@@ -195,9 +201,14 @@ async fn fetch(guard: FlightGuard, job: FetchJob, spool_dir: PathBuf) {
     drop(guard);
 }
 
-/// Streams the blob into `spool`, publishing progress. Returns the verified
-/// size; the phase is `Verified` when it returns Ok.
-async fn download(flight: &Flight, job: &FetchJob, spool: &Path) -> Result<u64, FlightError> {
+/// Streams the blob into `spool`, publishing progress to readers and to the
+/// store's writer. Returns the verified size and the writer to commit; the
+/// phase is `Verified` when it returns Ok.
+async fn download(
+    flight: &Flight,
+    job: &FetchJob,
+    spool: &Path,
+) -> Result<(u64, Box<dyn BlobWriter>), FlightError> {
     let resp = job
         .upstream
         .blob(&job.repository, &flight.digest)
@@ -221,6 +232,11 @@ async fn download(flight: &Flight, job: &FetchJob, spool: &Path) -> Result<u64, 
         .map_err(|e| FlightError::Failed(format!("cannot create spool file: {e}")))?
     };
     let file = Arc::new(file);
+    let mut writer = job
+        .blobs
+        .begin_write(&flight.digest, spool)
+        .await
+        .map_err(|e| FlightError::Failed(format!("cannot start storing the blob: {e}")))?;
     flight.phase.send_replace(Phase::Streaming {
         file: file.clone(),
         size,
@@ -275,6 +291,7 @@ async fn download(flight: &Flight, job: &FetchJob, spool: &Path) -> Result<u64, 
         .map_err(|e| FlightError::Failed(format!("writing the spool file: {e}")))?;
         hasher = h;
         written += chunk_len;
+        writer.progress(written);
         // Hold back the last byte until the digest is checked.
         let readable = written.saturating_sub(1);
         flight.phase.send_modify(|p| {
@@ -296,7 +313,7 @@ async fn download(flight: &Flight, job: &FetchJob, spool: &Path) -> Result<u64, 
         file,
         size: written,
     });
-    Ok(written)
+    Ok((written, writer))
 }
 
 async fn remove_quietly(path: &Path) {

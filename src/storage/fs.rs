@@ -9,7 +9,7 @@ use futures::StreamExt;
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
 use tokio_util::io::ReaderStream;
 
-use super::{BlobBody, BlobStore, StorageError};
+use super::{BlobBody, BlobStore, BlobWriter, StorageError};
 use crate::range::{RangeError, RangeSpec};
 use crate::reference::Digest;
 
@@ -77,39 +77,17 @@ impl BlobStore for FsBlobStore {
         }))
     }
 
-    async fn put_verified_file(
+    async fn begin_write(
         &self,
         digest: &Digest,
-        file: &Path,
-        size: u64,
-    ) -> Result<(), StorageError> {
-        let dest = self.path_of(digest);
-        let f = tokio::fs::File::open(file).await?;
-        let actual = f.metadata().await?.len();
-        if actual != size {
-            return Err(StorageError::Backend(format!(
-                "spool file holds {actual} bytes, expected {size}"
-            )));
-        }
-        f.sync_all().await?;
-        drop(f);
-        let dir = dest.parent().unwrap_or(&self.root).to_owned();
-        tokio::fs::create_dir_all(&dir).await?;
-        tokio::fs::rename(file, &dest).await?;
-        // The blob is in place and complete; making the rename durable is
-        // best effort (a crash could lose it, never corrupt it).
-        let synced = tokio::task::spawn_blocking(move || {
-            std::fs::File::open(&dir)?.sync_all()?;
-            match dir.parent() {
-                Some(parent) => std::fs::File::open(parent)?.sync_all(),
-                None => Ok(()),
-            }
-        })
-        .await;
-        if let Ok(Err(e)) | Err(e) = synced.map_err(std::io::Error::other) {
-            tracing::warn!(%digest, error = %e, "cannot fsync the blob directory");
-        }
-        Ok(())
+        spool: &Path,
+    ) -> Result<Box<dyn BlobWriter>, StorageError> {
+        // The spool sits on this filesystem: committing is a rename.
+        Ok(Box::new(FsWriter {
+            spool: spool.to_owned(),
+            dest: self.path_of(digest),
+            digest: digest.clone(),
+        }))
     }
 
     async fn delete(&self, digest: &Digest) -> Result<(), StorageError> {
@@ -122,6 +100,48 @@ impl BlobStore for FsBlobStore {
 
     async fn health(&self) -> Result<(), StorageError> {
         tokio::fs::metadata(self.root.join("blobs")).await?;
+        Ok(())
+    }
+}
+
+struct FsWriter {
+    spool: PathBuf,
+    dest: PathBuf,
+    digest: Digest,
+}
+
+#[async_trait]
+impl BlobWriter for FsWriter {
+    fn progress(&mut self, _written: u64) {}
+
+    async fn commit(self: Box<Self>, size: u64) -> Result<(), StorageError> {
+        let f = tokio::fs::File::open(&self.spool).await?;
+        let actual = f.metadata().await?.len();
+        if actual != size {
+            return Err(StorageError::Backend(format!(
+                "spool file holds {actual} bytes, expected {size}"
+            )));
+        }
+        f.sync_all().await?;
+        drop(f);
+        let Some(dir) = self.dest.parent().map(Path::to_owned) else {
+            return Err(StorageError::Backend("blob path has no parent".into()));
+        };
+        tokio::fs::create_dir_all(&dir).await?;
+        tokio::fs::rename(&self.spool, &self.dest).await?;
+        // The blob is in place and complete; making the rename durable is
+        // best effort (a crash could lose it, never corrupt it).
+        let synced = tokio::task::spawn_blocking(move || {
+            std::fs::File::open(&dir)?.sync_all()?;
+            match dir.parent() {
+                Some(parent) => std::fs::File::open(parent)?.sync_all(),
+                None => Ok(()),
+            }
+        })
+        .await;
+        if let Ok(Err(e)) | Err(e) = synced.map_err(std::io::Error::other) {
+            tracing::warn!(digest = %self.digest, error = %e, "cannot fsync the blob directory");
+        }
         Ok(())
     }
 }
