@@ -5,13 +5,13 @@ use std::future::Future;
 use std::path::Path;
 use std::sync::Arc;
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 use tokio::net::TcpListener;
 
 use crate::config::{Config, MetadataConfig, StorageConfig};
 use crate::meta::{EmbeddedMeta, MetaStore, RedisMeta};
 use crate::mirror::Mirror;
-use crate::storage::{BlobStore, FsBlobStore};
+use crate::storage::{BlobStore, FsBlobStore, S3BlobStore};
 
 /// Opens the configured stores and builds the mirror.
 pub async fn build_mirror(config: &Config) -> anyhow::Result<Arc<Mirror>> {
@@ -21,9 +21,7 @@ pub async fn build_mirror(config: &Config) -> anyhow::Result<Arc<Mirror>> {
                 .await
                 .with_context(|| format!("opening blob storage at {}", path.display()))?,
         ),
-        StorageConfig::S3(_) => {
-            bail!("storage.kind = \"s3\" is not available in this version of Pier yet")
-        }
+        StorageConfig::S3(s3) => Arc::new(S3BlobStore::new(s3).await),
     };
     let meta: Arc<dyn MetaStore> = match &config.metadata {
         MetadataConfig::Embedded { path } => {

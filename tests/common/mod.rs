@@ -361,6 +361,45 @@ impl Pier {
         Pier::run(data, config)
     }
 
+    /// Starts a replica on the shared S3 bucket and Redis from
+    /// `tests/backends.sh`, under `namespace` (a key prefix in both), or
+    /// returns None (skipping) when they are not running.
+    pub fn start_scaled(
+        data: &Path,
+        namespace: &str,
+        upstreams: &[(&str, &str)],
+        per_upstream: &str,
+    ) -> Option<Pier> {
+        let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+        let (Some(redis), Some(s3)) = (env("PIER_TEST_REDIS_URL"), env("PIER_TEST_S3_ENDPOINT"))
+        else {
+            let msg = "PIER_TEST_REDIS_URL / PIER_TEST_S3_ENDPOINT are not set: run tests/run.sh";
+            if strict() {
+                panic!("{msg}");
+            }
+            eprintln!("SKIPPED: {msg}");
+            return None;
+        };
+        let mut config = format!(
+            "listen = \"127.0.0.1:0\"\nbuiltin_upstreams = false\ndefault_registry = \"{}\"\n\
+             [storage]\nkind = \"s3\"\nbucket = \"{}\"\nprefix = \"{namespace}\"\n\
+             endpoint = \"{s3}\"\naccess_key_id = \"{}\"\nsecret_access_key = \"{}\"\n\
+             spool_path = \"{}\"\n\
+             [metadata]\nkind = \"redis\"\nurl = \"{redis}\"\nkey_prefix = \"{namespace}:\"\n",
+            upstreams[0].0,
+            env("PIER_TEST_S3_BUCKET").unwrap_or_else(|| "pier-test".into()),
+            env("PIER_TEST_S3_ACCESS_KEY").unwrap_or_default(),
+            env("PIER_TEST_S3_SECRET_KEY").unwrap_or_default(),
+            data.join("spool").display(),
+        );
+        for (registry, url) in upstreams {
+            config.push_str(&format!(
+                "[[upstreams]]\nregistry = \"{registry}\"\nendpoints = [\"{url}\"]\n{per_upstream}\n"
+            ));
+        }
+        Some(Pier::run(data, config))
+    }
+
     /// Starts Pier with exactly this config text.
     pub fn start_raw(data: &Path, config: &str) -> Pier {
         Pier::run(data, config.to_owned())

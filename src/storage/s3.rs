@@ -1,0 +1,591 @@
+//! Blobs in an S3-compatible bucket (AWS S3, MinIO, SeaweedFS, LocalStack):
+//! `<prefix>blobs/<algorithm>/<hex>`. Writes go straight to the final key
+//! as a multipart upload that follows the spool file while it grows, and are
+//! completed only on `commit` (after the digest matched); an abandoned write
+//! aborts its upload. Small blobs go up in one PutObject at commit. So an
+//! object under a blob key is always whole and verified.
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use aws_sdk_s3::Client;
+use aws_sdk_s3::config::http::HttpResponse;
+use aws_sdk_s3::config::{
+    BehaviorVersion, Credentials, Region, RequestChecksumCalculation, ResponseChecksumValidation,
+};
+use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
+use aws_sdk_s3::primitives::{ByteStream, Length};
+use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
+use futures::StreamExt;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+use super::{BlobBody, BlobStore, BlobWriter, StorageError};
+use crate::config::S3Config;
+use crate::range::{ByteRange, RangeSpec};
+use crate::reference::Digest;
+
+/// Size of every multipart part but the last. S3 wants at least 5 MiB per
+/// part (all but the last) and at most 10,000 parts, so 8 MiB parts carry
+/// blobs up to 80 GB.
+const PART_SIZE: u64 = 8 * 1024 * 1024;
+const MAX_PARTS: i32 = 10_000;
+/// Parts uploading at once per blob. Parts stream from the spool file, so
+/// this bounds connections, not memory.
+const PARTS_IN_FLIGHT: usize = 4;
+
+pub struct S3BlobStore {
+    client: Client,
+    bucket: String,
+    prefix: String,
+}
+
+impl S3BlobStore {
+    pub async fn new(cfg: &S3Config) -> Self {
+        let mut loader = aws_config::defaults(BehaviorVersion::latest());
+        // Outside AWS (a custom endpoint) there is no instance metadata to
+        // ask for a region: do not go looking for it.
+        let region = cfg
+            .region
+            .clone()
+            .or_else(|| cfg.endpoint.as_ref().map(|_| "us-east-1".to_owned()));
+        if let Some(region) = region {
+            loader = loader.region(Region::new(region));
+        }
+        if let (Some(id), Some(secret)) = (&cfg.access_key_id, &cfg.secret_access_key) {
+            loader = loader.credentials_provider(Credentials::new(
+                id.clone(),
+                secret.expose().to_owned(),
+                None,
+                None,
+                "pier-config",
+            ));
+        }
+        let sdk = loader.load().await;
+        // S3-compatible servers do not all speak the newer checksum and
+        // aws-chunked upload extensions; ask for them only when required.
+        let mut builder = aws_sdk_s3::config::Builder::from(&sdk)
+            .request_checksum_calculation(RequestChecksumCalculation::WhenRequired)
+            .response_checksum_validation(ResponseChecksumValidation::WhenRequired);
+        if sdk.region().is_none() {
+            builder = builder.region(Region::new("us-east-1"));
+        }
+        if let Some(endpoint) = &cfg.endpoint {
+            // Custom endpoints rarely have wildcard DNS for bucket hosts.
+            builder = builder
+                .endpoint_url(endpoint.as_str().trim_end_matches('/'))
+                .force_path_style(cfg.path_style.unwrap_or(true));
+        } else if let Some(path_style) = cfg.path_style {
+            builder = builder.force_path_style(path_style);
+        }
+        let prefix = match cfg.prefix.as_deref().map(|p| p.trim_matches('/')) {
+            Some(p) if !p.is_empty() => format!("{p}/"),
+            _ => String::new(),
+        };
+        Self {
+            client: Client::from_conf(builder.build()),
+            bucket: cfg.bucket.clone(),
+            prefix,
+        }
+    }
+
+    fn key(&self, digest: &Digest) -> String {
+        format!(
+            "{}blobs/{}/{}",
+            self.prefix,
+            digest.algorithm().as_str(),
+            digest.hex()
+        )
+    }
+}
+
+fn backend<E: ProvideErrorMetadata + std::error::Error + 'static>(
+    what: &str,
+    e: SdkError<E, HttpResponse>,
+) -> StorageError {
+    let detail = match &e {
+        SdkError::ServiceError(s) => {
+            let err = s.err();
+            format!(
+                "{}: {}",
+                err.code().unwrap_or("error"),
+                err.message().unwrap_or("no message")
+            )
+        }
+        other => crate::upstream::describe(other),
+    };
+    StorageError::Backend(format!("s3 {what}: {detail}"))
+}
+
+fn status_of<E>(e: &SdkError<E, HttpResponse>) -> Option<u16> {
+    e.raw_response().map(|r| r.status().as_u16())
+}
+
+/// The `Range` header value for a spec; S3 understands all three forms.
+fn range_header(spec: RangeSpec) -> String {
+    match spec {
+        RangeSpec::From {
+            start,
+            end: Some(e),
+        } => format!("bytes={start}-{e}"),
+        RangeSpec::From { start, end: None } => format!("bytes={start}-"),
+        RangeSpec::Suffix(n) => format!("bytes=-{n}"),
+    }
+}
+
+/// `bytes a-b/total` → (range, total)
+fn parse_content_range(v: &str) -> Option<(ByteRange, u64)> {
+    let (span, total) = v.strip_prefix("bytes ")?.split_once('/')?;
+    let (a, b) = span.split_once('-')?;
+    Some((
+        ByteRange {
+            start: a.trim().parse().ok()?,
+            end: b.trim().parse().ok()?,
+        },
+        total.trim().parse().ok()?,
+    ))
+}
+
+#[async_trait]
+impl BlobStore for S3BlobStore {
+    async fn stat(&self, digest: &Digest) -> Result<Option<u64>, StorageError> {
+        match self
+            .client
+            .head_object()
+            .bucket(&self.bucket)
+            .key(self.key(digest))
+            .send()
+            .await
+        {
+            Ok(out) => Ok(Some(out.content_length().unwrap_or(0).max(0) as u64)),
+            Err(e) if status_of(&e) == Some(404) => Ok(None),
+            Err(e) => Err(backend("HeadObject", e)),
+        }
+    }
+
+    async fn get(
+        &self,
+        digest: &Digest,
+        range: Option<RangeSpec>,
+    ) -> Result<Option<BlobBody>, StorageError> {
+        let mut req = self
+            .client
+            .get_object()
+            .bucket(&self.bucket)
+            .key(self.key(digest));
+        if let Some(spec) = range {
+            req = req.range(range_header(spec));
+        }
+        let out = match req.send().await {
+            Ok(out) => out,
+            Err(e) if status_of(&e) == Some(404) => return Ok(None),
+            Err(e) if status_of(&e) == Some(416) => {
+                return match self.stat(digest).await? {
+                    Some(size) => Err(StorageError::Unsatisfiable { size }),
+                    None => Ok(None),
+                };
+            }
+            Err(e) => return Err(backend("GetObject", e)),
+        };
+        let length = out.content_length().unwrap_or(0).max(0) as u64;
+        let (range, size) = match out.content_range().and_then(parse_content_range) {
+            Some((r, total)) => (Some(r), total),
+            // A server that ignored the range sent everything.
+            None => (None, length),
+        };
+        let stream = futures::stream::unfold(out.body, |mut body| async move {
+            body.next()
+                .await
+                .map(|chunk| (chunk.map_err(io::Error::other), body))
+        })
+        .fuse()
+        .boxed();
+        Ok(Some(BlobBody {
+            size,
+            range,
+            stream,
+        }))
+    }
+
+    async fn begin_write(
+        &self,
+        digest: &Digest,
+        spool: &Path,
+    ) -> Result<Box<dyn BlobWriter>, StorageError> {
+        let (tx, rx) = watch::channel(Progress::default());
+        let upload = Upload {
+            client: self.client.clone(),
+            bucket: self.bucket.clone(),
+            key: self.key(digest),
+            spool: spool.to_owned(),
+        };
+        Ok(Box::new(S3Writer {
+            progress: tx,
+            task: Some(tokio::spawn(upload.run(rx))),
+        }))
+    }
+
+    async fn delete(&self, digest: &Digest) -> Result<(), StorageError> {
+        self.client
+            .delete_object()
+            .bucket(&self.bucket)
+            .key(self.key(digest))
+            .send()
+            .await
+            .map(drop)
+            .map_err(|e| backend("DeleteObject", e))
+    }
+
+    async fn health(&self) -> Result<(), StorageError> {
+        let probe = self.client.head_bucket().bucket(&self.bucket).send();
+        match tokio::time::timeout(Duration::from_secs(5), probe).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(backend("HeadBucket", e)),
+            Err(_) => Err(StorageError::Backend("s3 HeadBucket: timed out".into())),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Default)]
+struct Progress {
+    /// Bytes in the spool so far.
+    written: u64,
+    /// Set by `commit`: the verified size.
+    done: Option<u64>,
+}
+
+struct S3Writer {
+    progress: watch::Sender<Progress>,
+    task: Option<tokio::task::JoinHandle<Result<(), StorageError>>>,
+}
+
+#[async_trait]
+impl BlobWriter for S3Writer {
+    fn progress(&mut self, written: u64) {
+        self.progress.send_modify(|p| p.written = written);
+    }
+
+    async fn commit(mut self: Box<Self>, size: u64) -> Result<(), StorageError> {
+        self.progress.send_modify(|p| {
+            p.written = size;
+            p.done = Some(size);
+        });
+        match self.task.take() {
+            Some(task) => task
+                .await
+                .map_err(|e| StorageError::Backend(format!("s3 upload task: {e}")))?,
+            None => Err(StorageError::Backend("s3 upload already finished".into())),
+        }
+    }
+}
+// Dropping an uncommitted S3Writer drops the sender: the upload task sees
+// the channel close without `done` and aborts the multipart upload.
+
+/// One blob's upload, running beside the download.
+struct Upload {
+    client: Client,
+    bucket: String,
+    key: String,
+    spool: PathBuf,
+}
+
+impl Upload {
+    async fn run(self, mut rx: watch::Receiver<Progress>) -> Result<(), StorageError> {
+        let mut upload_id: Option<String> = None;
+        let result = self.drive(&mut rx, &mut upload_id).await;
+        if result.is_err()
+            && let Some(id) = upload_id
+        {
+            self.abort(&id).await;
+        }
+        result
+    }
+
+    async fn drive(
+        &self,
+        rx: &mut watch::Receiver<Progress>,
+        upload_id: &mut Option<String>,
+    ) -> Result<(), StorageError> {
+        let mut parts: JoinSet<Result<CompletedPart, StorageError>> = JoinSet::new();
+        let mut done_parts = Vec::new();
+        let mut next_start = 0u64;
+        let mut next_number = 1i32;
+        loop {
+            let progress = *rx.borrow_and_update();
+            // Every full part the spool holds goes up now.
+            while progress.written >= next_start + PART_SIZE
+                && progress
+                    .done
+                    .is_none_or(|size| size > next_start + PART_SIZE)
+            {
+                let id = self.upload_id(upload_id).await?;
+                while parts.len() >= PARTS_IN_FLIGHT {
+                    done_parts.push(join(&mut parts).await?);
+                }
+                parts.spawn(self.part(id, next_number, next_start, PART_SIZE));
+                next_start += PART_SIZE;
+                next_number += 1;
+                if next_number > MAX_PARTS {
+                    return Err(StorageError::Backend(
+                        "s3: blob needs more than 10,000 parts".into(),
+                    ));
+                }
+            }
+            if let Some(size) = progress.done {
+                if upload_id.is_none() {
+                    return self.put_whole(size).await;
+                }
+                let id = self.upload_id(upload_id).await?;
+                if size > next_start {
+                    parts.spawn(self.part(id.clone(), next_number, next_start, size - next_start));
+                }
+                while !parts.is_empty() {
+                    done_parts.push(join(&mut parts).await?);
+                }
+                done_parts.sort_by_key(|p| p.part_number());
+                return self.complete(&id, done_parts).await;
+            }
+            if rx.changed().await.is_err() {
+                return Err(StorageError::Backend("write abandoned".into()));
+            }
+        }
+    }
+
+    async fn upload_id(&self, upload_id: &mut Option<String>) -> Result<String, StorageError> {
+        if let Some(id) = upload_id {
+            return Ok(id.clone());
+        }
+        let out = self
+            .client
+            .create_multipart_upload()
+            .bucket(&self.bucket)
+            .key(&self.key)
+            .content_type("application/octet-stream")
+            .send()
+            .await
+            .map_err(|e| backend("CreateMultipartUpload", e))?;
+        let id = out
+            .upload_id()
+            .ok_or_else(|| StorageError::Backend("s3: no upload id".into()))?
+            .to_owned();
+        *upload_id = Some(id.clone());
+        Ok(id)
+    }
+
+    fn part(
+        &self,
+        upload_id: String,
+        number: i32,
+        start: u64,
+        len: u64,
+    ) -> impl Future<Output = Result<CompletedPart, StorageError>> + Send + 'static {
+        let (client, bucket, key, spool) = (
+            self.client.clone(),
+            self.bucket.clone(),
+            self.key.clone(),
+            self.spool.clone(),
+        );
+        async move {
+            let body = spool_slice(&spool, start, len).await?;
+            let out = client
+                .upload_part()
+                .bucket(bucket)
+                .key(key)
+                .upload_id(upload_id)
+                .part_number(number)
+                .content_length(len as i64)
+                .body(body)
+                .send()
+                .await
+                .map_err(|e| backend("UploadPart", e))?;
+            Ok(CompletedPart::builder()
+                .part_number(number)
+                .set_e_tag(out.e_tag().map(str::to_owned))
+                .build())
+        }
+    }
+
+    async fn put_whole(&self, size: u64) -> Result<(), StorageError> {
+        let body = spool_slice(&self.spool, 0, size).await?;
+        self.client
+            .put_object()
+            .bucket(&self.bucket)
+            .key(&self.key)
+            .content_type("application/octet-stream")
+            .content_length(size as i64)
+            .body(body)
+            .send()
+            .await
+            .map(drop)
+            .map_err(|e| backend("PutObject", e))
+    }
+
+    async fn complete(&self, id: &str, parts: Vec<CompletedPart>) -> Result<(), StorageError> {
+        self.client
+            .complete_multipart_upload()
+            .bucket(&self.bucket)
+            .key(&self.key)
+            .upload_id(id)
+            .multipart_upload(
+                CompletedMultipartUpload::builder()
+                    .set_parts(Some(parts))
+                    .build(),
+            )
+            .send()
+            .await
+            .map(drop)
+            .map_err(|e| backend("CompleteMultipartUpload", e))
+    }
+
+    async fn abort(&self, id: &str) {
+        let res = self
+            .client
+            .abort_multipart_upload()
+            .bucket(&self.bucket)
+            .key(&self.key)
+            .upload_id(id)
+            .send()
+            .await;
+        if let Err(e) = res {
+            tracing::warn!(key = %self.key, error = %backend("AbortMultipartUpload", e), "cannot abort an upload");
+        }
+    }
+}
+
+async fn join(
+    parts: &mut JoinSet<Result<CompletedPart, StorageError>>,
+) -> Result<CompletedPart, StorageError> {
+    match parts.join_next().await {
+        Some(Ok(r)) => r,
+        Some(Err(e)) => Err(StorageError::Backend(format!("s3 part task: {e}"))),
+        None => Err(StorageError::Backend("s3: no part to wait for".into())),
+    }
+}
+
+/// `len` bytes of the spool from `start`, streamed from disk.
+async fn spool_slice(spool: &Path, start: u64, len: u64) -> Result<ByteStream, StorageError> {
+    ByteStream::read_from()
+        .path(spool)
+        .offset(start)
+        .length(Length::Exact(len))
+        .build()
+        .await
+        .map_err(|e| StorageError::Backend(format!("reading the spool: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Secret;
+
+    #[test]
+    fn content_ranges() {
+        assert_eq!(
+            parse_content_range("bytes 10-99/1000"),
+            Some((ByteRange { start: 10, end: 99 }, 1000))
+        );
+        assert_eq!(parse_content_range("bytes */1000"), None);
+        assert_eq!(range_header(RangeSpec::Suffix(5)), "bytes=-5");
+    }
+
+    /// The S3 server `tests/run.sh` starts (SeaweedFS, which checks SigV4
+    /// signatures as AWS does).
+    pub(crate) async fn test_store(prefix: &str) -> Option<S3BlobStore> {
+        let endpoint = crate::testenv::backend("PIER_TEST_S3_ENDPOINT")?;
+        let cfg = S3Config {
+            bucket: std::env::var("PIER_TEST_S3_BUCKET").unwrap_or_else(|_| "pier-test".into()),
+            prefix: Some(prefix.to_owned()),
+            endpoint: Some(endpoint.parse().unwrap()),
+            region: Some("us-east-1".into()),
+            path_style: None,
+            access_key_id: std::env::var("PIER_TEST_S3_ACCESS_KEY").ok(),
+            secret_access_key: std::env::var("PIER_TEST_S3_SECRET_KEY")
+                .ok()
+                .map(Secret::new),
+            spool_path: PathBuf::from("unused"),
+        };
+        let store = S3BlobStore::new(&cfg).await;
+        // The bucket may exist already (shared by tests).
+        let _ = store
+            .client
+            .create_bucket()
+            .bucket(&store.bucket)
+            .send()
+            .await;
+        Some(store)
+    }
+
+    #[tokio::test]
+    async fn s3_store_passes_the_suite() {
+        let Some(store) = test_store(&format!("suite-{:x}", rand::random::<u64>())).await else {
+            return;
+        };
+        let dir = tempfile::tempdir().unwrap();
+        crate::storage::suite::run(&store, dir.path()).await;
+    }
+
+    #[tokio::test]
+    async fn requests_with_a_wrong_secret_are_refused() {
+        let Some(good) = test_store("sig").await else {
+            return;
+        };
+        let endpoint = std::env::var("PIER_TEST_S3_ENDPOINT").unwrap();
+        let cfg = S3Config {
+            bucket: good.bucket.clone(),
+            prefix: None,
+            endpoint: Some(endpoint.parse().unwrap()),
+            region: Some("us-east-1".into()),
+            path_style: None,
+            access_key_id: std::env::var("PIER_TEST_S3_ACCESS_KEY").ok(),
+            secret_access_key: Some(Secret::new("not-the-secret")),
+            spool_path: PathBuf::from("unused"),
+        };
+        let bad = S3BlobStore::new(&cfg).await;
+        // The server checks signatures: the store is not healthy, and a
+        // lookup is an error rather than "not found".
+        assert!(bad.health().await.is_err());
+        assert!(bad.stat(&Digest::sha256_of(b"x")).await.is_err());
+        good.health().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn multipart_writes_complete_only_on_commit() {
+        let Some(store) = test_store(&format!("mp-{:x}", rand::random::<u64>())).await else {
+            return;
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let spool = dir.path().join("spool");
+        // Two and a half parts.
+        let data: Vec<u8> = (0..(PART_SIZE * 5 / 2)).map(|i| (i % 251) as u8).collect();
+        let digest = Digest::sha256_of(&data);
+
+        // Abandoned after two parts went up: nothing visible, upload aborted.
+        std::fs::write(&spool, &data).unwrap();
+        let mut w = store.begin_write(&digest, &spool).await.unwrap();
+        w.progress(PART_SIZE * 2 + 1);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        drop(w);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert_eq!(store.stat(&digest).await.unwrap(), None);
+        let uploads = store
+            .client
+            .list_multipart_uploads()
+            .bucket(&store.bucket)
+            .prefix(store.key(&digest))
+            .send()
+            .await
+            .unwrap();
+        assert!(uploads.uploads().is_empty(), "{:?}", uploads.uploads());
+
+        crate::storage::suite::write(&store, &digest, &spool, &data).await;
+        assert_eq!(store.stat(&digest).await.unwrap(), Some(data.len() as u64));
+        let body = store.get(&digest, None).await.unwrap().unwrap();
+        let got: Vec<bytes::Bytes> = futures::TryStreamExt::try_collect(body.stream)
+            .await
+            .unwrap();
+        assert_eq!(got.concat(), data);
+        store.delete(&digest).await.unwrap();
+    }
+}

@@ -1,0 +1,103 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+//! Replicas sharing blobs in S3 (SeaweedFS, which checks SigV4) and
+//! metadata in Redis: what one replica cached, another serves without
+//! touching upstream; losing Redis loses no blobs.
+
+mod common;
+
+use common::*;
+
+fn namespace() -> String {
+    format!("t{:x}", rand::random::<u64>())
+}
+
+async fn pull(pier: &Pier, image: &str) -> String {
+    let out = tempfile::tempdir().unwrap();
+    let run = skopeo_copy(&format!("{}/{image}", pier.host()), out.path(), &[]).await;
+    assert!(run.ok, "{}", run.stderr);
+    manifest_digest_in(out.path())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blob_cached_through_one_replica_is_served_by_another() {
+    if !have_tools(&["docker-registry", "skopeo"]) {
+        return;
+    }
+    let docker = Upstream::start("docker");
+    let ns = namespace();
+    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let ups = [("docker.io", docker.url())];
+    let ups: Vec<(&str, &str)> = ups.iter().map(|(r, u)| (*r, u.as_str())).collect();
+    let Some(a) = Pier::start_scaled(da.path(), &ns, &ups, "") else {
+        return;
+    };
+    let b = Pier::start_scaled(db.path(), &ns, &ups, "").unwrap();
+
+    // 64 MiB layer: a multipart upload that follows the download.
+    let want = digest_of("docker", "library/big:latest");
+    assert_eq!(pull(&a, "docker.io/library/big:latest").await, want);
+    let blob_gets = docker.requests("GET", "library/big/blobs/");
+    assert_eq!(blob_gets, 3, "{}", docker.log());
+
+    // Replica B: same bucket and Redis, no upstream traffic at all. The
+    // commit happens just after A's clients got their last byte.
+    let mut tries = 0;
+    loop {
+        let before = docker.log();
+        assert_eq!(pull(&b, "docker.io/library/big:latest").await, want);
+        if docker.log() == before {
+            break;
+        }
+        tries += 1;
+        assert!(
+            tries < 3,
+            "replica B kept asking upstream:\n{}",
+            docker.log()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    }
+    assert_eq!(docker.requests("GET", "library/big/blobs/"), blob_gets);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flushing_redis_loses_no_blobs() {
+    if !have_tools(&["docker-registry", "skopeo", "redis-cli"]) {
+        return;
+    }
+    let docker = Upstream::start("docker");
+    let ns = namespace();
+    let data = tempfile::tempdir().unwrap();
+    let url = docker.url();
+    let Some(pier) = Pier::start_scaled(data.path(), &ns, &[("docker.io", &url)], "") else {
+        return;
+    };
+    let want = digest_of("docker", "library/alpine:3.19");
+    assert_eq!(pull(&pier, "docker.io/library/alpine:3.19").await, want);
+    // The commit follows the last byte the client got.
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    let gets = docker.requests("GET", "library/alpine/blobs/");
+    let manifest_gets = docker.requests("GET", "library/alpine/manifests/");
+
+    // Drop this namespace's metadata, as a Redis flush would.
+    let redis = std::env::var("PIER_TEST_REDIS_URL").unwrap();
+    let keys = std::process::Command::new("redis-cli")
+        .args(["-u", &redis, "--scan", "--pattern", &format!("{ns}:*")])
+        .output()
+        .unwrap();
+    let keys = String::from_utf8(keys.stdout).unwrap();
+    assert!(!keys.trim().is_empty());
+    for key in keys.lines() {
+        let del = std::process::Command::new("redis-cli")
+            .args(["-u", &redis, "del", key])
+            .output()
+            .unwrap();
+        assert!(del.status.success());
+    }
+
+    // Manifests come back from upstream (and link their blobs again); the
+    // blobs are found in S3, never downloaded again.
+    assert_eq!(pull(&pier, "docker.io/library/alpine:3.19").await, want);
+    assert!(docker.requests("GET", "library/alpine/manifests/") > manifest_gets);
+    assert_eq!(docker.requests("GET", "library/alpine/blobs/"), gets);
+}
