@@ -9,6 +9,7 @@ mod listing;
 mod manifests;
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -102,23 +103,64 @@ impl Mirror {
     }
 
     /// Whether `repo` may serve `digest`: linked by one of its manifests, or
-    /// confirmed by upstream now (then remembered).
+    /// confirmed by upstream now (then remembered). With both metadata and
+    /// upstream unreachable, a stored blob is served: its digest is the only
+    /// key to it, and availability matters more then.
     async fn authorized(&self, target: &Target, digest: &Digest) -> Result<bool, MirrorError> {
         let key = target.key();
-        if self.meta.is_linked(&key, digest).await? {
+        let linked = self.meta.is_linked(&key, digest).await;
+        if matches!(linked, Ok(true)) {
             return Ok(true);
         }
+        let meta_down = linked.is_err();
         match self
             .upstream(target)?
             .blob_size(target.repository.as_str(), digest)
             .await
         {
             Ok(_) => {
-                self.meta.link(&key, std::slice::from_ref(digest)).await?;
+                self.remember(self.meta.link(&key, std::slice::from_ref(digest)))
+                    .await;
                 Ok(true)
             }
             Err(UpstreamError::NotFound { .. }) => Ok(false),
+            Err(e) if meta_down && e.is_outage() => Ok(true),
             Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Reads the metadata cache. It is only a cache: when it cannot be read,
+    /// Pier carries on as if it were cold and asks upstream.
+    async fn recall<T>(
+        &self,
+        read: impl Future<Output = Result<Option<T>, MetaError>>,
+    ) -> Option<T> {
+        match read.await {
+            Ok(v) => v,
+            Err(e) => {
+                tracing::warn!(error = %e, "metadata unavailable; asking upstream");
+                None
+            }
+        }
+    }
+
+    /// Writes the metadata cache; a failure costs a later upstream request,
+    /// not this one.
+    async fn remember(&self, write: impl Future<Output = Result<(), MetaError>>) {
+        if let Err(e) = write.await {
+            tracing::warn!(error = %e, "metadata unavailable; not remembering");
+        }
+    }
+
+    /// Looks for a stored blob; an unreachable store counts as a miss, so
+    /// the blob comes from upstream.
+    async fn stored_size(&self, digest: &Digest) -> Option<u64> {
+        match self.blobs.stat(digest).await {
+            Ok(size) => size,
+            Err(e) => {
+                tracing::warn!(%digest, error = %e, "blob storage unavailable; asking upstream");
+                None
+            }
         }
     }
 }

@@ -75,6 +75,10 @@ JSON
 	# Anonymous requests are refused (403) once the S3 gateway is up.
 	wait_for weed sh -c "curl -s -o /dev/null -w '%{http_code}' http://127.0.0.1:$s3/ | grep -q 403"
 
+	# The shared test bucket (curl signs the request with SigV4).
+	curl -sf -X PUT --aws-sigv4 "aws:amz:us-east-1:s3" --user "$access:$secret" \
+		"http://127.0.0.1:$s3/pier-test" >/dev/null
+
 	echo "export PIER_TEST_REDIS_URL=redis://127.0.0.1:$redis_port"
 	echo "export PIER_TEST_S3_ENDPOINT=http://127.0.0.1:$s3"
 	echo "export PIER_TEST_S3_ACCESS_KEY=$access"

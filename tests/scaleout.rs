@@ -101,3 +101,97 @@ async fn flushing_redis_loses_no_blobs() {
     assert!(docker.requests("GET", "library/alpine/manifests/") > manifest_gets);
     assert_eq!(docker.requests("GET", "library/alpine/blobs/"), gets);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pier_rides_out_a_redis_outage_and_reconnects() {
+    if !have_tools(&["docker-registry", "skopeo", "redis-server"]) {
+        return;
+    }
+    let mut docker = Upstream::start("docker");
+    let mut redis = RedisServer::start();
+    let data = tempfile::tempdir().unwrap();
+    let url = docker.url();
+    let Some(pier) = Pier::start_scaled_with(
+        data.path(),
+        &namespace(),
+        &[("docker.io", &url)],
+        "",
+        Some(&redis.url()),
+    ) else {
+        return;
+    };
+    let http = http_for(&pier);
+    let ready = || async {
+        reqwest::get(format!("{}/readyz", pier.url()))
+            .await
+            .unwrap()
+            .status()
+            .as_u16()
+    };
+    assert_eq!(ready().await, 200);
+    let want = digest_of("docker", "library/alpine:3.19");
+    assert_eq!(pull(&pier, "docker.io/library/alpine:3.19").await, want);
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    let gets = docker.requests("GET", "library/alpine/blobs/");
+
+    // Redis gone: not ready, but pulls still work (manifests from upstream,
+    // blobs from S3), and nothing hangs.
+    redis.stop();
+    assert_eq!(ready().await, 503);
+    let started = std::time::Instant::now();
+    assert_eq!(pull(&pier, "docker.io/library/alpine:3.19").await, want);
+    assert!(started.elapsed() < std::time::Duration::from_secs(20));
+    assert_eq!(docker.requests("GET", "library/alpine/blobs/"), gets);
+
+    // Redis and upstream both gone: a blob by digest still comes from S3.
+    docker.stop();
+    let layer = biggest_layer_of_alpine();
+    let r = fetch(
+        &http,
+        reqwest::Method::GET,
+        &format!("{}/v2/docker.io/library/alpine/blobs/{layer}", pier.url()),
+        &[],
+    )
+    .await;
+    assert_eq!(r.status(), reqwest::StatusCode::OK);
+    // A tag, with nothing to ask: a clear 503, not a hang or a 500.
+    let r = fetch(
+        &http,
+        reqwest::Method::GET,
+        &format!("{}/v2/docker.io/library/alpine/manifests/3.19", pier.url()),
+        &[],
+    )
+    .await;
+    assert_eq!(r.status(), reqwest::StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(error_code(r).await, "UNAVAILABLE");
+
+    // Redis back (empty): Pier reconnects by itself.
+    docker.restart();
+    redis.restart();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while ready().await != 200 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not ready after Redis came back"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(pull(&pier, "docker.io/library/alpine:3.19").await, want);
+    assert_eq!(docker.requests("GET", "library/alpine/blobs/"), gets);
+}
+
+/// The largest blob of alpine:3.19's fixture layout (a layer; the
+/// schema2 conversion keeps layer digests).
+fn biggest_layer_of_alpine() -> String {
+    let layouts = fixtures().join("layouts/docker/library/alpine/3.19/blobs/sha256");
+    let mut biggest = std::fs::read_dir(layouts)
+        .unwrap()
+        .map(|e| e.unwrap())
+        .max_by_key(|e| e.metadata().unwrap().len())
+        .unwrap()
+        .file_name()
+        .into_string()
+        .unwrap();
+    biggest.insert_str(0, "sha256:");
+    biggest
+}

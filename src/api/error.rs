@@ -204,13 +204,21 @@ impl From<MirrorError> for ApiError {
                 )
             }
             MirrorError::Fetch(m) => Self::new(StatusCode::BAD_GATEWAY, ErrorCode::Unavailable, m),
-            e @ (MirrorError::Storage(_) | MirrorError::Meta(_)) => {
+            e @ MirrorError::Storage(_) => {
                 // Internal detail stays in the log.
-                tracing::error!(error = %e, "internal error");
+                tracing::error!(error = %e, "blob storage error");
                 Self::new(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    ErrorCode::Unknown,
-                    "internal storage error; the mirror's log has the details",
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    ErrorCode::Unavailable,
+                    "the mirror's blob storage is unavailable; its log has the details",
+                )
+            }
+            e @ MirrorError::Meta(_) => {
+                tracing::error!(error = %e, "metadata error");
+                Self::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    ErrorCode::Unavailable,
+                    "the mirror's metadata store is unavailable; its log has the details",
                 )
             }
         }

@@ -49,12 +49,18 @@ impl Mirror {
         digest: &Digest,
         range: Option<RangeSpec>,
     ) -> Result<BlobResponse, MirrorError> {
-        if self.blobs.stat(digest).await?.is_some() {
+        if self.stored_size(digest).await.is_some() {
             if !self.authorized(target, digest).await? {
                 return Err(unknown(target, digest));
             }
-            if let Some(body) = self.blobs.get(digest, range).await? {
-                return Ok(body.into());
+            match self.blobs.get(digest, range).await {
+                Ok(Some(body)) => return Ok(body.into()),
+                Ok(None) => {}
+                Err(e @ (StorageError::Unsatisfiable { .. } | StorageError::MalformedRange)) => {
+                    return Err(e.into());
+                }
+                // Storage failing between stat and read: fetch from upstream.
+                Err(e) => tracing::warn!(%digest, error = %e, "blob storage read failed"),
             }
         }
         let key = target.key();
@@ -122,8 +128,8 @@ impl Mirror {
         target: &Target,
         digest: &Digest,
     ) -> Result<BlobInfo, MirrorError> {
-        if let Some(size) = self.blobs.stat(digest).await?
-            && self.meta.is_linked(&target.key(), digest).await?
+        if let Some(size) = self.stored_size(digest).await
+            && matches!(self.meta.is_linked(&target.key(), digest).await, Ok(true))
         {
             return Ok(BlobInfo { size: Some(size) });
         }

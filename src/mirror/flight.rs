@@ -164,6 +164,7 @@ async fn fetch(guard: FlightGuard, job: FetchJob, spool_dir: PathBuf) {
     let flight = guard.flight.clone();
     let digest = flight.digest.clone();
     // A fetch that finished just before this one started has committed.
+    // (An unreachable store counts as a miss: clients are served anyway.)
     if let Ok(Some(_)) = job.blobs.stat(&digest).await {
         flight.phase.send_replace(Phase::Stored);
         return;

@@ -64,8 +64,8 @@ impl Mirror {
         key: &str,
         digest: &Digest,
     ) -> Result<Option<ManifestHit>, MirrorError> {
-        if let Some(manifest) = self.meta.manifest(digest).await?
-            && self.meta.is_linked(key, digest).await?
+        if let Some(manifest) = self.recall(self.meta.manifest(digest)).await
+            && matches!(self.meta.is_linked(key, digest).await, Ok(true))
         {
             return Ok(Some(ManifestHit {
                 digest: digest.clone(),
@@ -90,9 +90,9 @@ impl Mirror {
         if let Some(hit) = self.fresh_tag(target, tag).await? {
             return Ok(hit);
         }
-        let cached = match self.meta.tag(&key, tag.as_str()).await? {
+        let cached = match self.recall(self.meta.tag(&key, tag.as_str())).await {
             Some(rec) => match Digest::parse(&rec.digest) {
-                Ok(d) => self.meta.manifest(&d).await?.map(|m| (d, m)),
+                Ok(d) => self.recall(self.meta.manifest(&d)).await.map(|m| (d, m)),
                 Err(_) => None,
             },
             None => None,
@@ -169,7 +169,7 @@ impl Mirror {
         tag: &Tag,
     ) -> Result<Option<ManifestHit>, MirrorError> {
         let key = target.key();
-        let Some(rec) = self.meta.tag(&key, tag.as_str()).await? else {
+        let Some(rec) = self.recall(self.meta.tag(&key, tag.as_str())).await else {
             return Ok(None);
         };
         let ttl = self
@@ -199,7 +199,9 @@ impl Mirror {
             digest: digest.to_string(),
             checked_at_ms: now_ms(),
         };
-        Ok(self.meta.put_tag(key, tag.as_str(), &rec).await?)
+        self.remember(self.meta.put_tag(key, tag.as_str(), &rec))
+            .await;
+        Ok(())
     }
 
     /// GETs a manifest upstream, verifies it (against `expected` when the
@@ -242,9 +244,11 @@ impl Mirror {
             media_type,
             bytes: body,
         };
-        self.meta
-            .put_manifest(&target.key(), &digest, &manifest, &references)
-            .await?;
+        self.remember(
+            self.meta
+                .put_manifest(&target.key(), &digest, &manifest, &references),
+        )
+        .await;
         Ok((digest, manifest))
     }
 }

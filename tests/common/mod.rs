@@ -276,6 +276,66 @@ impl Upstream {
     }
 }
 
+/// A private `redis-server` on a loopback port, for outage tests.
+pub struct RedisServer {
+    pub port: u16,
+    dir: tempfile::TempDir,
+    child: Option<Child>,
+}
+
+impl RedisServer {
+    pub fn start() -> RedisServer {
+        let mut r = RedisServer {
+            port: free_port(),
+            dir: tempfile::tempdir().unwrap(),
+            child: None,
+        };
+        r.run();
+        r
+    }
+
+    fn run(&mut self) {
+        let child = Command::new("redis-server")
+            .args(["--bind", "127.0.0.1", "--port", &self.port.to_string()])
+            .args(["--save", "", "--appendonly", "no"])
+            .arg("--dir")
+            .arg(self.dir.path())
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("start redis-server");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(Instant::now() < deadline, "redis-server did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// Kills it (as an outage would).
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts it again on the same port, empty.
+    pub fn restart(&mut self) {
+        self.stop();
+        self.run();
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
 /// The token server behind a token-auth upstream.
 pub struct TokenServer {
     child: Child,
@@ -370,9 +430,23 @@ impl Pier {
         upstreams: &[(&str, &str)],
         per_upstream: &str,
     ) -> Option<Pier> {
+        Pier::start_scaled_with(data, namespace, upstreams, per_upstream, None)
+    }
+
+    /// Like `start_scaled`, with metadata in the Redis at `redis` instead of
+    /// the shared one.
+    pub fn start_scaled_with(
+        data: &Path,
+        namespace: &str,
+        upstreams: &[(&str, &str)],
+        per_upstream: &str,
+        redis: Option<&str>,
+    ) -> Option<Pier> {
         let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
-        let (Some(redis), Some(s3)) = (env("PIER_TEST_REDIS_URL"), env("PIER_TEST_S3_ENDPOINT"))
-        else {
+        let redis = redis
+            .map(str::to_owned)
+            .or_else(|| env("PIER_TEST_REDIS_URL"));
+        let (Some(redis), Some(s3)) = (redis, env("PIER_TEST_S3_ENDPOINT")) else {
             let msg = "PIER_TEST_REDIS_URL / PIER_TEST_S3_ENDPOINT are not set: run tests/run.sh";
             if strict() {
                 panic!("{msg}");
@@ -385,7 +459,8 @@ impl Pier {
              [storage]\nkind = \"s3\"\nbucket = \"{}\"\nprefix = \"{namespace}\"\n\
              endpoint = \"{s3}\"\naccess_key_id = \"{}\"\nsecret_access_key = \"{}\"\n\
              spool_path = \"{}\"\n\
-             [metadata]\nkind = \"redis\"\nurl = \"{redis}\"\nkey_prefix = \"{namespace}:\"\n",
+             [metadata]\nkind = \"redis\"\nurl = \"{redis}\"\nkey_prefix = \"{namespace}:\"\n\
+             timeout = \"500ms\"\n",
             upstreams[0].0,
             env("PIER_TEST_S3_BUCKET").unwrap_or_else(|| "pier-test".into()),
             env("PIER_TEST_S3_ACCESS_KEY").unwrap_or_default(),
