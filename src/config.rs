@@ -30,6 +30,7 @@ pub struct Config {
     pub storage: StorageConfig,
     pub metadata: MetadataConfig,
     pub timeouts: TimeoutConfig,
+    pub cluster: ClusterConfig,
     pub upstreams: Vec<UpstreamConfig>,
     /// Short-name rules, first match wins: the file's, then the built-in ones.
     pub routes: Vec<RouteConfig>,
@@ -116,6 +117,19 @@ pub struct TimeoutConfig {
     /// Longest pause between two chunks of a response body.
     #[serde(with = "humantime_serde")]
     pub body_idle: Duration,
+}
+
+/// How replicas sharing Redis work together.
+#[derive(Clone, Debug, Serialize)]
+pub struct ClusterConfig {
+    /// The URL other replicas reach this one at (e.g. the pod IP), so they
+    /// can stream a blob this replica is fetching instead of waiting for it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub advertise_url: Option<Url>,
+    /// How long a replica's claim on a fetch lasts without renewal; another
+    /// replica takes over this long after one dies mid-fetch.
+    #[serde(with = "humantime_serde")]
+    pub lease_ttl: Duration,
 }
 
 /// One upstream registry.

@@ -1,8 +1,11 @@
 //! Metadata: manifests by digest, tag → digest records, which digests each
-//! repository may serve, and the catalog. The `MetaStore` trait and backends.
+//! repository may serve, the catalog, and leases that let one replica of
+//! many do a piece of work. The `MetaStore` trait and backends.
 
 mod embedded;
 mod redis;
+
+use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -69,6 +72,22 @@ pub trait MetaStore: Send + Sync + 'static {
         after: Option<&str>,
         limit: usize,
     ) -> Result<Vec<String>, MetaError>;
+
+    /// Takes lease `name` for `holder` for `ttl` if nobody holds it.
+    /// Returns `None` when taken, or the current holder's value.
+    async fn acquire_lease(
+        &self,
+        name: &str,
+        holder: &str,
+        ttl: Duration,
+    ) -> Result<Option<String>, MetaError>;
+
+    /// Extends a lease `holder` still holds; false if it was lost.
+    async fn renew_lease(&self, name: &str, holder: &str, ttl: Duration)
+    -> Result<bool, MetaError>;
+
+    /// Gives a lease up, if `holder` still holds it.
+    async fn release_lease(&self, name: &str, holder: &str) -> Result<(), MetaError>;
 
     async fn health(&self) -> Result<(), MetaError>;
 }

@@ -3,6 +3,8 @@
 //! verified and stored, stale copies served when upstream is down.
 
 mod blobs;
+mod cluster;
+mod fetch;
 mod flight;
 mod keyed_lock;
 mod listing;
@@ -17,6 +19,7 @@ use std::time::Duration;
 use thiserror::Error;
 
 pub use blobs::{BlobInfo, BlobResponse};
+pub use fetch::PEER_HEADER;
 pub use listing::EMPTY_INDEX;
 pub use manifests::ManifestHit;
 
@@ -26,6 +29,7 @@ use crate::reference::Digest;
 use crate::route::{Router, Target};
 use crate::storage::{BlobStore, StorageError};
 use crate::upstream::{UpstreamClient, UpstreamError, Upstreams};
+use cluster::Cluster;
 use flight::Flights;
 use keyed_lock::{KeyedLocks, RecentFailures};
 
@@ -59,6 +63,9 @@ pub struct Mirror {
     blobs: Arc<dyn BlobStore>,
     meta: Arc<dyn MetaStore>,
     flights: Arc<Flights>,
+    cluster: Arc<Cluster>,
+    /// For streaming from other replicas.
+    peers: reqwest::Client,
     tag_locks: KeyedLocks,
     upstream_failures: RecentFailures,
     tag_ttls: HashMap<String, Duration>,
@@ -72,9 +79,17 @@ impl Mirror {
         meta: Arc<dyn MetaStore>,
         spool_dir: PathBuf,
     ) -> Result<Self, reqwest::Error> {
+        let peers = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .connect_timeout(config.timeouts.connect)
+            .read_timeout(config.timeouts.body_idle)
+            .no_proxy()
+            .build()?;
         Ok(Self {
             router: Router::new(config),
             upstreams: Upstreams::new(config)?,
+            cluster: Arc::new(Cluster::new(&config.cluster, meta.clone())),
+            peers,
             blobs,
             meta,
             flights: Arc::new(Flights::new(spool_dir)),

@@ -68,7 +68,7 @@ JSON
 	s3=$(free_port)
 	weed server -dir="$dir/weed" -ip=127.0.0.1 -ip.bind=127.0.0.1 \
 		-master.port="$master" -volume.port="$volume" -filer -filer.port="$filer" \
-		-s3 -s3.port="$s3" -s3.config="$dir/s3.json" -master.volumeSizeLimitMB=64 \
+		-s3 -s3.port="$s3" -s3.config="$dir/s3.json" -master.volumeSizeLimitMB=128 -volume.max=0 -volume.preStopSeconds=0 \
 		-s3.port.iceberg=0 -s3.port.lance=0 -master.telemetry=false \
 		>"$dir/weed.log" 2>&1 &
 	echo $! >"$dir/weed.pid"

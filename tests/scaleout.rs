@@ -61,6 +61,53 @@ async fn a_blob_cached_through_one_replica_is_served_by_another() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn twenty_clients_on_two_replicas_cause_one_upstream_get_per_blob() {
+    if !have_tools(&["docker-registry", "skopeo"]) {
+        return;
+    }
+    let docker = Upstream::start("docker");
+    let ns = namespace();
+    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let url = docker.url();
+    let Some(a) = Pier::start_scaled(da.path(), &ns, &[("docker.io", &url)], "") else {
+        return;
+    };
+    let b = Pier::start_scaled(db.path(), &ns, &[("docker.io", &url)], "").unwrap();
+    let want = digest_of("docker", "library/big:latest");
+    let mut clients = Vec::new();
+    for i in 0..20 {
+        let src = format!(
+            "{}/docker.io/library/big:latest",
+            if i % 2 == 0 { a.host() } else { b.host() }
+        );
+        clients.push(tokio::spawn(async move {
+            let out = tempfile::tempdir().unwrap();
+            let run = skopeo_copy(&src, out.path(), &[]).await;
+            assert!(run.ok, "{src}: {}", run.stderr);
+            manifest_digest_in(out.path())
+        }));
+    }
+    for c in clients {
+        assert_eq!(c.await.unwrap(), want);
+    }
+    let log = docker.log();
+    let gets: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("\"GET /v2/library/big/blobs/"))
+        .map(|l| l.split('"').nth(1).unwrap())
+        .collect();
+    let counts = histogram(gets.iter().copied());
+    assert_eq!(counts.len(), 3, "{log}");
+    assert!(counts.values().all(|&n| n == 1), "{counts:#?}");
+    // Tags too: one upstream manifest GET for the tag across both.
+    assert_eq!(
+        docker.requests("GET", "library/big/manifests/latest"),
+        1,
+        "{log}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn flushing_redis_loses_no_blobs() {
     if !have_tools(&["docker-registry", "skopeo", "redis-cli"]) {
         return;

@@ -193,7 +193,8 @@ async fn blob(
         },
         Some(Err(_)) => return Err(ApiError::malformed_range()),
     };
-    let b = mirror.blob(target, digest, range).await?;
+    let for_peer = ask.headers.contains_key(crate::mirror::PEER_HEADER);
+    let b = mirror.blob(target, digest, range, for_peer).await?;
     let len = match (b.range, b.size) {
         (Some(r), _) => Some(r.len()),
         (None, size) => size,

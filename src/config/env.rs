@@ -42,6 +42,7 @@ const SECTIONS: &[(&str, &[&str])] = &[
         &["kind", "path", "url", "key_prefix", "pool_size", "timeout"],
     ),
     ("timeouts", &["connect", "response", "body_idle"]),
+    ("cluster", &["advertise_url", "lease_ttl"]),
 ];
 const UPSTREAM_KEYS: &[&str] = &["aliases", "endpoints", "tag_ttl", "username", "password"];
 

@@ -19,6 +19,7 @@ pub struct FileConfig {
     pub storage: Option<FileStorage>,
     pub metadata: Option<FileMetadata>,
     pub timeouts: Option<FileTimeouts>,
+    pub cluster: Option<FileCluster>,
     #[serde(default)]
     pub upstreams: Vec<FileUpstream>,
     #[serde(default)]
@@ -61,6 +62,14 @@ pub struct FileTimeouts {
     pub response: Option<Duration>,
     #[serde(default, with = "humantime_serde")]
     pub body_idle: Option<Duration>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileCluster {
+    pub advertise_url: Option<String>,
+    #[serde(default, with = "humantime_serde")]
+    pub lease_ttl: Option<Duration>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -9,8 +9,8 @@ use url::Url;
 use super::builtin::{DEFAULT_TAG_TTL, builtin_routes, builtin_upstreams};
 use super::file::{FileConfig, FileMetadata, FileStorage, FileUpstream};
 use super::{
-    Config, ConfigError, LogFormat, MetadataConfig, RouteConfig, S3Config, Secret, StorageConfig,
-    TimeoutConfig, UpstreamConfig,
+    ClusterConfig, Config, ConfigError, LogFormat, MetadataConfig, RouteConfig, S3Config, Secret,
+    StorageConfig, TimeoutConfig, UpstreamConfig,
 };
 
 const DEFAULT_LISTEN: &str = "0.0.0.0:5000";
@@ -64,6 +64,18 @@ pub fn build(raw: FileConfig) -> Result<Config, ConfigError> {
         body_idle: positive(&mut p, "timeouts.body_idle", t.body_idle, 60),
     };
 
+    let c = raw.cluster.unwrap_or_default();
+    let cluster = ClusterConfig {
+        advertise_url: c.advertise_url.and_then(|u| match http_url(&u) {
+            Ok(url) => Some(url),
+            Err(why) => {
+                p.add("cluster.advertise_url", why);
+                None
+            }
+        }),
+        lease_ttl: positive(&mut p, "cluster.lease_ttl", c.lease_ttl, 15),
+    };
+
     let builtins = raw.builtin_upstreams.unwrap_or(true);
     let upstreams = upstreams(builtins, raw.upstreams, &mut p);
     let configured = |r: &str| upstreams.iter().any(|u| u.registry == r);
@@ -112,6 +124,7 @@ pub fn build(raw: FileConfig) -> Result<Config, ConfigError> {
         storage,
         metadata,
         timeouts,
+        cluster,
         upstreams,
         routes,
     })

@@ -1,8 +1,10 @@
 //! Metadata in one redb database file on local disk: transactional and
 //! durable (each commit is fsynced), so a restarted Pier keeps its cache.
 
+use std::collections::HashMap;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -22,6 +24,8 @@ const REPOS: TableDefinition<&str, ()> = TableDefinition::new("repositories");
 
 pub struct EmbeddedMeta {
     db: Arc<Database>,
+    /// One process owns an embedded store, so leases live in memory.
+    leases: Leases,
 }
 
 impl EmbeddedMeta {
@@ -35,7 +39,10 @@ impl EmbeddedMeta {
         txn.open_table(LINKS).map_err(backend)?;
         txn.open_table(REPOS).map_err(backend)?;
         txn.commit().map_err(backend)?;
-        Ok(Self { db: Arc::new(db) })
+        Ok(Self {
+            db: Arc::new(db),
+            leases: Leases::default(),
+        })
     }
 
     /// Runs blocking database work off the async threads.
@@ -227,9 +234,75 @@ impl MetaStore for EmbeddedMeta {
         .await
     }
 
+    async fn acquire_lease(
+        &self,
+        name: &str,
+        holder: &str,
+        ttl: Duration,
+    ) -> Result<Option<String>, MetaError> {
+        Ok(self.leases.acquire(name, holder, ttl))
+    }
+
+    async fn renew_lease(
+        &self,
+        name: &str,
+        holder: &str,
+        ttl: Duration,
+    ) -> Result<bool, MetaError> {
+        Ok(self.leases.renew(name, holder, ttl))
+    }
+
+    async fn release_lease(&self, name: &str, holder: &str) -> Result<(), MetaError> {
+        self.leases.release(name, holder);
+        Ok(())
+    }
+
     async fn health(&self) -> Result<(), MetaError> {
         self.blocking(|db| db.begin_read().map(drop).map_err(backend))
             .await
+    }
+}
+
+/// Leases with expiry, in memory.
+#[derive(Default)]
+struct Leases {
+    held: Mutex<HashMap<String, (String, Instant)>>,
+}
+
+impl Leases {
+    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<String, (String, Instant)>> {
+        self.held.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn acquire(&self, name: &str, holder: &str, ttl: Duration) -> Option<String> {
+        let mut map = self.map();
+        let now = Instant::now();
+        map.retain(|_, (_, until)| *until > now);
+        match map.get(name) {
+            Some((h, _)) => Some(h.clone()),
+            None => {
+                map.insert(name.to_owned(), (holder.to_owned(), now + ttl));
+                None
+            }
+        }
+    }
+
+    fn renew(&self, name: &str, holder: &str, ttl: Duration) -> bool {
+        let mut map = self.map();
+        match map.get_mut(name) {
+            Some((h, until)) if h == holder && *until > Instant::now() => {
+                *until = Instant::now() + ttl;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    fn release(&self, name: &str, holder: &str) {
+        let mut map = self.map();
+        if map.get(name).is_some_and(|(h, _)| h == holder) {
+            map.remove(name);
+        }
     }
 }
 
@@ -240,6 +313,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let meta = super::EmbeddedMeta::open(dir.path()).unwrap();
         crate::meta::suite::run(&meta).await;
+        crate::meta::suite::leases(&meta).await;
         drop(meta);
         // What was written survives reopening.
         let meta = super::EmbeddedMeta::open(dir.path()).unwrap();

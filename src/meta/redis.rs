@@ -77,6 +77,15 @@ impl RedisMeta {
     }
 }
 
+/// Extends a lease only for its holder (Redis 7.0 has no compare-and-set).
+const RENEW: &str = r"if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('pexpire', KEYS[1], ARGV[2]) else return 0 end";
+/// Deletes a lease only for its holder.
+const RELEASE: &str = r"if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) else return 0 end";
+
+fn ttl_ms(ttl: Duration) -> u64 {
+    u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1)
+}
+
 #[async_trait]
 impl MetaStore for RedisMeta {
     async fn manifest(&self, digest: &Digest) -> Result<Option<StoredManifest>, MetaError> {
@@ -184,6 +193,68 @@ impl MetaStore for RedisMeta {
             .await
     }
 
+    async fn acquire_lease(
+        &self,
+        name: &str,
+        holder: &str,
+        ttl: Duration,
+    ) -> Result<Option<String>, MetaError> {
+        let key = self.key(&["lease", name]);
+        let (holder, ms) = (holder.to_owned(), ttl_ms(ttl));
+        self.run(|mut c| async move {
+            // SET NX PX takes it; otherwise report who has it. A lease that
+            // expires between the two commands counts as held this time.
+            let taken: Option<String> = redis::cmd("SET")
+                .arg(&key)
+                .arg(&holder)
+                .arg("NX")
+                .arg("PX")
+                .arg(ms)
+                .query_async(&mut c)
+                .await?;
+            if taken.is_some() {
+                return Ok(None);
+            }
+            let current: Option<String> = c.get(&key).await?;
+            Ok(Some(current.unwrap_or_default()))
+        })
+        .await
+    }
+
+    async fn renew_lease(
+        &self,
+        name: &str,
+        holder: &str,
+        ttl: Duration,
+    ) -> Result<bool, MetaError> {
+        let key = self.key(&["lease", name]);
+        let (holder, ms) = (holder.to_owned(), ttl_ms(ttl));
+        self.run(|mut c| async move {
+            let renewed: i64 = redis::Script::new(RENEW)
+                .key(key)
+                .arg(holder)
+                .arg(ms)
+                .invoke_async(&mut c)
+                .await?;
+            Ok(renewed == 1)
+        })
+        .await
+    }
+
+    async fn release_lease(&self, name: &str, holder: &str) -> Result<(), MetaError> {
+        let key = self.key(&["lease", name]);
+        let holder = holder.to_owned();
+        self.run(|mut c| async move {
+            redis::Script::new(RELEASE)
+                .key(key)
+                .arg(holder)
+                .invoke_async::<i64>(&mut c)
+                .await
+                .map(drop)
+        })
+        .await
+    }
+
     async fn health(&self) -> Result<(), MetaError> {
         self.run(|mut c| async move { redis::cmd("PING").query_async::<String>(&mut c).await })
             .await
@@ -207,6 +278,7 @@ mod tests {
         let prefix = format!("suite-{:x}:", rand::random::<u64>());
         let meta = super::RedisMeta::new(&url, &prefix, 4, Duration::from_secs(2)).unwrap();
         crate::meta::suite::run(&meta).await;
+        crate::meta::suite::leases(&meta).await;
         crate::meta::suite::check_persisted(&meta).await;
     }
 

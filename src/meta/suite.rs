@@ -90,6 +90,45 @@ pub async fn run(meta: &dyn MetaStore) {
     );
 }
 
+/// Leases: one holder at a time, renewable and releasable only by it, and
+/// free again once expired.
+pub async fn leases(meta: &dyn MetaStore) {
+    use std::time::Duration;
+    let name = format!("blob:test-{:x}", rand::random::<u64>());
+    let long = Duration::from_secs(30);
+    assert_eq!(meta.acquire_lease(&name, "a", long).await.unwrap(), None);
+    assert_eq!(
+        meta.acquire_lease(&name, "b", long)
+            .await
+            .unwrap()
+            .as_deref(),
+        Some("a")
+    );
+    assert!(meta.renew_lease(&name, "a", long).await.unwrap());
+    assert!(!meta.renew_lease(&name, "b", long).await.unwrap());
+    meta.release_lease(&name, "b").await.unwrap();
+    assert_eq!(
+        meta.acquire_lease(&name, "b", long)
+            .await
+            .unwrap()
+            .as_deref(),
+        Some("a")
+    );
+    meta.release_lease(&name, "a").await.unwrap();
+    assert_eq!(meta.acquire_lease(&name, "b", long).await.unwrap(), None);
+    // Expiry frees it (a holder that died).
+    let short = format!("{name}-short");
+    assert_eq!(
+        meta.acquire_lease(&short, "a", Duration::from_millis(100))
+            .await
+            .unwrap(),
+        None
+    );
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(!meta.renew_lease(&short, "a", long).await.unwrap());
+    assert_eq!(meta.acquire_lease(&short, "b", long).await.unwrap(), None);
+}
+
 /// What `run` wrote, read back (after a restart for durable stores).
 pub async fn check_persisted(meta: &dyn MetaStore) {
     let (digest, m) = manifest();

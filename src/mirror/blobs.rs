@@ -7,7 +7,8 @@ use bytes::Bytes;
 use futures::StreamExt;
 use futures::stream::BoxStream;
 
-use super::flight::{FetchJob, FlightError, Started};
+use super::fetch::FetchJob;
+use super::flight::{FlightError, Started};
 use super::{Mirror, MirrorError};
 use crate::range::{ByteRange, RangeError, RangeSpec};
 use crate::reference::Digest;
@@ -48,6 +49,7 @@ impl Mirror {
         target: &Target,
         digest: &Digest,
         range: Option<RangeSpec>,
+        for_peer: bool,
     ) -> Result<BlobResponse, MirrorError> {
         if self.stored_size(digest).await.is_some() {
             if !self.authorized(target, digest).await? {
@@ -76,7 +78,10 @@ impl Mirror {
                 repo_key: key.clone(),
                 blobs: self.blobs.clone(),
                 meta: self.meta.clone(),
+                cluster: self.cluster.clone(),
+                peers: self.peers.clone(),
                 body_idle: self.body_idle,
+                for_peer,
             };
             let flight = self.flights.join_or_start(digest, job);
             let foreign = flight.repo_key != key;

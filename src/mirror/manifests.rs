@@ -3,16 +3,28 @@
 //! with a HEAD and refetched only when the digest moved; served stale when
 //! upstream is unreachable.
 
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use http::Method;
 
+use super::cluster::{Claim, Lease};
 use super::{Mirror, MirrorError};
 use crate::meta::{StoredManifest, TagRecord};
 use crate::reference::{Digest, Reference, Tag};
 use crate::route::Target;
 use crate::upstream::UpstreamError;
+
+/// How often a replica waiting on another's tag revalidation looks again.
+const OTHER_REPLICA_POLL: Duration = Duration::from_millis(100);
+
+/// What waiting on another replica came to.
+enum Waited {
+    /// It refreshed the tag.
+    Answer(ManifestHit),
+    /// Go ahead, holding the lease if it could be taken.
+    Lead(Option<Lease>),
+}
 
 /// A manifest ready to serve.
 pub struct ManifestHit {
@@ -85,11 +97,53 @@ impl Mirror {
         if let Some(hit) = self.fresh_tag(target, tag).await? {
             return Ok(hit);
         }
-        // One revalidation per tag at a time; the others wait and reuse it.
-        let _guard = self.tag_locks.lock(&format!("{key}:{tag}")).await;
+        // One revalidation per tag at a time in this process, and (through a
+        // lease) across replicas; the others wait and reuse its answer.
+        let lock_key = format!("{key}:{tag}");
+        let _guard = self.tag_locks.lock(&lock_key).await;
         if let Some(hit) = self.fresh_tag(target, tag).await? {
             return Ok(hit);
         }
+        let lease = match self.cluster.claim(&format!("tag:{lock_key}")).await {
+            Claim::Mine(lease) => Some(lease),
+            Claim::Alone => None,
+            Claim::Theirs { .. } => match self.await_other_replica(target, tag).await? {
+                Waited::Answer(hit) => return Ok(hit),
+                Waited::Lead(lease) => lease,
+            },
+        };
+        let result = self.refresh_tag(target, tag).await;
+        if let Some(lease) = lease {
+            lease.release().await;
+        }
+        result
+    }
+
+    /// Waits while another replica revalidates `tag`: its fresh record, or
+    /// the lease if it gives up (or dies), whichever comes first. After one
+    /// lease period, this replica goes ahead on its own.
+    async fn await_other_replica(&self, target: &Target, tag: &Tag) -> Result<Waited, MirrorError> {
+        let name = format!("tag:{}:{tag}", target.key());
+        let deadline = Instant::now() + self.cluster.lease_ttl;
+        while Instant::now() < deadline {
+            tokio::time::sleep(OTHER_REPLICA_POLL).await;
+            if let Some(hit) = self.fresh_tag(target, tag).await? {
+                return Ok(Waited::Answer(hit));
+            }
+            match self.cluster.claim(&name).await {
+                Claim::Mine(lease) => return Ok(Waited::Lead(Some(lease))),
+                Claim::Alone => break,
+                Claim::Theirs { .. } => {}
+            }
+        }
+        Ok(Waited::Lead(None))
+    }
+
+    /// Revalidates (or first fetches) `tag` upstream; serves the cached copy
+    /// when upstream cannot answer.
+    async fn refresh_tag(&self, target: &Target, tag: &Tag) -> Result<ManifestHit, MirrorError> {
+        let key = target.key();
+        let lock_key = format!("{key}:{tag}");
         let cached = match self.recall(self.meta.tag(&key, tag.as_str())).await {
             Some(rec) => match Digest::parse(&rec.digest) {
                 Ok(d) => self.recall(self.meta.manifest(&d)).await.map(|m| (d, m)),
@@ -99,7 +153,6 @@ impl Mirror {
         };
         let upstream = self.upstream(target)?;
         let repo = target.repository.as_str();
-        let lock_key = format!("{key}:{tag}");
         if let Some((digest, manifest)) = cached {
             let stale = |digest, manifest| ManifestHit {
                 digest,

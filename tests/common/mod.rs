@@ -460,7 +460,7 @@ impl Pier {
              endpoint = \"{s3}\"\naccess_key_id = \"{}\"\nsecret_access_key = \"{}\"\n\
              spool_path = \"{}\"\n\
              [metadata]\nkind = \"redis\"\nurl = \"{redis}\"\nkey_prefix = \"{namespace}:\"\n\
-             timeout = \"500ms\"\n",
+             timeout = \"500ms\"\n[cluster]\nadvertise_url = \"{{advertise}}\"\n",
             upstreams[0].0,
             env("PIER_TEST_S3_BUCKET").unwrap_or_else(|| "pier-test".into()),
             env("PIER_TEST_S3_ACCESS_KEY").unwrap_or_default(),
@@ -481,11 +481,13 @@ impl Pier {
     }
 
     fn run(data: &Path, config: String) -> Pier {
-        let parsed = pier::config::Config::from_toml(&config, Vec::new())
-            .unwrap_or_else(|e| panic!("test config invalid: {e}\n{config}"));
         let std_listener = TcpListener::bind("127.0.0.1:0").unwrap();
         std_listener.set_nonblocking(true).unwrap();
         let addr = std_listener.local_addr().unwrap();
+        // `{advertise}` in a config stands for this replica's own URL.
+        let config = config.replace("{advertise}", &format!("http://{addr}"));
+        let parsed = pier::config::Config::from_toml(&config, Vec::new())
+            .unwrap_or_else(|e| panic!("test config invalid: {e}\n{config}"));
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let thread = std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_multi_thread()

@@ -1,0 +1,139 @@
+//! Replicas sharing one metadata store work together through leases: the
+//! replica holding `blob:<digest>` fetches that blob from upstream, the
+//! others stream it from that replica (at the URL it advertises in the
+//! lease) or wait for its commit. A lease is renewed while its work runs and
+//! lapses if the replica dies, so another one takes over.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use url::Url;
+
+use crate::config::ClusterConfig;
+use crate::meta::MetaStore;
+
+pub struct Cluster {
+    /// This replica's lease value: `<random id> <advertised URL or ->`.
+    me: String,
+    advertise: Option<Url>,
+    pub lease_ttl: Duration,
+    meta: Arc<dyn MetaStore>,
+}
+
+/// The outcome of claiming a piece of work.
+pub enum Claim {
+    /// This replica does it, holding the lease (renewed until released).
+    Mine(Lease),
+    /// Another replica does it; `peer` is where it can be reached, if it
+    /// said.
+    Theirs { peer: Option<Url> },
+    /// The metadata store cannot coordinate now: do it, unguarded.
+    Alone,
+}
+
+impl Cluster {
+    pub fn new(config: &ClusterConfig, meta: Arc<dyn MetaStore>) -> Self {
+        let url = config.advertise_url.as_ref().map_or_else(
+            || "-".to_owned(),
+            |u| u.as_str().trim_end_matches('/').to_owned(),
+        );
+        Self {
+            me: format!("{:016x} {url}", rand::random::<u64>()),
+            advertise: config.advertise_url.clone(),
+            lease_ttl: config.lease_ttl,
+            meta,
+        }
+    }
+
+    pub async fn claim(&self, name: &str) -> Claim {
+        match self
+            .meta
+            .acquire_lease(name, &self.me, self.lease_ttl)
+            .await
+        {
+            Ok(None) => Claim::Mine(Lease::start(
+                self.meta.clone(),
+                name.to_owned(),
+                self.me.clone(),
+                self.lease_ttl,
+            )),
+            Ok(Some(holder)) => Claim::Theirs {
+                peer: peer_url(&holder).filter(|u| Some(u) != self.advertise.as_ref()),
+            },
+            Err(e) => {
+                tracing::warn!(lease = name, error = %e, "cannot coordinate with other replicas");
+                Claim::Alone
+            }
+        }
+    }
+}
+
+/// The URL in a lease value, if its holder advertised one.
+fn peer_url(holder: &str) -> Option<Url> {
+    let (_, url) = holder.split_once(' ')?;
+    Url::parse(url).ok()
+}
+
+/// A held lease, renewed in the background until released or dropped.
+pub struct Lease {
+    name: String,
+    holder: String,
+    meta: Arc<dyn MetaStore>,
+    renewer: tokio::task::JoinHandle<()>,
+}
+
+impl Lease {
+    fn start(meta: Arc<dyn MetaStore>, name: String, holder: String, ttl: Duration) -> Self {
+        let renewer = {
+            let (meta, name, holder) = (meta.clone(), name.clone(), holder.clone());
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(ttl / 3).await;
+                    match meta.renew_lease(&name, &holder, ttl).await {
+                        Ok(true) => {}
+                        Ok(false) => {
+                            tracing::warn!(lease = %name, "lease lost to another replica");
+                            return;
+                        }
+                        Err(e) => tracing::warn!(lease = %name, error = %e, "cannot renew lease"),
+                    }
+                }
+            })
+        };
+        Self {
+            name,
+            holder,
+            meta,
+            renewer,
+        }
+    }
+
+    pub async fn release(self) {
+        self.renewer.abort();
+        if let Err(e) = self.meta.release_lease(&self.name, &self.holder).await {
+            tracing::warn!(lease = %self.name, error = %e, "cannot release lease; it will lapse");
+        }
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        // Released explicitly on every normal path; otherwise it lapses.
+        self.renewer.abort();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn holders_name_their_url() {
+        assert_eq!(
+            peer_url("00ff http://10.0.0.5:5000").map(|u| u.to_string()),
+            Some("http://10.0.0.5:5000/".into())
+        );
+        assert_eq!(peer_url("00ff -"), None);
+        assert_eq!(peer_url("garbage"), None);
+    }
+}

@@ -1,0 +1,292 @@
+//! The fetch task behind a flight: decide who fetches (this replica, under
+//! a lease, or a peer already fetching), stream the bytes into the spool
+//! while hashing them, and commit the verified blob to the store.
+
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+
+use super::cluster::{Claim, Cluster, Lease};
+use super::flight::{Flight, FlightError, FlightGuard, Phase};
+use crate::meta::MetaStore;
+use crate::reference::Hasher;
+use crate::storage::{BlobStore, BlobWriter};
+use crate::upstream::{UpstreamClient, UpstreamError};
+
+/// Marks a request from another replica: it is served from this replica's
+/// own fetch or store, never passed on to a third.
+pub const PEER_HEADER: &str = "x-pier-peer";
+/// How often a replica waiting on another's fetch looks again.
+const WAIT_POLL: Duration = Duration::from_millis(250);
+
+/// Everything a fetch needs, handed to the detached task.
+pub struct FetchJob {
+    pub upstream: Arc<UpstreamClient>,
+    /// Repository path on the upstream.
+    pub repository: String,
+    /// Store key (`<registry>/<repository>`) to link the blob to; also the
+    /// add-a-prefix name a peer replica serves it under.
+    pub repo_key: String,
+    pub blobs: Arc<dyn BlobStore>,
+    pub meta: Arc<dyn MetaStore>,
+    pub cluster: Arc<Cluster>,
+    pub peers: reqwest::Client,
+    pub body_idle: Duration,
+    /// The request came from a peer replica: fetch upstream, do not delegate.
+    pub for_peer: bool,
+}
+
+/// Where the bytes come from.
+enum Source {
+    /// Upstream, by this replica, which stores the blob (holding the lease
+    /// when replicas coordinate).
+    Upstream(Option<Lease>),
+    /// The replica that holds the lease, streaming its own fetch.
+    Peer(reqwest::Response),
+    /// Another fetch stored it meanwhile.
+    Stored,
+}
+
+pub(super) async fn run(guard: FlightGuard, job: FetchJob, spool_dir: PathBuf) {
+    let flight = guard.flight.clone();
+    let digest = flight.digest.clone();
+    let spool = spool_dir.join(format!(
+        "{}-{:016x}.part",
+        digest.hex(),
+        rand::random::<u64>()
+    ));
+    let outcome = match source(&job, &flight).await {
+        Ok(Source::Stored) => {
+            flight.phase.send_replace(Phase::Stored);
+            return;
+        }
+        Ok(Source::Upstream(lease)) => {
+            let result = from_upstream(&flight, &job, &spool).await;
+            if let Some(lease) = lease {
+                lease.release().await;
+            }
+            result
+        }
+        Ok(Source::Peer(resp)) => {
+            let from = format!("{} via a peer replica", job.upstream.registry());
+            download(&flight, &job, &spool, resp, None, &from)
+                .await
+                .map(drop)
+        }
+        Err(e) => Err(e),
+    };
+    if let Err(e) = outcome {
+        tracing::warn!(%digest, registry = job.upstream.registry(), error = ?e, "blob fetch failed");
+        guard.fail(e);
+    }
+    // Gone already when the store took the file itself.
+    remove_quietly(&spool).await;
+    drop(guard);
+}
+
+/// Decides where the bytes come from. With replicas sharing metadata, one
+/// of them holds the blob's lease and fetches upstream; the others stream
+/// from it, or wait for its commit (or for its lease to lapse, if it died).
+async fn source(job: &FetchJob, flight: &Flight) -> Result<Source, FlightError> {
+    let lease_name = format!("blob:{}", flight.digest);
+    // Waiting on another replica is bounded: past this, fetch anyway.
+    let give_up = Instant::now() + job.cluster.lease_ttl * 8;
+    loop {
+        // A fetch that finished just before this one started has committed.
+        // (An unreachable store counts as a miss: clients are served anyway.)
+        if let Ok(Some(_)) = job.blobs.stat(&flight.digest).await {
+            return Ok(Source::Stored);
+        }
+        if job.for_peer || Instant::now() > give_up {
+            return Ok(Source::Upstream(None));
+        }
+        match job.cluster.claim(&lease_name).await {
+            Claim::Mine(lease) => return Ok(Source::Upstream(Some(lease))),
+            Claim::Alone => return Ok(Source::Upstream(None)),
+            Claim::Theirs { peer: Some(peer) } => {
+                if let Some(resp) = from_peer(job, &peer, flight).await {
+                    tracing::info!(%peer, digest = %flight.digest, "streaming a blob another replica is fetching");
+                    return Ok(Source::Peer(resp));
+                }
+            }
+            Claim::Theirs { peer: None } => {}
+        }
+        tokio::time::sleep(WAIT_POLL).await;
+    }
+}
+
+/// Asks the replica at `peer` for the blob (it streams its own fetch).
+async fn from_peer(job: &FetchJob, peer: &url::Url, flight: &Flight) -> Option<reqwest::Response> {
+    let url = peer
+        .join(&format!("/v2/{}/blobs/{}", job.repo_key, flight.digest))
+        .ok()?;
+    match job.peers.get(url).header(PEER_HEADER, "1").send().await {
+        Ok(r) if r.status().is_success() => Some(r),
+        Ok(r) => {
+            tracing::debug!(%peer, status = %r.status(), "peer cannot serve the blob");
+            None
+        }
+        Err(e) => {
+            tracing::debug!(%peer, error = %crate::upstream::describe(&e), "peer unreachable");
+            None
+        }
+    }
+}
+
+/// Fetches from upstream into the spool and the store, then commits.
+async fn from_upstream(flight: &Flight, job: &FetchJob, spool: &Path) -> Result<(), FlightError> {
+    let resp = job
+        .upstream
+        .blob(&job.repository, &flight.digest)
+        .await
+        .map_err(FlightError::Upstream)?;
+    let writer = job
+        .blobs
+        .begin_write(&flight.digest, spool)
+        .await
+        .map_err(|e| FlightError::Failed(format!("cannot start storing the blob: {e}")))?;
+    let registry = job.upstream.registry().to_owned();
+    let (size, writer) = download(flight, job, spool, resp, Some(writer), &registry).await?;
+    let Some(writer) = writer else {
+        return Ok(());
+    };
+    // Clients already have every verified byte; storing is for the next
+    // ones. A store that fails here only costs a refetch later.
+    let digest = &flight.digest;
+    match writer.commit(size).await {
+        Ok(()) => {
+            if let Err(e) = job
+                .meta
+                .link(&job.repo_key, std::slice::from_ref(digest))
+                .await
+            {
+                tracing::warn!(%digest, error = %e, "linking a stored blob failed");
+            }
+        }
+        Err(e) => tracing::error!(%digest, error = %e, "storing a verified blob failed"),
+    }
+    Ok(())
+}
+
+/// Streams `resp` into `spool`, publishing progress to readers and to the
+/// store's writer (if any). Returns the verified size and the writer to
+/// commit; the phase is `Verified` when it returns Ok. `from` names the
+/// source in errors.
+async fn download(
+    flight: &Flight,
+    job: &FetchJob,
+    spool: &Path,
+    resp: reqwest::Response,
+    mut writer: Option<Box<dyn BlobWriter>>,
+    from: &str,
+) -> Result<(u64, Option<Box<dyn BlobWriter>>), FlightError> {
+    let size = resp.content_length();
+    let file = {
+        let spool = spool.to_owned();
+        tokio::task::spawn_blocking(move || {
+            if let Some(dir) = spool.parent() {
+                std::fs::create_dir_all(dir)?;
+            }
+            std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create_new(true)
+                .open(&spool)
+        })
+        .await
+        .map_err(|e| FlightError::Failed(e.to_string()))?
+        .map_err(|e| FlightError::Failed(format!("cannot create spool file: {e}")))?
+    };
+    let file = Arc::new(file);
+    flight.phase.send_replace(Phase::Streaming {
+        file: file.clone(),
+        size,
+        readable: 0,
+    });
+
+    let registry = from.to_owned();
+    let mut hasher = Some(Hasher::new(flight.digest.algorithm()));
+    let mut written: u64 = 0;
+    let mut body = resp.bytes_stream();
+    loop {
+        let chunk = match tokio::time::timeout(job.body_idle, body.next()).await {
+            Err(_) => {
+                return Err(FlightError::Upstream(UpstreamError::Unavailable {
+                    registry,
+                    detail: format!(
+                        "the blob body stalled for {}",
+                        humantime::format_duration(job.body_idle)
+                    ),
+                }));
+            }
+            Ok(None) => break,
+            Ok(Some(Err(e))) => {
+                return Err(FlightError::Upstream(UpstreamError::Unavailable {
+                    registry,
+                    detail: format!(
+                        "the blob body broke off after {written} bytes: {}",
+                        crate::upstream::describe(&e.without_url())
+                    ),
+                }));
+            }
+            Ok(Some(Ok(c))) => c,
+        };
+        if size.is_some_and(|s| written + chunk.len() as u64 > s) {
+            return Err(FlightError::Mismatch {
+                registry,
+                expected: flight.digest.to_string(),
+            });
+        }
+        let offset = written;
+        let (f, mut h) = (file.clone(), hasher.take());
+        let chunk_len = chunk.len() as u64;
+        h = tokio::task::spawn_blocking(move || -> io::Result<Option<Hasher>> {
+            f.write_all_at(&chunk, offset)?;
+            if let Some(h) = h.as_mut() {
+                h.update(&chunk);
+            }
+            Ok(h)
+        })
+        .await
+        .map_err(|e| FlightError::Failed(e.to_string()))?
+        .map_err(|e| FlightError::Failed(format!("writing the spool file: {e}")))?;
+        hasher = h;
+        written += chunk_len;
+        if let Some(w) = writer.as_mut() {
+            w.progress(written);
+        }
+        // Hold back the last byte until the digest is checked.
+        let readable = written.saturating_sub(1);
+        flight.phase.send_modify(|p| {
+            if let Phase::Streaming { readable: r, .. } = p {
+                *r = readable;
+            }
+        });
+    }
+    let actual = hasher
+        .map(Hasher::finish)
+        .ok_or_else(|| FlightError::Failed("hash state lost".into()))?;
+    if size.is_some_and(|s| s != written) || actual != flight.digest {
+        return Err(FlightError::Mismatch {
+            registry,
+            expected: flight.digest.to_string(),
+        });
+    }
+    flight.phase.send_replace(Phase::Verified {
+        file,
+        size: written,
+    });
+    Ok((written, writer))
+}
+
+async fn remove_quietly(path: &Path) {
+    if let Err(e) = tokio::fs::remove_file(path).await
+        && e.kind() != io::ErrorKind::NotFound
+    {
+        tracing::warn!(path = %path.display(), error = %e, "cannot remove spool file");
+    }
+}
