@@ -70,6 +70,12 @@ pub struct S3Config {
     pub secret_access_key: Option<Secret>,
     /// Local directory for the spool files of in-flight fetches.
     pub spool_path: PathBuf,
+    /// Answer whole-blob GETs with a 307 to a presigned bucket URL, for
+    /// clients that can reach the bucket.
+    pub presigned_redirect: bool,
+    /// How long a presigned URL stays valid.
+    #[serde(with = "humantime_serde")]
+    pub presigned_expiry: Duration,
 }
 
 impl StorageConfig {

@@ -23,7 +23,7 @@ pub use fetch::PEER_HEADER;
 pub use listing::EMPTY_INDEX;
 pub use manifests::ManifestHit;
 
-use crate::config::Config;
+use crate::config::{Config, StorageConfig};
 use crate::meta::{MetaError, MetaStore};
 use crate::reference::Digest;
 use crate::route::{Router, Target};
@@ -70,6 +70,8 @@ pub struct Mirror {
     upstream_failures: RecentFailures,
     tag_ttls: HashMap<String, Duration>,
     body_idle: Duration,
+    /// Expiry of presigned blob URLs, when blob GETs redirect to the store.
+    presign: Option<Duration>,
 }
 
 impl Mirror {
@@ -101,6 +103,10 @@ impl Mirror {
                 .map(|u| (u.registry.clone(), u.tag_ttl))
                 .collect(),
             body_idle: config.timeouts.body_idle,
+            presign: match &config.storage {
+                StorageConfig::S3(s3) if s3.presigned_redirect => Some(s3.presigned_expiry),
+                _ => None,
+            },
         })
     }
 

@@ -77,6 +77,16 @@ pub trait BlobStore: Send + Sync + 'static {
 
     /// Whether the store can be read and written now.
     async fn health(&self) -> Result<(), StorageError>;
+
+    /// A URL clients can fetch the stored blob from directly for `expires`,
+    /// when the store has such a thing.
+    async fn presigned_url(
+        &self,
+        _digest: &Digest,
+        _expires: std::time::Duration,
+    ) -> Result<Option<String>, StorageError> {
+        Ok(None)
+    }
 }
 
 /// A blob on its way into a store, fed from a growing spool file.

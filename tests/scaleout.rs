@@ -164,6 +164,7 @@ async fn pier_rides_out_a_redis_outage_and_reconnects() {
         &[("docker.io", &url)],
         "",
         Some(&redis.url()),
+        "",
     ) else {
         return;
     };
@@ -241,4 +242,136 @@ fn biggest_layer_of_alpine() -> String {
         .unwrap();
     biggest.insert_str(0, "sha256:");
     biggest
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stored_blobs_can_redirect_to_presigned_bucket_urls() {
+    if !have_tools(&["docker-registry", "skopeo"]) {
+        return;
+    }
+    let docker = Upstream::start("docker");
+    let data = tempfile::tempdir().unwrap();
+    let url = docker.url();
+    let Some(pier) = Pier::start_scaled_with(
+        data.path(),
+        &namespace(),
+        &[("docker.io", &url)],
+        "",
+        None,
+        "presigned_redirect = true\npresigned_expiry = \"2m\"",
+    ) else {
+        return;
+    };
+    let want = digest_of("docker", "library/alpine:3.19");
+    assert_eq!(pull(&pier, "docker.io/library/alpine:3.19").await, want);
+    let layer = biggest_layer_of_alpine();
+    let blob = format!("{}/v2/docker.io/library/alpine/blobs/{layer}", pier.url());
+    let http = http_for(&pier);
+    // Wait for the commit that follows the pull.
+    let mut r = fetch(&http, reqwest::Method::GET, &blob, &[]).await;
+    for _ in 0..20 {
+        if r.status() == reqwest::StatusCode::TEMPORARY_REDIRECT {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        r = fetch(&http, reqwest::Method::GET, &blob, &[]).await;
+    }
+    assert_eq!(r.status(), reqwest::StatusCode::TEMPORARY_REDIRECT);
+    let location = r.headers()["location"].to_str().unwrap().to_owned();
+    assert!(location.contains("X-Amz-Signature="), "{location}");
+    // The presigned URL serves the right bytes (the server checks the
+    // signature).
+    let bytes = reqwest::get(&location)
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    assert_eq!(
+        format!("sha256:{}", common::fake::sha256_hex(&bytes)),
+        layer
+    );
+    // Ranges and HEAD are answered by Pier itself.
+    let r = fetch(
+        &http,
+        reqwest::Method::GET,
+        &blob,
+        &[("range", "bytes=0-9")],
+    )
+    .await;
+    assert_eq!(r.status(), reqwest::StatusCode::PARTIAL_CONTENT);
+    let r = fetch(&http, reqwest::Method::HEAD, &blob, &[]).await;
+    assert_eq!(r.status(), reqwest::StatusCode::OK);
+    // And a client following redirects (skopeo) still pulls.
+    assert_eq!(pull(&pier, "docker.io/library/alpine:3.19").await, want);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_replica_takes_over_when_the_fetching_one_is_killed() {
+    use common::fake::{Blob, Fake, sha256_hex};
+    use futures::StreamExt;
+    let fake = Fake::start();
+    let good: Vec<u8> = (0..3_000_000u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    let hex = sha256_hex(&good);
+    let digest = format!("sha256:{hex}");
+    fake.blob(
+        &digest,
+        Blob::Slow(good.clone().into(), std::time::Duration::from_secs(3)),
+    );
+    let ns = namespace();
+    let data = tempfile::tempdir().unwrap();
+    let Some(config) = scaled_config(
+        data.path(),
+        &ns,
+        &[("corp.example", &fake.url())],
+        "",
+        None,
+        "",
+    ) else {
+        return;
+    };
+    let config = config.replace("[cluster]\n", "[cluster]\nlease_ttl = \"2s\"\n");
+    let mut a = PierProcess::start(&config);
+    let b = PierProcess::start(&config);
+    let path = format!("/v2/corp.example/team/app/blobs/{digest}");
+
+    // A client starts the blob on A, which takes the lease and streams.
+    let http = reqwest::Client::new();
+    let r = http.get(format!("{}{path}", a.url())).send().await.unwrap();
+    assert_eq!(r.status(), reqwest::StatusCode::OK);
+    let mut body = r.bytes_stream();
+    let first = body.next().await.unwrap().unwrap();
+    assert!(!first.is_empty());
+
+    // A dies mid-blob: the client's stream breaks, nothing is under the key.
+    a.kill();
+    let mut broke = false;
+    while let Some(chunk) = body.next().await {
+        if chunk.is_err() {
+            broke = true;
+            break;
+        }
+    }
+    assert!(
+        broke,
+        "the stream from a killed replica must not end cleanly"
+    );
+    let key = format!("{ns}/blobs/sha256/{hex}");
+    assert!(!s3_has(&key), "a partial object is under {key}");
+
+    // The client retries on B: B waits out A's lease, fetches, verifies.
+    let r = http.get(format!("{}{path}", b.url())).send().await.unwrap();
+    assert_eq!(r.status(), reqwest::StatusCode::OK);
+    assert_eq!(r.bytes().await.unwrap(), good);
+    assert_eq!(fake.count("GET", "/v2/team/app/blobs/"), 2);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while !s3_has(&key) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "B never committed the blob"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
 }

@@ -194,6 +194,22 @@ async fn blob(
         Some(Err(_)) => return Err(ApiError::malformed_range()),
     };
     let for_peer = ask.headers.contains_key(crate::mirror::PEER_HEADER);
+    // Whole-blob GETs may go straight to the bucket (never ranges, never a
+    // peer replica, which streams).
+    if range.is_none()
+        && !for_peer
+        && let Some(url) = mirror.blob_redirect(target, digest).await
+    {
+        let mut resp = Response::new(Body::empty());
+        *resp.status_mut() = StatusCode::TEMPORARY_REDIRECT;
+        set(resp.headers_mut(), header::LOCATION, &url);
+        set(
+            resp.headers_mut(),
+            "docker-content-digest",
+            &digest.to_string(),
+        );
+        return Ok(resp);
+    }
     let b = mirror.blob(target, digest, range, for_peer).await?;
     let len = match (b.range, b.size) {
         (Some(r), _) => Some(r.len()),

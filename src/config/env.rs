@@ -35,6 +35,8 @@ const SECTIONS: &[(&str, &[&str])] = &[
             "access_key_id",
             "secret_access_key",
             "spool_path",
+            "presigned_redirect",
+            "presigned_expiry",
         ],
     ),
     (
@@ -49,7 +51,7 @@ const UPSTREAM_KEYS: &[&str] = &["aliases", "endpoints", "tag_ttl", "username", 
 /// Keys whose values are comma-separated lists.
 const LIST_KEYS: &[&str] = &["domains", "aliases", "endpoints"];
 /// Keys whose values are booleans.
-const BOOL_KEYS: &[&str] = &["path_style", "builtin_upstreams"];
+const BOOL_KEYS: &[&str] = &["path_style", "builtin_upstreams", "presigned_redirect"];
 /// Keys whose values are integers.
 const INT_KEYS: &[&str] = &["pool_size"];
 

@@ -39,6 +39,9 @@ pub struct FileStorage {
     pub access_key_id: Option<String>,
     pub secret_access_key: Option<String>,
     pub spool_path: Option<PathBuf>,
+    pub presigned_redirect: Option<bool>,
+    #[serde(default, with = "humantime_serde")]
+    pub presigned_expiry: Option<Duration>,
 }
 
 #[derive(Debug, Default, Deserialize)]

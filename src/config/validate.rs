@@ -142,6 +142,8 @@ fn storage(s: FileStorage, p: &mut Problems) -> StorageConfig {
                 (s.access_key_id.is_some(), "access_key_id"),
                 (s.secret_access_key.is_some(), "secret_access_key"),
                 (s.spool_path.is_some(), "spool_path"),
+                (s.presigned_redirect.is_some(), "presigned_redirect"),
+                (s.presigned_expiry.is_some(), "presigned_expiry"),
             ] {
                 if set {
                     p.add(
@@ -189,6 +191,8 @@ fn storage(s: FileStorage, p: &mut Problems) -> StorageConfig {
                 spool_path: s
                     .spool_path
                     .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA).join("tmp")),
+                presigned_redirect: s.presigned_redirect.unwrap_or(false),
+                presigned_expiry: positive(p, "storage.presigned_expiry", s.presigned_expiry, 300),
             }))
         }
         other => {

@@ -128,6 +128,24 @@ impl Mirror {
         }
     }
 
+    /// Where to send the client instead of streaming the blob, when the
+    /// store hands out presigned URLs and the blob is stored and may be
+    /// served under this repository.
+    pub async fn blob_redirect(&self, target: &Target, digest: &Digest) -> Option<String> {
+        let expires = self.presign?;
+        self.stored_size(digest).await?;
+        if !matches!(self.authorized(target, digest).await, Ok(true)) {
+            return None;
+        }
+        match self.blobs.presigned_url(digest, expires).await {
+            Ok(url) => url,
+            Err(e) => {
+                tracing::warn!(%digest, error = %e, "cannot presign; streaming instead");
+                None
+            }
+        }
+    }
+
     pub async fn blob_info(
         &self,
         target: &Target,

@@ -16,6 +16,7 @@ use aws_sdk_s3::config::{
     BehaviorVersion, Credentials, Region, RequestChecksumCalculation, ResponseChecksumValidation,
 };
 use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
+use aws_sdk_s3::presigning::PresigningConfig;
 use aws_sdk_s3::primitives::{ByteStream, Length};
 use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
 use futures::StreamExt;
@@ -236,6 +237,24 @@ impl BlobStore for S3BlobStore {
             .await
             .map(drop)
             .map_err(|e| backend("DeleteObject", e))
+    }
+
+    async fn presigned_url(
+        &self,
+        digest: &Digest,
+        expires: Duration,
+    ) -> Result<Option<String>, StorageError> {
+        let cfg = PresigningConfig::expires_in(expires)
+            .map_err(|e| StorageError::Backend(format!("s3 presigning: {e}")))?;
+        let req = self
+            .client
+            .get_object()
+            .bucket(&self.bucket)
+            .key(self.key(digest))
+            .presigned(cfg)
+            .await
+            .map_err(|e| backend("presign GetObject", e))?;
+        Ok(Some(req.uri().to_owned()))
     }
 
     async fn health(&self) -> Result<(), StorageError> {
@@ -505,6 +524,8 @@ mod tests {
                 .ok()
                 .map(Secret::new),
             spool_path: PathBuf::from("unused"),
+            presigned_redirect: false,
+            presigned_expiry: Duration::from_secs(60),
         };
         let store = S3BlobStore::new(&cfg).await;
         // The bucket may exist already (shared by tests).
@@ -541,6 +562,8 @@ mod tests {
             access_key_id: std::env::var("PIER_TEST_S3_ACCESS_KEY").ok(),
             secret_access_key: Some(Secret::new("not-the-secret")),
             spool_path: PathBuf::from("unused"),
+            presigned_redirect: false,
+            presigned_expiry: Duration::from_secs(60),
         };
         let bad = S3BlobStore::new(&cfg).await;
         // The server checks signatures: the store is not healthy, and a

@@ -276,6 +276,125 @@ impl Upstream {
     }
 }
 
+/// A config for a replica on the shared S3 bucket and Redis (or `redis`),
+/// under `namespace`; `{advertise}` stands for the replica's own URL. None
+/// (after saying why) when the backends are not running.
+pub fn scaled_config(
+    data: &Path,
+    namespace: &str,
+    upstreams: &[(&str, &str)],
+    per_upstream: &str,
+    redis: Option<&str>,
+    storage_extra: &str,
+) -> Option<String> {
+    let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+    let redis = redis
+        .map(str::to_owned)
+        .or_else(|| env("PIER_TEST_REDIS_URL"));
+    let (Some(redis), Some(s3)) = (redis, env("PIER_TEST_S3_ENDPOINT")) else {
+        let msg = "PIER_TEST_REDIS_URL / PIER_TEST_S3_ENDPOINT are not set: run tests/run.sh";
+        if strict() {
+            panic!("{msg}");
+        }
+        eprintln!("SKIPPED: {msg}");
+        return None;
+    };
+    let mut config = format!(
+        "listen = \"127.0.0.1:0\"\nbuiltin_upstreams = false\ndefault_registry = \"{}\"\n\
+         [storage]\nkind = \"s3\"\nbucket = \"{}\"\nprefix = \"{namespace}\"\n\
+         endpoint = \"{s3}\"\naccess_key_id = \"{}\"\nsecret_access_key = \"{}\"\n\
+         spool_path = \"{}\"\n{storage_extra}\n\
+         [metadata]\nkind = \"redis\"\nurl = \"{redis}\"\nkey_prefix = \"{namespace}:\"\n\
+         timeout = \"500ms\"\n[cluster]\nadvertise_url = \"{{advertise}}\"\n",
+        upstreams[0].0,
+        env("PIER_TEST_S3_BUCKET").unwrap_or_else(|| "pier-test".into()),
+        env("PIER_TEST_S3_ACCESS_KEY").unwrap_or_default(),
+        env("PIER_TEST_S3_SECRET_KEY").unwrap_or_default(),
+        data.join("spool").display(),
+    );
+    for (registry, url) in upstreams {
+        config.push_str(&format!(
+            "[[upstreams]]\nregistry = \"{registry}\"\nendpoints = [\"{url}\"]\n{per_upstream}\n"
+        ));
+    }
+    Some(config)
+}
+
+/// Pier as a separate process (`pier serve`), for tests that kill it.
+pub struct PierProcess {
+    pub port: u16,
+    child: Child,
+    _config: tempfile::NamedTempFile,
+}
+
+impl PierProcess {
+    /// Starts `pier serve` with `config`, in which `{advertise}` and the
+    /// listen address are filled in with a free loopback port.
+    pub fn start(config: &str) -> PierProcess {
+        let port = free_port();
+        let text = config
+            .replace(
+                "listen = \"127.0.0.1:0\"",
+                &format!("listen = \"127.0.0.1:{port}\""),
+            )
+            .replace("{advertise}", &format!("http://127.0.0.1:{port}"));
+        let file = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(file.path(), text).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_pier"))
+            .arg("serve")
+            .arg("--config")
+            .arg(file.path())
+            .env("RUST_LOG", "info")
+            .spawn()
+            .expect("start pier");
+        wait_http(&format!("http://127.0.0.1:{port}/healthz"));
+        PierProcess {
+            port,
+            child,
+            _config: file,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// SIGKILL: no cleanup of any kind.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for PierProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Whether the shared test bucket has an object at `key` (a signed HEAD).
+pub fn s3_has(key: &str) -> bool {
+    let env = |k: &str| std::env::var(k).unwrap_or_default();
+    let out = Command::new("curl")
+        .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "-I"])
+        .args(["--aws-sigv4", "aws:amz:us-east-1:s3", "--user"])
+        .arg(format!(
+            "{}:{}",
+            env("PIER_TEST_S3_ACCESS_KEY"),
+            env("PIER_TEST_S3_SECRET_KEY")
+        ))
+        .arg(format!(
+            "{}/{}/{key}",
+            env("PIER_TEST_S3_ENDPOINT"),
+            std::env::var("PIER_TEST_S3_BUCKET").unwrap_or_else(|_| "pier-test".into())
+        ))
+        .output()
+        .unwrap();
+    let code = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(code == "200" || code == "404", "S3 HEAD {key}: {code}");
+    code == "200"
+}
+
 /// A private `redis-server` on a loopback port, for outage tests.
 pub struct RedisServer {
     pub port: u16,
@@ -430,48 +549,27 @@ impl Pier {
         upstreams: &[(&str, &str)],
         per_upstream: &str,
     ) -> Option<Pier> {
-        Pier::start_scaled_with(data, namespace, upstreams, per_upstream, None)
+        Pier::start_scaled_with(data, namespace, upstreams, per_upstream, None, "")
     }
 
     /// Like `start_scaled`, with metadata in the Redis at `redis` instead of
-    /// the shared one.
+    /// the shared one, and `storage_extra` lines in `[storage]`.
     pub fn start_scaled_with(
         data: &Path,
         namespace: &str,
         upstreams: &[(&str, &str)],
         per_upstream: &str,
         redis: Option<&str>,
+        storage_extra: &str,
     ) -> Option<Pier> {
-        let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
-        let redis = redis
-            .map(str::to_owned)
-            .or_else(|| env("PIER_TEST_REDIS_URL"));
-        let (Some(redis), Some(s3)) = (redis, env("PIER_TEST_S3_ENDPOINT")) else {
-            let msg = "PIER_TEST_REDIS_URL / PIER_TEST_S3_ENDPOINT are not set: run tests/run.sh";
-            if strict() {
-                panic!("{msg}");
-            }
-            eprintln!("SKIPPED: {msg}");
-            return None;
-        };
-        let mut config = format!(
-            "listen = \"127.0.0.1:0\"\nbuiltin_upstreams = false\ndefault_registry = \"{}\"\n\
-             [storage]\nkind = \"s3\"\nbucket = \"{}\"\nprefix = \"{namespace}\"\n\
-             endpoint = \"{s3}\"\naccess_key_id = \"{}\"\nsecret_access_key = \"{}\"\n\
-             spool_path = \"{}\"\n\
-             [metadata]\nkind = \"redis\"\nurl = \"{redis}\"\nkey_prefix = \"{namespace}:\"\n\
-             timeout = \"500ms\"\n[cluster]\nadvertise_url = \"{{advertise}}\"\n",
-            upstreams[0].0,
-            env("PIER_TEST_S3_BUCKET").unwrap_or_else(|| "pier-test".into()),
-            env("PIER_TEST_S3_ACCESS_KEY").unwrap_or_default(),
-            env("PIER_TEST_S3_SECRET_KEY").unwrap_or_default(),
-            data.join("spool").display(),
-        );
-        for (registry, url) in upstreams {
-            config.push_str(&format!(
-                "[[upstreams]]\nregistry = \"{registry}\"\nendpoints = [\"{url}\"]\n{per_upstream}\n"
-            ));
-        }
+        let config = scaled_config(
+            data,
+            namespace,
+            upstreams,
+            per_upstream,
+            redis,
+            storage_extra,
+        )?;
         Some(Pier::run(data, config))
     }
 
