@@ -375,3 +375,50 @@ async fn another_replica_takes_over_when_the_fetching_one_is_killed() {
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_s3_down_clients_are_served_from_upstream_and_nothing_is_stored() {
+    if !have_tools(&["docker-registry", "skopeo"]) {
+        return;
+    }
+    let docker = Upstream::start("docker");
+    let data = tempfile::tempdir().unwrap();
+    let url = docker.url();
+    let Some(config) = scaled_config(
+        data.path(),
+        &namespace(),
+        &[("docker.io", &url)],
+        "",
+        None,
+        "",
+    ) else {
+        return;
+    };
+    // The bucket's endpoint refuses connections.
+    let s3 = std::env::var("PIER_TEST_S3_ENDPOINT").unwrap();
+    let config = config.replace(&s3, &format!("http://127.0.0.1:{}", free_port()));
+    let pier = Pier::start_raw(data.path(), &config);
+    let r = reqwest::get(format!("{}/readyz", pier.url()))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), reqwest::StatusCode::SERVICE_UNAVAILABLE);
+    let want = digest_of("docker", "library/alpine:3.19");
+    for _ in 0..2 {
+        assert_eq!(pull(&pier, "docker.io/library/alpine:3.19").await, want);
+    }
+    // Nothing could be kept, so the second pull went upstream again.
+    let blobs = docker.requests("GET", "library/alpine/blobs/");
+    assert!(blobs >= 4, "{}", docker.log());
+    // And no spool file is left behind once the failed commits give up.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    loop {
+        let spool: Vec<_> = std::fs::read_dir(data.path().join("spool"))
+            .unwrap()
+            .collect();
+        if spool.is_empty() {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{spool:?}");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}

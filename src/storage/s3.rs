@@ -12,6 +12,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use aws_sdk_s3::Client;
 use aws_sdk_s3::config::http::HttpResponse;
+use aws_sdk_s3::config::retry::RetryConfig;
+use aws_sdk_s3::config::timeout::TimeoutConfig;
 use aws_sdk_s3::config::{
     BehaviorVersion, Credentials, Region, RequestChecksumCalculation, ResponseChecksumValidation,
 };
@@ -69,7 +71,20 @@ impl S3BlobStore {
         // aws-chunked upload extensions; ask for them only when required.
         let mut builder = aws_sdk_s3::config::Builder::from(&sdk)
             .request_checksum_calculation(RequestChecksumCalculation::WhenRequired)
-            .response_checksum_validation(ResponseChecksumValidation::WhenRequired);
+            .response_checksum_validation(ResponseChecksumValidation::WhenRequired)
+            // A store that is down must not hold clients for seconds per
+            // request: retry briefly, then serve from upstream instead.
+            .retry_config(
+                RetryConfig::standard()
+                    .with_max_attempts(3)
+                    .with_initial_backoff(Duration::from_millis(50)),
+            )
+            .timeout_config(
+                TimeoutConfig::builder()
+                    .connect_timeout(Duration::from_secs(3))
+                    .read_timeout(Duration::from_secs(30))
+                    .build(),
+            );
         if sdk.region().is_none() {
             builder = builder.region(Region::new("us-east-1"));
         }
