@@ -4,7 +4,7 @@
 # loopback. Idempotent; needs root.
 set -euo pipefail
 
-packages=(docker-registry skopeo curl ca-certificates apache2-utils redis-server)
+packages=(docker-registry skopeo curl ca-certificates apache2-utils redis-server nginx-light)
 # Real container runtimes as clients (tests/runtimes.rs): each test starts its
 # own private daemon as root; runc comes with them, and nothing else (no
 # rootless helpers, overlay or network tools) is needed for vfs/native pulls.
@@ -27,10 +27,10 @@ if ! grep -qF "# pier tests" /etc/hosts; then
 	echo "$hosts_line" >>/etc/hosts
 fi
 
-# The token server for Bearer-auth upstreams signs JWTs with `cryptography`.
-if ! python3 -c 'import cryptography' 2>/dev/null; then
-	python3 -m pip install --quiet cryptography
-fi
+# The token server for Bearer-auth upstreams signs JWTs with `cryptography`;
+# the deploy test reads the compose file with PyYAML.
+python3 -c 'import cryptography' 2>/dev/null || python3 -m pip install --quiet cryptography
+python3 -c 'import yaml' 2>/dev/null || python3 -m pip install --quiet pyyaml
 
 # SeaweedFS, an S3 server that verifies SigV4 signatures, as a static binary.
 if ! command -v weed >/dev/null 2>&1; then

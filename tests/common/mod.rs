@@ -276,6 +276,16 @@ impl Upstream {
     }
 }
 
+/// The host-prefix alias tests use for a registry.
+fn alias_of(registry: &str) -> &'static str {
+    match registry {
+        "docker.io" => "docker",
+        "registry.k8s.io" => "k8s",
+        "gcr.io" => "gcr",
+        _ => "corp",
+    }
+}
+
 /// A config for a replica on the shared S3 bucket and Redis (or `redis`),
 /// under `namespace`; `{advertise}` stands for the replica's own URL. None
 /// (after saying why) when the backends are not running.
@@ -301,6 +311,7 @@ pub fn scaled_config(
     };
     let mut config = format!(
         "listen = \"127.0.0.1:0\"\nbuiltin_upstreams = false\ndefault_registry = \"{}\"\n\
+         domains = [\"{DOMAIN}\"]\n\
          [storage]\nkind = \"s3\"\nbucket = \"{}\"\nprefix = \"{namespace}\"\n\
          endpoint = \"{s3}\"\naccess_key_id = \"{}\"\nsecret_access_key = \"{}\"\n\
          spool_path = \"{}\"\n{storage_extra}\n\
@@ -314,7 +325,9 @@ pub fn scaled_config(
     );
     for (registry, url) in upstreams {
         config.push_str(&format!(
-            "[[upstreams]]\nregistry = \"{registry}\"\nendpoints = [\"{url}\"]\n{per_upstream}\n"
+            "[[upstreams]]\nregistry = \"{registry}\"\naliases = [\"{}\"]\n\
+             endpoints = [\"{url}\"]\n{per_upstream}\n",
+            alias_of(registry)
         ));
     }
     Some(config)
@@ -527,12 +540,7 @@ impl Pier {
             config.insert_str(0, &format!("default_registry = \"{first}\"\n"));
         }
         for (registry, url) in upstreams {
-            let alias = match *registry {
-                "docker.io" => "docker",
-                "registry.k8s.io" => "k8s",
-                "gcr.io" => "gcr",
-                _ => "corp",
-            };
+            let alias = alias_of(registry);
             config.push_str(&format!(
                 "[[upstreams]]\nregistry = \"{registry}\"\naliases = [\"{alias}\"]\nendpoints = [\"{url}\"]\n{per_upstream}\n"
             ));
