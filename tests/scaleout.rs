@@ -69,17 +69,18 @@ async fn twenty_clients_on_two_replicas_cause_one_upstream_get_per_blob() {
     let ns = namespace();
     let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let url = docker.url();
-    let Some(a) = Pier::start_scaled(da.path(), &ns, &[("docker.io", &url)], "") else {
+    // Two `pier serve` processes sharing one bucket and one Redis.
+    let config =
+        |dir: &std::path::Path| scaled_config(dir, &ns, &[("docker.io", &url)], "", None, "");
+    let (Some(ca), Some(cb)) = (config(da.path()), config(db.path())) else {
         return;
     };
-    let b = Pier::start_scaled(db.path(), &ns, &[("docker.io", &url)], "").unwrap();
+    let (a, b) = (PierProcess::start(&ca), PierProcess::start(&cb));
     let want = digest_of("docker", "library/big:latest");
     let mut clients = Vec::new();
     for i in 0..20 {
-        let src = format!(
-            "{}/docker.io/library/big:latest",
-            if i % 2 == 0 { a.host() } else { b.host() }
-        );
+        let port = if i % 2 == 0 { a.port } else { b.port };
+        let src = format!("127.0.0.1:{port}/docker.io/library/big:latest");
         clients.push(tokio::spawn(async move {
             let out = tempfile::tempdir().unwrap();
             let run = skopeo_copy(&src, out.path(), &[]).await;
