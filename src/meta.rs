@@ -32,6 +32,29 @@ pub struct StoredManifest {
     pub bytes: Bytes,
 }
 
+impl StoredManifest {
+    /// One value for a key-value store: media type, `\n`, the bytes.
+    pub(crate) fn encode(&self) -> Vec<u8> {
+        let mut value = Vec::with_capacity(self.media_type.len() + 1 + self.bytes.len());
+        value.extend_from_slice(self.media_type.as_bytes());
+        value.push(b'\n');
+        value.extend_from_slice(&self.bytes);
+        value
+    }
+
+    /// The inverse of `encode`; `what` names the record in errors.
+    pub(crate) fn decode(raw: &[u8], what: &Digest) -> Result<Self, MetaError> {
+        let nl = raw
+            .iter()
+            .position(|&b| b == b'\n')
+            .ok_or_else(|| MetaError::Corrupt(format!("manifest {what}")))?;
+        Ok(Self {
+            media_type: String::from_utf8_lossy(&raw[..nl]).into_owned(),
+            bytes: Bytes::copy_from_slice(&raw[nl + 1..]),
+        })
+    }
+}
+
 /// What a tag pointed at when Pier last asked upstream.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TagRecord {

@@ -208,16 +208,7 @@ async fn ten_concurrent_cold_pulls_fetch_each_blob_once_and_warm_pulls_none() {
     for t in tasks {
         assert_eq!(t.await.unwrap(), want);
     }
-    let log = s.docker.log();
-    let blob_gets: Vec<&str> = log
-        .lines()
-        .filter(|l| l.contains("\"GET /v2/library/big/blobs/"))
-        .map(|l| l.split('"').nth(1).unwrap())
-        .collect();
-    let counts = histogram(blob_gets.iter().copied());
-    // A config and two layers, each fetched exactly once.
-    assert_eq!(counts.len(), 3, "{log}");
-    assert!(counts.values().all(|&n| n == 1), "{counts:#?}");
+    s.docker.assert_one_get_per_blob("library/big", 3);
 
     let before = s.docker.requests("GET", "library/big/blobs/");
     assert_eq!(pull_digest(&src, &[]).await, want);

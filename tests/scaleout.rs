@@ -91,20 +91,13 @@ async fn twenty_clients_on_two_replicas_cause_one_upstream_get_per_blob() {
     for c in clients {
         assert_eq!(c.await.unwrap(), want);
     }
-    let log = docker.log();
-    let gets: Vec<&str> = log
-        .lines()
-        .filter(|l| l.contains("\"GET /v2/library/big/blobs/"))
-        .map(|l| l.split('"').nth(1).unwrap())
-        .collect();
-    let counts = histogram(gets.iter().copied());
-    assert_eq!(counts.len(), 3, "{log}");
-    assert!(counts.values().all(|&n| n == 1), "{counts:#?}");
+    docker.assert_one_get_per_blob("library/big", 3);
     // Tags too: one upstream manifest GET for the tag across both.
     assert_eq!(
         docker.requests("GET", "library/big/manifests/latest"),
         1,
-        "{log}"
+        "{}",
+        docker.log()
     );
 }
 

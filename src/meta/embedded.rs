@@ -7,7 +7,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use bytes::Bytes;
 use redb::{Database, TableDefinition};
 
 use super::{MetaError, MetaStore, StoredManifest, TagRecord};
@@ -69,21 +68,14 @@ fn link_key(repo: &str, digest: &Digest) -> String {
 impl MetaStore for EmbeddedMeta {
     async fn manifest(&self, digest: &Digest) -> Result<Option<StoredManifest>, MetaError> {
         let key = digest.to_string();
+        let digest = digest.clone();
         self.blocking(move |db| {
             let txn = db.begin_read().map_err(backend)?;
             let table = txn.open_table(MANIFESTS).map_err(backend)?;
             let Some(v) = table.get(key.as_str()).map_err(backend)? else {
                 return Ok(None);
             };
-            let raw = v.value();
-            let nl = raw
-                .iter()
-                .position(|&b| b == b'\n')
-                .ok_or_else(|| MetaError::Corrupt(format!("manifest {key}")))?;
-            Ok(Some(StoredManifest {
-                media_type: String::from_utf8_lossy(&raw[..nl]).into_owned(),
-                bytes: Bytes::copy_from_slice(&raw[nl + 1..]),
-            }))
+            StoredManifest::decode(v.value(), &digest).map(Some)
         })
         .await
     }
@@ -95,10 +87,7 @@ impl MetaStore for EmbeddedMeta {
         manifest: &StoredManifest,
         references: &[Digest],
     ) -> Result<(), MetaError> {
-        let mut value = Vec::with_capacity(manifest.media_type.len() + 1 + manifest.bytes.len());
-        value.extend_from_slice(manifest.media_type.as_bytes());
-        value.push(b'\n');
-        value.extend_from_slice(&manifest.bytes);
+        let value = manifest.encode();
         let key = digest.to_string();
         let repo = repo.to_owned();
         let links: Vec<String> = std::iter::once(digest)

@@ -9,7 +9,6 @@ use std::future::Future;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use bytes::Bytes;
 use deadpool_redis::redis::{self, AsyncCommands};
 use deadpool_redis::{Config as PoolSettings, Connection, Pool, PoolConfig, Runtime, Timeouts};
 
@@ -91,15 +90,7 @@ impl MetaStore for RedisMeta {
     async fn manifest(&self, digest: &Digest) -> Result<Option<StoredManifest>, MetaError> {
         let key = self.key(&["m", &digest.to_string()]);
         let raw: Option<Vec<u8>> = self.run(|mut c| async move { c.get(key).await }).await?;
-        let Some(raw) = raw else { return Ok(None) };
-        let nl = raw
-            .iter()
-            .position(|&b| b == b'\n')
-            .ok_or_else(|| MetaError::Corrupt(format!("manifest {digest}")))?;
-        Ok(Some(StoredManifest {
-            media_type: String::from_utf8_lossy(&raw[..nl]).into_owned(),
-            bytes: Bytes::copy_from_slice(&raw[nl + 1..]),
-        }))
+        raw.map(|r| StoredManifest::decode(&r, digest)).transpose()
     }
 
     async fn put_manifest(
@@ -109,10 +100,7 @@ impl MetaStore for RedisMeta {
         manifest: &StoredManifest,
         references: &[Digest],
     ) -> Result<(), MetaError> {
-        let mut value = Vec::with_capacity(manifest.media_type.len() + 1 + manifest.bytes.len());
-        value.extend_from_slice(manifest.media_type.as_bytes());
-        value.push(b'\n');
-        value.extend_from_slice(&manifest.bytes);
+        let value = manifest.encode();
         let members: Vec<String> = std::iter::once(digest)
             .chain(references)
             .map(Digest::to_string)

@@ -235,6 +235,21 @@ impl Upstream {
         self.log().lines().filter(|l| l.contains(&needle)).count()
     }
 
+    /// Asserts that Pier sent exactly one GET for each of `blobs` distinct
+    /// blobs under `repo` (the point of a pull-through cache).
+    pub fn assert_one_get_per_blob(&self, repo: &str, blobs: usize) {
+        let log = self.log();
+        let needle = format!("\"GET /v2/{repo}/blobs/");
+        let gets: Vec<&str> = log
+            .lines()
+            .filter(|l| l.contains(&needle))
+            .map(|l| l.split('"').nth(1).unwrap_or(l))
+            .collect();
+        let counts = histogram(gets.iter().copied());
+        assert_eq!(counts.len(), blobs, "{log}");
+        assert!(counts.values().all(|&n| n == 1), "{counts:#?}");
+    }
+
     /// The access-log lines of requests Pier sent (not the harness's own).
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.access_log())
