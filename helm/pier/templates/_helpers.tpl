@@ -1,0 +1,158 @@
+{{/*
+Names, labels, and the decisions every template shares (scale-out mode,
+replica count, which volumes exist, where secrets come from).
+*/}}
+
+{{- define "pier.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "pier.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "pier.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "pier.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "pier.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{- define "pier.labels" -}}
+helm.sh/chart: {{ include "pier.chart" . }}
+{{ include "pier.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: pier
+{{- end }}
+
+{{- define "pier.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "pier.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{- define "pier.image" -}}
+{{- $tag := default .Chart.AppVersion .Values.image.tag }}
+{{- if .Values.image.digest }}
+{{- printf "%s@%s" .Values.image.repository .Values.image.digest }}
+{{- else }}
+{{- printf "%s:%s" .Values.image.repository $tag }}
+{{- end }}
+{{- end }}
+
+{{/* "true" when blobs are in S3 and metadata in Redis: replicas share nothing local. */}}
+{{- define "pier.scaleOut" -}}
+{{- if and (eq .Values.storage.kind "s3") (eq .Values.metadata.kind "redis") }}true{{ end }}
+{{- end }}
+
+{{/* "true" when a store lives on the pod's disk (fs blobs or embedded metadata). */}}
+{{- define "pier.localData" -}}
+{{- if or (eq .Values.storage.kind "fs") (eq .Values.metadata.kind "embedded") }}true{{ end }}
+{{- end }}
+
+{{/* Replicas: replicaCount if set, else 2 when scaled out, else 1. */}}
+{{- define "pier.replicas" -}}
+{{- if kindIs "invalid" .Values.replicaCount }}
+{{- if include "pier.scaleOut" . }}2{{ else }}1{{ end }}
+{{- else }}
+{{- int .Values.replicaCount }}
+{{- end }}
+{{- end }}
+
+{{/* "true" when more than one pod can run at once (spread, PDB). */}}
+{{- define "pier.multiReplica" -}}
+{{- if or .Values.autoscaling.enabled (gt (int (include "pier.replicas" .)) 1) }}true{{ end }}
+{{- end }}
+
+{{/* Where pods mount things; pier.toml names the same paths. */}}
+{{- define "pier.dataPath" -}}/var/lib/pier/data{{- end }}
+{{- define "pier.spoolPath" -}}/var/lib/pier/spool{{- end }}
+{{- define "pier.configPath" -}}/etc/pier{{- end }}
+
+{{/* The Secret this chart creates for inline credentials. */}}
+{{- define "pier.secretName" -}}{{ include "pier.fullname" . }}{{- end }}
+
+{{/* "true" when the chart has inline credentials to put in its own Secret. */}}
+{{- define "pier.ownSecret" -}}
+{{- $own := false }}
+{{- if and (eq .Values.storage.kind "s3") .Values.storage.s3.accessKeyId }}{{ $own = true }}{{ end }}
+{{- if and (eq .Values.metadata.kind "redis") .Values.metadata.redis.url }}{{ $own = true }}{{ end }}
+{{- range .Values.config.upstreams }}
+{{- if .username }}{{ $own = true }}{{ end }}
+{{- end }}
+{{- if $own }}true{{ end }}
+{{- end }}
+
+{{/* The environment-variable form of a registry name: docker.io → DOCKER_IO. */}}
+{{- define "pier.registryEnvKey" -}}
+{{- regexReplaceAll "[^A-Za-z0-9]" . "_" | upper }}
+{{- end }}
+
+{{- define "pier.redisName" -}}{{ include "pier.fullname" . }}-redis{{- end }}
+
+{{/*
+Values the schema cannot express: combinations that would give a pod that
+crash-loops or silently loses data. Each message says what to change.
+*/}}
+{{- define "pier.validate" -}}
+{{- $v := .Values }}
+{{- $replicas := int (include "pier.replicas" .) }}
+{{- if not (include "pier.scaleOut" .) }}
+{{- if gt $replicas 1 }}
+{{- fail (printf "replicaCount=%d needs storage.kind=s3 and metadata.kind=redis: the fs and embedded stores live on one pod's disk and cannot be shared" $replicas) }}
+{{- end }}
+{{- if $v.autoscaling.enabled }}
+{{- fail "autoscaling.enabled needs storage.kind=s3 and metadata.kind=redis: the fs and embedded stores cannot be shared between replicas" }}
+{{- end }}
+{{- end }}
+{{- if and $v.autoscaling.enabled (gt (int $v.autoscaling.minReplicas) (int $v.autoscaling.maxReplicas)) }}
+{{- fail "autoscaling.minReplicas is above autoscaling.maxReplicas" }}
+{{- end }}
+{{- if and $v.ingress.enabled (not $v.config.domains) }}
+{{- fail "ingress.enabled needs config.domains: the Ingress serves each domain and its wildcard (*.<domain>)" }}
+{{- end }}
+{{- if eq $v.storage.kind "s3" }}
+{{- if not $v.storage.s3.bucket }}
+{{- fail "storage.kind=s3 needs storage.s3.bucket" }}
+{{- end }}
+{{- if ne (not $v.storage.s3.accessKeyId) (not $v.storage.s3.secretAccessKey) }}
+{{- fail "storage.s3.accessKeyId and storage.s3.secretAccessKey go together (leave both empty for IRSA or existingSecret)" }}
+{{- end }}
+{{- if and $v.existingSecret $v.storage.s3.accessKeyId }}
+{{- fail "set the S3 keys either in storage.s3 or in existingSecret, not both" }}
+{{- end }}
+{{- end }}
+{{- if eq $v.metadata.kind "redis" }}
+{{- $sources := 0 }}
+{{- if $v.metadata.redis.url }}{{ $sources = add1 $sources }}{{ end }}
+{{- if $v.existingSecret }}{{ $sources = add1 $sources }}{{ end }}
+{{- if $v.inClusterRedis.enabled }}{{ $sources = add1 $sources }}{{ end }}
+{{- if ne (int $sources) 1 }}
+{{- fail "metadata.kind=redis needs exactly one of metadata.redis.url, existingSecret (key secretKeys.redisUrl) or inClusterRedis.enabled" }}
+{{- end }}
+{{- else if $v.inClusterRedis.enabled }}
+{{- fail "inClusterRedis.enabled needs metadata.kind=redis" }}
+{{- end }}
+{{- range $v.config.upstreams }}
+{{- if ne (not .username) (not .password) }}
+{{- fail (printf "config.upstreams (%s): username and password go together" .registry) }}
+{{- end }}
+{{- if and .existingSecret .username }}
+{{- fail (printf "config.upstreams (%s): set username/password or existingSecret, not both" .registry) }}
+{{- end }}
+{{- end }}
+{{- end }}
