@@ -18,6 +18,7 @@ use http::{HeaderValue, StatusCode};
 pub use error::{ApiError, ErrorCode};
 
 use crate::mirror::Mirror;
+use crate::telemetry::metrics::metrics;
 
 pub fn router(mirror: Arc<Mirror>) -> Router {
     Router::new()
@@ -26,6 +27,7 @@ pub fn router(mirror: Arc<Mirror>) -> Router {
         .route("/v2/{*rest}", any(handlers::v2))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(handlers::ready))
+        .route("/metrics", get(metrics_text))
         .fallback(|| async { ApiError::not_found_route() })
         .layer(middleware::from_fn(common_headers_and_log))
         .with_state(mirror)
@@ -42,13 +44,44 @@ async fn common_headers_and_log(req: Request, next: Next) -> Response {
         HeaderValue::from_static("registry/2.0"),
     );
     let status = resp.status();
-    let ms = started.elapsed().as_secs_f64() * 1000.0;
+    let took = started.elapsed();
+    metrics().request(endpoint_of(&path), method.as_str(), status.as_u16(), took);
+    let ms = took.as_secs_f64() * 1000.0;
     if status.is_server_error() {
         tracing::warn!(%method, %path, status = status.as_u16(), ms, "request");
     } else {
         tracing::info!(%method, %path, status = status.as_u16(), ms, "request");
     }
     resp
+}
+
+/// The kind of endpoint a path is, for metrics (a fixed, small label set).
+fn endpoint_of(path: &str) -> &'static str {
+    match path.strip_prefix("/v2") {
+        Some("" | "/") => "base",
+        Some(rest) => match path::parse(rest) {
+            Ok(path::V2Path::Manifest { .. }) => "manifest",
+            Ok(path::V2Path::Blob { .. }) => "blob",
+            Ok(path::V2Path::Tags { .. }) => "tags",
+            Ok(path::V2Path::Catalog) => "catalog",
+            Ok(path::V2Path::Referrers { .. }) => "referrers",
+            _ => "other",
+        },
+        None if path == "/healthz" || path == "/readyz" => "health",
+        None if path == "/metrics" => "metrics",
+        None => "other",
+    }
+}
+
+async fn metrics_text() -> Response {
+    (
+        [(
+            http::header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        metrics().encode(),
+    )
+        .into_response()
 }
 
 impl From<StatusCode> for ApiError {

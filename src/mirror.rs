@@ -28,6 +28,7 @@ use crate::meta::{MetaError, MetaStore};
 use crate::reference::Digest;
 use crate::route::{Router, Target};
 use crate::storage::{BlobStore, StorageError};
+use crate::telemetry::metrics::metrics;
 use crate::upstream::{UpstreamClient, UpstreamError, Upstreams};
 use cluster::Cluster;
 use flight::Flights;
@@ -159,6 +160,7 @@ impl Mirror {
         match read.await {
             Ok(v) => v,
             Err(e) => {
+                metrics().backend_error("metadata");
                 tracing::warn!(error = %e, "metadata unavailable; asking upstream");
                 None
             }
@@ -169,6 +171,7 @@ impl Mirror {
     /// not this one.
     async fn remember(&self, write: impl Future<Output = Result<(), MetaError>>) {
         if let Err(e) = write.await {
+            metrics().backend_error("metadata");
             tracing::warn!(error = %e, "metadata unavailable; not remembering");
         }
     }
@@ -179,6 +182,7 @@ impl Mirror {
         match self.blobs.stat(digest).await {
             Ok(size) => size,
             Err(e) => {
+                metrics().backend_error("storage");
                 tracing::warn!(%digest, error = %e, "blob storage unavailable; asking upstream");
                 None
             }

@@ -536,3 +536,76 @@ async fn health_and_readiness() {
     .await;
     assert_eq!(r.status(), StatusCode::OK);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_count_requests_cache_outcomes_and_upstream_calls() {
+    let Some(s) = setup() else { return };
+    let (digest, size) = first_layer(&s, "library/big", "latest").await;
+    let url = format!("{}/v2/docker.io/library/big/blobs/{digest}", s.pier.url());
+    for _ in 0..2 {
+        let r = fetch(&s.http, Method::GET, &url, &[]).await;
+        assert_eq!(r.bytes().await.unwrap().len() as u64, size);
+        // The second GET is a hit once the first committed.
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    }
+    let tag = format!(
+        "{}/v2/docker.io/library/alpine/manifests/3.19",
+        s.pier.url()
+    );
+    fetch(&s.http, Method::GET, &tag, &[])
+        .await
+        .bytes()
+        .await
+        .unwrap();
+    fetch(&s.http, Method::GET, &tag, &[])
+        .await
+        .bytes()
+        .await
+        .unwrap();
+
+    let r = fetch(
+        &s.http,
+        Method::GET,
+        &format!("{}/metrics", s.pier.url()),
+        &[],
+    )
+    .await;
+    assert_eq!(r.status(), StatusCode::OK);
+    let text = r.text().await.unwrap();
+    let value = |series: &str| -> f64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+            .unwrap_or_else(|| panic!("{series} missing from\n{text}"))
+    };
+    assert_eq!(
+        value("pier_cache_lookups_total{kind=\"blob\",outcome=\"miss\"}"),
+        1.0
+    );
+    assert_eq!(
+        value("pier_cache_lookups_total{kind=\"blob\",outcome=\"hit\"}"),
+        1.0
+    );
+    assert_eq!(
+        value("pier_cache_lookups_total{kind=\"manifest\",outcome=\"miss\"}"),
+        1.0
+    );
+    assert_eq!(
+        value("pier_cache_lookups_total{kind=\"manifest\",outcome=\"hit\"}"),
+        1.0
+    );
+    assert_eq!(
+        value("pier_blob_bytes_served_total{source=\"cache\"}"),
+        size as f64
+    );
+    assert_eq!(
+        value("pier_blob_bytes_served_total{source=\"upstream\"}"),
+        size as f64
+    );
+    assert_eq!(
+        value("pier_http_requests_total{endpoint=\"blob\",method=\"GET\",status=\"200\"}"),
+        2.0
+    );
+    assert!(value("pier_upstream_requests_total{registry=\"docker.io\",status=\"200\"}") >= 2.0);
+    assert_eq!(value("pier_blob_fetches_in_flight"), 0.0);
+    assert!(text.contains("pier_upstream_request_seconds_bucket{"));
+}

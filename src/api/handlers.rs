@@ -15,6 +15,8 @@ use crate::mirror::Mirror;
 use crate::range::{RangeError, RangeSpec};
 use crate::reference::{Digest, Reference};
 use crate::route::Target;
+use crate::telemetry::metrics::{SourceLabels, metrics};
+use futures::StreamExt;
 
 /// Largest page of tags or repositories one response carries.
 const MAX_PAGE: usize = 10_000;
@@ -215,7 +217,16 @@ async fn blob(
         (Some(r), _) => Some(r.len()),
         (None, size) => size,
     };
-    let mut resp = Response::new(Body::from_stream(b.stream));
+    let served = metrics().bytes_served.get_or_create(&SourceLabels {
+        source: if b.cached { "cache" } else { "upstream" },
+    });
+    let served = served.clone();
+    let stream = b.stream.inspect(move |chunk| {
+        if let Ok(c) = chunk {
+            served.inc_by(c.len() as u64);
+        }
+    });
+    let mut resp = Response::new(Body::from_stream(stream));
     let h = resp.headers_mut();
     blob_headers(h, digest);
     if let Some(len) = len {

@@ -14,6 +14,7 @@ use crate::range::{ByteRange, RangeError, RangeSpec};
 use crate::reference::Digest;
 use crate::route::Target;
 use crate::storage::{BlobBody, StorageError};
+use crate::telemetry::metrics::metrics;
 use crate::upstream::UpstreamError;
 
 /// A blob (or part of it) on its way to a client.
@@ -56,7 +57,10 @@ impl Mirror {
                 return Err(unknown(target, digest));
             }
             match self.blobs.get(digest, range).await {
-                Ok(Some(body)) => return Ok(body.into()),
+                Ok(Some(body)) => {
+                    metrics().cache("blob", "hit");
+                    return Ok(body.into());
+                }
                 Ok(None) => {}
                 Err(e @ (StorageError::Unsatisfiable { .. } | StorageError::MalformedRange)) => {
                     return Err(e.into());
@@ -83,7 +87,7 @@ impl Mirror {
                 body_idle: self.body_idle,
                 for_peer,
             };
-            let flight = self.flights.join_or_start(digest, job);
+            let (flight, started) = self.flights.join_or_start(digest, job);
             let foreign = flight.repo_key != key;
             if foreign && !self.authorized(target, digest).await? {
                 return Err(unknown(target, digest));
@@ -94,7 +98,10 @@ impl Mirror {
                         return Err(unknown(target, digest));
                     }
                     match self.blobs.get(digest, range).await? {
-                        Some(body) => Ok(body.into()),
+                        Some(body) => {
+                            metrics().cache("blob", "hit");
+                            Ok(body.into())
+                        }
                         None => Err(unknown(target, digest)),
                     }
                 }
@@ -110,6 +117,7 @@ impl Mirror {
                         _ => None,
                     };
                     let (start, end) = range.map_or((0, None), |r| (r.start, Some(r.end + 1)));
+                    metrics().cache("blob", if started { "miss" } else { "joined" });
                     Ok(BlobResponse {
                         size,
                         range,

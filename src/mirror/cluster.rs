@@ -11,6 +11,7 @@ use url::Url;
 
 use crate::config::ClusterConfig;
 use crate::meta::MetaStore;
+use crate::telemetry::metrics::metrics;
 
 pub struct Cluster {
     /// This replica's lease value: `<random id> <advertised URL or ->`.
@@ -57,10 +58,14 @@ impl Cluster {
                 self.me.clone(),
                 self.lease_ttl,
             )),
-            Ok(Some(holder)) => Claim::Theirs {
-                peer: peer_url(&holder).filter(|u| Some(u) != self.advertise.as_ref()),
-            },
+            Ok(Some(holder)) => {
+                metrics().lease_waits.inc();
+                Claim::Theirs {
+                    peer: peer_url(&holder).filter(|u| Some(u) != self.advertise.as_ref()),
+                }
+            }
             Err(e) => {
+                metrics().backend_error("metadata");
                 tracing::warn!(lease = name, error = %e, "cannot coordinate with other replicas");
                 Claim::Alone
             }

@@ -15,6 +15,7 @@ use super::flight::{Flight, FlightError, FlightGuard, Phase};
 use crate::meta::MetaStore;
 use crate::reference::Hasher;
 use crate::storage::{BlobStore, BlobWriter};
+use crate::telemetry::metrics::metrics;
 use crate::upstream::{UpstreamClient, UpstreamError};
 
 /// Marks a request from another replica: it is served from this replica's
@@ -167,7 +168,10 @@ async fn from_upstream(flight: &Flight, job: &FetchJob, spool: &Path) -> Result<
                 tracing::warn!(%digest, error = %e, "linking a stored blob failed");
             }
         }
-        Err(e) => tracing::error!(%digest, error = %e, "storing a verified blob failed"),
+        Err(e) => {
+            metrics().backend_error("storage");
+            tracing::error!(%digest, error = %e, "storing a verified blob failed");
+        }
     }
     Ok(())
 }

@@ -17,6 +17,7 @@ use futures::Stream;
 use tokio::sync::watch;
 
 use crate::reference::Digest;
+use crate::telemetry::metrics::metrics;
 use crate::upstream::UpstreamError;
 
 /// Bytes a reader takes from the spool per read.
@@ -82,16 +83,18 @@ impl Flights {
         self.active.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Joins the fetch of `digest`, starting it if none runs.
+    /// Joins the fetch of `digest`, starting it if none runs. The flag
+    /// tells whether this call started it.
     pub fn join_or_start(
         self: &Arc<Self>,
         digest: &Digest,
         job: super::fetch::FetchJob,
-    ) -> Arc<Flight> {
+    ) -> (Arc<Flight>, bool) {
         let flight = {
             let mut map = self.map();
             if let Some(f) = map.get(digest) {
-                return f.clone();
+                metrics().fetch_joins.inc();
+                return (f.clone(), false);
             }
             let f = Arc::new(Flight {
                 digest: digest.clone(),
@@ -105,8 +108,9 @@ impl Flights {
             flights: self.clone(),
             flight: flight.clone(),
         };
+        metrics().fetches_in_flight.inc();
         tokio::spawn(super::fetch::run(guard, job, self.spool_dir.clone()));
-        flight
+        (flight, true)
     }
 }
 
@@ -138,6 +142,7 @@ impl FlightGuard {
 
 impl Drop for FlightGuard {
     fn drop(&mut self) {
+        metrics().fetches_in_flight.dec();
         self.leave();
         self.flight.phase.send_if_modified(|p| match p {
             Phase::Connecting | Phase::Streaming { .. } => {

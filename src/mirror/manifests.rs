@@ -13,6 +13,7 @@ use super::{Mirror, MirrorError};
 use crate::meta::{StoredManifest, TagRecord};
 use crate::reference::{Digest, Reference, Tag};
 use crate::route::Target;
+use crate::telemetry::metrics::metrics;
 use crate::upstream::UpstreamError;
 
 /// How often a replica waiting on another's tag revalidation looks again.
@@ -32,6 +33,8 @@ pub struct ManifestHit {
     pub manifest: StoredManifest,
     /// Served from cache although upstream could not confirm it.
     pub stale: bool,
+    /// For metrics: hit, revalidated, miss or stale.
+    pub outcome: &'static str,
 }
 
 impl Mirror {
@@ -40,10 +43,12 @@ impl Mirror {
         target: &Target,
         reference: &Reference,
     ) -> Result<ManifestHit, MirrorError> {
-        match reference {
+        let hit = match reference {
             Reference::Digest(d) => self.manifest_by_digest(target, d).await,
             Reference::Tag(t) => self.manifest_by_tag(target, t).await,
-        }
+        }?;
+        metrics().cache("manifest", hit.outcome);
+        Ok(hit)
     }
 
     async fn manifest_by_digest(
@@ -68,6 +73,7 @@ impl Mirror {
             digest: got,
             manifest,
             stale: false,
+            outcome: "miss",
         })
     }
 
@@ -83,6 +89,7 @@ impl Mirror {
                 digest: digest.clone(),
                 manifest,
                 stale: false,
+                outcome: "hit",
             }));
         }
         Ok(None)
@@ -158,6 +165,7 @@ impl Mirror {
                 digest,
                 manifest,
                 stale: true,
+                outcome: "stale",
             };
             // Upstream just failed for this tag: do not make every waiting
             // client sit through the same timeout again.
@@ -172,6 +180,7 @@ impl Mirror {
                         digest,
                         manifest,
                         stale: false,
+                        outcome: "revalidated",
                     });
                 }
                 Ok(_) => {}
@@ -190,6 +199,7 @@ impl Mirror {
                         digest,
                         manifest,
                         stale: false,
+                        outcome: "miss",
                     })
                 }
                 Err(MirrorError::Upstream(e)) if allows_stale(&e) => {
@@ -212,6 +222,7 @@ impl Mirror {
             digest,
             manifest,
             stale: false,
+            outcome: "miss",
         })
     }
 
@@ -237,13 +248,13 @@ impl Mirror {
             return Ok(None);
         };
         Ok(self
-            .meta
-            .manifest(&digest)
-            .await?
+            .recall(self.meta.manifest(&digest))
+            .await
             .map(|manifest| ManifestHit {
                 digest,
                 manifest,
                 stale: false,
+                outcome: "hit",
             }))
     }
 

@@ -2,7 +2,7 @@
 //! answering an auth challenge, and following redirects.
 
 use std::sync::atomic::Ordering;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use url::Url;
@@ -10,6 +10,7 @@ use url::Url;
 use super::auth::TokenOutcome;
 use super::challenge::{self, Challenge};
 use super::{UpstreamClient, UpstreamError, describe};
+use crate::telemetry::metrics::metrics;
 
 /// Attempts per request across retries and endpoints.
 const ATTEMPTS: usize = 3;
@@ -179,11 +180,22 @@ impl UpstreamClient {
             a.set_sensitive(true);
             req = req.header(header::AUTHORIZATION, a);
         }
-        match tokio::time::timeout(self.timeouts.response, req.send()).await {
+        let started = Instant::now();
+        let result = match tokio::time::timeout(self.timeouts.response, req.send()).await {
             // Signed redirect URLs must not end up in logs or error bodies.
             Ok(r) => r.map_err(|e| Failure::Http(e.without_url())),
             Err(_) => Err(Failure::Timeout(self.timeouts.response)),
+        };
+        let m = metrics();
+        let status = result.as_ref().ok().map(|r| r.status().as_u16());
+        m.upstream(&self.registry, status, started.elapsed());
+        if let Ok(r) = &result
+            && let Some(v) = r.headers().get("ratelimit-remaining")
+            && let Ok(v) = v.to_str()
+        {
+            m.ratelimit(&self.registry, v);
         }
+        result
     }
 
     /// Follows 301/302/303/307/308 to wherever the upstream points (blob

@@ -1,0 +1,243 @@
+//! Prometheus metrics, served at `/metrics`: one process-wide registry,
+//! updated from the request path with atomic adds.
+
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    /// manifest, blob, tags, catalog, referrers, base, health, metrics, other
+    pub endpoint: &'static str,
+    pub method: String,
+    pub status: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EndpointLabels {
+    pub endpoint: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CacheLabels {
+    /// manifest or blob
+    pub kind: &'static str,
+    /// hit, revalidated, miss, joined, stale
+    pub outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SourceLabels {
+    /// cache or upstream
+    pub source: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct UpstreamLabels {
+    pub registry: String,
+    /// The HTTP status, or `error` when no response came.
+    pub status: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RegistryLabels {
+    pub registry: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BackendLabels {
+    /// storage or metadata
+    pub backend: &'static str,
+}
+
+pub struct Metrics {
+    registry: Registry,
+    pub requests: Family<RequestLabels, Counter>,
+    pub request_seconds: Family<EndpointLabels, Histogram>,
+    pub cache: Family<CacheLabels, Counter>,
+    pub bytes_served: Family<SourceLabels, Counter>,
+    pub upstream_requests: Family<UpstreamLabels, Counter>,
+    pub upstream_seconds: Family<RegistryLabels, Histogram>,
+    pub upstream_ratelimit_remaining: Family<RegistryLabels, Gauge>,
+    pub fetches_in_flight: Gauge,
+    pub fetch_joins: Counter,
+    pub lease_waits: Counter,
+    pub backend_errors: Family<BackendLabels, Counter>,
+}
+
+fn latency_histogram() -> Histogram {
+    Histogram::new([
+        0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+        60.0,
+    ])
+}
+
+impl Metrics {
+    fn new() -> Self {
+        let mut registry = Registry::with_prefix("pier");
+        let m = Self {
+            requests: Family::default(),
+            request_seconds: Family::new_with_constructor(latency_histogram),
+            cache: Family::default(),
+            bytes_served: Family::default(),
+            upstream_requests: Family::default(),
+            upstream_seconds: Family::new_with_constructor(latency_histogram),
+            upstream_ratelimit_remaining: Family::default(),
+            fetches_in_flight: Gauge::default(),
+            fetch_joins: Counter::default(),
+            lease_waits: Counter::default(),
+            backend_errors: Family::default(),
+            registry: Registry::default(),
+        };
+        registry.register("http_requests", "Requests served", m.requests.clone());
+        registry.register(
+            "http_request_seconds",
+            "Time to the response headers",
+            m.request_seconds.clone(),
+        );
+        registry.register(
+            "cache_lookups",
+            "Manifest and blob requests by cache outcome",
+            m.cache.clone(),
+        );
+        registry.register(
+            "blob_bytes_served",
+            "Blob bytes sent to clients, from the cache or straight from upstream",
+            m.bytes_served.clone(),
+        );
+        registry.register(
+            "upstream_requests",
+            "Requests to upstream registries by status",
+            m.upstream_requests.clone(),
+        );
+        registry.register(
+            "upstream_request_seconds",
+            "Upstream time to response headers",
+            m.upstream_seconds.clone(),
+        );
+        registry.register(
+            "upstream_ratelimit_remaining",
+            "The ratelimit-remaining an upstream (Docker Hub) last reported",
+            m.upstream_ratelimit_remaining.clone(),
+        );
+        registry.register(
+            "blob_fetches_in_flight",
+            "Cold blob fetches running in this replica",
+            m.fetches_in_flight.clone(),
+        );
+        registry.register(
+            "blob_fetch_joins",
+            "Clients that joined a fetch already running",
+            m.fetch_joins.clone(),
+        );
+        registry.register(
+            "lease_waits",
+            "Times this replica found another one holding a fetch or tag lease",
+            m.lease_waits.clone(),
+        );
+        registry.register(
+            "backend_errors",
+            "Failed blob storage or metadata operations",
+            m.backend_errors.clone(),
+        );
+        Self { registry, ..m }
+    }
+
+    pub fn request(&self, endpoint: &'static str, method: &str, status: u16, took: Duration) {
+        self.requests
+            .get_or_create(&RequestLabels {
+                endpoint,
+                method: method.to_owned(),
+                status,
+            })
+            .inc();
+        self.request_seconds
+            .get_or_create(&EndpointLabels { endpoint })
+            .observe(took.as_secs_f64());
+    }
+
+    pub fn cache(&self, kind: &'static str, outcome: &'static str) {
+        self.cache
+            .get_or_create(&CacheLabels { kind, outcome })
+            .inc();
+    }
+
+    pub fn backend_error(&self, backend: &'static str) {
+        self.backend_errors
+            .get_or_create(&BackendLabels { backend })
+            .inc();
+    }
+
+    pub fn upstream(&self, registry: &str, status: Option<u16>, took: Duration) {
+        self.upstream_requests
+            .get_or_create(&UpstreamLabels {
+                registry: registry.to_owned(),
+                status: status.map_or_else(|| "error".to_owned(), |s| s.to_string()),
+            })
+            .inc();
+        self.upstream_seconds
+            .get_or_create(&RegistryLabels {
+                registry: registry.to_owned(),
+            })
+            .observe(took.as_secs_f64());
+    }
+
+    /// Records Docker Hub's `ratelimit-remaining: 76;w=21600`.
+    pub fn ratelimit(&self, registry: &str, header: &str) {
+        if let Some(n) = header
+            .split(';')
+            .next()
+            .and_then(|v| v.trim().parse::<i64>().ok())
+        {
+            self.upstream_ratelimit_remaining
+                .get_or_create(&RegistryLabels {
+                    registry: registry.to_owned(),
+                })
+                .set(n);
+        }
+    }
+
+    /// The text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &self.registry) {
+            tracing::warn!(error = %e, "cannot encode metrics");
+        }
+        out
+    }
+}
+
+/// The process-wide metrics.
+pub fn metrics() -> &'static Metrics {
+    static METRICS: OnceLock<Metrics> = OnceLock::new();
+    METRICS.get_or_init(Metrics::new)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exposition_names_and_labels() {
+        let m = Metrics::new();
+        m.request("blob", "GET", 200, Duration::from_millis(3));
+        m.cache("blob", "hit");
+        m.ratelimit("docker.io", "76;w=21600");
+        m.upstream("docker.io", None, Duration::from_millis(1));
+        let text = m.encode();
+        for line in [
+            "pier_http_requests_total{endpoint=\"blob\",method=\"GET\",status=\"200\"} 1",
+            "pier_cache_lookups_total{kind=\"blob\",outcome=\"hit\"} 1",
+            "pier_upstream_ratelimit_remaining{registry=\"docker.io\"} 76",
+            "pier_upstream_requests_total{registry=\"docker.io\",status=\"error\"} 1",
+        ] {
+            assert!(text.contains(line), "{line} missing from\n{text}");
+        }
+    }
+}
