@@ -34,6 +34,21 @@ pub struct Config {
     pub upstreams: Vec<UpstreamConfig>,
     /// Short-name rules, first match wins: the file's, then the built-in ones.
     pub routes: Vec<RouteConfig>,
+    /// Which images may be pulled at all.
+    pub access: AccessConfig,
+}
+
+/// Allow and deny lists of image patterns: globs over
+/// `<registry>/<repository>` (`docker.io/library/*`, `ghcr.io/acme/**`).
+/// An image is served when no deny pattern matches it and, if there are
+/// allow patterns, one of them does. Upstream entries add their own lists.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct AccessConfig {
+    pub allow: Vec<String>,
+    pub deny: Vec<String>,
+    /// Told to clients refused by the lists: how to ask for an image.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub denied_message: Option<String>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -154,6 +169,12 @@ pub struct UpstreamConfig {
     pub username: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub password: Option<Secret>,
+    /// Image patterns allowed from this upstream (added to `[access] allow`;
+    /// relative patterns are taken under this registry).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub allow: Vec<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub deny: Vec<String>,
 }
 
 /// A short-name rule: repository names matching `pattern` go to `registry`.

@@ -8,6 +8,7 @@ pub mod api;
 pub mod config;
 pub mod meta;
 pub mod mirror;
+pub mod policy;
 pub mod range;
 pub mod reference;
 pub mod route;

@@ -25,6 +25,7 @@ pub use manifests::ManifestHit;
 
 use crate::config::{Config, StorageConfig};
 use crate::meta::{MetaError, MetaStore};
+use crate::policy::Policy;
 use crate::reference::Digest;
 use crate::route::{Router, Target};
 use crate::storage::{BlobStore, StorageError};
@@ -60,6 +61,7 @@ pub enum MirrorError {
 
 pub struct Mirror {
     pub router: Router,
+    pub policy: Policy,
     upstreams: Upstreams,
     blobs: Arc<dyn BlobStore>,
     meta: Arc<dyn MetaStore>,
@@ -90,6 +92,7 @@ impl Mirror {
             .build()?;
         Ok(Self {
             router: Router::new(config),
+            policy: Policy::new(config),
             upstreams: Upstreams::new(config)?,
             cluster: Arc::new(Cluster::new(&config.cluster, meta.clone())),
             peers,

@@ -609,3 +609,41 @@ async fn metrics_count_requests_cache_outcomes_and_upstream_calls() {
     assert_eq!(value("pier_blob_fetches_in_flight"), 0.0);
     assert!(text.contains("pier_upstream_request_seconds_bucket{"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn denied_images_get_denied_with_the_operators_message() {
+    if !have_tools(&["docker-registry", "skopeo"]) {
+        return;
+    }
+    let docker = Upstream::start("docker");
+    let (pier, _data) = Pier::start(
+        &[("docker.io", &docker.url())],
+        "[access]\nallow = [\"docker.io/library/**\"]\ndeny = [\"docker.io/library/alpine\"]\n\
+         denied_message = \"ask for it at https://wiki.example/mirror\"\n",
+    );
+    let http = http_for(&pier);
+    for path in [
+        "/v2/docker.io/library/alpine/manifests/3.19",
+        "/v2/docker.io/bitnami/nginx/manifests/latest",
+        "/v2/docker.io/library/alpine/tags/list",
+    ] {
+        let r = fetch(&http, Method::GET, &format!("{}{path}", pier.url()), &[]).await;
+        assert_eq!(r.status(), StatusCode::FORBIDDEN, "{path}");
+        let body = r.text().await.unwrap();
+        assert!(body.contains("\"DENIED\""), "{body}");
+        assert!(body.contains("https://wiki.example/mirror"), "{body}");
+    }
+    assert_eq!(docker.log(), "", "nothing denied reached upstream");
+    // A real client sees the message too; allowed images still pull.
+    let out = tempfile::tempdir().unwrap();
+    let run = skopeo_copy(&format!("{}/alpine:3.19", pier.host()), out.path(), &[]).await;
+    assert!(!run.ok);
+    assert!(run.stderr.contains("wiki.example"), "{}", run.stderr);
+    let run = skopeo_copy(
+        &format!("{}/library/pause:3.9", pier.host()),
+        out.path(),
+        &[],
+    )
+    .await;
+    assert!(run.ok, "{}", run.stderr);
+}

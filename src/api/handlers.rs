@@ -104,7 +104,12 @@ async fn handle(mirror: &Mirror, ask: &Ask<'_>, raw: &str) -> Result<Response, A
 }
 
 fn resolve(mirror: &Mirror, ask: &Ask<'_>, name: &str) -> Result<Target, ApiError> {
-    Ok(mirror.router.resolve(ask.host(), name, ask.param("ns"))?)
+    let target = mirror.router.resolve(ask.host(), name, ask.param("ns"))?;
+    mirror
+        .policy
+        .check(&target)
+        .map_err(|d| ApiError::new(StatusCode::FORBIDDEN, ErrorCode::Denied, d.0))?;
+    Ok(target)
 }
 
 async fn manifest(

@@ -53,6 +53,8 @@ pub fn builtin_upstreams() -> Vec<UpstreamConfig> {
                 tag_ttl: DEFAULT_TAG_TTL,
                 username: None,
                 password: None,
+                allow: Vec::new(),
+                deny: Vec::new(),
             })
         })
         .collect()

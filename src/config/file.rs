@@ -24,6 +24,15 @@ pub struct FileConfig {
     pub upstreams: Vec<FileUpstream>,
     #[serde(default)]
     pub routes: Vec<FileRoute>,
+    pub access: Option<FileAccess>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileAccess {
+    pub allow: Option<Vec<String>>,
+    pub deny: Option<Vec<String>>,
+    pub denied_message: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -85,6 +94,8 @@ pub struct FileUpstream {
     pub tag_ttl: Option<Duration>,
     pub username: Option<String>,
     pub password: Option<String>,
+    pub allow: Option<Vec<String>>,
+    pub deny: Option<Vec<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -9,8 +9,8 @@ use url::Url;
 use super::builtin::{DEFAULT_TAG_TTL, builtin_routes, builtin_upstreams};
 use super::file::{FileConfig, FileMetadata, FileStorage, FileUpstream};
 use super::{
-    ClusterConfig, Config, ConfigError, LogFormat, MetadataConfig, RouteConfig, S3Config, Secret,
-    StorageConfig, TimeoutConfig, UpstreamConfig,
+    AccessConfig, ClusterConfig, Config, ConfigError, LogFormat, MetadataConfig, RouteConfig,
+    S3Config, Secret, StorageConfig, TimeoutConfig, UpstreamConfig,
 };
 
 const DEFAULT_LISTEN: &str = "0.0.0.0:5000";
@@ -116,6 +116,23 @@ pub fn build(raw: FileConfig) -> Result<Config, ConfigError> {
             .filter(|r| configured(&r.registry)),
     );
 
+    let a = raw.access.unwrap_or_default();
+    let access = AccessConfig {
+        allow: a.allow.unwrap_or_default(),
+        deny: a.deny.unwrap_or_default(),
+        denied_message: a.denied_message,
+    };
+    for (list, patterns) in [("allow", &access.allow), ("deny", &access.deny)] {
+        for (i, pat) in patterns.iter().enumerate() {
+            if !is_image_pattern(pat) {
+                p.add(
+                    &format!("access.{list}[{i}]"),
+                    format!("{pat:?} is not a glob over <registry>/<repository>"),
+                );
+            }
+        }
+    }
+
     p.finish(Config {
         listen,
         domains,
@@ -127,6 +144,7 @@ pub fn build(raw: FileConfig) -> Result<Config, ConfigError> {
         cluster,
         upstreams,
         routes,
+        access,
     })
 }
 
@@ -304,6 +322,8 @@ fn upstreams(builtins: bool, file: Vec<FileUpstream>, p: &mut Problems) -> Vec<U
                     tag_ttl: DEFAULT_TAG_TTL,
                     username: None,
                     password: None,
+                    allow: Vec::new(),
+                    deny: Vec::new(),
                 });
                 list.len() - 1
             }
@@ -348,6 +368,21 @@ fn upstreams(builtins: bool, file: Vec<FileUpstream>, p: &mut Problems) -> Vec<U
         if f.username.is_some() {
             u.username = f.username;
             u.password = f.password.map(Secret::new);
+        }
+        for (list, given, dest) in [
+            ("allow", f.allow, &mut u.allow),
+            ("deny", f.deny, &mut u.deny),
+        ] {
+            let Some(patterns) = given else { continue };
+            for (j, pat) in patterns.iter().enumerate() {
+                if !is_route_pattern(pat) {
+                    p.add(
+                        &format!("{key}.{list}[{j}]"),
+                        format!("{pat:?} is not a glob over a repository name"),
+                    );
+                }
+            }
+            *dest = patterns;
         }
     }
     // One alias names one registry.
@@ -409,6 +444,17 @@ fn is_host_name(s: &str) -> bool {
 
 fn is_registry_name(s: &str) -> bool {
     s == "localhost" || (s.contains('.') && is_host_name(s))
+}
+
+/// `<registry>/<glob over the repository>`
+fn is_image_pattern(s: &str) -> bool {
+    match s.split_once('/') {
+        Some((registry, rest)) => {
+            (registry == "*" || registry == "**" || is_registry_name(registry))
+                && is_route_pattern(rest)
+        }
+        None => s == "**",
+    }
 }
 
 fn is_route_pattern(s: &str) -> bool {
