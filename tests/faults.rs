@@ -312,3 +312,20 @@ async fn a_token_server_outage_serves_cached_tags_stale() {
     assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
     assert!(r.text().await.unwrap().contains("token server"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redirect_to_a_link_local_address_is_refused() {
+    let fake = Fake::start();
+    let d = digest(b"metadata");
+    fake.blob(
+        &d,
+        Blob::Redirect("http://169.254.169.254/latest/meta-data/iam".into()),
+    );
+    let (pier, _data, http) = start(&fake);
+    let r = fetch(&http, Method::GET, &blob_url(&pier, &d), &[]).await;
+    assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+    let body = r.text().await.unwrap();
+    assert!(body.contains("link-local"), "{body}");
+    // Not retried against the same refusal.
+    assert_eq!(fake.count("GET", "/v2/team/app/blobs/"), 1);
+}

@@ -23,6 +23,8 @@ pub(super) enum Failure {
     Timeout(Duration),
     /// The token server announced by the upstream could not be used.
     Token(String),
+    /// The upstream pointed somewhere Pier will not go.
+    Refused(String),
 }
 
 impl Failure {
@@ -32,6 +34,7 @@ impl Failure {
             Failure::Http(e) => !e.is_timeout(),
             Failure::Timeout(_) => false,
             Failure::Token(_) => true,
+            Failure::Refused(_) => false,
         }
     }
 }
@@ -44,6 +47,7 @@ impl std::fmt::Display for Failure {
                 write!(f, "no response within {}", humantime::format_duration(*d))
             }
             Failure::Token(why) => write!(f, "token server: {why}"),
+            Failure::Refused(why) => f.write_str(why),
         }
     }
 }
@@ -221,12 +225,28 @@ impl UpstreamClient {
             else {
                 return Ok(resp);
             };
+            if is_link_local(&next) {
+                // Cloud metadata services live there; no registry does.
+                return Err(Failure::Refused(format!(
+                    "redirect to link-local address {} refused",
+                    next.host_str().unwrap_or("?")
+                )));
+            }
             let keep_auth = next.origin() == origin;
             resp = self
                 .execute(method, next, headers, auth.clone().filter(|_| keep_auth))
                 .await?;
         }
         Ok(resp)
+    }
+}
+
+/// Whether `url` names a link-local address (169.254.0.0/16, fe80::/10).
+fn is_link_local(url: &Url) -> bool {
+    match url.host() {
+        Some(url::Host::Ipv4(ip)) => ip.is_link_local(),
+        Some(url::Host::Ipv6(ip)) => (ip.segments()[0] & 0xffc0) == 0xfe80,
+        _ => false,
     }
 }
 
