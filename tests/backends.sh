@@ -88,7 +88,14 @@ JSON
 stop)
 	for name in redis weed; do
 		if [[ -f $dir/$name.pid ]]; then
-			kill "$(cat "$dir/$name.pid")" 2>/dev/null || true
+			pid=$(cat "$dir/$name.pid")
+			kill "$pid" 2>/dev/null || true
+			# SeaweedFS can take its time; do not leave it behind.
+			for _ in $(seq 1 50); do
+				kill -0 "$pid" 2>/dev/null || break
+				sleep 0.1
+			done
+			kill -9 "$pid" 2>/dev/null || true
 			rm -f "$dir/$name.pid"
 		fi
 	done

@@ -10,10 +10,14 @@ export PIER_TEST_STRICT=1
 export PIER_FIXTURES=${PIER_FIXTURES:-$PWD/target/pier-fixtures}
 bash tests/fixtures/build.sh "$PIER_FIXTURES"
 
-# Shared backends (Redis, an S3 server) on loopback, stopped on exit.
+# Shared backends (Redis, an S3 server) and LocalStack's S3 on loopback,
+# stopped on exit.
 backends=$(mktemp -d /tmp/pier-backends.XXXXXX)
-trap 'bash tests/backends.sh stop "$backends"; rm -rf "$backends"' EXIT
-eval "$(bash tests/backends.sh start "$backends")"
+trap 'bash tests/localstack.sh stop "$backends"; bash tests/backends.sh stop "$backends"; rm -rf "$backends"' EXIT
+backends_env=$(bash tests/backends.sh start "$backends")
+eval "$backends_env"
+localstack_env=$(bash tests/localstack.sh start "$backends")
+eval "$localstack_env"
 
 if cargo nextest --version >/dev/null 2>&1; then
 	cargo nextest run --no-fail-fast "$@"

@@ -48,3 +48,8 @@ import helm_python, kubernetes_validate, yaml
 PY
 	python3 -m pip install --quiet helm-python-sdk==0.2.2 kubernetes-validate==1.37.0
 # --- end Helm chart tests ---
+
+# --- LocalStack (tests/localstack.rs, localstack/) ---------------------------
+# Its S3 in a Python 3.13 venv under ~/.cache/pier (about a minute, once).
+bash "$(dirname "${BASH_SOURCE[0]}")/../localstack/install.sh" >/dev/null
+# --- end LocalStack ----------------------------------------------------------

@@ -528,16 +528,27 @@ mod tests {
     /// signatures as AWS does).
     pub(crate) async fn test_store(prefix: &str) -> Option<S3BlobStore> {
         let endpoint = crate::testenv::backend("PIER_TEST_S3_ENDPOINT")?;
+        let key = std::env::var("PIER_TEST_S3_ACCESS_KEY").unwrap_or_default();
+        let secret = std::env::var("PIER_TEST_S3_SECRET_KEY").unwrap_or_default();
+        let bucket = std::env::var("PIER_TEST_S3_BUCKET").unwrap_or_else(|_| "pier-test".into());
+        Some(store_at(&endpoint, &bucket, prefix, &key, &secret).await)
+    }
+
+    async fn store_at(
+        endpoint: &str,
+        bucket: &str,
+        prefix: &str,
+        key: &str,
+        secret: &str,
+    ) -> S3BlobStore {
         let cfg = S3Config {
-            bucket: std::env::var("PIER_TEST_S3_BUCKET").unwrap_or_else(|_| "pier-test".into()),
+            bucket: bucket.to_owned(),
             prefix: Some(prefix.to_owned()),
             endpoint: Some(endpoint.parse().unwrap()),
             region: Some("us-east-1".into()),
             path_style: None,
-            access_key_id: std::env::var("PIER_TEST_S3_ACCESS_KEY").ok(),
-            secret_access_key: std::env::var("PIER_TEST_S3_SECRET_KEY")
-                .ok()
-                .map(Secret::new),
+            access_key_id: Some(key.to_owned()),
+            secret_access_key: Some(Secret::new(secret)),
             spool_path: PathBuf::from("unused"),
             presigned_redirect: false,
             presigned_expiry: Duration::from_secs(60),
@@ -550,7 +561,19 @@ mod tests {
             .bucket(&store.bucket)
             .send()
             .await;
-        Some(store)
+        store
+    }
+
+    /// The same suite against LocalStack's S3 (`tests/localstack.sh`).
+    #[tokio::test]
+    async fn s3_store_passes_the_suite_on_localstack() {
+        let Some(endpoint) = crate::testenv::backend("PIER_TEST_LOCALSTACK_ENDPOINT") else {
+            return;
+        };
+        let prefix = format!("suite-{:x}", rand::random::<u64>());
+        let store = store_at(&endpoint, "pier-suite", &prefix, "test", "test").await;
+        let dir = tempfile::tempdir().unwrap();
+        crate::storage::suite::run(&store, dir.path()).await;
     }
 
     #[tokio::test]
