@@ -8,6 +8,8 @@ mod path;
 use std::sync::Arc;
 use std::time::Instant;
 
+use tracing::Instrument;
+
 use axum::Router;
 use axum::extract::Request;
 use axum::middleware::{self, Next};
@@ -38,7 +40,10 @@ async fn common_headers_and_log(req: Request, next: Next) -> Response {
     let started = Instant::now();
     let method = req.method().clone();
     let path = req.uri().path().to_owned();
-    let mut resp = next.run(req).await;
+    // Everything logged while handling the request (upstream failures, a
+    // stale serve) carries the request it belongs to.
+    let span = tracing::info_span!("request", %method, %path);
+    let mut resp = next.run(req).instrument(span).await;
     resp.headers_mut().insert(
         "docker-distribution-api-version",
         HeaderValue::from_static("registry/2.0"),
