@@ -106,7 +106,15 @@ async fn source(job: &FetchJob, flight: &Flight) -> Result<Source, FlightError> 
             return Ok(Source::Upstream(None));
         }
         match job.cluster.claim(&lease_name).await {
-            Claim::Mine(lease) => return Ok(Source::Upstream(Some(lease))),
+            Claim::Mine(lease) => {
+                // The previous holder may have committed and released the
+                // lease since the store was checked above.
+                if let Ok(Some(_)) = job.blobs.stat(&flight.digest).await {
+                    lease.release().await;
+                    return Ok(Source::Stored);
+                }
+                return Ok(Source::Upstream(Some(lease)));
+            }
             Claim::Alone => return Ok(Source::Upstream(None)),
             Claim::Theirs { peer: Some(peer) } => {
                 if let Some(resp) = from_peer(job, &peer, flight).await {
