@@ -86,6 +86,14 @@ pub fn digest_of(template: &str, image: &str) -> String {
         .unwrap_or_else(|| panic!("{template} {image} not in images.txt"))
 }
 
+/// SIGKILLs a child process, if running, and reaps it.
+fn kill(child: &mut Option<Child>) {
+    if let Some(mut c) = child.take() {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+}
+
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -261,10 +269,7 @@ impl Upstream {
     }
 
     pub fn stop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        kill(&mut self.child);
     }
 
     pub fn restart(&mut self) {
@@ -464,10 +469,7 @@ impl RedisServer {
 
     /// Kills it (as an outage would).
     pub fn stop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        kill(&mut self.child);
     }
 
     /// Starts it again on the same port, empty.
