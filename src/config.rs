@@ -30,6 +30,9 @@ pub struct Config {
     pub storage: StorageConfig,
     pub metadata: MetadataConfig,
     pub timeouts: TimeoutConfig,
+    pub server: ServerConfig,
+    pub limits: LimitsConfig,
+    pub fetch: FetchConfig,
     pub cluster: ClusterConfig,
     pub upstreams: Vec<UpstreamConfig>,
     /// Short-name rules, first match wins: the file's, then the built-in ones.
@@ -138,6 +141,59 @@ pub struct TimeoutConfig {
     /// Longest pause between two chunks of a response body.
     #[serde(with = "humantime_serde")]
     pub body_idle: Duration,
+}
+
+/// How Pier treats the connections of its own clients.
+#[derive(Clone, Debug, Serialize)]
+pub struct ServerConfig {
+    /// Time a client has to send a request's headers; an idle keep-alive
+    /// connection is closed after it too.
+    #[serde(with = "humantime_serde")]
+    pub header_timeout: Duration,
+    /// A client that accepts no response bytes for this long is dropped.
+    #[serde(with = "humantime_serde")]
+    pub send_timeout: Duration,
+    /// Largest request head (request line and headers) accepted.
+    pub max_header_bytes: usize,
+    /// After SIGTERM: how long in-flight responses and fetches may take to
+    /// finish before the process exits.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_grace: Duration,
+    /// Send stored blobs with sendfile (fs storage, HTTP/1 clients).
+    pub zero_copy: bool,
+    /// Proxies whose `X-Forwarded-For` / `Forwarded` headers name the client
+    /// (CIDRs). From anyone else these headers are ignored.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub trusted_proxies: Vec<ipnet::IpNet>,
+}
+
+/// Per-client limits, keyed by client IP; 0 turns a limit off. Shared by
+/// all replicas through Redis when metadata is in Redis.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct LimitsConfig {
+    /// Sustained requests per second.
+    pub requests_per_second: u32,
+    /// Requests allowed at once above the sustained rate.
+    pub burst: u32,
+    /// Blob downloads one client may have running at once (per replica).
+    pub concurrent_blobs: u32,
+    /// Response bytes per second to one client (per replica).
+    pub bytes_per_second: u64,
+}
+
+/// Guards on the upstream side, so a few huge pulls cannot starve everyone.
+#[derive(Clone, Debug, Serialize)]
+pub struct FetchConfig {
+    /// Upstream blob fetches one replica runs at once; 0 is unlimited.
+    pub max_concurrent: usize,
+    /// While all fetch slots are busy, clients asking for an uncached blob of
+    /// at least this many bytes are redirected to where upstream serves it
+    /// (its CDN) instead of waiting for a slot.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub redirect_above: Option<u64>,
+    /// How long a fetch waits for a free slot before the client gets 503.
+    #[serde(with = "humantime_serde")]
+    pub queue_timeout: Duration,
 }
 
 /// How replicas sharing Redis work together.

@@ -18,3 +18,4 @@ pub mod telemetry;
 #[cfg(test)]
 mod testenv;
 pub mod upstream;
+pub mod zerocopy;

@@ -120,6 +120,19 @@ impl Mirror {
             .ok_or_else(|| MirrorError::NameUnknown(format!("no upstream {}", target.registry)))
     }
 
+    /// At shutdown: lets running fetches finish until `deadline`, then gives
+    /// up the leases still held so other replicas take over at once.
+    pub async fn shutdown(&self, deadline: tokio::time::Instant) {
+        while self.flights.count() > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let left = self.flights.count();
+        if left > 0 {
+            tracing::warn!(fetches = left, "abandoning unfinished fetches");
+        }
+        self.cluster.release_all().await;
+    }
+
     /// Whether storage and metadata answer.
     pub async fn ready(&self) -> Result<(), MirrorError> {
         self.blobs.health().await?;

@@ -109,7 +109,9 @@ impl Router {
             let registry = self.configured(first)?;
             return target(registry, rest);
         }
-        if looks_like_host(name) {
+        // Only a one-component name can be a bare registry host; a dot in a
+        // later component (`org/app.v2`) is part of a repository name.
+        if !name.contains('/') && looks_like_host(name) {
             return Err(RouteError::Name(format!(
                 "{name:?} names a registry but no repository"
             )));
@@ -339,6 +341,22 @@ mod tests {
             ),
         ] {
             assert_eq!(key("m.example:5000", name, None).unwrap(), want, "{name}");
+        }
+    }
+
+    #[test]
+    fn dots_after_the_first_component_are_short_names() {
+        // Found by tests/props.rs: these were refused as "names a registry".
+        for (name, want) in [
+            ("0/0.a", "docker.io/0/0.a"),
+            ("bitnami/app.v2", "docker.io/bitnami/app.v2"),
+            ("kube-x/a.b/c", "docker.io/kube-x/a.b/c"),
+            (
+                "distroless/static.debian",
+                "gcr.io/distroless/static.debian",
+            ),
+        ] {
+            assert_eq!(key("m.example", name, None).unwrap(), want, "{name}");
         }
     }
 

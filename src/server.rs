@@ -2,16 +2,27 @@
 //! until a shutdown signal.
 
 use std::future::Future;
+use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
+use axum::body::Body;
+use http::Request;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto::Builder;
+use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
+use tower::ServiceExt;
 
-use crate::config::{Config, MetadataConfig, StorageConfig};
+use crate::config::{Config, MetadataConfig, ServerConfig, StorageConfig};
 use crate::meta::{EmbeddedMeta, MetaStore, RedisMeta};
 use crate::mirror::Mirror;
 use crate::storage::{BlobStore, FsBlobStore, S3BlobStore};
+use crate::zerocopy::ClientIo;
 
 /// Opens the configured stores and builds the mirror.
 pub async fn build_mirror(config: &Config) -> anyhow::Result<Arc<Mirror>> {
@@ -62,20 +73,92 @@ async fn clear_spool(dir: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Serves on `listener` until `shutdown` resolves, then lets in-flight
-/// requests finish.
+/// The TCP peer of a request's connection (a request extension).
+#[derive(Clone, Copy, Debug)]
+pub struct PeerAddr(pub SocketAddr);
+
+/// Serves on `listener` until `shutdown` resolves, then stops accepting,
+/// lets in-flight responses and fetches finish for up to
+/// `[server] shutdown_grace`, and gives up the leases still held.
 pub async fn serve(
     config: &Config,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let mirror = build_mirror(config).await?;
-    let app = crate::api::router(mirror);
-    tracing::info!(listen = %listener.local_addr()?, "pier is serving");
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
+    let app = crate::api::router(mirror.clone());
+    let settings = config.server.clone();
+    let zero_copy = settings.zero_copy && matches!(config.storage, StorageConfig::Fs { .. });
+    let builder = http_builder(&settings);
+    let graceful = GracefulShutdown::new();
+    tracing::info!(listen = %listener.local_addr()?, zero_copy, "pier is serving");
+    tokio::pin!(shutdown);
+    loop {
+        let (tcp, peer) = tokio::select! {
+            () = &mut shutdown => break,
+            accepted = listener.accept() => match accepted {
+                Ok(conn) => conn,
+                Err(e) => {
+                    // Out of descriptors or memory: back off instead of spinning.
+                    tracing::warn!(error = %e, "cannot accept a connection");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = tcp.set_nodelay(true);
+        let io = ClientIo::new(tcp, settings.send_timeout, settings.header_timeout);
+        let queue = zero_copy.then(|| io.queue());
+        let app = app.clone();
+        let service = service_fn(move |mut req: Request<Incoming>| {
+            req.extensions_mut().insert(PeerAddr(peer));
+            if let Some(q) = &queue {
+                req.extensions_mut().insert(q.clone());
+            }
+            app.clone().oneshot(req.map(Body::new))
+        });
+        let conn = builder
+            .serve_connection(TokioIo::new(io), service)
+            .into_owned();
+        let conn = graceful.watch(conn);
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(%peer, error = %e, "connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    let deadline = tokio::time::Instant::now() + settings.shutdown_grace;
+    tracing::info!(
+        connections = graceful.count(),
+        grace = ?settings.shutdown_grace,
+        "no longer accepting; finishing in-flight requests"
+    );
+    if tokio::time::timeout_at(deadline, graceful.shutdown())
         .await
-        .context("serving HTTP")
+        .is_err()
+    {
+        tracing::warn!("grace period over; closing the remaining connections");
+    }
+    mirror.shutdown(deadline).await;
+    Ok(())
+}
+
+/// HTTP/1 and HTTP/2 (prior knowledge) with the limits on request heads.
+fn http_builder(settings: &ServerConfig) -> Builder<TokioExecutor> {
+    let mut builder = Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(settings.header_timeout)
+        .max_buf_size(settings.max_header_bytes);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(u32::try_from(settings.max_header_bytes).unwrap_or(u32::MAX))
+        .keep_alive_interval(Some(settings.header_timeout))
+        .keep_alive_timeout(settings.send_timeout);
+    builder
 }
 
 /// Resolves on SIGINT or SIGTERM.

@@ -17,6 +17,7 @@ pub use s3::S3BlobStore;
 
 use crate::range::{ByteRange, RangeSpec};
 use crate::reference::Digest;
+use crate::zerocopy::FileSlice;
 
 #[derive(Debug, Error)]
 pub enum StorageError {
@@ -37,6 +38,9 @@ pub struct BlobBody {
     /// The part being sent, when the request named a range.
     pub range: Option<ByteRange>,
     pub stream: BoxStream<'static, io::Result<Bytes>>,
+    /// The same bytes as a region of a local file, when the store keeps
+    /// blobs as files: the server can then send them without copying.
+    pub file: Option<FileSlice>,
 }
 
 impl BlobBody {

@@ -4,7 +4,7 @@
 //! realms they announce and the redirects they send are ever contacted.
 
 mod auth;
-mod challenge;
+pub mod challenge;
 mod tokens;
 mod transport;
 

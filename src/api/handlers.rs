@@ -5,7 +5,7 @@ use std::sync::Arc;
 use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::response::{IntoResponse, Response};
-use http::{HeaderMap, HeaderValue, Method, StatusCode, header};
+use http::{HeaderMap, HeaderValue, Method, StatusCode, Version, header};
 use serde_json::json;
 
 use super::error::{ApiError, ErrorCode};
@@ -16,6 +16,7 @@ use crate::range::{RangeError, RangeSpec};
 use crate::reference::{Digest, Reference};
 use crate::route::Target;
 use crate::telemetry::metrics::{SourceLabels, metrics};
+use crate::zerocopy::{SendQueue, file_body};
 use futures::StreamExt;
 
 /// Largest page of tags or repositories one response carries.
@@ -28,6 +29,8 @@ struct Ask<'a> {
     method: &'a Method,
     headers: &'a HeaderMap,
     query: Vec<(String, String)>,
+    /// Lets stored files go out with sendfile (HTTP/1 connections only).
+    send_queue: Option<SendQueue>,
 }
 
 impl Ask<'_> {
@@ -64,10 +67,19 @@ pub async fn v2(State(mirror): State<Arc<Mirror>>, req: Request) -> Response {
     {
         headers.insert(header::HOST, v);
     }
+    // Over HTTP/2 bodies are copied into frames: placeholders would be sent
+    // as they are, so zero-copy is for HTTP/1 only.
+    let send_queue = match req.version() {
+        Version::HTTP_09 | Version::HTTP_10 | Version::HTTP_11 => {
+            req.extensions().get::<SendQueue>().cloned()
+        }
+        _ => None,
+    };
     let ask = Ask {
         method,
         headers: &headers,
         query,
+        send_queue,
     };
     let raw = uri.path().strip_prefix("/v2").unwrap_or(uri.path());
     match handle(&mirror, &ask, raw).await {
@@ -226,7 +238,11 @@ async fn blob(
         source: if b.cached { "cache" } else { "upstream" },
     });
     let served = served.clone();
-    let stream = b.stream.inspect(move |chunk| {
+    let stream = match (b.file, ask.send_queue.clone()) {
+        (Some(file), Some(queue)) => file_body(queue, file).boxed(),
+        _ => b.stream,
+    };
+    let stream = stream.inspect(move |chunk| {
         if let Ok(c) = chunk {
             served.inc_by(c.len() as u64);
         }

@@ -44,16 +44,51 @@ const SECTIONS: &[(&str, &[&str])] = &[
         &["kind", "path", "url", "key_prefix", "pool_size", "timeout"],
     ),
     ("timeouts", &["connect", "response", "body_idle"]),
+    (
+        "server",
+        &[
+            "header_timeout",
+            "send_timeout",
+            "max_header_bytes",
+            "shutdown_grace",
+            "zero_copy",
+            "trusted_proxies",
+        ],
+    ),
+    (
+        "limits",
+        &[
+            "requests_per_second",
+            "burst",
+            "concurrent_blobs",
+            "bytes_per_second",
+        ],
+    ),
+    (
+        "fetch",
+        &["max_concurrent", "redirect_above", "queue_timeout"],
+    ),
     ("cluster", &["advertise_url", "lease_ttl"]),
 ];
 const UPSTREAM_KEYS: &[&str] = &["aliases", "endpoints", "tag_ttl", "username", "password"];
 
 /// Keys whose values are comma-separated lists.
-const LIST_KEYS: &[&str] = &["domains", "aliases", "endpoints"];
+const LIST_KEYS: &[&str] = &["domains", "aliases", "endpoints", "trusted_proxies"];
 /// Keys whose values are booleans.
-const BOOL_KEYS: &[&str] = &["path_style", "builtin_upstreams", "presigned_redirect"];
+const BOOL_KEYS: &[&str] = &[
+    "path_style",
+    "builtin_upstreams",
+    "presigned_redirect",
+    "zero_copy",
+];
 /// Keys whose values are integers.
-const INT_KEYS: &[&str] = &["pool_size"];
+const INT_KEYS: &[&str] = &[
+    "pool_size",
+    "requests_per_second",
+    "burst",
+    "concurrent_blobs",
+    "max_concurrent",
+];
 
 /// Applies the variables that name configuration keys; returns the names of
 /// `PIER_*` variables that were ignored.

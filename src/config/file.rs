@@ -19,6 +19,9 @@ pub struct FileConfig {
     pub storage: Option<FileStorage>,
     pub metadata: Option<FileMetadata>,
     pub timeouts: Option<FileTimeouts>,
+    pub server: Option<FileServer>,
+    pub limits: Option<FileLimits>,
+    pub fetch: Option<FileFetch>,
     pub cluster: Option<FileCluster>,
     #[serde(default)]
     pub upstreams: Vec<FileUpstream>,
@@ -74,6 +77,78 @@ pub struct FileTimeouts {
     pub response: Option<Duration>,
     #[serde(default, with = "humantime_serde")]
     pub body_idle: Option<Duration>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileServer {
+    #[serde(default, with = "humantime_serde")]
+    pub header_timeout: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    pub send_timeout: Option<Duration>,
+    pub max_header_bytes: Option<ByteSize>,
+    #[serde(default, with = "humantime_serde")]
+    pub shutdown_grace: Option<Duration>,
+    pub zero_copy: Option<bool>,
+    pub trusted_proxies: Option<Vec<String>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileLimits {
+    pub requests_per_second: Option<u32>,
+    pub burst: Option<u32>,
+    pub concurrent_blobs: Option<u32>,
+    pub bytes_per_second: Option<ByteSize>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileFetch {
+    pub max_concurrent: Option<usize>,
+    pub redirect_above: Option<ByteSize>,
+    #[serde(default, with = "humantime_serde")]
+    pub queue_timeout: Option<Duration>,
+}
+
+/// A size as a number of bytes or a string like `"64MiB"` or `"1GB"`.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum ByteSize {
+    Bytes(u64),
+    Text(String),
+}
+
+impl ByteSize {
+    pub fn bytes(&self) -> Result<u64, String> {
+        let text = match self {
+            ByteSize::Bytes(n) => return Ok(*n),
+            ByteSize::Text(t) => t.trim(),
+        };
+        let split = text
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(text.len());
+        let (digits, unit) = text.split_at(split);
+        let scale: u64 = match unit.trim() {
+            "" | "B" => 1,
+            "KB" | "kB" => 1000,
+            "MB" => 1000 * 1000,
+            "GB" => 1000 * 1000 * 1000,
+            "KiB" => 1 << 10,
+            "MiB" => 1 << 20,
+            "GiB" => 1 << 30,
+            _ => {
+                return Err(format!(
+                    "{text:?} is not a size like 65536, \"64KiB\" or \"1GB\""
+                ));
+            }
+        };
+        digits
+            .parse::<u64>()
+            .ok()
+            .and_then(|n| n.checked_mul(scale))
+            .ok_or_else(|| format!("{text:?} is not a size like 65536, \"64KiB\" or \"1GB\""))
+    }
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -7,10 +7,11 @@ use std::time::Duration;
 use url::Url;
 
 use super::builtin::{DEFAULT_TAG_TTL, builtin_routes, builtin_upstreams};
-use super::file::{FileConfig, FileMetadata, FileStorage, FileUpstream};
+use super::file::{ByteSize, FileConfig, FileMetadata, FileServer, FileStorage, FileUpstream};
 use super::{
-    AccessConfig, ClusterConfig, Config, ConfigError, LogFormat, MetadataConfig, RouteConfig,
-    S3Config, Secret, StorageConfig, TimeoutConfig, UpstreamConfig,
+    AccessConfig, ClusterConfig, Config, ConfigError, FetchConfig, LimitsConfig, LogFormat,
+    MetadataConfig, RouteConfig, S3Config, Secret, ServerConfig, StorageConfig, TimeoutConfig,
+    UpstreamConfig,
 };
 
 const DEFAULT_LISTEN: &str = "0.0.0.0:5000";
@@ -62,6 +63,27 @@ pub fn build(raw: FileConfig) -> Result<Config, ConfigError> {
         connect: positive(&mut p, "timeouts.connect", t.connect, 5),
         response: positive(&mut p, "timeouts.response", t.response, 30),
         body_idle: positive(&mut p, "timeouts.body_idle", t.body_idle, 60),
+    };
+
+    let server = server(raw.server.unwrap_or_default(), &mut p);
+    let l = raw.limits.unwrap_or_default();
+    let limits = LimitsConfig {
+        requests_per_second: l.requests_per_second.unwrap_or(0),
+        // A burst below the sustained rate would refuse steady clients.
+        burst: l.burst.unwrap_or(0).max(l.requests_per_second.unwrap_or(0)),
+        concurrent_blobs: l.concurrent_blobs.unwrap_or(0),
+        bytes_per_second: size(
+            &mut p,
+            "limits.bytes_per_second",
+            l.bytes_per_second.as_ref(),
+        )
+        .unwrap_or(0),
+    };
+    let f = raw.fetch.unwrap_or_default();
+    let fetch = FetchConfig {
+        max_concurrent: f.max_concurrent.unwrap_or(64),
+        redirect_above: size(&mut p, "fetch.redirect_above", f.redirect_above.as_ref()),
+        queue_timeout: positive(&mut p, "fetch.queue_timeout", f.queue_timeout, 30),
     };
 
     let c = raw.cluster.unwrap_or_default();
@@ -141,6 +163,9 @@ pub fn build(raw: FileConfig) -> Result<Config, ConfigError> {
         storage,
         metadata,
         timeouts,
+        server,
+        limits,
+        fetch,
         cluster,
         upstreams,
         routes,
@@ -399,6 +424,58 @@ fn upstreams(builtins: bool, file: Vec<FileUpstream>, p: &mut Problems) -> Vec<U
         }
     }
     list
+}
+
+fn server(s: FileServer, p: &mut Problems) -> ServerConfig {
+    const MIN_HEADER_BYTES: u64 = 8 * 1024;
+    let max_header_bytes = match size(p, "server.max_header_bytes", s.max_header_bytes.as_ref()) {
+        Some(n) if n < MIN_HEADER_BYTES => {
+            p.add(
+                "server.max_header_bytes",
+                format!("{n} is below the smallest usable head ({MIN_HEADER_BYTES} bytes)"),
+            );
+            MIN_HEADER_BYTES as usize
+        }
+        Some(n) => usize::try_from(n).unwrap_or(usize::MAX),
+        None => 64 * 1024,
+    };
+    let mut trusted_proxies = Vec::new();
+    for (i, cidr) in s.trusted_proxies.unwrap_or_default().iter().enumerate() {
+        match parse_cidr(cidr) {
+            Some(net) => trusted_proxies.push(net),
+            None => p.add(
+                &format!("server.trusted_proxies[{i}]"),
+                format!("{cidr:?} is not an address or a CIDR like 10.0.0.0/8"),
+            ),
+        }
+    }
+    ServerConfig {
+        header_timeout: positive(p, "server.header_timeout", s.header_timeout, 30),
+        send_timeout: positive(p, "server.send_timeout", s.send_timeout, 60),
+        max_header_bytes,
+        shutdown_grace: s.shutdown_grace.unwrap_or(Duration::from_secs(30)),
+        zero_copy: s.zero_copy.unwrap_or(true),
+        trusted_proxies,
+    }
+}
+
+/// `10.0.0.0/8`, `fd00::/8`, or a single address.
+fn parse_cidr(s: &str) -> Option<ipnet::IpNet> {
+    let s = s.trim();
+    s.parse::<ipnet::IpNet>()
+        .ok()
+        .or_else(|| s.parse::<std::net::IpAddr>().ok().map(ipnet::IpNet::from))
+}
+
+fn size(p: &mut Problems, key: &str, v: Option<&ByteSize>) -> Option<u64> {
+    match v.map(ByteSize::bytes) {
+        Some(Ok(n)) => Some(n),
+        Some(Err(why)) => {
+            p.add(key, why);
+            None
+        }
+        None => None,
+    }
 }
 
 fn positive(p: &mut Problems, key: &str, v: Option<Duration>, default_secs: u64) -> Duration {

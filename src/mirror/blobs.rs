@@ -16,6 +16,7 @@ use crate::route::Target;
 use crate::storage::{BlobBody, StorageError};
 use crate::telemetry::metrics::metrics;
 use crate::upstream::UpstreamError;
+use crate::zerocopy::FileSlice;
 
 /// A blob (or part of it) on its way to a client.
 pub struct BlobResponse {
@@ -24,6 +25,8 @@ pub struct BlobResponse {
     /// The part being sent, for a satisfied Range request.
     pub range: Option<ByteRange>,
     pub stream: BoxStream<'static, io::Result<Bytes>>,
+    /// The same bytes in a local file, when they are stored as one.
+    pub file: Option<FileSlice>,
     /// Whether the bytes come from the cache (for logs and metrics).
     pub cached: bool,
 }
@@ -39,6 +42,7 @@ impl From<BlobBody> for BlobResponse {
             size: Some(b.size),
             range: b.range,
             stream: b.stream,
+            file: b.file,
             cached: true,
         }
     }
@@ -122,6 +126,7 @@ impl Mirror {
                         size,
                         range,
                         stream: flight.stream(start, end).boxed(),
+                        file: None,
                         cached: false,
                     })
                 }

@@ -4,7 +4,8 @@
 //! lease) or wait for its commit. A lease is renewed while its work runs and
 //! lapses if the replica dies, so another one takes over.
 
-use std::sync::Arc;
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use url::Url;
@@ -19,6 +20,14 @@ pub struct Cluster {
     advertise: Option<Url>,
     pub lease_ttl: Duration,
     meta: Arc<dyn MetaStore>,
+    /// Names of the leases this replica holds now.
+    held: Held,
+}
+
+type Held = Arc<Mutex<HashSet<String>>>;
+
+fn lock(held: &Held) -> std::sync::MutexGuard<'_, HashSet<String>> {
+    held.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// The outcome of claiming a piece of work.
@@ -43,6 +52,7 @@ impl Cluster {
             advertise: config.advertise_url.clone(),
             lease_ttl: config.lease_ttl,
             meta,
+            held: Held::default(),
         }
     }
 
@@ -57,6 +67,7 @@ impl Cluster {
                 name.to_owned(),
                 self.me.clone(),
                 self.lease_ttl,
+                self.held.clone(),
             )),
             Ok(Some(holder)) => {
                 metrics().lease_waits.inc();
@@ -68,6 +79,19 @@ impl Cluster {
                 metrics().backend_error("metadata");
                 tracing::warn!(lease = name, error = %e, "cannot coordinate with other replicas");
                 Claim::Alone
+            }
+        }
+    }
+}
+
+impl Cluster {
+    /// Gives up every lease still held, so other replicas take the work
+    /// over at once instead of after the leases lapse (at shutdown).
+    pub async fn release_all(&self) {
+        let names: Vec<String> = lock(&self.held).drain().collect();
+        for name in names {
+            if let Err(e) = self.meta.release_lease(&name, &self.me).await {
+                tracing::warn!(lease = %name, error = %e, "cannot release lease; it will lapse");
             }
         }
     }
@@ -85,10 +109,18 @@ pub struct Lease {
     holder: String,
     meta: Arc<dyn MetaStore>,
     renewer: tokio::task::JoinHandle<()>,
+    held: Held,
 }
 
 impl Lease {
-    fn start(meta: Arc<dyn MetaStore>, name: String, holder: String, ttl: Duration) -> Self {
+    fn start(
+        meta: Arc<dyn MetaStore>,
+        name: String,
+        holder: String,
+        ttl: Duration,
+        held: Held,
+    ) -> Self {
+        lock(&held).insert(name.clone());
         let renewer = {
             let (meta, name, holder) = (meta.clone(), name.clone(), holder.clone());
             tokio::spawn(async move {
@@ -110,11 +142,13 @@ impl Lease {
             holder,
             meta,
             renewer,
+            held,
         }
     }
 
     pub async fn release(self) {
         self.renewer.abort();
+        lock(&self.held).remove(&self.name);
         if let Err(e) = self.meta.release_lease(&self.name, &self.holder).await {
             tracing::warn!(lease = %self.name, error = %e, "cannot release lease; it will lapse");
         }
@@ -125,6 +159,7 @@ impl Drop for Lease {
     fn drop(&mut self) {
         // Released explicitly on every normal path; otherwise it lapses.
         self.renewer.abort();
+        lock(&self.held).remove(&self.name);
     }
 }
 

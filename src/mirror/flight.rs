@@ -83,6 +83,11 @@ impl Flights {
         self.active.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// How many fetches run now.
+    pub fn count(&self) -> usize {
+        self.map().len()
+    }
+
     /// Joins the fetch of `digest`, starting it if none runs. The flag
     /// tells whether this call started it.
     pub fn join_or_start(

@@ -10,6 +10,7 @@ use futures::StreamExt;
 use super::{BlobBody, BlobStore, BlobWriter, StorageError};
 use crate::range::{RangeError, RangeSpec};
 use crate::reference::Digest;
+use crate::zerocopy::FileSlice;
 
 /// Read buffer per blob stream: large reads keep syscalls per GiB low.
 const READ_CHUNK: u64 = 512 * 1024;
@@ -71,11 +72,12 @@ impl BlobStore for FsBlobStore {
             Err(RangeError::Malformed) => return Err(StorageError::MalformedRange),
         };
         let (start, len) = range.map_or((0, size), |r| (r.start, r.len()));
-        let stream = read_chunks(file, start, len).boxed();
+        let file = std::sync::Arc::new(file);
         Ok(Some(BlobBody {
             size,
             range,
-            stream,
+            stream: read_chunks(file.clone(), start, len).boxed(),
+            file: Some(FileSlice { file, start, len }),
         }))
     }
 
@@ -110,11 +112,10 @@ impl BlobStore for FsBlobStore {
 /// pool straight into the buffers handed to the client: one copy out of the
 /// page cache per byte, one blocking-pool hop per chunk.
 fn read_chunks(
-    file: std::fs::File,
+    file: std::sync::Arc<std::fs::File>,
     start: u64,
     len: u64,
 ) -> impl futures::Stream<Item = io::Result<bytes::Bytes>> + Send + 'static {
-    let file = std::sync::Arc::new(file);
     futures::stream::unfold(Some((file, start, start + len)), |state| async move {
         let (file, pos, end) = state?;
         if pos >= end {

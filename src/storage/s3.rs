@@ -222,6 +222,7 @@ impl BlobStore for S3BlobStore {
             size,
             range,
             stream,
+            file: None,
         }))
     }
 
