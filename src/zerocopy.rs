@@ -27,6 +27,8 @@ use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::Sleep;
 
+use crate::telemetry::metrics::metrics;
+
 /// Largest placeholder, and so the most one sendfile call is asked for.
 const FRAME: usize = 2 << 20;
 
@@ -163,6 +165,7 @@ impl ClientIo {
                     )));
                 }
                 Ok(n) => {
+                    metrics().zero_copy_bytes.inc_by(n as u64);
                     next.offset += n as u64;
                     next.remaining -= n;
                     if next.remaining == 0 {

@@ -9,23 +9,10 @@ mod common;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use common::fake::{Blob, Fake, sha256_hex};
+use common::fake::{Blob, Fake, random_bytes, sha256_hex};
 use common::*;
 use futures::StreamExt;
 use reqwest::{Method, StatusCode};
-
-fn random_bytes(n: usize, seed: u8) -> Bytes {
-    let mut x: u32 = 0x9e37_79b9 ^ u32::from(seed);
-    (0..n)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 17;
-            x ^= x << 5;
-            x as u8
-        })
-        .collect::<Vec<u8>>()
-        .into()
-}
 
 fn digest(b: &[u8]) -> String {
     format!("sha256:{}", sha256_hex(b))

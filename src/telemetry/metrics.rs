@@ -51,6 +51,18 @@ pub struct RegistryLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LimitLabels {
+    /// requests, concurrent_blobs
+    pub limit: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabels {
+    /// waited, redirected, refused
+    pub outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct BackendLabels {
     /// storage or metadata
     pub backend: &'static str,
@@ -69,6 +81,9 @@ pub struct Metrics {
     pub fetch_joins: Counter,
     pub lease_waits: Counter,
     pub backend_errors: Family<BackendLabels, Counter>,
+    pub zero_copy_bytes: Counter,
+    pub client_limited: Family<LimitLabels, Counter>,
+    pub fetch_slots_full: Family<OutcomeLabels, Counter>,
 }
 
 fn latency_histogram() -> Histogram {
@@ -93,6 +108,9 @@ impl Metrics {
             fetch_joins: Counter::default(),
             lease_waits: Counter::default(),
             backend_errors: Family::default(),
+            zero_copy_bytes: Counter::default(),
+            client_limited: Family::default(),
+            fetch_slots_full: Family::default(),
             registry: Registry::default(),
         };
         registry.register("http_requests", "Requests served", m.requests.clone());
@@ -145,6 +163,21 @@ impl Metrics {
             "backend_errors",
             "Failed blob storage or metadata operations",
             m.backend_errors.clone(),
+        );
+        registry.register(
+            "blob_bytes_zero_copy",
+            "Stored blob bytes sent to clients with sendfile (part of blob_bytes_served)",
+            m.zero_copy_bytes.clone(),
+        );
+        registry.register(
+            "client_limit_refusals",
+            "Requests refused with 429 by a per-client limit",
+            m.client_limited.clone(),
+        );
+        registry.register(
+            "fetch_slots_full",
+            "Cold blob requests that found every upstream fetch slot busy, by what happened",
+            m.fetch_slots_full.clone(),
         );
         Self { registry, ..m }
     }
