@@ -5,13 +5,15 @@ mod error;
 mod handlers;
 mod path;
 
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
 use tracing::Instrument;
 
 use axum::Router;
-use axum::extract::Request;
+use axum::body::Body;
+use axum::extract::{Request, State};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get};
@@ -19,10 +21,11 @@ use http::{HeaderValue, StatusCode};
 
 pub use error::{ApiError, ErrorCode};
 
+use crate::limits::{ClientLimits, PeerAddr};
 use crate::mirror::Mirror;
 use crate::telemetry::metrics::metrics;
 
-pub fn router(mirror: Arc<Mirror>) -> Router {
+pub fn router(mirror: Arc<Mirror>, limits: Arc<ClientLimits>) -> Router {
     Router::new()
         .route("/v2", any(handlers::v2))
         .route("/v2/", any(handlers::v2))
@@ -31,18 +34,69 @@ pub fn router(mirror: Arc<Mirror>) -> Router {
         .route("/readyz", get(handlers::ready))
         .route("/metrics", get(metrics_text))
         .fallback(|| async { ApiError::not_found_route() })
-        .layer(middleware::from_fn(common_headers_and_log))
+        .layer(middleware::from_fn_with_state(
+            limits.clone(),
+            enforce_client_limits,
+        ))
+        .layer(middleware::from_fn_with_state(
+            limits,
+            common_headers_and_log,
+        ))
         .with_state(mirror)
 }
 
+/// The client a request is counted against (a request extension).
+#[derive(Clone, Copy, Debug)]
+struct ClientIp(IpAddr);
+
+/// Registry requests count against their client's limits; probes and
+/// metrics do not.
+async fn enforce_client_limits(
+    State(limits): State<Arc<ClientLimits>>,
+    req: Request,
+    next: Next,
+) -> Response {
+    let Some(ClientIp(ip)) = req.extensions().get::<ClientIp>().copied() else {
+        return next.run(req).await;
+    };
+    if !req.uri().path().starts_with("/v2") {
+        return next.run(req).await;
+    }
+    if let Err(refused) = limits.admit(ip).await {
+        return ApiError::client_limited(&refused).into_response();
+    }
+    if req.method() != http::Method::GET || !req.uri().path().contains("/blobs/") {
+        return next.run(req).await;
+    }
+    let download = match limits.start_download(ip) {
+        Ok(d) => d,
+        Err(refused) => return ApiError::client_limited(&refused).into_response(),
+    };
+    next.run(req)
+        .await
+        .map(|body| Body::new(download.wrap(body)))
+}
+
 /// Every response says which API it speaks; every request is logged once.
-async fn common_headers_and_log(req: Request, next: Next) -> Response {
+async fn common_headers_and_log(
+    State(limits): State<Arc<ClientLimits>>,
+    mut req: Request,
+    next: Next,
+) -> Response {
     let started = Instant::now();
     let method = req.method().clone();
     let path = req.uri().path().to_owned();
+    let client = req
+        .extensions()
+        .get::<PeerAddr>()
+        .map(|peer| limits.client_ip(peer.0, req.headers()));
+    if let Some(ip) = client {
+        req.extensions_mut().insert(ClientIp(ip));
+    }
+    let client = client.map(|ip| ip.to_string()).unwrap_or_default();
     // Everything logged while handling the request (upstream failures, a
     // stale serve) carries the request it belongs to.
-    let span = tracing::info_span!("request", %method, %path);
+    let span = tracing::info_span!("request", %method, %path, %client);
     let mut resp = next.run(req).instrument(span).await;
     resp.headers_mut().insert(
         "docker-distribution-api-version",

@@ -179,6 +179,9 @@ pub struct LimitsConfig {
     pub concurrent_blobs: u32,
     /// Response bytes per second to one client (per replica).
     pub bytes_per_second: u64,
+    /// Clients no limit applies to (CIDRs): other replicas, CI networks.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub exempt: Vec<ipnet::IpNet>,
 }
 
 /// Guards on the upstream side, so a few huge pulls cannot starve everyone.

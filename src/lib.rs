@@ -6,10 +6,12 @@
 
 pub mod api;
 pub mod config;
+pub mod limits;
 pub mod meta;
 pub mod mirror;
 pub mod policy;
 pub mod range;
+pub mod rate;
 pub mod reference;
 pub mod route;
 pub mod server;

@@ -8,6 +8,8 @@ mod redis;
 use std::time::Duration;
 
 use async_trait::async_trait;
+
+use crate::rate::Rate;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
@@ -111,6 +113,11 @@ pub trait MetaStore: Send + Sync + 'static {
 
     /// Gives a lease up, if `holder` still holds it.
     async fn release_lease(&self, name: &str, holder: &str) -> Result<(), MetaError>;
+
+    /// Counts a request against `key`'s rate: `Ok(Ok(()))` when it may go
+    /// ahead, `Ok(Err(wait))` when it must wait. Shared by every process
+    /// using the store.
+    async fn throttle(&self, key: &str, rate: Rate) -> Result<Result<(), Duration>, MetaError>;
 
     async fn health(&self) -> Result<(), MetaError>;
 }

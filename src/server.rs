@@ -2,7 +2,6 @@
 //! until a shutdown signal.
 
 use std::future::Future;
-use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -19,13 +18,15 @@ use tokio::net::TcpListener;
 use tower::ServiceExt;
 
 use crate::config::{Config, MetadataConfig, ServerConfig, StorageConfig};
+use crate::limits::{ClientLimits, PeerAddr};
 use crate::meta::{EmbeddedMeta, MetaStore, RedisMeta};
 use crate::mirror::Mirror;
 use crate::storage::{BlobStore, FsBlobStore, S3BlobStore};
 use crate::zerocopy::ClientIo;
 
-/// Opens the configured stores and builds the mirror.
-pub async fn build_mirror(config: &Config) -> anyhow::Result<Arc<Mirror>> {
+/// Opens the configured stores and builds the mirror, and the client limits
+/// (which share the metadata store).
+pub async fn build_mirror(config: &Config) -> anyhow::Result<(Arc<Mirror>, Arc<ClientLimits>)> {
     let blobs: Arc<dyn BlobStore> = match &config.storage {
         StorageConfig::Fs { path } => Arc::new(
             FsBlobStore::open(path)
@@ -55,8 +56,9 @@ pub async fn build_mirror(config: &Config) -> anyhow::Result<Arc<Mirror>> {
     };
     let spool = config.storage.spool_dir();
     clear_spool(&spool).await?;
+    let limits = ClientLimits::new(&config.server, &config.limits, meta.clone());
     let mirror = Mirror::new(config, blobs, meta, spool).context("building the HTTP client")?;
-    Ok(Arc::new(mirror))
+    Ok((Arc::new(mirror), Arc::new(limits)))
 }
 
 /// Spool files left by a previous run belong to fetches that no longer exist.
@@ -73,10 +75,6 @@ async fn clear_spool(dir: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The TCP peer of a request's connection (a request extension).
-#[derive(Clone, Copy, Debug)]
-pub struct PeerAddr(pub SocketAddr);
-
 /// Serves on `listener` until `shutdown` resolves, then stops accepting,
 /// lets in-flight responses and fetches finish for up to
 /// `[server] shutdown_grace`, and gives up the leases still held.
@@ -85,8 +83,8 @@ pub async fn serve(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let mirror = build_mirror(config).await?;
-    let app = crate::api::router(mirror.clone());
+    let (mirror, limits) = build_mirror(config).await?;
+    let app = crate::api::router(mirror.clone(), limits);
     let settings = config.server.clone();
     let zero_copy = settings.zero_copy && matches!(config.storage, StorageConfig::Fs { .. });
     let builder = http_builder(&settings);

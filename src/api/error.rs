@@ -69,6 +69,17 @@ impl ApiError {
         self
     }
 
+    /// A per-client limit refused the request.
+    pub fn client_limited(r: &crate::limits::Refused) -> Self {
+        let secs = r.retry_after.as_secs() + u64::from(r.retry_after.subsec_nanos() > 0);
+        Self::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            ErrorCode::TooManyRequests,
+            format!("per-client limit reached ({}); retry in {secs} s", r.limit),
+        )
+        .with_header(header::RETRY_AFTER, secs.max(1).to_string())
+    }
+
     pub fn name_invalid(why: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, ErrorCode::NameInvalid, why)
     }

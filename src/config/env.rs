@@ -62,6 +62,7 @@ const SECTIONS: &[(&str, &[&str])] = &[
             "burst",
             "concurrent_blobs",
             "bytes_per_second",
+            "exempt",
         ],
     ),
     (
@@ -73,7 +74,13 @@ const SECTIONS: &[(&str, &[&str])] = &[
 const UPSTREAM_KEYS: &[&str] = &["aliases", "endpoints", "tag_ttl", "username", "password"];
 
 /// Keys whose values are comma-separated lists.
-const LIST_KEYS: &[&str] = &["domains", "aliases", "endpoints", "trusted_proxies"];
+const LIST_KEYS: &[&str] = &[
+    "domains",
+    "aliases",
+    "endpoints",
+    "trusted_proxies",
+    "exempt",
+];
 /// Keys whose values are booleans.
 const BOOL_KEYS: &[&str] = &[
     "path_style",

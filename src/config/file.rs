@@ -100,6 +100,7 @@ pub struct FileLimits {
     pub burst: Option<u32>,
     pub concurrent_blobs: Option<u32>,
     pub bytes_per_second: Option<ByteSize>,
+    pub exempt: Option<Vec<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]

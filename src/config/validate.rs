@@ -78,6 +78,7 @@ pub fn build(raw: FileConfig) -> Result<Config, ConfigError> {
             l.bytes_per_second.as_ref(),
         )
         .unwrap_or(0),
+        exempt: cidrs(&mut p, "limits.exempt", l.exempt.unwrap_or_default()),
     };
     let f = raw.fetch.unwrap_or_default();
     let fetch = FetchConfig {
@@ -439,16 +440,11 @@ fn server(s: FileServer, p: &mut Problems) -> ServerConfig {
         Some(n) => usize::try_from(n).unwrap_or(usize::MAX),
         None => 64 * 1024,
     };
-    let mut trusted_proxies = Vec::new();
-    for (i, cidr) in s.trusted_proxies.unwrap_or_default().iter().enumerate() {
-        match parse_cidr(cidr) {
-            Some(net) => trusted_proxies.push(net),
-            None => p.add(
-                &format!("server.trusted_proxies[{i}]"),
-                format!("{cidr:?} is not an address or a CIDR like 10.0.0.0/8"),
-            ),
-        }
-    }
+    let trusted_proxies = cidrs(
+        p,
+        "server.trusted_proxies",
+        s.trusted_proxies.unwrap_or_default(),
+    );
     ServerConfig {
         header_timeout: positive(p, "server.header_timeout", s.header_timeout, 30),
         send_timeout: positive(p, "server.send_timeout", s.send_timeout, 60),
@@ -457,6 +453,20 @@ fn server(s: FileServer, p: &mut Problems) -> ServerConfig {
         zero_copy: s.zero_copy.unwrap_or(true),
         trusted_proxies,
     }
+}
+
+fn cidrs(p: &mut Problems, key: &str, list: Vec<String>) -> Vec<ipnet::IpNet> {
+    let mut nets = Vec::new();
+    for (i, cidr) in list.iter().enumerate() {
+        match parse_cidr(cidr) {
+            Some(net) => nets.push(net),
+            None => p.add(
+                &format!("{key}[{i}]"),
+                format!("{cidr:?} is not an address or a CIDR like 10.0.0.0/8"),
+            ),
+        }
+    }
+    nets
 }
 
 /// `10.0.0.0/8`, `fd00::/8`, or a single address.

@@ -10,6 +10,7 @@ use async_trait::async_trait;
 use redb::{Database, TableDefinition};
 
 use super::{MetaError, MetaStore, StoredManifest, TagRecord};
+use crate::rate::{LocalRates, Rate};
 use crate::reference::Digest;
 
 /// digest → media type, `\n`, manifest bytes
@@ -25,6 +26,7 @@ pub struct EmbeddedMeta {
     db: Arc<Database>,
     /// One process owns an embedded store, so leases live in memory.
     leases: Leases,
+    rates: LocalRates,
 }
 
 impl EmbeddedMeta {
@@ -41,6 +43,7 @@ impl EmbeddedMeta {
         Ok(Self {
             db: Arc::new(db),
             leases: Leases::default(),
+            rates: LocalRates::default(),
         })
     }
 
@@ -246,6 +249,10 @@ impl MetaStore for EmbeddedMeta {
         Ok(())
     }
 
+    async fn throttle(&self, key: &str, rate: Rate) -> Result<Result<(), Duration>, MetaError> {
+        Ok(self.rates.check(key, rate))
+    }
+
     async fn health(&self) -> Result<(), MetaError> {
         self.blocking(|db| db.begin_read().map(drop).map_err(backend))
             .await
@@ -303,6 +310,7 @@ mod tests {
         let meta = super::EmbeddedMeta::open(dir.path()).unwrap();
         crate::meta::suite::run(&meta).await;
         crate::meta::suite::leases(&meta).await;
+        crate::meta::suite::throttle(&meta).await;
         drop(meta);
         // What was written survives reopening.
         let meta = super::EmbeddedMeta::open(dir.path()).unwrap();

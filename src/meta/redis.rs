@@ -13,6 +13,7 @@ use deadpool_redis::redis::{self, AsyncCommands};
 use deadpool_redis::{Config as PoolSettings, Connection, Pool, PoolConfig, Runtime, Timeouts};
 
 use super::{MetaError, MetaStore, StoredManifest, TagRecord};
+use crate::rate::Rate;
 use crate::reference::Digest;
 
 pub struct RedisMeta {
@@ -80,6 +81,20 @@ impl RedisMeta {
 const RENEW: &str = r"if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('pexpire', KEYS[1], ARGV[2]) else return 0 end";
 /// Deletes a lease only for its holder.
 const RELEASE: &str = r"if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) else return 0 end";
+
+/// The rule of `crate::rate::decide` on the server's clock, so every replica
+/// counts against one TAT per key. Returns 0, or the µs to wait.
+const THROTTLE: &str = r"
+local t = redis.call('time')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local tat = tonumber(redis.call('get', KEYS[1]) or now)
+if tat < now then tat = now end
+local ahead = tat - now
+local tolerance = tonumber(ARGV[2])
+if ahead > tolerance then return ahead - tolerance end
+tat = tat + tonumber(ARGV[1])
+redis.call('set', KEYS[1], string.format('%.0f', tat), 'px', math.floor((tat - now) / 1000) + 1)
+return 0";
 
 fn ttl_ms(ttl: Duration) -> u64 {
     u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1)
@@ -243,6 +258,24 @@ impl MetaStore for RedisMeta {
         .await
     }
 
+    async fn throttle(&self, key: &str, rate: Rate) -> Result<Result<(), Duration>, MetaError> {
+        let key = self.key(&["rate", key]);
+        let wait_us: u64 = self
+            .run(|mut c| async move {
+                redis::Script::new(THROTTLE)
+                    .key(key)
+                    .arg(rate.interval_us)
+                    .arg(rate.tolerance_us)
+                    .invoke_async(&mut c)
+                    .await
+            })
+            .await?;
+        Ok(match wait_us {
+            0 => Ok(()),
+            us => Err(Duration::from_micros(us)),
+        })
+    }
+
     async fn health(&self) -> Result<(), MetaError> {
         self.run(|mut c| async move { redis::cmd("PING").query_async::<String>(&mut c).await })
             .await
@@ -267,6 +300,7 @@ mod tests {
         let meta = super::RedisMeta::new(&url, &prefix, 4, Duration::from_secs(2)).unwrap();
         crate::meta::suite::run(&meta).await;
         crate::meta::suite::leases(&meta).await;
+        crate::meta::suite::throttle(&meta).await;
         crate::meta::suite::check_persisted(&meta).await;
     }
 

@@ -142,3 +142,27 @@ pub async fn check_persisted(meta: &dyn MetaStore) {
     );
     assert!(meta.is_linked(REPO, &digest).await.unwrap());
 }
+
+/// Rates: a burst is allowed, the next request waits about one interval,
+/// and keys do not share a budget.
+pub async fn throttle(meta: &dyn MetaStore) {
+    use std::time::Duration;
+    let rate = crate::rate::Rate::new(2, 3);
+    let key = format!("test-{:x}", rand::random::<u64>());
+    for i in 0..3 {
+        assert_eq!(
+            meta.throttle(&key, rate).await.unwrap(),
+            Ok(()),
+            "burst {i}"
+        );
+    }
+    let wait = meta.throttle(&key, rate).await.unwrap().unwrap_err();
+    assert!(
+        wait > Duration::from_millis(400) && wait <= Duration::from_millis(500),
+        "{wait:?}"
+    );
+    let other = format!("{key}-other");
+    assert_eq!(meta.throttle(&other, rate).await.unwrap(), Ok(()));
+    tokio::time::sleep(wait).await;
+    assert_eq!(meta.throttle(&key, rate).await.unwrap(), Ok(()));
+}
