@@ -32,6 +32,7 @@ use crate::storage::{BlobStore, StorageError};
 use crate::telemetry::metrics::metrics;
 use crate::upstream::{UpstreamClient, UpstreamError, Upstreams};
 use cluster::Cluster;
+use fetch::FetchSlots;
 use flight::Flights;
 use keyed_lock::{KeyedLocks, RecentFailures};
 
@@ -57,6 +58,8 @@ pub enum MirrorError {
     DigestMismatch { registry: String, expected: String },
     #[error("fetching from upstream failed: {0}")]
     Fetch(String),
+    #[error("{0}")]
+    Busy(String),
 }
 
 pub struct Mirror {
@@ -75,6 +78,9 @@ pub struct Mirror {
     body_idle: Duration,
     /// Expiry of presigned blob URLs, when blob GETs redirect to the store.
     presign: Option<Duration>,
+    fetch_slots: FetchSlots,
+    /// Blobs this large go to upstream's storage while fetch slots are full.
+    redirect_above: Option<u64>,
 }
 
 impl Mirror {
@@ -111,6 +117,8 @@ impl Mirror {
                 StorageConfig::S3(s3) if s3.presigned_redirect => Some(s3.presigned_expiry),
                 _ => None,
             },
+            fetch_slots: FetchSlots::new(config.fetch.max_concurrent, config.fetch.queue_timeout),
+            redirect_above: config.fetch.redirect_above,
         })
     }
 

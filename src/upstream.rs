@@ -176,6 +176,34 @@ impl UpstreamClient {
         self.expect_success(resp).await
     }
 
+    /// Where upstream serves a blob from when that is another host (blob
+    /// storage, a CDN) the client can be sent to without credentials:
+    /// `None` when upstream serves the bytes itself.
+    pub async fn blob_location(
+        &self,
+        repo: &str,
+        digest: &Digest,
+    ) -> Result<Option<url::Url>, UpstreamError> {
+        let path = format!("/v2/{repo}/blobs/{digest}");
+        let resp = self
+            .send_with(Method::GET, &path, HeaderMap::new(), repo, false)
+            .await?;
+        if !resp.status().is_redirection() {
+            // Dropping the response abandons its body.
+            self.expect_success(resp).await?;
+            return Ok(None);
+        }
+        let next = resp
+            .headers()
+            .get(header::LOCATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|loc| resp.url().join(loc).ok())
+            .filter(|u| matches!(u.scheme(), "http" | "https"))
+            .filter(|u| !transport::is_link_local(u))
+            .filter(|u| !self.endpoints.iter().any(|e| e.origin() == u.origin()));
+        Ok(next)
+    }
+
     /// The size of an upstream blob, without downloading it.
     pub async fn blob_size(
         &self,

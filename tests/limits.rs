@@ -203,3 +203,67 @@ async fn replicas_share_the_request_budget_through_redis() {
     // Six in all, not six per replica.
     assert_eq!(got, [200, 200, 200, 200, 200, 200, 429, 429]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_fetch_slots_send_large_blobs_to_upstream_storage() {
+    let fake = Fake::start();
+    let cdn = Fake::start();
+    let hog = random_bytes(600_000, 31);
+    let large = random_bytes(3 * 1024 * 1024, 32);
+    let small = random_bytes(10_000, 33);
+    let (d_hog, d_large, d_small) = (digest(&hog), digest(&large), digest(&small));
+    fake.blob(&d_hog, Blob::Slow(hog.clone(), Duration::from_secs(4)));
+    let cdn_url = format!("{}/storage/blobs/{d_large}?signature=abc", cdn.url());
+    fake.blob(&d_large, Blob::Redirect(cdn_url.clone()));
+    fake.blob(&d_small, Blob::Good(small.clone()));
+    cdn.blob(&d_large, Blob::Good(large.clone()));
+    let (pier, _data) = Pier::start(
+        &[("corp.example", &fake.url())],
+        "[fetch]\nmax_concurrent = 1\nredirect_above = \"1MiB\"\nqueue_timeout = \"1s\"\n",
+    );
+    let http = http_for(&pier);
+    let url = |d: &str| format!("{}/v2/corp.example/team/app/blobs/{d}", pier.url());
+
+    // One slow fetch takes the only slot.
+    let first = get(&http, &url(&d_hog), None).await;
+    assert_eq!(first.status(), StatusCode::OK);
+    // A large blob goes to upstream's storage instead of waiting...
+    let r = get(&http, &url(&d_large), None).await;
+    assert_eq!(r.status(), StatusCode::TEMPORARY_REDIRECT);
+    assert_eq!(r.headers()["location"], cdn_url.as_str());
+    assert_eq!(r.headers()["docker-content-digest"], d_large.as_str());
+    assert_eq!(cdn.count("GET", "/storage/"), 0, "Pier did not fetch it");
+    let followed = reqwest::get(&cdn_url).await.unwrap().bytes().await.unwrap();
+    assert_eq!(followed, large);
+    // ...a small one queues for the slot and, past the queue timeout, gets
+    // a 503 to retry later.
+    let r = get(&http, &url(&d_small), None).await;
+    assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(r.headers()["retry-after"], "10");
+    assert_eq!(error_code(r).await, "UNAVAILABLE");
+    assert_eq!(
+        fake.count("GET", &format!("/v2/team/app/blobs/{d_small}")),
+        0
+    );
+
+    // Once the slot is free, both are fetched and served as usual.
+    assert_eq!(first.bytes().await.unwrap(), hog);
+    pier.wait_stored(1);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    for (d, want) in [(&d_large, &large), (&d_small, &small)] {
+        let r = get(&http, &url(d), None).await;
+        assert_eq!(r.status(), StatusCode::OK);
+        assert_eq!(r.bytes().await.unwrap(), *want);
+    }
+    let metrics = get(&http, &format!("{}/metrics", pier.url()), None)
+        .await
+        .text()
+        .await
+        .unwrap();
+    for line in [
+        "pier_fetch_slots_full_total{outcome=\"redirected\"} 1",
+        "pier_fetch_slots_full_total{outcome=\"refused\"} 1",
+    ] {
+        assert!(metrics.contains(line), "{line}\n{metrics}");
+    }
+}

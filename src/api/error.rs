@@ -215,6 +215,10 @@ impl From<MirrorError> for ApiError {
                 )
             }
             MirrorError::Fetch(m) => Self::new(StatusCode::BAD_GATEWAY, ErrorCode::Unavailable, m),
+            MirrorError::Busy(m) => {
+                Self::new(StatusCode::SERVICE_UNAVAILABLE, ErrorCode::Unavailable, m)
+                    .with_header(header::RETRY_AFTER, "10".into())
+            }
             e @ MirrorError::Storage(_) => {
                 // Internal detail stays in the log.
                 tracing::error!(error = %e, "blob storage error");

@@ -90,6 +90,7 @@ impl Mirror {
                 peers: self.peers.clone(),
                 body_idle: self.body_idle,
                 for_peer,
+                slots: self.fetch_slots.clone(),
             };
             let (flight, started) = self.flights.join_or_start(digest, job);
             let foreign = flight.repo_key != key;
@@ -141,10 +142,18 @@ impl Mirror {
         }
     }
 
-    /// Where to send the client instead of streaming the blob, when the
-    /// store hands out presigned URLs and the blob is stored and may be
-    /// served under this repository.
+    /// Where to send the client instead of streaming the blob: the store's
+    /// presigned URL, or upstream's own CDN while every fetch slot is busy.
     pub async fn blob_redirect(&self, target: &Target, digest: &Digest) -> Option<String> {
+        if let Some(url) = self.presigned_redirect(target, digest).await {
+            return Some(url);
+        }
+        self.saturated_redirect(target, digest).await
+    }
+
+    /// When the store hands out presigned URLs and the blob is stored and
+    /// may be served under this repository.
+    async fn presigned_redirect(&self, target: &Target, digest: &Digest) -> Option<String> {
         let expires = self.presign?;
         self.stored_size(digest).await?;
         if !matches!(self.authorized(target, digest).await, Ok(true)) {
@@ -154,6 +163,38 @@ impl Mirror {
             Ok(url) => url,
             Err(e) => {
                 tracing::warn!(%digest, error = %e, "cannot presign; streaming instead");
+                None
+            }
+        }
+    }
+
+    /// While every upstream fetch slot is busy, a large uncached blob that
+    /// no fetch is bringing in goes to where upstream serves it from, so a
+    /// few huge pulls cannot make everyone wait. Small blobs queue for a
+    /// slot instead: they are quick, and upstream may serve them itself.
+    async fn saturated_redirect(&self, target: &Target, digest: &Digest) -> Option<String> {
+        let threshold = self.redirect_above?;
+        if !self.fetch_slots.full() || self.flights.is_running(digest) {
+            return None;
+        }
+        if self.stored_size(digest).await.is_some() {
+            return None;
+        }
+        let upstream = self.upstream(target).ok()?;
+        let repo = target.repository.as_str();
+        let size = upstream.blob_size(repo, digest).await.ok()??;
+        if size < threshold {
+            return None;
+        }
+        match upstream.blob_location(repo, digest).await {
+            Ok(Some(url)) => {
+                metrics().slots_full("redirected");
+                tracing::info!(%digest, size, "fetch slots full: client sent to upstream's storage");
+                Some(url.to_string())
+            }
+            Ok(None) => None,
+            Err(e) => {
+                tracing::debug!(%digest, error = %e, "no upstream location to redirect to");
                 None
             }
         }
@@ -198,5 +239,6 @@ fn flight_error(target: &Target, digest: &Digest, e: FlightError) -> MirrorError
             MirrorError::DigestMismatch { registry, expected }
         }
         FlightError::Failed(why) => MirrorError::Fetch(why),
+        FlightError::Busy(why) => MirrorError::Busy(why),
     }
 }

@@ -39,6 +39,53 @@ pub struct FetchJob {
     pub body_idle: Duration,
     /// The request came from a peer replica: fetch upstream, do not delegate.
     pub for_peer: bool,
+    pub slots: FetchSlots,
+}
+
+/// The cap on upstream blob fetches running at once in this replica.
+#[derive(Clone)]
+pub struct FetchSlots {
+    slots: Option<Arc<tokio::sync::Semaphore>>,
+    queue_timeout: Duration,
+}
+
+impl FetchSlots {
+    pub fn new(max: usize, queue_timeout: Duration) -> Self {
+        Self {
+            slots: (max > 0).then(|| Arc::new(tokio::sync::Semaphore::new(max))),
+            queue_timeout,
+        }
+    }
+
+    /// Whether every slot is taken now.
+    pub fn full(&self) -> bool {
+        self.slots
+            .as_ref()
+            .is_some_and(|s| s.available_permits() == 0)
+    }
+
+    /// Waits (up to the queue timeout) for a slot, held until dropped.
+    async fn take(&self) -> Result<Option<tokio::sync::OwnedSemaphorePermit>, FlightError> {
+        let Some(slots) = &self.slots else {
+            return Ok(None);
+        };
+        if let Ok(permit) = slots.clone().try_acquire_owned() {
+            return Ok(Some(permit));
+        }
+        match tokio::time::timeout(self.queue_timeout, slots.clone().acquire_owned()).await {
+            Ok(Ok(permit)) => {
+                metrics().slots_full("waited");
+                Ok(Some(permit))
+            }
+            _ => {
+                metrics().slots_full("refused");
+                Err(FlightError::Busy(format!(
+                    "all upstream fetch slots stayed busy for {}",
+                    humantime::format_duration(self.queue_timeout)
+                )))
+            }
+        }
+    }
 }
 
 /// Where the bytes come from.
@@ -66,7 +113,10 @@ pub(super) async fn run(guard: FlightGuard, job: FetchJob, spool_dir: PathBuf) {
             return;
         }
         Ok(Source::Upstream(lease)) => {
-            let result = from_upstream(&flight, &job, &spool).await;
+            let result = match job.slots.take().await {
+                Ok(_slot) => from_upstream(&flight, &job, &spool).await,
+                Err(e) => Err(e),
+            };
             if let Some(lease) = lease {
                 lease.release().await;
             }

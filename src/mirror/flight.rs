@@ -27,8 +27,13 @@ const READ_CHUNK: u64 = 256 * 1024;
 #[derive(Clone, Debug)]
 pub enum FlightError {
     Upstream(UpstreamError),
-    Mismatch { registry: String, expected: String },
+    Mismatch {
+        registry: String,
+        expected: String,
+    },
     Failed(String),
+    /// Too many fetches at once; worth retrying shortly.
+    Busy(String),
 }
 
 #[derive(Clone)]
@@ -81,6 +86,11 @@ impl Flights {
 
     fn map(&self) -> std::sync::MutexGuard<'_, HashMap<Digest, Arc<Flight>>> {
         self.active.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether a fetch of `digest` runs now.
+    pub fn is_running(&self, digest: &Digest) -> bool {
+        self.map().contains_key(digest)
     }
 
     /// How many fetches run now.

@@ -201,6 +201,12 @@ impl Metrics {
             .inc();
     }
 
+    pub fn slots_full(&self, outcome: &'static str) {
+        self.fetch_slots_full
+            .get_or_create(&OutcomeLabels { outcome })
+            .inc();
+    }
+
     pub fn backend_error(&self, backend: &'static str) {
         self.backend_errors
             .get_or_create(&BackendLabels { backend })

@@ -63,6 +63,18 @@ impl UpstreamClient {
         headers: HeaderMap,
         repo: &str,
     ) -> Result<reqwest::Response, UpstreamError> {
+        self.send_with(method, path, headers, repo, true).await
+    }
+
+    /// Like `send`; with `follow` false a redirect is returned as it came.
+    pub(super) async fn send_with(
+        &self,
+        method: Method,
+        path: &str,
+        headers: HeaderMap,
+        repo: &str,
+        follow: bool,
+    ) -> Result<reqwest::Response, UpstreamError> {
         let scope = format!("repository:{repo}:pull");
         let n = self.endpoints.len().max(1);
         let first = self.preferred.load(Ordering::Relaxed);
@@ -78,7 +90,7 @@ impl UpstreamClient {
             let url = endpoint
                 .join(path.trim_start_matches('/'))
                 .map_err(|e| self.invalid(e))?;
-            match self.send_once(&method, url, &headers, &scope).await {
+            match self.send_once(&method, url, &headers, &scope, follow).await {
                 Ok(resp) if resp.status().is_server_error() => {
                     last_error = format!("{} answered HTTP {}", host_of(endpoint), resp.status());
                 }
@@ -109,6 +121,7 @@ impl UpstreamClient {
         url: Url,
         headers: &HeaderMap,
         scope: &str,
+        follow: bool,
     ) -> Result<reqwest::Response, Failure> {
         let mut auth = self.authorization(scope);
         let mut resp = self
@@ -149,6 +162,9 @@ impl UpstreamClient {
                 auth = self.authorization(scope);
                 resp = self.execute(method, url, headers, auth.clone()).await?;
             }
+        }
+        if !follow {
+            return Ok(resp);
         }
         self.follow_redirects(method, resp, headers, auth).await
     }
@@ -242,7 +258,7 @@ impl UpstreamClient {
 }
 
 /// Whether `url` names a link-local address (169.254.0.0/16, fe80::/10).
-fn is_link_local(url: &Url) -> bool {
+pub(super) fn is_link_local(url: &Url) -> bool {
     match url.host() {
         Some(url::Host::Ipv4(ip)) => ip.is_link_local(),
         Some(url::Host::Ipv6(ip)) => (ip.segments()[0] & 0xffc0) == 0xfe80,
