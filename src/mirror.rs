@@ -6,6 +6,7 @@ mod blobs;
 mod cluster;
 mod fetch;
 mod flight;
+mod hot;
 mod keyed_lock;
 mod listing;
 mod manifests;
@@ -79,6 +80,7 @@ pub struct Mirror {
     /// Expiry of presigned blob URLs, when blob GETs redirect to the store.
     presign: Option<Duration>,
     fetch_slots: FetchSlots,
+    hot: hot::HotCache,
     /// Blobs this large go to upstream's storage while fetch slots are full.
     redirect_above: Option<u64>,
 }
@@ -117,6 +119,7 @@ impl Mirror {
                 StorageConfig::S3(s3) if s3.presigned_redirect => Some(s3.presigned_expiry),
                 _ => None,
             },
+            hot: hot::HotCache::default(),
             fetch_slots: FetchSlots::new(config.fetch.max_concurrent, config.fetch.queue_timeout),
             redirect_above: config.fetch.redirect_above,
         })
@@ -154,8 +157,12 @@ impl Mirror {
     /// key to it, and availability matters more then.
     async fn authorized(&self, target: &Target, digest: &Digest) -> Result<bool, MirrorError> {
         let key = target.key();
+        if self.hot.is_linked(&key, digest) {
+            return Ok(true);
+        }
         let linked = self.meta.is_linked(&key, digest).await;
         if matches!(linked, Ok(true)) {
+            self.hot.put_link(&key, digest);
             return Ok(true);
         }
         let meta_down = linked.is_err();

@@ -110,7 +110,7 @@ async fn flushing_redis_loses_no_blobs() {
     let ns = namespace();
     let data = tempfile::tempdir().unwrap();
     let url = docker.url();
-    let Some(pier) = Pier::start_scaled(data.path(), &ns, &[("docker.io", &url)], "") else {
+    let Some(mut pier) = Pier::start_scaled(data.path(), &ns, &[("docker.io", &url)], "") else {
         return;
     };
     let want = digest_of("docker", "library/alpine:3.19");
@@ -136,8 +136,10 @@ async fn flushing_redis_loses_no_blobs() {
         assert!(del.status.success());
     }
 
-    // Manifests come back from upstream (and link their blobs again); the
-    // blobs are found in S3, never downloaded again.
+    // A replica that starts now (nothing in memory) gets the manifests from
+    // upstream again (which link their blobs again); the blobs are found in
+    // S3, never downloaded again.
+    pier.restart();
     assert_eq!(pull(&pier, "docker.io/library/alpine:3.19").await, want);
     assert!(docker.requests("GET", "library/alpine/manifests/") > manifest_gets);
     assert_eq!(docker.requests("GET", "library/alpine/blobs/"), gets);
@@ -196,14 +198,17 @@ async fn pier_rides_out_a_redis_outage_and_reconnects() {
     )
     .await;
     assert_eq!(r.status(), reqwest::StatusCode::OK);
-    // A tag, with nothing to ask: a clear 503, not a hang or a 500.
-    let r = fetch(
-        &http,
-        reqwest::Method::GET,
-        &format!("{}/v2/docker.io/library/alpine/manifests/3.19", pier.url()),
-        &[],
-    )
-    .await;
+    // A tag still fresh in this replica's memory is answered from there; one
+    // it never saw, with nothing to ask: a clear 503, not a hang or a 500.
+    let manifest = |tag: &'static str| {
+        let http = http.clone();
+        let url = format!("{}/v2/docker.io/library/alpine/manifests/{tag}", pier.url());
+        async move { fetch(&http, reqwest::Method::GET, &url, &[]).await }
+    };
+    let r = manifest("3.19").await;
+    assert_eq!(r.status(), reqwest::StatusCode::OK);
+    assert_eq!(r.headers()["docker-content-digest"], want.as_str());
+    let r = manifest("3.20").await;
     assert_eq!(r.status(), reqwest::StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(error_code(r).await, "UNAVAILABLE");
 

@@ -82,15 +82,25 @@ impl Mirror {
         key: &str,
         digest: &Digest,
     ) -> Result<Option<ManifestHit>, MirrorError> {
-        if let Some(manifest) = self.recall(self.meta.manifest(digest)).await
-            && matches!(self.meta.is_linked(key, digest).await, Ok(true))
-        {
-            return Ok(Some(ManifestHit {
+        let hit = |manifest| {
+            Some(ManifestHit {
                 digest: digest.clone(),
                 manifest,
                 stale: false,
                 outcome: "hit",
-            }));
+            })
+        };
+        if self.hot.is_linked(key, digest)
+            && let Some(manifest) = self.hot.manifest(digest)
+        {
+            return Ok(hit(manifest));
+        }
+        if let Some(manifest) = self.recall(self.meta.manifest(digest)).await
+            && matches!(self.meta.is_linked(key, digest).await, Ok(true))
+        {
+            self.hot.put_manifest(digest, &manifest);
+            self.hot.put_link(key, digest);
+            return Ok(hit(manifest));
         }
         Ok(None)
     }
@@ -233,29 +243,45 @@ impl Mirror {
         tag: &Tag,
     ) -> Result<Option<ManifestHit>, MirrorError> {
         let key = target.key();
-        let Some(rec) = self.recall(self.meta.tag(&key, tag.as_str())).await else {
-            return Ok(None);
-        };
         let ttl = self
             .tag_ttls
             .get(&target.registry)
             .copied()
             .unwrap_or_default();
-        if now_ms().saturating_sub(rec.checked_at_ms) >= ttl.as_millis() as u64 {
+        let fresh =
+            |rec: &TagRecord| now_ms().saturating_sub(rec.checked_at_ms) < ttl.as_millis() as u64;
+        let rec = match self.hot.tag(&key, tag.as_str()) {
+            Some(rec) if fresh(&rec) => rec,
+            _ => {
+                let Some(rec) = self.recall(self.meta.tag(&key, tag.as_str())).await else {
+                    return Ok(None);
+                };
+                self.hot.put_tag(&key, tag.as_str(), rec.clone());
+                rec
+            }
+        };
+        if !fresh(&rec) {
             return Ok(None);
         }
         let Ok(digest) = Digest::parse(&rec.digest) else {
             return Ok(None);
         };
-        Ok(self
-            .recall(self.meta.manifest(&digest))
-            .await
-            .map(|manifest| ManifestHit {
-                digest,
-                manifest,
-                stale: false,
-                outcome: "hit",
-            }))
+        let manifest = match self.hot.manifest(&digest) {
+            Some(m) => m,
+            None => {
+                let Some(m) = self.recall(self.meta.manifest(&digest)).await else {
+                    return Ok(None);
+                };
+                self.hot.put_manifest(&digest, &m);
+                m
+            }
+        };
+        Ok(Some(ManifestHit {
+            digest,
+            manifest,
+            stale: false,
+            outcome: "hit",
+        }))
     }
 
     async fn remember_tag(&self, key: &str, tag: &Tag, digest: &Digest) -> Result<(), MirrorError> {
@@ -265,6 +291,7 @@ impl Mirror {
         };
         self.remember(self.meta.put_tag(key, tag.as_str(), &rec))
             .await;
+        self.hot.put_tag(key, tag.as_str(), rec);
         Ok(())
     }
 
@@ -308,11 +335,16 @@ impl Mirror {
             media_type,
             bytes: body,
         };
+        let key = target.key();
         self.remember(
             self.meta
-                .put_manifest(&target.key(), &digest, &manifest, &references),
+                .put_manifest(&key, &digest, &manifest, &references),
         )
         .await;
+        self.hot.put_manifest(&digest, &manifest);
+        for linked in std::iter::once(&digest).chain(&references) {
+            self.hot.put_link(&key, linked);
+        }
         Ok((digest, manifest))
     }
 }
