@@ -96,21 +96,39 @@ async fn common_headers_and_log(
     let client = client.map(|ip| ip.to_string()).unwrap_or_default();
     // Everything logged while handling the request (upstream failures, a
     // stale serve) carries the request it belongs to.
-    let span = tracing::info_span!("request", %method, %path, %client);
-    let mut resp = next.run(req).instrument(span).await;
+    let endpoint = endpoint_of(&path);
+    let span = tracing::info_span!(
+        "request",
+        otel.name = %format_args!("{method} {endpoint}"),
+        otel.kind = "server",
+        %method,
+        %path,
+        %client,
+        registry = tracing::field::Empty,
+        repository = tracing::field::Empty,
+        reference = tracing::field::Empty,
+        cache = tracing::field::Empty,
+        status = tracing::field::Empty,
+    );
+    let mut resp = next.run(req).instrument(span.clone()).await;
     resp.headers_mut().insert(
         "docker-distribution-api-version",
         HeaderValue::from_static("registry/2.0"),
     );
     let status = resp.status();
+    span.record("status", i64::from(status.as_u16()));
     let took = started.elapsed();
-    metrics().request(endpoint_of(&path), method.as_str(), status.as_u16(), took);
+    metrics().request(endpoint, method.as_str(), status.as_u16(), took);
     let ms = took.as_secs_f64() * 1000.0;
-    if status.is_server_error() {
-        tracing::warn!(%method, %path, status = status.as_u16(), ms, "request");
-    } else {
-        tracing::info!(%method, %path, status = status.as_u16(), ms, "request");
-    }
+    // Inside the span: the line carries the client, the image and the cache
+    // outcome with it.
+    span.in_scope(|| {
+        if status.is_server_error() {
+            tracing::warn!(status = status.as_u16(), ms, "request");
+        } else {
+            tracing::info!(status = status.as_u16(), ms, "request");
+        }
+    });
     resp
 }
 

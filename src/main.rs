@@ -71,6 +71,7 @@ fn main() -> ExitCode {
                     .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.listen))?;
                 pier::server::serve(&config, listener, pier::server::shutdown_signal()).await
             });
+            pier::telemetry::shutdown();
             match result {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {

@@ -1,6 +1,9 @@
-//! Observability: log lines (text or JSON) and Prometheus metrics.
+//! Observability: log lines (text or JSON), trace export over OTLP and
+//! Prometheus metrics.
 
 mod logging;
 pub mod metrics;
+mod otlp;
 
 pub use logging::init;
+pub use otlp::shutdown;

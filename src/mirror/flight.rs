@@ -19,6 +19,7 @@ use tokio::sync::watch;
 use crate::reference::Digest;
 use crate::telemetry::metrics::metrics;
 use crate::upstream::UpstreamError;
+use tracing::Instrument;
 
 /// Bytes a reader takes from the spool per read.
 const READ_CHUNK: u64 = 256 * 1024;
@@ -124,7 +125,15 @@ impl Flights {
             flight: flight.clone(),
         };
         metrics().fetches_in_flight.inc();
-        tokio::spawn(super::fetch::run(guard, job, self.spool_dir.clone()));
+        // A span of its own, under the request that started it: the fetch
+        // outlives that request when its client hangs up.
+        let span = tracing::info_span!(
+            "blob fetch",
+            registry = job.upstream.registry(),
+            repository = %job.repository,
+            %digest,
+        );
+        tokio::spawn(super::fetch::run(guard, job, self.spool_dir.clone()).instrument(span));
         (flight, true)
     }
 }

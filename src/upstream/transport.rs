@@ -5,6 +5,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use http::{HeaderMap, HeaderValue, Method, StatusCode, header};
+use tracing::Instrument;
 use url::Url;
 
 use super::auth::TokenOutcome;
@@ -192,6 +193,7 @@ impl UpstreamClient {
         headers: &HeaderMap,
         auth: Option<HeaderValue>,
     ) -> Result<reqwest::Response, Failure> {
+        let host = host_of(&url);
         let mut req = self
             .http
             .request(method.clone(), url)
@@ -200,14 +202,30 @@ impl UpstreamClient {
             a.set_sensitive(true);
             req = req.header(header::AUTHORIZATION, a);
         }
+        // Host only: a redirect target's path and query may carry a
+        // signature.
+        let span = tracing::info_span!(
+            "upstream",
+            otel.name = %format_args!("{method} upstream"),
+            otel.kind = "client",
+            registry = %self.registry,
+            %method,
+            %host,
+            status = tracing::field::Empty,
+        );
         let started = Instant::now();
-        let result = match tokio::time::timeout(self.timeouts.response, req.send()).await {
+        let sent =
+            tokio::time::timeout(self.timeouts.response, req.send()).instrument(span.clone());
+        let result = match sent.await {
             // Signed redirect URLs must not end up in logs or error bodies.
             Ok(r) => r.map_err(|e| Failure::Http(e.without_url())),
             Err(_) => Err(Failure::Timeout(self.timeouts.response)),
         };
         let m = metrics();
         let status = result.as_ref().ok().map(|r| r.status().as_u16());
+        if let Some(s) = status {
+            span.record("status", i64::from(s));
+        }
         m.upstream(&self.registry, status, started.elapsed());
         if let Ok(r) = &result
             && let Some(v) = r.headers().get("ratelimit-remaining")

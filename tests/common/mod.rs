@@ -364,6 +364,12 @@ impl PierProcess {
     /// Starts `pier serve` with `config`, in which `{advertise}` and the
     /// listen address are filled in with a free loopback port.
     pub fn start(config: &str) -> PierProcess {
+        PierProcess::start_with(config, &[], None)
+    }
+
+    /// Like `start`, with extra environment variables and stderr (the log)
+    /// written to `log` when given.
+    pub fn start_with(config: &str, env: &[(&str, &str)], log: Option<&Path>) -> PierProcess {
         let port = free_port();
         let text = config
             .replace(
@@ -373,13 +379,16 @@ impl PierProcess {
             .replace("{advertise}", &format!("http://127.0.0.1:{port}"));
         let file = tempfile::NamedTempFile::new().unwrap();
         std::fs::write(file.path(), text).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_pier"))
-            .arg("serve")
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_pier"));
+        cmd.arg("serve")
             .arg("--config")
             .arg(file.path())
             .env("RUST_LOG", "info")
-            .spawn()
-            .expect("start pier");
+            .envs(env.iter().copied());
+        if let Some(log) = log {
+            cmd.stderr(std::fs::File::create(log).unwrap());
+        }
+        let child = cmd.spawn().expect("start pier");
         wait_http(&format!("http://127.0.0.1:{port}/healthz"));
         PierProcess {
             port,
@@ -390,6 +399,15 @@ impl PierProcess {
 
     pub fn url(&self) -> String {
         format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// SIGTERM, then waits for the process to exit.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status();
+        self.child.wait().unwrap()
     }
 
     /// SIGKILL: no cleanup of any kind.
