@@ -15,22 +15,23 @@ use common::fake::{Blob, Fake, random_bytes, sha256_hex};
 use common::*;
 use serde_json::Value;
 
+/// Content type and body of each export received.
+type Received = Arc<Mutex<Vec<(String, Bytes)>>>;
+
 /// Collects the bodies POSTed to /v1/traces.
 struct Collector {
     url: String,
-    bodies: Arc<Mutex<Vec<(String, Bytes)>>>,
+    bodies: Received,
 }
 
 impl Collector {
     async fn start() -> Collector {
-        let bodies: Arc<Mutex<Vec<(String, Bytes)>>> = Arc::default();
+        let bodies: Received = Arc::default();
         let app = Router::new()
             .route(
                 "/v1/traces",
                 axum::routing::post(
-                    |State(b): State<Arc<Mutex<Vec<(String, Bytes)>>>>,
-                     headers: http::HeaderMap,
-                     body: Bytes| async move {
+                    |State(b): State<Received>, headers: http::HeaderMap, body: Bytes| async move {
                         let ct = headers
                             .get("content-type")
                             .and_then(|v| v.to_str().ok())
