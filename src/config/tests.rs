@@ -212,3 +212,56 @@ fn the_example_config_loads() {
         std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/pier.example.toml")).unwrap();
     load(&text, &[]).unwrap();
 }
+
+#[test]
+fn server_limits_and_fetch_settings() {
+    let c = load("", &[]).unwrap();
+    assert_eq!(c.server.header_timeout, Duration::from_secs(30));
+    assert_eq!(c.server.max_header_bytes, 64 * 1024);
+    assert!(c.server.zero_copy);
+    assert_eq!(c.limits.requests_per_second, 0, "limits are off by default");
+    assert_eq!(c.fetch.max_concurrent, 64);
+    assert_eq!(c.fetch.redirect_above, None);
+
+    let c = load(
+        "[limits]\nrequests_per_second = 20\nbytes_per_second = \"2MiB\"\n\
+         [fetch]\nredirect_above = \"1GB\"\n[server]\nmax_header_bytes = 16384\n",
+        &[
+            ("PIER_SERVER__TRUSTED_PROXIES", "10.0.0.0/8, 192.168.1.1"),
+            ("PIER_LIMITS__CONCURRENT_BLOBS", "4"),
+            ("PIER_LIMITS__EXEMPT", "fd00::/8"),
+            ("PIER_SERVER__ZERO_COPY", "false"),
+        ],
+    )
+    .unwrap();
+    assert_eq!(c.limits.burst, 20, "a burst is at least one second's worth");
+    assert_eq!(c.limits.bytes_per_second, 2 << 20);
+    assert_eq!(c.limits.concurrent_blobs, 4);
+    assert_eq!(c.fetch.redirect_above, Some(1_000_000_000));
+    assert_eq!(c.server.max_header_bytes, 16384);
+    assert!(!c.server.zero_copy);
+    let proxies: Vec<String> = c
+        .server
+        .trusted_proxies
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    assert_eq!(proxies, ["10.0.0.0/8", "192.168.1.1/32"]);
+    assert_eq!(c.limits.exempt[0].to_string(), "fd00::/8");
+
+    let e = load(
+        "[server]\ntrusted_proxies = [\"10.0.0.0/33\"]\nmax_header_bytes = 100\n\
+         [limits]\nbytes_per_second = \"fast\"\n[fetch]\nqueue_timeout = \"0s\"\n",
+        &[],
+    )
+    .unwrap_err();
+    let all = e.problems.join("\n");
+    for key in [
+        "server.trusted_proxies[0]",
+        "server.max_header_bytes",
+        "limits.bytes_per_second",
+        "fetch.queue_timeout",
+    ] {
+        assert!(all.contains(key), "{key} not named in:\n{all}");
+    }
+}
