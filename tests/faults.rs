@@ -316,3 +316,39 @@ async fn a_redirect_to_a_link_local_address_is_refused() {
     // Not retried against the same refusal.
     assert_eq!(fake.count("GET", "/v2/team/app/blobs/"), 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_private_headers_never_reach_clients() {
+    let fake = Fake::start();
+    let blob = random_bytes(50_000, 5);
+    let d = digest(&blob);
+    fake.blob(&d, Blob::Good(blob.clone()));
+    fake.manifest(
+        "team/app",
+        "v1",
+        "application/vnd.oci.image.manifest.v1+json",
+        br#"{"schemaVersion":2}"#,
+    );
+    let (pier, _data, http) = start(&fake);
+    let manifest = format!("{}/v2/corp.example/team/app/manifests/v1", pier.url());
+    // Cold and warm, GET and HEAD.
+    for _ in 0..2 {
+        for (method, url) in [
+            (Method::GET, manifest.as_str()),
+            (Method::HEAD, manifest.as_str()),
+            (Method::GET, &blob_url(&pier, &d)),
+            (Method::HEAD, &blob_url(&pier, &d)),
+        ] {
+            let r = fetch(&http, method.clone(), url, &[]).await;
+            assert!(r.status().is_success(), "{method} {url}: {}", r.status());
+            for (name, _) in common::fake::PRIVATE_HEADERS {
+                assert!(
+                    r.headers().get(name).is_none(),
+                    "{method} {url} passed on {name}"
+                );
+            }
+            let _ = r.bytes().await;
+        }
+        pier.wait_stored(1);
+    }
+}

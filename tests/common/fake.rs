@@ -124,7 +124,23 @@ impl Fake {
     }
 }
 
-async fn handle(State(script): State<Arc<Mutex<Script>>>, req: Request) -> Response {
+/// Headers a real upstream sends that are its business, not the client's:
+/// Pier must never pass them on.
+pub const PRIVATE_HEADERS: [(&str, &str); 3] = [
+    ("docker-ratelimit-source", "203.0.113.77"),
+    ("set-cookie", "upstream-session=secret"),
+    ("x-upstream-internal", "node-17"),
+];
+
+async fn handle(state: State<Arc<Mutex<Script>>>, req: Request) -> Response {
+    let mut resp = respond(state, req).await;
+    for (k, v) in PRIVATE_HEADERS {
+        resp.headers_mut().insert(k, HeaderValue::from_static(v));
+    }
+    resp
+}
+
+async fn respond(State(script): State<Arc<Mutex<Script>>>, req: Request) -> Response {
     let method = req.method().as_str().to_owned();
     let path = req.uri().path().to_owned();
     let query = req.uri().query().unwrap_or("").to_owned();
