@@ -66,6 +66,11 @@ fn existing_secret_in_cluster_redis_and_persistence_variants() {
 }
 
 #[test]
+fn server_limits_fetch_access_and_otel_values_reach_pier() {
+    render_check("tuning");
+}
+
+#[test]
 fn bad_values_fail_at_install() {
     render_check("refused");
 }

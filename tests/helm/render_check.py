@@ -14,6 +14,9 @@
 - what matters for a mirror: probes on /healthz and /readyz, replicas, the
   Ingress' wildcard hosts, advertise URL from the pod IP, every path Pier
   writes on a volume (read-only root filesystem), no secret in the ConfigMap;
+- [server], [limits], [fetch], [access] from values (the defaults Pier's
+  own, but a shutdown_grace that fits the pod's termination grace period) and
+  OpenTelemetry export as OTEL_* variables only when an endpoint is set;
 - values the chart must refuse;
 - the node-side configs in deploy/k8s/.
 
@@ -75,6 +78,16 @@ class Failed(Exception):
 def check(cond: bool, what: str) -> None:
     if not cond:
         raise Failed(what)
+
+
+SECONDS = {"ms": 0.001, "s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600, "d": 86400}
+
+
+def seconds(duration: str) -> float:
+    """A humantime duration ("300s", "5m", "1h 30m") in seconds."""
+    parts = re.findall(r"([0-9]+)\s*([a-z]+)", duration)
+    check(bool(parts) and all(u in SECONDS for _, u in parts), f"duration {duration!r}")
+    return sum(int(n) * SECONDS[u] for n, u in parts)
 
 
 # ---------------------------------------------------------------------------
@@ -308,6 +321,11 @@ def check_pod_basics(objects: list[dict], parsed: dict) -> None:
     check(grace >= 300, f"terminationGracePeriodSeconds {grace} is too short for long blob streams")
     sleep = c["lifecycle"]["preStop"]["exec"]["command"]
     check(sleep[0] == "sleep" and 0 < int(sleep[1]) < grace, f"preStop sleep {sleep}")
+    # Pier's drain after SIGTERM ends before the kubelet's SIGKILL (the
+    # preStop sleep counts against the grace period), and is not Pier's own
+    # 30s default, which would cut long blob streams short.
+    drain = seconds(parsed["server"]["shutdown_grace"])
+    check(60 <= drain < grace - int(sleep[1]), f"shutdown_grace {drain}s vs grace {grace}s - preStop {sleep[1]}s")
 
     # Probes hit Pier's real endpoints, on the port it listens on.
     port = int(parsed["listen"].rsplit(":", 1)[1])
@@ -406,6 +424,16 @@ def scenario_defaults(pier: Path, keep: Path | None) -> None:
     check('kind = "fs"' in effective and "/var/lib/pier/data" in effective, effective)
     env = env_of(pier_container(objects))
     check("PIER_CLUSTER__ADVERTISE_URL" not in env and "POD_IP" not in env, "no advertise URL without Redis")
+    check(not any(n.startswith("OTEL_") for n in env), f"no trace export without otel.endpoint: {sorted(env)}")
+    # [server], [limits], [fetch], [access], [timeouts] as Pier has them
+    # without a file, but for the longer shutdown_grace.
+    mine, own = tomllib.loads(effective), pier_own_defaults(pier)
+    for section in ("server", "limits", "fetch", "access", "timeouts"):
+        got, want = dict(mine[section]), dict(own[section])
+        if section == "server":
+            check(got.pop("shutdown_grace") == "5m" and want.pop("shutdown_grace") == "30s", f"shutdown_grace {mine['server']}")
+        check(got == want, f"chart default [{section}] {got} != Pier's {want}")
+    check("redirect_above" not in parsed["fetch"] and "denied_message" not in parsed["access"], "optional keys left out")
     pod = pier_deployment(objects)["spec"]["template"]["spec"]
     data = next(v for v in pod["volumes"] if v["name"] == "data")
     check("emptyDir" in data, "defaults: the cache is on an emptyDir")
@@ -477,6 +505,10 @@ def scenario_production(pier: Path, keep: Path | None) -> None:
     check(ups["registry.corp.example"]["aliases"] == ["corp"] and len(ups["registry.corp.example"]["endpoints"]) == 2, "corp upstream")
     check(parsed["routes"] == [{"pattern": "team-*/**", "registry": "registry.corp.example"}], f"routes {parsed['routes']}")
     check(parsed["domains"] == ["m.example.com"] and parsed["timeouts"]["response"] == "20s", "domains, timeouts")
+    for line in ['trusted_proxies = ["10.244.0.0/16"]', "requests_per_second = 100", "burst = 400",
+                 'exempt = ["10.244.0.0/16"]', "max_concurrent = 32", "redirect_above = 536870912"]:
+        check(line in effective, f"production: {line!r} not in the effective config:\n{effective}")
+    check(env["OTEL_EXPORTER_OTLP_ENDPOINT"]["value"] == "http://otel-collector.observability:4318", "OTLP endpoint")
 
     # Ingress: the bare domain and its wildcard, with TLS.
     ing = one(objects, "Ingress")
@@ -564,6 +596,68 @@ def scenario_variants(pier: Path, keep: Path | None) -> None:
     check("path_style = true" in effective and "docker.io" not in effective, effective)
 
 
+TUNING = {
+    "config": {
+        "server": {"headerTimeout": "10s", "sendTimeout": "2m", "maxHeaderBytes": "32KiB", "shutdownGrace": "9m 30s",
+                   "zeroCopy": False, "trustedProxies": ["10.0.0.0/8"]},
+        "limits": {"requestsPerSecond": 50, "burst": 200, "concurrentBlobs": 4, "bytesPerSecond": "50MiB",
+                   "exempt": ["10.42.0.0/16", "fd00::/8"]},
+        "fetch": {"maxConcurrent": 16, "queueTimeout": "45s", "redirectAbove": "256MiB"},
+        "access": {"allow": ["docker.io/library/*", "registry.k8s.io/**"], "deny": ["docker.io/library/ubuntu"],
+                   "deniedMessage": "ask #platform to allow an image"},
+    },
+    "otel": {"endpoint": "http://otel-collector.observability:4318", "protocol": "http/json", "serviceName": "pier-mirror"},
+}
+
+
+def otel_env(objects: list[dict]) -> dict[str, str]:
+    c = pier_container(objects)
+    return {k: v for k, v in resolve_env(c, objects).items() if k.startswith("OTEL_")}
+
+
+def scenario_tuning(pier: Path, keep: Path | None) -> None:
+    lint(TUNING, "tuning")
+    objects, _ = render(TUNING)
+    validate_objects(objects)
+    parsed, effective = check_config(pier, objects, keep, "tuning")
+    check_pod_basics(objects, parsed)
+
+    # Every value reaches Pier, sizes as bytes.
+    for line in ['requests_per_second = 50', 'burst = 200', 'concurrent_blobs = 4', 'bytes_per_second = 52428800',
+                 'trusted_proxies = ["10.0.0.0/8"]', 'max_header_bytes = 32768', 'zero_copy = false',
+                 'header_timeout = "10s"', 'send_timeout = "2m"', 'shutdown_grace = "9m 30s"',
+                 'max_concurrent = 16', 'queue_timeout = "45s"', 'redirect_above = 268435456',
+                 'denied_message = "ask #platform to allow an image"']:
+        check(line in effective, f"tuning: {line!r} not in the effective config:\n{effective}")
+    mine = tomllib.loads(effective)
+    check(mine["limits"]["exempt"] == ["10.42.0.0/16", "fd00::/8"], f"exempt {mine['limits']}")
+    check(mine["access"]["allow"] == ["docker.io/library/*", "registry.k8s.io/**"]
+          and mine["access"]["deny"] == ["docker.io/library/ubuntu"], f"access {mine['access']}")
+
+    # Trace export: the standard variables, nothing else.
+    env = otel_env(objects)
+    check(env == {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://otel-collector.observability:4318",
+                  "OTEL_EXPORTER_OTLP_PROTOCOL": "http/json", "OTEL_SERVICE_NAME": "pier-mirror"}, f"otel env {env}")
+    # Only the endpoint: protobuf, Pier's own service name.
+    objects, _ = render({"otel": {"endpoint": "https://otlp.example.com"}})
+    env = otel_env(objects)
+    check(env == {"OTEL_EXPORTER_OTLP_ENDPOINT": "https://otlp.example.com",
+                  "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf"}, f"otel env {env}")
+    # No endpoint: no OTEL_* at all, whatever else is set.
+    objects, _ = render({"otel": {"endpoint": "", "protocol": "http/json", "serviceName": "x"}})
+    check(otel_env(objects) == {}, "otel variables without an endpoint")
+
+    # Sizes as integers; a longer pod grace period makes room for a longer drain.
+    objects, _ = render({"config": {"server": {"maxHeaderBytes": 16384, "shutdownGrace": "20m"},
+                                    "fetch": {"redirectAbove": 1073741824}, "limits": {"bytesPerSecond": 1000000}},
+                         "terminationGracePeriodSeconds": 1800})
+    validate_objects(objects)
+    parsed, effective = check_config(pier, objects, keep, "tuning-integers")
+    check_pod_basics(objects, parsed)
+    for line in ['max_header_bytes = 16384', 'redirect_above = 1073741824', 'bytes_per_second = 1000000', 'shutdown_grace = "20m"']:
+        check(line in effective, f"tuning-integers: {line!r} not in the effective config:\n{effective}")
+
+
 REFUSED = [
     ("two replicas with local stores", {"replicaCount": 2}, "cannot be shared"),
     ("autoscaling with local stores", {"autoscaling": {"enabled": True}}, "cannot be shared"),
@@ -586,6 +680,19 @@ REFUSED = [
     ("a username without a password", {"config": {"upstreams": [{"registry": "docker.io", "username": "me"}]}}, "go together"),
     ("in-cluster Redis with embedded metadata", {"inClusterRedis": {"enabled": True}}, "metadata.kind=redis"),
     ("a short grace period", {"terminationGracePeriodSeconds": 5}, "terminationGracePeriodSeconds"),
+    ("a negative request rate", {"config": {"limits": {"requestsPerSecond": -1}}}, "requestsPerSecond"),
+    ("trusted proxies as a string", {"config": {"server": {"trustedProxies": "10.0.0.0/8"}}}, "trustedProxies"),
+    ("a trusted proxy that is not a CIDR", {"config": {"server": {"trustedProxies": ["10.0.0.0/33"]}}}, "trustedProxies/0"),
+    ("an exempt network that is not a CIDR", {"config": {"limits": {"exempt": ["pods"]}}}, "exempt/0"),
+    ("a size Pier cannot read", {"config": {"limits": {"bytesPerSecond": "50 mebibytes"}}}, "bytesPerSecond"),
+    ("a request head limit below 8KiB", {"config": {"server": {"maxHeaderBytes": 1024}}}, "maxHeaderBytes"),
+    ("a bad fetch duration", {"config": {"fetch": {"queueTimeout": 30}}}, "queueTimeout"),
+    ("an unknown fetch key", {"config": {"fetch": {"maxConcurrency": 8}}}, "additional properties"),
+    ("an access glob without a registry", {"config": {"access": {"deny": ["library/ubuntu"]}}}, "deny/0"),
+    ("a gRPC OTLP protocol", {"otel": {"protocol": "grpc"}}, "protocol"),
+    ("an OTLP endpoint without a scheme", {"otel": {"endpoint": "otel-collector:4318"}}, "endpoint"),
+    ("a drain longer than the pod's grace period", {"config": {"server": {"shutdownGrace": "10m"}}}, "shutdownGrace"),
+    ("a grace period too short for the default drain", {"terminationGracePeriodSeconds": 120}, "shutdownGrace"),
 ]
 
 
@@ -596,12 +703,17 @@ def scenario_refused() -> None:
         check(expect in msg, f"refusing {what}, the message should mention {expect!r}: {msg}")
 
 
-def builtin_endpoints(pier: Path) -> dict[str, str]:
-    """Pier's built-in upstream table, from the binary itself."""
+def pier_own_defaults(pier: Path) -> dict:
+    """The effective configuration without a file, from the binary itself."""
     run = subprocess.run([str(pier), "check-config"], env={"PATH": os.environ.get("PATH", "")},
                          capture_output=True, text=True, timeout=60, cwd=tempfile.gettempdir())
     check(run.returncode == 0, f"check-config without a file: {run.stderr}")
-    return {u["registry"]: u["endpoints"][0].rstrip("/") for u in tomllib.loads(run.stdout)["upstreams"]}
+    return tomllib.loads(run.stdout)
+
+
+def builtin_endpoints(pier: Path) -> dict[str, str]:
+    """Pier's built-in upstream table, from the binary itself."""
+    return {u["registry"]: u["endpoints"][0].rstrip("/") for u in pier_own_defaults(pier)["upstreams"]}
 
 
 def scenario_node_configs(pier: Path) -> None:
@@ -666,6 +778,8 @@ def main() -> int:
                        lambda: scenario_production(args.pier, args.keep)),
         "variants": ("variants: existingSecret, in-cluster Redis, PVC, S3 + embedded",
                      lambda: scenario_variants(args.pier, args.keep)),
+        "tuning": ("server, limits, fetch, access and otel values",
+                   lambda: scenario_tuning(args.pier, args.keep)),
         "refused": ("values the chart refuses", scenario_refused),
         "node-configs": ("node configs in deploy/k8s", lambda: scenario_node_configs(args.pier)),
     }

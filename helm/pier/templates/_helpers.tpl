@@ -102,6 +102,34 @@ app.kubernetes.io/part-of: pier
 {{- regexReplaceAll "[^A-Za-z0-9]" . "_" | upper }}
 {{- end }}
 
+{{/* A size for pier.toml: a string ("64KiB") as a TOML string, a number as an integer. */}}
+{{- define "pier.tomlSize" -}}
+{{- if kindIs "string" . }}{{ toJson . }}{{ else }}{{ int64 . }}{{ end }}
+{{- end }}
+
+{{/*
+A humantime duration ("300s", "5m", "1h 30m") in milliseconds, or "" when it
+uses a unit this does not know (months, years): then it is not checked.
+*/}}
+{{- define "pier.durationMillis" -}}
+{{- $total := 0 }}
+{{- $known := true }}
+{{- range regexFindAll "[0-9]+\\s*[^0-9\\s]+" (toString .) -1 }}
+{{- $n := atoi (regexFind "^[0-9]+" .) }}
+{{- $unit := regexReplaceAll "^[0-9]+\\s*" . "" }}
+{{- if has $unit (list "ns" "nsec" "nanos" "us" "usec" "µs") }}
+{{- else if has $unit (list "ms" "msec" "millis") }}{{ $total = add $total $n }}
+{{- else if has $unit (list "s" "sec" "secs" "second" "seconds") }}{{ $total = add $total (mul $n 1000) }}
+{{- else if has $unit (list "m" "min" "mins" "minute" "minutes") }}{{ $total = add $total (mul $n 60000) }}
+{{- else if has $unit (list "h" "hr" "hrs" "hour" "hours") }}{{ $total = add $total (mul $n 3600000) }}
+{{- else if has $unit (list "d" "day" "days") }}{{ $total = add $total (mul $n 86400000) }}
+{{- else if has $unit (list "w" "week" "weeks") }}{{ $total = add $total (mul $n 604800000) }}
+{{- else }}{{ $known = false }}
+{{- end }}
+{{- end }}
+{{- if $known }}{{ $total }}{{ end }}
+{{- end }}
+
 {{- define "pier.redisName" -}}{{ include "pier.fullname" . }}-redis{{- end }}
 
 {{/*
@@ -146,6 +174,11 @@ crash-loops or silently loses data. Each message says what to change.
 {{- end }}
 {{- else if $v.inClusterRedis.enabled }}
 {{- fail "inClusterRedis.enabled needs metadata.kind=redis" }}
+{{- end }}
+{{- $grace := include "pier.durationMillis" $v.config.server.shutdownGrace }}
+{{- $budget := sub (int $v.terminationGracePeriodSeconds) (int $v.preStopSleepSeconds) }}
+{{- if and $grace (ge (atoi $grace) (mul $budget 1000)) }}
+{{- fail (printf "config.server.shutdownGrace=%s does not fit: the kubelet kills the pod %ds after SIGTERM (terminationGracePeriodSeconds=%d minus preStopSleepSeconds=%d); lower shutdownGrace or raise terminationGracePeriodSeconds" $v.config.server.shutdownGrace $budget (int $v.terminationGracePeriodSeconds) (int $v.preStopSleepSeconds)) }}
 {{- end }}
 {{- range $v.config.upstreams }}
 {{- if ne (not .username) (not .password) }}
