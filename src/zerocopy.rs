@@ -89,6 +89,10 @@ pub fn file_body(
                 return None;
             }
             let n = (end - pos).min(FRAME as u64) as usize;
+            // sendfile runs on the async worker: have the kernel read this
+            // frame and the next ahead, so it rarely waits on the disk.
+            let len = std::num::NonZeroU64::new((end - pos).min(2 * FRAME as u64));
+            let _ = rustix::fs::fadvise(&*file, pos, len, rustix::fs::Advice::WillNeed);
             queue.push(file, pos, n);
             Some((Ok(Bytes::from_static(&PLACEHOLDER[..n])), pos + n as u64))
         }

@@ -710,8 +710,15 @@ class Bench:
                     for r in self.res["warm"] if r["run"] == run and r["clients"] == c))
 
     def bench_manifests(self):
-        order = ["direct", "dist", "pier-fs", "pier-s3"]
+        order = ["nginx", "direct", "dist", "pier-fs", "pier-s3"]
         plan = [(8, 1), (32, 1), (64, self.args.wrk_runs)]
+        # The ceiling: nginx serving the same manifest bytes as a static file.
+        ngx = self.w["nginx"]
+        st, index = self.get(self.w["pier-fs"].manifest_url(0, "alpine", "latest"))
+        assert st == 200, st
+        static = self.work / ngx.procs[0].name / "www" / "v2" / "alpine" / "manifests" / "latest"
+        static.parent.mkdir(parents=True, exist_ok=True)
+        static.write_bytes(index)
         log(f"warm manifest by tag: wrk {self.args.wrk_seconds}s, connections 8/32 x1, 64 x{self.args.wrk_runs}")
         for key in order:  # warm the tag, check the answer
             srv = self.w[key]
@@ -1161,11 +1168,12 @@ def markdown(res, s):
                      f"{r['many_mean']:.2f} | {r['extra_gets']} | " + " / ".join(f"{x:.1f}" for x in r["peak_mib"]) + " |")
     m = s["manifest"]
     L.append("\n**Warm manifest by tag** (wrk, 2 threads, multi-arch index `alpine:latest`; "
+             "nginx: the same bytes as a static file, the ceiling on these cores; "
              "Pier S3: two wrk at 32 connections, one per replica, rps summed, latency the worse)\n")
     L.append("| server | rps @64 | × dist | p50 ms @64 | p99 ms @64 | p99 ms @8 / @32 |")
     L.append("|---|---|---|---|---|---|")
     dm = m.get("dist", {}).get(64, {})
-    for k in ("direct", "dist", "pier-fs", "pier-s3"):
+    for k in ("nginx", "direct", "dist", "pier-fs", "pier-s3"):
         if k not in m:
             continue
         x = m[k].get(64, {})
