@@ -1,8 +1,11 @@
 //! Pier: a pull-through mirror for OCI / Docker registries.
 //!
 //! Layering (who may call whom): `api → mirror → {upstream, storage, meta}
-//! → {reference, config}`. `route` and `range` are pure. Nothing imports
-//! `api`; `server` wires the pieces together.
+//! → {reference, config}`. `route`, `range` and `rate` are pure. `limits`
+//! (per-client limits) sits beside `api`, which applies it; `zerocopy` (the
+//! client connection and sendfile bodies) is a leaf that `storage` hands
+//! files to and `api` builds bodies with. Nothing imports `api`; `server`
+//! wires the pieces together and owns the accept loop.
 
 pub mod api;
 pub mod config;
