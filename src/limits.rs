@@ -25,6 +25,9 @@ use crate::meta::MetaStore;
 use crate::rate::{LocalRates, Rate};
 use crate::telemetry::metrics::metrics;
 
+/// Entries in the per-client table before idle ones are swept.
+const SWEEP_AT: usize = 65_536;
+
 /// The TCP peer of a request's connection (a request extension).
 #[derive(Clone, Copy, Debug)]
 pub struct PeerAddr(pub SocketAddr);
@@ -120,8 +123,16 @@ impl ClientLimits {
         })
     }
 
+    /// The per-client table; past `SWEEP_AT` entries, clients with nothing
+    /// running and no byte debt left are forgotten (a public mirror sees
+    /// many addresses once).
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<IpAddr, ClientState>> {
-        self.clients.lock().unwrap_or_else(PoisonError::into_inner)
+        let mut clients = self.clients.lock().unwrap_or_else(PoisonError::into_inner);
+        if clients.len() >= SWEEP_AT {
+            let now = Instant::now();
+            clients.retain(|_, s| s.downloads > 0 || s.clear_at.is_some_and(|t| t > now));
+        }
+        clients
     }
 
     /// Books `n` bytes to `ip` and says how long to hold them back so the

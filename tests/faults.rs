@@ -352,3 +352,27 @@ async fn upstream_private_headers_never_reach_clients() {
         pier.wait_stored(1);
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn manifests_over_4_mib_are_refused() {
+    let fake = Fake::start();
+    let media = "application/vnd.oci.image.manifest.v1+json";
+    // Valid JSON either way: only the size differs.
+    let padded = |n: usize| format!("{{\"schemaVersion\":2,\"pad\":\"{}\"}}", "x".repeat(n));
+    let big = padded(4 * 1024 * 1024);
+    let fits = padded(4 * 1024 * 1024 - 100);
+    fake.manifest("team/app", "big", media, big.as_bytes());
+    fake.manifest("team/app", "fits", media, fits.as_bytes());
+    let (pier, _data, http) = start(&fake);
+    let url = |tag: &str| format!("{}/v2/corp.example/team/app/manifests/{tag}", pier.url());
+    let r = fetch(&http, Method::GET, &url("big"), &[]).await;
+    assert_eq!(r.status(), StatusCode::BAD_GATEWAY);
+    assert_eq!(error_code(r).await, "UNAVAILABLE");
+    // Not cached: asked again next time.
+    let r = fetch(&http, Method::GET, &url("big"), &[]).await;
+    assert_eq!(r.status(), StatusCode::BAD_GATEWAY);
+    assert_eq!(fake.count("GET", "/v2/team/app/manifests/big"), 2);
+    let r = fetch(&http, Method::GET, &url("fits"), &[]).await;
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(r.bytes().await.unwrap().len(), fits.len());
+}
