@@ -29,6 +29,8 @@ const DEFAULT_CATALOG_PAGE: usize = 1_000;
 struct Ask<'a> {
     method: &'a Method,
     headers: &'a HeaderMap,
+    /// The Host header, or the authority of an HTTP/2 request.
+    host: Option<&'a str>,
     query: Vec<(String, String)>,
     /// Lets stored files go out with sendfile (HTTP/1 connections only).
     send_queue: Option<SendQueue>,
@@ -43,7 +45,7 @@ impl Ask<'_> {
     }
 
     fn host(&self) -> Option<&str> {
-        self.headers.get(header::HOST).and_then(|v| v.to_str().ok())
+        self.host
     }
 }
 
@@ -61,13 +63,12 @@ pub async fn v2(State(mirror): State<Arc<Mirror>>, req: Request) -> Response {
                 .collect()
         })
         .unwrap_or_default();
-    let mut headers = req.headers().clone();
-    if !headers.contains_key(header::HOST)
-        && let Some(a) = uri.authority()
-        && let Ok(v) = HeaderValue::from_str(a.as_str())
-    {
-        headers.insert(header::HOST, v);
-    }
+    let headers = req.headers();
+    // HTTP/2 names the host in the URI's authority, not a Host header.
+    let host = match headers.get(header::HOST) {
+        Some(v) => v.to_str().ok(),
+        None => uri.authority().map(|a| a.as_str()),
+    };
     // Over HTTP/2 bodies are copied into frames: placeholders would be sent
     // as they are, so zero-copy is for HTTP/1 only.
     let send_queue = match req.version() {
@@ -78,7 +79,8 @@ pub async fn v2(State(mirror): State<Arc<Mirror>>, req: Request) -> Response {
     };
     let ask = Ask {
         method,
-        headers: &headers,
+        headers,
+        host,
         query,
         send_queue,
     };
