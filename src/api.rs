@@ -68,13 +68,14 @@ async fn enforce_client_limits(
     if req.method() != http::Method::GET || !req.uri().path().contains("/blobs/") {
         return next.run(req).await;
     }
-    let download = match limits.start_download(ip) {
-        Ok(d) => d,
-        Err(refused) => return ApiError::client_limited(&refused).into_response(),
-    };
-    next.run(req)
-        .await
-        .map(|body| Body::new(download.wrap(body)))
+    match limits.start_download(ip) {
+        Ok(None) => next.run(req).await,
+        Ok(Some(download)) => next
+            .run(req)
+            .await
+            .map(|body| Body::new(download.wrap(body))),
+        Err(refused) => ApiError::client_limited(&refused).into_response(),
+    }
 }
 
 /// Every response says which API it speaks; every request is logged once.

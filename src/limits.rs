@@ -102,10 +102,15 @@ impl ClientLimits {
     }
 
     /// Takes one of `ip`'s blob download slots; it is given back when the
-    /// returned slot drops (with the response body).
-    pub fn start_download(self: &Arc<Self>, ip: IpAddr) -> Result<Download, Refused> {
-        let exempt = self.exempt(ip);
-        if !exempt && self.concurrent_blobs > 0 {
+    /// returned slot drops (with the response body). `None` when no
+    /// download limit applies to `ip`: the body then goes out untouched.
+    pub fn start_download(self: &Arc<Self>, ip: IpAddr) -> Result<Option<Download>, Refused> {
+        let counted = self.concurrent_blobs > 0;
+        let paced = self.bytes_per_second > 0;
+        if !(counted || paced) || self.exempt(ip) {
+            return Ok(None);
+        }
+        if counted {
             let mut clients = self.lock();
             let state = clients.entry(ip).or_default();
             if state.downloads >= self.concurrent_blobs {
@@ -115,12 +120,12 @@ impl ClientLimits {
             }
             state.downloads += 1;
         }
-        Ok(Download {
+        Ok(Some(Download {
             limits: self.clone(),
             ip,
-            counted: !exempt && self.concurrent_blobs > 0,
-            paced: !exempt && self.bytes_per_second > 0,
-        })
+            counted,
+            paced,
+        }))
     }
 
     /// The per-client table; past `SWEEP_AT` entries, clients with nothing

@@ -9,14 +9,10 @@ mod common;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use common::fake::{Blob, Fake, random_bytes, sha256_hex};
+use common::fake::{Blob, Fake, digest, random_bytes, sha256_hex};
 use common::*;
 use futures::StreamExt;
 use reqwest::{Method, StatusCode};
-
-fn digest(b: &[u8]) -> String {
-    format!("sha256:{}", sha256_hex(b))
-}
 
 fn start(fake: &Fake) -> (Pier, tempfile::TempDir, reqwest::Client) {
     let (pier, data) = Pier::start(&[("corp.example", &fake.url())], "");

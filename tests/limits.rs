@@ -8,13 +8,9 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::fake::{Blob, Fake, random_bytes, sha256_hex};
+use common::fake::{Blob, Fake, digest, random_bytes};
 use common::*;
 use reqwest::StatusCode;
-
-fn digest(b: &[u8]) -> String {
-    format!("sha256:{}", sha256_hex(b))
-}
 
 async fn get(http: &reqwest::Client, url: &str, client: Option<&str>) -> reqwest::Response {
     let mut req = http.get(url);
@@ -159,21 +155,18 @@ async fn concurrent_blob_downloads_per_client() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bytes_per_second_per_client() {
-    let fake = Fake::start();
-    let body = random_bytes(3 * 1024 * 1024, 23);
-    let d = digest(&body);
-    fake.blob(&d, Blob::Good(body.clone()));
-    let (pier, _data) = Pier::start(
-        &[("corp.example", &fake.url())],
+    // Kept whole: its upstream and data directory live as long as it does.
+    let setup = OneBlob::start(
+        3 * 1024 * 1024,
+        23,
         "[limits]\nbytes_per_second = \"1MiB\"\n",
     );
-    let http = http_for(&pier);
-    let url = format!("{}/v2/corp.example/team/app/blobs/{d}", pier.url());
+    let (pier, http, url, body) = (&setup.pier, &setup.http, &setup.url, &setup.bytes);
     // Cold and warm, the client gets its bytes no faster than its rate
     // (3 MiB at 1 MiB/s: the first 2 MiB go at once, the rest waits).
     for _ in 0..2 {
         let started = Instant::now();
-        let got = get(&http, &url, None).await.bytes().await.unwrap();
+        let got = get(http, url, None).await.bytes().await.unwrap();
         assert_eq!(got, body);
         let took = started.elapsed();
         assert!(took >= Duration::from_millis(1500), "took {took:?}");

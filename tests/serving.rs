@@ -11,13 +11,9 @@ use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use common::fake::{Blob, Fake, random_bytes, sha256_hex};
+use common::fake::{Blob, Fake, digest, random_bytes, sha256_hex};
 use common::*;
 use reqwest::{Method, StatusCode};
-
-fn digest(b: &[u8]) -> String {
-    format!("sha256:{}", sha256_hex(b))
-}
 
 fn blob_path(d: &str) -> String {
     format!("/v2/corp.example/team/app/blobs/{d}")
@@ -122,18 +118,12 @@ async fn stored_blobs_go_out_with_sendfile_byte_exact() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn zero_copy_can_be_switched_off() {
-    let fake = Fake::start();
-    let big = random_bytes(3 * 1024 * 1024, 9);
-    let d = digest(&big);
-    fake.blob(&d, Blob::Good(big.clone()));
-    let (pier, _data) = Pier::start(
-        &[("corp.example", &fake.url())],
-        "[server]\nzero_copy = false\n",
-    );
-    let http = http_for(&pier);
-    let url = format!("{}{}", pier.url(), blob_path(&d));
+    // Kept whole: its upstream and data directory live as long as it does.
+    let setup = OneBlob::start(3 * 1024 * 1024, 9, "[server]\nzero_copy = false\n");
+    let (pier, http, url) = (&setup.pier, &setup.http, &setup.url);
+    let big = setup.bytes.clone();
     assert_eq!(
-        fetch(&http, Method::GET, &url, &[])
+        fetch(http, Method::GET, url, &[])
             .await
             .bytes()
             .await
@@ -141,14 +131,14 @@ async fn zero_copy_can_be_switched_off() {
         big
     );
     pier.wait_stored(1);
-    let warm = fetch(&http, Method::GET, &url, &[])
+    let warm = fetch(http, Method::GET, url, &[])
         .await
         .bytes()
         .await
         .unwrap();
     assert_eq!(warm, big);
     assert_eq!(
-        metric(&http, &pier, "pier_blob_bytes_zero_copy_total").await,
+        metric(http, pier, "pier_blob_bytes_zero_copy_total").await,
         0.0
     );
 }
@@ -171,18 +161,15 @@ fn read_until_closed(s: &mut TcpStream, limit: Duration) -> (Vec<u8>, bool) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_and_oversized_clients_are_cut_off() {
-    let fake = Fake::start();
-    let big = random_bytes(24 * 1024 * 1024, 10);
-    let d = digest(&big);
-    fake.blob(&d, Blob::Good(big.clone()));
-    let (pier, _data) = Pier::start(
-        &[("corp.example", &fake.url())],
+    let setup = OneBlob::start(
+        24 * 1024 * 1024,
+        10,
         "[server]\nheader_timeout = \"1s\"\nsend_timeout = \"1s\"\nmax_header_bytes = \"16KiB\"\n",
     );
-    let http = http_for(&pier);
-    let url = format!("{}{}", pier.url(), blob_path(&d));
+    let (pier, http, url, d) = (&setup.pier, &setup.http, &setup.url, &setup.digest);
+    let big = setup.bytes.clone();
     assert_eq!(
-        fetch(&http, Method::GET, &url, &[])
+        fetch(http, Method::GET, url, &[])
             .await
             .bytes()
             .await
@@ -191,7 +178,7 @@ async fn slow_and_oversized_clients_are_cut_off() {
     );
     pier.wait_stored(1);
     let addr = pier.addr;
-    let path = blob_path(&d);
+    let path = blob_path(d);
     let size = big.len();
 
     tokio::task::spawn_blocking(move || {
@@ -230,14 +217,14 @@ async fn slow_and_oversized_clients_are_cut_off() {
     .unwrap();
 
     // Still serving.
-    let r = fetch(&http, Method::GET, &format!("{}/healthz", pier.url()), &[]).await;
+    let r = fetch(http, Method::GET, &format!("{}/healthz", pier.url()), &[]).await;
     assert_eq!(r.status(), StatusCode::OK);
-    let warm = fetch(&http, Method::GET, &url, &[])
+    let warm = fetch(http, Method::GET, url, &[])
         .await
         .bytes()
         .await
         .unwrap();
-    assert_eq!(digest(&warm), d);
+    assert_eq!(digest(&warm), *d);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

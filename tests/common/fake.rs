@@ -325,6 +325,11 @@ async fn respond(State(script): State<Arc<Mutex<Script>>>, req: Request) -> Resp
     StatusCode::NOT_FOUND.into_response()
 }
 
+/// `sha256:<hex>` of `b`.
+pub fn digest(b: &[u8]) -> String {
+    format!("sha256:{}", sha256_hex(b))
+}
+
 pub fn sha256_hex(b: &[u8]) -> String {
     use sha2::Digest as _;
     hex::encode(sha2::Sha256::digest(b))

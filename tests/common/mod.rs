@@ -764,6 +764,40 @@ pub fn manifest_digest_in(dir: &Path) -> String {
     format!("sha256:{}", hex::encode(sha2::Sha256::digest(&bytes)))
 }
 
+/// A scripted upstream serving one blob of `size` pseudo-random bytes, and
+/// a Pier (with `extra` config TOML) in front of it.
+pub struct OneBlob {
+    pub fake: fake::Fake,
+    pub pier: Pier,
+    pub http: reqwest::Client,
+    pub bytes: bytes::Bytes,
+    pub digest: String,
+    /// The blob's URL on Pier.
+    pub url: String,
+    _data: tempfile::TempDir,
+}
+
+impl OneBlob {
+    pub fn start(size: usize, seed: u8, extra: &str) -> OneBlob {
+        let fake = fake::Fake::start();
+        let bytes = fake::random_bytes(size, seed);
+        let digest = fake::digest(&bytes);
+        fake.blob(&digest, fake::Blob::Good(bytes.clone()));
+        let (pier, data) = Pier::start(&[("corp.example", &fake.url())], extra);
+        let http = http_for(&pier);
+        let url = format!("{}/v2/corp.example/team/app/blobs/{digest}", pier.url());
+        OneBlob {
+            fake,
+            pier,
+            http,
+            bytes,
+            digest,
+            url,
+            _data: data,
+        }
+    }
+}
+
 /// An HTTP client that resolves `*.m.pier.test` to Pier without /etc/hosts.
 pub fn http_for(pier: &Pier) -> reqwest::Client {
     let mut b = reqwest::Client::builder().redirect(reqwest::redirect::Policy::none());
