@@ -120,6 +120,10 @@ pub trait MetaStore: Send + Sync + 'static {
     async fn throttle(&self, key: &str, rate: Rate) -> Result<Result<(), Duration>, MetaError>;
 
     async fn health(&self) -> Result<(), MetaError>;
+
+    /// Whether other processes (replicas) may use this store too. Leases
+    /// only coordinate anything when they can.
+    fn shared(&self) -> bool;
 }
 
 #[cfg(test)]

@@ -29,58 +29,68 @@ async fn read_body(r: reqwest::Response) -> Result<Bytes, reqwest::Error> {
     r.bytes().await
 }
 
+/// Sizes on both sides of the point where a fetch stops holding the blob
+/// in memory and spools it to a file instead.
+const SPOOL_SIZES: [usize; 2] = [300_000, 3_000_000];
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bytes_that_do_not_match_the_digest_are_never_cached_or_completed() {
-    let fake = Fake::start();
-    let good = random_bytes(300_000, 1);
-    let bad = random_bytes(300_000, 2);
-    let d = digest(&good);
-    fake.blob(&d, Blob::Good(bad.clone()));
-    let (pier, _data, http) = start(&fake);
+    for size in SPOOL_SIZES {
+        let fake = Fake::start();
+        let good = random_bytes(size, 1);
+        let bad = random_bytes(size, 2);
+        let d = digest(&good);
+        fake.blob(&d, Blob::Good(bad.clone()));
+        let (pier, _data, http) = start(&fake);
 
-    for round in 1..=2 {
-        let r = fetch(&http, Method::GET, &blob_url(&pier, &d), &[]).await;
-        // Streaming already began, so the client sees the body break off
-        // short of its length: it never holds a complete wrong blob.
-        if r.status() == StatusCode::OK {
-            let body = read_body(r).await;
-            assert!(body.is_err() || body.unwrap().len() < bad.len());
-        } else {
-            assert_eq!(r.status(), StatusCode::BAD_GATEWAY);
+        for round in 1..=2 {
+            let r = fetch(&http, Method::GET, &blob_url(&pier, &d), &[]).await;
+            // Streaming already began, so the client sees the body break
+            // off short of its length: it never holds a complete wrong blob.
+            if r.status() == StatusCode::OK {
+                let body = read_body(r).await;
+                assert!(body.is_err() || body.unwrap().len() < bad.len());
+            } else {
+                assert_eq!(r.status(), StatusCode::BAD_GATEWAY);
+            }
+            assert!(pier.stored_blobs().is_empty());
+            assert_eq!(
+                fake.count("GET", "/v2/team/app/blobs/"),
+                round,
+                "refetched, not cached ({size} bytes)"
+            );
         }
-        assert!(pier.stored_blobs().is_empty());
-        assert_eq!(
-            fake.count("GET", "/v2/team/app/blobs/"),
-            round,
-            "refetched, not cached"
-        );
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_truncated_upstream_body_is_not_cached() {
-    let fake = Fake::start();
-    let good = random_bytes(200_000, 3);
-    let d = digest(&good);
-    fake.blob(&d, Blob::Truncated(good.clone()));
-    let (pier, data, http) = start(&fake);
-    let r = fetch(&http, Method::GET, &blob_url(&pier, &d), &[]).await;
-    if r.status() == StatusCode::OK {
-        assert!(read_body(r).await.is_err());
+    for size in SPOOL_SIZES {
+        let fake = Fake::start();
+        let good = random_bytes(size, 3);
+        let d = digest(&good);
+        fake.blob(&d, Blob::Truncated(good.clone()));
+        let (pier, data, http) = start(&fake);
+        let r = fetch(&http, Method::GET, &blob_url(&pier, &d), &[]).await;
+        if r.status() == StatusCode::OK {
+            assert!(read_body(r).await.is_err());
+        }
+        // The fetch ends on its own; nothing lands in the store or the spool.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(pier.stored_blobs().is_empty());
+        assert_eq!(
+            std::fs::read_dir(data.path().join("tmp"))
+                .map(|d| d.count())
+                .unwrap_or(0),
+            0
+        );
+        // Once upstream behaves, the next request fetches and serves it.
+        fake.blob(&d, Blob::Good(good.clone()));
+        let r = fetch(&http, Method::GET, &blob_url(&pier, &d), &[]).await;
+        assert_eq!(r.status(), StatusCode::OK);
+        assert_eq!(read_body(r).await.unwrap(), good);
+        assert_eq!(pier.wait_stored(1), vec![sha256_hex(&good)]);
     }
-    // The fetch ends on its own; nothing lands in the store or the spool.
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(pier.stored_blobs().is_empty());
-    assert_eq!(
-        std::fs::read_dir(data.path().join("tmp")).unwrap().count(),
-        0
-    );
-    // Once upstream behaves, the next request fetches and serves it.
-    fake.blob(&d, Blob::Good(good.clone()));
-    let r = fetch(&http, Method::GET, &blob_url(&pier, &d), &[]).await;
-    assert_eq!(r.status(), StatusCode::OK);
-    assert_eq!(read_body(r).await.unwrap(), good);
-    assert_eq!(pier.wait_stored(1), vec![sha256_hex(&good)]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -97,37 +107,43 @@ async fn an_upstream_429_reaches_the_client_as_toomanyrequests() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_cold_blob_streams_to_every_client_from_one_fetch() {
-    let fake = Fake::start();
-    let good = random_bytes(2_000_000, 4);
-    let d = digest(&good);
-    let pause = Duration::from_secs(2);
-    fake.blob(&d, Blob::Slow(good.clone(), pause));
-    let (pier, _data, http) = start(&fake);
+    for size in SPOOL_SIZES {
+        let fake = Fake::start();
+        let good = random_bytes(size, 4);
+        let d = digest(&good);
+        let pause = Duration::from_secs(2);
+        fake.blob(&d, Blob::Slow(good.clone(), pause));
+        let (pier, _data, http) = start(&fake);
 
-    let started = Instant::now();
-    let mut clients = Vec::new();
-    for _ in 0..10 {
-        let (http, url) = (http.clone(), blob_url(&pier, &d));
-        clients.push(tokio::spawn(async move {
-            let r = fetch(&http, Method::GET, &url, &[]).await;
-            assert_eq!(r.status(), StatusCode::OK);
-            let mut stream = r.bytes_stream();
-            let first = stream.next().await.unwrap().unwrap();
-            let first_at = started.elapsed();
-            let mut all = first.to_vec();
-            while let Some(c) = stream.next().await {
-                all.extend_from_slice(&c.unwrap());
-            }
-            (first_at, all)
-        }));
+        let started = Instant::now();
+        let mut clients = Vec::new();
+        for _ in 0..10 {
+            let (http, url) = (http.clone(), blob_url(&pier, &d));
+            clients.push(tokio::spawn(async move {
+                let r = fetch(&http, Method::GET, &url, &[]).await;
+                assert_eq!(r.status(), StatusCode::OK);
+                let mut stream = r.bytes_stream();
+                let first = stream.next().await.unwrap().unwrap();
+                let first_at = started.elapsed();
+                let mut all = first.to_vec();
+                while let Some(c) = stream.next().await {
+                    all.extend_from_slice(&c.unwrap());
+                }
+                (first_at, all)
+            }));
+        }
+        for c in clients {
+            let (first_at, all) = c.await.unwrap();
+            // The first bytes arrive while upstream is still paused.
+            assert!(
+                first_at < pause,
+                "first byte after {first_at:?} ({size} bytes)"
+            );
+            assert_eq!(all, good);
+        }
+        assert_eq!(fake.count("GET", "/v2/team/app/blobs/"), 1);
+        assert_eq!(pier.wait_stored(1), vec![sha256_hex(&good)]);
     }
-    for c in clients {
-        let (first_at, all) = c.await.unwrap();
-        // The first bytes arrive while upstream is still paused.
-        assert!(first_at < pause, "first byte after {first_at:?}");
-        assert_eq!(all, good);
-    }
-    assert_eq!(fake.count("GET", "/v2/team/app/blobs/"), 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -218,29 +234,31 @@ async fn a_manifest_that_does_not_match_its_digest_is_refused() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cold_range_never_completes_on_unverified_bytes() {
-    let fake = Fake::start();
-    let good = random_bytes(400_000, 7);
-    let bad = random_bytes(400_000, 8);
-    let d = digest(&good);
-    // The first KiB arrives at once, the rest (wrong) after a pause.
-    fake.blob(&d, Blob::Slow(bad, Duration::from_millis(500)));
-    let (pier, _data, http) = start(&fake);
-    let r = fetch(
-        &http,
-        Method::GET,
-        &blob_url(&pier, &d),
-        &[("range", "bytes=0-99")],
-    )
-    .await;
-    // The range lies in bytes already received, yet its last byte waits for
-    // the digest check, which fails: the response breaks off.
-    if r.status() == StatusCode::PARTIAL_CONTENT {
-        let body = read_body(r).await;
-        assert!(body.is_err() || body.unwrap().len() < 100);
-    } else {
-        assert!(r.status().is_server_error(), "{}", r.status());
+    for size in SPOOL_SIZES {
+        let fake = Fake::start();
+        let good = random_bytes(size, 7);
+        let bad = random_bytes(size, 8);
+        let d = digest(&good);
+        // The first KiB arrives at once, the rest (wrong) after a pause.
+        fake.blob(&d, Blob::Slow(bad, Duration::from_millis(500)));
+        let (pier, _data, http) = start(&fake);
+        let r = fetch(
+            &http,
+            Method::GET,
+            &blob_url(&pier, &d),
+            &[("range", "bytes=0-99")],
+        )
+        .await;
+        // The range lies in bytes already received, yet its last byte waits
+        // for the digest check, which fails: the response breaks off.
+        if r.status() == StatusCode::PARTIAL_CONTENT {
+            let body = read_body(r).await;
+            assert!(body.is_err() || body.unwrap().len() < 100);
+        } else {
+            assert!(r.status().is_server_error(), "{}", r.status());
+        }
+        assert!(pier.stored_blobs().is_empty());
     }
-    assert!(pier.stored_blobs().is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

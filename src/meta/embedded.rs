@@ -174,6 +174,22 @@ impl MetaStore for EmbeddedMeta {
         let repo = repo.to_owned();
         let links: Vec<String> = digests.iter().map(|d| link_key(&repo, d)).collect();
         self.blocking(move |db| {
+            // Links are usually there already (a manifest links its blobs):
+            // a read costs no write transaction and no fsync.
+            let links = {
+                let txn = db.begin_read().map_err(backend)?;
+                let t = txn.open_table(LINKS).map_err(backend)?;
+                let mut missing = Vec::new();
+                for l in links {
+                    if t.get(l.as_str()).map_err(backend)?.is_none() {
+                        missing.push(l);
+                    }
+                }
+                missing
+            };
+            if links.is_empty() {
+                return Ok(());
+            }
             let txn = db.begin_write().map_err(backend)?;
             {
                 let mut t = txn.open_table(LINKS).map_err(backend)?;
@@ -251,6 +267,10 @@ impl MetaStore for EmbeddedMeta {
 
     async fn throttle(&self, key: &str, rate: Rate) -> Result<Result<(), Duration>, MetaError> {
         Ok(self.rates.check(key, rate))
+    }
+
+    fn shared(&self) -> bool {
+        false
     }
 
     async fn health(&self) -> Result<(), MetaError> {

@@ -276,6 +276,10 @@ impl MetaStore for RedisMeta {
         })
     }
 
+    fn shared(&self) -> bool {
+        true
+    }
+
     async fn health(&self) -> Result<(), MetaError> {
         self.run(|mut c| async move { redis::cmd("PING").query_async::<String>(&mut c).await })
             .await

@@ -37,7 +37,8 @@ pub enum Claim {
     /// Another replica does it; `peer` is where it can be reached, if it
     /// said.
     Theirs { peer: Option<Url> },
-    /// The metadata store cannot coordinate now: do it, unguarded.
+    /// Do it here, unguarded: no other replica shares the metadata store,
+    /// or it cannot coordinate now.
     Alone,
 }
 
@@ -57,6 +58,9 @@ impl Cluster {
     }
 
     pub async fn claim(&self, name: &str) -> Claim {
+        if !self.meta.shared() {
+            return Claim::Alone;
+        }
         match self
             .meta
             .acquire_lease(name, &self.me, self.lease_ttl)

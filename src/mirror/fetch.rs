@@ -2,16 +2,17 @@
 //! a lease, or a peer already fetching), stream the bytes into the spool
 //! while hashing them, and commit the verified blob to the store.
 
-use std::io;
+use std::io::{self, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use futures::StreamExt;
+use bytes::Bytes;
+use futures::{FutureExt, StreamExt};
 
 use super::cluster::{Claim, Cluster, Lease};
-use super::flight::{Flight, FlightError, FlightGuard, Phase};
+use super::flight::{Flight, FlightError, FlightGuard, Phase, Spooled};
 use crate::meta::MetaStore;
 use crate::reference::Hasher;
 use crate::storage::{BlobStore, BlobWriter};
@@ -209,13 +210,22 @@ async fn from_upstream(flight: &Flight, job: &FetchJob, spool: &Path) -> Result<
         .await
         .map_err(|e| FlightError::Failed(format!("cannot start storing the blob: {e}")))?;
     let registry = job.upstream.registry().to_owned();
-    let (size, writer) = download(flight, job, spool, resp, Some(writer), &registry).await?;
-    let Some(writer) = writer else {
+    let (size, spooled, writer) =
+        download(flight, job, spool, resp, Some(writer), &registry).await?;
+    let Some(mut writer) = writer else {
         return Ok(());
     };
     // Clients already have every verified byte; storing is for the next
     // ones. A store that fails here only costs a refetch later.
     let digest = &flight.digest;
+    if let Spooled::Memory(chunks) = spooled {
+        if let Err(e) = write_spool(spool, chunks).await {
+            metrics().backend_error("storage");
+            tracing::error!(%digest, error = ?e, "cannot write a verified blob to the spool");
+            return Ok(());
+        }
+        writer.progress(size);
+    }
     match writer.commit(size).await {
         Ok(()) => {
             if let Err(e) = job
@@ -234,10 +244,20 @@ async fn from_upstream(flight: &Flight, job: &FetchJob, spool: &Path) -> Result<
     Ok(())
 }
 
-/// Streams `resp` into `spool`, publishing progress to readers and to the
-/// store's writer (if any). Returns the verified size and the writer to
-/// commit; the phase is `Verified` when it returns Ok. `from` names the
-/// source in errors.
+/// Blobs up to this size (as upstream announces it) are held in memory
+/// while they are fetched, and written to the spool once verified: their
+/// clients wait on no disk. Memory held this way is at most this times
+/// the fetch slots (64 MiB with the default 64).
+const IN_MEMORY_MAX: u64 = 1024 * 1024;
+
+/// At most this many bytes go to the spool file per trip to the blocking
+/// pool (more when a single network read is larger).
+const WRITE_BATCH: u64 = 1024 * 1024;
+
+/// Streams `resp` into a spool, publishing progress to readers and, when
+/// the spool is the file, to the store's writer (if any). Returns the
+/// verified size, where the bytes are, and the writer to commit; the phase
+/// is `Verified` when it returns Ok. `from` names the source in errors.
 async fn download(
     flight: &Flight,
     job: &FetchJob,
@@ -245,37 +265,35 @@ async fn download(
     resp: reqwest::Response,
     mut writer: Option<Box<dyn BlobWriter>>,
     from: &str,
-) -> Result<(u64, Option<Box<dyn BlobWriter>>), FlightError> {
+) -> Result<(u64, Spooled, Option<Box<dyn BlobWriter>>), FlightError> {
     let size = resp.content_length();
-    let file = {
-        let spool = spool.to_owned();
-        tokio::task::spawn_blocking(move || {
-            if let Some(dir) = spool.parent() {
-                std::fs::create_dir_all(dir)?;
-            }
-            std::fs::OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create_new(true)
-                .open(&spool)
-        })
-        .await
-        .map_err(|e| FlightError::Failed(e.to_string()))?
-        .map_err(|e| FlightError::Failed(format!("cannot create spool file: {e}")))?
+    let spooled = if size.is_some_and(|s| s <= IN_MEMORY_MAX) {
+        Spooled::Memory(Arc::default())
+    } else {
+        Spooled::File(Arc::new(create_spool(spool).await?))
     };
-    let file = Arc::new(file);
     flight.phase.send_replace(Phase::Streaming {
-        file: file.clone(),
+        spool: spooled.clone(),
         size,
         readable: 0,
     });
 
     let registry = from.to_owned();
+    let broke_off = |written: u64, e: reqwest::Error| {
+        FlightError::Upstream(UpstreamError::Unavailable {
+            registry: registry.clone(),
+            detail: format!(
+                "the blob body broke off after {written} bytes: {}",
+                crate::upstream::describe(&e.without_url())
+            ),
+        })
+    };
     let mut hasher = Some(Hasher::new(flight.digest.algorithm()));
     let mut written: u64 = 0;
     let mut body = resp.bytes_stream();
-    loop {
-        let chunk = match tokio::time::timeout(job.body_idle, body.next()).await {
+    let mut ended = false;
+    while !ended {
+        let first = match tokio::time::timeout(job.body_idle, body.next()).await {
             Err(_) => {
                 return Err(FlightError::Upstream(UpstreamError::Unavailable {
                     registry,
@@ -286,41 +304,67 @@ async fn download(
                 }));
             }
             Ok(None) => break,
-            Ok(Some(Err(e))) => {
-                return Err(FlightError::Upstream(UpstreamError::Unavailable {
-                    registry,
-                    detail: format!(
-                        "the blob body broke off after {written} bytes: {}",
-                        crate::upstream::describe(&e.without_url())
-                    ),
-                }));
-            }
+            Ok(Some(Err(e))) => return Err(broke_off(written, e)),
             Ok(Some(Ok(c))) => c,
         };
-        if size.is_some_and(|s| written + chunk.len() as u64 > s) {
+        // Chunks that arrived meanwhile go to the spool in the same trip
+        // to the blocking pool: one hop per batch, not per network read.
+        let mut batch_len = first.len() as u64;
+        let mut batch = vec![first];
+        while batch_len < WRITE_BATCH {
+            match body.next().now_or_never() {
+                Some(Some(Ok(c))) => {
+                    batch_len += c.len() as u64;
+                    batch.push(c);
+                }
+                Some(Some(Err(e))) => return Err(broke_off(written + batch_len, e)),
+                Some(None) => {
+                    ended = true;
+                    break;
+                }
+                None => break,
+            }
+        }
+        if size.is_some_and(|s| written + batch_len > s) {
             return Err(FlightError::Mismatch {
                 registry,
                 expected: flight.digest.to_string(),
             });
         }
-        let offset = written;
-        let (f, mut h) = (file.clone(), hasher.take());
-        let chunk_len = chunk.len() as u64;
-        h = tokio::task::spawn_blocking(move || -> io::Result<Option<Hasher>> {
-            f.write_all_at(&chunk, offset)?;
-            if let Some(h) = h.as_mut() {
-                h.update(&chunk);
+        match &spooled {
+            Spooled::Memory(chunks) => {
+                // At most IN_MEMORY_MAX bytes in all: hashing them here
+                // costs less than a hop to the blocking pool.
+                if let Some(h) = hasher.as_mut() {
+                    batch.iter().for_each(|c| h.update(c));
+                }
+                chunks
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .extend(batch);
             }
-            Ok(h)
-        })
-        .await
-        .map_err(|e| FlightError::Failed(e.to_string()))?
-        .map_err(|e| FlightError::Failed(format!("writing the spool file: {e}")))?;
-        hasher = h;
-        written += chunk_len;
-        if let Some(w) = writer.as_mut() {
-            w.progress(written);
+            Spooled::File(file) => {
+                let (f, mut h, mut offset) = (file.clone(), hasher.take(), written);
+                h = tokio::task::spawn_blocking(move || -> io::Result<Option<Hasher>> {
+                    for chunk in &batch {
+                        f.write_all_at(chunk, offset)?;
+                        offset += chunk.len() as u64;
+                        if let Some(h) = h.as_mut() {
+                            h.update(chunk);
+                        }
+                    }
+                    Ok(h)
+                })
+                .await
+                .map_err(|e| FlightError::Failed(e.to_string()))?
+                .map_err(|e| FlightError::Failed(format!("writing the spool file: {e}")))?;
+                hasher = h;
+                if let Some(w) = writer.as_mut() {
+                    w.progress(written + batch_len);
+                }
+            }
         }
+        written += batch_len;
         // Hold back the last byte until the digest is checked.
         let readable = written.saturating_sub(1);
         flight.phase.send_modify(|p| {
@@ -339,10 +383,51 @@ async fn download(
         });
     }
     flight.phase.send_replace(Phase::Verified {
-        file,
+        spool: spooled.clone(),
         size: written,
     });
-    Ok((written, writer))
+    Ok((written, spooled, writer))
+}
+
+/// Creates the spool file (its directory too, when missing).
+async fn create_spool(spool: &Path) -> Result<std::fs::File, FlightError> {
+    let spool = spool.to_owned();
+    tokio::task::spawn_blocking(move || new_spool_file(&spool))
+        .await
+        .map_err(|e| FlightError::Failed(e.to_string()))?
+        .map_err(|e| FlightError::Failed(format!("cannot create spool file: {e}")))
+}
+
+fn new_spool_file(spool: &Path) -> io::Result<std::fs::File> {
+    let create = || {
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(spool)
+    };
+    match create() {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            if let Some(dir) = spool.parent() {
+                std::fs::create_dir_all(dir)?;
+            }
+            create()
+        }
+        other => other,
+    }
+}
+
+/// Writes a blob held in memory to the spool file, for the store's writer.
+async fn write_spool(spool: &Path, chunks: Arc<Mutex<Vec<Bytes>>>) -> Result<(), FlightError> {
+    let spool = spool.to_owned();
+    tokio::task::spawn_blocking(move || {
+        let mut file = new_spool_file(&spool)?;
+        let chunks = chunks.lock().unwrap_or_else(|p| p.into_inner());
+        chunks.iter().try_for_each(|c| file.write_all(c))
+    })
+    .await
+    .map_err(|e| FlightError::Failed(e.to_string()))?
+    .map_err(|e| FlightError::Failed(format!("writing the spool file: {e}")))
 }
 
 async fn remove_quietly(path: &Path) {

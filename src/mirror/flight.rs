@@ -8,12 +8,12 @@
 use std::collections::HashMap;
 use std::fs::File;
 use std::io;
-use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use futures::Stream;
+use rustix::buffer::spare_capacity;
 use tokio::sync::watch;
 
 use crate::reference::Digest;
@@ -37,6 +37,63 @@ pub enum FlightError {
     Busy(String),
 }
 
+/// Where a fetch keeps the bytes received so far, for its readers.
+#[derive(Clone)]
+pub(super) enum Spooled {
+    /// A small blob: upstream's chunks, in order. Readers take slices of
+    /// them, so serving it costs no disk operation and no thread hop.
+    Memory(Arc<Mutex<Vec<Bytes>>>),
+    /// The spool file.
+    File(Arc<File>),
+}
+
+impl Spooled {
+    /// Up to `max` bytes from `pos` (all of them received already).
+    async fn read(&self, pos: u64, max: u64) -> io::Result<Bytes> {
+        match self {
+            Spooled::Memory(chunks) => {
+                let chunks = chunks.lock().unwrap_or_else(|p| p.into_inner());
+                slice_of(&chunks, pos, max)
+                    .ok_or_else(|| io::Error::other("the spool holds fewer bytes than published"))
+            }
+            Spooled::File(file) => {
+                let (file, n) = (file.clone(), max.min(READ_CHUNK) as usize);
+                tokio::task::spawn_blocking(move || {
+                    // Positional reads: readers share the file. Into spare
+                    // capacity, so the buffer is not zeroed first.
+                    let mut buf = Vec::with_capacity(n);
+                    while buf.len() < n {
+                        let at = pos + buf.len() as u64;
+                        let got = rustix::io::pread(&*file, spare_capacity(&mut buf), at)?;
+                        if got == 0 {
+                            return Err(io::ErrorKind::UnexpectedEof.into());
+                        }
+                    }
+                    Ok(Bytes::from(buf))
+                })
+                .await
+                .unwrap_or_else(|e| Err(io::Error::other(e)))
+            }
+        }
+    }
+}
+
+/// The bytes at `pos` up to the end of the chunk holding them (at most
+/// `max`), without copying.
+fn slice_of(chunks: &[Bytes], pos: u64, max: u64) -> Option<Bytes> {
+    let mut start = 0u64;
+    for chunk in chunks {
+        let end = start + chunk.len() as u64;
+        if pos < end {
+            let from = (pos - start) as usize;
+            let to = (end.min(pos.saturating_add(max)) - start) as usize;
+            return Some(chunk.slice(from..to));
+        }
+        start = end;
+    }
+    None
+}
+
 #[derive(Clone)]
 pub(super) enum Phase {
     /// Waiting for upstream's response headers.
@@ -45,13 +102,13 @@ pub(super) enum Phase {
     Stored,
     /// Bytes are arriving; `readable` of them may be sent to clients.
     Streaming {
-        file: Arc<File>,
+        spool: Spooled,
         size: Option<u64>,
         readable: u64,
     },
     /// Verified: all `size` bytes may be sent.
     Verified {
-        file: Arc<File>,
+        spool: Spooled,
         size: u64,
     },
     Failed(FlightError),
@@ -213,13 +270,15 @@ impl Flight {
                 // While unverified, the last byte of the blob (held back by
                 // the fetch) and the last byte of the requested range stay
                 // unsent, so no response completes on unchecked bytes.
-                let (file, limit, total) = match &*rx.borrow_and_update() {
-                    Phase::Streaming { file, readable, .. } => {
+                let (spool, limit, total) = match &*rx.borrow_and_update() {
+                    Phase::Streaming {
+                        spool, readable, ..
+                    } => {
                         let cap = end.map_or(*readable, |e| (*readable).min(e - 1));
-                        (file.clone(), cap, None)
+                        (spool.clone(), cap, None)
                     }
-                    Phase::Verified { file, size } => (
-                        file.clone(),
+                    Phase::Verified { spool, size } => (
+                        spool.clone(),
                         end.map_or(*size, |e| e.min(*size)),
                         Some(*size),
                     ),
@@ -232,15 +291,11 @@ impl Flight {
                     }
                 };
                 if pos < limit {
-                    let n = (limit - pos).min(READ_CHUNK) as usize;
-                    let read = tokio::task::spawn_blocking(move || {
-                        let mut buf = vec![0; n];
-                        file.read_exact_at(&mut buf, pos).map(|()| Bytes::from(buf))
-                    })
-                    .await
-                    .unwrap_or_else(|e| Err(io::Error::other(e)));
-                    return Some(match read {
-                        Ok(b) => (Ok(b), Some((flight, rx, pos + n as u64))),
+                    return Some(match spool.read(pos, limit - pos).await {
+                        Ok(b) => {
+                            let next = pos + b.len() as u64;
+                            (Ok(b), Some((flight, rx, next)))
+                        }
                         Err(e) => (Err(e), None),
                     });
                 }
@@ -252,5 +307,22 @@ impl Flight {
                 }
             }
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn memory_spool_slices_stay_within_one_chunk_and_the_limit() {
+        let chunks = [Bytes::from_static(b"abc"), Bytes::from_static(b"defgh")];
+        assert_eq!(slice_of(&chunks, 0, 10).unwrap(), "abc");
+        assert_eq!(slice_of(&chunks, 1, 1).unwrap(), "b");
+        assert_eq!(slice_of(&chunks, 3, 10).unwrap(), "defgh");
+        assert_eq!(slice_of(&chunks, 5, 2).unwrap(), "fg");
+        assert_eq!(slice_of(&chunks, 7, u64::MAX).unwrap(), "h");
+        assert!(slice_of(&chunks, 8, 1).is_none());
+        assert!(slice_of(&[], 0, 1).is_none());
     }
 }
