@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use futures::{FutureExt, StreamExt};
+use futures::StreamExt;
 
 use super::cluster::{Claim, Cluster, Lease};
 use super::flight::{Flight, FlightError, FlightGuard, Phase, Spooled};
@@ -198,7 +198,11 @@ async fn from_peer(job: &FetchJob, peer: &url::Url, flight: &Flight) -> Option<r
 }
 
 /// Fetches from upstream into the spool and the store, then commits.
-async fn from_upstream(flight: &Flight, job: &FetchJob, spool: &Path) -> Result<(), FlightError> {
+async fn from_upstream(
+    flight: &Arc<Flight>,
+    job: &FetchJob,
+    spool: &Path,
+) -> Result<(), FlightError> {
     let resp = job
         .upstream
         .blob(&job.repository, &flight.digest)
@@ -250,16 +254,12 @@ async fn from_upstream(flight: &Flight, job: &FetchJob, spool: &Path) -> Result<
 /// the fetch slots (64 MiB with the default 64).
 const IN_MEMORY_MAX: u64 = 1024 * 1024;
 
-/// At most this many bytes go to the spool file per trip to the blocking
-/// pool (more when a single network read is larger).
-const WRITE_BATCH: u64 = 1024 * 1024;
-
 /// Streams `resp` into a spool, publishing progress to readers and, when
 /// the spool is the file, to the store's writer (if any). Returns the
 /// verified size, where the bytes are, and the writer to commit; the phase
 /// is `Verified` when it returns Ok. `from` names the source in errors.
 async fn download(
-    flight: &Flight,
+    flight: &Arc<Flight>,
     job: &FetchJob,
     spool: &Path,
     resp: reqwest::Response,
@@ -279,21 +279,31 @@ async fn download(
     });
 
     let registry = from.to_owned();
-    let broke_off = |written: u64, e: reqwest::Error| {
+    let broke_off = |received: u64, e: reqwest::Error| {
         FlightError::Upstream(UpstreamError::Unavailable {
             registry: registry.clone(),
             detail: format!(
-                "the blob body broke off after {written} bytes: {}",
+                "the blob body broke off after {received} bytes: {}",
                 crate::upstream::describe(&e.without_url())
             ),
         })
     };
-    let mut hasher = Some(Hasher::new(flight.digest.algorithm()));
-    let mut written: u64 = 0;
+    let mut hasher = Hasher::new(flight.digest.algorithm());
+    // A spool file is written and hashed by a thread of its own, so that
+    // receiving from upstream never waits for the disk.
+    let mut file_spool = match &spooled {
+        Spooled::File(file) => Some(SpoolWriter::start(
+            file.clone(),
+            std::mem::replace(&mut hasher, Hasher::new(flight.digest.algorithm())),
+            flight.clone(),
+            writer.take(),
+        )),
+        Spooled::Memory(_) => None,
+    };
+    let mut received: u64 = 0;
     let mut body = resp.bytes_stream();
-    let mut ended = false;
-    while !ended {
-        let first = match tokio::time::timeout(job.body_idle, body.next()).await {
+    loop {
+        let chunk = match tokio::time::timeout(job.body_idle, body.next()).await {
             Err(_) => {
                 return Err(FlightError::Upstream(UpstreamError::Unavailable {
                     registry,
@@ -304,79 +314,46 @@ async fn download(
                 }));
             }
             Ok(None) => break,
-            Ok(Some(Err(e))) => return Err(broke_off(written, e)),
+            Ok(Some(Err(e))) => return Err(broke_off(received, e)),
             Ok(Some(Ok(c))) => c,
         };
-        // Chunks that arrived meanwhile go to the spool in the same trip
-        // to the blocking pool: one hop per batch, not per network read.
-        let mut batch_len = first.len() as u64;
-        let mut batch = vec![first];
-        while batch_len < WRITE_BATCH {
-            match body.next().now_or_never() {
-                Some(Some(Ok(c))) => {
-                    batch_len += c.len() as u64;
-                    batch.push(c);
-                }
-                Some(Some(Err(e))) => return Err(broke_off(written + batch_len, e)),
-                Some(None) => {
-                    ended = true;
-                    break;
-                }
-                None => break,
-            }
-        }
-        if size.is_some_and(|s| written + batch_len > s) {
+        received += chunk.len() as u64;
+        if size.is_some_and(|s| received > s) {
             return Err(FlightError::Mismatch {
                 registry,
                 expected: flight.digest.to_string(),
             });
         }
-        match &spooled {
-            Spooled::Memory(chunks) => {
+        match (&spooled, &mut file_spool) {
+            (_, Some(spool)) => {
+                if !spool.send(chunk).await {
+                    // The writer stopped on an error; `finish` reports it.
+                    break;
+                }
+            }
+            (Spooled::Memory(chunks), None) => {
                 // At most IN_MEMORY_MAX bytes in all: hashing them here
                 // costs less than a hop to the blocking pool.
-                if let Some(h) = hasher.as_mut() {
-                    batch.iter().for_each(|c| h.update(c));
-                }
-                chunks
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .extend(batch);
+                hasher.update(&chunk);
+                chunks.lock().unwrap_or_else(|p| p.into_inner()).push(chunk);
+                publish(flight, received);
             }
-            Spooled::File(file) => {
-                let (f, mut h, mut offset) = (file.clone(), hasher.take(), written);
-                h = tokio::task::spawn_blocking(move || -> io::Result<Option<Hasher>> {
-                    for chunk in &batch {
-                        f.write_all_at(chunk, offset)?;
-                        offset += chunk.len() as u64;
-                        if let Some(h) = h.as_mut() {
-                            h.update(chunk);
-                        }
-                    }
-                    Ok(h)
-                })
-                .await
-                .map_err(|e| FlightError::Failed(e.to_string()))?
-                .map_err(|e| FlightError::Failed(format!("writing the spool file: {e}")))?;
-                hasher = h;
-                if let Some(w) = writer.as_mut() {
-                    w.progress(written + batch_len);
-                }
+            (Spooled::File(_), None) => {
+                return Err(FlightError::Failed("the spool writer is gone".into()));
             }
         }
-        written += batch_len;
-        // Hold back the last byte until the digest is checked.
-        let readable = written.saturating_sub(1);
-        flight.phase.send_modify(|p| {
-            if let Phase::Streaming { readable: r, .. } = p {
-                *r = readable;
-            }
-        });
     }
-    let actual = hasher
-        .map(Hasher::finish)
-        .ok_or_else(|| FlightError::Failed("hash state lost".into()))?;
-    if size.is_some_and(|s| s != written) || actual != flight.digest {
+    let written = match file_spool {
+        Some(spool) => {
+            let (h, written, w) = spool.finish().await?;
+            hasher = h;
+            writer = w;
+            written
+        }
+        None => received,
+    };
+    let actual = hasher.finish();
+    if written != received || size.is_some_and(|s| s != written) || actual != flight.digest {
         return Err(FlightError::Mismatch {
             registry,
             expected: flight.digest.to_string(),
@@ -387,6 +364,75 @@ async fn download(
         size: written,
     });
     Ok((written, spooled, writer))
+}
+
+/// Lets readers have the first `written` bytes, holding back the last one
+/// until the digest is checked.
+fn publish(flight: &Flight, written: u64) {
+    let readable = written.saturating_sub(1);
+    flight.phase.send_modify(|p| {
+        if let Phase::Streaming { readable: r, .. } = p {
+            *r = readable;
+        }
+    });
+}
+
+/// Chunks waiting for the spool writer at most (each one network read).
+const SPOOL_QUEUE: usize = 4;
+
+/// The thread that writes a fetch's bytes to the spool file and hashes
+/// them, one blocking-pool thread for the whole fetch: no trip to the pool
+/// per chunk, and the disk works while the next chunks arrive.
+struct SpoolWriter {
+    tx: tokio::sync::mpsc::Sender<Bytes>,
+    done: tokio::task::JoinHandle<io::Result<WriterOutcome>>,
+}
+
+/// The hasher, the bytes written, and the store's writer back.
+type WriterOutcome = (Hasher, u64, Option<Box<dyn BlobWriter>>);
+
+impl SpoolWriter {
+    fn start(
+        file: Arc<std::fs::File>,
+        mut hasher: Hasher,
+        flight: Arc<Flight>,
+        mut writer: Option<Box<dyn BlobWriter>>,
+    ) -> Self {
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(SPOOL_QUEUE);
+        let done = tokio::task::spawn_blocking(move || {
+            let mut written = 0u64;
+            while let Some(first) = rx.blocking_recv() {
+                // Everything queued meanwhile goes in before readers hear.
+                let mut next = Some(first);
+                while let Some(chunk) = next {
+                    file.write_all_at(&chunk, written)?;
+                    hasher.update(&chunk);
+                    written += chunk.len() as u64;
+                    next = rx.try_recv().ok();
+                }
+                if let Some(w) = writer.as_mut() {
+                    w.progress(written);
+                }
+                publish(&flight, written);
+            }
+            Ok((hasher, written, writer))
+        });
+        Self { tx, done }
+    }
+
+    /// Queues a chunk; false when the writer has stopped (on an error).
+    async fn send(&self, chunk: Bytes) -> bool {
+        self.tx.send(chunk).await.is_ok()
+    }
+
+    /// Waits for everything queued to be written.
+    async fn finish(self) -> Result<WriterOutcome, FlightError> {
+        drop(self.tx);
+        self.done
+            .await
+            .map_err(|e| FlightError::Failed(e.to_string()))?
+            .map_err(|e| FlightError::Failed(format!("writing the spool file: {e}")))
+    }
 }
 
 /// Creates the spool file (its directory too, when missing).
