@@ -281,6 +281,7 @@ class Bench:
         self.backends_pgid = None
         self.res = {"meta": {}, "warm": [], "manifest": [], "cold_pull": [], "cold_ttfb": [],
                     "cold32": [], "rss": [], "errors": []}
+        self.w = {}
 
     def name(self, what):
         self.seq += 1
@@ -513,6 +514,17 @@ class Bench:
         for p in srv.procs:
             if p is not self.upstream:
                 self.procs.stop(p)
+
+    def retire(self, srv):
+        """Stops a cold-section server and deletes what it cached, then waits
+        for the disk to write back everything pending, so that no figure
+        pays for the writeback of an earlier one (distribution does not
+        fsync its blobs; a run leaves up to 1 GiB of dirty pages behind)."""
+        self.stop(srv)
+        for d in (getattr(srv, "data", None), getattr(srv, "root", None)):
+            if d:
+                shutil.rmtree(d, ignore_errors=True)
+        os.sync()
 
     # ---------------------------------------------------------- clients
 
@@ -790,7 +802,7 @@ class Bench:
                 srv = start()
                 many = self.skopeo_pull(srv, "many")
                 srv.check_alive()
-                self.stop(srv)
+                self.retire(srv)
                 # the big blob by curl: its manifest first, as a client
                 # fetches it, then the blob, timed
                 srv = start()
@@ -801,11 +813,11 @@ class Bench:
                 if x["code"] != 200 or x["size"] != self.big_size:
                     self.error(f"cold blob {key}: {x}")
                 srv.check_alive()
-                self.stop(srv)
+                self.retire(srv)
                 srv = start()
                 big = self.skopeo_pull(srv, "big")
                 srv.check_alive()
-                self.stop(srv)
+                self.retire(srv)
                 self.res["cold_ttfb"].append({"server": key, "run": run, "ttfb_ms": x["ttfb_ms"],
                                               "head_ms": x["head_ms"], "blob_s": x["time"],
                                               "manifest_ms": t_manifest * 1e3})
@@ -850,7 +862,7 @@ class Bench:
                             f"cold32 {key} run {run + 1} {phase}: upstream GETs "
                             f"{ {d: n for d, n in gets.items() if n != 1} } (replicas {rec['replicas']})")
                 srv.check_alive()
-                self.stop(srv)
+                self.retire(srv)
                 self.res["cold32"].append(rec)
                 log(f"  run {run + 1} {key}: big blob {rec['big']['gets_max']} upstream GETs "
                     f"({rec['big']['wall']:.1f} s), many: max {rec['many']['gets_max']} "
@@ -896,16 +908,22 @@ class Bench:
         self.meta()
         self.gen_images()
         self.start_backends()
-        self.warm_servers()
-        for name, step in (("warm blobs", self.bench_warm_blobs), ("manifests", self.bench_manifests),
-                           ("rss", self.bench_rss)):
-            self.section(name)
-            step()
+        only = set(self.args.only.split(",")) if self.args.only else None
+        warm = [("warm blobs", self.bench_warm_blobs), ("manifests", self.bench_manifests),
+                 ("rss", self.bench_rss)]
+        cold = [("cold", self.bench_cold), ("cold32", self.bench_cold32)]
+        if only is None or only & {name for name, _ in warm}:
+            self.warm_servers()
+        for name, step in warm:
+            if only is None or name in only:
+                self.section(name)
+                step()
         for key in list(self.w):
             self.stop(self.w[key])
-        for name, step in (("cold", self.bench_cold), ("cold32", self.bench_cold32)):
-            self.section(name)
-            step()
+        for name, step in cold:
+            if only is None or name in only:
+                self.section(name)
+                step()
         self.section("end")
         self.res["meta"]["loadavg_end"] = os.getloadavg()
         self.res["meta"]["seconds"] = time.monotonic() - t0
@@ -1262,6 +1280,9 @@ def main(argv):
     p.add_argument("--small-layer", type=int, default=32768, help="bytes of random data per small layer")
     p.add_argument("--workdir", default=None, help="parent of the temp dir (default $TMPDIR)")
     p.add_argument("--keep", action="store_true", help="keep the temp dir (logs, configs)")
+    p.add_argument("--only", metavar="SECTIONS",
+                   help="comma-separated sections to run: 'warm blobs', manifests, rss, cold, cold32 "
+                        "(default: all)")
     p.add_argument("--render", metavar="RESULTS_JSON",
                    help="run nothing: write results.md and plot.png to --out from an earlier results.json")
     args = p.parse_args(argv)
