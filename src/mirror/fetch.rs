@@ -12,7 +12,7 @@ use bytes::Bytes;
 use futures::StreamExt;
 
 use super::cluster::{Claim, Cluster, Lease};
-use super::flight::{Flight, FlightError, FlightGuard, Phase, Spooled};
+use super::flight::{Flight, FlightError, FlightGuard, MemorySpool, Phase, Spooled};
 use crate::meta::MetaStore;
 use crate::reference::Hasher;
 use crate::storage::{BlobStore, BlobWriter};
@@ -250,8 +250,9 @@ async fn from_upstream(
 
 /// Blobs up to this size (as upstream announces it) are held in memory
 /// while they are fetched, and written to the spool once verified: their
-/// clients wait on no disk. Memory held this way is at most this times
-/// the fetch slots (64 MiB with the default 64).
+/// clients wait on no disk. The memory lives as long as the fetch and the
+/// client streams reading it; with the default 64 fetch slots, fetches
+/// from upstream hold at most 64 MiB this way.
 const IN_MEMORY_MAX: u64 = 1024 * 1024;
 
 /// Streams `resp` into a spool, publishing progress to readers and, when
@@ -380,9 +381,15 @@ fn publish(flight: &Flight, written: u64) {
 /// Chunks waiting for the spool writer at most (each one network read).
 const SPOOL_QUEUE: usize = 4;
 
+/// The spool writer tells readers (and the store's writer) about new bytes
+/// at least this often.
+const PUBLISH_EVERY: u64 = 1024 * 1024;
+
 /// The thread that writes a fetch's bytes to the spool file and hashes
 /// them, one blocking-pool thread for the whole fetch: no trip to the pool
-/// per chunk, and the disk works while the next chunks arrive.
+/// per chunk, and the disk works while the next chunks arrive. Fetches from
+/// upstream are capped by the fetch slots; fetches from a peer replica by
+/// the fetches that replica runs.
 struct SpoolWriter {
     tx: tokio::sync::mpsc::Sender<Bytes>,
     done: tokio::task::JoinHandle<io::Result<WriterOutcome>>,
@@ -402,13 +409,19 @@ impl SpoolWriter {
         let done = tokio::task::spawn_blocking(move || {
             let mut written = 0u64;
             while let Some(first) = rx.blocking_recv() {
-                // Everything queued meanwhile goes in before readers hear.
-                let mut next = Some(first);
+                // What queued meanwhile goes in before readers hear, but
+                // readers hear at least every PUBLISH_EVERY bytes, even when
+                // upstream outruns the disk and the queue never empties.
+                let (mut next, until) = (Some(first), written + PUBLISH_EVERY);
                 while let Some(chunk) = next {
                     file.write_all_at(&chunk, written)?;
                     hasher.update(&chunk);
                     written += chunk.len() as u64;
-                    next = rx.try_recv().ok();
+                    next = if written < until {
+                        rx.try_recv().ok()
+                    } else {
+                        None
+                    };
                 }
                 if let Some(w) = writer.as_mut() {
                     w.progress(written);
@@ -464,11 +477,17 @@ fn new_spool_file(spool: &Path) -> io::Result<std::fs::File> {
 }
 
 /// Writes a blob held in memory to the spool file, for the store's writer.
-async fn write_spool(spool: &Path, chunks: Arc<Mutex<Vec<Bytes>>>) -> Result<(), FlightError> {
+async fn write_spool(spool: &Path, memory: Arc<Mutex<MemorySpool>>) -> Result<(), FlightError> {
+    // Readers lock the same spool on async workers: copy the (reference
+    // counted) chunks out instead of holding the lock over disk writes.
+    let chunks = memory
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .chunks()
+        .to_vec();
     let spool = spool.to_owned();
     tokio::task::spawn_blocking(move || {
         let mut file = new_spool_file(&spool)?;
-        let chunks = chunks.lock().unwrap_or_else(|p| p.into_inner());
         chunks.iter().try_for_each(|c| file.write_all(c))
     })
     .await

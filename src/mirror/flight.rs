@@ -40,9 +40,9 @@ pub enum FlightError {
 /// Where a fetch keeps the bytes received so far, for its readers.
 #[derive(Clone)]
 pub(super) enum Spooled {
-    /// A small blob: upstream's chunks, in order. Readers take slices of
-    /// them, so serving it costs no disk operation and no thread hop.
-    Memory(Arc<Mutex<Vec<Bytes>>>),
+    /// A small blob, in memory: serving it costs no disk operation and no
+    /// thread hop.
+    Memory(Arc<Mutex<MemorySpool>>),
     /// The spool file.
     File(Arc<File>),
 }
@@ -51,11 +51,11 @@ impl Spooled {
     /// Up to `max` bytes from `pos` (all of them received already).
     async fn read(&self, pos: u64, max: u64) -> io::Result<Bytes> {
         match self {
-            Spooled::Memory(chunks) => {
-                let chunks = chunks.lock().unwrap_or_else(|p| p.into_inner());
-                slice_of(&chunks, pos, max)
-                    .ok_or_else(|| io::Error::other("the spool holds fewer bytes than published"))
-            }
+            Spooled::Memory(spool) => spool
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .read(pos, max)
+                .ok_or_else(|| io::Error::other("the spool holds fewer bytes than published")),
             Spooled::File(file) => {
                 let (file, n) = (file.clone(), max.min(READ_CHUNK) as usize);
                 tokio::task::spawn_blocking(move || {
@@ -69,6 +69,8 @@ impl Spooled {
                             return Err(io::ErrorKind::UnexpectedEof.into());
                         }
                     }
+                    // The capacity may exceed `n`; bytes past it are not ours.
+                    buf.truncate(n);
                     Ok(Bytes::from(buf))
                 })
                 .await
@@ -78,20 +80,57 @@ impl Spooled {
     }
 }
 
-/// The bytes at `pos` up to the end of the chunk holding them (at most
-/// `max`), without copying.
-fn slice_of(chunks: &[Bytes], pos: u64, max: u64) -> Option<Bytes> {
-    let mut start = 0u64;
-    for chunk in chunks {
-        let end = start + chunk.len() as u64;
-        if pos < end {
-            let from = (pos - start) as usize;
-            let to = (end.min(pos.saturating_add(max)) - start) as usize;
-            return Some(chunk.slice(from..to));
+/// Pieces smaller than this are copied together into one read, so that an
+/// upstream sending many tiny chunks does not cost a frame per chunk.
+const COALESCE: u64 = 64 * 1024;
+
+/// A small blob's bytes as upstream sent them, with where each chunk ends.
+#[derive(Default)]
+pub(super) struct MemorySpool {
+    chunks: Vec<Bytes>,
+    ends: Vec<u64>,
+}
+
+impl MemorySpool {
+    pub(super) fn push(&mut self, chunk: Bytes) {
+        if !chunk.is_empty() {
+            self.ends.push(self.len() + chunk.len() as u64);
+            self.chunks.push(chunk);
         }
-        start = end;
     }
-    None
+
+    pub(super) fn len(&self) -> u64 {
+        self.ends.last().copied().unwrap_or(0)
+    }
+
+    pub(super) fn chunks(&self) -> &[Bytes] {
+        &self.chunks
+    }
+
+    /// Up to `max` bytes from `pos`: a slice of the chunk holding `pos`
+    /// (no copy), or, when that chunk has only a small piece left, that
+    /// piece and the following ones copied into one buffer.
+    fn read(&self, pos: u64, max: u64) -> Option<Bytes> {
+        let i = self.ends.partition_point(|&end| end <= pos);
+        let chunk = self.chunks.get(i)?;
+        let from = (pos - (self.ends[i] - chunk.len() as u64)) as usize;
+        let available = max.min(self.len() - pos);
+        let left = (chunk.len() - from) as u64;
+        if left >= available.min(COALESCE) {
+            return Some(chunk.slice(from..from + left.min(available) as usize));
+        }
+        let want = available.min(COALESCE) as usize;
+        let mut buf = bytes::BytesMut::with_capacity(want);
+        buf.extend_from_slice(&chunk[from..]);
+        for next in &self.chunks[i + 1..] {
+            let n = (want - buf.len()).min(next.len());
+            buf.extend_from_slice(&next[..n]);
+            if buf.len() == want {
+                break;
+            }
+        }
+        Some(buf.freeze())
+    }
 }
 
 #[derive(Clone)]
@@ -314,15 +353,45 @@ impl Flight {
 mod tests {
     use super::*;
 
+    fn spool(chunks: &[&'static [u8]]) -> MemorySpool {
+        let mut s = MemorySpool::default();
+        chunks.iter().for_each(|c| s.push(Bytes::from_static(c)));
+        s
+    }
+
     #[test]
-    fn memory_spool_slices_stay_within_one_chunk_and_the_limit() {
-        let chunks = [Bytes::from_static(b"abc"), Bytes::from_static(b"defgh")];
-        assert_eq!(slice_of(&chunks, 0, 10).unwrap(), "abc");
-        assert_eq!(slice_of(&chunks, 1, 1).unwrap(), "b");
-        assert_eq!(slice_of(&chunks, 3, 10).unwrap(), "defgh");
-        assert_eq!(slice_of(&chunks, 5, 2).unwrap(), "fg");
-        assert_eq!(slice_of(&chunks, 7, u64::MAX).unwrap(), "h");
-        assert!(slice_of(&chunks, 8, 1).is_none());
-        assert!(slice_of(&[], 0, 1).is_none());
+    fn memory_spool_reads_stay_within_the_limit_and_the_bytes_received() {
+        let s = spool(&[b"abc", b"", b"defgh"]);
+        assert_eq!(s.len(), 8);
+        // Small pieces are gathered across chunks, up to `max`.
+        assert_eq!(s.read(0, 100).unwrap(), "abcdefgh");
+        assert_eq!(s.read(1, 1).unwrap(), "b");
+        assert_eq!(s.read(2, 3).unwrap(), "cde");
+        assert_eq!(s.read(3, 100).unwrap(), "defgh");
+        assert_eq!(s.read(5, 2).unwrap(), "fg");
+        assert_eq!(s.read(7, u64::MAX).unwrap(), "h");
+        assert!(s.read(8, 1).is_none());
+        assert!(MemorySpool::default().read(0, 1).is_none());
+    }
+
+    #[test]
+    fn memory_spool_slices_large_chunks_without_copying() {
+        let big = Bytes::from(vec![7u8; 3 * COALESCE as usize]);
+        let mut s = MemorySpool::default();
+        s.push(big.clone());
+        s.push(Bytes::from_static(b"tail"));
+        let got = s.read(10, u64::MAX).unwrap();
+        // A slice of the chunk itself, however much is asked for.
+        assert_eq!(got.as_ptr(), big[10..].as_ptr());
+        assert_eq!(got.len(), big.len() - 10);
+        // Many tiny chunks come back as few reads.
+        let mut tiny = MemorySpool::default();
+        (0..100_000).for_each(|_| tiny.push(Bytes::from_static(b"x")));
+        let (mut pos, mut reads) = (0, 0);
+        while let Some(b) = tiny.read(pos, u64::MAX) {
+            pos += b.len() as u64;
+            reads += 1;
+        }
+        assert_eq!((pos, reads), (100_000, 2));
     }
 }
