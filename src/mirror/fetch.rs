@@ -289,17 +289,17 @@ async fn download(
             ),
         })
     };
-    let mut hasher = Hasher::new(flight.digest.algorithm());
     // A spool file is written and hashed by a thread of its own, so that
     // receiving from upstream never waits for the disk.
-    let mut file_spool = match &spooled {
-        Spooled::File(file) => Some(SpoolWriter::start(
+    let hasher = Hasher::new(flight.digest.algorithm());
+    let mut sink = match &spooled {
+        Spooled::File(file) => Sink::File(SpoolWriter::start(
             file.clone(),
-            std::mem::replace(&mut hasher, Hasher::new(flight.digest.algorithm())),
+            hasher,
             flight.clone(),
             writer.take(),
         )),
-        Spooled::Memory(_) => None,
+        Spooled::Memory(memory) => Sink::Memory(memory.clone(), Box::new(hasher)),
     };
     let mut received: u64 = 0;
     let mut body = resp.bytes_stream();
@@ -325,33 +325,29 @@ async fn download(
                 expected: flight.digest.to_string(),
             });
         }
-        match (&spooled, &mut file_spool) {
-            (_, Some(spool)) => {
+        match &mut sink {
+            Sink::File(spool) => {
                 if !spool.send(chunk).await {
                     // The writer stopped on an error; `finish` reports it.
                     break;
                 }
             }
-            (Spooled::Memory(chunks), None) => {
+            Sink::Memory(memory, hasher) => {
                 // At most IN_MEMORY_MAX bytes in all: hashing them here
                 // costs less than a hop to the blocking pool.
                 hasher.update(&chunk);
-                chunks.lock().unwrap_or_else(|p| p.into_inner()).push(chunk);
+                memory.lock().unwrap_or_else(|p| p.into_inner()).push(chunk);
                 publish(flight, received);
-            }
-            (Spooled::File(_), None) => {
-                return Err(FlightError::Failed("the spool writer is gone".into()));
             }
         }
     }
-    let written = match file_spool {
-        Some(spool) => {
-            let (h, written, w) = spool.finish().await?;
-            hasher = h;
+    let (hasher, written) = match sink {
+        Sink::File(spool) => {
+            let (hasher, written, w) = spool.finish().await?;
             writer = w;
-            written
+            (hasher, written)
         }
-        None => received,
+        Sink::Memory(_, hasher) => (*hasher, received),
     };
     let actual = hasher.finish();
     if written != received || size.is_some_and(|s| s != written) || actual != flight.digest {
@@ -376,6 +372,14 @@ fn publish(flight: &Flight, written: u64) {
             *r = readable;
         }
     });
+}
+
+/// Where a download puts the bytes it receives.
+enum Sink {
+    /// Into memory, hashed as they come.
+    Memory(Arc<Mutex<MemorySpool>>, Box<Hasher>),
+    /// To the spool writer's thread.
+    File(SpoolWriter),
 }
 
 /// Chunks waiting for the spool writer at most (each one network read).
