@@ -1,7 +1,7 @@
 //! Content-addressed blob storage: the `BlobStore` trait and its backends.
 //! A store only ever holds verified bytes under a digest's key.
 
-mod fs;
+pub(crate) mod fs;
 mod s3;
 
 use std::io;

@@ -13,7 +13,6 @@ use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use futures::Stream;
-use rustix::buffer::spare_capacity;
 use tokio::sync::watch;
 
 use crate::reference::Digest;
@@ -58,23 +57,9 @@ impl Spooled {
                 .ok_or_else(|| io::Error::other("the spool holds fewer bytes than published")),
             Spooled::File(file) => {
                 let (file, n) = (file.clone(), max.min(READ_CHUNK) as usize);
-                tokio::task::spawn_blocking(move || {
-                    // Positional reads: readers share the file. Into spare
-                    // capacity, so the buffer is not zeroed first.
-                    let mut buf = Vec::with_capacity(n);
-                    while buf.len() < n {
-                        let at = pos + buf.len() as u64;
-                        let got = rustix::io::pread(&*file, spare_capacity(&mut buf), at)?;
-                        if got == 0 {
-                            return Err(io::ErrorKind::UnexpectedEof.into());
-                        }
-                    }
-                    // The capacity may exceed `n`; bytes past it are not ours.
-                    buf.truncate(n);
-                    Ok(Bytes::from(buf))
-                })
-                .await
-                .unwrap_or_else(|e| Err(io::Error::other(e)))
+                tokio::task::spawn_blocking(move || crate::storage::fs::read_at(&file, pos, n))
+                    .await
+                    .unwrap_or_else(|e| Err(io::Error::other(e)))
             }
         }
     }

@@ -1,7 +1,7 @@
 //! Blobs as files: `<root>/blobs/<algorithm>/<first two hex>/<hex>`. A blob
 //! appears by rename, so a reader sees all of it or nothing.
 
-use std::io::{self, SeekFrom};
+use std::io;
 use std::path::{Path, PathBuf};
 
 use async_trait::async_trait;
@@ -125,25 +125,30 @@ fn read_chunks(
         }
         let n = (end - pos).min(READ_CHUNK);
         let reading = file.clone();
-        let read = tokio::task::spawn_blocking(move || {
-            use std::io::{Read, Seek};
-            let mut f: &std::fs::File = &reading;
-            f.seek(SeekFrom::Start(pos))?;
-            // `read_to_end` fills spare capacity without zeroing it first.
-            let mut buf = Vec::with_capacity(n as usize);
-            f.take(n).read_to_end(&mut buf)?;
-            Ok::<_, io::Error>(buf)
-        })
-        .await
-        .unwrap_or_else(|e| Err(io::Error::other(e)));
+        let read = tokio::task::spawn_blocking(move || read_at(&reading, pos, n as usize))
+            .await
+            .unwrap_or_else(|e| Err(io::Error::other(e)));
         Some(match read {
-            Ok(buf) if buf.len() as u64 == n => {
-                (Ok(bytes::Bytes::from(buf)), Some((file, pos + n, end)))
-            }
-            Ok(_) => (Err(io::ErrorKind::UnexpectedEof.into()), None),
+            Ok(buf) => (Ok(buf), Some((file, pos + n, end))),
             Err(e) => (Err(e), None),
         })
     })
+}
+
+/// Exactly `n` bytes of `file` from `pos`, read positionally (readers may
+/// share the file) into a buffer that is not zeroed first. Blocking.
+pub(crate) fn read_at(file: &std::fs::File, pos: u64, n: usize) -> io::Result<bytes::Bytes> {
+    let mut buf = Vec::with_capacity(n);
+    while buf.len() < n {
+        let at = pos + buf.len() as u64;
+        let got = rustix::io::pread(file, rustix::buffer::spare_capacity(&mut buf), at)?;
+        if got == 0 {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+    }
+    // The capacity may exceed `n`; bytes past it are not ours.
+    buf.truncate(n);
+    Ok(bytes::Bytes::from(buf))
 }
 
 struct FsWriter {
