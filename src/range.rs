@@ -42,14 +42,24 @@ impl ByteRange {
 }
 
 impl RangeSpec {
-    /// Parses a header value. `Ok(None)` means "serve the whole blob": several
-    /// ranges are answered in full, as RFC 9110 allows.
+    /// Parses a header value. `Ok(None)` means "serve the whole blob": a
+    /// unit other than bytes is ignored, as RFC 9110 requires, and several
+    /// ranges are answered in full, as it allows.
     pub fn parse(header: &str) -> Result<Option<RangeSpec>, RangeError> {
-        let spec = header
-            .trim()
-            .strip_prefix("bytes=")
-            .ok_or(RangeError::Malformed)?
-            .trim();
+        let (unit, spec) = header.trim().split_once('=').ok_or(RangeError::Malformed)?;
+        let (unit, spec) = (unit.trim(), spec.trim());
+        // Units are tokens, compared without regard to case.
+        if !unit.eq_ignore_ascii_case("bytes") {
+            let token = !unit.is_empty()
+                && unit
+                    .bytes()
+                    .all(|c| c.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&c));
+            return if token {
+                Ok(None)
+            } else {
+                Err(RangeError::Malformed)
+            };
+        }
         if spec.contains(',') {
             return Ok(None);
         }
@@ -135,10 +145,16 @@ mod tests {
         assert_eq!(r("bytes=0-0,5-6", 100), Ok(None));
         assert_eq!(r("bytes=100-", 100), Err(RangeError::Unsatisfiable));
         assert_eq!(r("bytes=-0", 100), Err(RangeError::Unsatisfiable));
+        // Units: case-insensitive; one that is not bytes means no range.
+        assert_eq!(r("BYTES=0-1", 100), Ok(Some((0, 1))));
+        assert_eq!(r("Bytes = 2-3", 100), Ok(Some((2, 3))));
+        assert_eq!(r("items=0-1", 100), Ok(None));
         for bad in [
             "bytes=",
             "bytes=a-b",
-            "items=0-1",
+            "bytes 0-1",
+            "=0-1",
+            "it ems=0-1",
             "bytes=5-1",
             "bytes=-",
             "bytes=1-2-3",
