@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use tracing::Instrument;
+use tracing::field::Empty;
 
 use axum::Router;
 use axum::body::Body;
@@ -23,7 +24,7 @@ pub use error::{ApiError, ErrorCode};
 
 use crate::limits::{ClientLimits, PeerAddr};
 use crate::mirror::Mirror;
-use crate::telemetry::metrics::metrics;
+use crate::telemetry::{self, access, metrics::metrics};
 
 pub fn router(mirror: Arc<Mirror>, limits: Arc<ClientLimits>) -> Router {
     Router::new()
@@ -100,34 +101,61 @@ async fn common_headers_and_log(
     let endpoint = endpoint_of(&path);
     let span = tracing::info_span!(
         "request",
-        otel.name = %format_args!("{method} {endpoint}"),
-        otel.kind = "server",
+        otel.name = Empty,
+        otel.kind = Empty,
         %method,
         %path,
         %client,
-        registry = tracing::field::Empty,
-        repository = tracing::field::Empty,
-        reference = tracing::field::Empty,
-        cache = tracing::field::Empty,
-        status = tracing::field::Empty,
+        registry = Empty,
+        repository = Empty,
+        reference = Empty,
+        cache = Empty,
+        status = Empty,
     );
-    let mut resp = next.run(req).instrument(span.clone()).await;
+    // Before anything starts the exported span: its name and kind are fixed
+    // from then on.
+    let exporting = telemetry::exporting();
+    if exporting {
+        span.record("otel.name", format_args!("{method} {endpoint}"));
+        span.record("otel.kind", "server");
+    }
+    let (mut resp, facts) = access::collect(next.run(req))
+        .instrument(span.clone())
+        .await;
     resp.headers_mut().insert(
         "docker-distribution-api-version",
         HeaderValue::from_static("registry/2.0"),
     );
     let status = resp.status();
-    span.record("status", i64::from(status.as_u16()));
     let took = started.elapsed();
     metrics().request(endpoint, method.as_str(), status.as_u16(), took);
-    let ms = took.as_secs_f64() * 1000.0;
-    // Inside the span: the line carries the client, the image and the cache
-    // outcome with it.
+    if exporting {
+        span.record("registry", facts.registry.as_deref());
+        span.record("repository", facts.repository.as_deref());
+        span.record("reference", facts.reference.as_deref());
+        span.record("cache", facts.cache);
+        span.record("status", i64::from(status.as_u16()));
+    }
+    // Whole microseconds: enough for a log line, and short.
+    let ms = took.as_micros() as f64 / 1000.0;
     span.in_scope(|| {
+        macro_rules! line {
+            ($level:ident) => {
+                tracing::$level!(
+                    registry = facts.registry.as_deref(),
+                    repository = facts.repository.as_deref(),
+                    reference = facts.reference.as_deref(),
+                    cache = facts.cache,
+                    status = status.as_u16(),
+                    ms,
+                    "request"
+                )
+            };
+        }
         if status.is_server_error() {
-            tracing::warn!(status = status.as_u16(), ms, "request");
+            line!(warn);
         } else {
-            tracing::info!(status = status.as_u16(), ms, "request");
+            line!(info);
         }
     });
     resp

@@ -217,8 +217,10 @@ async fn spans_reach_an_otlp_collector_and_logs_are_json() {
     assert_eq!(request_line["level"], "INFO");
     assert_eq!(request_line["fields"]["status"], 200);
     assert_eq!(request_line["span"]["client"], "127.0.0.1");
-    assert_eq!(request_line["span"]["registry"], "corp.example");
-    assert_eq!(request_line["span"]["cache"], "miss");
+    assert_eq!(request_line["fields"]["registry"], "corp.example");
+    assert_eq!(request_line["fields"]["repository"], "team/app");
+    assert_eq!(request_line["fields"]["reference"], "v1");
+    assert_eq!(request_line["fields"]["cache"], "miss");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -251,4 +253,89 @@ async fn protobuf_is_the_default_otlp_encoding() {
     for (content_type, _) in bodies.iter() {
         assert_eq!(content_type, "application/x-protobuf");
     }
+}
+
+/// The default text format, as a log file or collector receives it: one
+/// line per request with the image and the cache outcome, none lost to the
+/// background writer when Pier stops.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn text_lines_name_the_image_and_none_are_lost_at_shutdown() {
+    let fake = Fake::start();
+    fake.manifest(
+        "team/app",
+        "v1",
+        "application/vnd.oci.image.manifest.v1+json",
+        br#"{"schemaVersion":2}"#,
+    );
+    let log = tempfile::NamedTempFile::new().unwrap();
+    let text_config = config(&fake).replace("log_format = \"json\"\n", "");
+    let mut pier = PierProcess::start_with(&text_config, &[], Some(log.path()));
+    let http = reqwest::Client::new();
+    let url = format!("{}/v2/corp.example/team/app/manifests/v1", pier.url());
+    const REQUESTS: usize = 500;
+    for _ in 0..REQUESTS {
+        let r = http
+            .get(&url)
+            .header("accept", "application/vnd.oci.image.manifest.v1+json")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    let r = http
+        .get(format!(
+            "{}/v2/corp.example/team/app/manifests/v%20",
+            pier.url()
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    assert!(pier.terminate().success());
+
+    let text = std::fs::read_to_string(log.path()).unwrap();
+    let request_lines: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("/manifests/v1 client=127.0.0.1}: pier::api: request "))
+        .collect();
+    assert_eq!(request_lines.len(), REQUESTS, "{text}");
+    for line in &request_lines {
+        let (time, rest) = line.split_once(' ').unwrap();
+        // 2026-11-22T15:35:08.962959Z
+        assert_eq!(time.len(), 27, "{line}");
+        assert!(time.ends_with('Z') && time.as_bytes()[10] == b'T', "{line}");
+        assert!(
+            rest.starts_with(" INFO request{method=GET path=/v2/corp.example/team/app/manifests/v1 client=127.0.0.1}: pier::api: request registry=\"corp.example\" repository=\"team/app\" reference=\"v1\" cache="),
+            "{line}"
+        );
+        assert!(line.contains(" status=200 ms="), "{line}");
+    }
+    assert!(
+        request_lines[0].contains("cache=\"miss\""),
+        "{}",
+        request_lines[0]
+    );
+    assert!(
+        request_lines[1].contains("cache=\"hit\""),
+        "{}",
+        request_lines[1]
+    );
+    // The year in the line is the clock's.
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let year = 1970 + now / 31_556_952;
+    assert!(
+        request_lines[0].starts_with(&year.to_string()),
+        "{}",
+        request_lines[0]
+    );
+    // A client's mistake: logged with its status, nothing about an image.
+    let bad = text
+        .lines()
+        .find(|l| l.contains("manifests/v%20"))
+        .unwrap_or_else(|| panic!("no line for the bad request in\n{text}"));
+    assert!(bad.contains(" status=400 "), "{bad}");
+    assert!(!bad.contains("cache="), "{bad}");
 }

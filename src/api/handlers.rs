@@ -15,10 +15,10 @@ use crate::mirror::Mirror;
 use crate::range::{RangeError, RangeSpec};
 use crate::reference::{Digest, Reference};
 use crate::route::Target;
+use crate::telemetry::access;
 use crate::telemetry::metrics::{SourceLabels, metrics};
 use crate::zerocopy::{SendQueue, file_body};
 use futures::StreamExt;
-use tracing::Span;
 
 /// Largest page of tags or repositories one response carries.
 const MAX_PAGE: usize = 10_000;
@@ -97,13 +97,13 @@ async fn handle(mirror: &Mirror, ask: &Ask<'_>, raw: &str) -> Result<Response, A
         V2Path::Upload => Err(ApiError::unsupported()),
         V2Path::Catalog => catalog(mirror, ask).await,
         V2Path::Manifest { name, reference } => {
-            Span::current().record("reference", reference);
+            access::note_reference(reference);
             let target = resolve(mirror, ask, name)?;
             let reference = Reference::parse(reference)?;
             manifest(mirror, ask, &target, &reference).await
         }
         V2Path::Blob { name, digest } => {
-            Span::current().record("reference", digest);
+            access::note_reference(digest);
             let target = resolve(mirror, ask, name)?;
             let digest = Digest::parse(digest)?;
             blob(mirror, ask, &target, &digest).await
@@ -122,9 +122,7 @@ async fn handle(mirror: &Mirror, ask: &Ask<'_>, raw: &str) -> Result<Response, A
 
 fn resolve(mirror: &Mirror, ask: &Ask<'_>, name: &str) -> Result<Target, ApiError> {
     let target = mirror.router.resolve(ask.host(), name, ask.param("ns"))?;
-    let span = Span::current();
-    span.record("registry", target.registry.as_str());
-    span.record("repository", target.repository.as_str());
+    access::note_target(target.registry.as_str(), target.repository.as_str());
     mirror
         .policy
         .check(&target)

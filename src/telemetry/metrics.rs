@@ -195,9 +195,9 @@ impl Metrics {
             .observe(took.as_secs_f64());
     }
 
-    /// Counts a cache outcome, and notes it on the request's span.
+    /// Counts a cache outcome, and notes it for the request's log line.
     pub fn cache(&self, kind: &'static str, outcome: &'static str) {
-        tracing::Span::current().record("cache", outcome);
+        super::access::note_cache(outcome);
         self.cache
             .get_or_create(&CacheLabels { kind, outcome })
             .inc();

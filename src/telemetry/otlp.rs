@@ -88,6 +88,12 @@ fn protocol() -> Result<opentelemetry_otlp::Protocol, String> {
     }
 }
 
+/// Whether spans leave the process (the request span then carries the
+/// request's facts as attributes).
+pub fn exporting() -> bool {
+    PROVIDER.get().is_some()
+}
+
 /// Sends the spans still buffered (at exit).
 pub fn shutdown() {
     if let Some(p) = PROVIDER.get()
