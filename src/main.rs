@@ -6,12 +6,6 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use pier::config::Config;
 
-/// A request allocates a few dozen small objects (headers, the log line,
-/// futures); glibc's allocator spent a fifth of a cached manifest
-/// request's instructions on them. See `main` for its memory.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 #[derive(Parser)]
 #[command(
     name = "pier",
@@ -49,12 +43,6 @@ fn load(path: Option<&PathBuf>) -> Result<Config, ExitCode> {
 }
 
 fn main() -> ExitCode {
-    // The allocator maps its memory in large aligned regions; where the
-    // kernel backs those with 2 MiB pages (transparent huge pages set to
-    // "always", as on many distributions) an idle Pier would hold 30 MiB
-    // instead of 18. Small pages suit a server of small objects.
-    #[cfg(target_os = "linux")]
-    let _ = rustix::thread::disable_transparent_huge_pages(true);
     let cli = Cli::parse();
     match cli.command {
         Command::CheckConfig { file } => match load(file.as_ref()) {

@@ -23,7 +23,7 @@ pub struct Target {
 impl Target {
     /// The key every store uses: `<registry>/<repository>`.
     pub fn key(&self) -> String {
-        format!("{}/{}", self.registry, self.repository)
+        [self.registry.as_str(), "/", self.repository.as_str()].concat()
     }
 }
 

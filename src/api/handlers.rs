@@ -154,13 +154,13 @@ async fn manifest(
     };
     let h = resp.headers_mut();
     set(h, header::CONTENT_TYPE, media_type);
-    set(
-        h,
+    h.insert(
         header::CONTENT_LENGTH,
-        &hit.manifest.bytes.len().to_string(),
+        HeaderValue::from(hit.manifest.bytes.len()),
     );
-    set(h, "docker-content-digest", &hit.digest.to_string());
-    set(h, header::ETAG, &format!("\"{}\"", hit.digest));
+    let digest = hit.digest.to_string();
+    set(h, header::ETAG, &["\"", &digest, "\""].concat());
+    set(h, "docker-content-digest", &digest);
     if hit.stale {
         set(
             h,

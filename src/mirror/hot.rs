@@ -36,12 +36,14 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
+// Keys are built on every warm manifest request: concatenated, not
+// formatted.
 fn tag_key(repo: &str, tag: &str) -> String {
-    format!("{repo}:{tag}")
+    [repo, ":", tag].concat()
 }
 
 fn link_key(repo: &str, digest: &Digest) -> String {
-    format!("{repo}@{digest}")
+    [repo, "@", digest.algorithm().as_str(), ":", digest.hex()].concat()
 }
 
 impl HotCache {
