@@ -197,13 +197,19 @@ async fn slow_and_oversized_clients_are_cut_off() {
         assert!(closed, "slow-header client kept");
         assert!(started.elapsed() < Duration::from_secs(3));
 
-        // Headers over the limit.
+        // Headers over the limit: refused with 431 and closed. (Pier may
+        // answer and close while the client still writes; on a loaded
+        // machine the write then fails and the reset can discard the
+        // answer. The connection must end either way.)
         let mut fat = TcpStream::connect(addr).unwrap();
-        let pad = "a".repeat(32 * 1024);
-        write!(fat, "GET /v2/ HTTP/1.1\r\nHost: x\r\nX-Pad: {pad}\r\n\r\n").unwrap();
-        let (got, _) = read_until_closed(&mut fat, Duration::from_secs(5));
+        let pad = "a".repeat(20 * 1024);
+        let sent = write!(fat, "GET /v2/ HTTP/1.1\r\nHost: x\r\nX-Pad: {pad}\r\n\r\n");
+        let (got, closed) = read_until_closed(&mut fat, Duration::from_secs(5));
         let head = String::from_utf8_lossy(&got);
-        assert!(head.starts_with("HTTP/1.1 431"), "{head}");
+        assert!(closed, "oversized client kept");
+        if sent.is_ok() || !got.is_empty() {
+            assert!(head.starts_with("HTTP/1.1 431"), "{head}");
+        }
 
         // Asks for 24 MiB and reads none of it: dropped after send_timeout.
         let mut stalled = TcpStream::connect(addr).unwrap();
