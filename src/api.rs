@@ -148,6 +148,7 @@ async fn common_headers_and_log(
                     cache = facts.cache,
                     status = status.as_u16(),
                     ms,
+                    error = facts.error.as_deref(),
                     "request"
                 )
             };

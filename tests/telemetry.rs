@@ -338,4 +338,7 @@ async fn text_lines_name_the_image_and_none_are_lost_at_shutdown() {
         .unwrap_or_else(|| panic!("no line for the bad request in\n{text}"));
     assert!(bad.contains(" status=400 "), "{bad}");
     assert!(!bad.contains("cache="), "{bad}");
+    // It says why, as the error body did.
+    assert!(bad.contains(" error=\""), "{bad}");
+    assert!(!request_lines[0].contains("error="), "{}", request_lines[0]);
 }

@@ -121,6 +121,8 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
+        // The request's log line says why, not only the status.
+        crate::telemetry::access::note_error(&self.message);
         let body = json!({
             "errors": [{ "code": self.code.as_str(), "message": self.message, "detail": null }]
         });

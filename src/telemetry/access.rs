@@ -19,6 +19,8 @@ pub struct Facts {
     pub repository: Option<String>,
     pub reference: Option<String>,
     pub cache: Option<&'static str>,
+    /// What the error response told the client.
+    pub error: Option<String>,
 }
 
 /// Runs `request`, gathering what it notes.
@@ -56,6 +58,10 @@ pub fn note_cache(outcome: &'static str) {
     note(|f| f.cache = Some(outcome));
 }
 
+pub fn note_error(message: &str) {
+    note(|f| f.error = Some(message.to_owned()));
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -68,12 +74,14 @@ mod tests {
             tokio::task::yield_now().await;
             note_reference("3.20");
             note_cache("miss");
+            note_error("upstream unreachable");
         })
         .await;
         assert_eq!(facts.registry.as_deref(), Some("docker.io"));
         assert_eq!(facts.repository.as_deref(), Some("library/alpine"));
         assert_eq!(facts.reference.as_deref(), Some("3.20"));
         assert_eq!(facts.cache, Some("miss"));
+        assert_eq!(facts.error.as_deref(), Some("upstream unreachable"));
         let (_, empty) = collect(async {}).await;
         assert!(empty.registry.is_none() && empty.cache.is_none());
     }
