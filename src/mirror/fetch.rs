@@ -132,7 +132,13 @@ pub(super) async fn run(guard: FlightGuard, job: FetchJob, spool_dir: PathBuf) {
         Err(e) => Err(e),
     };
     if let Err(e) = outcome {
-        tracing::warn!(%digest, registry = job.upstream.registry(), error = ?e, "blob fetch failed");
+        // A blob upstream does not have is the client's answer (a 404 on its
+        // request line), not a failure of the mirror.
+        if matches!(e, FlightError::Upstream(UpstreamError::NotFound { .. })) {
+            tracing::debug!(%digest, registry = job.upstream.registry(), "blob not on upstream");
+        } else {
+            tracing::warn!(%digest, registry = job.upstream.registry(), error = ?e, "blob fetch failed");
+        }
         guard.fail(e);
     }
     // Gone already when the store took the file itself.

@@ -1,5 +1,6 @@
 //! What a request's log line says beyond its method, path and client: the
-//! image it named and what the cache did. Handlers note these as they learn
+//! image it named, what the cache did and, for an error, what the client
+//! was told. Handlers note these as they learn
 //! them; the request middleware logs them once, at the end, and copies them
 //! onto the request's span only when spans are exported.
 //!
