@@ -56,7 +56,8 @@ impl Mirror {
         range: Option<RangeSpec>,
         for_peer: bool,
     ) -> Result<BlobResponse, MirrorError> {
-        if self.stored_size(digest).await.is_some() {
+        let stored = self.stored_size(digest).await.is_some();
+        if stored {
             if !self.authorized(target, digest).await? {
                 return Err(unknown(target, digest));
             }
@@ -79,6 +80,7 @@ impl Mirror {
         // repository has it. If such a joined fetch fails as unknown, this
         // repository gets a fetch of its own (once).
         let mut joined_foreign = false;
+        let mut store_checked = !stored;
         loop {
             let job = FetchJob {
                 upstream: self.upstream(target)?.clone(),
@@ -90,8 +92,10 @@ impl Mirror {
                 peers: self.peers.clone(),
                 body_idle: self.body_idle,
                 for_peer,
+                store_checked,
                 slots: self.fetch_slots.clone(),
             };
+            store_checked = false;
             let (flight, started) = self.flights.join_or_start(digest, job);
             let foreign = flight.repo_key != key;
             if foreign && !self.authorized(target, digest).await? {

@@ -40,6 +40,10 @@ pub struct FetchJob {
     pub body_idle: Duration,
     /// The request came from a peer replica: fetch upstream, do not delegate.
     pub for_peer: bool,
+    /// The request found the blob missing from the store a moment ago: the
+    /// fetch need not ask again before taking its lease (a round trip with
+    /// S3).
+    pub store_checked: bool,
     pub slots: FetchSlots,
 }
 
@@ -153,12 +157,14 @@ async fn source(job: &FetchJob, flight: &Flight) -> Result<Source, FlightError> 
     let lease_name = format!("blob:{}", flight.digest);
     // Waiting on another replica is bounded: past this, fetch anyway.
     let give_up = Instant::now() + job.cluster.lease_ttl * 8;
+    let mut look = !job.store_checked;
     loop {
         // A fetch that finished just before this one started has committed.
         // (An unreachable store counts as a miss: clients are served anyway.)
-        if let Ok(Some(_)) = job.blobs.stat(&flight.digest).await {
+        if look && let Ok(Some(_)) = job.blobs.stat(&flight.digest).await {
             return Ok(Source::Stored);
         }
+        look = true;
         if job.for_peer || Instant::now() > give_up {
             return Ok(Source::Upstream(None));
         }
