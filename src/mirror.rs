@@ -157,12 +157,8 @@ impl Mirror {
     /// key to it, and availability matters more then.
     async fn authorized(&self, target: &Target, digest: &Digest) -> Result<bool, MirrorError> {
         let key = target.key();
-        if self.hot.is_linked(&key, digest) {
-            return Ok(true);
-        }
-        let linked = self.meta.is_linked(&key, digest).await;
+        let linked = self.link_recorded(&key, digest).await;
         if matches!(linked, Ok(true)) {
-            self.hot.put_link(&key, digest);
             return Ok(true);
         }
         let meta_down = linked.is_err();
@@ -180,6 +176,24 @@ impl Mirror {
             Err(e) if meta_down && e.is_outage() => Ok(true),
             Err(e) => Err(e.into()),
         }
+    }
+
+    /// Whether one of `target`'s manifests named `digest` (or upstream
+    /// confirmed it before), as far as the metadata says; never asks
+    /// upstream.
+    async fn linked(&self, target: &Target, digest: &Digest) -> bool {
+        matches!(self.link_recorded(&target.key(), digest).await, Ok(true))
+    }
+
+    async fn link_recorded(&self, key: &str, digest: &Digest) -> Result<bool, MetaError> {
+        if self.hot.is_linked(key, digest) {
+            return Ok(true);
+        }
+        let linked = self.meta.is_linked(key, digest).await;
+        if matches!(linked, Ok(true)) {
+            self.hot.put_link(key, digest);
+        }
+        linked
     }
 
     /// Reads the metadata cache. It is only a cache: when it cannot be read,

@@ -56,31 +56,33 @@ impl Mirror {
         range: Option<RangeSpec>,
         for_peer: bool,
     ) -> Result<BlobResponse, MirrorError> {
-        let stored = self.stored_size(digest).await.is_some();
-        if stored {
+        // A blob this repository's manifests named is read straight away:
+        // the read itself says whether it is stored. (Asking first cost S3 a
+        // HEAD per warm blob.) Others are served only once upstream
+        // confirms this repository has them.
+        let store_said_missing = if self.linked(target, digest).await {
+            match self.stored_body(digest, range).await? {
+                Some(body) => return Ok(body),
+                None => true,
+            }
+        } else if self.stored_size(digest).await.is_some() {
             if !self.authorized(target, digest).await? {
                 return Err(unknown(target, digest));
             }
-            match self.blobs.get(digest, range).await {
-                Ok(Some(body)) => {
-                    metrics().cache("blob", "hit");
-                    return Ok(body.into());
-                }
-                Ok(None) => {}
-                Err(e @ (StorageError::Unsatisfiable { .. } | StorageError::MalformedRange)) => {
-                    return Err(e.into());
-                }
-                // Storage failing between stat and read: fetch from upstream.
-                Err(e) => tracing::warn!(%digest, error = %e, "blob storage read failed"),
+            match self.stored_body(digest, range).await? {
+                Some(body) => return Ok(body),
+                None => false,
             }
-        }
+        } else {
+            true
+        };
         let key = target.key();
         // A fetch started for another repository, or a blob another fetch
         // stored meanwhile, is served only once upstream confirms this
         // repository has it. If such a joined fetch fails as unknown, this
         // repository gets a fetch of its own (once).
         let mut joined_foreign = false;
-        let mut store_checked = !stored;
+        let mut store_checked = store_said_missing;
         loop {
             let job = FetchJob {
                 upstream: self.upstream(target)?.clone(),
@@ -143,6 +145,29 @@ impl Mirror {
                 }
                 Err(e) => Err(flight_error(target, digest, e)),
             };
+        }
+    }
+
+    /// The stored blob (or the asked part of it), `None` when it is not
+    /// stored or the store cannot be read (the caller fetches it then).
+    async fn stored_body(
+        &self,
+        digest: &Digest,
+        range: Option<RangeSpec>,
+    ) -> Result<Option<BlobResponse>, MirrorError> {
+        match self.blobs.get(digest, range).await {
+            Ok(Some(body)) => {
+                metrics().cache("blob", "hit");
+                Ok(Some(body.into()))
+            }
+            Ok(None) => Ok(None),
+            Err(e @ (StorageError::Unsatisfiable { .. } | StorageError::MalformedRange)) => {
+                Err(e.into())
+            }
+            Err(e) => {
+                tracing::warn!(%digest, error = %e, "blob storage read failed");
+                Ok(None)
+            }
         }
     }
 

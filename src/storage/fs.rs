@@ -56,14 +56,14 @@ impl BlobStore for FsBlobStore {
         digest: &Digest,
         range: Option<RangeSpec>,
     ) -> Result<Option<BlobBody>, StorageError> {
+        // Inline, like `stat`: a warm blob request is often just this open
+        // (when the blob is linked to its repository), and a cold one asks
+        // it first.
         let path = self.path_of(digest);
-        let opened = tokio::task::spawn_blocking(move || {
-            let file = std::fs::File::open(path)?;
+        let opened = std::fs::File::open(path).and_then(|file| {
             let size = file.metadata()?.len();
-            Ok::<_, io::Error>((file, size))
-        })
-        .await
-        .map_err(io::Error::other)?;
+            Ok((file, size))
+        });
         let (file, size) = match opened {
             Ok(f) => f,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
