@@ -88,6 +88,14 @@ fn attr_str<'a>(span: &'a Value, key: &str) -> Option<&'a str> {
     attr(span, key)?["stringValue"].as_str()
 }
 
+async fn get_oci_manifest(http: &reqwest::Client, url: &str) -> reqwest::Response {
+    http.get(url)
+        .header("accept", "application/vnd.oci.image.manifest.v1+json")
+        .send()
+        .await
+        .unwrap()
+}
+
 fn config(fake: &Fake) -> String {
     let data = tempfile::tempdir().unwrap().keep();
     format!(
@@ -127,12 +135,7 @@ async fn spans_reach_an_otlp_collector_and_logs_are_json() {
     );
     let http = reqwest::Client::new();
     let base = format!("{}/v2/corp.example/team/app", pier.url());
-    let r = http
-        .get(format!("{base}/manifests/v1"))
-        .header("accept", "application/vnd.oci.image.manifest.v1+json")
-        .send()
-        .await
-        .unwrap();
+    let r = get_oci_manifest(&http, &format!("{base}/manifests/v1")).await;
     assert_eq!(r.status(), 200);
     let r = http
         .get(format!("{base}/blobs/{digest}"))
@@ -274,13 +277,7 @@ async fn text_lines_name_the_image_and_none_are_lost_at_shutdown() {
     let url = format!("{}/v2/corp.example/team/app/manifests/v1", pier.url());
     const REQUESTS: usize = 500;
     for _ in 0..REQUESTS {
-        let r = http
-            .get(&url)
-            .header("accept", "application/vnd.oci.image.manifest.v1+json")
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status(), 200);
+        assert_eq!(get_oci_manifest(&http, &url).await.status(), 200);
     }
     let r = http
         .get(format!(

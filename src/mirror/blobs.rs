@@ -59,8 +59,9 @@ impl Mirror {
         // A blob this repository's manifests named is read straight away:
         // the read itself says whether it is stored. (Asking first cost S3 a
         // HEAD per warm blob.) Others are served only once upstream
-        // confirms this repository has them.
-        let store_said_missing = if self.linked(target, digest).await {
+        // confirms this repository has them. The fetch below need not ask
+        // the store again when it has just said the blob is missing.
+        let mut store_checked = if self.linked(target, digest).await {
             match self.stored_body(digest, range).await? {
                 Some(body) => return Ok(body),
                 None => true,
@@ -82,7 +83,6 @@ impl Mirror {
         // repository has it. If such a joined fetch fails as unknown, this
         // repository gets a fetch of its own (once).
         let mut joined_foreign = false;
-        let mut store_checked = store_said_missing;
         loop {
             let job = FetchJob {
                 upstream: self.upstream(target)?.clone(),

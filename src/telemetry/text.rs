@@ -90,23 +90,23 @@ struct FieldWriter<'writer> {
 }
 
 impl FieldWriter<'_> {
-    /// The separator and `name=`; false once writing has failed.
+    /// The separator and, except for the message, `name=`; false once
+    /// writing has failed.
     fn start(&mut self, field: &Field) -> bool {
         if self.result.is_err() {
             return false;
         }
-        let sep = if std::mem::take(&mut self.first) {
-            ""
-        } else {
-            " "
-        };
+        if !std::mem::take(&mut self.first) {
+            self.result = self.writer.write_char(' ');
+        }
         let name = field.name();
-        let name = name.strip_prefix("r#").unwrap_or(name);
-        self.result = self
-            .writer
-            .write_str(sep)
-            .and_then(|()| self.writer.write_str(name))
-            .and_then(|()| self.writer.write_char('='));
+        if name != "message" {
+            let name = name.strip_prefix("r#").unwrap_or(name);
+            self.result = self
+                .result
+                .and_then(|()| self.writer.write_str(name))
+                .and_then(|()| self.writer.write_char('='));
+        }
         self.result.is_ok()
     }
 
@@ -119,19 +119,18 @@ impl FieldWriter<'_> {
 
 impl Visit for FieldWriter<'_> {
     fn record_str(&mut self, field: &Field, value: &str) {
-        if field.name() == "message" {
-            return self.record_debug(field, &format_args!("{value}"));
-        }
         if !self.start(field) {
             return;
         }
-        // Quoted, so that a value with a space or a newline (a client's
-        // path, an upstream's error) cannot pass for another field or line.
-        // Plain ASCII needs no escaping: write it as is.
+        // Values are quoted, so that one with a space or a newline (a
+        // client's path, an upstream's error) cannot pass for another field
+        // or line. Plain ASCII needs no escaping: write it as is.
         let plain = value
             .bytes()
             .all(|b| (0x20..0x7f).contains(&b) && b != b'"' && b != b'\\');
-        self.result = if plain {
+        self.result = if field.name() == "message" {
+            self.writer.write_str(value)
+        } else if plain {
             self.writer
                 .write_char('"')
                 .and_then(|()| self.writer.write_str(value))
@@ -142,16 +141,7 @@ impl Visit for FieldWriter<'_> {
     }
 
     fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
-        if field.name() == "message" {
-            if self.result.is_ok() {
-                let sep = if std::mem::take(&mut self.first) {
-                    ""
-                } else {
-                    " "
-                };
-                self.result = write!(self.writer, "{sep}{value:?}");
-            }
-        } else if self.start(field) {
+        if self.start(field) {
             self.result = write!(self.writer, "{value:?}");
         }
     }
