@@ -88,6 +88,10 @@ pub struct S3Config {
     pub secret_access_key: Option<Secret>,
     /// Local directory for the spool files of in-flight fetches.
     pub spool_path: PathBuf,
+    /// Local directory for this replica's copies of recently served blobs.
+    pub local_cache_path: PathBuf,
+    /// Bytes of local copies kept at most; 0 keeps none.
+    pub local_cache_size: u64,
     /// Answer whole-blob GETs with a 307 to a presigned bucket URL, for
     /// clients that can reach the bucket.
     pub presigned_redirect: bool,

@@ -21,7 +21,7 @@ use crate::config::{Config, MetadataConfig, ServerConfig, StorageConfig};
 use crate::limits::{ClientLimits, PeerAddr};
 use crate::meta::{EmbeddedMeta, MetaStore, RedisMeta};
 use crate::mirror::Mirror;
-use crate::storage::{BlobStore, FsBlobStore, S3BlobStore};
+use crate::storage::{BlobStore, FsBlobStore, S3BlobStore, TieredBlobStore};
 use crate::zerocopy::ClientIo;
 
 /// Opens the configured stores and builds the mirror, and the client limits
@@ -33,7 +33,19 @@ pub async fn build_mirror(config: &Config) -> anyhow::Result<(Arc<Mirror>, Arc<C
                 .await
                 .with_context(|| format!("opening blob storage at {}", path.display()))?,
         ),
-        StorageConfig::S3(s3) => Arc::new(S3BlobStore::new(s3).await),
+        StorageConfig::S3(s3) => {
+            let shared: Arc<dyn BlobStore> = Arc::new(S3BlobStore::new(s3).await);
+            if s3.local_cache_size == 0 {
+                shared
+            } else {
+                let dir = &s3.local_cache_path;
+                Arc::new(
+                    TieredBlobStore::open(shared, dir, s3.local_cache_size)
+                        .await
+                        .with_context(|| format!("opening the local cache at {}", dir.display()))?,
+                )
+            }
+        }
     };
     let meta: Arc<dyn MetaStore> = match &config.metadata {
         MetadataConfig::Embedded { path } => {

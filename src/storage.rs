@@ -2,7 +2,9 @@
 //! A store only ever holds verified bytes under a digest's key.
 
 pub(crate) mod fs;
+mod lru;
 mod s3;
+mod tiered;
 
 use std::io;
 use std::path::Path;
@@ -14,6 +16,7 @@ use thiserror::Error;
 
 pub use fs::FsBlobStore;
 pub use s3::S3BlobStore;
+pub use tiered::TieredBlobStore;
 
 use crate::range::{ByteRange, RangeSpec};
 use crate::reference::Digest;

@@ -72,6 +72,14 @@ fn compose_file_wires_two_replicas_redis_s3_and_a_balancer() {
             text.contains("kind = \"s3\"") && text.contains("kind = \"redis\""),
             "{text}"
         );
+        // Spool and local cache on the replica's one writable volume.
+        assert_eq!(svc["volumes"][1], "/var/lib/pier/local");
+        for key in ["spool_path", "local_cache_path"] {
+            assert!(
+                text.contains(&format!("{key} = \"/var/lib/pier/local/")),
+                "{text}"
+            );
+        }
         assert!(
             text.contains(&format!("advertise_url = \"{advertise}/\"")),
             "{text}"

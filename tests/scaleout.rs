@@ -421,3 +421,83 @@ async fn with_s3_down_clients_are_served_from_upstream_and_nothing_is_stored() {
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
 }
+
+/// Polls until `dir` holds `n` files; their names.
+async fn wait_files(dir: &std::path::Path, n: usize) -> Vec<String> {
+    for _ in 0..250 {
+        let files = files_under(dir);
+        if files.len() >= n {
+            return files;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    files_under(dir)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_serve_their_local_copies_without_the_bucket() {
+    if !have_tools(&["docker-registry", "skopeo"]) {
+        return;
+    }
+    let docker = Upstream::start("docker");
+    let ns = namespace();
+    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let url = docker.url();
+    let ups = [("docker.io", url.as_str())];
+    let local = |dir: &std::path::Path| {
+        format!(
+            "local_cache_path = \"{}\"\nlocal_cache_size = \"1GiB\"",
+            dir.join("cache").display()
+        )
+    };
+    let Some(a) = Pier::start_scaled_with(da.path(), &ns, &ups, "", None, &local(da.path())) else {
+        return;
+    };
+    let b = Pier::start_scaled_with(db.path(), &ns, &ups, "", None, &local(db.path())).unwrap();
+    let want = digest_of("docker", "library/big:latest");
+
+    // A fetches (config and two layers, one of 64 MiB) and keeps the
+    // verified spool files; B reads them from the bucket and copies them
+    // while its client streams.
+    assert_eq!(pull(&a, "docker.io/library/big:latest").await, want);
+    let in_a = wait_files(&da.path().join("cache/blobs"), 3).await;
+    assert_eq!(in_a.len(), 3, "{in_a:?}");
+    let gets = docker.requests("GET", "library/big/blobs/");
+    assert_eq!(gets, 3, "{}", docker.log());
+    for hex in &in_a {
+        let key = format!("{ns}/blobs/sha256/{hex}");
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while !s3_has(&key) {
+            assert!(std::time::Instant::now() < deadline, "{key} never stored");
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    }
+    assert_eq!(pull(&b, "docker.io/library/big:latest").await, want);
+    let in_b = wait_files(&db.path().join("cache/blobs"), 3).await;
+    assert_eq!(in_b, in_a);
+    assert!(files_under(&db.path().join("cache/tmp")).is_empty());
+
+    // With the bucket emptied, both still serve every byte, and upstream
+    // hears nothing more.
+    for hex in &in_a {
+        s3_delete(&format!("{ns}/blobs/sha256/{hex}"));
+    }
+    assert_eq!(pull(&a, "docker.io/library/big:latest").await, want);
+    assert_eq!(pull(&b, "docker.io/library/big:latest").await, want);
+    assert_eq!(docker.requests("GET", "library/big/blobs/"), gets);
+
+    let metrics = reqwest::get(format!("{}/metrics", b.url()))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let hits: u64 = metrics
+        .lines()
+        .find(|l| l.starts_with("pier_local_copy_lookups_total{outcome=\"hit\"}"))
+        .and_then(|l| l.split_whitespace().last())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    assert!(hits >= 3, "{metrics}");
+    assert!(metrics.contains("pier_local_copy_bytes "), "{metrics}");
+}

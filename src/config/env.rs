@@ -35,6 +35,8 @@ const SECTIONS: &[(&str, &[&str])] = &[
             "access_key_id",
             "secret_access_key",
             "spool_path",
+            "local_cache_path",
+            "local_cache_size",
             "presigned_redirect",
             "presigned_expiry",
         ],

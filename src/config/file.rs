@@ -51,6 +51,8 @@ pub struct FileStorage {
     pub access_key_id: Option<String>,
     pub secret_access_key: Option<String>,
     pub spool_path: Option<PathBuf>,
+    pub local_cache_path: Option<PathBuf>,
+    pub local_cache_size: Option<ByteSize>,
     pub presigned_redirect: Option<bool>,
     #[serde(default, with = "humantime_serde")]
     pub presigned_expiry: Option<Duration>,
@@ -135,9 +137,11 @@ impl ByteSize {
             "KB" | "kB" => 1000,
             "MB" => 1000 * 1000,
             "GB" => 1000 * 1000 * 1000,
-            "KiB" => 1 << 10,
-            "MiB" => 1 << 20,
-            "GiB" => 1 << 30,
+            "KiB" | "Ki" => 1 << 10,
+            "MiB" | "Mi" => 1 << 20,
+            "GiB" | "Gi" => 1 << 30,
+            "TiB" | "Ti" => 1 << 40,
+            "TB" => 1000 * 1000 * 1000 * 1000,
             _ => {
                 return Err(format!(
                     "{text:?} is not a size like 65536, \"64KiB\" or \"1GB\""

@@ -265,3 +265,40 @@ fn server_limits_and_fetch_settings() {
         assert!(all.contains(key), "{key} not named in:\n{all}");
     }
 }
+
+#[test]
+fn s3_local_cache_settings() {
+    let base = "[storage]\nkind = \"s3\"\nbucket = \"b\"\nspool_path = \"/var/lib/pier/spool\"\n";
+    let off = load(base, &[]).unwrap();
+    let StorageConfig::S3(s3) = &off.storage else {
+        panic!("not s3")
+    };
+    assert_eq!(s3.local_cache_size, 0);
+    let on = load(
+        &format!("{base}local_cache_path = \"/var/lib/pier/cache\"\n"),
+        &[("PIER_STORAGE__LOCAL_CACHE_SIZE", "10Gi")],
+    )
+    .unwrap();
+    let StorageConfig::S3(s3) = &on.storage else {
+        panic!("not s3")
+    };
+    assert_eq!(s3.local_cache_size, 10 << 30);
+    assert_eq!(s3.local_cache_path, Path::new("/var/lib/pier/cache"));
+
+    // Inside the spool (emptied at startup) it would not survive a restart.
+    let e = load(
+        &format!("{base}local_cache_path = \"/var/lib/pier/spool/cache\"\n"),
+        &[],
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("storage.local_cache_path"), "{e}");
+    let e = load(&format!("{base}local_cache_size = \"lots\"\n"), &[])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("storage.local_cache_size"), "{e}");
+    let e = load("[storage]\nlocal_cache_size = \"1GiB\"\n", &[])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("storage.local_cache_size"), "{e}");
+}

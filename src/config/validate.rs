@@ -186,6 +186,8 @@ fn storage(s: FileStorage, p: &mut Problems) -> StorageConfig {
                 (s.access_key_id.is_some(), "access_key_id"),
                 (s.secret_access_key.is_some(), "secret_access_key"),
                 (s.spool_path.is_some(), "spool_path"),
+                (s.local_cache_path.is_some(), "local_cache_path"),
+                (s.local_cache_size.is_some(), "local_cache_size"),
                 (s.presigned_redirect.is_some(), "presigned_redirect"),
                 (s.presigned_expiry.is_some(), "presigned_expiry"),
             ] {
@@ -224,6 +226,22 @@ fn storage(s: FileStorage, p: &mut Problems) -> StorageConfig {
                     "access_key_id and secret_access_key go together".into(),
                 );
             }
+            let spool_path = s
+                .spool_path
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA).join("tmp"));
+            let local_cache_path = s
+                .local_cache_path
+                .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA).join("cache"));
+            // The spool is emptied at startup: the cache must not be in it.
+            if local_cache_path.starts_with(&spool_path)
+                || spool_path.starts_with(&local_cache_path)
+            {
+                p.add(
+                    "storage.local_cache_path",
+                    "must be a directory of its own, neither inside spool_path nor containing it"
+                        .into(),
+                );
+            }
             StorageConfig::S3(Box::new(S3Config {
                 bucket,
                 prefix: s.prefix,
@@ -232,9 +250,10 @@ fn storage(s: FileStorage, p: &mut Problems) -> StorageConfig {
                 path_style: s.path_style,
                 access_key_id: s.access_key_id,
                 secret_access_key: s.secret_access_key.map(Secret::new),
-                spool_path: s
-                    .spool_path
-                    .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA).join("tmp")),
+                spool_path,
+                local_cache_path,
+                local_cache_size: size(p, "storage.local_cache_size", s.local_cache_size.as_ref())
+                    .unwrap_or(0),
                 presigned_redirect: s.presigned_redirect.unwrap_or(false),
                 presigned_expiry: positive(p, "storage.presigned_expiry", s.presigned_expiry, 300),
             }))

@@ -28,7 +28,7 @@ impl FsBlobStore {
         })
     }
 
-    fn path_of(&self, digest: &Digest) -> PathBuf {
+    pub(crate) fn path_of(&self, digest: &Digest) -> PathBuf {
         let hex = digest.hex();
         self.root
             .join("blobs")

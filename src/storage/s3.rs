@@ -551,6 +551,8 @@ mod tests {
             access_key_id: Some(key.to_owned()),
             secret_access_key: Some(Secret::new(secret)),
             spool_path: PathBuf::from("unused"),
+            local_cache_path: PathBuf::from("unused"),
+            local_cache_size: 0,
             presigned_redirect: false,
             presigned_expiry: Duration::from_secs(60),
         };
@@ -601,6 +603,8 @@ mod tests {
             access_key_id: std::env::var("PIER_TEST_S3_ACCESS_KEY").ok(),
             secret_access_key: Some(Secret::new("not-the-secret")),
             spool_path: PathBuf::from("unused"),
+            local_cache_path: PathBuf::from("unused"),
+            local_cache_size: 0,
             presigned_redirect: false,
             presigned_expiry: Duration::from_secs(60),
         };

@@ -58,7 +58,7 @@ pub struct LimitLabels {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct OutcomeLabels {
-    /// waited, redirected, refused
+    /// fetch slots: waited, redirected, refused; local copies: hit, miss, evicted
     pub outcome: &'static str,
 }
 
@@ -84,6 +84,8 @@ pub struct Metrics {
     pub zero_copy_bytes: Counter,
     pub client_limited: Family<LimitLabels, Counter>,
     pub fetch_slots_full: Family<OutcomeLabels, Counter>,
+    pub local_copies: Family<OutcomeLabels, Counter>,
+    pub local_copy_bytes: Gauge,
 }
 
 fn latency_histogram() -> Histogram {
@@ -111,6 +113,8 @@ impl Metrics {
             zero_copy_bytes: Counter::default(),
             client_limited: Family::default(),
             fetch_slots_full: Family::default(),
+            local_copies: Family::default(),
+            local_copy_bytes: Gauge::default(),
             registry: Registry::default(),
         };
         registry.register("http_requests", "Requests served", m.requests.clone());
@@ -179,6 +183,16 @@ impl Metrics {
             "Cold blob requests that found every upstream fetch slot busy, by what happened",
             m.fetch_slots_full.clone(),
         );
+        registry.register(
+            "local_copy_lookups",
+            "Blob reads looking for this replica's local copy (S3 store with a local cache): hit, miss, or evicted copies",
+            m.local_copies.clone(),
+        );
+        registry.register(
+            "local_copy_bytes",
+            "Bytes of blobs this replica keeps as local copies",
+            m.local_copy_bytes.clone(),
+        );
         Self { registry, ..m }
     }
 
@@ -205,6 +219,12 @@ impl Metrics {
 
     pub fn slots_full(&self, outcome: &'static str) {
         self.fetch_slots_full
+            .get_or_create(&OutcomeLabels { outcome })
+            .inc();
+    }
+
+    pub fn local_copy(&self, outcome: &'static str) {
+        self.local_copies
             .get_or_create(&OutcomeLabels { outcome })
             .inc();
     }

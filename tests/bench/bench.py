@@ -10,9 +10,12 @@ and stopped at the end (also on Ctrl-C or an error):
              library/big:latest (one 256 MiB layer), library/many:latest
              (20 small layers), library/alpine:latest (amd64 + arm64 index)
   pier-fs    Pier, fs store + embedded metadata
-  pier-s3    two Pier replicas on SeaweedFS S3 + Redis (tests/backends.sh);
-             clients are spread across the two replicas directly (client i
-             goes to replica i % 2), no load balancer in between
+  pier-s3    two Pier replicas on SeaweedFS S3 + Redis (tests/backends.sh),
+             each with a local cache of blob copies; clients are spread
+             across the two replicas directly (client i goes to replica
+             i % 2), no load balancer in between
+  pier-s3-bucket  the same two replicas' setup without local caches (every
+             blob read is a GET from the bucket); warm blobs only
   dist       docker-registry with proxy.remoteurl (registry:2 pull-through)
   nginx      nginx serving the 256 MiB blob file from disk (sendfile on)
   direct     the upstream itself (no mirror)
@@ -59,14 +62,16 @@ MiB = 1 << 20
 GiB = 1 << 30
 CLK = os.sysconf("SC_CLK_TCK")
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
-COLORS = {"nginx": "C0", "direct": "C1", "dist": "C2", "pier-fs": "C3", "pier-s3": "C4", "s3": "C5"}
+COLORS = {"nginx": "C0", "direct": "C1", "dist": "C2", "pier-fs": "C3", "pier-s3": "C4", "s3": "C5",
+          "pier-s3-bucket": "C6"}
 
 LABELS = {
     "nginx": "nginx, static file (sendfile)",
     "direct": "upstream direct (docker-registry)",
     "dist": "distribution proxy (registry:2)",
     "pier-fs": "Pier, fs + embedded",
-    "pier-s3": "Pier, S3 + Redis, 2 replicas",
+    "pier-s3": "Pier, S3 + Redis, 2 replicas, local caches",
+    "pier-s3-bucket": "Pier, S3 + Redis, 2 replicas, no local cache",
     "s3": "SeaweedFS S3, direct GET",
 }
 
@@ -447,19 +452,22 @@ class Bench:
         srv.data = data
         return srv
 
-    def pier_s3(self, ns=None):
+    def pier_s3(self, ns=None, local=True):
         ns = ns or f"bench-{os.getpid()}-{self.seq + 1}"
         procs, bases = [], []
         for replica in "ab":
             name = self.name(f"pier-s3{replica}")
+            cache = (f'local_cache_path = "{self.work / name}-cache"\nlocal_cache_size = "4GiB"\n'
+                     if local else "")
             sections = (f'[storage]\nkind = "s3"\nbucket = "{self.s3_bucket}"\nprefix = "{ns}"\n'
                         f'endpoint = "{self.s3_endpoint}"\naccess_key_id = "{self.s3_key}"\n'
-                        f'secret_access_key = "{self.s3_secret}"\nspool_path = "{self.work / name}-spool"\n\n'
+                        f'secret_access_key = "{self.s3_secret}"\nspool_path = "{self.work / name}-spool"\n'
+                        f'{cache}\n'
                         f'[metadata]\nkind = "redis"\nurl = "{self.redis_url}"\nkey_prefix = "{ns}:"\n\n')
             proc, base = self.start_pier(name, sections, cluster=True)
             procs.append(proc)
             bases.append(base)
-        srv = Server("pier-s3", procs, bases, "docker.io/library/",
+        srv = Server("pier-s3" if local else "pier-s3-bucket", procs, bases, "docker.io/library/",
                      side_pids=[self.weed_pid, self.redis_pid])
         srv.ns = ns
         return srv
@@ -667,6 +675,8 @@ class Bench:
             raise RuntimeError(f"expected Pier's blob file at {blob_file}")
         self.w["nginx"] = self.nginx(blob_file)
         self.w["s3"] = self.s3_direct(self.w["pier-s3"].ns)
+        # The same bucket and metadata, read without local copies.
+        self.w["pier-s3-bucket"] = self.pier_s3(self.w["pier-s3"].ns, local=False)
         # Pier on S3 uploads the blob after its clients have it: wait for
         # the upload, so that it weighs on no measurement.
         s3 = self.w["s3"]
@@ -689,7 +699,7 @@ class Bench:
         log("all servers serve the big blob with the right digest")
 
     def bench_warm_blobs(self):
-        order = ["nginx", "direct", "dist", "pier-fs", "pier-s3", "s3"]
+        order = ["nginx", "direct", "dist", "pier-fs", "pier-s3", "pier-s3-bucket", "s3"]
         conc = [1, 2, 4, 8]
         log(f"warm blob throughput: {self.args.runs} runs x clients {conc} x {len(order)} servers")
         for run in range(self.args.runs):
@@ -1027,8 +1037,8 @@ def targets(s):
             rows.append((f"{pier}: warm throughput ≥ 0.95× nginx, {cl} client(s)",
                          f"{fmt(a, 0)} vs {fmt(b, 0)} MiB/s = {ratio(a, b)}", a is not None and b and a / b >= 0.95))
     for cl in (1, 8):
-        a, b = g(w, "pier-s3", cl, "mibps"), g(w, "s3", cl, "mibps")
-        rows.append((f"pier-s3: warm throughput against a direct S3 GET, {cl} client(s) (report)",
+        a, b = g(w, "pier-s3-bucket", cl, "mibps"), g(w, "s3", cl, "mibps")
+        rows.append((f"pier-s3-bucket (no local cache): warm throughput against a direct S3 GET, {cl} client(s) (report)",
                      f"{fmt(a, 0)} vs {fmt(b, 0)} MiB/s = {ratio(a, b)}", None))
     for cl in (1, 8):
         a, b, d = g(w, "pier-fs", cl, "cpu_per_gib"), g(w, "nginx", cl, "cpu_per_gib"), g(w, "dist", cl, "cpu_per_gib")
@@ -1040,8 +1050,9 @@ def targets(s):
                 if k in w else None for k in ("pier-fs", "nginx"))
         rows.append((f"pier-fs: server + curl clients' CPU/GiB against nginx's, {cl} client(s) (report: "
                      "loopback TCP work lands on either side)", f"{fmt(a, 3)} vs {fmt(b, 3)} s/GiB = {ratio(a, b)}", None))
-        a, side, s3 = g(w, "pier-s3", cl, "cpu_per_gib"), g(w, "pier-s3", cl, "side_cpu_per_gib"), g(w, "s3", cl, "cpu_per_gib")
-        rows.append((f"pier-s3: CPU/GiB against a direct S3 GET, {cl} client(s) (report)",
+        a, side, s3 = (g(w, "pier-s3-bucket", cl, "cpu_per_gib"), g(w, "pier-s3-bucket", cl, "side_cpu_per_gib"),
+                       g(w, "s3", cl, "cpu_per_gib"))
+        rows.append((f"pier-s3-bucket (no local cache): CPU/GiB against a direct S3 GET, {cl} client(s) (report)",
                      f"Pier {fmt(a, 3)} (+ S3/Redis {fmt(side, 3)}) vs S3 server alone {fmt(s3, 3)} s/GiB "
                      f"= {ratio(a, s3)} (Pier only)", None))
     d = g(c, "direct", "big_s")
@@ -1128,7 +1139,7 @@ def compact(res, s):
 def markdown(res, s):
     meta = res["meta"]
     L = []
-    order = ["nginx", "direct", "dist", "pier-fs", "pier-s3", "s3"]
+    order = ["nginx", "direct", "dist", "pier-fs", "pier-s3", "pier-s3-bucket", "s3"]
     w = s["warm"]
     n = max((d["n"] for srv in w.values() for d in srv.values()), default=0)
     loads = ", ".join(f"{name} {load:.1f}" for name, load in meta.get("loadavg", []))
@@ -1151,7 +1162,7 @@ def markdown(res, s):
         n1, n8 = w.get("nginx", {}).get(1, {}), w.get("nginx", {}).get(8, {})
         d8 = w.get("dist", {}).get(8, {})
         cpu = f"{fmt(a1.get('cpu_per_gib'), 3)} / {fmt(a8.get('cpu_per_gib'), 3)}"
-        if k == "pier-s3":
+        if k in ("pier-s3", "pier-s3-bucket"):
             cpu += f" (+{fmt(a8.get('side_cpu_per_gib'), 3)} S3+Redis)"
         L.append(f"| {LABELS[k]} | {fmt(a1.get('mibps'), 0)} | {fmt(a8.get('mibps'), 0)} | "
                  f"{ratio(a1.get('mibps'), n1.get('mibps'))} / {ratio(a8.get('mibps'), n8.get('mibps'))} | {cpu} | "

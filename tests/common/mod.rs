@@ -425,9 +425,28 @@ impl Drop for PierProcess {
 
 /// Whether the shared test bucket has an object at `key` (a signed HEAD).
 pub fn s3_has(key: &str) -> bool {
+    let code = s3_request("HEAD", key);
+    assert!(code == "200" || code == "404", "S3 HEAD {key}: {code}");
+    code == "200"
+}
+
+/// Deletes the object at `key` from the shared test bucket.
+pub fn s3_delete(key: &str) {
+    let code = s3_request("DELETE", key);
+    assert!(code == "204" || code == "200", "S3 DELETE {key}: {code}");
+}
+
+/// A signed request to the shared test bucket; the status code.
+fn s3_request(method: &str, key: &str) -> String {
     let env = |k: &str| std::env::var(k).unwrap_or_default();
-    let out = Command::new("curl")
-        .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "-I"])
+    let mut cmd = Command::new("curl");
+    cmd.args(["-s", "-o", "/dev/null", "-w", "%{http_code}"]);
+    if method == "HEAD" {
+        cmd.arg("-I");
+    } else {
+        cmd.args(["-X", method]);
+    }
+    let out = cmd
         .args(["--aws-sigv4", "aws:amz:us-east-1:s3", "--user"])
         .arg(format!(
             "{}:{}",
@@ -441,9 +460,7 @@ pub fn s3_has(key: &str) -> bool {
         ))
         .output()
         .unwrap();
-    let code = String::from_utf8_lossy(&out.stdout).to_string();
-    assert!(code == "200" || code == "404", "S3 HEAD {key}: {code}");
-    code == "200"
+    String::from_utf8_lossy(&out.stdout).to_string()
 }
 
 /// A private `redis-server` on a loopback port, for outage tests.
@@ -702,11 +719,7 @@ impl Pier {
 
     /// Every file under the blob store (verified blobs only ever).
     pub fn stored_blobs(&self) -> Vec<String> {
-        let mut out = Vec::new();
-        let root = self.data.join("blobs");
-        walk(&root, &mut out);
-        out.sort();
-        out
+        files_under(&self.data.join("blobs"))
     }
 }
 
@@ -714,6 +727,14 @@ impl Drop for Pier {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// The names of the files under `dir`, at any depth, sorted.
+pub fn files_under(dir: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    walk(dir, &mut out);
+    out.sort();
+    out
 }
 
 fn walk(dir: &Path, out: &mut Vec<String>) {

@@ -362,6 +362,8 @@ def check_pod_basics(objects: list[dict], parsed: dict) -> None:
         written.append(parsed["storage"]["path"])
     else:
         written.append(parsed["storage"]["spool_path"])
+        if parsed["storage"].get("local_cache_size"):
+            written.append(parsed["storage"]["local_cache_path"])
     if parsed["metadata"]["kind"] == "embedded":
         written.append(parsed["metadata"]["path"])
     for path in written:
@@ -470,6 +472,12 @@ def scenario_production(pier: Path, keep: Path | None) -> None:
     check(not any(v["name"] == "data" for v in pod["volumes"]), "no local data volume with S3 + Redis")
     spool = next(v for v in pod["volumes"] if v["name"] == "spool")
     check(spool["emptyDir"].get("sizeLimit") == "40Gi", f"spool {spool}")
+    # The local cache shares the spool's mount (a hard link needs one).
+    storage = parsed["storage"]
+    check(storage.get("local_cache_size") == "20Gi", f"local cache {storage}")
+    mounts = [m["mountPath"] for m in pier_container(objects)["volumeMounts"] if m["name"] == "spool"]
+    check(len(mounts) == 1 and all(storage[k].startswith(mounts[0] + "/")
+                                   for k in ("spool_path", "local_cache_path")), f"{mounts} {storage}")
 
     # Each replica advertises its own pod IP.
     env = env_of(pier_container(objects))

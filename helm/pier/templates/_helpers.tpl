@@ -80,7 +80,12 @@ app.kubernetes.io/part-of: pier
 
 {{/* Where pods mount things; pier.toml names the same paths. */}}
 {{- define "pier.dataPath" -}}/var/lib/pier/data{{- end }}
-{{- define "pier.spoolPath" -}}/var/lib/pier/spool{{- end }}
+{{- /* One emptyDir for the spool and the local cache: a fetched blob's
+verified spool file becomes its local copy by a hard link, which needs both
+on one mount. */ -}}
+{{- define "pier.localPath" -}}/var/lib/pier/local{{- end }}
+{{- define "pier.spoolPath" -}}/var/lib/pier/local/spool{{- end }}
+{{- define "pier.localCachePath" -}}/var/lib/pier/local/cache{{- end }}
 {{- define "pier.configPath" -}}/etc/pier{{- end }}
 
 {{/* The Secret this chart creates for inline credentials. */}}

@@ -1,0 +1,534 @@
+//! A shared store (S3) with a bounded copy of recently served blobs on this
+//! replica's local disk, served like the fs store (sendfile, no request to
+//! the bucket). Blobs are immutable and named by digest, so a local copy
+//! never goes stale; a copy is only ever made from verified bytes: the
+//! spool of a fetch this replica committed, or a whole read from the shared
+//! store that hashed to the digest. Least recently used copies go first
+//! when the budget is full.
+
+use std::collections::HashSet;
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::SystemTime;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures::StreamExt;
+use tokio::sync::Semaphore;
+
+use super::lru::Lru;
+use super::{BlobBody, BlobStore, BlobWriter, FsBlobStore, StorageError};
+use crate::range::RangeSpec;
+use crate::reference::{Digest, Hasher};
+use crate::telemetry::metrics::metrics;
+
+/// Copies being made from shared-store reads at once; a read that finds
+/// them all busy is served without making one (a later read will).
+const FILLS_AT_ONCE: usize = 8;
+/// Chunks a client's read may run ahead of the copy being written.
+const FILL_QUEUE: usize = 32;
+
+pub struct TieredBlobStore {
+    shared: Arc<dyn BlobStore>,
+    local: Arc<LocalCopies>,
+}
+
+impl TieredBlobStore {
+    /// Fronts `shared` with copies under `dir`, at most `budget` bytes of
+    /// them; copies a previous run left there are kept.
+    pub async fn open(shared: Arc<dyn BlobStore>, dir: &Path, budget: u64) -> io::Result<Self> {
+        let files = FsBlobStore::open(dir).await?;
+        let (root, tmp) = (dir.to_owned(), dir.join("tmp"));
+        let found = tokio::task::spawn_blocking(move || {
+            // Copies being written when the last run stopped are incomplete.
+            match std::fs::remove_dir_all(&tmp) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+                _ => {}
+            }
+            std::fs::create_dir_all(&tmp)?;
+            copies_in(&root)
+        })
+        .await
+        .map_err(io::Error::other)??;
+        let local = LocalCopies {
+            files,
+            tmp: dir.join("tmp"),
+            index: Mutex::new(Lru::new(budget)),
+            filling: Mutex::default(),
+            fill_slots: Arc::new(Semaphore::new(FILLS_AT_ONCE)),
+        };
+        for (digest, size) in found {
+            local.admit(digest, size).await;
+        }
+        tracing::info!(
+            dir = %dir.display(),
+            bytes = local.index().used(),
+            budget,
+            "local blob copies ready"
+        );
+        Ok(Self {
+            shared,
+            local: Arc::new(local),
+        })
+    }
+}
+
+#[async_trait]
+impl BlobStore for TieredBlobStore {
+    async fn stat(&self, digest: &Digest) -> Result<Option<u64>, StorageError> {
+        if self.local.holds(digest)
+            && let Ok(Some(size)) = self.local.files.stat(digest).await
+        {
+            return Ok(Some(size));
+        }
+        self.shared.stat(digest).await
+    }
+
+    async fn get(
+        &self,
+        digest: &Digest,
+        range: Option<RangeSpec>,
+    ) -> Result<Option<BlobBody>, StorageError> {
+        if let Some(body) = self.local.get(digest, range).await? {
+            return Ok(Some(body));
+        }
+        let Some(body) = self.shared.get(digest, range).await? else {
+            return Ok(None);
+        };
+        Ok(Some(LocalCopies::copy_while_read(
+            &self.local,
+            digest,
+            body,
+        )))
+    }
+
+    async fn begin_write(
+        &self,
+        digest: &Digest,
+        spool: &Path,
+    ) -> Result<Box<dyn BlobWriter>, StorageError> {
+        Ok(Box::new(TieredWriter {
+            shared: self.shared.begin_write(digest, spool).await?,
+            spool: spool.to_owned(),
+            copies: self.local.clone(),
+            digest: digest.clone(),
+        }))
+    }
+
+    async fn delete(&self, digest: &Digest) -> Result<(), StorageError> {
+        self.local.drop_copy(digest).await?;
+        self.shared.delete(digest).await
+    }
+
+    async fn health(&self) -> Result<(), StorageError> {
+        self.shared.health().await
+    }
+
+    async fn presigned_url(
+        &self,
+        digest: &Digest,
+        expires: std::time::Duration,
+    ) -> Result<Option<String>, StorageError> {
+        // `stat` may have answered from the local copy: the URL is only
+        // good if the bucket has the object.
+        if self.shared.stat(digest).await?.is_none() {
+            return Ok(None);
+        }
+        self.shared.presigned_url(digest, expires).await
+    }
+}
+
+/// The local copies: files laid out like the fs store, and their sizes and
+/// recency.
+struct LocalCopies {
+    files: FsBlobStore,
+    /// Copies being written from shared-store reads.
+    tmp: PathBuf,
+    index: Mutex<Lru<Digest>>,
+    /// Blobs a read is copying now, so two readers do not both copy.
+    filling: Mutex<HashSet<Digest>>,
+    fill_slots: Arc<Semaphore>,
+}
+
+impl LocalCopies {
+    fn index(&self) -> MutexGuard<'_, Lru<Digest>> {
+        self.index.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn holds(&self, digest: &Digest) -> bool {
+        self.index().contains(digest)
+    }
+
+    /// The local copy, or `None` when there is none (or it cannot be read:
+    /// the shared store still has the blob).
+    async fn get(
+        &self,
+        digest: &Digest,
+        range: Option<RangeSpec>,
+    ) -> Result<Option<BlobBody>, StorageError> {
+        if !self.index().touch(digest) {
+            metrics().local_copy("miss");
+            return Ok(None);
+        }
+        match self.files.get(digest, range).await {
+            Ok(Some(body)) => {
+                metrics().local_copy("hit");
+                Ok(Some(body))
+            }
+            Err(e @ (StorageError::Unsatisfiable { .. } | StorageError::MalformedRange)) => Err(e),
+            other => {
+                if let Err(e) = other {
+                    tracing::warn!(%digest, error = %e, "cannot read the local copy of a blob");
+                }
+                // Removed behind our back, or unreadable: forget it.
+                self.index().remove(digest);
+                self.publish_size();
+                metrics().local_copy("miss");
+                Ok(None)
+            }
+        }
+    }
+
+    /// Counts a verified copy now in place, removing what no longer fits.
+    async fn admit(&self, digest: Digest, size: u64) {
+        let evicted = self.index().insert(digest, size);
+        self.publish_size();
+        for old in evicted {
+            metrics().local_copy("evicted");
+            if let Err(e) = self.files.delete(&old).await {
+                tracing::warn!(digest = %old, error = %e, "cannot remove an evicted local copy");
+            }
+        }
+    }
+
+    async fn drop_copy(&self, digest: &Digest) -> Result<(), StorageError> {
+        self.index().remove(digest);
+        self.publish_size();
+        self.files.delete(digest).await
+    }
+
+    fn publish_size(&self) {
+        let used = self.index().used();
+        metrics()
+            .local_copy_bytes
+            .set(i64::try_from(used).unwrap_or(i64::MAX));
+    }
+
+    /// Passes `body` (read from the shared store) through, writing a copy of
+    /// it on the side when it is the whole blob and it fits; the copy is
+    /// kept only if every byte arrived and they hash to `digest`.
+    fn copy_while_read(this: &Arc<Self>, digest: &Digest, body: BlobBody) -> BlobBody {
+        let size = body.size;
+        if body.range.is_some() || !this.index().fits(size) {
+            return body;
+        }
+        let Ok(slot) = this.fill_slots.clone().try_acquire_owned() else {
+            return body;
+        };
+        if !this
+            .filling
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(digest.clone())
+        {
+            return body;
+        }
+        let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(FILL_QUEUE);
+        let (copies, copying) = (this.clone(), digest.clone());
+        tokio::spawn(async move {
+            copies.fill(&copying, size, rx).await;
+            copies
+                .filling
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .remove(&copying);
+            drop(slot);
+        });
+        let stream = body
+            .stream
+            .then(move |item| {
+                let tx = tx.clone();
+                async move {
+                    if let Ok(chunk) = &item {
+                        // A failed send means the copy was given up.
+                        let _ = tx.send(chunk.clone()).await;
+                    }
+                    item
+                }
+            })
+            .boxed();
+        BlobBody { stream, ..body }
+    }
+
+    /// Writes what the read passes on to a temporary file and, when it is
+    /// the whole blob and verified, puts it in place.
+    async fn fill(&self, digest: &Digest, size: u64, rx: tokio::sync::mpsc::Receiver<Bytes>) {
+        let tmp = self.tmp.join(format!(
+            "{}-{:016x}.part",
+            digest.hex(),
+            rand::random::<u64>()
+        ));
+        let (path, expected) = (tmp.clone(), digest.clone());
+        let written =
+            tokio::task::spawn_blocking(move || write_verified(&path, &expected, size, rx)).await;
+        let outcome = match written {
+            Ok(Ok(true)) => match self.files.begin_write(digest, &tmp).await {
+                Ok(writer) => writer.commit(size).await.map(|()| true),
+                Err(e) => Err(e),
+            },
+            Ok(Ok(false)) => Ok(false),
+            Ok(Err(e)) => Err(e.into()),
+            Err(e) => Err(StorageError::Io(io::Error::other(e))),
+        };
+        match outcome {
+            Ok(true) => self.admit(digest.clone(), size).await,
+            Ok(false) => tracing::debug!(%digest, "read ended early: no local copy made"),
+            Err(e) => tracing::warn!(%digest, error = %e, "cannot make a local copy of a blob"),
+        }
+        if let Err(e) = std::fs::remove_file(&tmp)
+            && e.kind() != io::ErrorKind::NotFound
+        {
+            tracing::warn!(path = %tmp.display(), error = %e, "cannot remove a partial local copy");
+        }
+    }
+}
+
+/// Writes the chunks to `path` as they come; true when exactly `size`
+/// bytes came and they hash to `digest`. Blocking.
+fn write_verified(
+    path: &Path,
+    digest: &Digest,
+    size: u64,
+    mut rx: tokio::sync::mpsc::Receiver<Bytes>,
+) -> io::Result<bool> {
+    let mut file = std::fs::File::create_new(path)?;
+    let mut hasher = Hasher::new(digest.algorithm());
+    let mut written = 0u64;
+    while let Some(chunk) = rx.blocking_recv() {
+        written += chunk.len() as u64;
+        if written > size {
+            return Ok(false);
+        }
+        file.write_all(&chunk)?;
+        hasher.update(&chunk);
+    }
+    Ok(written == size && hasher.finish() == *digest)
+}
+
+/// The copies under `root` (laid out as the fs store lays out blobs), oldest
+/// first. Files whose names are not digests are not copies: removed.
+fn copies_in(root: &Path) -> io::Result<Vec<(Digest, u64)>> {
+    let mut found = Vec::new();
+    for algorithm in std::fs::read_dir(root.join("blobs"))? {
+        let algorithm = algorithm?;
+        for prefix in std::fs::read_dir(algorithm.path())? {
+            for file in std::fs::read_dir(prefix?.path())? {
+                let file = file?;
+                let name = format!(
+                    "{}:{}",
+                    algorithm.file_name().to_string_lossy(),
+                    file.file_name().to_string_lossy()
+                );
+                let meta = file.metadata()?;
+                match Digest::parse(&name) {
+                    Ok(digest) if meta.is_file() => {
+                        let at = meta.modified().unwrap_or(SystemTime::UNIX_EPOCH);
+                        found.push((at, digest, meta.len()));
+                    }
+                    _ => std::fs::remove_file(file.path())?,
+                }
+            }
+        }
+    }
+    found.sort_by_key(|(at, ..)| *at);
+    Ok(found.into_iter().map(|(_, d, s)| (d, s)).collect())
+}
+
+/// Keeps the verified spool file of a fetch as this replica's local copy
+/// (a second name for it, so the shared store's writer can still read it),
+/// then stores the blob in the shared store.
+struct TieredWriter {
+    shared: Box<dyn BlobWriter>,
+    spool: PathBuf,
+    copies: Arc<LocalCopies>,
+    digest: Digest,
+}
+
+#[async_trait]
+impl BlobWriter for TieredWriter {
+    fn progress(&mut self, written: u64) {
+        self.shared.progress(written);
+    }
+
+    async fn commit(self: Box<Self>, size: u64) -> Result<(), StorageError> {
+        if self.copies.index().fits(size) {
+            let (spool, dest) = (self.spool.clone(), self.copies.files.path_of(&self.digest));
+            let tmp = self.copies.tmp.join(format!("{}.copy", self.digest.hex()));
+            match tokio::task::spawn_blocking(move || link_copy(&spool, &dest, &tmp, size)).await {
+                Ok(Ok(())) => self.copies.admit(self.digest.clone(), size).await,
+                Ok(Err(e @ StorageError::Backend(_))) => return Err(e),
+                // A copy that cannot be kept costs a read from the shared
+                // store later, nothing more.
+                Ok(Err(e)) => {
+                    tracing::warn!(digest = %self.digest, error = %e, "cannot keep a local copy of a fetched blob");
+                }
+                Err(e) => return Err(StorageError::Io(io::Error::other(e))),
+            }
+        }
+        self.shared.commit(size).await
+    }
+}
+
+/// Gives the spool (which must hold `size` bytes) a second name at `dest`,
+/// or copies it there by way of `tmp` when they are on different
+/// filesystems. The bytes reach the disk before the name: after a crash, a
+/// copy under its name is whole. Blocking.
+fn link_copy(spool: &Path, dest: &Path, tmp: &Path, size: u64) -> Result<(), StorageError> {
+    let file = std::fs::File::open(spool)?;
+    let actual = file.metadata()?.len();
+    if actual != size {
+        return Err(StorageError::Backend(format!(
+            "spool file holds {actual} bytes, expected {size}"
+        )));
+    }
+    file.sync_all()?;
+    let link = || match std::fs::hard_link(spool, dest) {
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(()),
+        other => other,
+    };
+    let linked = match link() {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            if let Some(dir) = dest.parent() {
+                std::fs::create_dir_all(dir)?;
+            }
+            link()
+        }
+        other => other,
+    };
+    match linked {
+        Err(e) if e.kind() == io::ErrorKind::CrossesDevices => {
+            std::fs::copy(spool, tmp)?;
+            std::fs::File::open(tmp)?.sync_all()?;
+            std::fs::rename(tmp, dest)?;
+            Ok(())
+        }
+        other => Ok(other?),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    async fn tiered(dir: &Path, budget: u64) -> (TieredBlobStore, Arc<FsBlobStore>) {
+        let shared = Arc::new(FsBlobStore::open(&dir.join("shared")).await.unwrap());
+        let store = TieredBlobStore::open(shared.clone(), &dir.join("local"), budget)
+            .await
+            .unwrap();
+        (store, shared)
+    }
+
+    #[tokio::test]
+    async fn tiered_store_passes_the_suite() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = tiered(dir.path(), 1 << 30).await;
+        crate::storage::suite::run(&store, &dir.path().join("scratch")).await;
+    }
+
+    async fn read_all(store: &TieredBlobStore, digest: &Digest) -> Vec<u8> {
+        let body = store.get(digest, None).await.unwrap().unwrap();
+        let chunks: Vec<_> = body.stream.collect().await;
+        chunks.into_iter().flat_map(|c| c.unwrap()).collect()
+    }
+
+    async fn put_shared(shared: &FsBlobStore, dir: &Path, bytes: &[u8]) -> Digest {
+        let digest = Digest::sha256_of(bytes);
+        let spool = dir.join(format!("{}.spool", digest.hex()));
+        std::fs::write(&spool, bytes).unwrap();
+        let w = shared.begin_write(&digest, &spool).await.unwrap();
+        w.commit(bytes.len() as u64).await.unwrap();
+        digest
+    }
+
+    async fn wait_held(store: &TieredBlobStore, digest: &Digest) {
+        for _ in 0..200 {
+            if store.local.holds(digest) {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        panic!("{digest} was never copied");
+    }
+
+    #[tokio::test]
+    async fn a_whole_read_leaves_a_copy_that_outlives_the_shared_blob() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, shared) = tiered(dir.path(), 1 << 20).await;
+        std::fs::create_dir_all(dir.path().join("in")).unwrap();
+        let bytes = vec![7u8; 300_000];
+        let digest = put_shared(&shared, &dir.path().join("in"), &bytes).await;
+        assert!(!store.local.holds(&digest));
+        assert_eq!(read_all(&store, &digest).await, bytes);
+        wait_held(&store, &digest).await;
+        shared.delete(&digest).await.unwrap();
+        assert_eq!(read_all(&store, &digest).await, bytes);
+        assert_eq!(store.stat(&digest).await.unwrap(), Some(300_000));
+        // A second process finds the copy.
+        drop(store);
+        let again = TieredBlobStore::open(shared.clone(), &dir.path().join("local"), 1 << 20)
+            .await
+            .unwrap();
+        assert!(again.local.holds(&digest));
+        assert_eq!(read_all(&again, &digest).await, bytes);
+    }
+
+    #[tokio::test]
+    async fn an_abandoned_read_or_a_range_leaves_no_copy() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, shared) = tiered(dir.path(), 1 << 30).await;
+        std::fs::create_dir_all(dir.path().join("in")).unwrap();
+        let bytes: Vec<u8> = (0..2_000_000u32).map(|i| (i % 251) as u8).collect();
+        let digest = put_shared(&shared, &dir.path().join("in"), &bytes).await;
+        let mut body = store.get(&digest, None).await.unwrap().unwrap();
+        body.stream.next().await.unwrap().unwrap();
+        drop(body);
+        let range = Some(RangeSpec::From {
+            start: 0,
+            end: Some(9),
+        });
+        let part = store.get(&digest, range).await.unwrap().unwrap();
+        assert_eq!(part.len(), 10);
+        drop(part);
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        assert!(!store.local.holds(&digest));
+        let leftovers = std::fs::read_dir(dir.path().join("local/tmp")).unwrap();
+        assert_eq!(leftovers.count(), 0);
+    }
+
+    #[tokio::test]
+    async fn the_least_recently_used_copy_goes_when_the_budget_is_full() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, shared) = tiered(dir.path(), 250_000).await;
+        std::fs::create_dir_all(dir.path().join("in")).unwrap();
+        let mut digests = Vec::new();
+        for seed in 0..3u8 {
+            let bytes = vec![seed; 100_000];
+            let d = put_shared(&shared, &dir.path().join("in"), &bytes).await;
+            assert_eq!(read_all(&store, &d).await, bytes);
+            wait_held(&store, &d).await;
+            digests.push(d);
+            if seed == 1 {
+                // The first becomes the most recently used.
+                read_all(&store, &digests[0]).await;
+            }
+        }
+        assert!(store.local.holds(&digests[0]));
+        assert!(!store.local.holds(&digests[1]));
+        assert!(store.local.holds(&digests[2]));
+        assert_eq!(store.local.files.stat(&digests[1]).await.unwrap(), None);
+        assert_eq!(store.local.index().used(), 200_000);
+    }
+}
