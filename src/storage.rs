@@ -69,15 +69,11 @@ pub trait BlobStore: Send + Sync + 'static {
         range: Option<RangeSpec>,
     ) -> Result<Option<BlobBody>, StorageError>;
 
-    /// Starts storing `digest`, whose bytes are being appended to the local
-    /// spool file `spool` (by the caller, which also verifies them). The
-    /// store may upload while the spool grows; nothing is visible under the
-    /// digest until the writer's `commit`.
-    async fn begin_write(
-        &self,
-        digest: &Digest,
-        spool: &Path,
-    ) -> Result<Box<dyn BlobWriter>, StorageError>;
+    /// Stores `digest` from the local spool file `spool`, which holds its
+    /// `size` bytes, already verified. The store may take the file (rename)
+    /// or read it. Nothing is visible under the digest unless whole; a
+    /// spool of another length is refused.
+    async fn store(&self, digest: &Digest, spool: &Path, size: u64) -> Result<(), StorageError>;
 
     /// Removes a blob; removing a missing blob is not an error.
     async fn delete(&self, digest: &Digest) -> Result<(), StorageError>;
@@ -94,19 +90,6 @@ pub trait BlobStore: Send + Sync + 'static {
     ) -> Result<Option<String>, StorageError> {
         Ok(None)
     }
-}
-
-/// A blob on its way into a store, fed from a growing spool file.
-/// Dropping it without `commit` abandons the write: nothing becomes visible
-/// and partial uploads are cleaned up.
-#[async_trait]
-pub trait BlobWriter: Send {
-    /// The spool now holds the first `written` bytes of the blob.
-    fn progress(&mut self, written: u64);
-
-    /// The spool holds all `size` bytes and they matched the digest: make
-    /// the blob visible under its key.
-    async fn commit(self: Box<Self>, size: u64) -> Result<(), StorageError>;
 }
 
 #[cfg(test)]

@@ -151,7 +151,7 @@ async fn blobs_land_in_localstack_and_a_second_pier_serves_them_from_there() {
         &config_for(&endpoint, &bucket, data.path(), &docker.url()),
     );
 
-    // big: a 64 MiB layer, a multipart upload that follows the download.
+    // big: a 64 MiB layer, a multipart upload once it is verified.
     let images = ["library/big:latest", "library/alpine:3.19"];
     let mut blobs = Vec::new();
     for image in images {

@@ -34,7 +34,7 @@ async fn a_blob_cached_through_one_replica_is_served_by_another() {
     };
     let b = Pier::start_scaled(db.path(), &ns, &ups, "").unwrap();
 
-    // 64 MiB layer: a multipart upload that follows the download.
+    // 64 MiB layer: a multipart upload once it is verified.
     let want = digest_of("docker", "library/big:latest");
     assert_eq!(pull(&a, "docker.io/library/big:latest").await, want);
     let blob_gets = docker.requests("GET", "library/big/blobs/");

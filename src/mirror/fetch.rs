@@ -15,7 +15,7 @@ use super::cluster::{Claim, Cluster, Lease};
 use super::flight::{Flight, FlightError, FlightGuard, MemorySpool, Phase, Spooled};
 use crate::meta::MetaStore;
 use crate::reference::Hasher;
-use crate::storage::{BlobStore, BlobWriter};
+use crate::storage::BlobStore;
 use crate::telemetry::metrics::metrics;
 use crate::upstream::{UpstreamClient, UpstreamError};
 
@@ -129,9 +129,7 @@ pub(super) async fn run(guard: FlightGuard, job: FetchJob, spool_dir: PathBuf) {
         }
         Ok(Source::Peer(resp)) => {
             let from = format!("{} via a peer replica", job.upstream.registry());
-            download(&flight, &job, &spool, resp, None, &from)
-                .await
-                .map(drop)
+            download(&flight, &job, &spool, resp, &from).await.map(drop)
         }
         Err(e) => Err(e),
     };
@@ -220,29 +218,21 @@ async fn from_upstream(
         .blob(&job.repository, &flight.digest)
         .await
         .map_err(FlightError::Upstream)?;
-    let writer = job
-        .blobs
-        .begin_write(&flight.digest, spool)
-        .await
-        .map_err(|e| FlightError::Failed(format!("cannot start storing the blob: {e}")))?;
     let registry = job.upstream.registry().to_owned();
-    let (size, spooled, writer) =
-        download(flight, job, spool, resp, Some(writer), &registry).await?;
-    let Some(mut writer) = writer else {
-        return Ok(());
-    };
+    let (size, spooled) = download(flight, job, spool, resp, &registry).await?;
     // Clients already have every verified byte; storing is for the next
-    // ones. A store that fails here only costs a refetch later.
+    // ones, and starts only now, so that it takes nothing (bandwidth to the
+    // store, its CPU) from the clients while they stream. A store that
+    // fails here only costs a refetch later.
     let digest = &flight.digest;
-    if let Spooled::Memory(chunks) = spooled {
-        if let Err(e) = write_spool(spool, chunks).await {
-            metrics().backend_error("storage");
-            tracing::error!(%digest, error = ?e, "cannot write a verified blob to the spool");
-            return Ok(());
-        }
-        writer.progress(size);
+    if let Spooled::Memory(chunks) = spooled
+        && let Err(e) = write_spool(spool, chunks).await
+    {
+        metrics().backend_error("storage");
+        tracing::error!(%digest, error = ?e, "cannot write a verified blob to the spool");
+        return Ok(());
     }
-    match writer.commit(size).await {
+    match job.blobs.store(digest, spool, size).await {
         Ok(()) => {
             if let Err(e) = job
                 .meta
@@ -267,18 +257,16 @@ async fn from_upstream(
 /// from upstream hold at most 64 MiB this way.
 const IN_MEMORY_MAX: u64 = 1024 * 1024;
 
-/// Streams `resp` into a spool, publishing progress to readers and, when
-/// the spool is the file, to the store's writer (if any). Returns the
-/// verified size, where the bytes are, and the writer to commit; the phase
-/// is `Verified` when it returns Ok. `from` names the source in errors.
+/// Streams `resp` into a spool, publishing progress to readers. Returns the
+/// verified size and where the bytes are; the phase is `Verified` when it
+/// returns Ok. `from` names the source in errors.
 async fn download(
     flight: &Arc<Flight>,
     job: &FetchJob,
     spool: &Path,
     resp: reqwest::Response,
-    mut writer: Option<Box<dyn BlobWriter>>,
     from: &str,
-) -> Result<(u64, Spooled, Option<Box<dyn BlobWriter>>), FlightError> {
+) -> Result<(u64, Spooled), FlightError> {
     let size = resp.content_length();
     let spooled = if size.is_some_and(|s| s <= IN_MEMORY_MAX) {
         Spooled::Memory(Arc::default())
@@ -305,12 +293,7 @@ async fn download(
     // receiving from upstream never waits for the disk.
     let hasher = Hasher::new(flight.digest.algorithm());
     let mut sink = match &spooled {
-        Spooled::File(file) => Sink::File(SpoolWriter::start(
-            file.clone(),
-            hasher,
-            flight.clone(),
-            writer.take(),
-        )),
+        Spooled::File(file) => Sink::File(SpoolWriter::start(file.clone(), hasher, flight.clone())),
         Spooled::Memory(memory) => Sink::Memory(memory.clone(), Box::new(hasher)),
     };
     let mut received: u64 = 0;
@@ -354,11 +337,7 @@ async fn download(
         }
     }
     let (hasher, written) = match sink {
-        Sink::File(spool) => {
-            let (hasher, written, w) = spool.finish().await?;
-            writer = w;
-            (hasher, written)
-        }
+        Sink::File(spool) => spool.finish().await?,
         Sink::Memory(_, hasher) => (*hasher, received),
     };
     let actual = hasher.finish();
@@ -372,7 +351,7 @@ async fn download(
         spool: spooled.clone(),
         size: written,
     });
-    Ok((written, spooled, writer))
+    Ok((written, spooled))
 }
 
 /// Lets readers have the first `written` bytes, holding back the last one
@@ -397,8 +376,7 @@ enum Sink {
 /// Chunks waiting for the spool writer at most (each one network read).
 const SPOOL_QUEUE: usize = 4;
 
-/// The spool writer tells readers (and the store's writer) about new bytes
-/// at least this often.
+/// The spool writer tells readers about new bytes at least this often.
 const PUBLISH_EVERY: u64 = 1024 * 1024;
 
 /// The thread that writes a fetch's bytes to the spool file and hashes
@@ -411,16 +389,11 @@ struct SpoolWriter {
     done: tokio::task::JoinHandle<io::Result<WriterOutcome>>,
 }
 
-/// The hasher, the bytes written, and the store's writer back.
-type WriterOutcome = (Hasher, u64, Option<Box<dyn BlobWriter>>);
+/// The hasher, and the bytes written.
+type WriterOutcome = (Hasher, u64);
 
 impl SpoolWriter {
-    fn start(
-        file: Arc<std::fs::File>,
-        mut hasher: Hasher,
-        flight: Arc<Flight>,
-        mut writer: Option<Box<dyn BlobWriter>>,
-    ) -> Self {
+    fn start(file: Arc<std::fs::File>, mut hasher: Hasher, flight: Arc<Flight>) -> Self {
         let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(SPOOL_QUEUE);
         let done = tokio::task::spawn_blocking(move || {
             let mut written = 0u64;
@@ -439,12 +412,9 @@ impl SpoolWriter {
                         None
                     };
                 }
-                if let Some(w) = writer.as_mut() {
-                    w.progress(written);
-                }
                 publish(&flight, written);
             }
-            Ok((hasher, written, writer))
+            Ok((hasher, written))
         });
         Self { tx, done }
     }
@@ -492,7 +462,7 @@ fn new_spool_file(spool: &Path) -> io::Result<std::fs::File> {
     }
 }
 
-/// Writes a blob held in memory to the spool file, for the store's writer.
+/// Writes a blob held in memory to the spool file, for the store.
 async fn write_spool(spool: &Path, memory: Arc<Mutex<MemorySpool>>) -> Result<(), FlightError> {
     // Readers lock the same spool on async workers: copy the (reference
     // counted) chunks out instead of holding the lock over disk writes.

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use async_trait::async_trait;
 use futures::StreamExt;
 
-use super::{BlobBody, BlobStore, BlobWriter, StorageError};
+use super::{BlobBody, BlobStore, StorageError};
 use crate::range::{RangeError, RangeSpec};
 use crate::reference::Digest;
 use crate::zerocopy::FileSlice;
@@ -84,16 +84,13 @@ impl BlobStore for FsBlobStore {
         }))
     }
 
-    async fn begin_write(
-        &self,
-        digest: &Digest,
-        spool: &Path,
-    ) -> Result<Box<dyn BlobWriter>, StorageError> {
-        // The spool sits on this filesystem: committing is a rename.
-        Ok(Box::new(FsWriter {
-            spool: spool.to_owned(),
-            dest: self.path_of(digest),
-        }))
+    async fn store(&self, digest: &Digest, spool: &Path, size: u64) -> Result<(), StorageError> {
+        // The spool sits on this filesystem: storing is a rename, done in
+        // one trip to the blocking pool.
+        let (spool, dest) = (spool.to_owned(), self.path_of(digest));
+        tokio::task::spawn_blocking(move || move_into_place(&spool, &dest, size))
+            .await
+            .map_err(io::Error::other)?
     }
 
     async fn delete(&self, digest: &Digest) -> Result<(), StorageError> {
@@ -151,49 +148,31 @@ pub(crate) fn read_at(file: &std::fs::File, pos: u64, n: usize) -> io::Result<by
     Ok(bytes::Bytes::from(buf))
 }
 
-struct FsWriter {
-    spool: PathBuf,
-    dest: PathBuf,
-}
-
-#[async_trait]
-impl BlobWriter for FsWriter {
-    fn progress(&mut self, _written: u64) {}
-
-    async fn commit(self: Box<Self>, size: u64) -> Result<(), StorageError> {
-        // One trip to the blocking pool for the whole commit.
-        tokio::task::spawn_blocking(move || self.commit_now(size))
-            .await
-            .map_err(io::Error::other)?
+/// Renames `spool` (which must hold `size` bytes) to `dest`. Blocking.
+pub(crate) fn move_into_place(spool: &Path, dest: &Path, size: u64) -> Result<(), StorageError> {
+    let file = std::fs::File::open(spool)?;
+    let actual = file.metadata()?.len();
+    if actual != size {
+        return Err(StorageError::Backend(format!(
+            "spool file holds {actual} bytes, expected {size}"
+        )));
     }
-}
-
-impl FsWriter {
-    fn commit_now(&self, size: u64) -> Result<(), StorageError> {
-        let file = std::fs::File::open(&self.spool)?;
-        let actual = file.metadata()?.len();
-        if actual != size {
-            return Err(StorageError::Backend(format!(
-                "spool file holds {actual} bytes, expected {size}"
-            )));
+    // The bytes are on disk before the name is: after a crash, a blob
+    // under its name is whole. The rename itself (and a directory it
+    // needed) is not synced: losing it costs one refetch, no wrong byte.
+    file.sync_all()?;
+    drop(file);
+    match std::fs::rename(spool, dest) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            let Some(dir) = dest.parent() else {
+                return Err(StorageError::Backend("blob path has no parent".into()));
+            };
+            std::fs::create_dir_all(dir)?;
+            std::fs::rename(spool, dest)?;
         }
-        // The bytes are on disk before the name is: after a crash, a blob
-        // under its name is whole. The rename itself (and a directory it
-        // needed) is not synced: losing it costs one refetch, no wrong byte.
-        file.sync_all()?;
-        drop(file);
-        match std::fs::rename(&self.spool, &self.dest) {
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                let Some(dir) = self.dest.parent() else {
-                    return Err(StorageError::Backend("blob path has no parent".into()));
-                };
-                std::fs::create_dir_all(dir)?;
-                std::fs::rename(&self.spool, &self.dest)?;
-            }
-            other => other?,
-        }
-        Ok(())
+        other => other?,
     }
+    Ok(())
 }
 
 #[cfg(test)]

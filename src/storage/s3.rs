@@ -1,9 +1,8 @@
 //! Blobs in an S3-compatible bucket (AWS S3, MinIO, SeaweedFS, LocalStack):
-//! `<prefix>blobs/<algorithm>/<hex>`. Writes go straight to the final key
-//! as a multipart upload that follows the spool file while it grows, and are
-//! completed only on `commit` (after the digest matched); an abandoned write
-//! aborts its upload. Small blobs go up in one PutObject at commit. So an
-//! object under a blob key is always whole and verified.
+//! `<prefix>blobs/<algorithm>/<hex>`. A blob goes up from its verified spool
+//! file: in one PutObject when small, else as a multipart upload straight to
+//! the final key, completed only when every part is in (and aborted
+//! otherwise). So an object under a blob key is always whole and verified.
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -22,10 +21,9 @@ use aws_sdk_s3::presigning::PresigningConfig;
 use aws_sdk_s3::primitives::{ByteStream, Length};
 use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
 use futures::StreamExt;
-use tokio::sync::watch;
 use tokio::task::JoinSet;
 
-use super::{BlobBody, BlobStore, BlobWriter, StorageError};
+use super::{BlobBody, BlobStore, StorageError};
 use crate::config::S3Config;
 use crate::range::{ByteRange, RangeSpec};
 use crate::reference::Digest;
@@ -34,7 +32,7 @@ use crate::reference::Digest;
 /// part (all but the last) and at most 10,000 parts, so 8 MiB parts carry
 /// blobs up to 80 GB.
 const PART_SIZE: u64 = 8 * 1024 * 1024;
-const MAX_PARTS: i32 = 10_000;
+const MAX_PARTS: u64 = 10_000;
 /// Parts uploading at once per blob. Parts stream from the spool file, so
 /// this bounds connections, not memory.
 const PARTS_IN_FLIGHT: usize = 4;
@@ -226,22 +224,23 @@ impl BlobStore for S3BlobStore {
         }))
     }
 
-    async fn begin_write(
-        &self,
-        digest: &Digest,
-        spool: &Path,
-    ) -> Result<Box<dyn BlobWriter>, StorageError> {
-        let (tx, rx) = watch::channel(Progress::default());
+    async fn store(&self, digest: &Digest, spool: &Path, size: u64) -> Result<(), StorageError> {
+        let actual = tokio::fs::metadata(spool).await?.len();
+        if actual != size {
+            return Err(StorageError::Backend(format!(
+                "spool file holds {actual} bytes, expected {size}"
+            )));
+        }
         let upload = Upload {
             client: self.client.clone(),
             bucket: self.bucket.clone(),
             key: self.key(digest),
             spool: spool.to_owned(),
         };
-        Ok(Box::new(S3Writer {
-            progress: tx,
-            task: Some(tokio::spawn(upload.run(rx))),
-        }))
+        if size <= PART_SIZE {
+            return upload.put_whole(size).await;
+        }
+        upload.multipart(size).await
     }
 
     async fn delete(&self, digest: &Digest) -> Result<(), StorageError> {
@@ -283,42 +282,7 @@ impl BlobStore for S3BlobStore {
     }
 }
 
-#[derive(Clone, Copy, Default)]
-struct Progress {
-    /// Bytes in the spool so far.
-    written: u64,
-    /// Set by `commit`: the verified size.
-    done: Option<u64>,
-}
-
-struct S3Writer {
-    progress: watch::Sender<Progress>,
-    task: Option<tokio::task::JoinHandle<Result<(), StorageError>>>,
-}
-
-#[async_trait]
-impl BlobWriter for S3Writer {
-    fn progress(&mut self, written: u64) {
-        self.progress.send_modify(|p| p.written = written);
-    }
-
-    async fn commit(mut self: Box<Self>, size: u64) -> Result<(), StorageError> {
-        self.progress.send_modify(|p| {
-            p.written = size;
-            p.done = Some(size);
-        });
-        match self.task.take() {
-            Some(task) => task
-                .await
-                .map_err(|e| StorageError::Backend(format!("s3 upload task: {e}")))?,
-            None => Err(StorageError::Backend("s3 upload already finished".into())),
-        }
-    }
-}
-// Dropping an uncommitted S3Writer drops the sender: the upload task sees
-// the channel close without `done` and aborts the multipart upload.
-
-/// One blob's upload, running beside the download.
+/// One blob's upload from its spool file.
 struct Upload {
     client: Client,
     bucket: String,
@@ -327,71 +291,43 @@ struct Upload {
 }
 
 impl Upload {
-    async fn run(self, mut rx: watch::Receiver<Progress>) -> Result<(), StorageError> {
-        let mut upload_id: Option<String> = None;
-        let result = self.drive(&mut rx, &mut upload_id).await;
-        if result.is_err()
-            && let Some(id) = upload_id
-        {
+    async fn multipart(&self, size: u64) -> Result<(), StorageError> {
+        let id = self.create().await?;
+        let sent = match self.parts(&id, size).await {
+            Ok(parts) => self.complete(&id, parts).await,
+            Err(e) => Err(e),
+        };
+        if sent.is_err() {
             self.abort(&id).await;
         }
-        result
+        sent
     }
 
-    async fn drive(
-        &self,
-        rx: &mut watch::Receiver<Progress>,
-        upload_id: &mut Option<String>,
-    ) -> Result<(), StorageError> {
-        let mut parts: JoinSet<Result<CompletedPart, StorageError>> = JoinSet::new();
-        let mut done_parts = Vec::new();
-        let mut next_start = 0u64;
-        let mut next_number = 1i32;
-        loop {
-            let progress = *rx.borrow_and_update();
-            // Every full part the spool holds goes up now.
-            while progress.written >= next_start + PART_SIZE
-                && progress
-                    .done
-                    .is_none_or(|size| size > next_start + PART_SIZE)
-            {
-                let id = self.upload_id(upload_id).await?;
-                while parts.len() >= PARTS_IN_FLIGHT {
-                    done_parts.push(join(&mut parts).await?);
-                }
-                parts.spawn(self.part(id, next_number, next_start, PART_SIZE));
-                next_start += PART_SIZE;
-                next_number += 1;
-                if next_number > MAX_PARTS {
-                    return Err(StorageError::Backend(
-                        "s3: blob needs more than 10,000 parts".into(),
-                    ));
-                }
-            }
-            if let Some(size) = progress.done {
-                if upload_id.is_none() {
-                    return self.put_whole(size).await;
-                }
-                let id = self.upload_id(upload_id).await?;
-                if size > next_start {
-                    parts.spawn(self.part(id.clone(), next_number, next_start, size - next_start));
-                }
-                while !parts.is_empty() {
-                    done_parts.push(join(&mut parts).await?);
-                }
-                done_parts.sort_by_key(|p| p.part_number());
-                return self.complete(&id, done_parts).await;
-            }
-            if rx.changed().await.is_err() {
-                return Err(StorageError::Backend("write abandoned".into()));
-            }
+    /// Sends every part, PARTS_IN_FLIGHT at a time; the parts in order.
+    async fn parts(&self, id: &str, size: u64) -> Result<Vec<CompletedPart>, StorageError> {
+        let count = size.div_ceil(PART_SIZE);
+        if count > MAX_PARTS {
+            return Err(StorageError::Backend(format!(
+                "s3: a blob of {size} bytes needs more than {MAX_PARTS} parts"
+            )));
         }
+        let mut running: JoinSet<Result<CompletedPart, StorageError>> = JoinSet::new();
+        let mut done = Vec::new();
+        for (number, start) in (1..).zip((0..size).step_by(PART_SIZE as usize)) {
+            while running.len() >= PARTS_IN_FLIGHT {
+                done.push(join(&mut running).await?);
+            }
+            let len = PART_SIZE.min(size - start);
+            running.spawn(self.part(id.to_owned(), number, start, len));
+        }
+        while !running.is_empty() {
+            done.push(join(&mut running).await?);
+        }
+        done.sort_by_key(|p| p.part_number());
+        Ok(done)
     }
 
-    async fn upload_id(&self, upload_id: &mut Option<String>) -> Result<String, StorageError> {
-        if let Some(id) = upload_id {
-            return Ok(id.clone());
-        }
+    async fn create(&self) -> Result<String, StorageError> {
         let out = self
             .client
             .create_multipart_upload()
@@ -401,14 +337,10 @@ impl Upload {
             .send()
             .await
             .map_err(|e| backend("CreateMultipartUpload", e))?;
-        let id = out
-            .upload_id()
-            .ok_or_else(|| StorageError::Backend("s3: no upload id".into()))?
-            .to_owned();
-        *upload_id = Some(id.clone());
-        Ok(id)
+        out.upload_id()
+            .map(str::to_owned)
+            .ok_or_else(|| StorageError::Backend("s3: no upload id".into()))
     }
-
     fn part(
         &self,
         upload_id: String,
@@ -617,7 +549,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn multipart_writes_complete_only_on_commit() {
+    async fn multipart_uploads_go_up_whole_or_not_at_all() {
         let Some(store) = test_store(&format!("mp-{:x}", rand::random::<u64>())).await else {
             return;
         };
@@ -627,13 +559,16 @@ mod tests {
         let data: Vec<u8> = (0..(PART_SIZE * 5 / 2)).map(|i| (i % 251) as u8).collect();
         let digest = Digest::sha256_of(&data);
 
-        // Abandoned after two parts went up: nothing visible, upload aborted.
-        std::fs::write(&spool, &data).unwrap();
-        let mut w = store.begin_write(&digest, &spool).await.unwrap();
-        w.progress(PART_SIZE * 2 + 1);
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        drop(w);
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        // The last part cannot be read (the spool is short): the parts that
+        // went up are discarded with the upload, nothing is visible.
+        std::fs::write(&spool, &data[..(PART_SIZE * 2 + 10) as usize]).unwrap();
+        let upload = Upload {
+            client: store.client.clone(),
+            bucket: store.bucket.clone(),
+            key: store.key(&digest),
+            spool: spool.clone(),
+        };
+        assert!(upload.multipart(data.len() as u64).await.is_err());
         assert_eq!(store.stat(&digest).await.unwrap(), None);
         let uploads = store
             .client

@@ -17,8 +17,9 @@ use bytes::Bytes;
 use futures::StreamExt;
 use tokio::sync::Semaphore;
 
+use super::fs::move_into_place;
 use super::lru::Lru;
-use super::{BlobBody, BlobStore, BlobWriter, FsBlobStore, StorageError};
+use super::{BlobBody, BlobStore, FsBlobStore, StorageError};
 use crate::range::RangeSpec;
 use crate::reference::{Digest, Hasher};
 use crate::telemetry::metrics::metrics;
@@ -103,17 +104,25 @@ impl BlobStore for TieredBlobStore {
         )))
     }
 
-    async fn begin_write(
-        &self,
-        digest: &Digest,
-        spool: &Path,
-    ) -> Result<Box<dyn BlobWriter>, StorageError> {
-        Ok(Box::new(TieredWriter {
-            shared: self.shared.begin_write(digest, spool).await?,
-            spool: spool.to_owned(),
-            copies: self.local.clone(),
-            digest: digest.clone(),
-        }))
+    /// Keeps the verified spool file as this replica's local copy (a second
+    /// name for it, so the shared store can still read it), then stores the
+    /// blob in the shared store.
+    async fn store(&self, digest: &Digest, spool: &Path, size: u64) -> Result<(), StorageError> {
+        if self.local.index().fits(size) {
+            let (from, dest) = (spool.to_owned(), self.local.files.path_of(digest));
+            let tmp = self.local.tmp.join(format!("{}.copy", digest.hex()));
+            match tokio::task::spawn_blocking(move || link_copy(&from, &dest, &tmp, size)).await {
+                Ok(Ok(())) => self.local.admit(digest.clone(), size).await,
+                Ok(Err(e @ StorageError::Backend(_))) => return Err(e),
+                // A copy that cannot be kept costs a read from the shared
+                // store later, nothing more.
+                Ok(Err(e)) => {
+                    tracing::warn!(%digest, error = %e, "cannot keep a local copy of a fetched blob");
+                }
+                Err(e) => return Err(StorageError::Io(io::Error::other(e))),
+            }
+        }
+        self.shared.store(digest, spool, size).await
     }
 
     async fn delete(&self, digest: &Digest) -> Result<(), StorageError> {
@@ -272,11 +281,15 @@ impl LocalCopies {
         let (path, expected) = (tmp.clone(), digest.clone());
         let written =
             tokio::task::spawn_blocking(move || write_verified(&path, &expected, size, rx)).await;
+        let dest = self.files.path_of(digest);
         let outcome = match written {
-            Ok(Ok(true)) => match self.files.begin_write(digest, &tmp).await {
-                Ok(writer) => writer.commit(size).await.map(|()| true),
-                Err(e) => Err(e),
-            },
+            Ok(Ok(true)) => {
+                let from = tmp.clone();
+                tokio::task::spawn_blocking(move || move_into_place(&from, &dest, size))
+                    .await
+                    .map_err(|e| StorageError::Io(io::Error::other(e)))
+                    .and_then(|moved| moved.map(|()| true))
+            }
             Ok(Ok(false)) => Ok(false),
             Ok(Err(e)) => Err(e.into()),
             Err(e) => Err(StorageError::Io(io::Error::other(e))),
@@ -343,41 +356,6 @@ fn copies_in(root: &Path) -> io::Result<Vec<(Digest, u64)>> {
     }
     found.sort_by_key(|(at, ..)| *at);
     Ok(found.into_iter().map(|(_, d, s)| (d, s)).collect())
-}
-
-/// Keeps the verified spool file of a fetch as this replica's local copy
-/// (a second name for it, so the shared store's writer can still read it),
-/// then stores the blob in the shared store.
-struct TieredWriter {
-    shared: Box<dyn BlobWriter>,
-    spool: PathBuf,
-    copies: Arc<LocalCopies>,
-    digest: Digest,
-}
-
-#[async_trait]
-impl BlobWriter for TieredWriter {
-    fn progress(&mut self, written: u64) {
-        self.shared.progress(written);
-    }
-
-    async fn commit(self: Box<Self>, size: u64) -> Result<(), StorageError> {
-        if self.copies.index().fits(size) {
-            let (spool, dest) = (self.spool.clone(), self.copies.files.path_of(&self.digest));
-            let tmp = self.copies.tmp.join(format!("{}.copy", self.digest.hex()));
-            match tokio::task::spawn_blocking(move || link_copy(&spool, &dest, &tmp, size)).await {
-                Ok(Ok(())) => self.copies.admit(self.digest.clone(), size).await,
-                Ok(Err(e @ StorageError::Backend(_))) => return Err(e),
-                // A copy that cannot be kept costs a read from the shared
-                // store later, nothing more.
-                Ok(Err(e)) => {
-                    tracing::warn!(digest = %self.digest, error = %e, "cannot keep a local copy of a fetched blob");
-                }
-                Err(e) => return Err(StorageError::Io(io::Error::other(e))),
-            }
-        }
-        self.shared.commit(size).await
-    }
 }
 
 /// Gives the spool (which must hold `size` bytes) a second name at `dest`,
@@ -448,8 +426,10 @@ mod tests {
         let digest = Digest::sha256_of(bytes);
         let spool = dir.join(format!("{}.spool", digest.hex()));
         std::fs::write(&spool, bytes).unwrap();
-        let w = shared.begin_write(&digest, &spool).await.unwrap();
-        w.commit(bytes.len() as u64).await.unwrap();
+        shared
+            .store(&digest, &spool, bytes.len() as u64)
+            .await
+            .unwrap();
         digest
     }
 
