@@ -98,7 +98,7 @@ pub async fn serve(
     let (mirror, limits) = build_mirror(config).await?;
     let app = crate::api::router(mirror.clone(), limits);
     let settings = config.server.clone();
-    let zero_copy = settings.zero_copy && matches!(config.storage, StorageConfig::Fs { .. });
+    let zero_copy = settings.zero_copy && config.storage.serves_local_files();
     let builder = http_builder(&settings);
     let graceful = GracefulShutdown::new();
     tracing::info!(listen = %listener.local_addr()?, zero_copy, "pier is serving");

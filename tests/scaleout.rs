@@ -492,12 +492,22 @@ async fn replicas_serve_their_local_copies_without_the_bucket() {
         .text()
         .await
         .unwrap();
-    let hits: u64 = metrics
-        .lines()
-        .find(|l| l.starts_with("pier_local_copy_lookups_total{outcome=\"hit\"}"))
-        .and_then(|l| l.split_whitespace().last())
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(0);
-    assert!(hits >= 3, "{metrics}");
+    let value = |name: &str| -> u64 {
+        metrics
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().last())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0)
+    };
+    assert!(
+        value("pier_local_copy_lookups_total{outcome=\"hit\"}") >= 3,
+        "{metrics}"
+    );
+    // Local copies go out with sendfile, like the fs store's blobs.
+    assert!(
+        value("pier_blob_bytes_zero_copy_total ") >= 64 << 20,
+        "{metrics}"
+    );
     assert!(metrics.contains("pier_local_copy_bytes "), "{metrics}");
 }
