@@ -96,10 +96,8 @@ impl FetchSlots {
 /// Where the bytes come from.
 enum Source {
     /// Upstream, by this replica, which stores the blob (holding the lease
-    /// when replicas coordinate). With `recheck`, the store is asked again
-    /// while upstream answers: the lease's previous holder may have stored
-    /// the blob since the request found it missing.
-    Upstream { lease: Option<Lease>, recheck: bool },
+    /// when replicas coordinate).
+    Upstream(Option<Lease>),
     /// The replica that holds the lease, streaming its own fetch.
     Peer(reqwest::Response),
     /// Another fetch stored it meanwhile.
@@ -119,9 +117,9 @@ pub(super) async fn run(guard: FlightGuard, job: FetchJob, spool_dir: PathBuf) {
             flight.phase.send_replace(Phase::Stored);
             return;
         }
-        Ok(Source::Upstream { lease, recheck }) => {
+        Ok(Source::Upstream(lease)) => {
             let result = match job.slots.take().await {
-                Ok(_slot) => from_upstream(&flight, &job, &spool, recheck).await,
+                Ok(_slot) => from_upstream(&flight, &job, &spool).await,
                 Err(e) => Err(e),
             };
             if let Some(lease) = lease {
@@ -166,24 +164,19 @@ async fn source(job: &FetchJob, flight: &Flight) -> Result<Source, FlightError> 
         }
         look = true;
         if job.for_peer || Instant::now() > give_up {
-            return Ok(Source::Upstream {
-                lease: None,
-                recheck: false,
-            });
+            return Ok(Source::Upstream(None));
         }
         match job.cluster.claim(&lease_name).await {
             Claim::Mine(lease) => {
-                return Ok(Source::Upstream {
-                    lease: Some(lease),
-                    recheck: true,
-                });
+                // The previous holder may have committed and released the
+                // lease since the store was checked above.
+                if let Ok(Some(_)) = job.blobs.stat(&flight.digest).await {
+                    lease.release().await;
+                    return Ok(Source::Stored);
+                }
+                return Ok(Source::Upstream(Some(lease)));
             }
-            Claim::Alone => {
-                return Ok(Source::Upstream {
-                    lease: None,
-                    recheck: false,
-                });
-            }
+            Claim::Alone => return Ok(Source::Upstream(None)),
             Claim::Theirs { peer: Some(peer) } => {
                 if let Some(resp) = from_peer(job, &peer, flight).await {
                     tracing::info!(%peer, digest = %flight.digest, "streaming a blob another replica is fetching");
@@ -214,22 +207,17 @@ async fn from_peer(job: &FetchJob, peer: &url::Url, flight: &Flight) -> Option<r
     }
 }
 
-/// Fetches from upstream into the spool, then stores the verified blob.
-/// With `recheck`, first asks the store again, while upstream answers (one
-/// round trip instead of two before the first byte).
+/// Fetches from upstream into the spool and the store, then commits.
 async fn from_upstream(
     flight: &Arc<Flight>,
     job: &FetchJob,
     spool: &Path,
-    recheck: bool,
 ) -> Result<(), FlightError> {
-    let stored = async { recheck && matches!(job.blobs.stat(&flight.digest).await, Ok(Some(_))) };
-    let (resp, stored) = tokio::join!(job.upstream.blob(&job.repository, &flight.digest), stored);
-    if stored {
-        flight.phase.send_replace(Phase::Stored);
-        return Ok(());
-    }
-    let resp = resp.map_err(FlightError::Upstream)?;
+    let resp = job
+        .upstream
+        .blob(&job.repository, &flight.digest)
+        .await
+        .map_err(FlightError::Upstream)?;
     let registry = job.upstream.registry().to_owned();
     let (size, spooled) = download(flight, job, spool, resp, &registry).await?;
     // Clients already have every verified byte; storing is for the next
