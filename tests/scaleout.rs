@@ -501,7 +501,7 @@ async fn replicas_serve_their_local_copies_without_the_bucket() {
             .unwrap_or(0)
     };
     assert!(
-        value("pier_local_copy_lookups_total{outcome=\"hit\"}") >= 3,
+        value("pier_local_copies_total{outcome=\"hit\"}") >= 3,
         "{metrics}"
     );
     // Local copies go out with sendfile, like the fs store's blobs.

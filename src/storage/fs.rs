@@ -148,8 +148,11 @@ pub(crate) fn read_at(file: &std::fs::File, pos: u64, n: usize) -> io::Result<by
     Ok(bytes::Bytes::from(buf))
 }
 
-/// Renames `spool` (which must hold `size` bytes) to `dest`. Blocking.
-pub(crate) fn move_into_place(spool: &Path, dest: &Path, size: u64) -> Result<(), StorageError> {
+/// Checks that `spool` holds `size` bytes and puts them on disk, so that a
+/// name given to the file afterwards never stands for less after a crash.
+/// (The name itself is not synced: losing it costs a refetch, no wrong
+/// byte.) Blocking.
+pub(crate) fn sync_spool(spool: &Path, size: u64) -> Result<(), StorageError> {
     let file = std::fs::File::open(spool)?;
     let actual = file.metadata()?.len();
     if actual != size {
@@ -157,11 +160,13 @@ pub(crate) fn move_into_place(spool: &Path, dest: &Path, size: u64) -> Result<()
             "spool file holds {actual} bytes, expected {size}"
         )));
     }
-    // The bytes are on disk before the name is: after a crash, a blob
-    // under its name is whole. The rename itself (and a directory it
-    // needed) is not synced: losing it costs one refetch, no wrong byte.
     file.sync_all()?;
-    drop(file);
+    Ok(())
+}
+
+/// Renames `spool` (which must hold `size` bytes) to `dest`. Blocking.
+pub(crate) fn move_into_place(spool: &Path, dest: &Path, size: u64) -> Result<(), StorageError> {
+    sync_spool(spool, size)?;
     match std::fs::rename(spool, dest) {
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
             let Some(dir) = dest.parent() else {

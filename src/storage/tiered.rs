@@ -17,7 +17,7 @@ use bytes::Bytes;
 use futures::StreamExt;
 use tokio::sync::Semaphore;
 
-use super::fs::move_into_place;
+use super::fs::{move_into_place, sync_spool};
 use super::lru::Lru;
 use super::{BlobBody, BlobStore, FsBlobStore, StorageError};
 use crate::range::RangeSpec;
@@ -278,25 +278,24 @@ impl LocalCopies {
             digest.hex(),
             rand::random::<u64>()
         ));
-        let (path, expected) = (tmp.clone(), digest.clone());
-        let written =
-            tokio::task::spawn_blocking(move || write_verified(&path, &expected, size, rx)).await;
-        let dest = self.files.path_of(digest);
-        let outcome = match written {
-            Ok(Ok(true)) => {
-                let from = tmp.clone();
-                tokio::task::spawn_blocking(move || move_into_place(&from, &dest, size))
-                    .await
-                    .map_err(|e| StorageError::Io(io::Error::other(e)))
-                    .and_then(|moved| moved.map(|()| true))
+        let (path, expected, dest) = (tmp.clone(), digest.clone(), self.files.path_of(digest));
+        let copied = tokio::task::spawn_blocking(move || {
+            let copied = write_copy(&path, &expected, size, rx)?;
+            if copied == Copied::Whole {
+                move_into_place(&path, &dest, size)?;
             }
-            Ok(Ok(false)) => Ok(false),
-            Ok(Err(e)) => Err(e.into()),
-            Err(e) => Err(StorageError::Io(io::Error::other(e))),
-        };
-        match outcome {
-            Ok(true) => self.admit(digest.clone(), size).await,
-            Ok(false) => tracing::debug!(%digest, "read ended early: no local copy made"),
+            Ok::<_, StorageError>(copied)
+        })
+        .await
+        .map_err(|e| StorageError::Io(io::Error::other(e)))
+        .and_then(|c| c);
+        match copied {
+            Ok(Copied::Whole) => self.admit(digest.clone(), size).await,
+            Ok(Copied::Short) => tracing::debug!(%digest, "read ended early: no local copy made"),
+            Ok(Copied::Mismatch) => {
+                metrics().backend_error("storage");
+                tracing::error!(%digest, "the shared store holds other bytes under this digest: no local copy made");
+            }
             Err(e) => tracing::warn!(%digest, error = %e, "cannot make a local copy of a blob"),
         }
         if let Err(e) = std::fs::remove_file(&tmp)
@@ -307,26 +306,43 @@ impl LocalCopies {
     }
 }
 
-/// Writes the chunks to `path` as they come; true when exactly `size`
-/// bytes came and they hash to `digest`. Blocking.
-fn write_verified(
+/// What a copy made while reading came to.
+#[derive(Debug, PartialEq, Eq)]
+enum Copied {
+    /// Every byte, matching the digest.
+    Whole,
+    /// The read ended before the last byte (or went past it).
+    Short,
+    /// Every byte, not matching the digest.
+    Mismatch,
+}
+
+/// Writes the chunks to `path` as they come and says whether they were the
+/// whole blob: `size` bytes hashing to `digest`. Blocking.
+fn write_copy(
     path: &Path,
     digest: &Digest,
     size: u64,
     mut rx: tokio::sync::mpsc::Receiver<Bytes>,
-) -> io::Result<bool> {
+) -> io::Result<Copied> {
     let mut file = std::fs::File::create_new(path)?;
     let mut hasher = Hasher::new(digest.algorithm());
     let mut written = 0u64;
     while let Some(chunk) = rx.blocking_recv() {
         written += chunk.len() as u64;
         if written > size {
-            return Ok(false);
+            return Ok(Copied::Short);
         }
         file.write_all(&chunk)?;
         hasher.update(&chunk);
     }
-    Ok(written == size && hasher.finish() == *digest)
+    Ok(if written != size {
+        Copied::Short
+    } else if hasher.finish() == *digest {
+        Copied::Whole
+    } else {
+        Copied::Mismatch
+    })
 }
 
 /// The copies under `root` (laid out as the fs store lays out blobs), oldest
@@ -363,14 +379,7 @@ fn copies_in(root: &Path) -> io::Result<Vec<(Digest, u64)>> {
 /// filesystems. The bytes reach the disk before the name: after a crash, a
 /// copy under its name is whole. Blocking.
 fn link_copy(spool: &Path, dest: &Path, tmp: &Path, size: u64) -> Result<(), StorageError> {
-    let file = std::fs::File::open(spool)?;
-    let actual = file.metadata()?.len();
-    if actual != size {
-        return Err(StorageError::Backend(format!(
-            "spool file holds {actual} bytes, expected {size}"
-        )));
-    }
-    file.sync_all()?;
+    sync_spool(spool, size)?;
     let link = || match std::fs::hard_link(spool, dest) {
         Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(()),
         other => other,
@@ -387,9 +396,7 @@ fn link_copy(spool: &Path, dest: &Path, tmp: &Path, size: u64) -> Result<(), Sto
     match linked {
         Err(e) if e.kind() == io::ErrorKind::CrossesDevices => {
             std::fs::copy(spool, tmp)?;
-            std::fs::File::open(tmp)?.sync_all()?;
-            std::fs::rename(tmp, dest)?;
-            Ok(())
+            move_into_place(tmp, dest, size)
         }
         other => Ok(other?),
     }
@@ -510,5 +517,25 @@ mod tests {
         assert!(store.local.holds(&digests[2]));
         assert_eq!(store.local.files.stat(&digests[1]).await.unwrap(), None);
         assert_eq!(store.local.index().used(), 200_000);
+    }
+
+    #[test]
+    fn a_spool_on_another_filesystem_is_copied_and_one_of_another_length_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let (dest, tmp) = (dir.path().join("a/b/blob"), dir.path().join("blob.copy"));
+        // /dev/shm is a tmpfs where there is one: a link to /tmp fails there.
+        let shm = tempfile::tempdir_in("/dev/shm").unwrap_or_else(|_| tempfile::tempdir().unwrap());
+        let spool = shm.path().join("spool");
+        std::fs::write(&spool, b"verified bytes").unwrap();
+        assert!(matches!(
+            link_copy(&spool, &dest, &tmp, 99),
+            Err(StorageError::Backend(_))
+        ));
+        assert!(!dest.exists());
+        link_copy(&spool, &dest, &tmp, 14).unwrap();
+        assert_eq!(std::fs::read(&dest).unwrap(), b"verified bytes");
+        // The spool stays for the shared store to read.
+        assert_eq!(std::fs::read(&spool).unwrap(), b"verified bytes");
+        assert!(!tmp.exists());
     }
 }

@@ -184,8 +184,8 @@ impl Metrics {
             m.fetch_slots_full.clone(),
         );
         registry.register(
-            "local_copy_lookups",
-            "Blob reads looking for this replica's local copy (S3 store with a local cache): hit, miss, or evicted copies",
+            "local_copies",
+            "This replica's local blob copies (S3 store with a local cache): reads that found one (hit) or not (miss), copies evicted",
             m.local_copies.clone(),
         );
         registry.register(
