@@ -68,9 +68,25 @@ pub async fn build_mirror(config: &Config) -> anyhow::Result<(Arc<Mirror>, Arc<C
     };
     let spool = config.storage.spool_dir();
     clear_spool(&spool).await?;
+    probe_stores(blobs.clone(), meta.clone());
     let limits = ClientLimits::new(&config.server, &config.limits, meta.clone());
     let mirror = Mirror::new(config, blobs, meta, spool).context("building the HTTP client")?;
     Ok((Arc::new(mirror), Arc::new(limits)))
+}
+
+/// Asks both stores once, in the background: a store that cannot be
+/// reached is named in the log at startup rather than at the first client's
+/// request, and the first requests find connections already open.
+fn probe_stores(blobs: Arc<dyn BlobStore>, meta: Arc<dyn MetaStore>) {
+    tokio::spawn(async move {
+        let (b, m) = tokio::join!(blobs.health(), meta.health());
+        if let Err(e) = b {
+            tracing::warn!(error = %e, "blob storage cannot be reached yet");
+        }
+        if let Err(e) = m {
+            tracing::warn!(error = %e, "metadata cannot be reached yet");
+        }
+    });
 }
 
 /// Spool files left by a previous run belong to fetches that no longer exist.

@@ -122,10 +122,17 @@ pub(super) async fn run(guard: FlightGuard, job: FetchJob, spool_dir: PathBuf) {
                 Ok(_slot) => from_upstream(&flight, &job, &spool).await,
                 Err(e) => Err(e),
             };
-            if let Some(lease) = lease {
-                lease.release().await;
+            match (lease, &result) {
+                // Stored: the lease is left to lapse instead of released,
+                // so a replica that found the blob missing a moment before
+                // the commit, and claims it now, learns that another has
+                // it (and streams it from there, or looks in the store
+                // again) instead of fetching it a second time.
+                (Some(lease), Ok(true)) => drop(lease),
+                (Some(lease), _) => lease.release().await,
+                (None, _) => {}
             }
-            result
+            result.map(drop)
         }
         Ok(Source::Peer(resp)) => {
             let from = format!("{} via a peer replica", job.upstream.registry());
@@ -167,15 +174,9 @@ async fn source(job: &FetchJob, flight: &Flight) -> Result<Source, FlightError> 
             return Ok(Source::Upstream(None));
         }
         match job.cluster.claim(&lease_name).await {
-            Claim::Mine(lease) => {
-                // The previous holder may have committed and released the
-                // lease since the store was checked above.
-                if let Ok(Some(_)) = job.blobs.stat(&flight.digest).await {
-                    lease.release().await;
-                    return Ok(Source::Stored);
-                }
-                return Ok(Source::Upstream(Some(lease)));
-            }
+            // Nobody stored the blob since the store was checked above: a
+            // holder that stores it keeps its lease until it lapses.
+            Claim::Mine(lease) => return Ok(Source::Upstream(Some(lease))),
             Claim::Alone => return Ok(Source::Upstream(None)),
             Claim::Theirs { peer: Some(peer) } => {
                 if let Some(resp) = from_peer(job, &peer, flight).await {
@@ -207,12 +208,13 @@ async fn from_peer(job: &FetchJob, peer: &url::Url, flight: &Flight) -> Option<r
     }
 }
 
-/// Fetches from upstream into the spool and the store, then commits.
+/// Fetches from upstream into the spool, then stores the verified blob;
+/// true when it is stored.
 async fn from_upstream(
     flight: &Arc<Flight>,
     job: &FetchJob,
     spool: &Path,
-) -> Result<(), FlightError> {
+) -> Result<bool, FlightError> {
     let resp = job
         .upstream
         .blob(&job.repository, &flight.digest)
@@ -230,7 +232,7 @@ async fn from_upstream(
     {
         metrics().backend_error("storage");
         tracing::error!(%digest, error = ?e, "cannot write a verified blob to the spool");
-        return Ok(());
+        return Ok(false);
     }
     match job.blobs.store(digest, spool, size).await {
         Ok(()) => {
@@ -241,13 +243,14 @@ async fn from_upstream(
             {
                 tracing::warn!(%digest, error = %e, "linking a stored blob failed");
             }
+            Ok(true)
         }
         Err(e) => {
             metrics().backend_error("storage");
             tracing::error!(%digest, error = %e, "storing a verified blob failed");
+            Ok(false)
         }
     }
-    Ok(())
 }
 
 /// Blobs up to this size (as upstream announces it) are held in memory

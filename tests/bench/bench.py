@@ -533,6 +533,18 @@ class Bench:
             if d:
                 shutil.rmtree(d, ignore_errors=True)
         os.sync()
+        # The S3 server goes on storing what Pier uploaded after its client
+        # was served (SeaweedFS spends seconds of CPU on a 256 MiB object):
+        # the next figure starts once it is idle.
+        if srv.side_pids:
+            deadline = time.monotonic() + 30
+            before = cpu_seconds(srv.side_pids)
+            while time.monotonic() < deadline:
+                time.sleep(0.5)
+                now = cpu_seconds(srv.side_pids)
+                if now - before < 0.05:
+                    break
+                before = now
 
     # ---------------------------------------------------------- clients
 
