@@ -66,13 +66,19 @@ impl Cluster {
             .acquire_lease(name, &self.me, self.lease_ttl)
             .await
         {
-            Ok(None) => Claim::Mine(Lease::start(
-                self.meta.clone(),
-                name.to_owned(),
-                self.me.clone(),
-                self.lease_ttl,
-                self.held.clone(),
-            )),
+            Ok(None) => self.mine(name),
+            // A lease this replica left to lapse (its work done) is its own
+            // to take again: it would otherwise wait for itself.
+            Ok(Some(holder))
+                if holder == self.me
+                    && !lock(&self.held).contains(name)
+                    && matches!(
+                        self.meta.renew_lease(name, &self.me, self.lease_ttl).await,
+                        Ok(true)
+                    ) =>
+            {
+                self.mine(name)
+            }
             Ok(Some(holder)) => {
                 metrics().lease_waits.inc();
                 Claim::Theirs {
@@ -89,6 +95,16 @@ impl Cluster {
 }
 
 impl Cluster {
+    fn mine(&self, name: &str) -> Claim {
+        Claim::Mine(Lease::start(
+            self.meta.clone(),
+            name.to_owned(),
+            self.me.clone(),
+            self.lease_ttl,
+            self.held.clone(),
+        ))
+    }
+
     /// Gives up every lease still held, so other replicas take the work
     /// over at once instead of after the leases lapse (at shutdown).
     pub async fn release_all(&self) {
@@ -169,6 +185,8 @@ impl Drop for Lease {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
+
     use super::*;
 
     #[test]
@@ -179,5 +197,39 @@ mod tests {
         );
         assert_eq!(peer_url("00ff -"), None);
         assert_eq!(peer_url("garbage"), None);
+    }
+
+    /// A replica takes back a lease it left to lapse, but not one it holds,
+    /// and another replica waits for it (Redis from `tests/run.sh`).
+    #[tokio::test]
+    async fn a_lapsing_lease_is_its_holders_to_take_again() {
+        let Some(url) = crate::testenv::backend("PIER_TEST_REDIS_URL") else {
+            return;
+        };
+        let prefix = format!("cluster-{:x}:", rand::random::<u64>());
+        let meta: Arc<dyn MetaStore> = Arc::new(
+            crate::meta::RedisMeta::new(&url, &prefix, 2, Duration::from_secs(2)).unwrap(),
+        );
+        let config = ClusterConfig {
+            advertise_url: Some("http://10.0.0.1:5000".parse().unwrap()),
+            lease_ttl: Duration::from_secs(30),
+        };
+        let (a, b) = (
+            Cluster::new(&config, meta.clone()),
+            Cluster::new(&config, meta),
+        );
+        let Claim::Mine(lease) = a.claim("blob:x").await else {
+            panic!("a fresh lease is free");
+        };
+        assert!(matches!(a.claim("blob:x").await, Claim::Theirs { .. }));
+        assert!(matches!(b.claim("blob:x").await, Claim::Theirs { .. }));
+        // Left to lapse (dropped, not released): still b's to wait for.
+        drop(lease);
+        assert!(matches!(b.claim("blob:x").await, Claim::Theirs { .. }));
+        let Claim::Mine(again) = a.claim("blob:x").await else {
+            panic!("a takes its own lapsing lease back");
+        };
+        again.release().await;
+        assert!(matches!(b.claim("blob:x").await, Claim::Mine(_)));
     }
 }

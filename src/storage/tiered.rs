@@ -106,23 +106,19 @@ impl BlobStore for TieredBlobStore {
 
     /// Keeps the verified spool file as this replica's local copy (a second
     /// name for it, so the shared store can still read it), then stores the
-    /// blob in the shared store.
+    /// blob in the shared store. If that fails, the copy goes too: while it
+    /// existed, this replica would take the blob for stored and never try
+    /// again.
     async fn store(&self, digest: &Digest, spool: &Path, size: u64) -> Result<(), StorageError> {
-        if self.local.index().fits(size) {
-            let (from, dest) = (spool.to_owned(), self.local.files.path_of(digest));
-            let tmp = self.local.tmp.join(format!("{}.copy", digest.hex()));
-            match tokio::task::spawn_blocking(move || link_copy(&from, &dest, &tmp, size)).await {
-                Ok(Ok(())) => self.local.admit(digest.clone(), size).await,
-                Ok(Err(e @ StorageError::Backend(_))) => return Err(e),
-                // A copy that cannot be kept costs a read from the shared
-                // store later, nothing more.
-                Ok(Err(e)) => {
-                    tracing::warn!(%digest, error = %e, "cannot keep a local copy of a fetched blob");
-                }
-                Err(e) => return Err(StorageError::Io(io::Error::other(e))),
-            }
+        let kept = self.local.keep_spool(digest, spool, size).await?;
+        let stored = self.shared.store(digest, spool, size).await;
+        if stored.is_err()
+            && kept
+            && let Err(e) = self.local.drop_copy(digest).await
+        {
+            tracing::warn!(%digest, error = %e, "cannot remove the local copy of a blob that was not stored");
         }
-        self.shared.store(digest, spool, size).await
+        stored
     }
 
     async fn delete(&self, digest: &Digest) -> Result<(), StorageError> {
@@ -141,7 +137,7 @@ impl BlobStore for TieredBlobStore {
     ) -> Result<Option<String>, StorageError> {
         // `stat` may have answered from the local copy: the URL is only
         // good if the bucket has the object.
-        if self.shared.stat(digest).await?.is_none() {
+        if self.local.holds(digest) && self.shared.stat(digest).await?.is_none() {
             return Ok(None);
         }
         self.shared.presigned_url(digest, expires).await
@@ -186,22 +182,59 @@ impl LocalCopies {
                 Ok(Some(body))
             }
             Err(e @ (StorageError::Unsatisfiable { .. } | StorageError::MalformedRange)) => Err(e),
-            other => {
-                if let Err(e) = other {
-                    tracing::warn!(%digest, error = %e, "cannot read the local copy of a blob");
-                }
-                // Removed behind our back, or unreadable: forget it.
+            Ok(None) => {
+                // Removed behind our back: forget it.
                 self.index().remove(digest);
                 self.publish_size();
+                metrics().local_copy("miss");
+                Ok(None)
+            }
+            Err(e) => {
+                // Perhaps passing (out of file descriptors): the shared
+                // store serves this read, the copy stays counted.
+                tracing::warn!(%digest, error = %e, "cannot read the local copy of a blob");
                 metrics().local_copy("miss");
                 Ok(None)
             }
         }
     }
 
+    /// Keeps a fetch's verified spool file as the local copy, when it fits;
+    /// whether it did. Only a spool of another length than `size` is an
+    /// error: a copy that cannot be made costs a read from the shared store
+    /// later, nothing more.
+    async fn keep_spool(
+        &self,
+        digest: &Digest,
+        spool: &Path,
+        size: u64,
+    ) -> Result<bool, StorageError> {
+        if !self.index().fits(size) {
+            return Ok(false);
+        }
+        let (from, dest) = (spool.to_owned(), self.files.path_of(digest));
+        let tmp = self.tmp.join(format!("{}.copy", digest.hex()));
+        match tokio::task::spawn_blocking(move || link_copy(&from, &dest, &tmp, size)).await {
+            Ok(Ok(())) => {
+                self.admit(digest.clone(), size).await;
+                Ok(true)
+            }
+            Ok(Err(e @ StorageError::Backend(_))) => Err(e),
+            Ok(Err(e)) => {
+                tracing::warn!(%digest, error = %e, "cannot keep a local copy of a fetched blob");
+                Ok(false)
+            }
+            Err(e) => Err(StorageError::Io(io::Error::other(e))),
+        }
+    }
+
     /// Counts a verified copy now in place, removing what no longer fits.
     async fn admit(&self, digest: Digest, size: u64) {
         let evicted = self.index().insert(digest, size);
+        self.remove_evicted(evicted).await;
+    }
+
+    async fn remove_evicted(&self, evicted: Vec<Digest>) {
         self.publish_size();
         for old in evicted {
             metrics().local_copy("evicted");
@@ -229,7 +262,7 @@ impl LocalCopies {
     /// kept only if every byte arrived and they hash to `digest`.
     fn copy_while_read(this: &Arc<Self>, digest: &Digest, body: BlobBody) -> BlobBody {
         let size = body.size;
-        if body.range.is_some() || !this.index().fits(size) {
+        if body.range.is_some() {
             return body;
         }
         let Ok(slot) = this.fill_slots.clone().try_acquire_owned() else {
@@ -243,15 +276,30 @@ impl LocalCopies {
         {
             return body;
         }
-        let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(FILL_QUEUE);
         let (copies, copying) = (this.clone(), digest.clone());
-        tokio::spawn(async move {
-            copies.fill(&copying, size, rx).await;
+        let done_filling = move || {
             copies
                 .filling
                 .lock()
                 .unwrap_or_else(PoisonError::into_inner)
                 .remove(&copying);
+        };
+        // The copy being written counts against the budget from the start,
+        // so copies and copies in the making never hold more than it.
+        let Some(evicted) = this.index().reserve(size) else {
+            done_filling();
+            return body;
+        };
+        let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(FILL_QUEUE);
+        let (copies, copying) = (this.clone(), digest.clone());
+        tokio::spawn(async move {
+            copies.remove_evicted(evicted).await;
+            let placed = copies.fill(&copying, size, rx).await;
+            copies.index().unreserve(size);
+            if placed {
+                copies.admit(copying.clone(), size).await;
+            }
+            done_filling();
             drop(slot);
         });
         let stream = body
@@ -271,26 +319,36 @@ impl LocalCopies {
     }
 
     /// Writes what the read passes on to a temporary file and, when it is
-    /// the whole blob and verified, puts it in place.
-    async fn fill(&self, digest: &Digest, size: u64, rx: tokio::sync::mpsc::Receiver<Bytes>) {
+    /// the whole blob and verified, puts it in place; whether it did.
+    async fn fill(
+        &self,
+        digest: &Digest,
+        size: u64,
+        rx: tokio::sync::mpsc::Receiver<Bytes>,
+    ) -> bool {
         let tmp = self.tmp.join(format!(
             "{}-{:016x}.part",
             digest.hex(),
             rand::random::<u64>()
         ));
-        let (path, expected, dest) = (tmp.clone(), digest.clone(), self.files.path_of(digest));
+        let (expected, dest) = (digest.clone(), self.files.path_of(digest));
         let copied = tokio::task::spawn_blocking(move || {
-            let copied = write_copy(&path, &expected, size, rx)?;
-            if copied == Copied::Whole {
-                move_into_place(&path, &dest, size)?;
-            }
-            Ok::<_, StorageError>(copied)
+            let copied = write_copy(&tmp, &expected, size, rx)
+                .map_err(StorageError::from)
+                .and_then(|copied| {
+                    if copied == Copied::Whole {
+                        move_into_place(&tmp, &dest, size)?;
+                    }
+                    Ok(copied)
+                });
+            remove_leftover(&tmp);
+            copied
         })
         .await
         .map_err(|e| StorageError::Io(io::Error::other(e)))
         .and_then(|c| c);
         match copied {
-            Ok(Copied::Whole) => self.admit(digest.clone(), size).await,
+            Ok(Copied::Whole) => return true,
             Ok(Copied::Short) => tracing::debug!(%digest, "read ended early: no local copy made"),
             Ok(Copied::Mismatch) => {
                 metrics().backend_error("storage");
@@ -298,11 +356,16 @@ impl LocalCopies {
             }
             Err(e) => tracing::warn!(%digest, error = %e, "cannot make a local copy of a blob"),
         }
-        if let Err(e) = std::fs::remove_file(&tmp)
-            && e.kind() != io::ErrorKind::NotFound
-        {
-            tracing::warn!(path = %tmp.display(), error = %e, "cannot remove a partial local copy");
-        }
+        false
+    }
+}
+
+/// Removes a temporary file that may be left after a failure. Blocking.
+fn remove_leftover(tmp: &Path) {
+    if let Err(e) = std::fs::remove_file(tmp)
+        && e.kind() != io::ErrorKind::NotFound
+    {
+        tracing::warn!(path = %tmp.display(), error = %e, "cannot remove a partial local copy");
     }
 }
 
@@ -365,7 +428,9 @@ fn copies_in(root: &Path) -> io::Result<Vec<(Digest, u64)>> {
                         let at = meta.modified().unwrap_or(SystemTime::UNIX_EPOCH);
                         found.push((at, digest, meta.len()));
                     }
-                    _ => std::fs::remove_file(file.path())?,
+                    _ if meta.is_file() => std::fs::remove_file(file.path())?,
+                    // Not ours to remove: ignored.
+                    _ => {}
                 }
             }
         }
@@ -395,8 +460,11 @@ fn link_copy(spool: &Path, dest: &Path, tmp: &Path, size: u64) -> Result<(), Sto
     };
     match linked {
         Err(e) if e.kind() == io::ErrorKind::CrossesDevices => {
-            std::fs::copy(spool, tmp)?;
-            move_into_place(tmp, dest, size)
+            let copied = std::fs::copy(spool, tmp)
+                .map_err(StorageError::from)
+                .and_then(|_| move_into_place(tmp, dest, size));
+            remove_leftover(tmp);
+            copied
         }
         other => Ok(other?),
     }
@@ -537,5 +605,50 @@ mod tests {
         // The spool stays for the shared store to read.
         assert_eq!(std::fs::read(&spool).unwrap(), b"verified bytes");
         assert!(!tmp.exists());
+    }
+
+    /// A shared store whose writes all fail.
+    struct Refusing(FsBlobStore);
+
+    #[async_trait]
+    impl BlobStore for Refusing {
+        async fn stat(&self, d: &Digest) -> Result<Option<u64>, StorageError> {
+            self.0.stat(d).await
+        }
+        async fn get(
+            &self,
+            d: &Digest,
+            r: Option<RangeSpec>,
+        ) -> Result<Option<BlobBody>, StorageError> {
+            self.0.get(d, r).await
+        }
+        async fn store(&self, _: &Digest, _: &Path, _: u64) -> Result<(), StorageError> {
+            Err(StorageError::Backend("bucket unreachable".into()))
+        }
+        async fn delete(&self, d: &Digest) -> Result<(), StorageError> {
+            self.0.delete(d).await
+        }
+        async fn health(&self) -> Result<(), StorageError> {
+            Ok(())
+        }
+    }
+
+    #[tokio::test]
+    async fn no_local_copy_outlives_a_failed_store() {
+        let dir = tempfile::tempdir().unwrap();
+        let shared = Arc::new(Refusing(
+            FsBlobStore::open(&dir.path().join("shared")).await.unwrap(),
+        ));
+        let store = TieredBlobStore::open(shared, &dir.path().join("local"), 1 << 20)
+            .await
+            .unwrap();
+        let spool = dir.path().join("spool");
+        std::fs::write(&spool, b"verified").unwrap();
+        let digest = Digest::sha256_of(b"verified");
+        assert!(store.store(&digest, &spool, 8).await.is_err());
+        // Else this replica would take the blob for stored, and never store it.
+        assert_eq!(store.stat(&digest).await.unwrap(), None);
+        assert!(!store.local.holds(&digest));
+        assert_eq!(store.local.files.stat(&digest).await.unwrap(), None);
     }
 }
