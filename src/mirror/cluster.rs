@@ -35,8 +35,9 @@ pub enum Claim {
     /// This replica does it, holding the lease (renewed until released).
     Mine(Lease),
     /// Another replica does it; `peer` is where it can be reached, if it
-    /// said.
-    Theirs { peer: Option<Url> },
+    /// said. `own`: the lease is this replica's, left to lapse after its
+    /// work was done (no task here holds it).
+    Theirs { peer: Option<Url>, own: bool },
     /// Do it here, unguarded: no other replica shares the metadata store,
     /// or it cannot coordinate now.
     Alone,
@@ -67,22 +68,11 @@ impl Cluster {
             .await
         {
             Ok(None) => self.mine(name),
-            // A lease this replica left to lapse (its work done) is its own
-            // to take again: it would otherwise wait for itself.
-            Ok(Some(holder))
-                if holder == self.me
-                    && !lock(&self.held).contains(name)
-                    && matches!(
-                        self.meta.renew_lease(name, &self.me, self.lease_ttl).await,
-                        Ok(true)
-                    ) =>
-            {
-                self.mine(name)
-            }
             Ok(Some(holder)) => {
                 metrics().lease_waits.inc();
                 Claim::Theirs {
                     peer: peer_url(&holder).filter(|u| Some(u) != self.advertise.as_ref()),
+                    own: holder == self.me && !lock(&self.held).contains(name),
                 }
             }
             Err(e) => {
@@ -199,10 +189,10 @@ mod tests {
         assert_eq!(peer_url("garbage"), None);
     }
 
-    /// A replica takes back a lease it left to lapse, but not one it holds,
-    /// and another replica waits for it (Redis from `tests/run.sh`).
+    /// A lease its holder left to lapse says so to the holder; another
+    /// replica waits for it (Redis from `tests/run.sh`).
     #[tokio::test]
-    async fn a_lapsing_lease_is_its_holders_to_take_again() {
+    async fn a_lapsing_lease_is_known_to_its_holder() {
         let Some(url) = crate::testenv::backend("PIER_TEST_REDIS_URL") else {
             return;
         };
@@ -221,15 +211,15 @@ mod tests {
         let Claim::Mine(lease) = a.claim("blob:x").await else {
             panic!("a fresh lease is free");
         };
-        assert!(matches!(a.claim("blob:x").await, Claim::Theirs { .. }));
-        assert!(matches!(b.claim("blob:x").await, Claim::Theirs { .. }));
-        // Left to lapse (dropped, not released): still b's to wait for.
-        drop(lease);
-        assert!(matches!(b.claim("blob:x").await, Claim::Theirs { .. }));
-        let Claim::Mine(again) = a.claim("blob:x").await else {
-            panic!("a takes its own lapsing lease back");
+        let own = |c: Claim| match c {
+            Claim::Theirs { own, .. } => own,
+            _ => panic!("the lease is taken"),
         };
-        again.release().await;
-        assert!(matches!(b.claim("blob:x").await, Claim::Mine(_)));
+        assert!(!own(a.claim("blob:x").await), "held by a task of a");
+        assert!(!own(b.claim("blob:x").await));
+        // Left to lapse (dropped, not released).
+        drop(lease);
+        assert!(own(a.claim("blob:x").await));
+        assert!(!own(b.claim("blob:x").await));
     }
 }

@@ -178,13 +178,25 @@ async fn source(job: &FetchJob, flight: &Flight) -> Result<Source, FlightError> 
             // holder that stores it keeps its lease until it lapses.
             Claim::Mine(lease) => return Ok(Source::Upstream(Some(lease))),
             Claim::Alone => return Ok(Source::Upstream(None)),
-            Claim::Theirs { peer: Some(peer) } => {
+            // This replica stored the blob a moment ago (that lease is left
+            // to lapse), after this request found it missing: look again,
+            // and if the store still cannot give it, fetch at once rather
+            // than wait for itself.
+            Claim::Theirs { own: true, .. } => {
+                if let Ok(Some(_)) = job.blobs.stat(&flight.digest).await {
+                    return Ok(Source::Stored);
+                }
+                return Ok(Source::Upstream(None));
+            }
+            Claim::Theirs {
+                peer: Some(peer), ..
+            } => {
                 if let Some(resp) = from_peer(job, &peer, flight).await {
                     tracing::info!(%peer, digest = %flight.digest, "streaming a blob another replica is fetching");
                     return Ok(Source::Peer(resp));
                 }
             }
-            Claim::Theirs { peer: None } => {}
+            Claim::Theirs { peer: None, .. } => {}
         }
         tokio::time::sleep(WAIT_POLL).await;
     }
