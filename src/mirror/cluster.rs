@@ -2,7 +2,9 @@
 //! replica holding `blob:<digest>` fetches that blob from upstream, the
 //! others stream it from that replica (at the URL it advertises in the
 //! lease) or wait for its commit. A lease is renewed while its work runs and
-//! lapses if the replica dies, so another one takes over.
+//! lapses if the replica dies, so another one takes over. A blob's lease is
+//! also left to lapse once the blob is stored, so that a replica that found
+//! it missing a moment earlier does not fetch it again.
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex, PoisonError};
