@@ -162,7 +162,11 @@ async fn source(job: &FetchJob, flight: &Flight) -> Result<Source, FlightError> 
     let lease_name = format!("blob:{}", flight.digest);
     // Waiting on another replica is bounded: past this, fetch anyway.
     let give_up = Instant::now() + job.cluster.lease_ttl * 8;
-    let mut look = !job.store_checked;
+    // A peer asks this replica because it holds (or just held) the lease:
+    // the fetch it held may have stored the blob and left between this
+    // request's look and its joining, so a peer's request always looks
+    // again (it goes upstream unguarded otherwise).
+    let mut look = !job.store_checked || job.for_peer;
     loop {
         // A fetch that finished just before this one started has committed.
         // (An unreachable store counts as a miss: clients are served anyway.)

@@ -270,38 +270,24 @@ impl LocalCopies {
         let Ok(slot) = this.fill_slots.clone().try_acquire_owned() else {
             return body;
         };
-        if !this
-            .filling
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .insert(digest.clone())
-        {
+        let Some(filling) = Filling::start(this, digest) else {
             return body;
-        }
-        let (copies, copying) = (this.clone(), digest.clone());
-        let done_filling = move || {
-            copies
-                .filling
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .remove(&copying);
         };
         // The copy being written counts against the budget from the start,
         // so copies and copies in the making never hold more than it.
         let Some(evicted) = this.index().reserve(size) else {
-            done_filling();
             return body;
         };
         let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(FILL_QUEUE);
-        let (copies, copying) = (this.clone(), digest.clone());
         tokio::spawn(async move {
+            let Filling { copies, digest } = &filling;
             copies.remove_evicted(evicted).await;
-            let placed = copies.fill(&copying, size, rx).await;
+            let placed = copies.fill(digest, size, rx).await;
             copies.index().unreserve(size);
             if placed {
-                copies.admit(copying.clone(), size).await;
+                copies.admit(digest.clone(), size).await;
             }
-            done_filling();
+            drop(filling);
             drop(slot);
         });
         let stream = body
@@ -359,6 +345,36 @@ impl LocalCopies {
             Err(e) => tracing::warn!(%digest, error = %e, "cannot make a local copy of a blob"),
         }
         false
+    }
+}
+
+/// A blob a read is copying now; dropping it lets the next read copy it.
+struct Filling {
+    copies: Arc<LocalCopies>,
+    digest: Digest,
+}
+
+impl Filling {
+    /// `None` when another read is copying the blob already.
+    fn start(copies: &Arc<LocalCopies>, digest: &Digest) -> Option<Self> {
+        let mut filling = copies
+            .filling
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        filling.insert(digest.clone()).then(|| Self {
+            copies: copies.clone(),
+            digest: digest.clone(),
+        })
+    }
+}
+
+impl Drop for Filling {
+    fn drop(&mut self) {
+        self.copies
+            .filling
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&self.digest);
     }
 }
 

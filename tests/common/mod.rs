@@ -430,6 +430,18 @@ pub fn s3_has(key: &str) -> bool {
     code == "200"
 }
 
+/// Polls (up to 5 s) until the shared test bucket has an object at `key`.
+pub async fn wait_s3_has(key: &str) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !s3_has(key) {
+        if Instant::now() > deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    true
+}
+
 /// Deletes the object at `key` from the shared test bucket.
 pub fn s3_delete(key: &str) {
     let code = s3_request("DELETE", key);
@@ -707,14 +719,7 @@ impl Pier {
     /// Waits (up to 5 s) until the blob store holds `n` blobs, and returns
     /// them: a blob is committed just after its last byte is sent.
     pub fn wait_stored(&self, n: usize) -> Vec<String> {
-        let deadline = Instant::now() + Duration::from_secs(5);
-        loop {
-            let blobs = self.stored_blobs();
-            if blobs.len() >= n || Instant::now() > deadline {
-                return blobs;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        wait_files(&self.data.join("blobs"), n)
     }
 
     /// Every file under the blob store (verified blobs only ever).
@@ -726,6 +731,18 @@ impl Pier {
 impl Drop for Pier {
     fn drop(&mut self) {
         self.stop();
+    }
+}
+
+/// Polls (up to 5 s) until `dir` holds `n` files; their names.
+pub fn wait_files(dir: &Path, n: usize) -> Vec<String> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let files = files_under(dir);
+        if files.len() >= n || Instant::now() > deadline {
+            return files;
+        }
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 
