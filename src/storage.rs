@@ -75,6 +75,14 @@ pub trait BlobStore: Send + Sync + 'static {
     /// spool of another length is refused.
     async fn store(&self, digest: &Digest, spool: &Path, size: u64) -> Result<(), StorageError>;
 
+    /// Whether storing a blob sends its bytes to another machine (an
+    /// upload to S3), taking bandwidth and CPU that clients reading the
+    /// same blob from this replica could use. A rename on the local disk
+    /// takes neither.
+    fn uploads(&self) -> bool {
+        false
+    }
+
     /// Removes a blob; removing a missing blob is not an error.
     async fn delete(&self, digest: &Digest) -> Result<(), StorageError>;
 

@@ -488,3 +488,80 @@ async fn replicas_serve_their_local_copies_without_the_bucket() {
     );
     assert!(metrics.contains("pier_local_copy_bytes "), "{metrics}");
 }
+
+/// A client slower than upstream is still reading a blob when its fetch is
+/// verified: the upload to the bucket waits until it has read the last
+/// byte, so that the two do not compete for this replica's bandwidth (and,
+/// here, the S3 server's CPU).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blob_is_uploaded_once_its_clients_have_read_it() {
+    use sha2::Digest as _;
+    if !have_tools(&["docker-registry"]) {
+        return;
+    }
+    let docker = Upstream::start("docker");
+    let ns = namespace();
+    let d = tempfile::tempdir().unwrap();
+    let url = docker.url();
+    let Some(pier) = Pier::start_scaled(d.path(), &ns, &[("docker.io", url.as_str())], "") else {
+        return;
+    };
+    let http = reqwest::Client::new();
+    let base = format!("{}/v2/docker.io/library/big", pier.url());
+    let manifest = fetch(
+        &http,
+        reqwest::Method::GET,
+        &format!("{base}/manifests/latest"),
+        &[],
+    )
+    .await
+    .bytes()
+    .await
+    .unwrap();
+    let manifest: serde_json::Value = serde_json::from_slice(&manifest).unwrap();
+    let layer = &manifest["layers"][0];
+    let (digest, size) = (
+        layer["digest"].as_str().unwrap().to_owned(),
+        layer["size"].as_u64().unwrap(),
+    );
+    assert!(size >= 64 << 20, "{manifest}");
+    let hex = digest.trim_start_matches("sha256:");
+    let key = format!("{ns}/blobs/sha256/{hex}");
+
+    // The client takes one chunk, then stops reading while upstream sends
+    // the rest.
+    let mut resp = http
+        .get(format!("{base}/blobs/{digest}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut hasher = sha2::Sha256::new();
+    let mut received = 0u64;
+    let first = resp.chunk().await.unwrap().unwrap();
+    hasher.update(&first);
+    received += first.len() as u64;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while docker.requests("GET", &format!("library/big/blobs/{digest}")) == 0 {
+        assert!(std::time::Instant::now() < deadline, "{}", docker.log());
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    // Upstream sent every byte; an upload started then would be done well
+    // within this.
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    assert!(!s3_has(&key), "uploaded while its client was still reading");
+
+    while let Some(chunk) = resp.chunk().await.unwrap() {
+        hasher.update(&chunk);
+        received += chunk.len() as u64;
+    }
+    assert_eq!(received, size);
+    assert_eq!(format!("sha256:{}", hex::encode(hasher.finalize())), digest);
+    assert!(wait_s3_has(&key).await, "{key} never stored");
+    assert_eq!(
+        docker.requests("GET", "library/big/blobs/"),
+        1,
+        "{}",
+        docker.log()
+    );
+}

@@ -118,8 +118,13 @@ pub(super) async fn run(guard: FlightGuard, job: FetchJob, spool_dir: PathBuf) {
             return;
         }
         Ok(Source::Upstream(lease)) => {
-            let result = match job.slots.take().await {
+            // The slot bounds fetches from upstream, not the commits after.
+            let fetched = match job.slots.take().await {
                 Ok(_slot) => from_upstream(&flight, &job, &spool).await,
+                Err(e) => Err(e),
+            };
+            let result = match fetched {
+                Ok((size, spooled)) => Ok(commit(&flight, &job, &spool, size, spooled).await),
                 Err(e) => Err(e),
             };
             match (lease, &result) {
@@ -224,31 +229,50 @@ async fn from_peer(job: &FetchJob, peer: &url::Url, flight: &Flight) -> Option<r
     }
 }
 
-/// Fetches from upstream into the spool, then stores the verified blob;
-/// true when it is stored.
+/// Fetches from upstream into the spool; the verified size and bytes.
 async fn from_upstream(
     flight: &Arc<Flight>,
     job: &FetchJob,
     spool: &Path,
-) -> Result<bool, FlightError> {
+) -> Result<(u64, Spooled), FlightError> {
     let resp = job
         .upstream
         .blob(&job.repository, &flight.digest)
         .await
         .map_err(FlightError::Upstream)?;
     let registry = job.upstream.registry().to_owned();
-    let (size, spooled) = download(flight, job, spool, resp, &registry).await?;
-    // Clients already have every verified byte; storing is for the next
-    // ones, and starts only now, so that it takes nothing (bandwidth to the
-    // store, its CPU) from the clients while they stream. A store that
-    // fails here only costs a refetch later.
+    download(flight, job, spool, resp, &registry).await
+}
+
+/// How long a verified blob waits for the clients still reading it before
+/// it is uploaded anyway.
+const UPLOAD_WAIT_MAX: Duration = Duration::from_secs(30);
+
+/// Stores a verified blob and links it to its repository; true when it is
+/// stored. A store that fails here only costs a refetch later.
+async fn commit(
+    flight: &Arc<Flight>,
+    job: &FetchJob,
+    spool: &Path,
+    size: u64,
+    spooled: Spooled,
+) -> bool {
     let digest = &flight.digest;
+    // Storing is for the next clients. Clients reading slower than upstream
+    // sent are still streaming the spool: an upload waits for them (up to
+    // UPLOAD_WAIT_MAX), so that it takes neither this replica's bandwidth
+    // nor the store's CPU from them. Meanwhile the flight goes on serving
+    // the blob, to new clients here and to other replicas, and its lease is
+    // held.
+    if job.blobs.uploads() && !flight.readers_gone(UPLOAD_WAIT_MAX).await {
+        tracing::debug!(%digest, "clients still reading; uploading anyway");
+    }
     if let Spooled::Memory(chunks) = spooled
         && let Err(e) = write_spool(spool, chunks).await
     {
         metrics().backend_error("storage");
         tracing::error!(%digest, error = ?e, "cannot write a verified blob to the spool");
-        return Ok(false);
+        return false;
     }
     match job.blobs.store(digest, spool, size).await {
         Ok(()) => {
@@ -259,12 +283,12 @@ async fn from_upstream(
             {
                 tracing::warn!(%digest, error = %e, "linking a stored blob failed");
             }
-            Ok(true)
+            true
         }
         Err(e) => {
             metrics().backend_error("storage");
             tracing::error!(%digest, error = %e, "storing a verified blob failed");
-            Ok(false)
+            false
         }
     }
 }

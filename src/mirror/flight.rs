@@ -151,6 +151,8 @@ pub struct Flight {
     /// The repository the fetch was started for (upstream confirmed it).
     pub repo_key: String,
     pub(super) phase: watch::Sender<Phase>,
+    /// Clients streaming from the spool now.
+    readers: watch::Sender<usize>,
 }
 
 pub struct Flights {
@@ -197,6 +199,7 @@ impl Flights {
                 digest: digest.clone(),
                 repo_key: job.repo_key.clone(),
                 phase: watch::Sender::new(Phase::Connecting),
+                readers: watch::Sender::new(0),
             });
             map.insert(digest.clone(), f.clone());
             f
@@ -277,6 +280,14 @@ impl Flight {
         }
     }
 
+    /// Waits until no client streams from the spool, for at most `max`.
+    pub(super) async fn readers_gone(&self, max: std::time::Duration) -> bool {
+        let mut rx = self.readers.subscribe();
+        tokio::time::timeout(max, rx.wait_for(|n| *n == 0))
+            .await
+            .is_ok_and(|r| r.is_ok())
+    }
+
     /// Bytes `start..end` (or to the end) as they become readable.
     pub fn stream(
         self: Arc<Self>,
@@ -284,9 +295,10 @@ impl Flight {
         end: Option<u64>,
     ) -> impl Stream<Item = io::Result<Bytes>> + Send + 'static {
         let rx = self.phase.subscribe();
+        let reading = Reading::new(self);
         // The state is `None` once the stream failed: one error, then the end.
-        futures::stream::unfold(Some((self, rx, start)), move |state| async move {
-            let (flight, mut rx, pos) = state?;
+        futures::stream::unfold(Some((reading, rx, start)), move |state| async move {
+            let (reading, mut rx, pos) = state?;
             if end.is_some_and(|e| pos >= e) {
                 return None;
             }
@@ -318,7 +330,7 @@ impl Flight {
                     return Some(match spool.read(pos, limit - pos).await {
                         Ok(b) => {
                             let next = pos + b.len() as u64;
-                            (Ok(b), Some((flight, rx, next)))
+                            (Ok(b), Some((reading, rx, next)))
                         }
                         Err(e) => (Err(e), None),
                     });
@@ -331,6 +343,22 @@ impl Flight {
                 }
             }
         })
+    }
+}
+
+/// Counts a client among the flight's readers while its stream lives.
+struct Reading(Arc<Flight>);
+
+impl Reading {
+    fn new(flight: Arc<Flight>) -> Self {
+        flight.readers.send_modify(|n| *n += 1);
+        Self(flight)
+    }
+}
+
+impl Drop for Reading {
+    fn drop(&mut self) {
+        self.0.readers.send_modify(|n| *n = n.saturating_sub(1));
     }
 }
 

@@ -243,6 +243,10 @@ impl BlobStore for S3BlobStore {
         upload.multipart(size).await
     }
 
+    fn uploads(&self) -> bool {
+        true
+    }
+
     async fn delete(&self, digest: &Digest) -> Result<(), StorageError> {
         self.client
             .delete_object()

@@ -123,6 +123,10 @@ impl BlobStore for TieredBlobStore {
         stored
     }
 
+    fn uploads(&self) -> bool {
+        self.shared.uploads()
+    }
+
     async fn delete(&self, digest: &Digest) -> Result<(), StorageError> {
         self.local.drop_copy(digest).await?;
         self.shared.delete(digest).await
