@@ -101,15 +101,6 @@ pub struct S3Config {
 }
 
 impl StorageConfig {
-    /// Whether stored blobs can be sent from local files (with sendfile):
-    /// the fs store's, or an S3 replica's local copies.
-    pub fn serves_local_files(&self) -> bool {
-        match self {
-            StorageConfig::Fs { .. } => true,
-            StorageConfig::S3(s3) => s3.local_cache_size > 0,
-        }
-    }
-
     /// The local directory where in-flight blob fetches are spooled. For the
     /// fs store it sits on the same filesystem as the blobs, so a verified
     /// spool file is committed with a rename.

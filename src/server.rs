@@ -114,7 +114,9 @@ pub async fn serve(
     let (mirror, limits) = build_mirror(config).await?;
     let app = crate::api::router(mirror.clone(), limits);
     let settings = config.server.clone();
-    let zero_copy = settings.zero_copy && config.storage.serves_local_files();
+    // Every store has local files to send: stored blobs (fs), local copies
+    // (S3 with a local cache), and the spool files of fetches.
+    let zero_copy = settings.zero_copy;
     let builder = http_builder(&settings);
     let graceful = GracefulShutdown::new();
     tracing::info!(listen = %listener.local_addr()?, zero_copy, "pier is serving");

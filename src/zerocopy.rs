@@ -43,6 +43,12 @@ pub struct FileSlice {
     pub len: u64,
 }
 
+/// Part of a body: bytes, or a slice of a file to send as it is.
+pub enum Piece {
+    Bytes(Bytes),
+    File(FileSlice),
+}
+
 /// The file slices a connection still has to send, in body order. A clone
 /// travels with each request on the connection (as a request extension), so
 /// handlers can answer with [`file_body`].
@@ -96,6 +102,20 @@ pub fn file_body(
             queue.push(file, pos, n);
             Some((Ok(Bytes::from_static(&PLACEHOLDER[..n])), pos + n as u64))
         }
+    })
+}
+
+/// A body of bytes and file slices, the slices sent through `queue`'s
+/// connection with sendfile.
+pub fn pieces_body(
+    queue: SendQueue,
+    pieces: impl futures::Stream<Item = io::Result<Piece>> + Send + 'static,
+) -> impl futures::Stream<Item = io::Result<Bytes>> + Send + 'static {
+    use futures::StreamExt;
+    pieces.flat_map(move |piece| match piece {
+        Ok(Piece::File(slice)) => file_body(queue.clone(), slice).left_stream(),
+        Ok(Piece::Bytes(b)) => futures::stream::once(std::future::ready(Ok(b))).right_stream(),
+        Err(e) => futures::stream::once(std::future::ready(Err(e))).right_stream(),
     })
 }
 

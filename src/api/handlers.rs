@@ -17,7 +17,7 @@ use crate::reference::{Digest, Reference};
 use crate::route::Target;
 use crate::telemetry::access;
 use crate::telemetry::metrics::{SourceLabels, metrics};
-use crate::zerocopy::{SendQueue, file_body};
+use crate::zerocopy::{SendQueue, pieces_body};
 use futures::StreamExt;
 
 /// Largest page of tags or repositories one response carries.
@@ -244,8 +244,8 @@ async fn blob(
         source: if b.cached { "cache" } else { "upstream" },
     });
     let served = served.clone();
-    let stream = match (b.file, ask.send_queue.clone()) {
-        (Some(file), Some(queue)) => file_body(queue, file).boxed(),
+    let stream = match (b.pieces, ask.send_queue.clone()) {
+        (Some(pieces), Some(queue)) => pieces_body(queue, pieces).boxed(),
         _ => b.stream,
     };
     let stream = stream.inspect(move |chunk| {

@@ -16,7 +16,7 @@ use crate::route::Target;
 use crate::storage::{BlobBody, StorageError};
 use crate::telemetry::metrics::metrics;
 use crate::upstream::UpstreamError;
-use crate::zerocopy::FileSlice;
+use crate::zerocopy::Piece;
 
 /// A blob (or part of it) on its way to a client.
 pub struct BlobResponse {
@@ -25,8 +25,11 @@ pub struct BlobResponse {
     /// The part being sent, for a satisfied Range request.
     pub range: Option<ByteRange>,
     pub stream: BoxStream<'static, io::Result<Bytes>>,
-    /// The same bytes in a local file, when they are stored as one.
-    pub file: Option<FileSlice>,
+    /// The same bytes, those in local files as slices of them (to send
+    /// without copying), when the blob is in such a file: stored there, or
+    /// in the spool of the fetch streaming it. A response uses one of the
+    /// two streams.
+    pub pieces: Option<BoxStream<'static, io::Result<Piece>>>,
     /// Whether the bytes come from the cache (for logs and metrics).
     pub cached: bool,
 }
@@ -42,7 +45,9 @@ impl From<BlobBody> for BlobResponse {
             size: Some(b.size),
             range: b.range,
             stream: b.stream,
-            file: b.file,
+            pieces: b
+                .file
+                .map(|f| futures::stream::once(std::future::ready(Ok(Piece::File(f)))).boxed()),
             cached: true,
         }
     }
@@ -132,8 +137,8 @@ impl Mirror {
                     Ok(BlobResponse {
                         size,
                         range,
-                        stream: flight.stream(start, end).boxed(),
-                        file: None,
+                        stream: flight.clone().stream(start, end).boxed(),
+                        pieces: Some(flight.pieces(start, end).boxed()),
                         cached: false,
                     })
                 }

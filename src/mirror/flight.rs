@@ -18,6 +18,7 @@ use tokio::sync::watch;
 use crate::reference::Digest;
 use crate::telemetry::metrics::metrics;
 use crate::upstream::UpstreamError;
+use crate::zerocopy::{FileSlice, Piece};
 use tracing::Instrument;
 
 /// Bytes a reader takes from the spool per read.
@@ -294,71 +295,139 @@ impl Flight {
         start: u64,
         end: Option<u64>,
     ) -> impl Stream<Item = io::Result<Bytes>> + Send + 'static {
+        self.readable(start, end, |spool, pos, len| async move {
+            let b = spool.read(pos, len).await?;
+            let n = b.len() as u64;
+            Ok((b, n))
+        })
+    }
+
+    /// The same bytes as [`Flight::stream`], those in a spool file as
+    /// slices of it, for a connection that sends files without copying.
+    pub fn pieces(
+        self: Arc<Self>,
+        start: u64,
+        end: Option<u64>,
+    ) -> impl Stream<Item = io::Result<Piece>> + Send + 'static {
+        self.readable(start, end, |spool, pos, len| async move {
+            match spool {
+                Spooled::File(file) => Ok((
+                    Piece::File(FileSlice {
+                        file,
+                        start: pos,
+                        len,
+                    }),
+                    len,
+                )),
+                memory => {
+                    let b = memory.read(pos, len).await?;
+                    let n = b.len() as u64;
+                    Ok((Piece::Bytes(b), n))
+                }
+            }
+        })
+    }
+
+    /// Items `take` makes of the readable bytes from `start` on, each
+    /// with how many bytes it holds (at least one).
+    fn readable<T, F, Fut>(
+        self: Arc<Self>,
+        start: u64,
+        end: Option<u64>,
+        take: F,
+    ) -> impl Stream<Item = io::Result<T>> + Send + 'static
+    where
+        T: Send + 'static,
+        F: Fn(Spooled, u64, u64) -> Fut + Clone + Send + 'static,
+        Fut: Future<Output = io::Result<(T, u64)>> + Send,
+    {
         let rx = self.phase.subscribe();
         let reading = Reading::new(self);
         // The state is `None` once the stream failed: one error, then the end.
-        futures::stream::unfold(Some((reading, rx, start)), move |state| async move {
-            let (reading, mut rx, pos) = state?;
-            if end.is_some_and(|e| pos >= e) {
-                return None;
-            }
-            loop {
-                // While unverified, the last byte of the blob (held back by
-                // the fetch) and the last byte of the requested range stay
-                // unsent, so no response completes on unchecked bytes.
-                let (spool, limit, total) = match &*rx.borrow_and_update() {
-                    Phase::Streaming {
-                        spool, readable, ..
-                    } => {
-                        let cap = end.map_or(*readable, |e| (*readable).min(e - 1));
-                        (spool.clone(), cap, None)
-                    }
-                    Phase::Verified { spool, size } => (
-                        spool.clone(),
-                        end.map_or(*size, |e| e.min(*size)),
-                        Some(*size),
-                    ),
-                    Phase::Failed(e) => {
-                        let e = io::Error::other(format!("upstream fetch failed: {e:?}"));
-                        return Some((Err(e), None));
-                    }
-                    Phase::Connecting | Phase::Stored => {
-                        return Some((Err(io::Error::other("the fetch is not streaming")), None));
-                    }
-                };
-                if pos < limit {
-                    return Some(match spool.read(pos, limit - pos).await {
-                        Ok(b) => {
-                            let next = pos + b.len() as u64;
-                            (Ok(b), Some((reading, rx, next)))
-                        }
-                        Err(e) => (Err(e), None),
-                    });
-                }
-                if total.is_some_and(|t| pos >= t) {
+        futures::stream::unfold(Some((reading, rx, start)), move |state| {
+            let take = take.clone();
+            async move {
+                let (mut reading, mut rx, pos) = state?;
+                if end.is_some_and(|e| pos >= e) {
                     return None;
                 }
-                if rx.changed().await.is_err() {
-                    return Some((Err(io::Error::other("the fetch stopped")), None));
+                reading.count();
+                loop {
+                    // While unverified, the last byte of the blob (held back
+                    // by the fetch) and the last byte of the requested range
+                    // stay unsent, so no response completes on unchecked
+                    // bytes.
+                    let (spool, limit, total) = match &*rx.borrow_and_update() {
+                        Phase::Streaming {
+                            spool, readable, ..
+                        } => {
+                            let cap = end.map_or(*readable, |e| (*readable).min(e - 1));
+                            (spool.clone(), cap, None)
+                        }
+                        Phase::Verified { spool, size } => (
+                            spool.clone(),
+                            end.map_or(*size, |e| e.min(*size)),
+                            Some(*size),
+                        ),
+                        Phase::Failed(e) => {
+                            let e = io::Error::other(format!("upstream fetch failed: {e:?}"));
+                            return Some((Err(e), None));
+                        }
+                        Phase::Connecting | Phase::Stored => {
+                            let e = io::Error::other("the fetch is not streaming");
+                            return Some((Err(e), None));
+                        }
+                    };
+                    if pos < limit {
+                        return Some(match take(spool, pos, limit - pos).await {
+                            Ok((item, n)) if n > 0 => (Ok(item), Some((reading, rx, pos + n))),
+                            Ok(_) => (Err(io::Error::other("an empty read of the spool")), None),
+                            Err(e) => (Err(e), None),
+                        });
+                    }
+                    if total.is_some_and(|t| pos >= t) {
+                        return None;
+                    }
+                    if rx.changed().await.is_err() {
+                        return Some((Err(io::Error::other("the fetch stopped")), None));
+                    }
                 }
             }
         })
     }
 }
 
-/// Counts a client among the flight's readers while its stream lives.
-struct Reading(Arc<Flight>);
+/// Counts a client among the flight's readers from its first read until
+/// its stream ends or is dropped (a stream made and never read counts for
+/// nothing).
+struct Reading {
+    flight: Arc<Flight>,
+    counted: bool,
+}
 
 impl Reading {
     fn new(flight: Arc<Flight>) -> Self {
-        flight.readers.send_modify(|n| *n += 1);
-        Self(flight)
+        Self {
+            flight,
+            counted: false,
+        }
+    }
+
+    fn count(&mut self) {
+        if !self.counted {
+            self.counted = true;
+            self.flight.readers.send_modify(|n| *n += 1);
+        }
     }
 }
 
 impl Drop for Reading {
     fn drop(&mut self) {
-        self.0.readers.send_modify(|n| *n = n.saturating_sub(1));
+        if self.counted {
+            self.flight
+                .readers
+                .send_modify(|n| *n = n.saturating_sub(1));
+        }
     }
 }
 

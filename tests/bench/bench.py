@@ -282,6 +282,7 @@ class Bench:
             (self.work / d).mkdir()
         self.pier = str(Path(args.pier).resolve())
         self.seq = 0
+        self.last_side_cpu = None
         self.backends_dir = None
         self.backends_pgid = None
         self.res = {"meta": {}, "warm": [], "manifest": [], "cold_pull": [], "cold_ttfb": [],
@@ -607,9 +608,13 @@ class Bench:
         dest = Path(tempfile.mkdtemp(dir=self.work / "pulls"))
         argv = ["skopeo", "--insecure-policy", "copy", "--quiet", "--src-tls-verify=false",
                 srv.pull_ref(repo, "latest"), f"dir:{dest}"]
+        side0 = cpu_seconds(srv.side_pids)
         t0 = time.perf_counter()
         r = subprocess.run(argv, capture_output=True, text=True, timeout=900)
         dt = time.perf_counter() - t0
+        # What the S3 server and Redis spent during the pull, for reading
+        # cold figures on cores they share.
+        self.last_side_cpu = cpu_seconds(srv.side_pids) - side0
         shutil.rmtree(dest, ignore_errors=True)
         if r.returncode:
             self.error(f"skopeo pull {srv.key} {repo}: {r.stderr.strip()[-500:]}")
@@ -823,6 +828,7 @@ class Bench:
                 # has served) weighs on it.
                 srv = start()
                 many = self.skopeo_pull(srv, "many")
+                side_many = self.last_side_cpu
                 srv.check_alive()
                 self.retire(srv)
                 # the big blob by curl: its manifest first, as a client
@@ -838,12 +844,14 @@ class Bench:
                 self.retire(srv)
                 srv = start()
                 big = self.skopeo_pull(srv, "big")
+                side_big = self.last_side_cpu
                 srv.check_alive()
                 self.retire(srv)
                 self.res["cold_ttfb"].append({"server": key, "run": run, "ttfb_ms": x["ttfb_ms"],
                                               "head_ms": x["head_ms"], "blob_s": x["time"],
                                               "manifest_ms": t_manifest * 1e3})
-                self.res["cold_pull"].append({"server": key, "run": run, "big_s": big, "many_s": many})
+                self.res["cold_pull"].append({"server": key, "run": run, "big_s": big, "many_s": many,
+                                              "side_cpu_big": side_big, "side_cpu_many": side_many})
                 log(f"  run {run + 1} {key}: headers {x['head_ms']:.1f} ms, first body byte {x['ttfb_ms']:.1f} ms, "
                     f"blob {x['time']:.2f} s, "
                     f"pull big {big if big is None else round(big, 2)} s, many {many if many is None else round(many, 2)} s")
@@ -990,6 +998,8 @@ def summarize(res):
         d = s["cold"].setdefault(r["server"], {"big": [], "many": [], "ttfb": [], "head": [], "blob": []})
         d["big"].append(r["big_s"])
         d["many"].append(r["many_s"])
+        d.setdefault("side_big", []).append(r.get("side_cpu_big"))
+        d.setdefault("side_many", []).append(r.get("side_cpu_many"))
     for r in res["cold_ttfb"]:
         d = s["cold"].setdefault(r["server"], {"big": [], "many": [], "ttfb": [], "head": [], "blob": []})
         d["ttfb"].append(r["ttfb_ms"])
@@ -1000,7 +1010,9 @@ def summarize(res):
                         "many_s": median(d["many"]), "many_range": spread(d["many"]),
                         "ttfb_ms": median(d["ttfb"]), "ttfb_range": spread(d["ttfb"]),
                         "head_ms": median(d["head"]),
-                        "blob_s": median(d["blob"])}
+                        "blob_s": median(d["blob"]),
+                        "side_big": median(d.get("side_big", [])),
+                        "side_many": median(d.get("side_many", []))}
     for r in res["cold32"]:
         d = s["cold32"].setdefault(r["server"], {"n": 0, "big_max": 0, "big_min": 1 << 30, "many_max": 0,
                                                  "many_min": 1 << 30, "many_means": [], "extra_gets": 0,
@@ -1186,8 +1198,8 @@ def markdown(res, s):
     L.append("\n**Cold** (fresh cache each run; skopeo copy to dir:, one client; TTFB = first body byte of "
              "the 256 MiB blob, GET right after its manifest; headers = response headers)\n")
     L.append("| server | pull 256 MiB image s | × direct | pull 20-layer image s | × direct | blob headers ms "
-             "| blob TTFB ms | TTFB − direct ms | 256 MiB blob s |")
-    L.append("|---|---|---|---|---|---|---|---|---|")
+             "| blob TTFB ms | TTFB − direct ms | 256 MiB blob s | S3 + Redis CPU s during the pulls (256 MiB / 20-layer) |")
+    L.append("|---|---|---|---|---|---|---|---|---|---|")
     dc = c.get("direct", {})
     for k in ("direct", "dist", "pier-fs", "pier-s3"):
         if k not in c:
@@ -1197,7 +1209,8 @@ def markdown(res, s):
         L.append(f"| {LABELS[k]} | {fmt(x['big_s'], 2)} | {ratio(x['big_s'], dc.get('big_s'))} | "
                  f"{fmt(x['many_s'], 2)} | {ratio(x['many_s'], dc.get('many_s'))} | {fmt(x['head_ms'], 1)} | "
                  f"{fmt(x['ttfb_ms'], 1)} | {'+' if dt is not None and dt >= 0 else ''}{fmt(dt, 1)} | "
-                 f"{fmt(x['blob_s'], 2)} |")
+                 f"{fmt(x['blob_s'], 2)} | "
+                 f"{'–' if k != 'pier-s3' else fmt(x.get('side_big'), 2) + ' / ' + fmt(x.get('side_many'), 2)} |")
     L.append("\n**32 concurrent cold clients** (upstream GETs per blob, from the upstream's access log)\n")
     L.append("| server | runs | 256 MiB blob: GETs | 20-layer image (21 blobs): min–max / mean GETs per blob "
              "| extra GETs over all runs | peak RSS MiB |")
