@@ -163,7 +163,8 @@ pub struct ServerConfig {
     /// finish before the process exits.
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
-    /// Send stored blobs with sendfile (fs storage, HTTP/1 clients).
+    /// Send blobs held in local files (stored blobs, local copies, spool
+    /// files of fetches) with sendfile, to HTTP/1 clients.
     pub zero_copy: bool,
     /// Proxies whose `X-Forwarded-For` / `Forwarded` headers name the client
     /// (CIDRs). From anyone else these headers are ignored.

@@ -131,6 +131,12 @@ impl Mirror {
             .ok_or_else(|| MirrorError::NameUnknown(format!("no upstream {}", target.registry)))
     }
 
+    /// Shutdown begins: fetches that wait for their clients before
+    /// storing store at once, within the grace period.
+    pub fn begin_shutdown(&self) {
+        self.flights.close();
+    }
+
     /// At shutdown: lets running fetches finish until `deadline`, then gives
     /// up the leases still held so other replicas take over at once.
     pub async fn shutdown(&self, deadline: tokio::time::Instant) {

@@ -156,6 +156,7 @@ pub async fn serve(
         });
     }
     drop(listener);
+    mirror.begin_shutdown();
     let deadline = tokio::time::Instant::now() + settings.shutdown_grace;
     tracing::info!(
         connections = graceful.count(),

@@ -51,7 +51,7 @@ pub enum Piece {
 
 /// The file slices a connection still has to send, in body order. A clone
 /// travels with each request on the connection (as a request extension), so
-/// handlers can answer with [`file_body`].
+/// handlers can answer with [`file_body`] or [`pieces_body`].
 #[derive(Clone, Debug, Default)]
 pub struct SendQueue(Arc<Mutex<VecDeque<Pending>>>);
 

@@ -489,13 +489,86 @@ async fn replicas_serve_their_local_copies_without_the_bucket() {
     assert!(metrics.contains("pier_local_copy_bytes "), "{metrics}");
 }
 
+/// A client that took the first chunk of `library/big`'s 64 MiB layer
+/// and stopped reading, once upstream has sent all of it (so the fetch is
+/// verified).
+struct StalledClient {
+    resp: reqwest::Response,
+    hasher: sha2::Sha256,
+    received: u64,
+    digest: String,
+    size: u64,
+}
+
+impl StalledClient {
+    async fn start(pier: &Pier, docker: &Upstream) -> StalledClient {
+        use sha2::Digest as _;
+        let http = reqwest::Client::new();
+        let base = format!("{}/v2/docker.io/library/big", pier.url());
+        let manifest = fetch(
+            &http,
+            reqwest::Method::GET,
+            &format!("{base}/manifests/latest"),
+            &[],
+        )
+        .await
+        .bytes()
+        .await
+        .unwrap();
+        let manifest: serde_json::Value = serde_json::from_slice(&manifest).unwrap();
+        let layer = &manifest["layers"][0];
+        let digest = layer["digest"].as_str().unwrap().to_owned();
+        let size = layer["size"].as_u64().unwrap();
+        assert!(size >= 64 << 20, "{manifest}");
+        let mut resp = http
+            .get(format!("{base}/blobs/{digest}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        let mut hasher = sha2::Sha256::new();
+        let first = resp.chunk().await.unwrap().unwrap();
+        hasher.update(&first);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while docker.requests("GET", &format!("library/big/blobs/{digest}")) == 0 {
+            assert!(std::time::Instant::now() < deadline, "{}", docker.log());
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        StalledClient {
+            resp,
+            hasher,
+            received: first.len() as u64,
+            digest,
+            size,
+        }
+    }
+
+    fn key(&self, ns: &str) -> String {
+        format!(
+            "{ns}/blobs/sha256/{}",
+            self.digest.trim_start_matches("sha256:")
+        )
+    }
+
+    /// Reads the rest and checks every byte.
+    async fn finish(mut self) {
+        use sha2::Digest as _;
+        while let Some(chunk) = self.resp.chunk().await.unwrap() {
+            self.hasher.update(&chunk);
+            self.received += chunk.len() as u64;
+        }
+        assert_eq!(self.received, self.size);
+        let got = format!("sha256:{}", hex::encode(self.hasher.finalize()));
+        assert_eq!(got, self.digest);
+    }
+}
+
 /// A client slower than upstream is still reading a blob when its fetch is
 /// verified: the upload to the bucket waits until it has read the last
 /// byte, so that the two do not compete for this replica's bandwidth (and,
 /// here, the S3 server's CPU).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_blob_is_uploaded_once_its_clients_have_read_it() {
-    use sha2::Digest as _;
     if !have_tools(&["docker-registry"]) {
         return;
     }
@@ -506,57 +579,13 @@ async fn a_blob_is_uploaded_once_its_clients_have_read_it() {
     let Some(pier) = Pier::start_scaled(d.path(), &ns, &[("docker.io", url.as_str())], "") else {
         return;
     };
-    let http = reqwest::Client::new();
-    let base = format!("{}/v2/docker.io/library/big", pier.url());
-    let manifest = fetch(
-        &http,
-        reqwest::Method::GET,
-        &format!("{base}/manifests/latest"),
-        &[],
-    )
-    .await
-    .bytes()
-    .await
-    .unwrap();
-    let manifest: serde_json::Value = serde_json::from_slice(&manifest).unwrap();
-    let layer = &manifest["layers"][0];
-    let (digest, size) = (
-        layer["digest"].as_str().unwrap().to_owned(),
-        layer["size"].as_u64().unwrap(),
-    );
-    assert!(size >= 64 << 20, "{manifest}");
-    let hex = digest.trim_start_matches("sha256:");
-    let key = format!("{ns}/blobs/sha256/{hex}");
-
-    // The client takes one chunk, then stops reading while upstream sends
-    // the rest.
-    let mut resp = http
-        .get(format!("{base}/blobs/{digest}"))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), 200);
-    let mut hasher = sha2::Sha256::new();
-    let mut received = 0u64;
-    let first = resp.chunk().await.unwrap().unwrap();
-    hasher.update(&first);
-    received += first.len() as u64;
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    while docker.requests("GET", &format!("library/big/blobs/{digest}")) == 0 {
-        assert!(std::time::Instant::now() < deadline, "{}", docker.log());
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
-    // Upstream sent every byte; an upload started then would be done well
-    // within this.
-    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    let client = StalledClient::start(&pier, &docker).await;
+    let key = client.key(&ns);
+    // An upload started when upstream finished would be done well within
+    // this (about 0.5 s here).
+    tokio::time::sleep(std::time::Duration::from_secs(4)).await;
     assert!(!s3_has(&key), "uploaded while its client was still reading");
-
-    while let Some(chunk) = resp.chunk().await.unwrap() {
-        hasher.update(&chunk);
-        received += chunk.len() as u64;
-    }
-    assert_eq!(received, size);
-    assert_eq!(format!("sha256:{}", hex::encode(hasher.finalize())), digest);
+    client.finish().await;
     assert!(wait_s3_has(&key).await, "{key} never stored");
     assert_eq!(
         docker.requests("GET", "library/big/blobs/"),
@@ -564,4 +593,38 @@ async fn a_blob_is_uploaded_once_its_clients_have_read_it() {
         "{}",
         docker.log()
     );
+}
+
+/// Shutdown does not wait for a client that stopped reading before it
+/// uploads the blob: the grace period is for storing it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_uploads_a_blob_its_client_is_still_reading() {
+    if !have_tools(&["docker-registry"]) {
+        return;
+    }
+    let docker = Upstream::start("docker");
+    let ns = namespace();
+    let d = tempfile::tempdir().unwrap();
+    let url = docker.url();
+    let Some(config) = scaled_config(d.path(), &ns, &[("docker.io", url.as_str())], "", None, "")
+    else {
+        return;
+    };
+    let mut pier = Pier::start_raw(
+        d.path(),
+        &format!("{config}[server]\nshutdown_grace = \"5s\"\n"),
+    );
+    let client = StalledClient::start(&pier, &docker).await;
+    let key = client.key(&ns);
+    assert!(!s3_has(&key));
+    // The stalled connection keeps the shutdown waiting for the whole grace
+    // period; the upload must not wait for it.
+    let pier = tokio::task::spawn_blocking(move || {
+        pier.stop();
+        pier
+    })
+    .await
+    .unwrap();
+    assert!(s3_has(&key), "not stored within the grace period");
+    drop((client, pier));
 }

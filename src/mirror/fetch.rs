@@ -69,6 +69,11 @@ impl FetchSlots {
             .is_some_and(|s| s.available_permits() == 0)
     }
 
+    /// Waits for a slot as long as it takes, held until dropped.
+    async fn wait(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        self.slots.clone()?.acquire_owned().await.ok()
+    }
+
     /// Waits (up to the queue timeout) for a slot, held until dropped.
     async fn take(&self) -> Result<Option<tokio::sync::OwnedSemaphorePermit>, FlightError> {
         let Some(slots) = &self.slots else {
@@ -124,7 +129,7 @@ pub(super) async fn run(guard: FlightGuard, job: FetchJob, spool_dir: PathBuf) {
                 Err(e) => Err(e),
             };
             let result = match fetched {
-                Ok((size, spooled)) => Ok(commit(&flight, &job, &spool, size, spooled).await),
+                Ok((size, spooled)) => Ok(commit(&guard, &job, &spool, size, spooled).await),
                 Err(e) => Err(e),
             };
             match (lease, &result) {
@@ -251,22 +256,29 @@ const UPLOAD_WAIT_MAX: Duration = Duration::from_secs(30);
 /// Stores a verified blob and links it to its repository; true when it is
 /// stored. A store that fails here only costs a refetch later.
 async fn commit(
-    flight: &Arc<Flight>,
+    guard: &FlightGuard,
     job: &FetchJob,
     spool: &Path,
     size: u64,
     spooled: Spooled,
 ) -> bool {
-    let digest = &flight.digest;
+    let digest = &guard.flight.digest;
     // Storing is for the next clients. Clients reading slower than upstream
     // sent are still streaming the spool: an upload waits for them (up to
-    // UPLOAD_WAIT_MAX), so that it takes neither this replica's bandwidth
-    // nor the store's CPU from them. Meanwhile the flight goes on serving
-    // the blob, to new clients here and to other replicas, and its lease is
-    // held.
-    if job.blobs.uploads() && !flight.readers_gone(UPLOAD_WAIT_MAX).await {
-        tracing::debug!(%digest, "clients still reading; uploading anyway");
-    }
+    // UPLOAD_WAIT_MAX, or until shutdown begins), so that it takes neither
+    // this replica's bandwidth nor the store's CPU from them. Meanwhile the
+    // flight goes on serving the blob, to new clients here and to other
+    // replicas, and its lease is held. Uploads then take a fetch slot
+    // again: slots bound the spools waiting to be stored, and the store's
+    // load.
+    let _slot = if job.blobs.uploads() {
+        if !guard.clients_done(UPLOAD_WAIT_MAX).await {
+            tracing::debug!(%digest, "clients still reading; uploading anyway");
+        }
+        job.slots.wait().await
+    } else {
+        None
+    };
     if let Spooled::Memory(chunks) = spooled
         && let Err(e) = write_spool(spool, chunks).await
     {
@@ -297,7 +309,9 @@ async fn commit(
 /// while they are fetched, and written to the spool once verified: their
 /// clients wait on no disk. The memory lives as long as the fetch and the
 /// client streams reading it; with the default 64 fetch slots, fetches
-/// from upstream hold at most 64 MiB this way.
+/// from upstream and uploads hold at most 64 MiB this way, plus the blobs
+/// whose clients are still reading before their upload (for at most
+/// UPLOAD_WAIT_MAX).
 const IN_MEMORY_MAX: u64 = 1024 * 1024;
 
 /// Streams `resp` into a spool, publishing progress to readers. Returns the

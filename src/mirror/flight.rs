@@ -159,6 +159,8 @@ pub struct Flight {
 pub struct Flights {
     spool_dir: PathBuf,
     active: Mutex<HashMap<Digest, Arc<Flight>>>,
+    /// Set when the process starts shutting down.
+    closing: watch::Sender<bool>,
 }
 
 impl Flights {
@@ -166,7 +168,13 @@ impl Flights {
         Self {
             spool_dir,
             active: Mutex::new(HashMap::new()),
+            closing: watch::Sender::new(false),
         }
+    }
+
+    /// The process is shutting down: fetches commit what they have at once.
+    pub fn close(&self) {
+        self.closing.send_replace(true);
     }
 
     fn map(&self) -> std::sync::MutexGuard<'_, HashMap<Digest, Arc<Flight>>> {
@@ -238,6 +246,22 @@ impl FlightGuard {
         self.flight.phase.send_replace(Phase::Failed(e));
     }
 
+    /// Waits until no client streams from the spool, for at most `max`,
+    /// or until the process starts shutting down (the clients are being
+    /// drained then, and the grace period is for committing). False when
+    /// clients were still reading.
+    pub(super) async fn clients_done(&self, max: std::time::Duration) -> bool {
+        let mut readers = self.flight.readers.subscribe();
+        let mut closing = self.flights.closing.subscribe();
+        let done = async {
+            tokio::select! {
+                r = readers.wait_for(|n| *n == 0) => r.is_ok(),
+                _ = closing.wait_for(|c| *c) => false,
+            }
+        };
+        tokio::time::timeout(max, done).await.unwrap_or(false)
+    }
+
     fn leave(&self) {
         let mut map = self.flights.map();
         if map
@@ -279,14 +303,6 @@ impl Flight {
             Phase::Verified { size, .. } => Ok(Started::Streaming(Some(size))),
             Phase::Failed(e) => Err(e),
         }
-    }
-
-    /// Waits until no client streams from the spool, for at most `max`.
-    pub(super) async fn readers_gone(&self, max: std::time::Duration) -> bool {
-        let mut rx = self.readers.subscribe();
-        tokio::time::timeout(max, rx.wait_for(|n| *n == 0))
-            .await
-            .is_ok_and(|r| r.is_ok())
     }
 
     /// Bytes `start..end` (or to the end) as they become readable.
@@ -399,7 +415,8 @@ impl Flight {
 
 /// Counts a client among the flight's readers from its first read until
 /// its stream ends or is dropped (a stream made and never read counts for
-/// nothing).
+/// nothing). A stream sent with sendfile ends once its last slice is
+/// queued: up to a frame and the socket's buffer may still be on their way.
 struct Reading {
     flight: Arc<Flight>,
     counted: bool,
