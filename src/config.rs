@@ -192,7 +192,8 @@ pub struct LimitsConfig {
 /// Guards on the upstream side, so a few huge pulls cannot starve everyone.
 #[derive(Clone, Debug, Serialize)]
 pub struct FetchConfig {
-    /// Upstream blob fetches one replica runs at once; 0 is unlimited.
+    /// Upstream blob fetches one replica runs at once, and uploads of
+    /// fetched blobs to S3; 0 is unlimited.
     pub max_concurrent: usize,
     /// While all fetch slots are busy, clients asking for an uncached blob of
     /// at least this many bytes are redirected to where upstream serves it

@@ -268,9 +268,9 @@ async fn commit(
     // UPLOAD_WAIT_MAX, or until shutdown begins), so that it takes neither
     // this replica's bandwidth nor the store's CPU from them. Meanwhile the
     // flight goes on serving the blob, to new clients here and to other
-    // replicas, and its lease is held. Uploads then take a fetch slot
-    // again: slots bound the spools waiting to be stored, and the store's
-    // load.
+    // replicas, and its lease is held. The upload then takes a fetch slot
+    // again: slots bound the uploads running at once, as they bound the
+    // fetches, and so the store's load.
     let _slot = if job.blobs.uploads() {
         if !guard.clients_done(UPLOAD_WAIT_MAX).await {
             tracing::debug!(%digest, "clients still reading; uploading anyway");
