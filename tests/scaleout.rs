@@ -489,6 +489,17 @@ async fn replicas_serve_their_local_copies_without_the_bucket() {
     assert!(metrics.contains("pier_local_copy_bytes "), "{metrics}");
 }
 
+/// One replica on the shared bucket and Redis, under a fresh namespace,
+/// in front of `docker`, with `extra` appended to its config.
+fn replica_of(docker: &Upstream, extra: &str) -> Option<(Pier, String, tempfile::TempDir)> {
+    let ns = namespace();
+    let data = tempfile::tempdir().unwrap();
+    let url = docker.url();
+    let config = scaled_config(data.path(), &ns, &[("docker.io", &url)], "", None, "")?;
+    let pier = Pier::start_raw(data.path(), &format!("{config}{extra}"));
+    Some((pier, ns, data))
+}
+
 /// A client that took the first chunk of `library/big`'s 64 MiB layer
 /// and stopped reading, once upstream has sent all of it (so the fetch is
 /// verified).
@@ -573,10 +584,7 @@ async fn a_blob_is_uploaded_once_its_clients_have_read_it() {
         return;
     }
     let docker = Upstream::start("docker");
-    let ns = namespace();
-    let d = tempfile::tempdir().unwrap();
-    let url = docker.url();
-    let Some(pier) = Pier::start_scaled(d.path(), &ns, &[("docker.io", url.as_str())], "") else {
+    let Some((pier, ns, _data)) = replica_of(&docker, "") else {
         return;
     };
     let client = StalledClient::start(&pier, &docker).await;
@@ -603,17 +611,10 @@ async fn shutdown_uploads_a_blob_its_client_is_still_reading() {
         return;
     }
     let docker = Upstream::start("docker");
-    let ns = namespace();
-    let d = tempfile::tempdir().unwrap();
-    let url = docker.url();
-    let Some(config) = scaled_config(d.path(), &ns, &[("docker.io", url.as_str())], "", None, "")
+    let Some((mut pier, ns, _data)) = replica_of(&docker, "[server]\nshutdown_grace = \"5s\"\n")
     else {
         return;
     };
-    let mut pier = Pier::start_raw(
-        d.path(),
-        &format!("{config}[server]\nshutdown_grace = \"5s\"\n"),
-    );
     let client = StalledClient::start(&pier, &docker).await;
     let key = client.key(&ns);
     assert!(!s3_has(&key));

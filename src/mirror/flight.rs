@@ -66,6 +66,15 @@ impl Spooled {
     }
 }
 
+impl Spooled {
+    /// [`Spooled::read`], with how many bytes it got.
+    async fn read_counted(&self, pos: u64, max: u64) -> io::Result<(Bytes, u64)> {
+        let b = self.read(pos, max).await?;
+        let n = b.len() as u64;
+        Ok((b, n))
+    }
+}
+
 /// Pieces smaller than this are copied together into one read, so that an
 /// upstream sending many tiny chunks does not cost a frame per chunk.
 const COALESCE: u64 = 64 * 1024;
@@ -312,9 +321,7 @@ impl Flight {
         end: Option<u64>,
     ) -> impl Stream<Item = io::Result<Bytes>> + Send + 'static {
         self.readable(start, end, |spool, pos, len| async move {
-            let b = spool.read(pos, len).await?;
-            let n = b.len() as u64;
-            Ok((b, n))
+            spool.read_counted(pos, len).await
         })
     }
 
@@ -336,8 +343,7 @@ impl Flight {
                     len,
                 )),
                 memory => {
-                    let b = memory.read(pos, len).await?;
-                    let n = b.len() as u64;
+                    let (b, n) = memory.read_counted(pos, len).await?;
                     Ok((Piece::Bytes(b), n))
                 }
             }
