@@ -10,6 +10,7 @@ mod hot;
 mod keyed_lock;
 mod listing;
 mod manifests;
+mod missing;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -36,6 +37,7 @@ use cluster::Cluster;
 use fetch::FetchSlots;
 use flight::Flights;
 use keyed_lock::{KeyedLocks, RecentFailures};
+use missing::SeenMissing;
 
 /// After upstream failed to revalidate a tag, serve the cached copy without
 /// asking again for this long.
@@ -81,6 +83,8 @@ pub struct Mirror {
     presign: Option<Duration>,
     fetch_slots: FetchSlots,
     hot: hot::HotCache,
+    /// Blobs of freshly fetched manifests the store lacked a moment ago.
+    missing: Arc<SeenMissing>,
     /// Blobs this large go to upstream's storage while fetch slots are full.
     redirect_above: Option<u64>,
 }
@@ -120,6 +124,7 @@ impl Mirror {
                 _ => None,
             },
             hot: hot::HotCache::default(),
+            missing: Arc::new(SeenMissing::new(config.cluster.lease_ttl / 2)),
             fetch_slots: FetchSlots::new(config.fetch.max_concurrent, config.fetch.queue_timeout),
             redirect_above: config.fetch.redirect_above,
         })

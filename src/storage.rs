@@ -75,11 +75,11 @@ pub trait BlobStore: Send + Sync + 'static {
     /// spool of another length is refused.
     async fn store(&self, digest: &Digest, spool: &Path, size: u64) -> Result<(), StorageError>;
 
-    /// Whether storing a blob sends its bytes to another machine (an
-    /// upload to S3), taking bandwidth and CPU that clients reading the
-    /// same blob from this replica could use. A rename on the local disk
-    /// takes neither.
-    fn uploads(&self) -> bool {
+    /// Whether the store is on another machine (S3). Storing a blob then
+    /// uploads it, taking bandwidth and CPU that clients reading the same
+    /// blob from this replica could use, and every lookup is a round trip;
+    /// on the local disk a store is a rename and a lookup a `stat`.
+    fn remote(&self) -> bool {
         false
     }
 

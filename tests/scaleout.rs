@@ -463,30 +463,13 @@ async fn replicas_serve_their_local_copies_without_the_bucket() {
     assert_eq!(pull(&b, "docker.io/library/big:latest").await, want);
     assert_eq!(docker.requests("GET", "library/big/blobs/"), gets);
 
-    let metrics = reqwest::get(format!("{}/metrics", b.url()))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let value = |name: &str| -> u64 {
-        metrics
-            .lines()
-            .find(|l| l.starts_with(name))
-            .and_then(|l| l.split_whitespace().last())
-            .and_then(|n| n.parse().ok())
-            .unwrap_or(0)
-    };
-    assert!(
-        value("pier_local_copies_total{outcome=\"hit\"}") >= 3,
-        "{metrics}"
-    );
+    let http = reqwest::Client::new();
+    let hits = metric(&http, &b, "pier_local_copies_total{outcome=\"hit\"}").await;
+    assert!(hits >= 3.0, "{hits}");
     // Local copies go out with sendfile, like the fs store's blobs.
-    assert!(
-        value("pier_blob_bytes_zero_copy_total ") >= 64 << 20,
-        "{metrics}"
-    );
-    assert!(metrics.contains("pier_local_copy_bytes "), "{metrics}");
+    let zero_copy = metric(&http, &b, "pier_blob_bytes_zero_copy_total").await;
+    assert!(zero_copy >= (64 << 20) as f64, "{zero_copy}");
+    assert!(metric(&http, &b, "pier_local_copy_bytes").await > 0.0);
 }
 
 /// One replica on the shared bucket and Redis, under a fresh namespace,
@@ -628,4 +611,95 @@ async fn shutdown_uploads_a_blob_its_client_is_still_reading() {
     .unwrap();
     assert!(s3_has(&key), "not stored within the grace period");
     drop((client, pier));
+}
+
+/// A new image's blobs are looked up in the bucket all together when its
+/// manifest comes from upstream, so a cold pull makes no round trip to the
+/// bucket per blob it asks for.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cold_pull_looks_its_blobs_up_in_the_bucket_ahead() {
+    if !have_tools(&["docker-registry", "skopeo"]) {
+        return;
+    }
+    let docker = Upstream::start("docker");
+    let Some((pier, _ns, _data)) = replica_of(&docker, "") else {
+        return;
+    };
+    let want = digest_of("docker", "library/big:latest");
+    assert_eq!(pull(&pier, "docker.io/library/big:latest").await, want);
+    docker.assert_one_get_per_blob("library/big", 3);
+    let http = reqwest::Client::new();
+    let sent = |op: &str| format!("pier_bucket_requests_total{{operation=\"{op}\"}}");
+    // One lookup per blob (config and two layers), made ahead; no reads.
+    assert_eq!(metric(&http, &pier, &sent("HeadObject")).await, 3.0);
+    assert_eq!(metric(&http, &pier, &sent("GetObject")).await, 0.0);
+}
+
+/// A replica that found a blob missing a moment ago does not fetch it
+/// again when another replica has stored it since: the blob's lease, left
+/// to lapse by the replica that stored it, sends it there instead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blob_stored_by_another_replica_since_the_look_is_not_fetched_again() {
+    use sha2::Digest as _;
+    if !have_tools(&["docker-registry", "skopeo"]) {
+        return;
+    }
+    let docker = Upstream::start("docker");
+    let ns = namespace();
+    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let url = docker.url();
+    // Answers are trusted for half the lease TTL: the whole test.
+    let config = |dir: &std::path::Path| {
+        scaled_config(dir, &ns, &[("docker.io", &url)], "", None, "")
+            .map(|c| c.replace("[cluster]\n", "[cluster]\nlease_ttl = \"120s\"\n"))
+    };
+    let (Some(ca), Some(cb)) = (config(da.path()), config(db.path())) else {
+        return;
+    };
+    let (a, b) = (
+        Pier::start_raw(da.path(), &ca),
+        Pier::start_raw(db.path(), &cb),
+    );
+
+    // A fetches the manifest and finds its blobs missing from the bucket.
+    let http = reqwest::Client::new();
+    let base = |p: &Pier| format!("{}/v2/docker.io/library/big", p.url());
+    let manifest = fetch(
+        &http,
+        reqwest::Method::GET,
+        &format!("{}/manifests/latest", base(&a)),
+        &[],
+    )
+    .await
+    .bytes()
+    .await
+    .unwrap();
+    let manifest: serde_json::Value = serde_json::from_slice(&manifest).unwrap();
+    let blobs: Vec<String> = std::iter::once(&manifest["config"])
+        .chain(manifest["layers"].as_array().unwrap())
+        .map(|b| b["digest"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(blobs.len(), 3, "{manifest}");
+
+    // B pulls the image and stores every blob.
+    let want = digest_of("docker", "library/big:latest");
+    assert_eq!(pull(&b, "docker.io/library/big:latest").await, want);
+    for digest in &blobs {
+        let key = format!("{ns}/blobs/sha256/{}", digest.trim_start_matches("sha256:"));
+        assert!(wait_s3_has(&key).await, "{key} never stored");
+    }
+
+    // A serves them all without asking upstream again.
+    for digest in &blobs {
+        let resp = http
+            .get(format!("{}/blobs/{digest}", base(&a)))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200, "{digest}");
+        let body = resp.bytes().await.unwrap();
+        let got = format!("sha256:{}", hex::encode(sha2::Sha256::digest(&body)));
+        assert_eq!(&got, digest);
+    }
+    docker.assert_one_get_per_blob("library/big", 3);
 }

@@ -19,21 +19,6 @@ fn blob_path(d: &str) -> String {
     format!("/v2/corp.example/team/app/blobs/{d}")
 }
 
-/// A counter's value in Pier's /metrics.
-async fn metric(http: &reqwest::Client, pier: &Pier, name: &str) -> f64 {
-    let text = http
-        .get(format!("{}/metrics", pier.url()))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
-        .unwrap_or(0.0)
-}
-
 /// Fetches `path` with curl, which can speak HTTP/2 with prior knowledge.
 fn curl(pier: &Pier, path: &str, extra: &[&str]) -> Vec<u8> {
     let out = std::process::Command::new("curl")

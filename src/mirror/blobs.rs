@@ -65,8 +65,11 @@ impl Mirror {
         // the read itself says whether it is stored. (Asking first cost S3 a
         // HEAD per warm blob.) Others are served only once upstream
         // confirms this repository has them. The fetch below need not ask
-        // the store again when it has just said the blob is missing.
-        let mut store_checked = if self.linked(target, digest).await {
+        // the store again when it has just said the blob is missing, nor
+        // the store at all when it lacked the blob a moment ago.
+        let mut store_checked = if self.missing.is_missing(digest).await {
+            true
+        } else if self.linked(target, digest).await {
             match self.stored_body(digest, range).await? {
                 Some(body) => return Ok(body),
                 None => true,
@@ -101,6 +104,7 @@ impl Mirror {
                 for_peer,
                 store_checked,
                 slots: self.fetch_slots.clone(),
+                missing: self.missing.clone(),
             };
             store_checked = false;
             let (flight, started) = self.flights.join_or_start(digest, job);
@@ -239,7 +243,8 @@ impl Mirror {
         target: &Target,
         digest: &Digest,
     ) -> Result<BlobInfo, MirrorError> {
-        if let Some(size) = self.stored_size(digest).await
+        if !self.missing.is_missing(digest).await
+            && let Some(size) = self.stored_size(digest).await
             && matches!(self.meta.is_linked(&target.key(), digest).await, Ok(true))
         {
             return Ok(BlobInfo { size: Some(size) });

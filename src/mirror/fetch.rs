@@ -13,6 +13,7 @@ use futures::StreamExt;
 
 use super::cluster::{Claim, Cluster, Lease};
 use super::flight::{Flight, FlightError, FlightGuard, MemorySpool, Phase, Spooled};
+use super::missing::SeenMissing;
 use crate::meta::MetaStore;
 use crate::reference::Hasher;
 use crate::storage::BlobStore;
@@ -45,6 +46,8 @@ pub struct FetchJob {
     /// S3).
     pub store_checked: bool,
     pub slots: FetchSlots,
+    /// Forgets, once the blob is stored, that the store lacked it.
+    pub missing: Arc<SeenMissing>,
 }
 
 /// The cap on upstream blob fetches running at once in this replica.
@@ -271,7 +274,7 @@ async fn commit(
     // replicas, and its lease is held. The upload then takes a fetch slot
     // again: slots bound the uploads running at once, as they bound the
     // fetches, and so the store's load.
-    let _slot = if job.blobs.uploads() {
+    let _slot = if job.blobs.remote() {
         if !guard.clients_done(UPLOAD_WAIT_MAX).await {
             tracing::debug!(%digest, "clients still reading; uploading anyway");
         }
@@ -288,6 +291,7 @@ async fn commit(
     }
     match job.blobs.store(digest, spool, size).await {
         Ok(()) => {
+            job.missing.stored(digest);
             if let Err(e) = job
                 .meta
                 .link(&job.repo_key, std::slice::from_ref(digest))

@@ -331,6 +331,8 @@ impl Mirror {
         };
         let media_type = media_type(resp.media_type.as_deref(), &body);
         let references = referenced_digests(&body);
+        // The client asks for these next, most likely one after another.
+        self.missing.look_up(&self.blobs, image_blobs(&body));
         let manifest = StoredManifest {
             media_type,
             bytes: body,
@@ -440,6 +442,40 @@ pub(super) fn referenced_digests(body: &[u8]) -> Vec<Digest> {
     out
 }
 
+/// The blobs an image manifest is made of, config first, then the layers
+/// in order (as clients fetch them). None for an index.
+fn image_blobs(body: &[u8]) -> Vec<Digest> {
+    let Ok(doc) = serde_json::from_slice::<serde_json::Value>(body) else {
+        return Vec::new();
+    };
+    let digest = |v: &serde_json::Value, field: &str| {
+        v.get(field)
+            .and_then(|d| d.as_str())
+            .and_then(|d| Digest::parse(d).ok())
+    };
+    let listed = |list: &str, field: &'static str| {
+        doc.get(list)
+            .and_then(|v| v.as_array())
+            .into_iter()
+            .flatten()
+            .filter_map(move |v| digest(v, field))
+    };
+    let mut out: Vec<Digest> = Vec::new();
+    let all = doc
+        .get("config")
+        .and_then(|c| digest(c, "digest"))
+        .into_iter();
+    for d in all
+        .chain(listed("layers", "digest"))
+        .chain(listed("fsLayers", "blobSum"))
+    {
+        if !out.contains(&d) {
+            out.push(d);
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -457,6 +493,20 @@ mod tests {
         let i = format!(r#"{{"manifests":[{{"digest":"{a}"}}]}}"#);
         assert_eq!(referenced_digests(i.as_bytes()), vec![a]);
         assert!(referenced_digests(b"not json").is_empty());
+    }
+
+    #[test]
+    fn an_images_blobs_in_the_order_clients_fetch_them() {
+        let [a, b, c] = [b"a", b"b", b"c"].map(|x| Digest::sha256_of(x));
+        let m = format!(
+            r#"{{"config":{{"digest":"{c}"}},"layers":[{{"digest":"{b}"}},{{"digest":"bogus"}},{{"digest":"{a}"}},{{"digest":"{b}"}}]}}"#
+        );
+        assert_eq!(image_blobs(m.as_bytes()), vec![c, b.clone(), a.clone()]);
+        let v1 = format!(r#"{{"fsLayers":[{{"blobSum":"{a}"}},{{"blobSum":"{b}"}}]}}"#);
+        assert_eq!(image_blobs(v1.as_bytes()), vec![a.clone(), b]);
+        let i = format!(r#"{{"manifests":[{{"digest":"{a}"}}]}}"#);
+        assert!(image_blobs(i.as_bytes()).is_empty());
+        assert!(image_blobs(b"not json").is_empty());
     }
 
     #[test]

@@ -11,15 +11,18 @@ use std::time::Duration;
 use async_trait::async_trait;
 use aws_sdk_s3::Client;
 use aws_sdk_s3::config::http::HttpResponse;
+use aws_sdk_s3::config::interceptors::BeforeTransmitInterceptorContextRef;
 use aws_sdk_s3::config::retry::RetryConfig;
 use aws_sdk_s3::config::timeout::TimeoutConfig;
 use aws_sdk_s3::config::{
-    BehaviorVersion, Credentials, Region, RequestChecksumCalculation, ResponseChecksumValidation,
+    BehaviorVersion, ConfigBag, Credentials, Intercept, Region, RequestChecksumCalculation,
+    ResponseChecksumValidation, RuntimeComponents,
 };
-use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
+use aws_sdk_s3::error::{BoxError, ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::presigning::PresigningConfig;
 use aws_sdk_s3::primitives::{ByteStream, Length};
 use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
+use aws_smithy_runtime_api::client::orchestrator::Metadata;
 use futures::StreamExt;
 use tokio::task::JoinSet;
 
@@ -27,6 +30,7 @@ use super::{BlobBody, BlobStore, StorageError};
 use crate::config::S3Config;
 use crate::range::{ByteRange, RangeSpec};
 use crate::reference::Digest;
+use crate::telemetry::metrics::metrics;
 
 /// Size of every multipart part but the last. S3 wants at least 5 MiB per
 /// part (all but the last) and at most 10,000 parts, so 8 MiB parts carry
@@ -82,7 +86,8 @@ impl S3BlobStore {
                     .connect_timeout(Duration::from_secs(3))
                     .read_timeout(Duration::from_secs(30))
                     .build(),
-            );
+            )
+            .interceptor(CountRequests);
         if sdk.region().is_none() {
             builder = builder.region(Region::new("us-east-1"));
         }
@@ -243,7 +248,7 @@ impl BlobStore for S3BlobStore {
         upload.multipart(size).await
     }
 
-    fn uploads(&self) -> bool {
+    fn remote(&self) -> bool {
         true
     }
 
@@ -283,6 +288,28 @@ impl BlobStore for S3BlobStore {
             Ok(Err(e)) => Err(backend("HeadBucket", e)),
             Err(_) => Err(StorageError::Backend("s3 HeadBucket: timed out".into())),
         }
+    }
+}
+
+/// Counts every request sent to the bucket (each attempt), by operation:
+/// on AWS they are billed, and each one on a client's path is a round trip.
+#[derive(Debug)]
+struct CountRequests;
+
+impl Intercept for CountRequests {
+    fn name(&self) -> &'static str {
+        "CountRequests"
+    }
+
+    fn read_before_transmit(
+        &self,
+        _: &BeforeTransmitInterceptorContextRef<'_>,
+        _: &RuntimeComponents,
+        cfg: &mut ConfigBag,
+    ) -> Result<(), BoxError> {
+        let operation = cfg.load::<Metadata>().map_or("unknown", |m| m.name());
+        metrics().bucket_request(operation);
+        Ok(())
     }
 }
 

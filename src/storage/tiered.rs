@@ -123,8 +123,8 @@ impl BlobStore for TieredBlobStore {
         stored
     }
 
-    fn uploads(&self) -> bool {
-        self.shared.uploads()
+    fn remote(&self) -> bool {
+        self.shared.remote()
     }
 
     async fn delete(&self, digest: &Digest) -> Result<(), StorageError> {

@@ -63,6 +63,12 @@ pub struct OutcomeLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OperationLabels {
+    /// The S3 operation: HeadObject, GetObject, PutObject, UploadPart, ...
+    pub operation: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct BackendLabels {
     /// storage or metadata
     pub backend: &'static str,
@@ -86,6 +92,7 @@ pub struct Metrics {
     pub fetch_slots_full: Family<OutcomeLabels, Counter>,
     pub local_copies: Family<OutcomeLabels, Counter>,
     pub local_copy_bytes: Gauge,
+    pub bucket_requests: Family<OperationLabels, Counter>,
 }
 
 fn latency_histogram() -> Histogram {
@@ -115,6 +122,7 @@ impl Metrics {
             fetch_slots_full: Family::default(),
             local_copies: Family::default(),
             local_copy_bytes: Gauge::default(),
+            bucket_requests: Family::default(),
             registry: Registry::default(),
         };
         registry.register("http_requests", "Requests served", m.requests.clone());
@@ -193,6 +201,11 @@ impl Metrics {
             "Bytes of blobs this replica keeps as local copies",
             m.local_copy_bytes.clone(),
         );
+        registry.register(
+            "bucket_requests",
+            "Requests sent to the S3 bucket (each attempt), by operation",
+            m.bucket_requests.clone(),
+        );
         Self { registry, ..m }
     }
 
@@ -226,6 +239,14 @@ impl Metrics {
     pub fn local_copy(&self, outcome: &'static str) {
         self.local_copies
             .get_or_create(&OutcomeLabels { outcome })
+            .inc();
+    }
+
+    pub fn bucket_request(&self, operation: &str) {
+        self.bucket_requests
+            .get_or_create(&OperationLabels {
+                operation: operation.to_owned(),
+            })
             .inc();
     }
 

@@ -876,3 +876,18 @@ pub fn histogram<'a>(lines: impl Iterator<Item = &'a str>) -> HashMap<&'a str, u
     }
     m
 }
+
+/// A counter's value in Pier's /metrics.
+pub async fn metric(http: &reqwest::Client, pier: &Pier, name: &str) -> f64 {
+    let text = http
+        .get(format!("{}/metrics", pier.url()))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or(0.0)
+}
