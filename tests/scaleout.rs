@@ -635,71 +635,122 @@ async fn a_cold_pull_looks_its_blobs_up_in_the_bucket_ahead() {
     assert_eq!(metric(&http, &pier, &sent("GetObject")).await, 0.0);
 }
 
+/// Replicas A and B on a fresh namespace: A fetched the manifest of
+/// `library/big` and found its blobs missing from the bucket, then B pulled
+/// the image and stored them.
+struct StoredSinceTheLook {
+    a: Pier,
+    _b: Pier,
+    blobs: Vec<String>,
+    _dirs: (tempfile::TempDir, tempfile::TempDir),
+}
+
+impl StoredSinceTheLook {
+    async fn start(docker: &Upstream, redis: Option<&str>) -> Option<StoredSinceTheLook> {
+        let ns = namespace();
+        let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let url = docker.url();
+        // Answers are trusted for half the lease TTL: the whole test.
+        let config = |dir: &std::path::Path| {
+            scaled_config(dir, &ns, &[("docker.io", &url)], "", redis, "")
+                .map(|c| c.replace("[cluster]\n", "[cluster]\nlease_ttl = \"120s\"\n"))
+        };
+        let (ca, cb) = (config(da.path())?, config(db.path())?);
+        let (a, b) = (
+            Pier::start_raw(da.path(), &ca),
+            Pier::start_raw(db.path(), &cb),
+        );
+
+        let http = reqwest::Client::new();
+        let manifest = fetch(
+            &http,
+            reqwest::Method::GET,
+            &format!("{}/v2/docker.io/library/big/manifests/latest", a.url()),
+            &[],
+        )
+        .await
+        .bytes()
+        .await
+        .unwrap();
+        let manifest: serde_json::Value = serde_json::from_slice(&manifest).unwrap();
+        let blobs: Vec<String> = std::iter::once(&manifest["config"])
+            .chain(manifest["layers"].as_array().unwrap())
+            .map(|b| b["digest"].as_str().unwrap().to_owned())
+            .collect();
+        assert_eq!(blobs.len(), 3, "{manifest}");
+        let heads = "pier_bucket_requests_total{operation=\"HeadObject\"}";
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while metric(&http, &a, heads).await < 3.0 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "A never looked the blobs up"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+
+        let want = digest_of("docker", "library/big:latest");
+        assert_eq!(pull(&b, "docker.io/library/big:latest").await, want);
+        for digest in &blobs {
+            let key = format!("{ns}/blobs/sha256/{}", digest.trim_start_matches("sha256:"));
+            assert!(wait_s3_has(&key).await, "{key} never stored");
+        }
+        Some(StoredSinceTheLook {
+            a,
+            _b: b,
+            blobs,
+            _dirs: (da, db),
+        })
+    }
+
+    /// Every blob through A, checked against its digest.
+    async fn read_all_from_a(&self) {
+        use sha2::Digest as _;
+        let http = reqwest::Client::new();
+        for digest in &self.blobs {
+            let url = format!("{}/v2/docker.io/library/big/blobs/{digest}", self.a.url());
+            let resp = http.get(url).send().await.unwrap();
+            assert_eq!(resp.status(), 200, "{digest}");
+            let body = resp.bytes().await.unwrap();
+            let got = format!("sha256:{}", hex::encode(sha2::Sha256::digest(&body)));
+            assert_eq!(&got, digest);
+        }
+    }
+}
+
 /// A replica that found a blob missing a moment ago does not fetch it
 /// again when another replica has stored it since: the blob's lease, left
 /// to lapse by the replica that stored it, sends it there instead.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_blob_stored_by_another_replica_since_the_look_is_not_fetched_again() {
-    use sha2::Digest as _;
     if !have_tools(&["docker-registry", "skopeo"]) {
         return;
     }
     let docker = Upstream::start("docker");
-    let ns = namespace();
-    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let url = docker.url();
-    // Answers are trusted for half the lease TTL: the whole test.
-    let config = |dir: &std::path::Path| {
-        scaled_config(dir, &ns, &[("docker.io", &url)], "", None, "")
-            .map(|c| c.replace("[cluster]\n", "[cluster]\nlease_ttl = \"120s\"\n"))
-    };
-    let (Some(ca), Some(cb)) = (config(da.path()), config(db.path())) else {
+    let Some(setup) = StoredSinceTheLook::start(&docker, None).await else {
         return;
     };
-    let (a, b) = (
-        Pier::start_raw(da.path(), &ca),
-        Pier::start_raw(db.path(), &cb),
-    );
-
-    // A fetches the manifest and finds its blobs missing from the bucket.
+    // A goes for the leases B left (and so to B), not to the bucket or
+    // upstream.
     let http = reqwest::Client::new();
-    let base = |p: &Pier| format!("{}/v2/docker.io/library/big", p.url());
-    let manifest = fetch(
-        &http,
-        reqwest::Method::GET,
-        &format!("{}/manifests/latest", base(&a)),
-        &[],
-    )
-    .await
-    .bytes()
-    .await
-    .unwrap();
-    let manifest: serde_json::Value = serde_json::from_slice(&manifest).unwrap();
-    let blobs: Vec<String> = std::iter::once(&manifest["config"])
-        .chain(manifest["layers"].as_array().unwrap())
-        .map(|b| b["digest"].as_str().unwrap().to_owned())
-        .collect();
-    assert_eq!(blobs.len(), 3, "{manifest}");
+    let waits = metric(&http, &setup.a, "pier_lease_waits_total").await;
+    setup.read_all_from_a().await;
+    docker.assert_one_get_per_blob("library/big", 3);
+    assert!(metric(&http, &setup.a, "pier_lease_waits_total").await >= waits + 3.0);
+}
 
-    // B pulls the image and stores every blob.
-    let want = digest_of("docker", "library/big:latest");
-    assert_eq!(pull(&b, "docker.io/library/big:latest").await, want);
-    for digest in &blobs {
-        let key = format!("{ns}/blobs/sha256/{}", digest.trim_start_matches("sha256:"));
-        assert!(wait_s3_has(&key).await, "{key} never stored");
+/// With Redis gone there is no lease to say that another replica stored
+/// the blob since the look: the replica asks the bucket again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_redis_a_blob_found_missing_ahead_is_looked_up_again() {
+    if !have_tools(&["docker-registry", "skopeo", "redis-server"]) {
+        return;
     }
-
-    // A serves them all without asking upstream again.
-    for digest in &blobs {
-        let resp = http
-            .get(format!("{}/blobs/{digest}", base(&a)))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(resp.status(), 200, "{digest}");
-        let body = resp.bytes().await.unwrap();
-        let got = format!("sha256:{}", hex::encode(sha2::Sha256::digest(&body)));
-        assert_eq!(&got, digest);
-    }
+    let docker = Upstream::start("docker");
+    let mut redis = RedisServer::start();
+    let Some(setup) = StoredSinceTheLook::start(&docker, Some(&redis.url())).await else {
+        return;
+    };
+    redis.stop();
+    setup.read_all_from_a().await;
     docker.assert_one_get_per_blob("library/big", 3);
 }

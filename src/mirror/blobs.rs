@@ -67,7 +67,8 @@ impl Mirror {
         // confirms this repository has them. The fetch below need not ask
         // the store again when it has just said the blob is missing, nor
         // the store at all when it lacked the blob a moment ago.
-        let mut store_checked = if self.missing.is_missing(digest).await {
+        let mut checked_ahead = self.missing.is_missing(digest).await;
+        let mut store_checked = if checked_ahead {
             true
         } else if self.linked(target, digest).await {
             match self.stored_body(digest, range).await? {
@@ -103,10 +104,11 @@ impl Mirror {
                 body_idle: self.body_idle,
                 for_peer,
                 store_checked,
+                checked_ahead,
                 slots: self.fetch_slots.clone(),
                 missing: self.missing.clone(),
             };
-            store_checked = false;
+            (store_checked, checked_ahead) = (false, false);
             let (flight, started) = self.flights.join_or_start(digest, job);
             let foreign = flight.repo_key != key;
             if foreign && !self.authorized(target, digest).await? {
@@ -243,8 +245,7 @@ impl Mirror {
         target: &Target,
         digest: &Digest,
     ) -> Result<BlobInfo, MirrorError> {
-        if !self.missing.is_missing(digest).await
-            && let Some(size) = self.stored_size(digest).await
+        if let Some(size) = self.stored_size(digest).await
             && matches!(self.meta.is_linked(&target.key(), digest).await, Ok(true))
         {
             return Ok(BlobInfo { size: Some(size) });

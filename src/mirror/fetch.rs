@@ -45,6 +45,9 @@ pub struct FetchJob {
     /// fetch need not ask again before taking its lease (a round trip with
     /// S3).
     pub store_checked: bool,
+    /// That answer came from a lookup ahead of the request (up to half a
+    /// lease TTL old), good only together with the lease.
+    pub checked_ahead: bool,
     pub slots: FetchSlots,
     /// Forgets, once the blob is stored, that the store lacked it.
     pub missing: Arc<SeenMissing>,
@@ -194,7 +197,18 @@ async fn source(job: &FetchJob, flight: &Flight) -> Result<Source, FlightError> 
             // Nobody stored the blob since the store was checked above: a
             // holder that stores it keeps its lease until it lapses.
             Claim::Mine(lease) => return Ok(Source::Upstream(Some(lease))),
-            Claim::Alone => return Ok(Source::Upstream(None)),
+            // Replicas share metadata but it fails now: no lease says
+            // whether another replica stored the blob since an answer from
+            // ahead of the request, so ask the store.
+            Claim::Alone => {
+                if job.checked_ahead
+                    && job.meta.shared()
+                    && let Ok(Some(_)) = job.blobs.stat(&flight.digest).await
+                {
+                    return Ok(Source::Stored);
+                }
+                return Ok(Source::Upstream(None));
+            }
             // This replica stored the blob a moment ago (that lease is left
             // to lapse), after this request found it missing: look again,
             // and if the store still cannot give it, fetch at once rather
@@ -289,9 +303,11 @@ async fn commit(
         tracing::error!(%digest, error = ?e, "cannot write a verified blob to the spool");
         return false;
     }
-    match job.blobs.store(digest, spool, size).await {
+    let stored = job.blobs.store(digest, spool, size).await;
+    // Even a store that reports failure may have landed.
+    job.missing.stored(digest);
+    match stored {
         Ok(()) => {
-            job.missing.stored(digest);
             if let Err(e) = job
                 .meta
                 .link(&job.repo_key, std::slice::from_ref(digest))

@@ -443,7 +443,8 @@ pub(super) fn referenced_digests(body: &[u8]) -> Vec<Digest> {
 }
 
 /// The blobs an image manifest is made of, config first, then the layers
-/// in order (as clients fetch them). None for an index.
+/// as it lists them (the order most clients fetch them in). None for an
+/// index.
 fn image_blobs(body: &[u8]) -> Vec<Digest> {
     let Ok(doc) = serde_json::from_slice::<serde_json::Value>(body) else {
         return Vec::new();

@@ -3,19 +3,22 @@
 //! together, while the client reads the manifest; a blob found missing then
 //! goes straight to its fetch when the client asks for it, without another
 //! round trip to the store. Clients ask for a new image's blobs mostly one
-//! after another, and each such round trip (3 ms on a local S3 server, 10
-//! to 20 on a cloud one) added to the pull.
+//! after another, and each such round trip (1 to 4 ms on a local S3
+//! server, more across a network) added to the pull.
 //!
-//! Acting on a "missing" that is no longer true would cost a second fetch
-//! from upstream (never a wrong byte: every fetch is verified), and it
-//! cannot happen while the answer is trusted. A fetch on this replica
-//! forgets the answer when it stores the blob; a fetch on another replica
-//! leaves the blob's lease to lapse after storing it, and a fetch here must
-//! claim that lease first, which then sends it to the store or to that
-//! replica. A lease is renewed every third of its TTL, so it outlives the
-//! store by two thirds of the TTL at least: answers are trusted for half.
+//! Acting on a "missing" that is no longer true costs a second fetch from
+//! upstream, never a wrong byte (every fetch is verified), and the answer
+//! is only trusted while that cannot happen in the normal course. A fetch
+//! on this replica forgets the answer when it stores the blob; a fetch on
+//! another replica leaves the blob's lease to lapse after storing it, and a
+//! fetch here must claim that lease first, which then sends it to the store
+//! or to that replica. A lease is renewed every third of its TTL, so it
+//! outlives the store by two thirds of the TTL at least: answers are
+//! trusted for half (replicas sharing a bucket share the TTL). Without a
+//! lease to go by (Redis failing), the fetch asks the store again.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -24,25 +27,29 @@ use futures::StreamExt;
 use crate::reference::Digest;
 use crate::storage::BlobStore;
 
-/// Lookups of one manifest's blobs running at once.
-const LOOKUPS_AT_ONCE: usize = 8;
+/// Lookups running at once, across all manifests.
+const LOOKUPS_AT_ONCE: usize = 16;
 /// Answers kept at most; a manifest past this is not looked up ahead.
 const MAX_ENTRIES: usize = 50_000;
-/// How long a request waits for a lookup already under way before asking
-/// the store itself.
+/// How long a request waits for a lookup of its blob before asking the
+/// store itself. Its own request would go to the same store, later than
+/// the one under way; the bound is for a store that does not answer.
 const LOOKUP_WAIT: Duration = Duration::from_secs(1);
 
 pub struct SeenMissing {
     seen: Mutex<HashMap<Digest, Seen>>,
     /// Bumped whenever a lookup ends, for requests waiting on one.
     settled: tokio::sync::watch::Sender<()>,
+    lookups: Arc<tokio::sync::Semaphore>,
+    /// Numbers lookups, so that an answer is recorded only for its own.
+    next_lookup: AtomicU64,
     trust: Duration,
 }
 
 #[derive(Clone, Copy)]
 enum Seen {
-    /// A lookup asked at this time is under way.
-    LookingUp(Instant),
+    /// Lookup number `id`, asked at `at`, is under way (or queued).
+    LookingUp { at: Instant, id: u64 },
     /// A lookup asked at this time found the blob missing.
     Missing(Instant),
 }
@@ -53,6 +60,8 @@ impl SeenMissing {
         Self {
             seen: Mutex::default(),
             settled: tokio::sync::watch::Sender::new(()),
+            lookups: Arc::new(tokio::sync::Semaphore::new(LOOKUPS_AT_ONCE)),
+            next_lookup: AtomicU64::new(0),
             trust,
         }
     }
@@ -68,7 +77,7 @@ impl SeenMissing {
             return;
         }
         let asked = Instant::now();
-        let digests: Vec<Digest> = {
+        let digests: Vec<(Digest, u64)> = {
             let mut seen = self.seen();
             if seen.len() + digests.len() > MAX_ENTRIES {
                 seen.retain(|_, s| s.at().elapsed() < self.trust);
@@ -76,26 +85,30 @@ impl SeenMissing {
                     return;
                 }
             }
-            digests
-                .into_iter()
-                .filter(|d| {
-                    // A fresh answer, or a lookup under way, serves as well.
-                    if seen.get(d).is_some_and(|s| s.at().elapsed() < self.trust) {
-                        return false;
-                    }
-                    seen.insert(d.clone(), Seen::LookingUp(asked));
-                    true
-                })
-                .collect()
+            let mut queued = Vec::with_capacity(digests.len());
+            for d in digests {
+                // A fresh answer, or a lookup under way, serves as well.
+                if seen.get(&d).is_some_and(|s| s.at().elapsed() < self.trust) {
+                    continue;
+                }
+                let id = self.next_lookup.fetch_add(1, Ordering::Relaxed);
+                seen.insert(d.clone(), Seen::LookingUp { at: asked, id });
+                queued.push((d, id));
+            }
+            queued
         };
         let (this, store) = (self.clone(), store.clone());
         tokio::spawn(async move {
             futures::stream::iter(digests)
-                .for_each_concurrent(LOOKUPS_AT_ONCE, |digest| {
+                .for_each_concurrent(None, |(digest, id)| {
                     let (this, store) = (&this, &store);
                     async move {
+                        let Ok(_slot) = this.lookups.acquire().await else {
+                            return;
+                        };
+                        // A failed lookup (the store down) answers nothing.
                         let missing = matches!(store.stat(&digest).await, Ok(None));
-                        this.settle(&digest, asked, missing);
+                        this.settle(&digest, id, asked, missing);
                     }
                 })
                 .await;
@@ -104,11 +117,11 @@ impl SeenMissing {
 
     /// Records a lookup's answer, unless the blob was stored (and so
     /// forgotten) while it ran.
-    fn settle(&self, digest: &Digest, asked: Instant, missing: bool) {
+    fn settle(&self, digest: &Digest, id: u64, asked: Instant, missing: bool) {
         {
             let mut seen = self.seen();
-            if let Some(Seen::LookingUp(at)) = seen.get(digest)
-                && *at == asked
+            if let Some(Seen::LookingUp { id: running, .. }) = seen.get(digest)
+                && *running == id
             {
                 if missing {
                     seen.insert(digest.clone(), Seen::Missing(asked));
@@ -136,7 +149,7 @@ impl SeenMissing {
                 let seen = self.seen();
                 match seen.get(digest) {
                     Some(Seen::Missing(at)) => return at.elapsed() < self.trust,
-                    Some(Seen::LookingUp(at)) if at.elapsed() < self.trust => {
+                    Some(Seen::LookingUp { at, .. }) if at.elapsed() < self.trust => {
                         // Subscribed under the lock: an answer recorded
                         // after this look is announced after it too.
                         self.settled.subscribe()
@@ -157,7 +170,7 @@ impl SeenMissing {
 impl Seen {
     fn at(&self) -> Instant {
         match self {
-            Seen::LookingUp(at) | Seen::Missing(at) => *at,
+            Seen::LookingUp { at, .. } | Seen::Missing(at) => *at,
         }
     }
 }
