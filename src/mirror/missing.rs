@@ -17,7 +17,7 @@
 //! trusted for half (replicas sharing a bucket share the TTL). Without a
 //! lease to go by (Redis failing), the fetch asks the store again.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
@@ -29,7 +29,8 @@ use crate::storage::BlobStore;
 
 /// Lookups running at once, across all manifests.
 const LOOKUPS_AT_ONCE: usize = 16;
-/// Answers kept at most; a manifest past this is not looked up ahead.
+/// Answers kept at most (those younger than the trust); a manifest past
+/// this is not looked up ahead.
 const MAX_ENTRIES: usize = 50_000;
 /// How long a request waits for a lookup of its blob before asking the
 /// store itself. Its own request would go to the same store, later than
@@ -37,13 +38,42 @@ const MAX_ENTRIES: usize = 50_000;
 const LOOKUP_WAIT: Duration = Duration::from_secs(1);
 
 pub struct SeenMissing {
-    seen: Mutex<HashMap<Digest, Seen>>,
+    seen: Mutex<Table>,
     /// Bumped whenever a lookup ends, for requests waiting on one.
     settled: tokio::sync::watch::Sender<()>,
     lookups: Arc<tokio::sync::Semaphore>,
     /// Numbers lookups, so that an answer is recorded only for its own.
     next_lookup: AtomicU64,
     trust: Duration,
+}
+
+#[derive(Default)]
+struct Table {
+    by_digest: HashMap<Digest, Seen>,
+    /// When each entry was made, oldest first, so that entries past the
+    /// trust go as new ones come.
+    made: VecDeque<(Instant, Digest)>,
+}
+
+impl Table {
+    fn insert(&mut self, digest: Digest, seen: Seen) {
+        self.made.push_back((seen.at(), digest.clone()));
+        self.by_digest.insert(digest, seen);
+    }
+
+    fn drop_older_than(&mut self, trust: Duration) {
+        while let Some((at, _)) = self.made.front()
+            && at.elapsed() >= trust
+        {
+            let Some((at, digest)) = self.made.pop_front() else {
+                break;
+            };
+            // Unless a newer entry replaced it.
+            if self.by_digest.get(&digest).is_some_and(|s| s.at() == at) {
+                self.by_digest.remove(&digest);
+            }
+        }
+    }
 }
 
 #[derive(Clone, Copy)]
@@ -66,7 +96,7 @@ impl SeenMissing {
         }
     }
 
-    fn seen(&self) -> MutexGuard<'_, HashMap<Digest, Seen>> {
+    fn seen(&self) -> MutexGuard<'_, Table> {
         self.seen.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
@@ -79,16 +109,14 @@ impl SeenMissing {
         let asked = Instant::now();
         let digests: Vec<(Digest, u64)> = {
             let mut seen = self.seen();
-            if seen.len() + digests.len() > MAX_ENTRIES {
-                seen.retain(|_, s| s.at().elapsed() < self.trust);
-                if seen.len() + digests.len() > MAX_ENTRIES {
-                    return;
-                }
+            seen.drop_older_than(self.trust);
+            if seen.made.len() + digests.len() > MAX_ENTRIES {
+                return;
             }
             let mut queued = Vec::with_capacity(digests.len());
             for d in digests {
                 // A fresh answer, or a lookup under way, serves as well.
-                if seen.get(&d).is_some_and(|s| s.at().elapsed() < self.trust) {
+                if seen.by_digest.contains_key(&d) {
                     continue;
                 }
                 let id = self.next_lookup.fetch_add(1, Ordering::Relaxed);
@@ -120,13 +148,14 @@ impl SeenMissing {
     fn settle(&self, digest: &Digest, id: u64, asked: Instant, missing: bool) {
         {
             let mut seen = self.seen();
-            if let Some(Seen::LookingUp { id: running, .. }) = seen.get(digest)
-                && *running == id
+            if let Some(entry) = seen.by_digest.get_mut(digest)
+                && matches!(entry, Seen::LookingUp { id: running, .. } if *running == id)
             {
                 if missing {
-                    seen.insert(digest.clone(), Seen::Missing(asked));
+                    // Made at the same time: `made` stays in order.
+                    *entry = Seen::Missing(asked);
                 } else {
-                    seen.remove(digest);
+                    seen.by_digest.remove(digest);
                 }
             }
         }
@@ -135,7 +164,7 @@ impl SeenMissing {
 
     /// This replica stored the blob.
     pub fn stored(&self, digest: &Digest) {
-        if self.seen().remove(digest).is_some() {
+        if self.seen().by_digest.remove(digest).is_some() {
             self.settled.send_replace(());
         }
     }
@@ -147,7 +176,7 @@ impl SeenMissing {
         loop {
             let mut settled = {
                 let seen = self.seen();
-                match seen.get(digest) {
+                match seen.by_digest.get(digest) {
                     Some(Seen::Missing(at)) => return at.elapsed() < self.trust,
                     Some(Seen::LookingUp { at, .. }) if at.elapsed() < self.trust => {
                         // Subscribed under the lock: an answer recorded
@@ -277,6 +306,12 @@ mod tests {
         assert!(seen.is_missing(&digest(3)).await);
         tokio::time::sleep(Duration::from_millis(350)).await;
         assert!(!seen.is_missing(&digest(3)).await, "past the trust");
+        // Entries past the trust go when new ones come.
+        seen.look_up(&dyn_store, vec![digest(4)]);
+        assert!(seen.is_missing(&digest(4)).await);
+        let table = seen.seen();
+        assert_eq!(table.by_digest.keys().collect::<Vec<_>>(), [&digest(4)]);
+        assert_eq!(table.made.len(), 1);
     }
 
     #[tokio::test]
