@@ -483,6 +483,17 @@ fn replica_of(docker: &Upstream, extra: &str) -> Option<(Pier, String, tempfile:
     Some((pier, ns, data))
 }
 
+/// `library/big:latest`'s manifest, through `pier`.
+async fn big_manifest(http: &reqwest::Client, pier: &Pier) -> serde_json::Value {
+    let url = format!("{}/v2/docker.io/library/big/manifests/latest", pier.url());
+    let body = fetch(http, reqwest::Method::GET, &url, &[])
+        .await
+        .bytes()
+        .await
+        .unwrap();
+    serde_json::from_slice(&body).unwrap()
+}
+
 /// A client that took the first chunk of `library/big`'s 64 MiB layer
 /// and stopped reading, once upstream has sent all of it (so the fetch is
 /// verified).
@@ -499,17 +510,7 @@ impl StalledClient {
         use sha2::Digest as _;
         let http = reqwest::Client::new();
         let base = format!("{}/v2/docker.io/library/big", pier.url());
-        let manifest = fetch(
-            &http,
-            reqwest::Method::GET,
-            &format!("{base}/manifests/latest"),
-            &[],
-        )
-        .await
-        .bytes()
-        .await
-        .unwrap();
-        let manifest: serde_json::Value = serde_json::from_slice(&manifest).unwrap();
+        let manifest = big_manifest(&http, pier).await;
         let layer = &manifest["layers"][0];
         let digest = layer["digest"].as_str().unwrap().to_owned();
         let size = layer["size"].as_u64().unwrap();
@@ -662,17 +663,7 @@ impl StoredSinceTheLook {
         );
 
         let http = reqwest::Client::new();
-        let manifest = fetch(
-            &http,
-            reqwest::Method::GET,
-            &format!("{}/v2/docker.io/library/big/manifests/latest", a.url()),
-            &[],
-        )
-        .await
-        .bytes()
-        .await
-        .unwrap();
-        let manifest: serde_json::Value = serde_json::from_slice(&manifest).unwrap();
+        let manifest = big_manifest(&http, &a).await;
         let blobs: Vec<String> = std::iter::once(&manifest["config"])
             .chain(manifest["layers"].as_array().unwrap())
             .map(|b| b["digest"].as_str().unwrap().to_owned())

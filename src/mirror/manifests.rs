@@ -330,9 +330,12 @@ impl Mirror {
             (None, None) => Digest::sha256_of(&body),
         };
         let media_type = media_type(resp.media_type.as_deref(), &body);
-        let references = referenced_digests(&body);
+        let References {
+            all: references,
+            image_blobs,
+        } = references(&body);
         // The client asks for these next, most likely one after another.
-        self.missing.look_up(&self.blobs, image_blobs(&body));
+        self.missing.look_up(&self.blobs, image_blobs);
         let manifest = StoredManifest {
             media_type,
             bytes: body,
@@ -412,48 +415,30 @@ fn media_type(header: Option<&str>, body: &Bytes) -> String {
     }
 }
 
-/// Digests a manifest points at: its config, layers, child manifests,
-/// subject and (schema 1) layer sums.
-pub(super) fn referenced_digests(body: &[u8]) -> Vec<Digest> {
-    let Ok(doc) = serde_json::from_slice::<serde_json::Value>(body) else {
-        return Vec::new();
-    };
-    let field = |v: &serde_json::Value, name: &str| {
-        v.get(name)
-            .and_then(|d| d.as_str())
-            .and_then(|d| Digest::parse(d).ok())
-    };
-    let mut out = Vec::new();
-    for single in ["config", "subject"] {
-        if let Some(d) = doc.get(single).and_then(|v| field(v, "digest")) {
-            out.push(d);
-        }
-    }
-    for list in ["layers", "manifests", "blobs"] {
-        if let Some(items) = doc.get(list).and_then(|v| v.as_array()) {
-            out.extend(items.iter().filter_map(|v| field(v, "digest")));
-        }
-    }
-    if let Some(items) = doc.get("fsLayers").and_then(|v| v.as_array()) {
-        out.extend(items.iter().filter_map(|v| field(v, "blobSum")));
-    }
-    out.sort();
-    out.dedup();
-    out
+/// What a manifest points at, from one parse of it.
+pub(super) struct References {
+    /// Its config, layers, child manifests, subject and (schema 1) layer
+    /// sums, sorted.
+    pub all: Vec<Digest>,
+    /// The blobs an image manifest is made of, config first, then the
+    /// layers as it lists them (the order most clients fetch them in).
+    /// None for an index.
+    pub image_blobs: Vec<Digest>,
 }
 
-/// The blobs an image manifest is made of, config first, then the layers
-/// as it lists them (the order most clients fetch them in). None for an
-/// index.
-fn image_blobs(body: &[u8]) -> Vec<Digest> {
+pub(super) fn references(body: &[u8]) -> References {
     let Ok(doc) = serde_json::from_slice::<serde_json::Value>(body) else {
-        return Vec::new();
+        return References {
+            all: Vec::new(),
+            image_blobs: Vec::new(),
+        };
     };
     let digest = |v: &serde_json::Value, field: &str| {
         v.get(field)
             .and_then(|d| d.as_str())
             .and_then(|d| Digest::parse(d).ok())
     };
+    let single = |name: &str| doc.get(name).and_then(|v| digest(v, "digest"));
     let listed = |list: &str, field: &'static str| {
         doc.get(list)
             .and_then(|v| v.as_array())
@@ -461,20 +446,26 @@ fn image_blobs(body: &[u8]) -> Vec<Digest> {
             .flatten()
             .filter_map(move |v| digest(v, field))
     };
-    let mut out: Vec<Digest> = Vec::new();
-    let all = doc
-        .get("config")
-        .and_then(|c| digest(c, "digest"))
-        .into_iter();
-    for d in all
+    let mut image_blobs: Vec<Digest> = Vec::new();
+    for d in single("config")
+        .into_iter()
         .chain(listed("layers", "digest"))
         .chain(listed("fsLayers", "blobSum"))
     {
-        if !out.contains(&d) {
-            out.push(d);
+        if !image_blobs.contains(&d) {
+            image_blobs.push(d);
         }
     }
-    out
+    let mut all: Vec<Digest> = image_blobs
+        .iter()
+        .cloned()
+        .chain(single("subject"))
+        .chain(listed("manifests", "digest"))
+        .chain(listed("blobs", "digest"))
+        .collect();
+    all.sort();
+    all.dedup();
+    References { all, image_blobs }
 }
 
 #[cfg(test)]
@@ -490,10 +481,10 @@ mod tests {
         );
         let mut want = vec![a.clone(), b.clone()];
         want.sort();
-        assert_eq!(referenced_digests(m.as_bytes()), want);
+        assert_eq!(references(m.as_bytes()).all, want);
         let i = format!(r#"{{"manifests":[{{"digest":"{a}"}}]}}"#);
-        assert_eq!(referenced_digests(i.as_bytes()), vec![a]);
-        assert!(referenced_digests(b"not json").is_empty());
+        assert_eq!(references(i.as_bytes()).all, vec![a]);
+        assert!(references(b"not json").all.is_empty());
     }
 
     #[test]
@@ -502,12 +493,15 @@ mod tests {
         let m = format!(
             r#"{{"config":{{"digest":"{c}"}},"layers":[{{"digest":"{b}"}},{{"digest":"bogus"}},{{"digest":"{a}"}},{{"digest":"{b}"}}]}}"#
         );
-        assert_eq!(image_blobs(m.as_bytes()), vec![c, b.clone(), a.clone()]);
+        assert_eq!(
+            references(m.as_bytes()).image_blobs,
+            vec![c, b.clone(), a.clone()]
+        );
         let v1 = format!(r#"{{"fsLayers":[{{"blobSum":"{a}"}},{{"blobSum":"{b}"}}]}}"#);
-        assert_eq!(image_blobs(v1.as_bytes()), vec![a.clone(), b]);
+        assert_eq!(references(v1.as_bytes()).image_blobs, vec![a.clone(), b]);
         let i = format!(r#"{{"manifests":[{{"digest":"{a}"}}]}}"#);
-        assert!(image_blobs(i.as_bytes()).is_empty());
-        assert!(image_blobs(b"not json").is_empty());
+        assert!(references(i.as_bytes()).image_blobs.is_empty());
+        assert!(references(b"not json").image_blobs.is_empty());
     }
 
     #[test]
