@@ -63,7 +63,7 @@ GiB = 1 << 30
 CLK = os.sysconf("SC_CLK_TCK")
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 COLORS = {"nginx": "C0", "direct": "C1", "dist": "C2", "pier-fs": "C3", "pier-s3": "C4", "s3": "C5",
-          "pier-s3-bucket": "C6"}
+          "pier-s3-bucket": "C6", "nginx-cache": "C7"}
 
 LABELS = {
     "nginx": "nginx, static file (sendfile)",
@@ -73,6 +73,7 @@ LABELS = {
     "pier-s3": "Pier, S3 + Redis, 2 replicas, local caches",
     "pier-s3-bucket": "Pier, S3 + Redis, 2 replicas, no local cache",
     "s3": "SeaweedFS S3, direct GET",
+    "nginx-cache": "nginx, caching proxy (proxy_cache)",
 }
 
 
@@ -500,14 +501,9 @@ class Bench:
     def direct(self):
         return Server("direct", [self.upstream], [self.up_url], "library/")
 
-    def nginx(self, blob_file):
-        name = self.name("nginx")
-        d = self.work / name
-        (d / "www").mkdir(parents=True)
-        try:
-            os.link(blob_file, d / "www" / "blob")  # same inode, same page cache
-        except OSError:
-            shutil.copyfile(blob_file, d / "www" / "blob")
+    def start_nginx(self, name, d, http, location):
+        """nginx on a free loopback port with its files under d: `http` goes
+        into the http block, `location` into `location /`."""
         port = free_port()
         user = "user root;\n" if os.geteuid() == 0 else ""
         temps = "".join(f"    {t}_temp_path {d}/{t};\n"
@@ -517,13 +513,48 @@ class Bench:
             f"daemon off;\n{user}worker_processes auto;\npid {d}/nginx.pid;\nerror_log {d}/error.log;\n"
             f"events {{ worker_connections 1024; }}\n"
             f"http {{\n    access_log off;\n    sendfile on;\n    tcp_nopush on;\n"
-            f"    default_type application/octet-stream;\n{temps}"
+            f"    default_type application/octet-stream;\n{temps}{http}"
             f"    server {{\n        listen 127.0.0.1:{port};\n        root {d}/www;\n"
-            f"        location / {{ }}\n    }}\n}}\n")
+            f"        location / {{\n{location}        }}\n    }}\n}}\n")
         proc = self.procs.spawn(name, ["nginx", "-e", d / "error.log", "-p", d, "-c", conf],
                                 self.work / "logs" / f"{name}.log")
-        wait_http(f"http://127.0.0.1:{port}/blob", proc)
-        return Server("nginx", [proc], [f"http://127.0.0.1:{port}"], blob_path="/blob")
+        return proc, f"http://127.0.0.1:{port}"
+
+    def nginx(self, blob_file):
+        name = self.name("nginx")
+        d = self.work / name
+        (d / "www").mkdir(parents=True)
+        try:
+            os.link(blob_file, d / "www" / "blob")  # same inode, same page cache
+        except OSError:
+            shutil.copyfile(blob_file, d / "www" / "blob")
+        proc, base = self.start_nginx(name, d, "", "")
+        wait_http(f"{base}/blob", proc)
+        return Server("nginx", [proc], [base], blob_path="/blob")
+
+    def nginx_cache(self):
+        """nginx as a caching reverse proxy in front of the upstream: the
+        least a mirror can do on a cold pull (stream to the client while
+        writing a cache file, no digest check), for the cold figures."""
+        name = self.name("nginx-cache")
+        d = self.work / name
+        (d / "www").mkdir(parents=True)
+        http = (f"    proxy_cache_path {d}/cache levels=1:2 keys_zone=mirror:16m max_size=8g inactive=1d "
+                f"use_temp_path=off;\n"
+                f"    upstream registry {{ server {self.up_url.removeprefix('http://')}; keepalive 32; }}\n")
+        location = ("            proxy_pass http://registry;\n"
+                    "            proxy_http_version 1.1;\n"
+                    "            proxy_set_header Connection \"\";\n"
+                    "            proxy_cache mirror;\n"
+                    "            proxy_cache_key $request_method$request_uri$http_accept;\n"
+                    "            proxy_cache_valid 200 1d;\n"
+                    "            proxy_cache_lock on;\n"
+                    "            proxy_buffers 16 64k;\n")
+        proc, base = self.start_nginx(name, d, http, location)
+        wait_http(f"{base}/v2/", proc)
+        srv = Server("nginx-cache", [proc], [base], "library/")
+        srv.root = d / "cache"
+        return srv
 
     def s3_direct(self, ns):
         return Server("s3", [], [self.s3_endpoint], side_pids=[],
@@ -836,8 +867,8 @@ class Bench:
                 "(per replica/process tree)")
 
     def bench_cold(self):
-        kinds = [("direct", self.direct), ("pier-fs", self.pier_fs), ("pier-s3", self.pier_s3),
-                 ("dist", self.dist)]
+        kinds = [("direct", self.direct), ("nginx-cache", self.nginx_cache), ("pier-fs", self.pier_fs),
+                 ("pier-s3", self.pier_s3), ("dist", self.dist)]
         log(f"cold pulls and TTFB: {self.args.cold_runs} runs x {len(kinds)} servers (fresh state each)")
         for run in range(self.args.cold_runs):
             for key, start in kinds:
@@ -875,7 +906,8 @@ class Bench:
                     f"pull big {big if big is None else round(big, 2)} s, many {many if many is None else round(many, 2)} s")
 
     def bench_cold32(self):
-        kinds = [("pier-fs", self.pier_fs), ("pier-s3", self.pier_s3), ("dist", self.dist)]
+        kinds = [("pier-fs", self.pier_fs), ("pier-s3", self.pier_s3), ("dist", self.dist),
+                 ("nginx-cache", self.nginx_cache)]
         log(f"32 concurrent cold clients: upstream GETs per blob, {self.args.cold32_runs} runs "
             "(fresh state each)")
         for run in range(self.args.cold32_runs):
@@ -1098,6 +1130,10 @@ def targets(s):
                      f"Pier {fmt(a, 3)} (+ S3/Redis {fmt(side, 3)}) vs S3 server alone {fmt(s3, 3)} s/GiB "
                      f"= {ratio(a, s3)} (Pier only)", None))
     d = g(c, "direct", "big_s")
+    for what, key in (("256 MiB image", "big_s"), ("20-layer image", "many_s")):
+        a, b = g(c, "nginx-cache", key), g(c, "direct", key)
+        rows.append((f"nginx caching proxy: cold skopeo pull against direct, {what} (report: what a second "
+                     "process on the path costs on these cores)", f"{fmt(a, 2)} vs {fmt(b, 2)} s = {ratio(a, b)}", None))
     for pier in ("pier-fs", "pier-s3"):
         a = g(c, pier, "big_s")
         rows.append((f"{pier}: cold skopeo pull ≤ 1.1× direct (256 MiB image)",
@@ -1152,9 +1188,8 @@ def compact(res, s):
         if v is None:
             return "–"
         return fmt(v, nd) + (f" ({ratio(v, ref, rnd)})" if ref is not None and ref != v else "")
-    L = ["| | " + " | ".join(LABELS[k] for k in ("nginx", "direct", "dist", "pier-fs", "pier-s3", "s3")) + " |",
-         "|---|---|---|---|---|---|---|"]
-    keys = ("nginx", "direct", "dist", "pier-fs", "pier-s3", "s3")
+    keys = ("nginx", "direct", "nginx-cache", "dist", "pier-fs", "pier-s3", "s3")
+    L = ["| | " + " | ".join(LABELS[k] for k in keys) + " |", "|---" * (len(keys) + 1) + "|"]
 
     def row(title, f):
         L.append(f"| {title} | " + " | ".join(f(k) for k in keys) + " |")
@@ -1219,7 +1254,7 @@ def markdown(res, s):
              "| blob TTFB ms | TTFB − direct ms | 256 MiB blob s | S3 + Redis CPU s during the pulls (256 MiB / 20-layer) |")
     L.append("|---|---|---|---|---|---|---|---|---|---|")
     dc = c.get("direct", {})
-    for k in ("direct", "dist", "pier-fs", "pier-s3"):
+    for k in ("direct", "nginx-cache", "dist", "pier-fs", "pier-s3"):
         if k not in c:
             continue
         x = c[k]
@@ -1233,7 +1268,7 @@ def markdown(res, s):
     L.append("| server | runs | 256 MiB blob: GETs | 20-layer image (21 blobs): min–max / mean GETs per blob "
              "| extra GETs over all runs | peak RSS MiB |")
     L.append("|---|---|---|---|---|---|")
-    for k in ("dist", "pier-fs", "pier-s3"):
+    for k in ("nginx-cache", "dist", "pier-fs", "pier-s3"):
         r = s["cold32"].get(k)
         if r:
             L.append(f"| {LABELS[k]} | {r['n']} | {r['big_min']}–{r['big_max']} | {r['many_min']}–{r['many_max']} / "
