@@ -18,6 +18,9 @@ and stopped at the end (also on Ctrl-C or an error):
              blob read is a GET from the bucket); warm blobs only
   dist       docker-registry with proxy.remoteurl (registry:2 pull-through)
   nginx      nginx serving the 256 MiB blob file from disk (sendfile on)
+  nginx-cache  nginx as a caching reverse proxy of the upstream (proxy_cache,
+             cache lock on): streams to the client while it writes its cache
+             file, verifies nothing; cold figures only
   direct     the upstream itself (no mirror)
   s3         a signed GET of the same blob straight from SeaweedFS
 
