@@ -1097,6 +1097,15 @@ def ratio(a, b, nd=2):
     return f"{a / b:.{nd}f}×"
 
 
+def total_cpu(w, key, clients):
+    """CPU s/GiB of the server, its S3 + Redis and its curl clients: loopback
+    TCP work lands on either side, so this is the steadier figure."""
+    d = w.get(key, {}).get(clients)
+    if d is None:
+        return None
+    return sum(d.get(f) or 0 for f in ("cpu_per_gib", "side_cpu_per_gib", "client_cpu_per_gib"))
+
+
 def targets(s):
     """(target, figure, met) rows for Pier fs and S3."""
     rows = []
@@ -1123,8 +1132,7 @@ def targets(s):
                      f"{fmt(a, 3)} vs {fmt(b, 3)} s/GiB = {ratio(a, b)}", a is not None and b and a / b <= 1.5))
         rows.append((f"pier-fs: CPU/GiB ≤ 0.5× distribution proxy, {cl} client(s)",
                      f"{fmt(a, 3)} vs {fmt(d, 3)} s/GiB = {ratio(a, d)}", a is not None and d and a / d <= 0.5))
-        a, b = (sum(g(w, k, cl, f) or 0 for f in ("cpu_per_gib", "side_cpu_per_gib", "client_cpu_per_gib"))
-                if k in w else None for k in ("pier-fs", "nginx"))
+        a, b = total_cpu(w, "pier-fs", cl), total_cpu(w, "nginx", cl)
         rows.append((f"pier-fs: server + curl clients' CPU/GiB against nginx's, {cl} client(s) (report: "
                      "loopback TCP work lands on either side)", f"{fmt(a, 3)} vs {fmt(b, 3)} s/GiB = {ratio(a, b)}", None))
         a, side, s3 = (g(w, "pier-s3-bucket", cl, "cpu_per_gib"), g(w, "pier-s3-bucket", cl, "side_cpu_per_gib"),
@@ -1202,6 +1210,8 @@ def compact(res, s):
     for cl in (1, 8):
         row(f"server CPU s/GiB, {cl} client{'s' if cl > 1 else ''} (× nginx)",
             lambda k: cell(g(w, k, cl, "cpu_per_gib"), 2, g(w, "nginx", cl, "cpu_per_gib")))
+    row("server + curl CPU s/GiB, 1 client (× nginx)",
+        lambda k: cell(total_cpu(w, k, 1), 2, total_cpu(w, "nginx", 1)))
     row("cold pull, 256 MiB image, s (× direct)",
         lambda k: cell(g(c, k, "big_s"), 2, g(c, "direct", "big_s")))
     row("cold pull, 20-layer image, s (× direct)",
@@ -1209,6 +1219,8 @@ def compact(res, s):
     row("cold blob TTFB ms (first body byte)", lambda k: fmt(g(c, k, "ttfb_ms"), 1) if k in c else "–")
     row("upstream GETs per blob, 32 cold clients (256 MiB / 21 small blobs, max over runs)",
         lambda k: f"{c32[k]['big_max']} / {c32[k]['many_max']}" if k in c32 else "–")
+    row("peak RSS MiB, 32 cold clients (per replica)",
+        lambda k: " / ".join(f"{x:.0f}" for x in c32[k]["peak_mib"]) if k in c32 else "–")
     row("manifest by tag, rps @64 conns (× dist)", lambda k: cell(g(m, k, 64, "rps"), 0, g(m, "dist", 64, "rps"), 1))
     row("manifest by tag, p99 ms @64 conns", lambda k: fmt(g(m, k, 64, "p99_ms"), 1) if k in m else "–")
     row("RSS MiB: idle / peak, 32 clients × 256 MiB",
