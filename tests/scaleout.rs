@@ -368,6 +368,63 @@ async fn another_replica_takes_over_when_the_fetching_one_is_killed() {
     assert!(wait_s3_has(&key).await, "B never committed the blob");
 }
 
+/// Replicas ask the one fetching a blob with a header that says so. A
+/// client sending that header to a replica that is not fetching the blob
+/// gets no way around the lease: it is served from the fetch under way on
+/// the other replica, and upstream sees one GET.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_sending_the_peer_header_still_waits_on_the_lease() {
+    use common::fake::{Blob, Fake, sha256_hex};
+    use futures::StreamExt;
+    let fake = Fake::start();
+    let good: Vec<u8> = (0..3_000_000u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 11) as u8)
+        .collect();
+    let digest = format!("sha256:{}", sha256_hex(&good));
+    fake.blob(
+        &digest,
+        Blob::Slow(good.clone().into(), std::time::Duration::from_secs(2)),
+    );
+    let ns = namespace();
+    let data = tempfile::tempdir().unwrap();
+    let Some(config) = scaled_config(
+        data.path(),
+        &ns,
+        &[("corp.example", &fake.url())],
+        "",
+        None,
+        "",
+    ) else {
+        return;
+    };
+    let a = PierProcess::start(&config);
+    let b = PierProcess::start(&config);
+    let path = format!("/v2/corp.example/team/app/blobs/{digest}");
+    let http = reqwest::Client::new();
+
+    // A takes the lease and streams the blob's first bytes.
+    let r = http.get(format!("{}{path}", a.url())).send().await.unwrap();
+    assert_eq!(r.status(), reqwest::StatusCode::OK);
+    let mut from_a = r.bytes_stream();
+    let mut got_a = from_a.next().await.unwrap().unwrap().to_vec();
+    assert!(!got_a.is_empty());
+
+    // A client on B passes itself off as a peer.
+    let r = http
+        .get(format!("{}{path}", b.url()))
+        .header(pier::mirror::PEER_HEADER, "1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), reqwest::StatusCode::OK);
+    assert_eq!(r.bytes().await.unwrap(), good);
+    while let Some(chunk) = from_a.next().await {
+        got_a.extend_from_slice(&chunk.unwrap());
+    }
+    assert_eq!(got_a, good);
+    assert_eq!(fake.count("GET", "/v2/team/app/blobs/"), 1);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_s3_down_clients_are_served_from_upstream_and_nothing_is_stored() {
     if !have_tools(&["docker-registry", "skopeo"]) {

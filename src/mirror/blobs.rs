@@ -61,6 +61,12 @@ impl Mirror {
         range: Option<RangeSpec>,
         for_peer: bool,
     ) -> Result<BlobResponse, MirrorError> {
+        // Peers ask the replica that holds the blob's lease, which is
+        // fetching it then. A request that says it comes from a peer while
+        // no fetch of the blob runs here is served as a client's is, lease
+        // and all: the header cannot make replicas fetch upstream side by
+        // side.
+        let for_peer = for_peer && self.flights.is_running(digest);
         // A blob this repository's manifests named is read straight away:
         // the read itself says whether it is stored. (Asking first cost S3 a
         // HEAD per warm blob.) Others are served only once upstream

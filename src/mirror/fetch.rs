@@ -39,7 +39,8 @@ pub struct FetchJob {
     pub cluster: Arc<Cluster>,
     pub peers: reqwest::Client,
     pub body_idle: Duration,
-    /// The request came from a peer replica: fetch upstream, do not delegate.
+    /// The request came from a peer replica, and a fetch of the blob ran
+    /// here a moment ago (it ended since): fetch upstream, do not delegate.
     pub for_peer: bool,
     /// The request found the blob missing from the store a moment ago: the
     /// fetch need not ask again before taking its lease (a round trip with
