@@ -511,6 +511,8 @@ def scenario_production(pier: Path, keep: Path | None) -> None:
     ups = {u["registry"]: u for u in parsed["upstreams"]}
     check(ups["docker.io"] == {"registry": "docker.io", "tag_ttl": "30m"}, f"docker.io {ups['docker.io']}")
     check(ups["registry.corp.example"]["aliases"] == ["corp"] and len(ups["registry.corp.example"]["endpoints"]) == 2, "corp upstream")
+    check(ups["ghcr.io"] == {"registry": "ghcr.io", "tag_ttl": "5m", "allow": ["acme/**"], "deny": ["acme/secret-*"]},
+          f"ghcr.io {ups['ghcr.io']}")
     check(parsed["routes"] == [{"pattern": "team-*/**", "registry": "registry.corp.example"}], f"routes {parsed['routes']}")
     check(parsed["domains"] == ["m.example.com"] and parsed["timeouts"]["response"] == "20s", "domains, timeouts")
     for line in ['trusted_proxies = ["10.244.0.0/16"]', "requests_per_second = 100", "burst = 400",
@@ -691,6 +693,7 @@ REFUSED = [
     ("a Redis URL that is not one", {"metadata": {"kind": "redis", "redis": {"url": "http://redis"}}}, "url"),
     ("an access key without its secret", {"storage": {"kind": "s3", "s3": {"bucket": "b-1", "accessKeyId": "AKIA"}}}, "go together"),
     ("a username without a password", {"config": {"upstreams": [{"registry": "docker.io", "username": "me"}]}}, "go together"),
+    ("an upstream allow glob with a capital", {"config": {"upstreams": [{"registry": "ghcr.io", "allow": ["Acme/*"]}]}}, "allow"),
     ("in-cluster Redis with embedded metadata", {"inClusterRedis": {"enabled": True}}, "metadata.kind=redis"),
     ("a short grace period", {"terminationGracePeriodSeconds": 5}, "terminationGracePeriodSeconds"),
     ("a negative request rate", {"config": {"limits": {"requestsPerSecond": -1}}}, "requestsPerSecond"),
