@@ -678,6 +678,8 @@ REFUSED = [
     ("a registry without a dot", {"config": {"upstreams": [{"registry": "corp", "endpoints": ["https://corp"]}]}}, "registry"),
     ("an endpoint with a path", {"config": {"upstreams": [{"registry": "r.example", "endpoints": ["https://r.example/v2"]}]}}, "endpoints"),
     ("a bad duration", {"config": {"timeouts": {"connect": "five"}}}, "connect"),
+    ("a lease that never lasts", {"config": {"cluster": {"leaseTtl": "0s"}}}, "leaseTtl"),
+    ("a zero Redis timeout", {"metadata": {"kind": "redis", "redis": {"url": "redis://r:6379", "timeout": "0ms"}}}, "timeout"),
     ("a bad route pattern", {"config": {"routes": [{"pattern": "Team/*", "registry": "docker.io"}]}}, "pattern"),
     ("an autoscaler whose minimum is above its maximum",
      {"storage": {"kind": "s3", "s3": {"bucket": "b-1"}}, "metadata": {"kind": "redis", "redis": {"url": "redis://r:6379"}},
