@@ -293,6 +293,17 @@ fn s3_local_cache_settings() {
     .unwrap_err()
     .to_string();
     assert!(e.contains("storage.local_cache_path"), "{e}");
+    // Also when the paths only meet once `..` and `.` are taken out.
+    for cache in [
+        "/var/lib/pier/cache/../spool/cache",
+        "/var/lib/pier/./spool",
+        "/var/lib/pier/spool/..",
+    ] {
+        let e = load(&format!("{base}local_cache_path = \"{cache}\"\n"), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("storage.local_cache_path"), "{cache}: {e}");
+    }
     let e = load(&format!("{base}local_cache_size = \"lots\"\n"), &[])
         .unwrap_err()
         .to_string();

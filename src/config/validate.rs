@@ -1,7 +1,7 @@
 //! Turns the file as written into a `Config`: fills defaults, merges the
 //! built-in upstream table, and reports every problem by key.
 
-use std::path::PathBuf;
+use std::path::{Component, Path, PathBuf};
 use std::time::Duration;
 
 use url::Url;
@@ -233,9 +233,8 @@ fn storage(s: FileStorage, p: &mut Problems) -> StorageConfig {
                 .local_cache_path
                 .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA).join("cache"));
             // The spool is emptied at startup: the cache must not be in it.
-            if local_cache_path.starts_with(&spool_path)
-                || spool_path.starts_with(&local_cache_path)
-            {
+            let (cache, spool) = (lexical(&local_cache_path), lexical(&spool_path));
+            if cache.starts_with(&spool) || spool.starts_with(&cache) {
                 p.add(
                     "storage.local_cache_path",
                     "must be a directory of its own, neither inside spool_path nor containing it"
@@ -505,6 +504,24 @@ fn size(p: &mut Problems, key: &str, v: Option<&ByteSize>) -> Option<u64> {
         }
         None => None,
     }
+}
+
+/// `path` made absolute against the working directory, with `.` and `..`
+/// taken out by name (symlinks are not followed: the paths need not exist
+/// yet).
+fn lexical(path: &Path) -> PathBuf {
+    let absolute = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+    let mut out = PathBuf::new();
+    for part in absolute.components() {
+        match part {
+            Component::CurDir => {}
+            Component::ParentDir => {
+                out.pop();
+            }
+            other => out.push(other),
+        }
+    }
+    out
 }
 
 fn positive(p: &mut Problems, key: &str, v: Option<Duration>, default_secs: u64) -> Duration {
