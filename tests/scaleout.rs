@@ -305,36 +305,69 @@ async fn stored_blobs_can_redirect_to_presigned_bucket_urls() {
     assert_eq!(pull(&pier, "docker.io/library/alpine:3.19").await, want);
 }
 
+/// A 3 MB blob on a fake upstream that sends its first KiB, then the rest
+/// after a pause; and the config of replicas in front of it.
+struct SlowBlob {
+    fake: common::fake::Fake,
+    good: Vec<u8>,
+    hex: String,
+    /// The blob's URL path on a replica.
+    path: String,
+    ns: String,
+    config: String,
+    _data: tempfile::TempDir,
+}
+
+impl SlowBlob {
+    fn start(pause: std::time::Duration) -> Option<SlowBlob> {
+        use common::fake::{Blob, Fake, sha256_hex};
+        let fake = Fake::start();
+        let good: Vec<u8> = (0..3_000_000u32)
+            .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+            .collect();
+        let hex = sha256_hex(&good);
+        let digest = format!("sha256:{hex}");
+        fake.blob(&digest, Blob::Slow(good.clone().into(), pause));
+        let ns = namespace();
+        let data = tempfile::tempdir().unwrap();
+        let config = scaled_config(
+            data.path(),
+            &ns,
+            &[("corp.example", &fake.url())],
+            "",
+            None,
+            "",
+        )?;
+        Some(SlowBlob {
+            fake,
+            good,
+            hex,
+            path: format!("/v2/corp.example/team/app/blobs/{digest}"),
+            ns,
+            config,
+            _data: data,
+        })
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn another_replica_takes_over_when_the_fetching_one_is_killed() {
-    use common::fake::{Blob, Fake, sha256_hex};
     use futures::StreamExt;
-    let fake = Fake::start();
-    let good: Vec<u8> = (0..3_000_000u32)
-        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
-        .collect();
-    let hex = sha256_hex(&good);
-    let digest = format!("sha256:{hex}");
-    fake.blob(
-        &digest,
-        Blob::Slow(good.clone().into(), std::time::Duration::from_secs(3)),
-    );
-    let ns = namespace();
-    let data = tempfile::tempdir().unwrap();
-    let Some(config) = scaled_config(
-        data.path(),
-        &ns,
-        &[("corp.example", &fake.url())],
-        "",
-        None,
-        "",
-    ) else {
+    let Some(SlowBlob {
+        fake,
+        good,
+        hex,
+        path,
+        ns,
+        config,
+        _data,
+    }) = SlowBlob::start(std::time::Duration::from_secs(3))
+    else {
         return;
     };
     let config = config.replace("[cluster]\n", "[cluster]\nlease_ttl = \"2s\"\n");
     let mut a = PierProcess::start(&config);
     let b = PierProcess::start(&config);
-    let path = format!("/v2/corp.example/team/app/blobs/{digest}");
 
     // A client starts the blob on A, which takes the lease and streams.
     let http = reqwest::Client::new();
@@ -374,32 +407,20 @@ async fn another_replica_takes_over_when_the_fetching_one_is_killed() {
 /// the other replica, and upstream sees one GET.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_sending_the_peer_header_still_waits_on_the_lease() {
-    use common::fake::{Blob, Fake, sha256_hex};
     use futures::StreamExt;
-    let fake = Fake::start();
-    let good: Vec<u8> = (0..3_000_000u32)
-        .map(|i| (i.wrapping_mul(2_654_435_761) >> 11) as u8)
-        .collect();
-    let digest = format!("sha256:{}", sha256_hex(&good));
-    fake.blob(
-        &digest,
-        Blob::Slow(good.clone().into(), std::time::Duration::from_secs(2)),
-    );
-    let ns = namespace();
-    let data = tempfile::tempdir().unwrap();
-    let Some(config) = scaled_config(
-        data.path(),
-        &ns,
-        &[("corp.example", &fake.url())],
-        "",
-        None,
-        "",
-    ) else {
+    let Some(SlowBlob {
+        fake,
+        good,
+        path,
+        config,
+        _data,
+        ..
+    }) = SlowBlob::start(std::time::Duration::from_secs(2))
+    else {
         return;
     };
     let a = PierProcess::start(&config);
     let b = PierProcess::start(&config);
-    let path = format!("/v2/corp.example/team/app/blobs/{digest}");
     let http = reqwest::Client::new();
 
     // A takes the lease and streams the blob's first bytes.
