@@ -203,6 +203,16 @@ pub struct FetchConfig {
     /// How long a fetch waits for a free slot before the client gets 503.
     #[serde(with = "humantime_serde")]
     pub queue_timeout: Duration,
+    /// The largest blob Pier fetches. A blob announced larger (by its
+    /// manifest or upstream's `Content-Length`) is refused, and a body of
+    /// unknown length is cut off past it, so an endless upstream body
+    /// cannot fill the disk.
+    pub max_blob_size: u64,
+    /// Bytes per second a fetch no client is reading any more must keep
+    /// up, averaged over `min_rate_window`, or it is abandoned (0: never).
+    pub min_rate: u64,
+    #[serde(with = "humantime_serde")]
+    pub min_rate_window: Duration,
 }
 
 /// How replicas sharing Redis work together.

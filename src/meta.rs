@@ -111,6 +111,16 @@ pub trait MetaStore: Send + Sync + 'static {
     async fn renew_lease(&self, name: &str, holder: &str, ttl: Duration)
     -> Result<bool, MetaError>;
 
+    /// Changes what a lease `holder` still holds says to `value`, for `ttl`
+    /// from now; false if it was lost.
+    async fn replace_lease(
+        &self,
+        name: &str,
+        holder: &str,
+        value: &str,
+        ttl: Duration,
+    ) -> Result<bool, MetaError>;
+
     /// Gives a lease up, if `holder` still holds it.
     async fn release_lease(&self, name: &str, holder: &str) -> Result<(), MetaError>;
 

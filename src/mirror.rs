@@ -11,6 +11,8 @@ mod keyed_lock;
 mod listing;
 mod manifests;
 mod missing;
+mod pace;
+mod sizes;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -38,6 +40,7 @@ use fetch::FetchSlots;
 use flight::Flights;
 use keyed_lock::{KeyedLocks, RecentFailures};
 use missing::SeenMissing;
+use sizes::KnownSizes;
 
 /// After upstream failed to revalidate a tag, serve the cached copy without
 /// asking again for this long.
@@ -87,6 +90,9 @@ pub struct Mirror {
     missing: Arc<SeenMissing>,
     /// Blobs this large go to upstream's storage while fetch slots are full.
     redirect_above: Option<u64>,
+    /// Blob sizes the manifests read here name.
+    sizes: KnownSizes,
+    bounds: fetch::FetchBounds,
 }
 
 impl Mirror {
@@ -127,6 +133,12 @@ impl Mirror {
             missing: Arc::new(SeenMissing::new(config.cluster.lease_ttl / 2)),
             fetch_slots: FetchSlots::new(config.fetch.max_concurrent, config.fetch.queue_timeout),
             redirect_above: config.fetch.redirect_above,
+            sizes: KnownSizes::default(),
+            bounds: fetch::FetchBounds {
+                max_blob_size: config.fetch.max_blob_size,
+                min_rate: config.fetch.min_rate,
+                min_rate_window: config.fetch.min_rate_window,
+            },
         })
     }
 
@@ -163,16 +175,15 @@ impl Mirror {
     }
 
     /// Whether `repo` may serve `digest`: linked by one of its manifests, or
-    /// confirmed by upstream now (then remembered). With both metadata and
-    /// upstream unreachable, a stored blob is served: its digest is the only
-    /// key to it, and availability matters more then.
+    /// confirmed by upstream now (then remembered). A digest is not a
+    /// secret: a manifest anywhere may name it. So with metadata and
+    /// upstream both unreachable, only what this process knows the
+    /// repository holds is served.
     async fn authorized(&self, target: &Target, digest: &Digest) -> Result<bool, MirrorError> {
         let key = target.key();
-        let linked = self.link_recorded(&key, digest).await;
-        if matches!(linked, Ok(true)) {
+        if matches!(self.link_recorded(&key, digest).await, Ok(true)) {
             return Ok(true);
         }
-        let meta_down = linked.is_err();
         match self
             .upstream(target)?
             .blob_size(target.repository.as_str(), digest)
@@ -184,7 +195,6 @@ impl Mirror {
                 Ok(true)
             }
             Err(UpstreamError::NotFound { .. }) => Ok(false),
-            Err(e) if meta_down && e.is_outage() => Ok(true),
             Err(e) => Err(e.into()),
         }
     }

@@ -823,3 +823,149 @@ async fn without_redis_a_blob_found_missing_ahead_is_looked_up_again() {
     setup.read_all_from_a().await;
     docker.assert_one_get_per_blob("library/big", 3);
 }
+
+/// The lease key of the slow blob, in the shared Redis.
+fn lease_key(ns: &str, hex: &str) -> String {
+    format!("{ns}:lease:blob:sha256:{hex}")
+}
+
+fn redis_cli(args: &[&str]) -> String {
+    let url = std::env::var("PIER_TEST_REDIS_URL").unwrap();
+    let out = std::process::Command::new("redis-cli")
+        .args(["-u", &url])
+        .args(args)
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// Redis loses the lease of a fetch under way (a failover): the holder
+/// claims it again at its next renewal, so another replica streams from it
+/// instead of fetching the blob a second time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_lost_mid_fetch_is_claimed_again() {
+    use futures::StreamExt;
+    let Some(SlowBlob {
+        fake,
+        good,
+        hex,
+        path,
+        ns,
+        config,
+        _data,
+    }) = SlowBlob::start(std::time::Duration::from_secs(4))
+    else {
+        return;
+    };
+    let config = config.replace("[cluster]\n", "[cluster]\nlease_ttl = \"1500ms\"\n");
+    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = Pier::start_raw(da.path(), &config);
+    let b = Pier::start_raw(db.path(), &config);
+    let http = reqwest::Client::new();
+    let r = http.get(format!("{}{path}", a.url())).send().await.unwrap();
+    let mut from_a = r.bytes_stream();
+    let mut got_a = from_a.next().await.unwrap().unwrap().to_vec();
+
+    assert_eq!(redis_cli(&["DEL", &lease_key(&ns, &hex)]), "1");
+    // A renews every half second: by now it has the lease again.
+    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    assert!(!redis_cli(&["GET", &lease_key(&ns, &hex)]).is_empty());
+
+    let r = http.get(format!("{}{path}", b.url())).send().await.unwrap();
+    assert_eq!(r.status(), reqwest::StatusCode::OK);
+    assert!(r.bytes().await.unwrap() == good);
+    while let Some(chunk) = from_a.next().await {
+        got_a.extend_from_slice(&chunk.unwrap());
+    }
+    assert!(got_a == good);
+    assert_eq!(fake.count("GET", "/v2/team/app/blobs/"), 1);
+}
+
+/// A replica that cannot stream from the holder waits as long as the holder
+/// keeps renewing, however long the fetch takes (here past 8 lease TTLs),
+/// without asking the bucket over and over, and is served from the store.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiting_replica_outlasts_a_long_fetch_without_polling_the_bucket() {
+    use futures::StreamExt;
+    let Some(SlowBlob {
+        fake,
+        good,
+        path,
+        config,
+        _data,
+        ..
+    }) = SlowBlob::start(std::time::Duration::from_secs(10))
+    else {
+        return;
+    };
+    let config = config
+        .replace("advertise_url = \"{advertise}\"\n", "")
+        .replace("[cluster]\n", "[cluster]\nlease_ttl = \"1s\"\n");
+    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = Pier::start_raw(da.path(), &config);
+    let b = Pier::start_raw(db.path(), &config);
+    let http = reqwest::Client::new();
+    let r = http.get(format!("{}{path}", a.url())).send().await.unwrap();
+    let mut from_a = r.bytes_stream();
+    let mut got_a = from_a.next().await.unwrap().unwrap().to_vec();
+
+    let url_b = format!("{}{path}", b.url());
+    let on_b = tokio::spawn(async move {
+        let r = reqwest::get(url_b).await.unwrap();
+        (r.status(), r.bytes().await.unwrap())
+    });
+    while let Some(chunk) = from_a.next().await {
+        got_a.extend_from_slice(&chunk.unwrap());
+    }
+    assert!(got_a == good);
+    let (status, body) = on_b.await.unwrap();
+    assert_eq!(status, reqwest::StatusCode::OK);
+    assert!(body == good);
+    assert_eq!(fake.count("GET", "/v2/team/app/blobs/"), 1);
+    let heads = metric(
+        &reqwest::Client::new(),
+        &b,
+        "pier_bucket_requests_total{operation=\"HeadObject\"}",
+    )
+    .await;
+    assert!(
+        heads <= 3.0,
+        "B asked the bucket {heads} times while waiting"
+    );
+}
+
+/// With Redis down, replicas fetch without a lease (pulls go on), and say
+/// so in a metric.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fetch_without_a_lease_is_counted() {
+    use common::fake::{Blob, Fake, digest, random_bytes};
+    if !have_tools(&["redis-server"]) {
+        return;
+    }
+    let mut redis = RedisServer::start();
+    let fake = Fake::start();
+    let bytes = random_bytes(20_000, 1);
+    fake.blob(&digest(&bytes), Blob::Good(bytes.clone()));
+    let data = tempfile::tempdir().unwrap();
+    let Some(pier) = Pier::start_scaled_with(
+        data.path(),
+        &namespace(),
+        &[("corp.example", &fake.url())],
+        "",
+        Some(&redis.url()),
+        "",
+    ) else {
+        return;
+    };
+    redis.stop();
+    let http = reqwest::Client::new();
+    let url = format!(
+        "{}/v2/corp.example/team/app/blobs/{}",
+        pier.url(),
+        digest(&bytes)
+    );
+    let r = http.get(url).send().await.unwrap();
+    assert!(r.bytes().await.unwrap() == bytes);
+    let unguarded = "pier_blob_fetches_unguarded_total{reason=\"metadata_error\"}";
+    assert_eq!(metric(&http, &pier, unguarded).await, 1.0);
+}

@@ -34,6 +34,7 @@ struct Ask<'a> {
     query: Vec<(String, String)>,
     /// Lets stored files go out with sendfile (HTTP/1 connections only).
     send_queue: Option<SendQueue>,
+    version: Version,
 }
 
 impl Ask<'_> {
@@ -83,6 +84,7 @@ pub async fn v2(State(mirror): State<Arc<Mirror>>, req: Request) -> Response {
         host,
         query,
         send_queue,
+        version: req.version(),
     };
     let raw = uri.path().strip_prefix("/v2").unwrap_or(uri.path());
     match handle(&mirror, &ask, raw).await {
@@ -235,7 +237,12 @@ async fn blob(
         );
         return Ok(resp);
     }
-    let b = mirror.blob(target, digest, range, for_peer).await?;
+    // Over HTTP/1.0 a body without a length ends when the connection
+    // closes, so a fetch that breaks off would look complete.
+    let needs_length = ask.version <= Version::HTTP_10;
+    let b = mirror
+        .blob(target, digest, range, for_peer, needs_length)
+        .await?;
     let len = match (b.range, b.size) {
         (Some(r), _) => Some(r.len()),
         (None, size) => size,

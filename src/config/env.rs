@@ -69,7 +69,14 @@ const SECTIONS: &[(&str, &[&str])] = &[
     ),
     (
         "fetch",
-        &["max_concurrent", "redirect_above", "queue_timeout"],
+        &[
+            "max_concurrent",
+            "redirect_above",
+            "queue_timeout",
+            "max_blob_size",
+            "min_rate",
+            "min_rate_window",
+        ],
     ),
     ("cluster", &["advertise_url", "lease_ttl"]),
 ];

@@ -112,6 +112,10 @@ pub struct FileFetch {
     pub redirect_above: Option<ByteSize>,
     #[serde(default, with = "humantime_serde")]
     pub queue_timeout: Option<Duration>,
+    pub max_blob_size: Option<ByteSize>,
+    pub min_rate: Option<ByteSize>,
+    #[serde(default, with = "humantime_serde")]
+    pub min_rate_window: Option<Duration>,
 }
 
 /// A size as a number of bytes or a string like `"64MiB"` or `"1GB"`.

@@ -251,7 +251,8 @@ fn server_limits_and_fetch_settings() {
 
     let e = load(
         "[server]\ntrusted_proxies = [\"10.0.0.0/33\"]\nmax_header_bytes = 100\n\
-         [limits]\nbytes_per_second = \"fast\"\n[fetch]\nqueue_timeout = \"0s\"\n",
+         [limits]\nbytes_per_second = \"fast\"\n[fetch]\nqueue_timeout = \"0s\"\n\
+         max_blob_size = 0\nmin_rate = \"slow\"\nmin_rate_window = \"0s\"\n",
         &[],
     )
     .unwrap_err();
@@ -261,9 +262,28 @@ fn server_limits_and_fetch_settings() {
         "server.max_header_bytes",
         "limits.bytes_per_second",
         "fetch.queue_timeout",
+        "fetch.max_blob_size",
+        "fetch.min_rate",
+        "fetch.min_rate_window",
     ] {
         assert!(all.contains(key), "{key} not named in:\n{all}");
     }
+}
+
+#[test]
+fn fetch_bounds_have_generous_defaults_and_take_sizes() {
+    let d = load("", &[]).unwrap();
+    assert_eq!(d.fetch.max_blob_size, 100 << 30);
+    assert_eq!(d.fetch.min_rate, 64 * 1024);
+    assert_eq!(d.fetch.min_rate_window, Duration::from_secs(60));
+    let c = load(
+        "[fetch]\nmax_blob_size = \"2GiB\"\nmin_rate = 0\nmin_rate_window = \"5s\"\n",
+        &[("PIER_FETCH__MIN_RATE", "1KiB")],
+    )
+    .unwrap();
+    assert_eq!(c.fetch.max_blob_size, 2 << 30);
+    assert_eq!(c.fetch.min_rate, 1024);
+    assert_eq!(c.fetch.min_rate_window, Duration::from_secs(5));
 }
 
 #[test]

@@ -85,6 +85,16 @@ pub fn build(raw: FileConfig) -> Result<Config, ConfigError> {
         max_concurrent: f.max_concurrent.unwrap_or(64),
         redirect_above: size(&mut p, "fetch.redirect_above", f.redirect_above.as_ref()),
         queue_timeout: positive(&mut p, "fetch.queue_timeout", f.queue_timeout, 30),
+        max_blob_size: match size(&mut p, "fetch.max_blob_size", f.max_blob_size.as_ref()) {
+            Some(0) => {
+                p.add("fetch.max_blob_size", "must be more than zero".into());
+                DEFAULT_MAX_BLOB_SIZE
+            }
+            Some(n) => n,
+            None => DEFAULT_MAX_BLOB_SIZE,
+        },
+        min_rate: size(&mut p, "fetch.min_rate", f.min_rate.as_ref()).unwrap_or(64 * 1024),
+        min_rate_window: positive(&mut p, "fetch.min_rate_window", f.min_rate_window, 60),
     };
 
     let c = raw.cluster.unwrap_or_default();
@@ -494,6 +504,11 @@ fn parse_cidr(s: &str) -> Option<ipnet::IpNet> {
         .ok()
         .or_else(|| s.parse::<std::net::IpAddr>().ok().map(ipnet::IpNet::from))
 }
+
+/// Larger than any single layer in the public registries (the largest,
+/// model weights baked into an image, run to tens of GB), and past the
+/// 80 GB a fixed part size once allowed in S3.
+const DEFAULT_MAX_BLOB_SIZE: u64 = 100 << 30;
 
 fn size(p: &mut Problems, key: &str, v: Option<&ByteSize>) -> Option<u64> {
     match v.map(ByteSize::bytes) {

@@ -260,6 +260,16 @@ impl MetaStore for EmbeddedMeta {
         Ok(self.leases.renew(name, holder, ttl))
     }
 
+    async fn replace_lease(
+        &self,
+        name: &str,
+        holder: &str,
+        value: &str,
+        ttl: Duration,
+    ) -> Result<bool, MetaError> {
+        Ok(self.leases.replace(name, holder, value, ttl))
+    }
+
     async fn release_lease(&self, name: &str, holder: &str) -> Result<(), MetaError> {
         self.leases.release(name, holder);
         Ok(())
@@ -307,6 +317,18 @@ impl Leases {
         let mut map = self.map();
         match map.get_mut(name) {
             Some((h, until)) if h == holder && *until > Instant::now() => {
+                *until = Instant::now() + ttl;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    fn replace(&self, name: &str, holder: &str, value: &str, ttl: Duration) -> bool {
+        let mut map = self.map();
+        match map.get_mut(name) {
+            Some((h, until)) if h == holder && *until > Instant::now() => {
+                *h = value.to_owned();
                 *until = Instant::now() + ttl;
                 true
             }

@@ -79,6 +79,8 @@ impl RedisMeta {
 
 /// Extends a lease only for its holder (Redis 7.0 has no compare-and-set).
 const RENEW: &str = r"if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('pexpire', KEYS[1], ARGV[2]) else return 0 end";
+/// Changes a lease's value only for its holder.
+const REPLACE: &str = r"if redis.call('get', KEYS[1]) == ARGV[1] then redis.call('set', KEYS[1], ARGV[2], 'PX', ARGV[3]) return 1 else return 0 end";
 /// Deletes a lease only for its holder.
 const RELEASE: &str = r"if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) else return 0 end";
 
@@ -240,6 +242,28 @@ impl MetaStore for RedisMeta {
                 .invoke_async(&mut c)
                 .await?;
             Ok(renewed == 1)
+        })
+        .await
+    }
+
+    async fn replace_lease(
+        &self,
+        name: &str,
+        holder: &str,
+        value: &str,
+        ttl: Duration,
+    ) -> Result<bool, MetaError> {
+        let key = self.key(&["lease", name]);
+        let (holder, value, ms) = (holder.to_owned(), value.to_owned(), ttl_ms(ttl));
+        self.run(|mut c| async move {
+            let replaced: i64 = redis::Script::new(REPLACE)
+                .key(key)
+                .arg(holder)
+                .arg(value)
+                .arg(ms)
+                .invoke_async(&mut c)
+                .await?;
+            Ok(replaced == 1)
         })
         .await
     }

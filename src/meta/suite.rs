@@ -114,7 +114,27 @@ pub async fn leases(meta: &dyn MetaStore) {
             .as_deref(),
         Some("a")
     );
-    meta.release_lease(&name, "a").await.unwrap();
+    // Only the holder changes what it says, and is then known by that.
+    assert!(
+        !meta
+            .replace_lease(&name, "b", "b done", long)
+            .await
+            .unwrap()
+    );
+    assert!(
+        meta.replace_lease(&name, "a", "a done", long)
+            .await
+            .unwrap()
+    );
+    assert_eq!(
+        meta.acquire_lease(&name, "b", long)
+            .await
+            .unwrap()
+            .as_deref(),
+        Some("a done")
+    );
+    assert!(!meta.renew_lease(&name, "a", long).await.unwrap());
+    meta.release_lease(&name, "a done").await.unwrap();
     assert_eq!(meta.acquire_lease(&name, "b", long).await.unwrap(), None);
     // Expiry frees it (a holder that died).
     let short = format!("{name}-short");

@@ -54,12 +54,17 @@ impl From<BlobBody> for BlobResponse {
 }
 
 impl Mirror {
+    /// A blob for a GET. `needs_length`: the client cannot tell a body cut
+    /// short from a whole one unless told its length (HTTP/1.0, where the
+    /// end of the connection ends the body): a fetch that streams without a
+    /// known size is then waited for until verified.
     pub async fn blob(
         &self,
         target: &Target,
         digest: &Digest,
         range: Option<RangeSpec>,
         for_peer: bool,
+        needs_length: bool,
     ) -> Result<BlobResponse, MirrorError> {
         // Peers ask the replica that holds the blob's lease, which is
         // fetching it then. A request that says it comes from a peer while
@@ -113,6 +118,8 @@ impl Mirror {
                 checked_ahead,
                 slots: self.fetch_slots.clone(),
                 missing: self.missing.clone(),
+                expected_size: self.sizes.get(&key, digest),
+                bounds: self.bounds,
             };
             (store_checked, checked_ahead) = (false, false);
             let (flight, started) = self.flights.join_or_start(digest, job);
@@ -134,6 +141,20 @@ impl Mirror {
                     }
                 }
                 Ok(Started::Streaming(size)) => {
+                    if !foreign {
+                        // Upstream answered for this repository: known here
+                        // even while the metadata store cannot be read.
+                        self.hot.put_link(&key, digest);
+                    }
+                    let size = match size {
+                        None if needs_length => Some(
+                            flight
+                                .verified()
+                                .await
+                                .map_err(|e| flight_error(target, digest, e))?,
+                        ),
+                        known => known,
+                    };
                     let range = match (range, size) {
                         (Some(spec), Some(size)) => {
                             Some(spec.resolve(size).map_err(|e| match e {
@@ -251,9 +272,11 @@ impl Mirror {
         target: &Target,
         digest: &Digest,
     ) -> Result<BlobInfo, MirrorError> {
-        if let Some(size) = self.stored_size(digest).await
-            && matches!(self.meta.is_linked(&target.key(), digest).await, Ok(true))
-        {
+        // What GET would serve from the store, HEAD answers from it.
+        if let Some(size) = self.stored_size(digest).await {
+            if !self.authorized(target, digest).await? {
+                return Err(unknown(target, digest));
+            }
             return Ok(BlobInfo { size: Some(size) });
         }
         match self

@@ -14,6 +14,7 @@ use futures::StreamExt;
 use super::cluster::{Claim, Cluster, Lease};
 use super::flight::{Flight, FlightError, FlightGuard, MemorySpool, Phase, Spooled};
 use super::missing::SeenMissing;
+use super::pace::Pace;
 use crate::meta::MetaStore;
 use crate::reference::Hasher;
 use crate::storage::BlobStore;
@@ -52,6 +53,19 @@ pub struct FetchJob {
     pub slots: FetchSlots,
     /// Forgets, once the blob is stored, that the store lacked it.
     pub missing: Arc<SeenMissing>,
+    /// The size the repository's manifests give the blob, if known.
+    pub expected_size: Option<u64>,
+    pub bounds: FetchBounds,
+}
+
+/// Limits on one fetch, so a hostile or broken upstream cannot fill the
+/// disk or hold a fetch slot for ever.
+#[derive(Clone, Copy, Debug)]
+pub struct FetchBounds {
+    pub max_blob_size: u64,
+    /// Bytes per second a fetch no client reads must keep up (0: no floor).
+    pub min_rate: u64,
+    pub min_rate_window: Duration,
 }
 
 /// The cap on upstream blob fetches running at once in this replica.
@@ -140,12 +154,11 @@ pub(super) async fn run(guard: FlightGuard, job: FetchJob, spool_dir: PathBuf) {
                 Err(e) => Err(e),
             };
             match (lease, &result) {
-                // Stored: the lease is left to lapse instead of released,
-                // so a replica that found the blob missing a moment before
-                // the commit, and claims it now, learns that another has
-                // it (and streams it from there, or looks in the store
-                // again) instead of fetching it a second time.
-                (Some(lease), Ok(true)) => drop(lease),
+                // Stored: the lease says so and is left to lapse instead of
+                // released, so a replica that found the blob missing a
+                // moment before the commit, and claims it now, learns that
+                // it is stored instead of fetching it a second time.
+                (Some(lease), Ok(true)) => lease.mark_stored(job.cluster.lease_ttl).await,
                 (Some(lease), _) => lease.release().await,
                 (None, _) => {}
             }
@@ -174,51 +187,53 @@ pub(super) async fn run(guard: FlightGuard, job: FetchJob, spool_dir: PathBuf) {
 
 /// Decides where the bytes come from. With replicas sharing metadata, one
 /// of them holds the blob's lease and fetches upstream; the others stream
-/// from it, or wait for its commit (or for its lease to lapse, if it died).
+/// from it, or wait for its commit (or for its lease to lapse, if it died)
+/// for as long as it keeps the lease.
 async fn source(job: &FetchJob, flight: &Flight) -> Result<Source, FlightError> {
     let lease_name = format!("blob:{}", flight.digest);
-    // Waiting on another replica is bounded: past this, fetch anyway.
-    let give_up = Instant::now() + job.cluster.lease_ttl * 8;
     // A peer asks this replica because it holds (or just held) the lease:
     // the fetch it held may have stored the blob and left between this
-    // request's look and its joining, so a peer's request always looks
-    // again (it goes upstream unguarded otherwise).
-    let mut look = !job.store_checked || job.for_peer;
+    // request's look and its joining, so a peer's request always looks.
+    if (!job.store_checked || job.for_peer) && stored(job, flight).await {
+        return Ok(Source::Stored);
+    }
+    // Whether another replica held the lease at some point: once it is
+    // gone, the blob may have been stored meanwhile.
+    let mut waited = false;
     loop {
-        // A fetch that finished just before this one started has committed.
-        // (An unreachable store counts as a miss: clients are served anyway.)
-        if look && let Ok(Some(_)) = job.blobs.stat(&flight.digest).await {
-            return Ok(Source::Stored);
-        }
-        look = true;
-        if job.for_peer || Instant::now() > give_up {
-            return Ok(Source::Upstream(None));
-        }
         match job.cluster.claim(&lease_name).await {
-            // Nobody stored the blob since the store was checked above: a
-            // holder that stores it keeps its lease until it lapses.
-            Claim::Mine(lease) => return Ok(Source::Upstream(Some(lease))),
+            Claim::Mine(lease) => {
+                if waited && stored(job, flight).await {
+                    lease.release().await;
+                    return Ok(Source::Stored);
+                }
+                return Ok(Source::Upstream(Some(lease)));
+            }
             // Replicas share metadata but it fails now: no lease says
             // whether another replica stored the blob since an answer from
             // ahead of the request, so ask the store.
             Claim::Alone => {
-                if job.checked_ahead
-                    && job.meta.shared()
-                    && let Ok(Some(_)) = job.blobs.stat(&flight.digest).await
-                {
-                    return Ok(Source::Stored);
+                if job.meta.shared() {
+                    if (job.checked_ahead || waited) && stored(job, flight).await {
+                        return Ok(Source::Stored);
+                    }
+                    metrics().fetch_unguarded("metadata_error");
                 }
                 return Ok(Source::Upstream(None));
             }
-            // This replica stored the blob a moment ago (that lease is left
-            // to lapse), after this request found it missing: look again,
-            // and if the store still cannot give it, fetch at once rather
-            // than wait for itself.
-            Claim::Theirs { own: true, .. } => {
-                if let Ok(Some(_)) = job.blobs.stat(&flight.digest).await {
+            // The holder stored it: the store has it (or, rarely, does not
+            // show it yet: wait for the lease to lapse).
+            Claim::Theirs { stored: true, .. } => {
+                if stored(job, flight).await {
                     return Ok(Source::Stored);
                 }
-                return Ok(Source::Upstream(None));
+            }
+            // A peer's request never goes on to a third replica, nor waits:
+            // the asking replica finds the holder itself.
+            Claim::Theirs { .. } if job.for_peer => {
+                return Err(FlightError::Busy(
+                    "another replica fetches this blob".into(),
+                ));
             }
             Claim::Theirs {
                 peer: Some(peer), ..
@@ -230,8 +245,15 @@ async fn source(job: &FetchJob, flight: &Flight) -> Result<Source, FlightError> 
             }
             Claim::Theirs { peer: None, .. } => {}
         }
+        waited = true;
         tokio::time::sleep(WAIT_POLL).await;
     }
+}
+
+/// Whether the store has the blob now; an unreachable store counts as a
+/// miss (clients are served from upstream anyway).
+async fn stored(job: &FetchJob, flight: &Flight) -> bool {
+    matches!(job.blobs.stat(&flight.digest).await, Ok(Some(_)))
 }
 
 /// Asks the replica at `peer` for the blob (it streams its own fetch).
@@ -345,7 +367,29 @@ async fn download(
     resp: reqwest::Response,
     from: &str,
 ) -> Result<(u64, Spooled), FlightError> {
-    let size = resp.content_length();
+    let registry = from.to_owned();
+    let mismatch = || FlightError::Mismatch {
+        registry: registry.clone(),
+        expected: flight.digest.to_string(),
+    };
+    // The manifest's word and upstream's must agree; either gives the
+    // length clients are told, and the point past which the body is wrong.
+    let size = match (job.expected_size, resp.content_length()) {
+        (Some(named), Some(sent)) if named != sent => return Err(mismatch()),
+        (named, sent) => named.or(sent),
+    };
+    let max = job.bounds.max_blob_size;
+    let too_large = |what: String| {
+        metrics().fetch_abandoned("too_large");
+        FlightError::Failed(format!(
+            "{what}, more than this mirror's [fetch] max_blob_size of {max} bytes"
+        ))
+    };
+    if let Some(size) = size
+        && size > max
+    {
+        return Err(too_large(format!("the blob is {size} bytes")));
+    }
     let spooled = if size.is_some_and(|s| s <= IN_MEMORY_MAX) {
         Spooled::Memory(Arc::default())
     } else {
@@ -357,7 +401,6 @@ async fn download(
         readable: 0,
     });
 
-    let registry = from.to_owned();
     let broke_off = |received: u64, e: reqwest::Error| {
         FlightError::Upstream(UpstreamError::Unavailable {
             registry: registry.clone(),
@@ -376,9 +419,23 @@ async fn download(
     };
     let mut received: u64 = 0;
     let mut body = resp.bytes_stream();
+    let mut pace = Pace::new(job.bounds.min_rate, job.bounds.min_rate_window);
+    let mut idle_until = Instant::now() + job.body_idle;
     loop {
-        let chunk = match tokio::time::timeout(job.body_idle, body.next()).await {
-            Err(_) => {
+        let wake = pace
+            .next_check(Instant::now())
+            .map_or(idle_until, |check| check.min(idle_until));
+        let next = tokio::time::timeout_at(wake.into(), body.next()).await;
+        let now = Instant::now();
+        if pace.too_slow(now, received, flight.readers()) {
+            metrics().fetch_abandoned("too_slow");
+            return Err(FlightError::Failed(format!(
+                "abandoned: no client read it for {}, and upstream sent under [fetch] min_rate",
+                humantime::format_duration(job.bounds.min_rate_window)
+            )));
+        }
+        let chunk = match next {
+            Err(_) if now >= idle_until => {
                 return Err(FlightError::Upstream(UpstreamError::Unavailable {
                     registry,
                     detail: format!(
@@ -387,16 +444,19 @@ async fn download(
                     ),
                 }));
             }
+            Err(_) => continue,
             Ok(None) => break,
             Ok(Some(Err(e))) => return Err(broke_off(received, e)),
             Ok(Some(Ok(c))) => c,
         };
+        idle_until = now + job.body_idle;
         received += chunk.len() as u64;
-        if size.is_some_and(|s| received > s) {
-            return Err(FlightError::Mismatch {
-                registry,
-                expected: flight.digest.to_string(),
-            });
+        match size {
+            Some(s) if received > s => return Err(mismatch()),
+            None if received > max => {
+                return Err(too_large(format!("the body ran past {max} bytes")));
+            }
+            _ => {}
         }
         match &mut sink {
             Sink::File(spool) => {
@@ -420,10 +480,7 @@ async fn download(
     };
     let actual = hasher.finish();
     if written != received || size.is_some_and(|s| s != written) || actual != flight.digest {
-        return Err(FlightError::Mismatch {
-            registry,
-            expected: flight.digest.to_string(),
-        });
+        return Err(mismatch());
     }
     flight.phase.send_replace(Phase::Verified {
         spool: spooled.clone(),

@@ -297,6 +297,30 @@ impl Drop for FlightGuard {
 }
 
 impl Flight {
+    /// Clients streaming from the spool now (or waiting for the verified
+    /// blob).
+    pub(super) fn readers(&self) -> usize {
+        *self.readers.borrow()
+    }
+
+    /// Waits until the whole blob is verified; its size. The wait counts
+    /// as a reader: a client is waiting on the fetch.
+    pub async fn verified(self: &Arc<Self>) -> Result<u64, FlightError> {
+        let mut reading = Reading::new(self.clone());
+        reading.count();
+        let mut rx = self.phase.subscribe();
+        let phase = rx
+            .wait_for(|p| matches!(p, Phase::Verified { .. } | Phase::Failed(_) | Phase::Stored))
+            .await
+            .map_err(|_| FlightError::Failed("the fetch stopped".into()))?
+            .clone();
+        match phase {
+            Phase::Verified { size, .. } => Ok(size),
+            Phase::Failed(e) => Err(e),
+            _ => Err(FlightError::Failed("the fetch stopped".into())),
+        }
+    }
+
     /// Waits until upstream answered.
     pub async fn started(&self) -> Result<Started, FlightError> {
         let mut rx = self.phase.subscribe();

@@ -66,6 +66,9 @@ impl Mirror {
         if let Some(hit) = self.cached_by_digest(&key, digest).await? {
             return Ok(hit);
         }
+        if let Some(hit) = self.confirmed_elsewhere_cached(target, digest).await? {
+            return Ok(hit);
+        }
         let (got, manifest) = self
             .fetch_manifest(target, &digest.to_string(), Some(digest))
             .await?;
@@ -75,6 +78,57 @@ impl Mirror {
             stale: false,
             outcome: "miss",
         })
+    }
+
+    /// A manifest stored for another repository is served under this one
+    /// once upstream's HEAD says this repository has it too (and that is
+    /// remembered): the body need not come again. `None` when it is not
+    /// stored, or upstream could not say (a GET follows).
+    async fn confirmed_elsewhere_cached(
+        &self,
+        target: &Target,
+        digest: &Digest,
+    ) -> Result<Option<ManifestHit>, MirrorError> {
+        let manifest = match self.hot.manifest(digest) {
+            Some(m) => m,
+            None => match self.recall(self.meta.manifest(digest)).await {
+                Some(m) => m,
+                None => return Ok(None),
+            },
+        };
+        let head = self
+            .upstream(target)?
+            .manifest(
+                target.repository.as_str(),
+                &digest.to_string(),
+                Method::HEAD,
+            )
+            .await;
+        match head {
+            Ok(h) if h.digest.as_ref().is_none_or(|d| d == digest) => {
+                let key = target.key();
+                self.remember(self.meta.link(&key, std::slice::from_ref(digest)))
+                    .await;
+                self.hot.put_manifest(digest, &manifest);
+                self.hot.put_link(&key, digest);
+                self.learn_sizes(&key, &manifest);
+                Ok(Some(ManifestHit {
+                    digest: digest.clone(),
+                    manifest,
+                    stale: false,
+                    outcome: "hit",
+                }))
+            }
+            Err(UpstreamError::NotFound { status, .. }) => Err(MirrorError::ManifestUnknown(
+                not_on_upstream(target, &digest.to_string(), status),
+            )),
+            _ => Ok(None),
+        }
+    }
+
+    /// Learns the blob sizes a manifest read from the metadata store names.
+    fn learn_sizes(&self, key: &str, manifest: &StoredManifest) {
+        self.sizes.learn(key, &references(&manifest.bytes).sizes);
     }
 
     async fn cached_by_digest(
@@ -98,6 +152,7 @@ impl Mirror {
         if let Some(manifest) = self.recall(self.meta.manifest(digest)).await
             && matches!(self.meta.is_linked(key, digest).await, Ok(true))
         {
+            self.learn_sizes(key, &manifest);
             self.hot.put_manifest(digest, &manifest);
             self.hot.put_link(key, digest);
             return Ok(hit(manifest));
@@ -161,12 +216,18 @@ impl Mirror {
     async fn refresh_tag(&self, target: &Target, tag: &Tag) -> Result<ManifestHit, MirrorError> {
         let key = target.key();
         let lock_key = format!("{key}:{tag}");
-        let cached = match self.recall(self.meta.tag(&key, tag.as_str())).await {
-            Some(rec) => match Digest::parse(&rec.digest) {
-                Ok(d) => self.recall(self.meta.manifest(&d)).await.map(|m| (d, m)),
-                Err(_) => None,
+        // The copy to fall back on: the metadata store's, or this process's
+        // own when the store cannot be read.
+        let record = match self.recall(self.meta.tag(&key, tag.as_str())).await {
+            Some(rec) => Some(rec),
+            None => self.hot.tag(&key, tag.as_str()),
+        };
+        let cached = match record.map(|rec| Digest::parse(&rec.digest)) {
+            Some(Ok(d)) => match self.hot.manifest(&d) {
+                Some(m) => Some((d, m)),
+                None => self.recall(self.meta.manifest(&d)).await.map(|m| (d, m)),
             },
-            None => None,
+            _ => None,
         };
         let upstream = self.upstream(target)?;
         let repo = target.repository.as_str();
@@ -272,6 +333,7 @@ impl Mirror {
                 let Some(m) = self.recall(self.meta.manifest(&digest)).await else {
                     return Ok(None);
                 };
+                self.learn_sizes(&key, &m);
                 self.hot.put_manifest(&digest, &m);
                 m
             }
@@ -330,17 +392,19 @@ impl Mirror {
             (None, None) => Digest::sha256_of(&body),
         };
         let media_type = media_type(resp.media_type.as_deref(), &body);
+        let key = target.key();
         let References {
-            all: references,
+            linked: references,
             image_blobs,
+            sizes,
         } = references(&body);
+        self.sizes.learn(&key, &sizes);
         // The client asks for these next, most likely one after another.
         self.missing.look_up(&self.blobs, image_blobs);
         let manifest = StoredManifest {
             media_type,
             bytes: body,
         };
-        let key = target.key();
         self.remember(
             self.meta
                 .put_manifest(&key, &digest, &manifest, &references),
@@ -417,20 +481,27 @@ fn media_type(header: Option<&str>, body: &Bytes) -> String {
 
 /// What a manifest points at, from one parse of it.
 pub(super) struct References {
-    /// Its config, layers, child manifests, subject and (schema 1) layer
-    /// sums, sorted.
-    pub all: Vec<Digest>,
+    /// What upstream proved is in the repository by accepting the
+    /// manifest: its config and layers, (schema 1) layer sums, and an
+    /// index's child manifests; sorted. A `subject` or an artifact's
+    /// `blobs` may name anything, in any repository, so they are not here:
+    /// such a digest is served under the repository only once upstream
+    /// confirms it there.
+    pub linked: Vec<Digest>,
     /// The blobs an image manifest is made of, config first, then the
     /// layers as it lists them (the order most clients fetch them in).
-    /// None for an index.
+    /// Empty for an index.
     pub image_blobs: Vec<Digest>,
+    /// The sizes the image blobs' descriptors give.
+    pub sizes: Vec<(Digest, u64)>,
 }
 
 pub(super) fn references(body: &[u8]) -> References {
     let Ok(doc) = serde_json::from_slice::<serde_json::Value>(body) else {
         return References {
-            all: Vec::new(),
+            linked: Vec::new(),
             image_blobs: Vec::new(),
+            sizes: Vec::new(),
         };
     };
     let digest = |v: &serde_json::Value, field: &str| {
@@ -438,34 +509,38 @@ pub(super) fn references(body: &[u8]) -> References {
             .and_then(|d| d.as_str())
             .and_then(|d| Digest::parse(d).ok())
     };
-    let single = |name: &str| doc.get(name).and_then(|v| digest(v, "digest"));
-    let listed = |list: &str, field: &'static str| {
+    let listed = |list: &str| {
         doc.get(list)
             .and_then(|v| v.as_array())
             .into_iter()
             .flatten()
-            .filter_map(move |v| digest(v, field))
     };
+    let descriptors = doc.get("config").into_iter().chain(listed("layers"));
     let mut image_blobs: Vec<Digest> = Vec::new();
-    for d in single("config")
-        .into_iter()
-        .chain(listed("layers", "digest"))
-        .chain(listed("fsLayers", "blobSum"))
+    let mut sizes = Vec::new();
+    for (d, size) in descriptors
+        .filter_map(|v| Some((digest(v, "digest")?, v.get("size").and_then(|s| s.as_u64()))))
+        .chain(listed("fsLayers").filter_map(|v| Some((digest(v, "blobSum")?, None))))
     {
+        if let Some(size) = size {
+            sizes.push((d.clone(), size));
+        }
         if !image_blobs.contains(&d) {
             image_blobs.push(d);
         }
     }
-    let mut all: Vec<Digest> = image_blobs
+    let mut linked: Vec<Digest> = image_blobs
         .iter()
         .cloned()
-        .chain(single("subject"))
-        .chain(listed("manifests", "digest"))
-        .chain(listed("blobs", "digest"))
+        .chain(listed("manifests").filter_map(|v| digest(v, "digest")))
         .collect();
-    all.sort();
-    all.dedup();
-    References { all, image_blobs }
+    linked.sort();
+    linked.dedup();
+    References {
+        linked,
+        image_blobs,
+        sizes,
+    }
 }
 
 #[cfg(test)]
@@ -481,10 +556,23 @@ mod tests {
         );
         let mut want = vec![a.clone(), b.clone()];
         want.sort();
-        assert_eq!(references(m.as_bytes()).all, want);
+        assert_eq!(references(m.as_bytes()).linked, want);
         let i = format!(r#"{{"manifests":[{{"digest":"{a}"}}]}}"#);
-        assert_eq!(references(i.as_bytes()).all, vec![a]);
-        assert!(references(b"not json").all.is_empty());
+        assert_eq!(references(i.as_bytes()).linked, vec![a]);
+        assert!(references(b"not json").linked.is_empty());
+    }
+
+    #[test]
+    fn a_subject_or_an_artifacts_blobs_are_not_linked() {
+        let [config, layer, subject, blob] = [b"c", b"l", b"s", b"b"].map(|x| Digest::sha256_of(x));
+        let m = format!(
+            r#"{{"config":{{"digest":"{config}","size":7}},"layers":[{{"digest":"{layer}","size":1234}}],"subject":{{"digest":"{subject}"}},"blobs":[{{"digest":"{blob}","size":9}}]}}"#
+        );
+        let refs = references(m.as_bytes());
+        let mut want = vec![config.clone(), layer.clone()];
+        want.sort();
+        assert_eq!(refs.linked, want);
+        assert_eq!(refs.sizes, vec![(config, 7), (layer, 1234)]);
     }
 
     #[test]

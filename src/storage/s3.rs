@@ -167,6 +167,20 @@ fn parse_content_range(v: &str) -> Option<(ByteRange, u64)> {
     ))
 }
 
+/// The part of the blob a ranged GetObject answered with, which must be a
+/// range inside the blob as long as the body: a broken S3-compatible server
+/// is a store error, never a wrong length sent on to a client.
+fn answered_range(v: &str, length: u64) -> Result<(ByteRange, u64), StorageError> {
+    match parse_content_range(v) {
+        Some((r, total)) if r.start <= r.end && r.end < total && r.len() == length => {
+            Ok((r, total))
+        }
+        _ => Err(StorageError::Backend(format!(
+            "s3 GetObject: Content-Range {v:?} does not fit a body of {length} bytes"
+        ))),
+    }
+}
+
 #[async_trait]
 impl BlobStore for S3BlobStore {
     async fn stat(&self, digest: &Digest) -> Result<Option<u64>, StorageError> {
@@ -209,8 +223,11 @@ impl BlobStore for S3BlobStore {
             Err(e) => return Err(backend("GetObject", e)),
         };
         let length = out.content_length().unwrap_or(0).max(0) as u64;
-        let (range, size) = match out.content_range().and_then(parse_content_range) {
-            Some((r, total)) => (Some(r), total),
+        let (range, size) = match out.content_range() {
+            Some(v) => {
+                let (r, total) = answered_range(v, length)?;
+                (Some(r), total)
+            }
             // A server that ignored the range sent everything.
             None => (None, length),
         };
@@ -486,6 +503,26 @@ mod tests {
         );
         assert_eq!(parse_content_range("bytes */1000"), None);
         assert_eq!(range_header(RangeSpec::Suffix(5)), "bytes=-5");
+    }
+
+    #[test]
+    fn a_broken_content_range_is_a_store_error() {
+        assert_eq!(
+            answered_range("bytes 10-99/1000", 90).unwrap(),
+            (ByteRange { start: 10, end: 99 }, 1000)
+        );
+        for (v, len) in [
+            ("bytes 10-5/1000", 0),
+            ("bytes 10-5/1000", u64::MAX),
+            ("bytes 10-99/50", 90),
+            ("bytes 10-99/1000", 89),
+            ("bytes */1000", 0),
+        ] {
+            assert!(
+                matches!(answered_range(v, len), Err(StorageError::Backend(_))),
+                "{v} for {len} bytes"
+            );
+        }
     }
 
     /// The S3 server `tests/run.sh` starts (SeaweedFS, which checks SigV4

@@ -69,6 +69,12 @@ pub struct OperationLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    /// Why it happened (see each metric's help).
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct BackendLabels {
     /// storage or metadata
     pub backend: &'static str,
@@ -93,6 +99,8 @@ pub struct Metrics {
     pub local_copies: Family<OutcomeLabels, Counter>,
     pub local_copy_bytes: Gauge,
     pub bucket_requests: Family<OperationLabels, Counter>,
+    pub fetches_abandoned: Family<ReasonLabels, Counter>,
+    pub fetches_unguarded: Family<ReasonLabels, Counter>,
 }
 
 fn latency_histogram() -> Histogram {
@@ -123,6 +131,8 @@ impl Metrics {
             local_copies: Family::default(),
             local_copy_bytes: Gauge::default(),
             bucket_requests: Family::default(),
+            fetches_abandoned: Family::default(),
+            fetches_unguarded: Family::default(),
             registry: Registry::default(),
         };
         registry.register("http_requests", "Requests served", m.requests.clone());
@@ -206,7 +216,29 @@ impl Metrics {
             "Requests sent to the S3 bucket (each attempt), by operation",
             m.bucket_requests.clone(),
         );
+        registry.register(
+            "blob_fetches_abandoned",
+            "Blob fetches given up before the end: too_large (past [fetch] max_blob_size or the size its manifest names), too_slow (no client left and under [fetch] min_rate)",
+            m.fetches_abandoned.clone(),
+        );
+        registry.register(
+            "blob_fetches_unguarded",
+            "Blob fetches from upstream without the blob's lease although replicas share metadata: metadata_error (the lease could not be claimed)",
+            m.fetches_unguarded.clone(),
+        );
         Self { registry, ..m }
+    }
+
+    pub fn fetch_abandoned(&self, reason: &'static str) {
+        self.fetches_abandoned
+            .get_or_create(&ReasonLabels { reason })
+            .inc();
+    }
+
+    pub fn fetch_unguarded(&self, reason: &'static str) {
+        self.fetches_unguarded
+            .get_or_create(&ReasonLabels { reason })
+            .inc();
     }
 
     pub fn request(&self, endpoint: &'static str, method: &str, status: u16, took: Duration) {

@@ -27,6 +27,12 @@ pub enum Blob {
     Redirect(String),
     /// Answers 503 to the first n GETs, then serves the bytes.
     FailFirst(usize, Bytes),
+    /// Serves these bytes without a length (chunked), 64 KiB at a time.
+    Chunked(Bytes),
+    /// Sends bytes without a length and never stops.
+    Endless,
+    /// Announces the bytes' length and sends 1 KiB of them every interval.
+    Trickle(Bytes, Duration),
 }
 
 #[derive(Clone, Debug)]
@@ -109,6 +115,16 @@ impl Fake {
             .unwrap()
             .blobs
             .insert(digest.to_owned(), blob);
+    }
+
+    /// Like `blob`, for one repository only: other repositories answer 404
+    /// for it (unless `blob` serves it everywhere).
+    pub fn blob_in(&self, repo: &str, digest: &str, blob: Blob) {
+        self.script
+            .lock()
+            .unwrap()
+            .blobs
+            .insert(format!("{repo}@{digest}"), blob);
     }
 
     pub fn hits(&self) -> Vec<Hit> {
@@ -237,8 +253,9 @@ async fn respond(State(script): State<Arc<Mutex<Script>>>, req: Request) -> Resp
             None => StatusCode::NOT_FOUND.into_response(),
         };
     }
-    if let Some((_, digest)) = rest.rsplit_once("/blobs/") {
-        let Some(mut blob) = blobs.get(digest).cloned() else {
+    if let Some((repo, digest)) = rest.rsplit_once("/blobs/") {
+        let scoped = blobs.get(&format!("{repo}@{digest}"));
+        let Some(mut blob) = scoped.or_else(|| blobs.get(digest)).cloned() else {
             return StatusCode::NOT_FOUND.into_response();
         };
         if let Blob::FailFirst(n, bytes) = blob {
@@ -299,6 +316,38 @@ async fn respond(State(script): State<Arc<Mutex<Script>>>, req: Request) -> Resp
                 r
             }
             Blob::FailFirst(..) => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
+            Blob::Chunked(b) => {
+                let chunks: Vec<Result<Bytes, std::io::Error>> = b
+                    .chunks(64 * 1024)
+                    .map(|c| Ok(Bytes::copy_from_slice(c)))
+                    .collect();
+                Response::new(Body::from_stream(futures::stream::iter(chunks)))
+            }
+            Blob::Endless => {
+                let chunk = Bytes::from(vec![0x5a; 64 * 1024]);
+                let stream =
+                    futures::stream::repeat_with(move || Ok::<_, std::io::Error>(chunk.clone()));
+                Response::new(Body::from_stream(stream))
+            }
+            Blob::Trickle(b, every) => {
+                let len = b.len();
+                let stream = futures::stream::unfold(0usize, move |at| {
+                    let b = b.clone();
+                    async move {
+                        if at >= b.len() {
+                            return None;
+                        }
+                        if at > 0 {
+                            tokio::time::sleep(every).await;
+                        }
+                        let end = (at + 1024).min(b.len());
+                        Some((Ok::<_, std::io::Error>(b.slice(at..end)), end))
+                    }
+                });
+                let mut r = Response::new(Body::from_stream(stream));
+                r.headers_mut().insert(header::CONTENT_LENGTH, len.into());
+                r
+            }
             Blob::Slow(b, pause) => {
                 let head = b.slice(..1024.min(b.len()));
                 let tail = b.slice(1024.min(b.len())..);
