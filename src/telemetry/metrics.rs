@@ -93,6 +93,7 @@ pub struct Metrics {
     pub local_copies: Family<OutcomeLabels, Counter>,
     pub local_copy_bytes: Gauge,
     pub bucket_requests: Family<OperationLabels, Counter>,
+    pub abandoned_uploads_aborted: Counter,
 }
 
 fn latency_histogram() -> Histogram {
@@ -123,6 +124,7 @@ impl Metrics {
             local_copies: Family::default(),
             local_copy_bytes: Gauge::default(),
             bucket_requests: Family::default(),
+            abandoned_uploads_aborted: Counter::default(),
             registry: Registry::default(),
         };
         registry.register("http_requests", "Requests served", m.requests.clone());
@@ -205,6 +207,11 @@ impl Metrics {
             "bucket_requests",
             "Requests sent to the S3 bucket (each attempt), by operation",
             m.bucket_requests.clone(),
+        );
+        registry.register(
+            "abandoned_uploads_aborted",
+            "Multipart uploads left open in the S3 bucket (by a process that died mid-upload) that this replica aborted",
+            m.abandoned_uploads_aborted.clone(),
         );
         Self { registry, ..m }
     }
