@@ -98,6 +98,11 @@ pub struct S3Config {
     /// How long a presigned URL stays valid.
     #[serde(with = "humantime_serde")]
     pub presigned_expiry: Duration,
+    /// Multipart uploads under the prefix begun longer ago than this are
+    /// taken for abandoned (by a process killed mid-upload) and aborted, at
+    /// startup and hourly. It must be longer than any upload takes.
+    #[serde(with = "humantime_serde")]
+    pub abandoned_upload_age: Duration,
 }
 
 impl StorageConfig {

@@ -4,11 +4,14 @@
 //! → {reference, config}`. `route`, `range` and `rate` are pure. `limits`
 //! (per-client limits) sits beside `api`, which applies it; `zerocopy` (the
 //! client connection and sendfile bodies) is a leaf that `storage` hands
-//! files to and `api` builds bodies with. Nothing imports `api`; `server`
-//! wires the pieces together and owns the accept loop.
+//! files to and `api` builds bodies with. `janitor` (periodic upkeep of the
+//! stores) uses `storage` and `meta` and is started by `server`. Nothing
+//! imports `api`; `server` wires the pieces together and owns the accept
+//! loop.
 
 pub mod api;
 pub mod config;
+pub mod janitor;
 pub mod limits;
 pub mod meta;
 pub mod mirror;

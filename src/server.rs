@@ -69,6 +69,9 @@ pub async fn build_mirror(config: &Config) -> anyhow::Result<(Arc<Mirror>, Arc<C
     let spool = config.storage.spool_dir();
     clear_spool(&spool).await?;
     probe_stores(blobs.clone(), meta.clone());
+    if let StorageConfig::S3(s3) = &config.storage {
+        crate::janitor::spawn_upload_sweeps(blobs.clone(), meta.clone(), s3.abandoned_upload_age);
+    }
     let limits = ClientLimits::new(&config.server, &config.limits, meta.clone());
     let mirror = Mirror::new(config, blobs, meta, spool).context("building the HTTP client")?;
     Ok((Arc::new(mirror), Arc::new(limits)))

@@ -89,6 +89,19 @@ pub trait BlobStore: Send + Sync + 'static {
     /// Whether the store can be read and written now.
     async fn health(&self) -> Result<(), StorageError>;
 
+    /// Aborts the multipart uploads under the store's blob keys that were
+    /// begun more than `older_than` ago, and returns how many. A process
+    /// that dies mid-upload leaves its upload open, holding the parts sent
+    /// so far (billed on AWS) until someone aborts it; uploads younger than
+    /// `older_than` may still be running on another replica. Stores
+    /// without multipart uploads have none.
+    async fn abort_stale_uploads(
+        &self,
+        _older_than: std::time::Duration,
+    ) -> Result<usize, StorageError> {
+        Ok(0)
+    }
+
     /// A URL clients can fetch the stored blob from directly for `expires`,
     /// when the store has such a thing.
     async fn presigned_url(

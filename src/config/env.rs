@@ -39,6 +39,7 @@ const SECTIONS: &[(&str, &[&str])] = &[
             "local_cache_size",
             "presigned_redirect",
             "presigned_expiry",
+            "abandoned_upload_age",
         ],
     ),
     (

@@ -56,6 +56,8 @@ pub struct FileStorage {
     pub presigned_redirect: Option<bool>,
     #[serde(default, with = "humantime_serde")]
     pub presigned_expiry: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    pub abandoned_upload_age: Option<Duration>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -287,6 +287,37 @@ fn fetch_bounds_have_generous_defaults_and_take_sizes() {
 }
 
 #[test]
+fn abandoned_upload_age() {
+    let base = "[storage]\nkind = \"s3\"\nbucket = \"b\"\n";
+    let age = |c: &Config| match &c.storage {
+        StorageConfig::S3(s3) => s3.abandoned_upload_age,
+        StorageConfig::Fs { .. } => panic!("not s3"),
+    };
+    assert_eq!(age(&load(base, &[]).unwrap()), Duration::from_secs(86_400));
+    let c = load(
+        &format!("{base}abandoned_upload_age = \"2h\"\n"),
+        &[("PIER_STORAGE__ABANDONED_UPLOAD_AGE", "36h")],
+    )
+    .unwrap();
+    assert_eq!(age(&c), Duration::from_secs(36 * 3600));
+    // Zero would abort every upload in progress, on every replica.
+    for (text, key_problem) in [
+        (
+            format!("{base}abandoned_upload_age = \"0s\"\n"),
+            "longer than zero",
+        ),
+        (
+            "[storage]\nabandoned_upload_age = \"1h\"\n".to_owned(),
+            "only applies",
+        ),
+    ] {
+        let e = load(&text, &[]).unwrap_err().to_string();
+        assert!(e.contains("storage.abandoned_upload_age"), "{e}");
+        assert!(e.contains(key_problem), "{e}");
+    }
+}
+
+#[test]
 fn s3_local_cache_settings() {
     let base = "[storage]\nkind = \"s3\"\nbucket = \"b\"\nspool_path = \"/var/lib/pier/spool\"\n";
     let off = load(base, &[]).unwrap();

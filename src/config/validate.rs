@@ -200,6 +200,7 @@ fn storage(s: FileStorage, p: &mut Problems) -> StorageConfig {
                 (s.local_cache_size.is_some(), "local_cache_size"),
                 (s.presigned_redirect.is_some(), "presigned_redirect"),
                 (s.presigned_expiry.is_some(), "presigned_expiry"),
+                (s.abandoned_upload_age.is_some(), "abandoned_upload_age"),
             ] {
                 if set {
                     p.add(
@@ -265,6 +266,12 @@ fn storage(s: FileStorage, p: &mut Problems) -> StorageConfig {
                     .unwrap_or(0),
                 presigned_redirect: s.presigned_redirect.unwrap_or(false),
                 presigned_expiry: positive(p, "storage.presigned_expiry", s.presigned_expiry, 300),
+                abandoned_upload_age: positive(
+                    p,
+                    "storage.abandoned_upload_age",
+                    s.abandoned_upload_age,
+                    24 * 60 * 60,
+                ),
             }))
         }
         other => {

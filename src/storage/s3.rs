@@ -3,10 +3,13 @@
 //! file: in one PutObject when small, else as a multipart upload straight to
 //! the final key, completed only when every part is in (and aborted
 //! otherwise). So an object under a blob key is always whole and verified.
+//! Uploads left open by a process that died mid-upload are aborted by a
+//! periodic sweep (`abort_stale_uploads`, run by `crate::janitor`).
 
 use std::io;
-use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use aws_sdk_s3::Client;
@@ -20,7 +23,7 @@ use aws_sdk_s3::config::{
 };
 use aws_sdk_s3::error::{BoxError, ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::presigning::PresigningConfig;
-use aws_sdk_s3::primitives::{ByteStream, Length};
+use aws_sdk_s3::primitives::{ByteStream, DateTime, Length};
 use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
 use aws_smithy_runtime_api::client::orchestrator::Metadata;
 use futures::StreamExt;
@@ -32,11 +35,28 @@ use crate::range::{ByteRange, RangeSpec};
 use crate::reference::Digest;
 use crate::telemetry::metrics::metrics;
 
-/// Size of every multipart part but the last. S3 wants at least 5 MiB per
-/// part (all but the last) and at most 10,000 parts, so 8 MiB parts carry
-/// blobs up to 80 GB.
-const PART_SIZE: u64 = 8 * 1024 * 1024;
+const MIB: u64 = 1024 * 1024;
+/// Size of every multipart part but the last for blobs up to 80 GB
+/// (10,000 of them), and the largest blob sent in one PutObject. Larger
+/// blobs get larger parts: see `part_size`.
+const BASE_PART_SIZE: u64 = 8 * MIB;
+// S3's limits on multipart uploads, from "Amazon S3 multipart upload
+// limits" (https://docs.aws.amazon.com/AmazonS3/latest/userguide/qfacts.html).
+/// Smallest part but the last.
+const MIN_PART_SIZE: u64 = 5 * MIB;
+/// Largest part.
+const MAX_PART_SIZE: u64 = 5 * 1024 * MIB;
+/// Most parts in one upload.
 const MAX_PARTS: u64 = 10_000;
+/// Largest object.
+const MAX_OBJECT_SIZE: u64 = 5 * 1024 * 1024 * MIB;
+const _: () = assert!(BASE_PART_SIZE >= MIN_PART_SIZE);
+/// Uploads asked for per ListMultipartUploads page: S3's most. Tests ask
+/// for a few, so that every sweep they run goes through several pages.
+#[cfg(not(test))]
+const UPLOADS_PER_PAGE: i32 = 1000;
+#[cfg(test)]
+const UPLOADS_PER_PAGE: i32 = 2;
 /// Parts uploading at once per blob. Parts stream from the spool file, so
 /// this bounds connections, not memory.
 const PARTS_IN_FLIGHT: usize = 4;
@@ -110,13 +130,36 @@ impl S3BlobStore {
         }
     }
 
+    /// Where every blob key starts.
+    fn blobs_prefix(&self) -> String {
+        format!("{}blobs/", self.prefix)
+    }
+
     fn key(&self, digest: &Digest) -> String {
         format!(
-            "{}blobs/{}/{}",
-            self.prefix,
+            "{}{}/{}",
+            self.blobs_prefix(),
             digest.algorithm().as_str(),
             digest.hex()
         )
+    }
+
+    /// Aborts one upload; false when it was gone already (another replica
+    /// aborted it, or its own upload finished).
+    async fn abort_upload(&self, key: &str, id: &str) -> Result<bool, StorageError> {
+        match self
+            .client
+            .abort_multipart_upload()
+            .bucket(&self.bucket)
+            .key(key)
+            .upload_id(id)
+            .send()
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(e) if status_of(&e) == Some(404) => Ok(false),
+            Err(e) => Err(backend("AbortMultipartUpload", e)),
+        }
     }
 }
 
@@ -257,9 +300,9 @@ impl BlobStore for S3BlobStore {
             client: self.client.clone(),
             bucket: self.bucket.clone(),
             key: self.key(digest),
-            spool: spool.to_owned(),
+            spool: spool.into(),
         };
-        if size <= PART_SIZE {
+        if size <= BASE_PART_SIZE {
             return upload.put_whole(size).await;
         }
         upload.multipart(size).await
@@ -296,6 +339,64 @@ impl BlobStore for S3BlobStore {
             .await
             .map_err(|e| backend("presign GetObject", e))?;
         Ok(Some(req.uri().to_owned()))
+    }
+
+    async fn abort_stale_uploads(&self, older_than: Duration) -> Result<usize, StorageError> {
+        let prefix = self.blobs_prefix();
+        // Start times are the bucket's clock: a skew of seconds is nothing
+        // against ages meant to be hours.
+        let cutoff = DateTime::from(
+            SystemTime::now()
+                .checked_sub(older_than)
+                .unwrap_or(SystemTime::UNIX_EPOCH),
+        );
+        let mut aborted = 0;
+        let mut marker: Option<(Option<String>, Option<String>)> = None;
+        loop {
+            let (key_marker, id_marker) = marker.clone().unwrap_or_default();
+            let page = self
+                .client
+                .list_multipart_uploads()
+                .bucket(&self.bucket)
+                .prefix(&prefix)
+                .max_uploads(UPLOADS_PER_PAGE)
+                .set_key_marker(key_marker)
+                .set_upload_id_marker(id_marker)
+                .send()
+                .await
+                .map_err(|e| backend("ListMultipartUploads", e))?;
+            for upload in page.uploads() {
+                let (Some(key), Some(id)) = (upload.key(), upload.upload_id()) else {
+                    continue;
+                };
+                // Keys outside Pier's (should a server ignore `prefix`) are
+                // left alone, and so are uploads of unknown age: either may
+                // be someone's work in progress.
+                if !key.starts_with(&prefix) || upload.initiated().is_none_or(|t| *t > cutoff) {
+                    continue;
+                }
+                match self.abort_upload(key, id).await {
+                    Ok(true) => aborted += 1,
+                    Ok(false) => {}
+                    Err(e) => tracing::warn!(key, error = %e, "cannot abort an abandoned upload"),
+                }
+            }
+            if !page.is_truncated().unwrap_or(false) {
+                return Ok(aborted);
+            }
+            let next = Some((
+                page.next_key_marker().map(str::to_owned),
+                page.next_upload_id_marker().map(str::to_owned),
+            ));
+            // A server that says there is more but names no new place to go
+            // on from would have us list the same page forever.
+            if next == marker || next == Some((None, None)) {
+                return Err(StorageError::Backend(
+                    "s3 ListMultipartUploads: a truncated page without a new marker".into(),
+                ));
+            }
+            marker = next;
+        }
     }
 
     async fn health(&self) -> Result<(), StorageError> {
@@ -335,13 +436,16 @@ struct Upload {
     client: Client,
     bucket: String,
     key: String,
-    spool: PathBuf,
+    /// Shared with the part tasks while they run.
+    spool: Arc<Path>,
 }
 
 impl Upload {
     async fn multipart(&self, size: u64) -> Result<(), StorageError> {
+        // A blob S3 cannot hold is refused before anything is begun.
+        let part_size = part_size(size)?;
         let id = self.create().await?;
-        let sent = match self.parts(&id, size).await {
+        let sent = match self.parts(&id, size, part_size).await {
             Ok(parts) => self.complete(&id, parts).await,
             Err(e) => Err(e),
         };
@@ -352,24 +456,43 @@ impl Upload {
     }
 
     /// Sends every part, PARTS_IN_FLIGHT at a time; the parts in order.
-    async fn parts(&self, id: &str, size: u64) -> Result<Vec<CompletedPart>, StorageError> {
-        let count = size.div_ceil(PART_SIZE);
-        if count > MAX_PARTS {
-            return Err(StorageError::Backend(format!(
-                "s3: a blob of {size} bytes needs more than {MAX_PARTS} parts"
-            )));
+    /// When one fails, no part is still being sent once this returns.
+    async fn parts(
+        &self,
+        id: &str,
+        size: u64,
+        part_size: u64,
+    ) -> Result<Vec<CompletedPart>, StorageError> {
+        let mut running = JoinSet::new();
+        let sent = self.send_parts(&mut running, id, size, part_size).await;
+        if sent.is_err() {
+            // Dropping the set only asks its tasks to stop, so a part could
+            // still be on its way when the caller aborts the upload, and one
+            // that lands after the abort keeps its storage (S3 documents
+            // this). Stop them, and wait until every one has ended.
+            running.abort_all();
+            while running.join_next().await.is_some() {}
         }
-        let mut running: JoinSet<Result<CompletedPart, StorageError>> = JoinSet::new();
+        sent
+    }
+
+    async fn send_parts(
+        &self,
+        running: &mut JoinSet<Result<CompletedPart, StorageError>>,
+        id: &str,
+        size: u64,
+        part_size: u64,
+    ) -> Result<Vec<CompletedPart>, StorageError> {
         let mut done = Vec::new();
-        for (number, start) in (1..).zip((0..size).step_by(PART_SIZE as usize)) {
+        for (number, start) in (1..).zip((0..size).step_by(part_size as usize)) {
             while running.len() >= PARTS_IN_FLIGHT {
-                done.push(join(&mut running).await?);
+                done.push(join(running).await?);
             }
-            let len = PART_SIZE.min(size - start);
+            let len = part_size.min(size - start);
             running.spawn(self.part(id.to_owned(), number, start, len));
         }
         while !running.is_empty() {
-            done.push(join(&mut running).await?);
+            done.push(join(running).await?);
         }
         done.sort_by_key(|p| p.part_number());
         Ok(done)
@@ -469,6 +592,29 @@ impl Upload {
     }
 }
 
+/// The part size for a blob of `size` bytes: the smallest whole number of
+/// MiB, at least `BASE_PART_SIZE`, that carries it in `MAX_PARTS` parts.
+/// Without it, blobs over 80 GB could never be stored, and every pull of
+/// one would fetch it from upstream again.
+fn part_size(size: u64) -> Result<u64, StorageError> {
+    if size > MAX_OBJECT_SIZE {
+        return Err(StorageError::Backend(format!(
+            "s3: a blob of {size} bytes is larger than S3's largest object \
+             ({MAX_OBJECT_SIZE} bytes, 5 TiB)"
+        )));
+    }
+    let part = (size.div_ceil(MAX_PARTS).div_ceil(MIB) * MIB).max(BASE_PART_SIZE);
+    // 5 TiB in 10,000 parts takes 525 MiB parts, well under the largest
+    // part; checked all the same, should the constants ever change.
+    if part > MAX_PART_SIZE {
+        return Err(StorageError::Backend(format!(
+            "s3: a blob of {size} bytes needs parts of {part} bytes, \
+             over S3's largest part ({MAX_PART_SIZE} bytes)"
+        )));
+    }
+    Ok(part)
+}
+
 async fn join(
     parts: &mut JoinSet<Result<CompletedPart, StorageError>>,
 ) -> Result<CompletedPart, StorageError> {
@@ -492,6 +638,8 @@ async fn spool_slice(spool: &Path, start: u64, len: u64) -> Result<ByteStream, S
 
 #[cfg(test)]
 mod tests {
+    use std::path::PathBuf;
+
     use super::*;
     use crate::config::Secret;
 
@@ -535,14 +683,8 @@ mod tests {
         Some(store_at(&endpoint, &bucket, prefix, &key, &secret).await)
     }
 
-    async fn store_at(
-        endpoint: &str,
-        bucket: &str,
-        prefix: &str,
-        key: &str,
-        secret: &str,
-    ) -> S3BlobStore {
-        let cfg = S3Config {
+    fn config_at(endpoint: &str, bucket: &str, prefix: &str, key: &str, secret: &str) -> S3Config {
+        S3Config {
             bucket: bucket.to_owned(),
             prefix: Some(prefix.to_owned()),
             endpoint: Some(endpoint.parse().unwrap()),
@@ -555,8 +697,18 @@ mod tests {
             local_cache_size: 0,
             presigned_redirect: false,
             presigned_expiry: Duration::from_secs(60),
-        };
-        let store = S3BlobStore::new(&cfg).await;
+            abandoned_upload_age: Duration::from_secs(86_400),
+        }
+    }
+
+    async fn store_at(
+        endpoint: &str,
+        bucket: &str,
+        prefix: &str,
+        key: &str,
+        secret: &str,
+    ) -> S3BlobStore {
+        let store = S3BlobStore::new(&config_at(endpoint, bucket, prefix, key, secret)).await;
         // The bucket may exist already (shared by tests).
         let _ = store
             .client
@@ -607,6 +759,7 @@ mod tests {
             local_cache_size: 0,
             presigned_redirect: false,
             presigned_expiry: Duration::from_secs(60),
+            abandoned_upload_age: Duration::from_secs(86_400),
         };
         let bad = S3BlobStore::new(&cfg).await;
         // The server checks signatures: the store is not healthy, and a
@@ -614,6 +767,165 @@ mod tests {
         assert!(bad.health().await.is_err());
         assert!(bad.stat(&Digest::sha256_of(b"x")).await.is_err());
         good.health().await.unwrap();
+    }
+
+    #[test]
+    fn parts_grow_with_the_blob_so_ten_thousand_carry_it() {
+        const GB: u64 = 1000 * 1000 * 1000;
+        const TIB: u64 = 1024 * 1024 * MIB;
+        for (size, want) in [
+            (BASE_PART_SIZE + 1, BASE_PART_SIZE),
+            (80 * GB, BASE_PART_SIZE),
+            // The most 8 MiB parts carry, and a byte more.
+            (BASE_PART_SIZE * MAX_PARTS, BASE_PART_SIZE),
+            (BASE_PART_SIZE * MAX_PARTS + 1, 9 * MIB),
+            (100 * GB, 10 * MIB),
+            (1000 * GB, 96 * MIB),
+            (5 * TIB, 525 * MIB),
+        ] {
+            let part = part_size(size).unwrap();
+            assert_eq!(part, want, "a blob of {size} bytes");
+            assert!(size.div_ceil(part) <= MAX_PARTS, "{size}");
+            assert!((MIN_PART_SIZE..=MAX_PART_SIZE).contains(&part), "{size}");
+            // The smallest whole MiB that fits: one less would not.
+            assert!(
+                part == BASE_PART_SIZE || size.div_ceil(part - MIB) > MAX_PARTS,
+                "{size}"
+            );
+        }
+        let e = part_size(5 * TIB + 1).unwrap_err().to_string();
+        assert!(e.contains("largest object"), "{e}");
+    }
+
+    /// Begins an upload of `key` and leaves it open, as a process killed
+    /// mid-upload does.
+    async fn leave_upload(store: &S3BlobStore, key: &str) -> String {
+        let out = store
+            .client
+            .create_multipart_upload()
+            .bucket(&store.bucket)
+            .key(key)
+            .send()
+            .await
+            .unwrap();
+        out.upload_id().unwrap().to_owned()
+    }
+
+    /// The keys and ids of the open uploads whose keys start with `prefix`.
+    async fn uploads_with_ids(store: &S3BlobStore, prefix: &str) -> Vec<(String, String)> {
+        let out = store
+            .client
+            .list_multipart_uploads()
+            .bucket(&store.bucket)
+            .prefix(prefix)
+            .send()
+            .await
+            .unwrap();
+        out.uploads()
+            .iter()
+            .map(|u| {
+                let key = u.key().unwrap_or_default().to_owned();
+                (key, u.upload_id().unwrap_or_default().to_owned())
+            })
+            .collect()
+    }
+
+    async fn open_uploads(store: &S3BlobStore, prefix: &str) -> Vec<String> {
+        let uploads = uploads_with_ids(store, prefix).await;
+        uploads.into_iter().map(|(key, _)| key).collect()
+    }
+
+    #[tokio::test]
+    async fn uploads_begun_longer_ago_than_the_age_are_aborted() {
+        let Some(store) = test_store(&format!("sweep-{:x}", rand::random::<u64>())).await else {
+            return;
+        };
+        // More than one page of them (UPLOADS_PER_PAGE in tests).
+        let keys: Vec<String> = (0..5u8)
+            .map(|i| store.key(&Digest::sha256_of(&[i])))
+            .collect();
+        for key in &keys {
+            leave_upload(&store, key).await;
+        }
+        let blobs = store.blobs_prefix();
+        // They may be another replica's uploads in progress.
+        let day = Duration::from_secs(86_400);
+        assert_eq!(store.abort_stale_uploads(day).await.unwrap(), 0);
+        assert_eq!(open_uploads(&store, &blobs).await.len(), keys.len());
+
+        assert_eq!(
+            store.abort_stale_uploads(Duration::ZERO).await.unwrap(),
+            keys.len()
+        );
+        assert_eq!(open_uploads(&store, &blobs).await, Vec::<String>::new());
+    }
+
+    #[tokio::test]
+    async fn uploads_outside_the_blob_keys_are_left_alone() {
+        let ns = format!("sweep-{:x}", rand::random::<u64>());
+        let Some(store) = test_store(&ns).await else {
+            return;
+        };
+        let blob = store.key(&Digest::sha256_of(b"blob"));
+        // Another deployment whose prefix starts with this one's, a key of
+        // this prefix that is not a blob's, and a key of no prefix at all.
+        let outside = [
+            format!("{ns}x/blobs/sha256/00"),
+            format!("{ns}/elsewhere/sha256/00"),
+            format!("{ns}-blobs/sha256/00"),
+        ];
+        for key in outside.iter().chain([&blob]) {
+            leave_upload(&store, key).await;
+        }
+        assert_eq!(store.abort_stale_uploads(Duration::ZERO).await.unwrap(), 1);
+        assert!(open_uploads(&store, &blob).await.is_empty());
+        for key in &outside {
+            assert_eq!(open_uploads(&store, key).await, vec![key.clone()]);
+        }
+        // Not left behind in the shared bucket.
+        for key in &outside {
+            for (key, id) in uploads_with_ids(&store, key).await {
+                store.abort_upload(&key, &id).await.unwrap();
+            }
+        }
+    }
+
+    /// When a part fails, the parts still being sent are stopped, and have
+    /// ended before the upload is aborted: one landing after the abort
+    /// would keep its storage.
+    #[tokio::test]
+    async fn a_failed_part_stops_the_others_before_the_upload_is_aborted() {
+        // A bucket that accepts connections and never answers: parts sent
+        // to it stay in flight.
+        let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let endpoint = format!("http://{}", silent.local_addr().unwrap());
+        tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((conn, _)) = silent.accept().await {
+                held.push(conn);
+            }
+        });
+        let store = S3BlobStore::new(&config_at(&endpoint, "b", "p", "k", "s")).await;
+        let dir = tempfile::tempdir().unwrap();
+        let spool = dir.path().join("spool");
+        // Parts 1 and 2 go out; part 3 cannot be read.
+        std::fs::write(&spool, vec![7u8; (BASE_PART_SIZE * 2 + 10) as usize]).unwrap();
+        let upload = Upload {
+            client: store.client.clone(),
+            bucket: store.bucket.clone(),
+            key: store.key(&Digest::sha256_of(b"x")),
+            spool: spool.as_path().into(),
+        };
+        let size = BASE_PART_SIZE * 5 / 2;
+        let sent = tokio::time::timeout(
+            Duration::from_secs(10),
+            upload.parts("id", size, BASE_PART_SIZE),
+        )
+        .await
+        .expect("the parts in flight were waited for, not stopped");
+        assert!(sent.is_err());
+        // Every part task holds the spool path while it runs.
+        assert_eq!(Arc::strong_count(&upload.spool), 1, "part tasks still run");
     }
 
     #[tokio::test]
@@ -624,17 +936,19 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let spool = dir.path().join("spool");
         // Two and a half parts.
-        let data: Vec<u8> = (0..(PART_SIZE * 5 / 2)).map(|i| (i % 251) as u8).collect();
+        let data: Vec<u8> = (0..(BASE_PART_SIZE * 5 / 2))
+            .map(|i| (i % 251) as u8)
+            .collect();
         let digest = Digest::sha256_of(&data);
 
         // The last part cannot be read (the spool is short): the parts that
         // went up are discarded with the upload, nothing is visible.
-        std::fs::write(&spool, &data[..(PART_SIZE * 2 + 10) as usize]).unwrap();
+        std::fs::write(&spool, &data[..(BASE_PART_SIZE * 2 + 10) as usize]).unwrap();
         let upload = Upload {
             client: store.client.clone(),
             bucket: store.bucket.clone(),
             key: store.key(&digest),
-            spool: spool.clone(),
+            spool: spool.as_path().into(),
         };
         assert!(upload.multipart(data.len() as u64).await.is_err());
         assert_eq!(store.stat(&digest).await.unwrap(), None);

@@ -136,6 +136,15 @@ impl BlobStore for TieredBlobStore {
         self.shared.health().await
     }
 
+    async fn abort_stale_uploads(
+        &self,
+        older_than: std::time::Duration,
+    ) -> Result<usize, StorageError> {
+        // Local copies are written whole or not at all; only the shared
+        // store has uploads.
+        self.shared.abort_stale_uploads(older_than).await
+    }
+
     async fn presigned_url(
         &self,
         digest: &Digest,

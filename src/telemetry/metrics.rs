@@ -101,6 +101,7 @@ pub struct Metrics {
     pub bucket_requests: Family<OperationLabels, Counter>,
     pub fetches_abandoned: Family<ReasonLabels, Counter>,
     pub fetches_unguarded: Family<ReasonLabels, Counter>,
+    pub abandoned_uploads_aborted: Counter,
 }
 
 fn latency_histogram() -> Histogram {
@@ -133,6 +134,7 @@ impl Metrics {
             bucket_requests: Family::default(),
             fetches_abandoned: Family::default(),
             fetches_unguarded: Family::default(),
+            abandoned_uploads_aborted: Counter::default(),
             registry: Registry::default(),
         };
         registry.register("http_requests", "Requests served", m.requests.clone());
@@ -225,6 +227,11 @@ impl Metrics {
             "blob_fetches_unguarded",
             "Blob fetches from upstream without the blob's lease although replicas share metadata: metadata_error (the lease could not be claimed)",
             m.fetches_unguarded.clone(),
+        );
+        registry.register(
+            "abandoned_uploads_aborted",
+            "Multipart uploads left open in the S3 bucket (by a process that died mid-upload) that this replica aborted",
+            m.abandoned_uploads_aborted.clone(),
         );
         Self { registry, ..m }
     }

@@ -679,6 +679,8 @@ REFUSED = [
     ("an endpoint with a path", {"config": {"upstreams": [{"registry": "r.example", "endpoints": ["https://r.example/v2"]}]}}, "endpoints"),
     ("a bad duration", {"config": {"timeouts": {"connect": "five"}}}, "connect"),
     ("a lease that never lasts", {"config": {"cluster": {"leaseTtl": "0s"}}}, "leaseTtl"),
+    ("an upload age of zero (every upload in progress aborted)",
+     {"storage": {"kind": "s3", "s3": {"bucket": "b-1", "abandonedUploadAge": "0s"}}}, "abandonedUploadAge"),
     ("a zero Redis timeout", {"metadata": {"kind": "redis", "redis": {"url": "redis://r:6379", "timeout": "0ms"}}}, "timeout"),
     ("a bad route pattern", {"config": {"routes": [{"pattern": "Team/*", "registry": "docker.io"}]}}, "pattern"),
     ("an autoscaler whose minimum is above its maximum",
