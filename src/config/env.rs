@@ -71,6 +71,7 @@ const SECTIONS: &[(&str, &[&str])] = &[
         "fetch",
         &["max_concurrent", "redirect_above", "queue_timeout"],
     ),
+    ("egress", &["refuse"]),
     ("cluster", &["advertise_url", "lease_ttl"]),
 ];
 const UPSTREAM_KEYS: &[&str] = &["aliases", "endpoints", "tag_ttl", "username", "password"];
@@ -82,6 +83,7 @@ const LIST_KEYS: &[&str] = &[
     "endpoints",
     "trusted_proxies",
     "exempt",
+    "refuse",
 ];
 /// Keys whose values are booleans.
 const BOOL_KEYS: &[&str] = &[

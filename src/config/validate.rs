@@ -9,9 +9,9 @@ use url::Url;
 use super::builtin::{DEFAULT_TAG_TTL, builtin_routes, builtin_upstreams};
 use super::file::{ByteSize, FileConfig, FileMetadata, FileServer, FileStorage, FileUpstream};
 use super::{
-    AccessConfig, ClusterConfig, Config, ConfigError, FetchConfig, LimitsConfig, LogFormat,
-    MetadataConfig, RouteConfig, S3Config, Secret, ServerConfig, StorageConfig, TimeoutConfig,
-    UpstreamConfig,
+    AccessConfig, ClusterConfig, Config, ConfigError, EgressConfig, FetchConfig, LimitsConfig,
+    LogFormat, MetadataConfig, RouteConfig, S3Config, Secret, ServerConfig, StorageConfig,
+    TimeoutConfig, UpstreamConfig,
 };
 
 const DEFAULT_LISTEN: &str = "0.0.0.0:5000";
@@ -85,6 +85,14 @@ pub fn build(raw: FileConfig) -> Result<Config, ConfigError> {
         max_concurrent: f.max_concurrent.unwrap_or(64),
         redirect_above: size(&mut p, "fetch.redirect_above", f.redirect_above.as_ref()),
         queue_timeout: positive(&mut p, "fetch.queue_timeout", f.queue_timeout, 30),
+    };
+
+    let egress = EgressConfig {
+        refuse: cidrs(
+            &mut p,
+            "egress.refuse",
+            raw.egress.unwrap_or_default().refuse.unwrap_or_default(),
+        ),
     };
 
     let c = raw.cluster.unwrap_or_default();
@@ -167,6 +175,7 @@ pub fn build(raw: FileConfig) -> Result<Config, ConfigError> {
         server,
         limits,
         fetch,
+        egress,
         cluster,
         upstreams,
         routes,
