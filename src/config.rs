@@ -33,6 +33,7 @@ pub struct Config {
     pub server: ServerConfig,
     pub limits: LimitsConfig,
     pub fetch: FetchConfig,
+    pub egress: EgressConfig,
     pub cluster: ClusterConfig,
     pub upstreams: Vec<UpstreamConfig>,
     /// Short-name rules, first match wins: the file's, then the built-in ones.
@@ -218,6 +219,19 @@ pub struct FetchConfig {
     pub min_rate: u64,
     #[serde(with = "humantime_serde")]
     pub min_rate_window: Duration,
+}
+
+/// Where upstreams may send Pier. Redirects and token realms never reach
+/// link-local or cloud metadata addresses (169.254.0.0/16, fe80::/10,
+/// fd00:ec2::254, 100.100.100.200, ...), in any spelling (IPv4-mapped
+/// included), whether written as an address or reached through a name.
+/// Hosts of configured endpoints are exempt, as written.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct EgressConfig {
+    /// More networks (CIDRs) refused in the same way, in addition to the
+    /// built-in ones (which always apply): internal networks, say.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub refuse: Vec<ipnet::IpNet>,
 }
 
 /// How replicas sharing Redis work together.

@@ -1,10 +1,12 @@
 //! Talking to upstream registries: token and basic auth with a token cache,
 //! retries with backoff, endpoint failover, and redirects followed without
 //! carrying credentials to another host. Only configured endpoints, the token
-//! realms they announce and the redirects they send are ever contacted.
+//! realms they announce and the redirects they send are ever contacted, and
+//! never at a link-local or cloud metadata address (`egress`).
 
 mod auth;
 pub mod challenge;
+mod egress;
 mod tokens;
 mod transport;
 
@@ -20,6 +22,7 @@ use url::Url;
 
 use crate::config::{Config, Secret, TimeoutConfig, UpstreamConfig};
 use crate::reference::Digest;
+use egress::{Egress, GuardedResolver};
 use tokens::TokenCache;
 
 /// The manifest media types Pier asks for: every one it can serve.
@@ -73,8 +76,15 @@ pub struct Upstreams {
 
 impl Upstreams {
     pub fn new(config: &Config) -> Result<Self, reqwest::Error> {
+        // One guard for all upstreams: a host one upstream is configured
+        // with is one the operator chose, whichever upstream points at it.
+        let egress = Arc::new(Egress::new(
+            &config.egress.refuse,
+            config.upstreams.iter().flat_map(|u| &u.endpoints),
+        ));
         let http = reqwest::Client::builder()
             .redirect(reqwest::redirect::Policy::none())
+            .dns_resolver(GuardedResolver(egress.clone()))
             .connect_timeout(config.timeouts.connect)
             .read_timeout(config.timeouts.body_idle)
             .tcp_nodelay(true)
@@ -85,7 +95,8 @@ impl Upstreams {
             .upstreams
             .iter()
             .map(|u| {
-                let client = UpstreamClient::new(u, http.clone(), config.timeouts.clone());
+                let client =
+                    UpstreamClient::new(u, http.clone(), egress.clone(), config.timeouts.clone());
                 (u.registry.clone(), Arc::new(client))
             })
             .collect();
@@ -102,6 +113,8 @@ pub struct UpstreamClient {
     endpoints: Vec<Url>,
     credentials: Option<(String, Secret)>,
     http: reqwest::Client,
+    /// Checks IP-literal hosts; the client's resolver checks names.
+    egress: Arc<Egress>,
     timeouts: TimeoutConfig,
     tokens: TokenCache,
     /// Set once the upstream asked for Basic auth: send it up front.
@@ -111,12 +124,18 @@ pub struct UpstreamClient {
 }
 
 impl UpstreamClient {
-    fn new(cfg: &UpstreamConfig, http: reqwest::Client, timeouts: TimeoutConfig) -> Self {
+    fn new(
+        cfg: &UpstreamConfig,
+        http: reqwest::Client,
+        egress: Arc<Egress>,
+        timeouts: TimeoutConfig,
+    ) -> Self {
         Self {
             registry: cfg.registry.clone(),
             endpoints: cfg.endpoints.clone(),
             credentials: cfg.username.clone().zip(cfg.password.clone()),
             http,
+            egress,
             timeouts,
             tokens: TokenCache::default(),
             basic: AtomicBool::new(false),
@@ -199,7 +218,9 @@ impl UpstreamClient {
             .and_then(|v| v.to_str().ok())
             .and_then(|loc| resp.url().join(loc).ok())
             .filter(|u| matches!(u.scheme(), "http" | "https"))
-            .filter(|u| !transport::is_link_local(u))
+            // The client dials this, not Pier, so only a literal address
+            // can be judged here; it may share Pier's network.
+            .filter(|u| self.egress.check_url(u).is_ok())
             .filter(|u| !self.endpoints.iter().any(|e| e.origin() == u.origin()));
         Ok(next)
     }

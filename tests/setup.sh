@@ -26,6 +26,12 @@ hosts_line="127.0.0.1 m.pier.test docker.m.pier.test k8s.m.pier.test gcr.m.pier.
 if ! grep -qF "# pier tests" /etc/hosts; then
 	echo "$hosts_line" >>/etc/hosts
 fi
+# The egress tests (tests/egress.rs) need a name for a refused address; its
+# own marker adds it to machines that already have the line above.
+egress_line="127.0.0.77 metadata.pier.test # pier egress tests"
+if ! grep -qF "# pier egress tests" /etc/hosts; then
+	echo "$egress_line" >>/etc/hosts
+fi
 
 # The token server for Bearer-auth upstreams signs JWTs with `cryptography`;
 # the deploy test reads the compose file with PyYAML.

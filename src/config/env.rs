@@ -79,6 +79,7 @@ const SECTIONS: &[(&str, &[&str])] = &[
             "min_rate_window",
         ],
     ),
+    ("egress", &["refuse"]),
     ("cluster", &["advertise_url", "lease_ttl"]),
 ];
 const UPSTREAM_KEYS: &[&str] = &["aliases", "endpoints", "tag_ttl", "username", "password"];
@@ -90,6 +91,7 @@ const LIST_KEYS: &[&str] = &[
     "endpoints",
     "trusted_proxies",
     "exempt",
+    "refuse",
 ];
 /// Keys whose values are booleans.
 const BOOL_KEYS: &[&str] = &[

@@ -22,6 +22,7 @@ pub struct FileConfig {
     pub server: Option<FileServer>,
     pub limits: Option<FileLimits>,
     pub fetch: Option<FileFetch>,
+    pub egress: Option<FileEgress>,
     pub cluster: Option<FileCluster>,
     #[serde(default)]
     pub upstreams: Vec<FileUpstream>,
@@ -118,6 +119,12 @@ pub struct FileFetch {
     pub min_rate: Option<ByteSize>,
     #[serde(default, with = "humantime_serde")]
     pub min_rate_window: Option<Duration>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileEgress {
+    pub refuse: Option<Vec<String>>,
 }
 
 /// A size as a number of bytes or a string like `"64MiB"` or `"1GB"`.

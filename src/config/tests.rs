@@ -364,3 +364,44 @@ fn s3_local_cache_settings() {
         .to_string();
     assert!(e.contains("storage.local_cache_size"), "{e}");
 }
+
+#[test]
+fn egress_refuse_adds_networks() {
+    let c = load("", &[]).unwrap();
+    assert!(
+        c.egress.refuse.is_empty(),
+        "only the built-in set by default"
+    );
+
+    let c = load(
+        "[egress]\nrefuse = [\"10.0.0.0/8\", \"192.168.1.1\"]\n",
+        &[],
+    )
+    .unwrap();
+    let nets: Vec<String> = c.egress.refuse.iter().map(ToString::to_string).collect();
+    assert_eq!(nets, ["10.0.0.0/8", "192.168.1.1/32"]);
+    // Printed and loaded again unchanged.
+    let again = load(&c.to_masked_toml(), &[]).unwrap();
+    assert_eq!(again.egress.refuse, c.egress.refuse);
+
+    // The environment replaces the file's list.
+    let c = load(
+        "[egress]\nrefuse = [\"10.0.0.0/8\"]\n",
+        &[("PIER_EGRESS__REFUSE", "127.0.0.77/32, fd00::/8")],
+    )
+    .unwrap();
+    let nets: Vec<String> = c.egress.refuse.iter().map(ToString::to_string).collect();
+    assert_eq!(nets, ["127.0.0.77/32", "fd00::/8"]);
+
+    let e = load(
+        "[egress]\nrefuse = [\"10.0.0.0/8\", \"169.254.0.0/33\", \"metadata\"]\n",
+        &[],
+    )
+    .unwrap_err();
+    let all = e.problems.join("\n");
+    assert!(all.contains("egress.refuse[1]"), "{all}");
+    assert!(all.contains("egress.refuse[2]"), "{all}");
+    assert!(!all.contains("egress.refuse[0]"), "{all}");
+    let e = load("[egress]\nallow = []\n", &[]).unwrap_err();
+    assert!(e.to_string().contains("allow"), "{e}");
+}

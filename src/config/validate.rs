@@ -9,9 +9,9 @@ use url::Url;
 use super::builtin::{DEFAULT_TAG_TTL, builtin_routes, builtin_upstreams};
 use super::file::{ByteSize, FileConfig, FileMetadata, FileServer, FileStorage, FileUpstream};
 use super::{
-    AccessConfig, ClusterConfig, Config, ConfigError, FetchConfig, LimitsConfig, LogFormat,
-    MetadataConfig, RouteConfig, S3Config, Secret, ServerConfig, StorageConfig, TimeoutConfig,
-    UpstreamConfig,
+    AccessConfig, ClusterConfig, Config, ConfigError, EgressConfig, FetchConfig, LimitsConfig,
+    LogFormat, MetadataConfig, RouteConfig, S3Config, Secret, ServerConfig, StorageConfig,
+    TimeoutConfig, UpstreamConfig,
 };
 
 const DEFAULT_LISTEN: &str = "0.0.0.0:5000";
@@ -97,6 +97,14 @@ pub fn build(raw: FileConfig) -> Result<Config, ConfigError> {
         min_rate_window: positive(&mut p, "fetch.min_rate_window", f.min_rate_window, 60),
     };
 
+    let egress = EgressConfig {
+        refuse: cidrs(
+            &mut p,
+            "egress.refuse",
+            raw.egress.unwrap_or_default().refuse.unwrap_or_default(),
+        ),
+    };
+
     let c = raw.cluster.unwrap_or_default();
     let cluster = ClusterConfig {
         advertise_url: c.advertise_url.and_then(|u| match http_url(&u) {
@@ -177,6 +185,7 @@ pub fn build(raw: FileConfig) -> Result<Config, ConfigError> {
         server,
         limits,
         fetch,
+        egress,
         cluster,
         upstreams,
         routes,

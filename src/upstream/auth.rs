@@ -6,6 +6,7 @@ use base64::engine::general_purpose::STANDARD as BASE64;
 use http::HeaderValue;
 use url::Url;
 
+use super::egress::refusal_in;
 use super::tokens::TokenResponse;
 use super::{UpstreamClient, describe};
 use crate::config::Secret;
@@ -19,6 +20,9 @@ pub(super) enum TokenOutcome {
     /// The token server could not be reached, timed out or failed (5xx):
     /// an outage, not an answer.
     Unreachable(String),
+    /// The realm is at an address the egress guard refuses; nothing was
+    /// sent to it.
+    Barred(String),
 }
 
 pub(super) fn basic(user: &str, pass: &Secret) -> Option<HeaderValue> {
@@ -46,6 +50,12 @@ impl UpstreamClient {
         if !matches!(url.scheme(), "http" | "https") {
             return TokenOutcome::Refused;
         }
+        // Before credentials are attached: an IP literal is not resolved, so
+        // the guard's resolver would never see it.
+        if let Err(r) = self.egress.check_url(&url) {
+            tracing::warn!(registry = %self.registry, host = %r.host, "token realm at a refused address");
+            return TokenOutcome::Barred(r.to_string());
+        }
         url.query_pairs_mut()
             .extend_pairs(service.map(|s| ("service", s)))
             .append_pair("scope", wanted);
@@ -70,7 +80,13 @@ impl UpstreamClient {
                 tracing::warn!(registry = %self.registry, status = %r.status(), "token server refused");
                 return TokenOutcome::Refused;
             }
-            Ok(Err(e)) => return TokenOutcome::Unreachable(describe(&e.without_url())),
+            Ok(Err(e)) => {
+                if let Some(r) = refusal_in(&e) {
+                    tracing::warn!(registry = %self.registry, host = %r.host, "token realm resolves to a refused address");
+                    return TokenOutcome::Barred(r.to_string());
+                }
+                return TokenOutcome::Unreachable(describe(&e.without_url()));
+            }
             Err(_) => return TokenOutcome::Unreachable("timed out".into()),
         };
         let body = match self.read_limited(resp, 1024 * 1024).await {

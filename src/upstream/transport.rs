@@ -1,5 +1,6 @@
 //! Sending one logical request: retries with backoff, endpoint failover,
-//! answering an auth challenge, and following redirects.
+//! answering an auth challenge, and following redirects. Every hop passes
+//! the egress guard.
 
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -10,6 +11,7 @@ use url::Url;
 
 use super::auth::TokenOutcome;
 use super::challenge::{self, Challenge};
+use super::egress::{Refused, refusal_in};
 use super::{UpstreamClient, UpstreamError, describe};
 use crate::telemetry::metrics::metrics;
 
@@ -24,7 +26,8 @@ pub(super) enum Failure {
     Timeout(Duration),
     /// The token server announced by the upstream could not be used.
     Token(String),
-    /// The upstream pointed somewhere Pier will not go.
+    /// The upstream pointed somewhere Pier will not go (a redirect or token
+    /// realm at a refused address).
     Refused(String),
 }
 
@@ -80,6 +83,7 @@ impl UpstreamClient {
         let n = self.endpoints.len().max(1);
         let first = self.preferred.load(Ordering::Relaxed);
         let mut last_error = String::from("no endpoints configured");
+        let mut refused = false;
         for attempt in 0..ATTEMPTS.max(n) {
             let index = (first + attempt) % n;
             let Some(endpoint) = self.endpoints.get(index) else {
@@ -94,6 +98,7 @@ impl UpstreamClient {
             match self.send_once(&method, url, &headers, &scope, follow).await {
                 Ok(resp) if resp.status().is_server_error() => {
                     last_error = format!("{} answered HTTP {}", host_of(endpoint), resp.status());
+                    refused = false;
                 }
                 Ok(resp) => {
                     self.preferred.store(index, Ordering::Relaxed);
@@ -101,12 +106,18 @@ impl UpstreamClient {
                 }
                 Err(e) => {
                     last_error = format!("{}: {e}", host_of(endpoint));
+                    refused = matches!(e, Failure::Refused(_));
                     tracing::debug!(registry = %self.registry, error = %last_error, "upstream attempt failed");
                     if !e.is_quick() && n == 1 {
                         break;
                     }
                 }
             }
+        }
+        // Pointing Pier at a refused address is the upstream misbehaving,
+        // not an outage: no stale copy is implied to be the cure.
+        if refused {
+            return Err(self.invalid(last_error));
         }
         Err(UpstreamError::Unavailable {
             registry: self.registry.clone(),
@@ -151,6 +162,9 @@ impl UpstreamClient {
                         // the repository is unknown or needs credentials.
                         TokenOutcome::Refused => false,
                         TokenOutcome::Unreachable(why) => return Err(Failure::Token(why)),
+                        TokenOutcome::Barred(why) => {
+                            return Err(Failure::Refused(format!("token realm refused: {why}")));
+                        }
                     }
                 }
                 Some(Challenge::Basic) if self.credentials.is_some() => {
@@ -194,6 +208,11 @@ impl UpstreamClient {
         auth: Option<HeaderValue>,
     ) -> Result<reqwest::Response, Failure> {
         let host = host_of(&url);
+        // The HTTP client dials IP literals without asking the resolver, so
+        // they are judged here; names are judged by the resolver.
+        if let Err(r) = self.egress.check_url(&url) {
+            return Err(self.barred(&r));
+        }
         let mut req = self
             .http
             .request(method.clone(), url)
@@ -218,7 +237,10 @@ impl UpstreamClient {
             tokio::time::timeout(self.timeouts.response, req.send()).instrument(span.clone());
         let result = match sent.await {
             // Signed redirect URLs must not end up in logs or error bodies.
-            Ok(r) => r.map_err(|e| Failure::Http(e.without_url())),
+            Ok(r) => r.map_err(|e| match refusal_in(&e) {
+                Some(refused) => self.barred(refused),
+                None => Failure::Http(e.without_url()),
+            }),
             Err(_) => Err(Failure::Timeout(self.timeouts.response)),
         };
         let m = metrics();
@@ -234,6 +256,13 @@ impl UpstreamClient {
             m.ratelimit(&self.registry, v);
         }
         result
+    }
+
+    /// A hop the egress guard stopped; logged by host only (a URL's path and
+    /// query may carry a signature).
+    fn barred(&self, r: &Refused) -> Failure {
+        tracing::warn!(registry = %self.registry, host = %r.host, "upstream pointed at a refused address");
+        Failure::Refused(r.to_string())
     }
 
     /// Follows 301/302/303/307/308 to wherever the upstream points (blob
@@ -259,28 +288,16 @@ impl UpstreamClient {
             else {
                 return Ok(resp);
             };
-            if is_link_local(&next) {
-                // Cloud metadata services live there; no registry does.
-                return Err(Failure::Refused(format!(
-                    "redirect to link-local address {} refused",
-                    next.host_str().unwrap_or("?")
-                )));
-            }
             let keep_auth = next.origin() == origin;
             resp = self
                 .execute(method, next, headers, auth.clone().filter(|_| keep_auth))
-                .await?;
+                .await
+                .map_err(|e| match e {
+                    Failure::Refused(why) => Failure::Refused(format!("redirect refused: {why}")),
+                    other => other,
+                })?;
         }
         Ok(resp)
-    }
-}
-
-/// Whether `url` names a link-local address (169.254.0.0/16, fe80::/10).
-pub(super) fn is_link_local(url: &Url) -> bool {
-    match url.host() {
-        Some(url::Host::Ipv4(ip)) => ip.is_link_local(),
-        Some(url::Host::Ipv6(ip)) => (ip.segments()[0] & 0xffc0) == 0xfe80,
-        _ => false,
     }
 }
 

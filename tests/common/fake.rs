@@ -48,6 +48,8 @@ struct Script {
     token: Option<String>,
     /// The token endpoint answers 503.
     token_down: bool,
+    /// The realm the challenge announces, instead of this fake's /token.
+    realm: Option<String>,
     manifests: HashMap<String, (String, Bytes)>,
     blobs: HashMap<String, Blob>,
     hits: Vec<Hit>,
@@ -61,8 +63,13 @@ pub struct Fake {
 
 impl Fake {
     pub fn start() -> Fake {
+        Fake::start_at("127.0.0.1")
+    }
+
+    /// Like `start`, listening on another loopback address (`127.0.0.77`).
+    pub fn start_at(ip: &str) -> Fake {
         let script = Arc::new(Mutex::new(Script::default()));
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let listener = std::net::TcpListener::bind((ip, 0)).unwrap();
         listener.set_nonblocking(true).unwrap();
         let addr = listener.local_addr().unwrap();
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
@@ -96,6 +103,12 @@ impl Fake {
 
     pub fn require_token(&self, token: &str) {
         self.script.lock().unwrap().token = Some(token.to_owned());
+    }
+
+    /// Announces `realm` (any URL) in the Bearer challenge instead of this
+    /// fake's own token endpoint.
+    pub fn token_realm(&self, realm: &str) {
+        self.script.lock().unwrap().realm = Some(realm.to_owned());
     }
 
     pub fn token_down(&self, down: bool) {
@@ -171,7 +184,7 @@ async fn respond(State(script): State<Arc<Mutex<Script>>>, req: Request) -> Resp
         .and_then(|v| v.to_str().ok())
         .unwrap_or("")
         .to_owned();
-    let (token, token_down, manifests, blobs) = {
+    let (token, token_down, realm, manifests, blobs) = {
         let mut s = script.lock().unwrap();
         s.hits.push(Hit {
             method: method.clone(),
@@ -185,6 +198,7 @@ async fn respond(State(script): State<Arc<Mutex<Script>>>, req: Request) -> Resp
         (
             s.token.clone(),
             s.token_down,
+            s.realm.clone(),
             s.manifests.clone(),
             s.blobs.clone(),
         )
@@ -215,7 +229,8 @@ async fn respond(State(script): State<Arc<Mutex<Script>>>, req: Request) -> Resp
     if let Some(t) = &token {
         let want = format!("Bearer {t}");
         if authorization.as_deref() != Some(want.as_str()) {
-            let challenge = format!("Bearer realm=\"http://{host}/token\",service=\"fake\"");
+            let realm = realm.unwrap_or_else(|| format!("http://{host}/token"));
+            let challenge = format!("Bearer realm=\"{realm}\",service=\"fake\"");
             let mut r = (
                 StatusCode::UNAUTHORIZED,
                 r#"{"errors":[{"code":"UNAUTHORIZED","message":"token required"}]}"#,

@@ -14,7 +14,7 @@
 - what matters for a mirror: probes on /healthz and /readyz, replicas, the
   Ingress' wildcard hosts, advertise URL from the pod IP, every path Pier
   writes on a volume (read-only root filesystem), no secret in the ConfigMap;
-- [server], [limits], [fetch], [access] from values (the defaults Pier's
+- [server], [limits], [fetch], [egress], [access] from values (the defaults Pier's
   own, but a shutdown_grace that fits the pod's termination grace period) and
   OpenTelemetry export as OTEL_* variables only when an endpoint is set;
 - values the chart must refuse;
@@ -427,10 +427,10 @@ def scenario_defaults(pier: Path, keep: Path | None) -> None:
     env = env_of(pier_container(objects))
     check("PIER_CLUSTER__ADVERTISE_URL" not in env and "POD_IP" not in env, "no advertise URL without Redis")
     check(not any(n.startswith("OTEL_") for n in env), f"no trace export without otel.endpoint: {sorted(env)}")
-    # [server], [limits], [fetch], [access], [timeouts] as Pier has them
-    # without a file, but for the longer shutdown_grace.
+    # [server], [limits], [fetch], [egress], [access], [timeouts] as Pier has
+    # them without a file, but for the longer shutdown_grace.
     mine, own = tomllib.loads(effective), pier_own_defaults(pier)
-    for section in ("server", "limits", "fetch", "access", "timeouts"):
+    for section in ("server", "limits", "fetch", "egress", "access", "timeouts"):
         got, want = dict(mine[section]), dict(own[section])
         if section == "server":
             check(got.pop("shutdown_grace") == "5m" and want.pop("shutdown_grace") == "30s", f"shutdown_grace {mine['server']}")
@@ -613,6 +613,7 @@ TUNING = {
         "limits": {"requestsPerSecond": 50, "burst": 200, "concurrentBlobs": 4, "bytesPerSecond": "50MiB",
                    "exempt": ["10.42.0.0/16", "fd00::/8"]},
         "fetch": {"maxConcurrent": 16, "queueTimeout": "45s", "redirectAbove": "256MiB"},
+        "egress": {"refuse": ["10.96.0.0/12", "fd00:10::/64"]},
         "access": {"allow": ["docker.io/library/*", "registry.k8s.io/**"], "deny": ["docker.io/library/ubuntu"],
                    "deniedMessage": "ask #platform to allow an image"},
     },
@@ -641,6 +642,7 @@ def scenario_tuning(pier: Path, keep: Path | None) -> None:
         check(line in effective, f"tuning: {line!r} not in the effective config:\n{effective}")
     mine = tomllib.loads(effective)
     check(mine["limits"]["exempt"] == ["10.42.0.0/16", "fd00::/8"], f"exempt {mine['limits']}")
+    check(mine["egress"]["refuse"] == ["10.96.0.0/12", "fd00:10::/64"], f"egress {mine.get('egress')}")
     check(mine["access"]["allow"] == ["docker.io/library/*", "registry.k8s.io/**"]
           and mine["access"]["deny"] == ["docker.io/library/ubuntu"], f"access {mine['access']}")
 
@@ -708,6 +710,8 @@ REFUSED = [
     ("a request head limit below 8KiB", {"config": {"server": {"maxHeaderBytes": 1024}}}, "maxHeaderBytes"),
     ("a bad fetch duration", {"config": {"fetch": {"queueTimeout": 30}}}, "queueTimeout"),
     ("an unknown fetch key", {"config": {"fetch": {"maxConcurrency": 8}}}, "additional properties"),
+    ("an egress network that is not a CIDR", {"config": {"egress": {"refuse": ["metadata"]}}}, "refuse/0"),
+    ("egress refusals as a string", {"config": {"egress": {"refuse": "10.0.0.0/8"}}}, "refuse"),
     ("an access glob without a registry", {"config": {"access": {"deny": ["library/ubuntu"]}}}, "deny/0"),
     ("a gRPC OTLP protocol", {"otel": {"protocol": "grpc"}}, "protocol"),
     ("an OTLP endpoint without a scheme", {"otel": {"endpoint": "otel-collector:4318"}}, "endpoint"),
