@@ -103,6 +103,9 @@ impl Mirror {
         // repository has it. If such a joined fetch fails as unknown, this
         // repository gets a fetch of its own (once).
         let mut joined_foreign = false;
+        // Set once the store said it had the blob but could not give it: the
+        // next fetch goes upstream instead of back to the store.
+        let mut store_unreadable = false;
         loop {
             let job = FetchJob {
                 upstream: self.upstream(target)?.clone(),
@@ -120,6 +123,7 @@ impl Mirror {
                 missing: self.missing.clone(),
                 expected_size: self.sizes.get(&key, digest),
                 bounds: self.bounds,
+                store_unreadable,
             };
             (store_checked, checked_ahead) = (false, false);
             let (flight, started) = self.flights.join_or_start(digest, job);
@@ -132,12 +136,26 @@ impl Mirror {
                     if !foreign && !self.authorized(target, digest).await? {
                         return Err(unknown(target, digest));
                     }
-                    match self.blobs.get(digest, range).await? {
-                        Some(body) => {
+                    match self.blobs.get(digest, range).await {
+                        Ok(Some(body)) => {
                             metrics().cache("blob", "hit");
                             Ok(body.into())
                         }
-                        None => Err(unknown(target, digest)),
+                        Err(
+                            e @ (StorageError::Unsatisfiable { .. } | StorageError::MalformedRange),
+                        ) => Err(e.into()),
+                        // Gone since (evicted), or the store failing for a
+                        // moment: the client is served from upstream.
+                        failed if !store_unreadable => {
+                            if let Err(e) = failed {
+                                metrics().backend_error("storage");
+                                tracing::warn!(%digest, error = %e, "a stored blob cannot be read; fetching it");
+                            }
+                            store_unreadable = true;
+                            continue;
+                        }
+                        Ok(None) => Err(unknown(target, digest)),
+                        Err(e) => Err(e.into()),
                     }
                 }
                 Ok(Started::Streaming(size)) => {
@@ -309,5 +327,109 @@ fn flight_error(target: &Target, digest: &Digest, e: FlightError) -> MirrorError
         }
         FlightError::Failed(why) => MirrorError::Fetch(why),
         FlightError::Busy(why) => MirrorError::Busy(why),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use std::path::Path;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use async_trait::async_trait;
+    use bytes::Bytes;
+    use futures::TryStreamExt;
+
+    use super::*;
+    use crate::storage::{BlobBody, BlobStore, FsBlobStore};
+
+    /// A store that says it holds every blob the inner one holds, and then
+    /// cannot give it (a transient failure of S3, say).
+    struct Unreadable(FsBlobStore);
+
+    #[async_trait]
+    impl BlobStore for Unreadable {
+        async fn stat(&self, d: &Digest) -> Result<Option<u64>, StorageError> {
+            self.0.stat(d).await
+        }
+        async fn get(
+            &self,
+            _: &Digest,
+            _: Option<RangeSpec>,
+        ) -> Result<Option<BlobBody>, StorageError> {
+            Err(StorageError::Backend("the store is failing".into()))
+        }
+        async fn store(&self, d: &Digest, spool: &Path, size: u64) -> Result<(), StorageError> {
+            self.0.store(d, spool, size).await
+        }
+        async fn delete(&self, d: &Digest) -> Result<(), StorageError> {
+            self.0.delete(d).await
+        }
+        async fn health(&self) -> Result<(), StorageError> {
+            Ok(())
+        }
+    }
+
+    /// An upstream serving `bytes` at every path, counting GETs.
+    async fn upstream(bytes: Bytes, gets: Arc<AtomicUsize>) -> String {
+        let app = axum::Router::new().fallback(move |req: axum::extract::Request| {
+            let (bytes, gets) = (bytes.clone(), gets.clone());
+            async move {
+                if req.method() == http::Method::GET {
+                    gets.fetch_add(1, Ordering::Relaxed);
+                }
+                bytes
+            }
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        format!("http://{addr}")
+    }
+
+    /// The store held the blob but could not give it: the client is served
+    /// from upstream rather than told the mirror is unavailable.
+    #[tokio::test]
+    async fn a_stored_blob_the_store_cannot_give_is_fetched() {
+        let bytes = Bytes::from(vec![7u8; 50_000]);
+        let digest = Digest::sha256_of(&bytes);
+        let gets = Arc::new(AtomicUsize::new(0));
+        let url = upstream(bytes.clone(), gets.clone()).await;
+        let dir = tempfile::tempdir().unwrap();
+        let config = crate::config::Config::from_toml(
+            &format!(
+                "builtin_upstreams = false\ndefault_registry = \"corp.example\"\n\
+                 [storage]\nkind = \"fs\"\npath = \"{}\"\n\
+                 [[upstreams]]\nregistry = \"corp.example\"\nendpoints = [\"{url}\"]\n",
+                dir.path().display()
+            ),
+            Vec::new(),
+        )
+        .unwrap();
+        let fs = FsBlobStore::open(dir.path()).await.unwrap();
+        let spool = dir.path().join("in");
+        std::fs::write(&spool, &bytes).unwrap();
+        fs.store(&digest, &spool, bytes.len() as u64).await.unwrap();
+        let meta = Arc::new(crate::meta::EmbeddedMeta::open(&dir.path().join("meta")).unwrap());
+        let mirror = Mirror::new(
+            &config,
+            Arc::new(Unreadable(fs)),
+            meta,
+            dir.path().join("tmp"),
+        )
+        .unwrap();
+        let target = mirror
+            .router
+            .resolve(None, "corp.example/team/app", None)
+            .unwrap();
+        let body = mirror
+            .blob(&target, &digest, None, false, false)
+            .await
+            .unwrap();
+        let got: Vec<Bytes> = body.stream.try_collect().await.unwrap();
+        assert_eq!(got.concat(), bytes);
+        assert_eq!(gets.load(Ordering::Relaxed), 1);
     }
 }

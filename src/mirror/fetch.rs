@@ -56,6 +56,9 @@ pub struct FetchJob {
     /// The size the repository's manifests give the blob, if known.
     pub expected_size: Option<u64>,
     pub bounds: FetchBounds,
+    /// The store said it holds the blob, then could not give it: fetch it
+    /// instead of sending clients back to the store.
+    pub store_unreadable: bool,
 }
 
 /// Limits on one fetch, so a hostile or broken upstream cannot fill the
@@ -194,7 +197,8 @@ async fn source(job: &FetchJob, flight: &Flight) -> Result<Source, FlightError> 
     // A peer asks this replica because it holds (or just held) the lease:
     // the fetch it held may have stored the blob and left between this
     // request's look and its joining, so a peer's request always looks.
-    if (!job.store_checked || job.for_peer) && stored(job, flight).await {
+    let look = (!job.store_checked || job.for_peer) && !job.store_unreadable;
+    if look && stored(job, flight).await {
         return Ok(Source::Stored);
     }
     // Whether another replica held the lease at some point: once it is
@@ -203,7 +207,7 @@ async fn source(job: &FetchJob, flight: &Flight) -> Result<Source, FlightError> 
     loop {
         match job.cluster.claim(&lease_name).await {
             Claim::Mine(lease) => {
-                if waited && stored(job, flight).await {
+                if waited && !job.store_unreadable && stored(job, flight).await {
                     lease.release().await;
                     return Ok(Source::Stored);
                 }
@@ -214,7 +218,8 @@ async fn source(job: &FetchJob, flight: &Flight) -> Result<Source, FlightError> 
             // ahead of the request, so ask the store.
             Claim::Alone => {
                 if job.meta.shared() {
-                    if (job.checked_ahead || waited) && stored(job, flight).await {
+                    let look = (job.checked_ahead || waited) && !job.store_unreadable;
+                    if look && stored(job, flight).await {
                         return Ok(Source::Stored);
                     }
                     metrics().fetch_unguarded("metadata_error");
@@ -223,6 +228,12 @@ async fn source(job: &FetchJob, flight: &Flight) -> Result<Source, FlightError> 
             }
             // The holder stored it: the store has it (or, rarely, does not
             // show it yet: wait for the lease to lapse).
+            // The store cannot give what it holds, and no fetch runs: one
+            // more from upstream serves the clients.
+            Claim::Theirs { stored: true, .. } if job.store_unreadable => {
+                metrics().fetch_unguarded("store_error");
+                return Ok(Source::Upstream(None));
+            }
             Claim::Theirs { stored: true, .. } => {
                 if stored(job, flight).await {
                     return Ok(Source::Stored);

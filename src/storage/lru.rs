@@ -39,6 +39,11 @@ impl<K: Clone + Eq + Hash> Lru<K> {
         size <= self.budget
     }
 
+    /// Every key held.
+    pub fn keys(&self) -> Vec<K> {
+        self.entries.keys().cloned().collect()
+    }
+
     pub fn contains(&self, key: &K) -> bool {
         self.entries.contains_key(key)
     }

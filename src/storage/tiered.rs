@@ -56,6 +56,7 @@ impl TieredBlobStore {
         .map_err(io::Error::other)??;
         let local = LocalCopies {
             files,
+            root: dir.to_owned(),
             tmp: dir.join("tmp"),
             index: Mutex::new(Lru::new(budget)),
             filling: Mutex::default(),
@@ -70,10 +71,25 @@ impl TieredBlobStore {
             budget,
             "local blob copies ready"
         );
-        Ok(Self {
-            shared,
-            local: Arc::new(local),
-        })
+        let local = Arc::new(local);
+        tokio::spawn(reconcile_every(Arc::downgrade(&local)));
+        Ok(Self { shared, local })
+    }
+}
+
+/// How often the index of local copies is checked against the files.
+const RECONCILE_EVERY: std::time::Duration = std::time::Duration::from_secs(600);
+
+/// Reconciles the copies' index with their files until the store is gone.
+async fn reconcile_every(local: std::sync::Weak<LocalCopies>) {
+    loop {
+        tokio::time::sleep(RECONCILE_EVERY).await;
+        let Some(local) = local.upgrade() else {
+            return;
+        };
+        if let Err(e) = local.reconcile().await {
+            tracing::warn!(error = %e, "cannot check the local blob copies");
+        }
     }
 }
 
@@ -163,6 +179,8 @@ impl BlobStore for TieredBlobStore {
 /// recency.
 struct LocalCopies {
     files: FsBlobStore,
+    /// Where `files` keeps them.
+    root: PathBuf,
     /// Copies being written from shared-store reads.
     tmp: PathBuf,
     index: Mutex<Lru<Digest>>,
@@ -256,7 +274,38 @@ impl LocalCopies {
             if let Err(e) = self.files.delete(&old).await {
                 tracing::warn!(digest = %old, error = %e, "cannot remove an evicted local copy");
             }
+            // A new copy of the same blob admitted between the eviction and
+            // the removal lost its file to it: it is not held any more.
+            if self.holds(&old) && matches!(self.files.stat(&old).await, Ok(None)) {
+                self.index().remove(&old);
+                self.publish_size();
+            }
         }
+    }
+
+    /// Makes the index agree with the files, so the bytes counted are the
+    /// bytes on disk: an entry whose file is gone is forgotten, a file the
+    /// index lacks (its removal failed, or raced a new copy) is counted.
+    async fn reconcile(&self) -> io::Result<()> {
+        let root = self.root.clone();
+        let on_disk = tokio::task::spawn_blocking(move || copies_in(&root))
+            .await
+            .map_err(io::Error::other)??;
+        let listed: HashSet<&Digest> = on_disk.iter().map(|(d, _)| d).collect();
+        let indexed = self.index().keys();
+        for digest in indexed.into_iter().filter(|d| !listed.contains(d)) {
+            // Made since the scan began, or really gone.
+            if matches!(self.files.stat(&digest).await, Ok(None)) {
+                self.index().remove(&digest);
+            }
+        }
+        for (digest, size) in on_disk {
+            if !self.holds(&digest) {
+                self.admit(digest, size).await;
+            }
+        }
+        self.publish_size();
+        Ok(())
     }
 
     async fn drop_copy(&self, digest: &Digest) -> Result<(), StorageError> {
@@ -453,7 +502,11 @@ fn copies_in(root: &Path) -> io::Result<Vec<(Digest, u64)>> {
                     algorithm.file_name().to_string_lossy(),
                     file.file_name().to_string_lossy()
                 );
-                let meta = file.metadata()?;
+                // A copy evicted while the scan runs is simply not found.
+                let meta = match file.metadata() {
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                    other => other?,
+                };
                 match Digest::parse(&name) {
                     Ok(digest) if meta.is_file() => {
                         let at = meta.modified().unwrap_or(SystemTime::UNIX_EPOCH);
@@ -636,6 +689,41 @@ mod tests {
         // The spool stays for the shared store to read.
         assert_eq!(std::fs::read(&spool).unwrap(), b"verified bytes");
         assert!(!tmp.exists());
+    }
+
+    /// Eviction racing a new copy of the same blob, a copy deleted behind
+    /// the index, a copy whose removal failed: the bytes counted come back
+    /// to the bytes on disk.
+    #[tokio::test]
+    async fn the_count_of_local_bytes_converges_on_the_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, shared) = tiered(dir.path(), 1 << 20).await;
+        std::fs::create_dir_all(dir.path().join("in")).unwrap();
+        let mut digests = Vec::new();
+        for seed in 0..3u8 {
+            let d = put_shared(&shared, &dir.path().join("in"), &vec![seed; 10_000]).await;
+            read_all(&store, &d).await;
+            wait_held(&store, &d).await;
+            digests.push(d);
+        }
+        assert_eq!(store.local.index().used(), 30_000);
+
+        // Evicted, then copied again before the eviction removed the file.
+        store.local.remove_evicted(vec![digests[0].clone()]).await;
+        assert!(!store.local.holds(&digests[0]));
+        assert_eq!(store.local.index().used(), 20_000);
+
+        // Removed behind the index's back; and a copy the index lacks.
+        std::fs::remove_file(store.local.files.path_of(&digests[1])).unwrap();
+        let extra = vec![9u8; 5_000];
+        let d = Digest::sha256_of(&extra);
+        let spool = dir.path().join("in/extra");
+        std::fs::write(&spool, &extra).unwrap();
+        store.local.files.store(&d, &spool, 5_000).await.unwrap();
+        store.local.reconcile().await.unwrap();
+        assert!(!store.local.holds(&digests[1]));
+        assert!(store.local.holds(&d));
+        assert_eq!(store.local.index().used(), 15_000);
     }
 
     /// A shared store whose writes all fail.

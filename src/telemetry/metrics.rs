@@ -225,7 +225,7 @@ impl Metrics {
         );
         registry.register(
             "blob_fetches_unguarded",
-            "Blob fetches from upstream without the blob's lease although replicas share metadata: metadata_error (the lease could not be claimed)",
+            "Blob fetches from upstream without the blob's lease although replicas share metadata: metadata_error (the lease could not be claimed), store_error (the blob is stored but the store could not give it)",
             m.fetches_unguarded.clone(),
         );
         registry.register(
