@@ -612,7 +612,8 @@ TUNING = {
                    "zeroCopy": False, "trustedProxies": ["10.0.0.0/8"]},
         "limits": {"requestsPerSecond": 50, "burst": 200, "concurrentBlobs": 4, "bytesPerSecond": "50MiB",
                    "exempt": ["10.42.0.0/16", "fd00::/8"]},
-        "fetch": {"maxConcurrent": 16, "queueTimeout": "45s", "redirectAbove": "256MiB"},
+        "fetch": {"maxConcurrent": 16, "queueTimeout": "45s", "redirectAbove": "256MiB", "maxBlobSize": "20GiB",
+                  "minRate": 0, "minRateWindow": "30s"},
         "egress": {"refuse": ["10.96.0.0/12", "fd00:10::/64"]},
         "access": {"allow": ["docker.io/library/*", "registry.k8s.io/**"], "deny": ["docker.io/library/ubuntu"],
                    "deniedMessage": "ask #platform to allow an image"},
@@ -638,6 +639,7 @@ def scenario_tuning(pier: Path, keep: Path | None) -> None:
                  'trusted_proxies = ["10.0.0.0/8"]', 'max_header_bytes = 32768', 'zero_copy = false',
                  'header_timeout = "10s"', 'send_timeout = "2m"', 'shutdown_grace = "9m 30s"',
                  'max_concurrent = 16', 'queue_timeout = "45s"', 'redirect_above = 268435456',
+                 'max_blob_size = 21474836480', 'min_rate = 0', 'min_rate_window = "30s"',
                  'denied_message = "ask #platform to allow an image"']:
         check(line in effective, f"tuning: {line!r} not in the effective config:\n{effective}")
     mine = tomllib.loads(effective)
@@ -710,6 +712,7 @@ REFUSED = [
     ("a request head limit below 8KiB", {"config": {"server": {"maxHeaderBytes": 1024}}}, "maxHeaderBytes"),
     ("a bad fetch duration", {"config": {"fetch": {"queueTimeout": 30}}}, "queueTimeout"),
     ("an unknown fetch key", {"config": {"fetch": {"maxConcurrency": 8}}}, "additional properties"),
+    ("a blob size ceiling of zero", {"config": {"fetch": {"maxBlobSize": 0}}}, "maxBlobSize"),
     ("an egress network that is not a CIDR", {"config": {"egress": {"refuse": ["metadata"]}}}, "refuse/0"),
     ("egress refusals as a string", {"config": {"egress": {"refuse": "10.0.0.0/8"}}}, "refuse"),
     ("an access glob without a registry", {"config": {"access": {"deny": ["library/ubuntu"]}}}, "deny/0"),
