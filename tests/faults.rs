@@ -314,6 +314,75 @@ async fn a_token_server_outage_serves_cached_tags_stale() {
     assert!(r.text().await.unwrap().contains("token server"));
 }
 
+/// With Redis and upstream both down, a tag past its TTL is served stale
+/// from the copy this process keeps, not refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_redis_and_upstream_down_a_stale_tag_comes_from_memory() {
+    if !have_tools(&["redis-server"]) {
+        return;
+    }
+    let mut redis = RedisServer::start();
+    let fake = Fake::start();
+    let manifest = br#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","layers":[]}"#;
+    fake.manifest(
+        "team/app",
+        "v1",
+        "application/vnd.oci.image.manifest.v1+json",
+        manifest,
+    );
+    let data = tempfile::tempdir().unwrap();
+    let extra = format!(
+        "[metadata]\nkind = \"redis\"\nurl = \"{}\"\ntimeout = \"300ms\"\n",
+        redis.url()
+    );
+    let pier = Pier::start_with(
+        data.path(),
+        &[("corp.example", &fake.url())],
+        &extra,
+        "tag_ttl = \"1s\"",
+    );
+    let http = http_for(&pier);
+    let url = format!("{}/v2/corp.example/team/app/manifests/v1", pier.url());
+    assert_eq!(
+        fetch(&http, Method::GET, &url, &[]).await.status(),
+        StatusCode::OK
+    );
+    redis.stop();
+    drop(fake);
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let r = fetch(&http, Method::GET, &url, &[]).await;
+    assert_eq!(r.status(), StatusCode::OK);
+    assert!(r.headers().contains_key("warning"));
+    assert_eq!(r.bytes().await.unwrap(), Bytes::from_static(manifest));
+}
+
+/// HEAD of a cold blob upstream sends without a length says no length
+/// (never a `Content-Length: 0` the GET would contradict).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn head_of_a_blob_of_unknown_length_does_not_claim_zero_bytes() {
+    let fake = Fake::start();
+    let bytes = random_bytes(70_000, 21);
+    let d = digest(&bytes);
+    fake.blob(&d, Blob::Chunked(bytes.clone()));
+    let (pier, _data, http) = start(&fake);
+    let r = fetch(&http, Method::HEAD, &blob_url(&pier, &d), &[]).await;
+    assert_eq!(r.status(), StatusCode::OK);
+    let length = r
+        .headers()
+        .get("content-length")
+        .map(|v| v.to_str().unwrap().to_owned());
+    assert!(
+        length.is_none() || length.as_deref() == Some("70000"),
+        "HEAD says Content-Length: {length:?}"
+    );
+    let r = fetch(&http, Method::GET, &blob_url(&pier, &d), &[]).await;
+    assert_eq!(r.bytes().await.unwrap(), bytes);
+    // Stored now: HEAD answers from the store, with the length.
+    pier.wait_stored(1);
+    let r = fetch(&http, Method::HEAD, &blob_url(&pier, &d), &[]).await;
+    assert_eq!(r.headers()["content-length"], "70000");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_redirect_to_a_link_local_address_is_refused() {
     let fake = Fake::start();

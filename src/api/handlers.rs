@@ -202,7 +202,16 @@ async fn blob(
 ) -> Result<Response, ApiError> {
     if ask.method == Method::HEAD {
         let info = mirror.blob_info(target, digest).await?;
-        let mut resp = Response::new(Body::empty());
+        // An empty body of unknown length: hyper would otherwise answer a
+        // HEAD of unknown size with `Content-Length: 0`, which the GET
+        // would contradict.
+        let unknown =
+            || Body::from_stream(futures::stream::empty::<Result<bytes::Bytes, std::io::Error>>());
+        let mut resp = Response::new(if info.size.is_some() {
+            Body::empty()
+        } else {
+            unknown()
+        });
         let h = resp.headers_mut();
         blob_headers(h, digest);
         if let Some(size) = info.size {

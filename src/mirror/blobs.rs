@@ -302,7 +302,11 @@ impl Mirror {
             .blob_size(target.repository.as_str(), digest)
             .await
         {
-            Ok(size) => Ok(BlobInfo { size }),
+            // Upstream may not say (it streams the blob chunked); the size
+            // this repository's manifests give it is then the answer.
+            Ok(size) => Ok(BlobInfo {
+                size: size.or_else(|| self.sizes.get(&target.key(), digest)),
+            }),
             Err(UpstreamError::NotFound { .. }) => Err(unknown(target, digest)),
             Err(e) => Err(e.into()),
         }
