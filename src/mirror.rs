@@ -192,6 +192,7 @@ impl Mirror {
             Ok(_) => {
                 self.remember(self.meta.link(&key, std::slice::from_ref(digest)))
                     .await;
+                self.hot.put_link(&key, digest);
                 Ok(true)
             }
             Err(UpstreamError::NotFound { .. }) => Ok(false),

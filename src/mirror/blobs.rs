@@ -100,8 +100,9 @@ impl Mirror {
         let key = target.key();
         // A fetch started for another repository, or a blob another fetch
         // stored meanwhile, is served only once upstream confirms this
-        // repository has it. If such a joined fetch fails as unknown, this
-        // repository gets a fetch of its own (once).
+        // repository has it. If such a joined fetch fails as unknown, or on
+        // the size the other repository's manifests named, this repository
+        // gets a fetch of its own (once).
         let mut joined_foreign = false;
         // Set once the store said it had the blob but could not give it: the
         // next fetch goes upstream instead of back to the store.
@@ -193,9 +194,12 @@ impl Mirror {
                         cached: false,
                     })
                 }
-                Err(FlightError::Upstream(UpstreamError::NotFound { .. }))
-                    if foreign && !joined_foreign =>
-                {
+                // Also a fetch failed on the size another repository's
+                // manifests named: this one's may name the right one.
+                Err(
+                    FlightError::Upstream(UpstreamError::NotFound { .. })
+                    | FlightError::Mismatch { .. },
+                ) if foreign && !joined_foreign => {
                     joined_foreign = true;
                     continue;
                 }

@@ -26,6 +26,9 @@ use crate::upstream::{UpstreamClient, UpstreamError};
 pub const PEER_HEADER: &str = "x-pier-peer";
 /// How often a replica waiting on another's fetch looks again.
 const WAIT_POLL: Duration = Duration::from_millis(250);
+/// How often it looks in the store meanwhile, in case the holder stored
+/// the blob but could not mark its lease (a Redis error, an older replica).
+const WAIT_LOOK: Duration = Duration::from_secs(2);
 
 /// Everything a fetch needs, handed to the detached task.
 pub struct FetchJob {
@@ -201,9 +204,15 @@ async fn source(job: &FetchJob, flight: &Flight) -> Result<Source, FlightError> 
     if look && stored(job, flight).await {
         return Ok(Source::Stored);
     }
+    // A peer's request never goes on to a third replica, nor waits: the
+    // asking replica finds the holder, or the store, itself.
+    let not_here = || FlightError::Busy("this replica does not fetch this blob".into());
     // Whether another replica held the lease at some point: once it is
     // gone, the blob may have been stored meanwhile.
     let mut waited = false;
+    // Waiting replicas learn of the commit from the lease; the store is
+    // looked at now and then too, for a holder that could not mark it.
+    let mut next_look = Instant::now() + WAIT_LOOK;
     loop {
         match job.cluster.claim(&lease_name).await {
             Claim::Mine(lease) => {
@@ -213,6 +222,7 @@ async fn source(job: &FetchJob, flight: &Flight) -> Result<Source, FlightError> 
                 }
                 return Ok(Source::Upstream(Some(lease)));
             }
+            Claim::Alone if job.for_peer && job.meta.shared() => return Err(not_here()),
             // Replicas share metadata but it fails now: no lease says
             // whether another replica stored the blob since an answer from
             // ahead of the request, so ask the store.
@@ -226,30 +236,27 @@ async fn source(job: &FetchJob, flight: &Flight) -> Result<Source, FlightError> 
                 }
                 return Ok(Source::Upstream(None));
             }
-            // The holder stored it: the store has it (or, rarely, does not
-            // show it yet: wait for the lease to lapse).
             // The store cannot give what it holds, and no fetch runs: one
             // more from upstream serves the clients.
             Claim::Theirs { stored: true, .. } if job.store_unreadable => {
                 metrics().fetch_unguarded("store_error");
                 return Ok(Source::Upstream(None));
             }
+            // The holder stored it: the store has it (or, rarely, does not
+            // show it yet: wait for the lease to lapse).
             Claim::Theirs { stored: true, .. } => {
                 if stored(job, flight).await {
                     return Ok(Source::Stored);
                 }
+                if job.for_peer {
+                    return Err(not_here());
+                }
             }
-            // A peer's request never goes on to a third replica, nor waits:
-            // the asking replica finds the holder itself.
-            Claim::Theirs { .. } if job.for_peer => {
-                return Err(FlightError::Busy(
-                    "another replica fetches this blob".into(),
-                ));
-            }
+            Claim::Theirs { .. } if job.for_peer => return Err(not_here()),
             Claim::Theirs {
                 peer: Some(peer), ..
             } => {
-                if let Some(resp) = from_peer(job, &peer, flight).await {
+                if let Some(resp) = from_peer(job, &peer, flight).await? {
                     tracing::info!(%peer, digest = %flight.digest, "streaming a blob another replica is fetching");
                     return Ok(Source::Peer(resp));
                 }
@@ -257,6 +264,12 @@ async fn source(job: &FetchJob, flight: &Flight) -> Result<Source, FlightError> 
             Claim::Theirs { peer: None, .. } => {}
         }
         waited = true;
+        if Instant::now() >= next_look && !job.store_unreadable {
+            if stored(job, flight).await {
+                return Ok(Source::Stored);
+            }
+            next_look = Instant::now() + WAIT_LOOK;
+        }
         tokio::time::sleep(WAIT_POLL).await;
     }
 }
@@ -268,19 +281,33 @@ async fn stored(job: &FetchJob, flight: &Flight) -> bool {
 }
 
 /// Asks the replica at `peer` for the blob (it streams its own fetch).
-async fn from_peer(job: &FetchJob, peer: &url::Url, flight: &Flight) -> Option<reqwest::Response> {
-    let url = peer
-        .join(&format!("/v2/{}/blobs/{}", job.repo_key, flight.digest))
-        .ok()?;
+/// `None` when it cannot serve it now (the wait goes on); an error when it
+/// says upstream does not have the blob in this repository.
+async fn from_peer(
+    job: &FetchJob,
+    peer: &url::Url,
+    flight: &Flight,
+) -> Result<Option<reqwest::Response>, FlightError> {
+    let Ok(url) = peer.join(&format!("/v2/{}/blobs/{}", job.repo_key, flight.digest)) else {
+        return Ok(None);
+    };
     match job.peers.get(url).header(PEER_HEADER, "1").send().await {
-        Ok(r) if r.status().is_success() => Some(r),
+        Ok(r) if r.status().is_success() => Ok(Some(r)),
+        // The peer asked upstream (under this repository) and was told no:
+        // asking again until its fetch ends would only repeat that.
+        Ok(r) if r.status() == reqwest::StatusCode::NOT_FOUND => {
+            Err(FlightError::Upstream(UpstreamError::NotFound {
+                registry: job.upstream.registry().to_owned(),
+                status: 404,
+            }))
+        }
         Ok(r) => {
             tracing::debug!(%peer, status = %r.status(), "peer cannot serve the blob");
-            None
+            Ok(None)
         }
         Err(e) => {
             tracing::debug!(%peer, error = %crate::upstream::describe(&e), "peer unreachable");
-            None
+            Ok(None)
         }
     }
 }

@@ -161,7 +161,8 @@ pub struct Flight {
     /// The repository the fetch was started for (upstream confirmed it).
     pub repo_key: String,
     pub(super) phase: watch::Sender<Phase>,
-    /// Clients streaming from the spool now.
+    /// Clients streaming from the spool now, or waiting for the verified
+    /// blob (HTTP/1.0).
     readers: watch::Sender<usize>,
 }
 

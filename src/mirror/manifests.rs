@@ -106,12 +106,17 @@ impl Mirror {
             .await;
         match head {
             Ok(h) if h.digest.as_ref().is_none_or(|d| d == digest) => {
+                // Upstream has the manifest in this repository, so what it
+                // is made of too.
                 let key = target.key();
-                self.remember(self.meta.link(&key, std::slice::from_ref(digest)))
-                    .await;
+                let References { linked, sizes, .. } = references(&manifest.bytes);
+                let linked: Vec<Digest> = std::iter::once(digest.clone()).chain(linked).collect();
+                self.remember(self.meta.link(&key, &linked)).await;
                 self.hot.put_manifest(digest, &manifest);
-                self.hot.put_link(&key, digest);
-                self.learn_sizes(&key, &manifest);
+                for d in &linked {
+                    self.hot.put_link(&key, d);
+                }
+                self.sizes.learn(&key, &sizes);
                 Ok(Some(ManifestHit {
                     digest: digest.clone(),
                     manifest,

@@ -4,8 +4,9 @@
 //! length to its clients and cuts off a body that runs past it.
 //!
 //! Kept per repository, not per digest alone: a manifest in one repository
-//! cannot then make fetches for another fail by naming a wrong size for a
-//! blob they share.
+//! naming a wrong size for a blob they share fails only the fetches started
+//! for that repository (a client of another that joined one gets a fetch
+//! of its own).
 
 use std::collections::HashMap;
 use std::sync::{Mutex, MutexGuard, PoisonError};
