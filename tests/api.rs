@@ -450,7 +450,7 @@ async fn bad_names_and_digests_get_oci_errors() {
         ),
         (
             "/v2/docker.io/library/alpine/manifests/.bad",
-            400,
+            404,
             "MANIFEST_UNKNOWN",
         ),
         (

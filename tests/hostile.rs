@@ -327,7 +327,7 @@ async fn path_traversal_in_names_and_digests_is_refused() {
         // Traversal where a reference or digest goes.
         (
             format!("{m}/{ALPINE}/manifests/.."),
-            400,
+            404,
             "MANIFEST_UNKNOWN",
         ),
         (format!("{m}/{ALPINE}/blobs/.."), 400, "DIGEST_INVALID"),
@@ -416,12 +416,17 @@ async fn overlong_names_and_urls_are_refused() {
         // A 129-character tag and a 60 KB reference.
         (
             format!("{m}/{ALPINE}/manifests/{}", "t".repeat(129)),
-            400,
+            404,
             "MANIFEST_UNKNOWN",
         ),
         (
             format!("{m}/{ALPINE}/manifests/{}", "t".repeat(60_000)),
-            400,
+            404,
+            "MANIFEST_UNKNOWN",
+        ),
+        (
+            format!("{m}/{ALPINE}/manifests/.INVALID_MANIFEST_NAME"),
+            404,
             "MANIFEST_UNKNOWN",
         ),
         (
@@ -495,13 +500,13 @@ async fn invalid_digests_are_refused() {
         cases.push((format!("{base}/blobs/{d}"), 400, "DIGEST_INVALID"));
         cases.push((format!("{base}/referrers/{d}"), 400, "DIGEST_INVALID"));
         // A manifest reference with a ':' is a digest; without, a tag.
-        let code = if d.contains(':') {
-            "DIGEST_INVALID"
+        let (status, code) = if d.contains(':') {
+            (400, "DIGEST_INVALID")
         } else {
-            "MANIFEST_UNKNOWN"
+            (404, "MANIFEST_UNKNOWN")
         };
         if d.len() > 128 || d.contains(':') {
-            cases.push((format!("{base}/manifests/{d}"), 400, code));
+            cases.push((format!("{base}/manifests/{d}"), status, code));
         }
     }
     expect_errors(&s, s.pier.host().as_bytes(), &cases).await;

@@ -152,12 +152,15 @@ impl From<RouteError> for ApiError {
 
 impl From<ReferenceError> for ApiError {
     fn from(e: ReferenceError) -> Self {
-        let code = match e {
-            ReferenceError::Digest(..) => ErrorCode::DigestInvalid,
-            ReferenceError::Tag(_) => ErrorCode::ManifestUnknown,
-            ReferenceError::Name(..) => ErrorCode::NameInvalid,
+        let (status, code) = match e {
+            ReferenceError::Digest(..) => (StatusCode::BAD_REQUEST, ErrorCode::DigestInvalid),
+            // No manifest can have such a tag, so "unknown" is the accurate
+            // answer, and the one distribution and the OCI conformance
+            // suite give.
+            ReferenceError::Tag(_) => (StatusCode::NOT_FOUND, ErrorCode::ManifestUnknown),
+            ReferenceError::Name(..) => (StatusCode::BAD_REQUEST, ErrorCode::NameInvalid),
         };
-        Self::new(StatusCode::BAD_REQUEST, code, e.to_string())
+        Self::new(status, code, e.to_string())
     }
 }
 
