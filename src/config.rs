@@ -34,6 +34,7 @@ pub struct Config {
     pub limits: LimitsConfig,
     pub fetch: FetchConfig,
     pub egress: EgressConfig,
+    pub cache: CacheConfig,
     pub cluster: ClusterConfig,
     pub upstreams: Vec<UpstreamConfig>,
     /// Short-name rules, first match wins: the file's, then the built-in ones.
@@ -232,6 +233,42 @@ pub struct EgressConfig {
     /// built-in ones (which always apply): internal networks, say.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub refuse: Vec<ipnet::IpNet>,
+}
+
+/// What the cache may take of its disk. The fs store only, for now.
+#[derive(Clone, Debug, Serialize)]
+pub struct CacheConfig {
+    /// Bytes of blobs the store may hold; past it, the least recently
+    /// served go until it holds 90 % of it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_size: Option<u64>,
+    /// Free space kept on the store's filesystem: the least recently served
+    /// blobs go before it fills.
+    pub min_free: MinFree,
+}
+
+/// Free space to keep on a filesystem.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+#[serde(untagged)]
+pub enum MinFree {
+    /// This share of the filesystem, in percent.
+    #[serde(serialize_with = "percent")]
+    Percent(u8),
+    Bytes(u64),
+}
+
+fn percent<S: serde::Serializer>(p: &u8, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&format!("{p}%"))
+}
+
+impl MinFree {
+    /// The bytes to keep free on a filesystem of `total` bytes.
+    pub fn bytes(self, total: u64) -> u64 {
+        match self {
+            MinFree::Percent(p) => total / 100 * u64::from(p),
+            MinFree::Bytes(b) => b,
+        }
+    }
 }
 
 /// How replicas sharing Redis work together.

@@ -21,18 +21,24 @@ use crate::config::{Config, MetadataConfig, ServerConfig, StorageConfig};
 use crate::limits::{ClientLimits, PeerAddr};
 use crate::meta::{EmbeddedMeta, MetaStore, RedisMeta};
 use crate::mirror::Mirror;
-use crate::storage::{BlobStore, FsBlobStore, S3BlobStore, TieredBlobStore};
+use crate::storage::{BlobStore, Budget, BudgetedFsStore, S3BlobStore, TieredBlobStore};
 use crate::zerocopy::ClientIo;
 
 /// Opens the configured stores and builds the mirror, and the client limits
 /// (which share the metadata store).
 pub async fn build_mirror(config: &Config) -> anyhow::Result<(Arc<Mirror>, Arc<ClientLimits>)> {
     let blobs: Arc<dyn BlobStore> = match &config.storage {
-        StorageConfig::Fs { path } => Arc::new(
-            FsBlobStore::open(path)
-                .await
-                .with_context(|| format!("opening blob storage at {}", path.display()))?,
-        ),
+        StorageConfig::Fs { path } => {
+            let budget = Budget {
+                max_size: config.cache.max_size,
+                min_free: config.cache.min_free,
+            };
+            Arc::new(
+                BudgetedFsStore::open(path, budget)
+                    .await
+                    .with_context(|| format!("opening blob storage at {}", path.display()))?,
+            )
+        }
         StorageConfig::S3(s3) => {
             let shared: Arc<dyn BlobStore> = Arc::new(S3BlobStore::new(s3).await);
             if s3.local_cache_size == 0 {

@@ -1,6 +1,7 @@
 //! Content-addressed blob storage: the `BlobStore` trait and its backends.
 //! A store only ever holds verified bytes under a digest's key.
 
+mod budget;
 pub(crate) mod fs;
 mod lru;
 mod s3;
@@ -14,6 +15,7 @@ use bytes::Bytes;
 use futures::stream::BoxStream;
 use thiserror::Error;
 
+pub use budget::{Budget, BudgetedFsStore};
 pub use fs::FsBlobStore;
 pub use s3::S3BlobStore;
 pub use tiered::TieredBlobStore;

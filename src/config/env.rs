@@ -80,6 +80,7 @@ const SECTIONS: &[(&str, &[&str])] = &[
         ],
     ),
     ("egress", &["refuse"]),
+    ("cache", &["max_size", "min_free"]),
     ("cluster", &["advertise_url", "lease_ttl"]),
 ];
 const UPSTREAM_KEYS: &[&str] = &["aliases", "endpoints", "tag_ttl", "username", "password"];

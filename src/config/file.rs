@@ -23,6 +23,7 @@ pub struct FileConfig {
     pub limits: Option<FileLimits>,
     pub fetch: Option<FileFetch>,
     pub egress: Option<FileEgress>,
+    pub cache: Option<FileCache>,
     pub cluster: Option<FileCluster>,
     #[serde(default)]
     pub upstreams: Vec<FileUpstream>,
@@ -125,6 +126,14 @@ pub struct FileFetch {
 #[serde(deny_unknown_fields)]
 pub struct FileEgress {
     pub refuse: Option<Vec<String>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileCache {
+    pub max_size: Option<ByteSize>,
+    /// A share of the filesystem (`"10%"`) or a size.
+    pub min_free: Option<ByteSize>,
 }
 
 /// A size as a number of bytes or a string like `"64MiB"` or `"1GB"`.

@@ -271,6 +271,35 @@ fn server_limits_and_fetch_settings() {
 }
 
 #[test]
+fn cache_budget_and_free_space() {
+    let d = load("", &[]).unwrap();
+    assert_eq!(d.cache.max_size, None);
+    assert_eq!(d.cache.min_free, crate::config::MinFree::Percent(10));
+    let c = load(
+        "[cache]\nmax_size = \"500GiB\"\nmin_free = \"20GiB\"\n",
+        &[("PIER_CACHE__MIN_FREE", "15%")],
+    )
+    .unwrap();
+    assert_eq!(c.cache.max_size, Some(500 << 30));
+    assert_eq!(c.cache.min_free, crate::config::MinFree::Percent(15));
+    assert_eq!(c.cache.min_free.bytes(1000), 150);
+    let c = load("[cache]\nmin_free = \"20GiB\"\n", &[]).unwrap();
+    assert_eq!(c.cache.min_free, crate::config::MinFree::Bytes(20 << 30));
+    for (text, key) in [
+        ("[cache]\nmax_size = 0\n", "cache.max_size"),
+        ("[cache]\nmin_free = \"95%\"\n", "cache.min_free"),
+        ("[cache]\nmin_free = \"lots\"\n", "cache.min_free"),
+        (
+            "[storage]\nkind = \"s3\"\nbucket = \"b\"\n[cache]\nmax_size = \"1GiB\"\n",
+            "cache.max_size",
+        ),
+    ] {
+        let e = load(text, &[]).unwrap_err().to_string();
+        assert!(e.contains(key), "{text}: {e}");
+    }
+}
+
+#[test]
 fn fetch_bounds_have_generous_defaults_and_take_sizes() {
     let d = load("", &[]).unwrap();
     assert_eq!(d.fetch.max_blob_size, 100 << 30);

@@ -7,11 +7,13 @@ use std::time::Duration;
 use url::Url;
 
 use super::builtin::{DEFAULT_TAG_TTL, builtin_routes, builtin_upstreams};
-use super::file::{ByteSize, FileConfig, FileMetadata, FileServer, FileStorage, FileUpstream};
+use super::file::{
+    ByteSize, FileCache, FileConfig, FileMetadata, FileServer, FileStorage, FileUpstream,
+};
 use super::{
-    AccessConfig, ClusterConfig, Config, ConfigError, EgressConfig, FetchConfig, LimitsConfig,
-    LogFormat, MetadataConfig, RouteConfig, S3Config, Secret, ServerConfig, StorageConfig,
-    TimeoutConfig, UpstreamConfig,
+    AccessConfig, CacheConfig, ClusterConfig, Config, ConfigError, EgressConfig, FetchConfig,
+    LimitsConfig, LogFormat, MetadataConfig, MinFree, RouteConfig, S3Config, Secret, ServerConfig,
+    StorageConfig, TimeoutConfig, UpstreamConfig,
 };
 
 const DEFAULT_LISTEN: &str = "0.0.0.0:5000";
@@ -105,6 +107,8 @@ pub fn build(raw: FileConfig) -> Result<Config, ConfigError> {
         ),
     };
 
+    let cache = cache(raw.cache.unwrap_or_default(), &storage, &mut p);
+
     let c = raw.cluster.unwrap_or_default();
     let cluster = ClusterConfig {
         advertise_url: c.advertise_url.and_then(|u| match http_url(&u) {
@@ -186,11 +190,45 @@ pub fn build(raw: FileConfig) -> Result<Config, ConfigError> {
         limits,
         fetch,
         egress,
+        cache,
         cluster,
         upstreams,
         routes,
         access,
     })
+}
+
+fn cache(c: FileCache, storage: &StorageConfig, p: &mut Problems) -> CacheConfig {
+    let max_size = match size(p, "cache.max_size", c.max_size.as_ref()) {
+        Some(0) => {
+            p.add("cache.max_size", "must be more than zero".into());
+            None
+        }
+        other => other,
+    };
+    if max_size.is_some() && matches!(storage, StorageConfig::S3(_)) {
+        p.add(
+            "cache.max_size",
+            "applies to the fs store only (a budget for the bucket is not built yet)".into(),
+        );
+    }
+    let min_free = match &c.min_free {
+        None => MinFree::Percent(10),
+        Some(ByteSize::Text(t)) if t.trim().ends_with('%') => {
+            match t.trim().trim_end_matches('%').trim().parse::<u8>() {
+                Ok(n) if n <= 90 => MinFree::Percent(n),
+                _ => {
+                    p.add(
+                        "cache.min_free",
+                        format!("{t:?} is not a share from 0% to 90%"),
+                    );
+                    MinFree::Percent(10)
+                }
+            }
+        }
+        Some(v) => MinFree::Bytes(size(p, "cache.min_free", Some(v)).unwrap_or(0)),
+    };
+    CacheConfig { max_size, min_free }
 }
 
 fn storage(s: FileStorage, p: &mut Problems) -> StorageConfig {

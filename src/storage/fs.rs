@@ -3,6 +3,7 @@
 
 use std::io;
 use std::path::{Path, PathBuf};
+use std::time::SystemTime;
 
 use async_trait::async_trait;
 use futures::StreamExt;
@@ -178,6 +179,42 @@ pub(crate) fn move_into_place(spool: &Path, dest: &Path, size: u64) -> Result<()
         other => other?,
     }
     Ok(())
+}
+
+/// The blobs under `root` (laid out as the fs store lays them out), least
+/// recently modified first, from names and `stat` alone. Files whose names
+/// are not digests are not blobs: removed. Blocking.
+pub(crate) fn blobs_in(root: &Path) -> io::Result<Vec<(Digest, u64)>> {
+    let mut found = Vec::new();
+    for algorithm in std::fs::read_dir(root.join("blobs"))? {
+        let algorithm = algorithm?;
+        for prefix in std::fs::read_dir(algorithm.path())? {
+            for file in std::fs::read_dir(prefix?.path())? {
+                let file = file?;
+                let name = format!(
+                    "{}:{}",
+                    algorithm.file_name().to_string_lossy(),
+                    file.file_name().to_string_lossy()
+                );
+                // A copy evicted while the scan runs is simply not found.
+                let meta = match file.metadata() {
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                    other => other?,
+                };
+                match Digest::parse(&name) {
+                    Ok(digest) if meta.is_file() => {
+                        let at = meta.modified().unwrap_or(SystemTime::UNIX_EPOCH);
+                        found.push((at, digest, meta.len()));
+                    }
+                    _ if meta.is_file() => std::fs::remove_file(file.path())?,
+                    // Not ours to remove: ignored.
+                    _ => {}
+                }
+            }
+        }
+    }
+    found.sort_by_key(|(at, ..)| *at);
+    Ok(found.into_iter().map(|(_, d, s)| (d, s)).collect())
 }
 
 #[cfg(test)]

@@ -108,6 +108,19 @@ impl<K: Clone + Eq + Hash> Lru<K> {
         evicted
     }
 
+    /// Takes the least recently used entry out; its key and size.
+    pub fn pop_oldest(&mut self) -> Option<(K, u64)> {
+        let (_, oldest) = self.by_use.pop_first()?;
+        let (size, _) = self.entries.remove(&oldest)?;
+        self.used -= size;
+        Some((oldest, size))
+    }
+
+    /// How many entries are held.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
     /// Forgets `key`; false when it was not held.
     pub fn remove(&mut self, key: &K) -> bool {
         let Some((size, used_at)) = self.entries.remove(key) else {
@@ -163,6 +176,18 @@ mod tests {
         assert!(!lru.remove(&"a".into()));
         assert!(!lru.touch(&"a".into()));
         assert_eq!(lru.used(), 0);
+    }
+
+    #[test]
+    fn the_oldest_entry_comes_out_first() {
+        let mut lru = Lru::<String>::new(u64::MAX);
+        lru.insert("a".into(), 1);
+        lru.insert("b".into(), 2);
+        lru.touch(&"a".into());
+        assert_eq!(lru.pop_oldest(), Some(("b".to_owned(), 2)));
+        assert_eq!(lru.pop_oldest(), Some(("a".to_owned(), 1)));
+        assert_eq!(lru.pop_oldest(), None);
+        assert_eq!((lru.used(), lru.len()), (0, 0));
     }
 
     #[test]

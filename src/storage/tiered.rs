@@ -10,7 +10,6 @@ use std::collections::HashSet;
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use std::time::SystemTime;
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -50,7 +49,7 @@ impl TieredBlobStore {
                 _ => {}
             }
             std::fs::create_dir_all(&tmp)?;
-            copies_in(&root)
+            super::fs::blobs_in(&root)
         })
         .await
         .map_err(io::Error::other)??;
@@ -288,7 +287,7 @@ impl LocalCopies {
     /// index lacks (its removal failed, or raced a new copy) is counted.
     async fn reconcile(&self) -> io::Result<()> {
         let root = self.root.clone();
-        let on_disk = tokio::task::spawn_blocking(move || copies_in(&root))
+        let on_disk = tokio::task::spawn_blocking(move || super::fs::blobs_in(&root))
             .await
             .map_err(io::Error::other)??;
         let listed: HashSet<&Digest> = on_disk.iter().map(|(d, _)| d).collect();
@@ -486,41 +485,6 @@ fn write_copy(
     } else {
         Copied::Mismatch
     })
-}
-
-/// The copies under `root` (laid out as the fs store lays out blobs), oldest
-/// first. Files whose names are not digests are not copies: removed.
-fn copies_in(root: &Path) -> io::Result<Vec<(Digest, u64)>> {
-    let mut found = Vec::new();
-    for algorithm in std::fs::read_dir(root.join("blobs"))? {
-        let algorithm = algorithm?;
-        for prefix in std::fs::read_dir(algorithm.path())? {
-            for file in std::fs::read_dir(prefix?.path())? {
-                let file = file?;
-                let name = format!(
-                    "{}:{}",
-                    algorithm.file_name().to_string_lossy(),
-                    file.file_name().to_string_lossy()
-                );
-                // A copy evicted while the scan runs is simply not found.
-                let meta = match file.metadata() {
-                    Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
-                    other => other?,
-                };
-                match Digest::parse(&name) {
-                    Ok(digest) if meta.is_file() => {
-                        let at = meta.modified().unwrap_or(SystemTime::UNIX_EPOCH);
-                        found.push((at, digest, meta.len()));
-                    }
-                    _ if meta.is_file() => std::fs::remove_file(file.path())?,
-                    // Not ours to remove: ignored.
-                    _ => {}
-                }
-            }
-        }
-    }
-    found.sort_by_key(|(at, ..)| *at);
-    Ok(found.into_iter().map(|(_, d, s)| (d, s)).collect())
 }
 
 /// Gives the spool (which must hold `size` bytes) a second name at `dest`,

@@ -100,6 +100,10 @@ pub struct Metrics {
     pub local_copy_bytes: Gauge,
     pub bucket_requests: Family<OperationLabels, Counter>,
     pub fetches_abandoned: Family<ReasonLabels, Counter>,
+    pub cache_bytes: Gauge,
+    pub cache_blobs: Gauge,
+    pub cache_evictions: Family<ReasonLabels, Counter>,
+    pub cache_evicted_bytes: Counter,
     pub fetches_unguarded: Family<ReasonLabels, Counter>,
     pub abandoned_uploads_aborted: Counter,
 }
@@ -133,6 +137,10 @@ impl Metrics {
             local_copy_bytes: Gauge::default(),
             bucket_requests: Family::default(),
             fetches_abandoned: Family::default(),
+            cache_bytes: Gauge::default(),
+            cache_blobs: Gauge::default(),
+            cache_evictions: Family::default(),
+            cache_evicted_bytes: Counter::default(),
             fetches_unguarded: Family::default(),
             abandoned_uploads_aborted: Counter::default(),
             registry: Registry::default(),
@@ -233,7 +241,34 @@ impl Metrics {
             "Multipart uploads left open in the S3 bucket (by a process that died mid-upload) that this replica aborted",
             m.abandoned_uploads_aborted.clone(),
         );
+        registry.register(
+            "cache_bytes",
+            "Bytes of blobs in the fs store",
+            m.cache_bytes.clone(),
+        );
+        registry.register(
+            "cache_blobs",
+            "Blobs in the fs store",
+            m.cache_blobs.clone(),
+        );
+        registry.register(
+            "cache_evictions",
+            "Blobs evicted: size (past [cache] max_size), free (below [cache] min_free)",
+            m.cache_evictions.clone(),
+        );
+        registry.register(
+            "cache_evicted_bytes",
+            "Bytes of blobs evicted",
+            m.cache_evicted_bytes.clone(),
+        );
         Self { registry, ..m }
+    }
+
+    pub fn cache_eviction(&self, reason: &'static str, bytes: u64) {
+        self.cache_evictions
+            .get_or_create(&ReasonLabels { reason })
+            .inc();
+        self.cache_evicted_bytes.inc_by(bytes);
     }
 
     pub fn fetch_abandoned(&self, reason: &'static str) {

@@ -430,7 +430,7 @@ def scenario_defaults(pier: Path, keep: Path | None) -> None:
     # [server], [limits], [fetch], [egress], [access], [timeouts] as Pier has
     # them without a file, but for the longer shutdown_grace.
     mine, own = tomllib.loads(effective), pier_own_defaults(pier)
-    for section in ("server", "limits", "fetch", "egress", "access", "timeouts"):
+    for section in ("server", "limits", "fetch", "cache", "egress", "access", "timeouts"):
         got, want = dict(mine[section]), dict(own[section])
         if section == "server":
             check(got.pop("shutdown_grace") == "5m" and want.pop("shutdown_grace") == "30s", f"shutdown_grace {mine['server']}")
@@ -614,6 +614,7 @@ TUNING = {
                    "exempt": ["10.42.0.0/16", "fd00::/8"]},
         "fetch": {"maxConcurrent": 16, "queueTimeout": "45s", "redirectAbove": "256MiB", "maxBlobSize": "20GiB",
                   "minRate": 0, "minRateWindow": "30s"},
+        "cache": {"maxSize": "40GiB", "minFree": "15%"},
         "egress": {"refuse": ["10.96.0.0/12", "fd00:10::/64"]},
         "access": {"allow": ["docker.io/library/*", "registry.k8s.io/**"], "deny": ["docker.io/library/ubuntu"],
                    "deniedMessage": "ask #platform to allow an image"},
@@ -640,6 +641,7 @@ def scenario_tuning(pier: Path, keep: Path | None) -> None:
                  'header_timeout = "10s"', 'send_timeout = "2m"', 'shutdown_grace = "9m 30s"',
                  'max_concurrent = 16', 'queue_timeout = "45s"', 'redirect_above = 268435456',
                  'max_blob_size = 21474836480', 'min_rate = 0', 'min_rate_window = "30s"',
+                 'max_size = 42949672960', 'min_free = "15%"',
                  'denied_message = "ask #platform to allow an image"']:
         check(line in effective, f"tuning: {line!r} not in the effective config:\n{effective}")
     mine = tomllib.loads(effective)
@@ -697,6 +699,8 @@ REFUSED = [
     ("a local cache in memory",
      {"storage": {"kind": "s3", "s3": {"bucket": "b-1"}, "localCache": {"size": "4Gi"}, "spool": {"medium": "Memory"}}},
      "medium"),
+    ("a size budget on the bucket",
+     {"storage": {"kind": "s3", "s3": {"bucket": "b-1"}}, "config": {"cache": {"maxSize": "40GiB"}}}, "maxSize"),
     ("Redis without a URL", {"metadata": {"kind": "redis"}}, "metadata.redis.url"),
     ("a Redis URL that is not one", {"metadata": {"kind": "redis", "redis": {"url": "http://redis"}}}, "url"),
     ("an access key without its secret", {"storage": {"kind": "s3", "s3": {"bucket": "b-1", "accessKeyId": "AKIA"}}}, "go together"),
@@ -713,6 +717,7 @@ REFUSED = [
     ("a bad fetch duration", {"config": {"fetch": {"queueTimeout": 30}}}, "queueTimeout"),
     ("an unknown fetch key", {"config": {"fetch": {"maxConcurrency": 8}}}, "additional properties"),
     ("a blob size ceiling of zero", {"config": {"fetch": {"maxBlobSize": 0}}}, "maxBlobSize"),
+    ("a free-space share over 90%", {"config": {"cache": {"minFree": "95%"}}}, "minFree"),
     ("an egress network that is not a CIDR", {"config": {"egress": {"refuse": ["metadata"]}}}, "refuse/0"),
     ("egress refusals as a string", {"config": {"egress": {"refuse": "10.0.0.0/8"}}}, "refuse"),
     ("an access glob without a registry", {"config": {"access": {"deny": ["library/ubuntu"]}}}, "deny/0"),

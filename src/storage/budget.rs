@@ -1,0 +1,391 @@
+//! The fs store within a budget: `[cache] max_size` bytes of blobs at most,
+//! and `[cache] min_free` of its filesystem left free. Past either, the
+//! least recently *served* blobs go. Upstream holds every blob, so an
+//! evicted blob is only a miss, fetched again (once) when next asked for.
+//!
+//! Recency lives in the files themselves: a blob served has its
+//! modification time set to now, in batches, so a restart finds the order
+//! again from `stat` alone, without reading any blob's bytes.
+//!
+//! Why eviction never breaks a pull:
+//! - a blob being read when it is removed keeps its bytes (an open file
+//!   outlives its name), so a stream in progress finishes;
+//! - a request that finds it gone fetches it again: a miss, not an error;
+//! - storing a blob and removing an evicted one take the same lock, and a
+//!   blob stored again after eviction chose it is left alone, so a fresh
+//!   copy is never removed.
+
+use std::collections::HashSet;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
+use std::time::{Duration, SystemTime};
+
+use async_trait::async_trait;
+
+use super::lru::Lru;
+use super::{BlobBody, BlobStore, FsBlobStore, StorageError};
+use crate::config::MinFree;
+use crate::range::RangeSpec;
+use crate::reference::Digest;
+use crate::telemetry::metrics::metrics;
+
+/// How often uses are written to the files, and free space is checked
+/// (other programs fill disks too).
+const HOUSEKEEPING_EVERY: Duration = Duration::from_secs(30);
+
+/// What the store may take of its disk.
+#[derive(Clone, Copy, Debug)]
+pub struct Budget {
+    pub max_size: Option<u64>,
+    pub min_free: MinFree,
+}
+
+pub struct BudgetedFsStore {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    files: FsBlobStore,
+    root: PathBuf,
+    budget: Budget,
+    index: Mutex<Index>,
+    /// Held while a blob is put in place and while an evicted one is
+    /// removed.
+    placing: tokio::sync::Mutex<()>,
+    /// Held by the one eviction that runs at a time.
+    evicting: tokio::sync::Mutex<()>,
+}
+
+struct Index {
+    /// Every stored blob, by last use.
+    blobs: Lru<Digest>,
+    /// Served since the last write of uses to the files.
+    used: HashSet<Digest>,
+}
+
+impl BudgetedFsStore {
+    /// Opens the fs store under `root` and finds what it holds; brings it
+    /// within `budget` at once if it is over.
+    pub async fn open(root: &Path, budget: Budget) -> io::Result<Self> {
+        let files = FsBlobStore::open(root).await?;
+        let dir = root.to_owned();
+        let found = tokio::task::spawn_blocking(move || super::fs::blobs_in(&dir))
+            .await
+            .map_err(io::Error::other)??;
+        let mut blobs = Lru::new(u64::MAX);
+        for (digest, size) in found {
+            blobs.insert(digest, size);
+        }
+        tracing::info!(
+            blobs = blobs.len(),
+            bytes = blobs.used(),
+            max_size = budget.max_size,
+            "blob store ready"
+        );
+        let shared = Arc::new(Shared {
+            files,
+            root: root.to_owned(),
+            budget,
+            index: Mutex::new(Index {
+                blobs,
+                used: HashSet::new(),
+            }),
+            placing: tokio::sync::Mutex::new(()),
+            evicting: tokio::sync::Mutex::new(()),
+        });
+        shared.publish();
+        tokio::spawn(housekeeping(Arc::downgrade(&shared)));
+        Shared::evict_if_over(&shared);
+        Ok(Self { shared })
+    }
+
+    /// Bytes and blobs held now.
+    pub fn usage(&self) -> (u64, usize) {
+        let index = self.shared.index();
+        (index.blobs.used(), index.blobs.len())
+    }
+
+    /// Brings the store within its budget now; the bytes removed.
+    pub async fn evict(&self) -> u64 {
+        self.shared.evict().await
+    }
+
+    /// Writes the uses recorded so far to the files.
+    pub async fn record_uses(&self) {
+        self.shared.record_uses().await;
+    }
+}
+
+/// Records uses and keeps free space, until the store is dropped.
+async fn housekeeping(shared: Weak<Shared>) {
+    loop {
+        tokio::time::sleep(HOUSEKEEPING_EVERY).await;
+        let Some(shared) = shared.upgrade() else {
+            return;
+        };
+        shared.record_uses().await;
+        Shared::evict_if_over(&shared);
+    }
+}
+
+impl Shared {
+    fn index(&self) -> MutexGuard<'_, Index> {
+        self.index.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn publish(&self) {
+        let (bytes, count) = {
+            let index = self.index();
+            (index.blobs.used(), index.blobs.len())
+        };
+        let m = metrics();
+        m.cache_bytes.set(i64::try_from(bytes).unwrap_or(i64::MAX));
+        m.cache_blobs.set(i64::try_from(count).unwrap_or(i64::MAX));
+    }
+
+    /// Bytes to remove now, and why: down to 90 % of `max_size` once past
+    /// it, or to a tenth more than `min_free` once free space is below it.
+    fn excess(&self) -> Option<(u64, &'static str)> {
+        let used = self.index().blobs.used();
+        let over_size = self
+            .budget
+            .max_size
+            .filter(|&max| used > max)
+            .map(|max| used - max / 10 * 9);
+        let short_of_space = match free_space(&self.root) {
+            Ok((free, total)) => {
+                let keep = self.budget.min_free.bytes(total);
+                (free < keep).then(|| keep + keep / 10 - free)
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot tell the blob store's free space");
+                None
+            }
+        };
+        match (over_size, short_of_space) {
+            (Some(a), Some(b)) if b > a => Some((b, "free")),
+            (Some(a), _) => Some((a, "size")),
+            (None, Some(b)) => Some((b, "free")),
+            (None, None) => None,
+        }
+    }
+
+    /// Starts an eviction in the background when the store is over budget
+    /// and none runs.
+    fn evict_if_over(this: &Arc<Self>) {
+        if this.excess().is_some() && this.evicting.try_lock().is_ok() {
+            let this = this.clone();
+            tokio::spawn(async move { this.evict().await });
+        }
+    }
+
+    /// Removes least recently used blobs until the store is within budget,
+    /// after any eviction running now; the bytes removed.
+    async fn evict(&self) -> u64 {
+        let _one = self.evicting.lock().await;
+        let mut removed = 0;
+        while let Some((excess, reason)) = self.excess() {
+            let mut freed = 0;
+            while freed < excess {
+                let Some((digest, size)) = self.index().blobs.pop_oldest() else {
+                    break;
+                };
+                let _placing = self.placing.lock().await;
+                // Stored again since it was chosen: that copy stays.
+                if self.index().blobs.contains(&digest) {
+                    continue;
+                }
+                self.index().used.remove(&digest);
+                match self.files.delete(&digest).await {
+                    Ok(()) => {
+                        freed += size;
+                        metrics().cache_eviction(reason, size);
+                        tracing::debug!(%digest, size, reason, "evicted a blob");
+                    }
+                    Err(e) => {
+                        tracing::warn!(%digest, error = %e, "cannot remove an evicted blob");
+                    }
+                }
+            }
+            self.publish();
+            removed += freed;
+            if freed == 0 {
+                break;
+            }
+        }
+        if removed > 0 {
+            tracing::info!(bytes = removed, "evicted the least recently served blobs");
+        }
+        removed
+    }
+
+    /// Sets the modification time of the blobs served since the last call
+    /// to now: the order a restart finds them in.
+    async fn record_uses(&self) {
+        let used: Vec<PathBuf> = {
+            let mut index = self.index();
+            let used = std::mem::take(&mut index.used);
+            used.iter().map(|d| self.files.path_of(d)).collect()
+        };
+        if used.is_empty() {
+            return;
+        }
+        let now = SystemTime::now();
+        let written = tokio::task::spawn_blocking(move || {
+            for path in used {
+                // Evicted meanwhile: nothing to record.
+                if let Ok(file) = std::fs::File::open(&path)
+                    && let Err(e) = file.set_modified(now)
+                {
+                    tracing::debug!(path = %path.display(), error = %e, "cannot record a use");
+                }
+            }
+        })
+        .await;
+        if let Err(e) = written {
+            tracing::warn!(error = %e, "recording uses failed");
+        }
+    }
+}
+
+/// Free and total bytes of the filesystem holding `path`.
+fn free_space(path: &Path) -> io::Result<(u64, u64)> {
+    let s = rustix::fs::statvfs(path).map_err(io::Error::from)?;
+    Ok((
+        s.f_bavail.saturating_mul(s.f_frsize),
+        s.f_blocks.saturating_mul(s.f_frsize),
+    ))
+}
+
+#[async_trait]
+impl BlobStore for BudgetedFsStore {
+    async fn stat(&self, digest: &Digest) -> Result<Option<u64>, StorageError> {
+        self.shared.files.stat(digest).await
+    }
+
+    async fn get(
+        &self,
+        digest: &Digest,
+        range: Option<RangeSpec>,
+    ) -> Result<Option<BlobBody>, StorageError> {
+        let body = self.shared.files.get(digest, range).await?;
+        if body.is_some() {
+            let mut index = self.shared.index();
+            if index.blobs.touch(digest) {
+                index.used.insert(digest.clone());
+            }
+        }
+        Ok(body)
+    }
+
+    async fn store(&self, digest: &Digest, spool: &Path, size: u64) -> Result<(), StorageError> {
+        {
+            let _placing = self.shared.placing.lock().await;
+            self.shared.files.store(digest, spool, size).await?;
+            self.shared.index().blobs.insert(digest.clone(), size);
+        }
+        self.shared.publish();
+        Shared::evict_if_over(&self.shared);
+        Ok(())
+    }
+
+    async fn delete(&self, digest: &Digest) -> Result<(), StorageError> {
+        let _placing = self.shared.placing.lock().await;
+        self.shared.files.delete(digest).await?;
+        self.shared.index().blobs.remove(digest);
+        self.shared.publish();
+        Ok(())
+    }
+
+    async fn health(&self) -> Result<(), StorageError> {
+        self.shared.files.health().await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    fn budget(max: u64) -> Budget {
+        Budget {
+            max_size: Some(max),
+            min_free: MinFree::Bytes(0),
+        }
+    }
+
+    async fn put(store: &BudgetedFsStore, dir: &Path, seed: u8, size: usize) -> Digest {
+        let bytes = vec![seed; size];
+        let digest = Digest::sha256_of(&bytes);
+        let spool = dir.join(format!("spool-{seed}"));
+        std::fs::write(&spool, &bytes).unwrap();
+        store.store(&digest, &spool, size as u64).await.unwrap();
+        digest
+    }
+
+    #[tokio::test]
+    async fn budgeted_store_passes_the_suite() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = BudgetedFsStore::open(&dir.path().join("store"), budget(1 << 30))
+            .await
+            .unwrap();
+        crate::storage::suite::run(&store, &dir.path().join("store/tmp")).await;
+    }
+
+    /// The least recently served go first, down to 90 % of the budget, and
+    /// a restart finds the same order from the files' times.
+    #[tokio::test]
+    async fn the_least_recently_served_go_first_across_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("store");
+        let store = BudgetedFsStore::open(&root, budget(1_000_000))
+            .await
+            .unwrap();
+        std::fs::create_dir_all(root.join("tmp")).unwrap();
+        let mut blobs = Vec::new();
+        for seed in 0..3 {
+            blobs.push(put(&store, &root.join("tmp"), seed, 300_000).await);
+            // Distinct modification times for the order at a restart.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // The first is served: it becomes the most recent.
+        store.get(&blobs[0], None).await.unwrap().unwrap();
+        store.record_uses().await;
+        drop(store);
+
+        let store = BudgetedFsStore::open(&root, budget(1_000_000))
+            .await
+            .unwrap();
+        assert_eq!(store.usage(), (900_000, 3));
+        let fourth = put(&store, &root.join("tmp"), 3, 300_000).await;
+        // The eviction the store started, or this one after it.
+        store.evict().await;
+        // 1.2 MB held against 1 MB: down to 900 kB, the oldest first.
+        assert_eq!(store.usage(), (900_000, 3));
+        assert_eq!(store.stat(&blobs[1]).await.unwrap(), None);
+        for kept in [&blobs[0], &blobs[2], &fourth] {
+            assert_eq!(store.stat(kept).await.unwrap(), Some(300_000));
+        }
+    }
+
+    /// A blob being read when it is evicted is read to its end.
+    #[tokio::test]
+    async fn a_read_in_progress_outlives_eviction() {
+        use futures::TryStreamExt;
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("store");
+        let store = BudgetedFsStore::open(&root, budget(1_500_000))
+            .await
+            .unwrap();
+        std::fs::create_dir_all(root.join("tmp")).unwrap();
+        let first = put(&store, &root.join("tmp"), 1, 1_000_000).await;
+        let body = store.get(&first, None).await.unwrap().unwrap();
+        put(&store, &root.join("tmp"), 2, 1_000_000).await;
+        store.evict().await;
+        assert_eq!(store.stat(&first).await.unwrap(), None);
+        let chunks: Vec<bytes::Bytes> = body.stream.try_collect().await.unwrap();
+        assert_eq!(chunks.concat(), vec![1u8; 1_000_000]);
+    }
+}

@@ -1,0 +1,135 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+//! The fs store within `[cache] max_size`, with real pulls: images adding
+//! up to three times the budget pass through, the bytes on disk stay within
+//! it, the latest image is still served with upstream stopped, and an
+//! evicted image pulls again, one upstream GET per blob at most.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+/// Writes an image of two random layers of `layer_size` bytes and pushes it
+/// to `repo_tag` on `upstream`; the digest of its manifest.
+fn push_generated(upstream: &Upstream, dir: &Path, repo_tag: &str, layer_size: usize) -> String {
+    let layout = dir.join(repo_tag.replace(['/', ':'], "_"));
+    let out = Command::new("python3")
+        .arg(repo_root().join("tests/fixtures/gen_images.py"))
+        .arg("--out")
+        .arg(&layout)
+        .args(["--tag", "v1", "--layers", "2", "--print-digest"])
+        .args(["--layer-size", &layer_size.to_string(), "--seed", repo_tag])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let digest = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+    let out = Command::new("skopeo")
+        .args(["copy", "--insecure-policy", "--dest-tls-verify=false"])
+        .arg(format!("oci:{}:v1", layout.display()))
+        .arg(format!("docker://127.0.0.1:{}/{repo_tag}", upstream.port))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    digest
+}
+
+/// Bytes of the blobs under the store.
+fn stored_bytes(data: &Path) -> u64 {
+    fn walk(dir: &Path) -> u64 {
+        std::fs::read_dir(dir)
+            .map(|entries| {
+                entries
+                    .flatten()
+                    .map(|e| {
+                        let m = e.metadata().unwrap();
+                        if m.is_dir() { walk(&e.path()) } else { m.len() }
+                    })
+                    .sum()
+            })
+            .unwrap_or(0)
+    }
+    walk(&data.join("blobs"))
+}
+
+async fn pull(pier: &Pier, image: &str) -> String {
+    let out = tempfile::tempdir().unwrap();
+    let run = skopeo_copy(&format!("{}/{image}", pier.host()), out.path(), &[]).await;
+    assert!(run.ok, "{image}: {}", run.stderr);
+    manifest_digest_in(out.path())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pulls_of_three_times_the_budget_keep_the_store_within_it() {
+    if !have_tools(&["docker-registry", "skopeo", "python3"]) {
+        return;
+    }
+    let mut docker = Upstream::start("docker");
+    let work = tempfile::tempdir().unwrap();
+    // Six images of two 2.5 MB layers: 30 MB against a 10 MiB budget.
+    let images: Vec<(String, String)> = (0..6)
+        .map(|i| {
+            let name = format!("budget/img{i}:v1");
+            let digest = push_generated(&docker, work.path(), &name, 2_500_000);
+            (name, digest)
+        })
+        .collect();
+    let budget = 10 << 20;
+    let (pier, data) = Pier::start(
+        &[("docker.io", &docker.url())],
+        "[cache]\nmax_size = \"10MiB\"\n",
+    );
+    for (name, digest) in &images {
+        assert_eq!(&pull(&pier, &format!("docker.io/{name}")).await, digest);
+        // Eviction follows the commit within moments.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while stored_bytes(data.path()) > budget {
+            assert!(
+                Instant::now() < deadline,
+                "{} bytes stored",
+                stored_bytes(data.path())
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    let http = reqwest::Client::new();
+    assert!(metric(&http, &pier, "pier_cache_evicted_bytes_total").await >= 15e6);
+    assert_eq!(
+        metric(&http, &pier, "pier_cache_bytes").await as u64,
+        stored_bytes(data.path())
+    );
+
+    // The latest image is whole in the cache.
+    docker.stop();
+    let (last, last_digest) = images.last().unwrap();
+    assert_eq!(
+        &pull(&pier, &format!("docker.io/{last}")).await,
+        last_digest
+    );
+
+    // The first was evicted: it pulls again, each blob fetched once.
+    docker.restart();
+    let (first, first_digest) = &images[0];
+    let repo = first.split(':').next().unwrap();
+    let before = docker.requests("GET", &format!("{repo}/blobs/"));
+    assert_eq!(
+        &pull(&pier, &format!("docker.io/{first}")).await,
+        first_digest
+    );
+    let fetched = docker.requests("GET", &format!("{repo}/blobs/")) - before;
+    assert!(
+        (1..=3).contains(&fetched),
+        "{fetched} blob GETs for three blobs"
+    );
+}
