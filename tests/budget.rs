@@ -133,3 +133,92 @@ async fn pulls_of_three_times_the_budget_keep_the_store_within_it() {
         "{fetched} blob GETs for three blobs"
     );
 }
+
+/// A size-limited tmpfs, unmounted when dropped.
+struct SmallDisk {
+    dir: tempfile::TempDir,
+}
+
+impl SmallDisk {
+    fn mount(size: &str) -> Option<SmallDisk> {
+        let dir = tempfile::tempdir().unwrap();
+        let ok = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir.path())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !ok {
+            let msg = "cannot mount a tmpfs (tests/run.sh runs as root)";
+            assert!(
+                std::env::var("PIER_TEST_STRICT").as_deref() != Ok("1"),
+                "{msg}"
+            );
+            eprintln!("SKIPPED: {msg}");
+            return None;
+        }
+        Some(SmallDisk { dir })
+    }
+
+    fn free(&self) -> u64 {
+        let out = Command::new("df")
+            .args(["--output=avail", "-B1"])
+            .arg(self.dir.path())
+            .output()
+            .unwrap();
+        let text = String::from_utf8(out.stdout).unwrap();
+        text.lines().nth(1).unwrap().trim().parse().unwrap()
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(self.dir.path()).status();
+    }
+}
+
+/// On a small disk, `min_free` keeps its share free: pulls adding up to
+/// more than the disk go through, and the least recently served blobs make
+/// room.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn min_free_keeps_a_small_disk_from_filling() {
+    if !have_tools(&["docker-registry", "skopeo", "python3", "mount"]) {
+        return;
+    }
+    let Some(disk) = SmallDisk::mount("48m") else {
+        return;
+    };
+    let docker = Upstream::start("docker");
+    let work = tempfile::tempdir().unwrap();
+    // Six images of two 4 MB layers: 48 MB through a 48 MiB disk that
+    // keeps half of itself free.
+    let images: Vec<(String, String)> = (0..6)
+        .map(|i| {
+            let name = format!("free/img{i}:v1");
+            let digest = push_generated(&docker, work.path(), &name, 4_000_000);
+            (name, digest)
+        })
+        .collect();
+    let pier = Pier::start_in(
+        disk.dir.path(),
+        &[("docker.io", &docker.url())],
+        "[cache]\nmin_free = \"50%\"\n",
+    );
+    for (name, digest) in &images {
+        assert_eq!(&pull(&pier, &format!("docker.io/{name}")).await, digest);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while disk.free() < 24 << 20 {
+            assert!(Instant::now() < deadline, "{} bytes free", disk.free());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    let http = reqwest::Client::new();
+    let evicted = "pier_cache_evictions_total{reason=\"free\"}";
+    assert!(metric(&http, &pier, evicted).await > 0.0);
+    // The latest image is still whole.
+    let (last, last_digest) = images.last().unwrap();
+    assert_eq!(
+        &pull(&pier, &format!("docker.io/{last}")).await,
+        last_digest
+    );
+    drop(pier);
+}

@@ -370,6 +370,57 @@ mod tests {
         }
     }
 
+    /// Eviction chose a blob, and before it removed it the blob was stored
+    /// again (a fetch committed it anew): the fresh copy stays.
+    #[tokio::test]
+    async fn a_blob_stored_again_after_eviction_chose_it_stays() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("store");
+        let store = BudgetedFsStore::open(&root, budget(1_500_000))
+            .await
+            .unwrap();
+        std::fs::create_dir_all(root.join("tmp")).unwrap();
+        let first = put(&store, &root.join("tmp"), 1, 1_000_000).await;
+        // Commits are held back while the next one takes the store over
+        // budget, so the eviction chooses the first and waits.
+        let placing = store.shared.placing.lock().await;
+        let second = vec![2u8; 1_000_000];
+        let second_digest = Digest::sha256_of(&second);
+        std::fs::write(root.join("tmp/second"), &second).unwrap();
+        store
+            .shared
+            .files
+            .store(&second_digest, &root.join("tmp/second"), 1_000_000)
+            .await
+            .unwrap();
+        store
+            .shared
+            .index()
+            .blobs
+            .insert(second_digest.clone(), 1_000_000);
+        let evicting = {
+            let shared = store.shared.clone();
+            tokio::spawn(async move { shared.evict().await })
+        };
+        while store.shared.index().blobs.contains(&first) {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        // Chosen. Now the first is committed again, as a fetch would.
+        std::fs::write(root.join("tmp/again"), vec![1u8; 1_000_000]).unwrap();
+        store
+            .shared
+            .files
+            .store(&first, &root.join("tmp/again"), 1_000_000)
+            .await
+            .unwrap();
+        store.shared.index().blobs.insert(first.clone(), 1_000_000);
+        drop(placing);
+        evicting.await.unwrap();
+        assert_eq!(store.stat(&first).await.unwrap(), Some(1_000_000));
+        let body = store.get(&first, None).await.unwrap().unwrap();
+        assert_eq!(body.size, 1_000_000);
+    }
+
     /// A blob being read when it is evicted is read to its end.
     #[tokio::test]
     async fn a_read_in_progress_outlives_eviction() {
