@@ -6,6 +6,7 @@ pub(crate) mod fs;
 mod lru;
 mod s3;
 mod tiered;
+mod verify;
 
 use std::io;
 use std::path::Path;

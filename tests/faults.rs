@@ -348,7 +348,10 @@ async fn with_redis_and_upstream_down_a_stale_tag_comes_from_memory() {
         StatusCode::OK
     );
     redis.stop();
-    drop(fake);
+    // Upstream unreachable for Pier: its token server is down (a dropped
+    // fake would still answer on the connection Pier keeps open).
+    fake.require_token("tok");
+    fake.token_down(true);
     tokio::time::sleep(Duration::from_millis(1100)).await;
     let r = fetch(&http, Method::GET, &url, &[]).await;
     assert_eq!(r.status(), StatusCode::OK);

@@ -171,7 +171,9 @@ async fn with_metadata_and_upstream_down_only_known_links_are_served() {
     pier.wait_stored(1);
 
     redis.stop();
-    drop(fake);
+    // Upstream failing (a dropped fake would still answer on the
+    // connection Pier keeps open).
+    fake.blob(&d, Blob::FailFirst(usize::MAX, bytes.clone()));
 
     let r = fetch(
         &http,

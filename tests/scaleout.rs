@@ -1124,3 +1124,52 @@ async fn a_blob_another_replica_fetches_for_another_repository_is_not_polled_for
     assert!(got == bytes);
     assert_eq!(fake.count("GET", "/v2/team/app/blobs/"), 1);
 }
+
+/// Someone overwrites a blob's object in the bucket: no client gets those
+/// bytes complete, the object is removed, and the next request fetches the
+/// blob again and gets it right.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_overwritten_bucket_object_is_never_served_complete() {
+    use common::fake::{Blob, Fake, digest, random_bytes, sha256_hex};
+    let fake = Fake::start();
+    let bytes = random_bytes(1_500_000, 9);
+    let d = digest(&bytes);
+    fake.blob(&d, Blob::Good(bytes.clone()));
+    let ns = namespace();
+    let data = tempfile::tempdir().unwrap();
+    let Some(pier) = Pier::start_scaled(data.path(), &ns, &[("corp.example", &fake.url())], "")
+    else {
+        return;
+    };
+    let http = reqwest::Client::new();
+    let url = format!("{}/v2/corp.example/team/app/blobs/{d}", pier.url());
+    assert!(http.get(&url).send().await.unwrap().bytes().await.unwrap() == bytes);
+    let key = format!("{ns}/blobs/sha256/{}", sha256_hex(&bytes));
+    assert!(wait_s3_has(&key).await);
+
+    for (round, wrong) in [random_bytes(1_500_000, 10), random_bytes(700_000, 11)]
+        .into_iter()
+        .enumerate()
+    {
+        s3_put(&key, &wrong);
+        // The body breaks off (or the response never starts).
+        if let Ok(r) = http.get(&url).send().await
+            && let Ok(got) = r.bytes().await
+        {
+            assert!(got.len() < wrong.len(), "round {round}: a complete body");
+        }
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while s3_has(&key) {
+            assert!(std::time::Instant::now() < deadline, "the object stayed");
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        // Fetched again at once: the finished lease of the first fetch
+        // does not hold it up.
+        let started = std::time::Instant::now();
+        let r = http.get(&url).send().await.unwrap();
+        assert!(r.bytes().await.unwrap() == bytes);
+        assert!(started.elapsed() < std::time::Duration::from_secs(5));
+        assert_eq!(fake.count("GET", "/v2/team/app/blobs/"), round + 2);
+        assert!(wait_s3_has(&key).await);
+    }
+}

@@ -45,8 +45,13 @@ pub enum Claim {
     Mine(Lease),
     /// Another replica does it (or this one, in another task); `peer` is
     /// where it can be reached, if it said. `stored`: the work is done (the
-    /// blob is in the store) and the lease is left to lapse.
-    Theirs { peer: Option<Url>, stored: bool },
+    /// blob is in the store) and the lease is left to lapse. `holder` is the
+    /// lease's value, for [`Cluster::take_over`].
+    Theirs {
+        peer: Option<Url>,
+        stored: bool,
+        holder: String,
+    },
     /// Do it here, unguarded: no other replica shares the metadata store,
     /// or it cannot coordinate now.
     Alone,
@@ -85,6 +90,7 @@ impl Cluster {
                     _ => Claim::Theirs {
                         peer: None,
                         stored: false,
+                        holder,
                     },
                 }
             }
@@ -94,12 +100,35 @@ impl Cluster {
                 Claim::Theirs {
                     peer: peer.filter(|u| Some(u) != self.advertise.as_ref() && !stored),
                     stored,
+                    holder,
                 }
             }
             Err(e) => {
                 metrics().backend_error("metadata");
                 tracing::warn!(lease = name, error = %e, "cannot coordinate with other replicas");
                 Claim::Alone
+            }
+        }
+    }
+
+    /// Takes over a lease whose work is done (marked stored) when what it
+    /// did is gone (the blob was evicted or found corrupt since): only one
+    /// replica's swap of that exact value succeeds.
+    pub async fn take_over(&self, name: &str, holder: &str) -> Option<Lease> {
+        match self
+            .meta
+            .replace_lease(name, holder, &self.me, self.lease_ttl)
+            .await
+        {
+            Ok(true) => match self.mine(name) {
+                Claim::Mine(lease) => Some(lease),
+                _ => None,
+            },
+            Ok(false) => None,
+            Err(e) => {
+                metrics().backend_error("metadata");
+                tracing::warn!(lease = name, error = %e, "cannot take a finished lease over");
+                None
             }
         }
     }
@@ -287,7 +316,7 @@ mod tests {
             panic!("a fresh lease is free");
         };
         let theirs = |c: Claim| match c {
-            Claim::Theirs { peer, stored } => (peer.is_some(), stored),
+            Claim::Theirs { peer, stored, .. } => (peer.is_some(), stored),
             _ => panic!("the lease is taken"),
         };
         // Held by a task of a: a waits; b may stream from a (same URL in

@@ -242,14 +242,22 @@ async fn source(job: &FetchJob, flight: &Flight) -> Result<Source, FlightError> 
                 metrics().fetch_unguarded("store_error");
                 return Ok(Source::Upstream(None));
             }
-            // The holder stored it: the store has it (or, rarely, does not
-            // show it yet: wait for the lease to lapse).
-            Claim::Theirs { stored: true, .. } => {
+            // The holder stored it: the store has it, or it has gone since
+            // (evicted, or removed as corrupt). Then one replica takes the
+            // finished lease over and fetches it again.
+            Claim::Theirs {
+                stored: true,
+                holder,
+                ..
+            } => {
                 if stored(job, flight).await {
                     return Ok(Source::Stored);
                 }
                 if job.for_peer {
                     return Err(not_here());
+                }
+                if let Some(lease) = job.cluster.take_over(&lease_name, &holder).await {
+                    return Ok(Source::Upstream(Some(lease)));
                 }
             }
             Claim::Theirs { .. } if job.for_peer => return Err(not_here()),

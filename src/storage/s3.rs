@@ -281,6 +281,28 @@ impl BlobStore for S3BlobStore {
         })
         .fuse()
         .boxed();
+        // Others can write to a bucket: a whole blob is checked as it goes
+        // out, and an object that is not what its key says is removed, so
+        // the next request fetches the blob again.
+        let stream = if range.is_none() {
+            let (client, bucket, key, d) = (
+                self.client.clone(),
+                self.bucket.clone(),
+                self.key(digest),
+                digest.clone(),
+            );
+            super::verify::verified(stream, digest.clone(), size, move || {
+                metrics().cache_eviction("corrupt", size);
+                tracing::error!(digest = %d, "the bucket holds other bytes under this blob's key; removing it");
+                tokio::spawn(async move {
+                    if let Err(e) = client.delete_object().bucket(bucket).key(key).send().await {
+                        tracing::warn!(error = %backend("DeleteObject", e), "cannot remove a corrupt object");
+                    }
+                });
+            })
+        } else {
+            stream
+        };
         Ok(Some(BlobBody {
             size,
             range,

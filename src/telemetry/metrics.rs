@@ -253,7 +253,7 @@ impl Metrics {
         );
         registry.register(
             "cache_evictions",
-            "Blobs evicted: size (past [cache] max_size), free (below [cache] min_free)",
+            "Blobs evicted: size (past [cache] max_size), free (below [cache] min_free), corrupt (stored bytes that do not match the digest)",
             m.cache_evictions.clone(),
         );
         registry.register(

@@ -448,6 +448,38 @@ pub fn s3_delete(key: &str) {
     assert!(code == "204" || code == "200", "S3 DELETE {key}: {code}");
 }
 
+/// Writes `bytes` at `key` in the shared test bucket (as someone else with
+/// access to the bucket could).
+pub fn s3_put(key: &str, bytes: &[u8]) {
+    use sha2::Digest as _;
+    let env = |k: &str| std::env::var(k).unwrap_or_default();
+    let file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(file.path(), bytes).unwrap();
+    let out = Command::new("curl")
+        .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "-X", "PUT"])
+        .arg("--data-binary")
+        .arg(format!("@{}", file.path().display()))
+        .arg("-H")
+        .arg(format!(
+            "x-amz-content-sha256: {}",
+            hex::encode(sha2::Sha256::digest(bytes))
+        ))
+        .args(["--aws-sigv4", "aws:amz:us-east-1:s3", "--user"])
+        .arg(format!(
+            "{}:{}",
+            env("PIER_TEST_S3_ACCESS_KEY"),
+            env("PIER_TEST_S3_SECRET_KEY")
+        ))
+        .arg(format!(
+            "{}/{}/{key}",
+            env("PIER_TEST_S3_ENDPOINT"),
+            std::env::var("PIER_TEST_S3_BUCKET").unwrap_or_else(|_| "pier-test".into())
+        ))
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "200", "S3 PUT {key}");
+}
+
 /// A signed request to the shared test bucket; the status code.
 fn s3_request(method: &str, key: &str) -> String {
     let env = |k: &str| std::env::var(k).unwrap_or_default();
