@@ -45,6 +45,10 @@ use sizes::KnownSizes;
 /// After upstream failed to revalidate a tag, serve the cached copy without
 /// asking again for this long.
 const STALE_RETRY_AFTER: Duration = Duration::from_secs(10);
+/// After the spool's disk had no room for a blob, cold blobs are passed
+/// straight through from upstream for this long before spooling is tried
+/// again (meanwhile the store evicts).
+const NO_ROOM_FOR: Duration = Duration::from_secs(30);
 
 #[derive(Debug, Error)]
 pub enum MirrorError {
@@ -93,6 +97,8 @@ pub struct Mirror {
     /// Blob sizes the manifests read here name.
     sizes: KnownSizes,
     bounds: fetch::FetchBounds,
+    /// Set when the spool's disk had no room for a blob.
+    no_room: RecentFailures,
 }
 
 impl Mirror {
@@ -139,6 +145,7 @@ impl Mirror {
                 min_rate: config.fetch.min_rate,
                 min_rate_window: config.fetch.min_rate_window,
             },
+            no_room: RecentFailures::new(NO_ROOM_FOR),
         })
     }
 

@@ -20,6 +20,7 @@ pub use budget::{Budget, BudgetedFsStore};
 pub use fs::FsBlobStore;
 pub use s3::S3BlobStore;
 pub use tiered::TieredBlobStore;
+pub use verify::verified;
 
 use crate::range::{ByteRange, RangeSpec};
 use crate::reference::Digest;
@@ -91,6 +92,10 @@ pub trait BlobStore: Send + Sync + 'static {
 
     /// Whether the store can be read and written now.
     async fn health(&self) -> Result<(), StorageError>;
+
+    /// A write on this machine's disk failed for lack of space: evict now
+    /// if the store keeps a budget there.
+    fn make_room(&self) {}
 
     /// Aborts the multipart uploads under the store's blob keys that were
     /// begun more than `older_than` ago, and returns how many. A process

@@ -222,3 +222,66 @@ async fn min_free_keeps_a_small_disk_from_filling() {
     );
     drop(pier);
 }
+
+/// A blob larger than the disk Pier caches on still pulls: it is passed
+/// straight through from upstream, verified, and nothing is left behind;
+/// what fits is cached as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_image_larger_than_the_disk_still_pulls() {
+    if !have_tools(&["docker-registry", "skopeo", "python3", "mount"]) {
+        return;
+    }
+    let Some(disk) = SmallDisk::mount("32m") else {
+        return;
+    };
+    let docker = Upstream::start("docker");
+    let work = tempfile::tempdir().unwrap();
+    let layout = work.path().join("huge");
+    let out = Command::new("python3")
+        .arg(repo_root().join("tests/fixtures/gen_images.py"))
+        .arg("--out")
+        .arg(&layout)
+        .args([
+            "--tag",
+            "v1",
+            "--layers",
+            "1",
+            "--big-mib",
+            "40",
+            "--print-digest",
+        ])
+        .args(["--seed", "huge/img:v1"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let huge_digest = String::from_utf8(out.stdout).unwrap().trim().to_owned();
+    let pushed = Command::new("skopeo")
+        .args(["copy", "--insecure-policy", "--dest-tls-verify=false"])
+        .arg(format!("oci:{}:v1", layout.display()))
+        .arg(format!("docker://127.0.0.1:{}/huge/img:v1", docker.port))
+        .status()
+        .unwrap();
+    assert!(pushed.success());
+    let small_digest = push_generated(&docker, work.path(), "small/img:v1", 100_000);
+    let pier = Pier::start_in(
+        disk.dir.path(),
+        &[("docker.io", &docker.url())],
+        "[cache]\nmin_free = 0\n",
+    );
+    for _ in 0..2 {
+        assert_eq!(pull(&pier, "docker.io/huge/img:v1").await, huge_digest);
+    }
+    assert!(stored_bytes(disk.dir.path()) < 1 << 20);
+    assert!(files_under(&disk.dir.path().join("tmp")).is_empty());
+    let http = reqwest::Client::new();
+    let passed = "pier_cache_lookups_total{kind=\"blob\",outcome=\"passthrough\"}";
+    assert!(metric(&http, &pier, passed).await >= 2.0);
+    let ready = http
+        .get(format!("{}/readyz", pier.url()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ready.status(), reqwest::StatusCode::OK);
+    assert_eq!(pull(&pier, "docker.io/small/img:v1").await, small_digest);
+    drop(pier);
+}

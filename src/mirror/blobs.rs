@@ -108,6 +108,9 @@ impl Mirror {
         // next fetch goes upstream instead of back to the store.
         let mut store_unreadable = false;
         loop {
+            if self.no_room.recent("") && !self.flights.is_running(digest) {
+                return self.pass_through(target, digest, needs_length).await;
+            }
             let job = FetchJob {
                 upstream: self.upstream(target)?.clone(),
                 repository: target.repository.as_str().to_owned(),
@@ -203,9 +206,67 @@ impl Mirror {
                     joined_foreign = true;
                     continue;
                 }
+                Err(FlightError::NoRoom(why)) => {
+                    tracing::warn!(%digest, %why, "no room to spool a blob: passing it through");
+                    self.no_room.note("");
+                    self.blobs.make_room();
+                    self.pass_through(target, digest, needs_length).await
+                }
                 Err(e) => Err(flight_error(target, digest, e)),
             };
         }
+    }
+
+    /// Streams a blob from upstream to this client alone, verified as it
+    /// goes (the last chunk held back until it matched) and kept nowhere:
+    /// while the disk has no room, a blob still reaches its client, even
+    /// one larger than the disk.
+    async fn pass_through(
+        &self,
+        target: &Target,
+        digest: &Digest,
+        needs_length: bool,
+    ) -> Result<BlobResponse, MirrorError> {
+        let resp = self
+            .upstream(target)?
+            .blob(target.repository.as_str(), digest)
+            .await
+            .map_err(|e| flight_error(target, digest, FlightError::Upstream(e)))?;
+        let size = resp
+            .content_length()
+            .or_else(|| self.sizes.get(&target.key(), digest));
+        if size.is_none() && needs_length {
+            return Err(MirrorError::Busy(
+                "no room to cache this blob, and upstream did not say its length: retry later"
+                    .into(),
+            ));
+        }
+        if let Some(size) = size
+            && size > self.bounds.max_blob_size
+        {
+            return Err(MirrorError::Fetch(format!(
+                "the blob is {size} bytes, more than this mirror's [fetch] max_blob_size of {} bytes",
+                self.bounds.max_blob_size
+            )));
+        }
+        metrics().cache("blob", "passthrough");
+        self.hot.put_link(&target.key(), digest);
+        let registry = target.registry.clone();
+        let d = digest.clone();
+        let stream = resp
+            .bytes_stream()
+            .map(|chunk| chunk.map_err(io::Error::other))
+            .boxed();
+        let stream = crate::storage::verified(stream, digest.clone(), size, move || {
+            tracing::warn!(digest = %d, %registry, "upstream sent other bytes than the digest names");
+        });
+        Ok(BlobResponse {
+            size,
+            range: None,
+            stream,
+            pieces: None,
+            cached: false,
+        })
     }
 
     /// The stored blob (or the asked part of it), `None` when it is not
@@ -334,7 +395,7 @@ fn flight_error(target: &Target, digest: &Digest, e: FlightError) -> MirrorError
             MirrorError::DigestMismatch { registry, expected }
         }
         FlightError::Failed(why) => MirrorError::Fetch(why),
-        FlightError::Busy(why) => MirrorError::Busy(why),
+        FlightError::Busy(why) | FlightError::NoRoom(why) => MirrorError::Busy(why),
     }
 }
 

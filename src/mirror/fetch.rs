@@ -439,6 +439,14 @@ async fn download(
     let spooled = if size.is_some_and(|s| s <= IN_MEMORY_MAX) {
         Spooled::Memory(Arc::default())
     } else {
+        if let Some(size) = size
+            && let Some(free) = free_space(spool)
+            && size.saturating_add(SPOOL_MARGIN) > free
+        {
+            return Err(FlightError::NoRoom(format!(
+                "a blob of {size} bytes does not fit in the {free} bytes free for the spool"
+            )));
+        }
         Spooled::File(Arc::new(create_spool(spool).await?))
     };
     flight.phase.send_replace(Phase::Streaming {
@@ -611,7 +619,26 @@ impl SpoolWriter {
         self.done
             .await
             .map_err(|e| FlightError::Failed(e.to_string()))?
-            .map_err(|e| FlightError::Failed(format!("writing the spool file: {e}")))
+            .map_err(|e| spool_error("writing the spool file", &e))
+    }
+}
+
+/// Room a spool file leaves on its disk at least, beyond the blob.
+const SPOOL_MARGIN: u64 = 16 * 1024 * 1024;
+
+/// Free bytes on the filesystem of the spool file `spool` (to be).
+fn free_space(spool: &Path) -> Option<u64> {
+    let dir = spool.parent()?;
+    let s = rustix::fs::statvfs(dir).ok()?;
+    Some(s.f_bavail.saturating_mul(s.f_frsize))
+}
+
+/// A spool write that failed; for lack of space, a `NoRoom`.
+fn spool_error(what: &str, e: &io::Error) -> FlightError {
+    if e.kind() == io::ErrorKind::StorageFull {
+        FlightError::NoRoom(format!("{what}: {e}"))
+    } else {
+        FlightError::Failed(format!("{what}: {e}"))
     }
 }
 
@@ -621,7 +648,7 @@ async fn create_spool(spool: &Path) -> Result<std::fs::File, FlightError> {
     tokio::task::spawn_blocking(move || new_spool_file(&spool))
         .await
         .map_err(|e| FlightError::Failed(e.to_string()))?
-        .map_err(|e| FlightError::Failed(format!("cannot create spool file: {e}")))
+        .map_err(|e| spool_error("cannot create spool file", &e))
 }
 
 fn new_spool_file(spool: &Path) -> io::Result<std::fs::File> {

@@ -35,6 +35,9 @@ pub enum FlightError {
     Failed(String),
     /// Too many fetches at once; worth retrying shortly.
     Busy(String),
+    /// The spool's disk has no room for the blob: clients are served
+    /// straight from upstream instead.
+    NoRoom(String),
 }
 
 /// Where a fetch keeps the bytes received so far, for its readers.

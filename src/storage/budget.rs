@@ -301,6 +301,10 @@ impl BlobStore for BudgetedFsStore {
     async fn health(&self) -> Result<(), StorageError> {
         self.shared.files.health().await
     }
+
+    fn make_room(&self) {
+        Shared::evict_if_over(&self.shared);
+    }
 }
 
 #[cfg(test)]

@@ -291,7 +291,7 @@ impl BlobStore for S3BlobStore {
                 self.key(digest),
                 digest.clone(),
             );
-            super::verify::verified(stream, digest.clone(), size, move || {
+            super::verify::verified(stream, digest.clone(), Some(size), move || {
                 metrics().cache_eviction("corrupt", size);
                 tracing::error!(digest = %d, "the bucket holds other bytes under this blob's key; removing it");
                 tokio::spawn(async move {

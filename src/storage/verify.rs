@@ -16,7 +16,8 @@ struct Check<F> {
     inner: BoxStream<'static, io::Result<Bytes>>,
     hasher: Hasher,
     digest: Digest,
-    size: u64,
+    /// The length it must have, when known.
+    size: Option<u64>,
     received: u64,
     /// The latest chunk, sent once the next one arrives (or, for the last,
     /// once the whole blob matched).
@@ -25,12 +26,13 @@ struct Check<F> {
     on_mismatch: Option<F>,
 }
 
-/// `stream`, which should carry the whole blob `digest` of `size` bytes,
-/// ending in an error instead of its last chunk when it does not.
+/// `stream`, which should carry the whole blob `digest` (of `size` bytes,
+/// when known), ending in an error instead of its last chunk when it does
+/// not.
 pub fn verified<F>(
     stream: BoxStream<'static, io::Result<Bytes>>,
     digest: Digest,
-    size: u64,
+    size: Option<u64>,
     on_mismatch: F,
 ) -> BoxStream<'static, io::Result<Bytes>>
 where
@@ -52,7 +54,7 @@ where
                 Some(Ok(chunk)) if chunk.is_empty() => continue,
                 Some(Ok(chunk)) => {
                     check.received += chunk.len() as u64;
-                    if check.received > check.size {
+                    if check.size.is_some_and(|s| check.received > s) {
                         return Some((Err(check.mismatch()), None));
                     }
                     check.hasher.update(&chunk);
@@ -72,7 +74,7 @@ where
                         held,
                         ..
                     } = &mut check;
-                    let whole = *received == *size
+                    let whole = size.is_none_or(|s| *received == s)
                         && std::mem::replace(hasher, Hasher::new(digest.algorithm())).finish()
                             == *digest;
                     if !whole {
@@ -94,8 +96,8 @@ impl<F: FnOnce()> Check<F> {
         io::Error::new(
             io::ErrorKind::InvalidData,
             format!(
-                "the stored bytes of {} do not match it ({} bytes read of {})",
-                self.digest, self.received, self.size
+                "the bytes read for {} do not match it ({} bytes read)",
+                self.digest, self.received
             ),
         )
     }
@@ -119,9 +121,14 @@ mod tests {
     async fn read(parts: &[&'static [u8]], claimed: &[u8], size: u64) -> (Vec<u8>, bool, usize) {
         let told = Arc::new(AtomicUsize::new(0));
         let t = told.clone();
-        let stream = verified(chunks(parts), Digest::sha256_of(claimed), size, move || {
-            t.fetch_add(1, Ordering::Relaxed);
-        });
+        let stream = verified(
+            chunks(parts),
+            Digest::sha256_of(claimed),
+            Some(size),
+            move || {
+                t.fetch_add(1, Ordering::Relaxed);
+            },
+        );
         let items: Vec<io::Result<Bytes>> = stream.collect().await;
         let failed = items.iter().any(|i| i.is_err());
         let bytes = items.into_iter().filter_map(Result::ok).flatten().collect();
