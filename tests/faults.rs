@@ -465,3 +465,86 @@ async fn manifests_over_4_mib_are_refused() {
     assert_eq!(r.status(), StatusCode::OK);
     assert_eq!(r.bytes().await.unwrap().len(), fits.len());
 }
+
+/// More slow cold fetches than tokio has blocking threads (512 by
+/// default) hold none of them while they wait for bytes: a stored blob
+/// read on the blocking pool (the streamed body, as HTTP/2 clients and
+/// `zero_copy = false` get) is answered at once, and the process keeps
+/// few threads. With a spool-writing thread per fetch, the read waited
+/// for a fetch to end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_cold_fetches_leave_the_blocking_pool_to_stored_blobs() {
+    const FETCHES: usize = 520;
+    let fake = Fake::start();
+    let stored = random_bytes(64 * 1024, 31);
+    let stored_digest = digest(&stored);
+    fake.blob(&stored_digest, Blob::Good(stored.clone()));
+    // Past the size held in memory, so each fetch writes a spool file.
+    let cold: Vec<String> = (0..FETCHES).map(|i| format!("sha256:{i:064x}")).collect();
+    for d in &cold {
+        fake.blob(d, Blob::Stalled(2 * 1024 * 1024));
+    }
+    let data = tempfile::tempdir().unwrap();
+    let pier = PierProcess::start(&format!(
+        "listen = \"127.0.0.1:0\"\nbuiltin_upstreams = false\n\
+         default_registry = \"corp.example\"\n\
+         [server]\nzero_copy = false\n[fetch]\nmax_concurrent = 0\n\
+         [storage]\nkind = \"fs\"\npath = \"{}\"\n\
+         [[upstreams]]\nregistry = \"corp.example\"\nendpoints = [\"{}\"]\n",
+        data.path().display(),
+        fake.url()
+    ));
+    let url = |d: &str| format!("{}/v2/corp.example/team/app/blobs/{d}", pier.url());
+    let http = reqwest::Client::new();
+    let r = http.get(url(&stored_digest)).send().await.unwrap();
+    assert_eq!(r.bytes().await.unwrap(), stored);
+    assert_eq!(wait_files(&data.path().join("blobs"), 1).len(), 1);
+
+    // The clients wait on their fetches in the background.
+    let waiting: Vec<_> = cold
+        .iter()
+        .map(|d| tokio::spawn(http.get(url(d)).send()))
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while fake.count("GET", "/v2/team/app/blobs/sha256:00000") < FETCHES {
+        assert!(Instant::now() < deadline, "the cold fetches did not start");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Every fetch has its answer from upstream; give them time to open
+    // their spool files and take whatever they take.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    let started = Instant::now();
+    let read = tokio::time::timeout(Duration::from_secs(10), async {
+        http.get(url(&stored_digest))
+            .send()
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap()
+    })
+    .await;
+    assert_eq!(
+        read.ok(),
+        Some(stored),
+        "a stored blob read waited behind {FETCHES} slow fetches for {:?}",
+        started.elapsed()
+    );
+    let status = std::fs::read_to_string(format!("/proc/{}/status", pier.pid())).unwrap();
+    let threads: usize = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Threads:"))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap();
+    // Held for every fetch, threads reach the pool's cap of 512. Short
+    // trips (opening 520 spool files at once) may leave idle ones, which
+    // tokio keeps for 10 s.
+    assert!(
+        threads < 400,
+        "{threads} threads for {FETCHES} fetches waiting on upstream"
+    );
+    for w in waiting {
+        w.abort();
+    }
+}

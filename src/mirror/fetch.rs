@@ -464,7 +464,7 @@ async fn download(
             ),
         })
     };
-    // A spool file is written and hashed by a thread of its own, so that
+    // A spool file is written and hashed by a task of its own, so that
     // receiving from upstream never waits for the disk.
     let hasher = Hasher::new(flight.digest.algorithm());
     let mut sink = match &spooled {
@@ -558,21 +558,39 @@ fn publish(flight: &Flight, written: u64) {
 enum Sink {
     /// Into memory, hashed as they come.
     Memory(Arc<Mutex<MemorySpool>>, Box<Hasher>),
-    /// To the spool writer's thread.
+    /// To the spool writer.
     File(SpoolWriter),
 }
 
 /// Chunks waiting for the spool writer at most (each one network read).
 const SPOOL_QUEUE: usize = 4;
 
-/// The spool writer tells readers about new bytes at least this often.
-const PUBLISH_EVERY: u64 = 1024 * 1024;
+/// Bytes the spool writer gathers into one write at most: readers hear
+/// about new bytes after each write, and a fetch whose writes wait holds
+/// no more than this (besides the queue).
+const BATCH_MAX: u64 = 256 * 1024;
 
-/// The thread that writes a fetch's bytes to the spool file and hashes
-/// them, one blocking-pool thread for the whole fetch: no trip to the pool
-/// per chunk, and the disk works while the next chunks arrive. Fetches from
-/// upstream are capped by the fetch slots; fetches from a peer replica by
-/// the fetches that replica runs.
+/// Spool writes running at once in the process, across all fetches. Each
+/// holds a blocking-pool thread while it writes and hashes; one thread
+/// hashes about 1.5 GB/s, so a few outrun any network. The rest of the pool
+/// (512 threads by default) is left to store reads, metadata calls and
+/// commits, however many fetches run.
+const SPOOL_WRITES: usize = 16;
+static WRITE_SLOTS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(SPOOL_WRITES);
+
+/// Writes a fetch's bytes to the spool file and hashes them, off the task
+/// that receives them, so that receiving never waits for the disk.
+///
+/// The bytes go to the blocking pool a batch at a time (what arrived while
+/// the previous batch was written), under [`WRITE_SLOTS`]. A fetch thus
+/// holds a thread only while it writes, not for as long as upstream takes
+/// to send: a thread held for a fetch's whole length let slow fetches take
+/// the whole pool (600 slow cold blobs on one replica held 512 threads,
+/// and a stored blob read or a redb call waited for a fetch to end;
+/// tests/bench/threads.py). Bounding peer downloads by the fetch slots
+/// instead would leave `max_concurrent = 0` (or a large one) unbounded, and
+/// could stall two replicas on each other: each one's slots taken by
+/// downloads from the other, whose fetches wait for a slot to start.
 struct SpoolWriter {
     tx: tokio::sync::mpsc::Sender<Bytes>,
     done: tokio::task::JoinHandle<io::Result<WriterOutcome>>,
@@ -582,29 +600,9 @@ struct SpoolWriter {
 type WriterOutcome = (Hasher, u64);
 
 impl SpoolWriter {
-    fn start(file: Arc<std::fs::File>, mut hasher: Hasher, flight: Arc<Flight>) -> Self {
-        let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(SPOOL_QUEUE);
-        let done = tokio::task::spawn_blocking(move || {
-            let mut written = 0u64;
-            while let Some(first) = rx.blocking_recv() {
-                // What queued meanwhile goes in before readers hear, but
-                // readers hear at least every PUBLISH_EVERY bytes, even when
-                // upstream outruns the disk and the queue never empties.
-                let (mut next, until) = (Some(first), written + PUBLISH_EVERY);
-                while let Some(chunk) = next {
-                    file.write_all_at(&chunk, written)?;
-                    hasher.update(&chunk);
-                    written += chunk.len() as u64;
-                    next = if written < until {
-                        rx.try_recv().ok()
-                    } else {
-                        None
-                    };
-                }
-                publish(&flight, written);
-            }
-            Ok((hasher, written))
-        });
+    fn start(file: Arc<std::fs::File>, hasher: Hasher, flight: Arc<Flight>) -> Self {
+        let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(SPOOL_QUEUE);
+        let done = tokio::spawn(write_batches(file, hasher, flight, rx));
         Self { tx, done }
     }
 
@@ -640,6 +638,82 @@ fn spool_error(what: &str, e: &io::Error) -> FlightError {
     } else {
         FlightError::Failed(format!("{what}: {e}"))
     }
+}
+
+/// The spool writer's task: receives chunks while the previous batch is
+/// written, so the disk and the network work at the same time.
+async fn write_batches(
+    file: Arc<std::fs::File>,
+    hasher: Hasher,
+    flight: Arc<Flight>,
+    mut rx: tokio::sync::mpsc::Receiver<Bytes>,
+) -> io::Result<WriterOutcome> {
+    let mut written = 0u64;
+    // The hasher is with the write under way, if any.
+    let mut hasher = Some(hasher);
+    let mut batch: Vec<Bytes> = Vec::new();
+    let mut batched = 0u64;
+    let mut writing = None;
+    let mut open = true;
+    loop {
+        if let Some(h) = hasher.take_if(|_| !batch.is_empty()) {
+            let chunks = std::mem::take(&mut batch);
+            writing = Some(Box::pin(write_batch(file.clone(), h, written, chunks)));
+            batched = 0;
+        }
+        // With no write under way, everything received is written: wait
+        // for more, or the end (a closed queue keeps answering None).
+        let Some(write) = writing.as_mut() else {
+            match rx.recv().await {
+                Some(chunk) => {
+                    batched += chunk.len() as u64;
+                    batch.push(chunk);
+                    continue;
+                }
+                _ => break,
+            }
+        };
+        tokio::select! {
+            chunk = rx.recv(), if open && batched < BATCH_MAX => match chunk {
+                Some(chunk) => {
+                    batched += chunk.len() as u64;
+                    batch.push(chunk);
+                }
+                None => open = false,
+            },
+            done = write => {
+                let (h, end) = done?;
+                (hasher, written, writing) = (Some(h), end, None);
+                publish(&flight, written);
+            }
+        }
+    }
+    let hasher = hasher.ok_or_else(|| io::Error::other("the spool writer lost its hasher"))?;
+    Ok((hasher, written))
+}
+
+/// Writes `chunks` at `at` and hashes them, on the blocking pool once a
+/// write slot is free; the hasher and where the bytes end.
+async fn write_batch(
+    file: Arc<std::fs::File>,
+    mut hasher: Hasher,
+    at: u64,
+    chunks: Vec<Bytes>,
+) -> io::Result<(Hasher, u64)> {
+    // The semaphore is never closed; if it were, that is an error, not a
+    // panic.
+    let _slot = WRITE_SLOTS.acquire().await.map_err(io::Error::other)?;
+    tokio::task::spawn_blocking(move || {
+        let mut end = at;
+        for chunk in &chunks {
+            file.write_all_at(chunk, end)?;
+            hasher.update(chunk);
+            end += chunk.len() as u64;
+        }
+        Ok((hasher, end))
+    })
+    .await
+    .map_err(io::Error::other)?
 }
 
 /// Creates the spool file (its directory too, when missing).

@@ -33,6 +33,9 @@ pub enum Blob {
     Endless,
     /// Announces the bytes' length and sends 1 KiB of them every interval.
     Trickle(Bytes, Duration),
+    /// Announces this length, sends 1 KiB of zeros, then nothing more for
+    /// as long as the client waits.
+    Stalled(usize),
 }
 
 #[derive(Clone, Debug)]
@@ -359,6 +362,15 @@ async fn respond(State(script): State<Arc<Mutex<Script>>>, req: Request) -> Resp
                         Some((Ok::<_, std::io::Error>(b.slice(at..end)), end))
                     }
                 });
+                let mut r = Response::new(Body::from_stream(stream));
+                r.headers_mut().insert(header::CONTENT_LENGTH, len.into());
+                r
+            }
+            Blob::Stalled(len) => {
+                use futures::StreamExt as _;
+                let first = Bytes::from(vec![0u8; 1024.min(len)]);
+                let stream = futures::stream::once(async move { Ok::<_, std::io::Error>(first) })
+                    .chain(futures::stream::pending());
                 let mut r = Response::new(Body::from_stream(stream));
                 r.headers_mut().insert(header::CONTENT_LENGTH, len.into());
                 r

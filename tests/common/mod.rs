@@ -401,6 +401,11 @@ impl PierProcess {
         format!("http://127.0.0.1:{}", self.port)
     }
 
+    /// The process id (for /proc/PID figures).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// SIGTERM, then waits for the process to exit.
     pub fn terminate(&mut self) -> std::process::ExitStatus {
         let _ = Command::new("kill")
