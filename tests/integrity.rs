@@ -113,6 +113,9 @@ async fn http11_and_http2_clients_see_a_wrong_chunked_body_break() {
         assert_ne!(sha256_hex(&got.body), sha256_hex(&good));
     }
     assert!(pier.stored_blobs().is_empty());
+    // The log and the metrics say the bodies broke, not just `200`.
+    let broken = metric(&http_for(&pier), &pier, "pier_response_bodies_broken_total").await;
+    assert!(broken >= 1.0, "{broken}");
 }
 
 /// A manifest names each layer's size: a fetch streamed without a length

@@ -264,9 +264,21 @@ async fn blob(
         (Some(pieces), Some(queue)) => pieces_body(queue, pieces).boxed(),
         _ => b.stream,
     };
-    let stream = stream.inspect(move |chunk| {
-        if let Ok(c) = chunk {
+    // The request's line is logged when the head goes out; a body that
+    // breaks off later (a fetch failing, a full disk) is told in a line of
+    // its own under the same request, so a `status=200` is not the last word.
+    let span = tracing::Span::current();
+    let mut sent = 0u64;
+    let stream = stream.inspect(move |chunk| match chunk {
+        Ok(c) => {
+            sent += c.len() as u64;
             served.inc_by(c.len() as u64);
+        }
+        Err(e) => {
+            metrics().bodies_broken.inc();
+            span.in_scope(|| {
+                tracing::warn!(sent, error = %e, "the response body broke off");
+            });
         }
     });
     let mut resp = Response::new(Body::from_stream(stream));

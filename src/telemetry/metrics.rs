@@ -100,6 +100,7 @@ pub struct Metrics {
     pub local_copy_bytes: Gauge,
     pub bucket_requests: Family<OperationLabels, Counter>,
     pub fetches_abandoned: Family<ReasonLabels, Counter>,
+    pub bodies_broken: Counter,
     pub cache_bytes: Gauge,
     pub cache_blobs: Gauge,
     pub cache_evictions: Family<ReasonLabels, Counter>,
@@ -137,6 +138,7 @@ impl Metrics {
             local_copy_bytes: Gauge::default(),
             bucket_requests: Family::default(),
             fetches_abandoned: Family::default(),
+            bodies_broken: Counter::default(),
             cache_bytes: Gauge::default(),
             cache_blobs: Gauge::default(),
             cache_evictions: Family::default(),
@@ -240,6 +242,11 @@ impl Metrics {
             "abandoned_uploads_aborted",
             "Multipart uploads left open in the S3 bucket (by a process that died mid-upload) that this replica aborted",
             m.abandoned_uploads_aborted.clone(),
+        );
+        registry.register(
+            "response_bodies_broken",
+            "Blob responses whose body broke off after the head went out (a failed fetch, a full disk)",
+            m.bodies_broken.clone(),
         );
         registry.register(
             "cache_bytes",
