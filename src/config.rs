@@ -245,6 +245,16 @@ pub struct CacheConfig {
     /// Free space kept on the store's filesystem: the least recently served
     /// blobs go before it fills.
     pub min_free: MinFree,
+    /// How often every stored blob is hashed again (off when unset); one
+    /// that no longer matches its digest is removed.
+    #[serde(
+        skip_serializing_if = "Option::is_none",
+        with = "humantime_serde::option"
+    )]
+    pub scrub_interval: Option<Duration>,
+    /// Bytes per second the scrub reads at most, so it never competes with
+    /// clients.
+    pub scrub_rate: u64,
 }
 
 /// Free space to keep on a filesystem.

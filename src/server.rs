@@ -21,7 +21,7 @@ use crate::config::{Config, MetadataConfig, ServerConfig, StorageConfig};
 use crate::limits::{ClientLimits, PeerAddr};
 use crate::meta::{EmbeddedMeta, MetaStore, RedisMeta};
 use crate::mirror::Mirror;
-use crate::storage::{BlobStore, Budget, BudgetedFsStore, S3BlobStore, TieredBlobStore};
+use crate::storage::{BlobStore, Budget, BudgetedFsStore, S3BlobStore, Scrub, TieredBlobStore};
 use crate::zerocopy::ClientIo;
 
 /// Opens the configured stores and builds the mirror, and the client limits
@@ -32,6 +32,10 @@ pub async fn build_mirror(config: &Config) -> anyhow::Result<(Arc<Mirror>, Arc<C
             let budget = Budget {
                 max_size: config.cache.max_size,
                 min_free: config.cache.min_free,
+                scrub: config.cache.scrub_interval.map(|interval| Scrub {
+                    interval,
+                    rate: config.cache.scrub_rate,
+                }),
             };
             Arc::new(
                 BudgetedFsStore::open(path, budget)

@@ -80,7 +80,10 @@ const SECTIONS: &[(&str, &[&str])] = &[
         ],
     ),
     ("egress", &["refuse"]),
-    ("cache", &["max_size", "min_free"]),
+    (
+        "cache",
+        &["max_size", "min_free", "scrub_interval", "scrub_rate"],
+    ),
     ("cluster", &["advertise_url", "lease_ttl"]),
 ];
 const UPSTREAM_KEYS: &[&str] = &["aliases", "endpoints", "tag_ttl", "username", "password"];

@@ -134,6 +134,9 @@ pub struct FileCache {
     pub max_size: Option<ByteSize>,
     /// A share of the filesystem (`"10%"`) or a size.
     pub min_free: Option<ByteSize>,
+    #[serde(default, with = "humantime_serde")]
+    pub scrub_interval: Option<Duration>,
+    pub scrub_rate: Option<ByteSize>,
 }
 
 /// A size as a number of bytes or a string like `"64MiB"` or `"1GB"`.

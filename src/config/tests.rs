@@ -285,10 +285,23 @@ fn cache_budget_and_free_space() {
     assert_eq!(c.cache.min_free.bytes(1000), 150);
     let c = load("[cache]\nmin_free = \"20GiB\"\n", &[]).unwrap();
     assert_eq!(c.cache.min_free, crate::config::MinFree::Bytes(20 << 30));
+    assert_eq!(
+        (c.cache.scrub_interval, c.cache.scrub_rate),
+        (None, 32 << 20)
+    );
+    let c = load(
+        "[cache]\nscrub_interval = \"3h\"\n",
+        &[("PIER_CACHE__SCRUB_RATE", "8MiB")],
+    )
+    .unwrap();
+    assert_eq!(c.cache.scrub_interval, Some(Duration::from_secs(3 * 3600)));
+    assert_eq!(c.cache.scrub_rate, 8 << 20);
     for (text, key) in [
         ("[cache]\nmax_size = 0\n", "cache.max_size"),
         ("[cache]\nmin_free = \"95%\"\n", "cache.min_free"),
         ("[cache]\nmin_free = \"lots\"\n", "cache.min_free"),
+        ("[cache]\nscrub_interval = \"0s\"\n", "cache.scrub_interval"),
+        ("[cache]\nscrub_rate = 0\n", "cache.scrub_rate"),
         (
             "[storage]\nkind = \"s3\"\nbucket = \"b\"\n[cache]\nmax_size = \"1GiB\"\n",
             "cache.max_size",

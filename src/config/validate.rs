@@ -228,7 +228,34 @@ fn cache(c: FileCache, storage: &StorageConfig, p: &mut Problems) -> CacheConfig
         }
         Some(v) => MinFree::Bytes(size(p, "cache.min_free", Some(v)).unwrap_or(0)),
     };
-    CacheConfig { max_size, min_free }
+    let scrub_interval = match c.scrub_interval {
+        Some(d) if d.is_zero() => {
+            p.add("cache.scrub_interval", "must be longer than zero".into());
+            None
+        }
+        other => other,
+    };
+    if scrub_interval.is_some() && matches!(storage, StorageConfig::S3(_)) {
+        p.add(
+            "cache.scrub_interval",
+            "applies to the fs store only (blobs read from a bucket are verified as they stream)"
+                .into(),
+        );
+    }
+    let scrub_rate = match size(p, "cache.scrub_rate", c.scrub_rate.as_ref()) {
+        Some(0) => {
+            p.add("cache.scrub_rate", "must be more than zero".into());
+            32 << 20
+        }
+        Some(n) => n,
+        None => 32 << 20,
+    };
+    CacheConfig {
+        max_size,
+        min_free,
+        scrub_interval,
+        scrub_rate,
+    }
 }
 
 fn storage(s: FileStorage, p: &mut Problems) -> StorageConfig {

@@ -34,11 +34,20 @@ use crate::telemetry::metrics::metrics;
 /// (other programs fill disks too).
 const HOUSEKEEPING_EVERY: Duration = Duration::from_secs(30);
 
-/// What the store may take of its disk.
+/// What the store may take of its disk, and how it checks what it holds.
 #[derive(Clone, Copy, Debug)]
 pub struct Budget {
     pub max_size: Option<u64>,
     pub min_free: MinFree,
+    pub scrub: Option<Scrub>,
+}
+
+/// Every blob is hashed again each `interval`, reading at most `rate` bytes
+/// a second.
+#[derive(Clone, Copy, Debug)]
+pub struct Scrub {
+    pub interval: Duration,
+    pub rate: u64,
 }
 
 pub struct BudgetedFsStore {
@@ -96,6 +105,9 @@ impl BudgetedFsStore {
         });
         shared.publish();
         tokio::spawn(housekeeping(Arc::downgrade(&shared)));
+        if let Some(scrub) = budget.scrub {
+            tokio::spawn(scrubbing(Arc::downgrade(&shared), scrub));
+        }
         Shared::evict_if_over(&shared);
         Ok(Self { shared })
     }
@@ -114,6 +126,23 @@ impl BudgetedFsStore {
     /// Writes the uses recorded so far to the files.
     pub async fn record_uses(&self) {
         self.shared.record_uses().await;
+    }
+
+    /// Hashes every stored blob again, reading at most `rate` bytes a
+    /// second, and removes those that no longer match; how many it removed.
+    pub async fn scrub(&self, rate: u64) -> usize {
+        self.shared.scrub(rate).await
+    }
+}
+
+/// Scrubs the store every interval, until it is dropped.
+async fn scrubbing(shared: Weak<Shared>, scrub: Scrub) {
+    loop {
+        tokio::time::sleep(scrub.interval).await;
+        let Some(shared) = shared.upgrade() else {
+            return;
+        };
+        shared.scrub(scrub.rate).await;
     }
 }
 
@@ -220,6 +249,46 @@ impl Shared {
         removed
     }
 
+    async fn scrub(&self, rate: u64) -> usize {
+        let digests = self.index().blobs.keys();
+        let mut removed = 0;
+        for digest in digests {
+            let (path, d) = (self.files.path_of(&digest), digest.clone());
+            let checked = tokio::task::spawn_blocking(move || hash_matches(&path, &d, rate)).await;
+            let inode = match checked {
+                Ok(Ok(Checked::Corrupt(inode))) => inode,
+                Ok(Ok(_)) => continue,
+                Ok(Err(e)) => {
+                    tracing::warn!(%digest, error = %e, "cannot scrub a blob");
+                    continue;
+                }
+                Err(e) => {
+                    tracing::warn!(%digest, error = %e, "scrubbing failed");
+                    continue;
+                }
+            };
+            let _placing = self.placing.lock().await;
+            // Stored again (whole) while it was read: that copy stays.
+            let path = self.files.path_of(&digest);
+            let size = match std::fs::metadata(&path) {
+                Ok(m) if std::os::unix::fs::MetadataExt::ino(&m) == inode => m.len(),
+                _ => continue,
+            };
+            self.index().blobs.remove(&digest);
+            match self.files.delete(&digest).await {
+                Ok(()) => {
+                    removed += 1;
+                    metrics().cache_eviction("corrupt", size);
+                    tracing::error!(%digest, "a stored blob no longer matches its digest: removed");
+                }
+                Err(e) => tracing::warn!(%digest, error = %e, "cannot remove a corrupt blob"),
+            }
+        }
+        self.publish();
+        tracing::info!(removed, "scrub done");
+        removed
+    }
+
     /// Sets the modification time of the blobs served since the last call
     /// to now: the order a restart finds them in.
     async fn record_uses(&self) {
@@ -247,6 +316,47 @@ impl Shared {
             tracing::warn!(error = %e, "recording uses failed");
         }
     }
+}
+
+/// What hashing a stored blob again found.
+enum Checked {
+    Whole,
+    Gone,
+    /// The file (this inode) does not hash to its digest.
+    Corrupt(u64),
+}
+
+/// Hashes the blob file at `path`, reading at most `rate` bytes a second.
+/// Blocking.
+fn hash_matches(path: &Path, digest: &Digest, rate: u64) -> io::Result<Checked> {
+    use std::io::Read;
+    use std::os::unix::fs::MetadataExt;
+    let mut file = match std::fs::File::open(path) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Checked::Gone),
+        other => other?,
+    };
+    let inode = file.metadata()?.ino();
+    let mut hasher = crate::reference::Hasher::new(digest.algorithm());
+    let mut buf = vec![0u8; 1 << 20];
+    let (started, mut read) = (std::time::Instant::now(), 0u64);
+    loop {
+        let n = file.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+        read += n as u64;
+        metrics().scrub_bytes.inc_by(n as u64);
+        let due = Duration::from_secs_f64(read as f64 / rate.max(1) as f64);
+        if let Some(wait) = due.checked_sub(started.elapsed()) {
+            std::thread::sleep(wait);
+        }
+    }
+    Ok(if hasher.finish() == *digest {
+        Checked::Whole
+    } else {
+        Checked::Corrupt(inode)
+    })
 }
 
 /// Free and total bytes of the filesystem holding `path`.
@@ -317,6 +427,7 @@ mod tests {
         Budget {
             max_size: Some(max),
             min_free: MinFree::Bytes(0),
+            scrub: None,
         }
     }
 
@@ -423,6 +534,29 @@ mod tests {
         assert_eq!(store.stat(&first).await.unwrap(), Some(1_000_000));
         let body = store.get(&first, None).await.unwrap().unwrap();
         assert_eq!(body.size, 1_000_000);
+    }
+
+    /// A blob whose file rotted is found by the scrub and removed; whole
+    /// ones stay.
+    #[tokio::test]
+    async fn the_scrub_removes_a_blob_with_a_flipped_byte() {
+        use std::os::unix::fs::FileExt;
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("store");
+        let store = BudgetedFsStore::open(&root, budget(1 << 30)).await.unwrap();
+        std::fs::create_dir_all(root.join("tmp")).unwrap();
+        let good = put(&store, &root.join("tmp"), 1, 300_000).await;
+        let rotten = put(&store, &root.join("tmp"), 2, 300_000).await;
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .open(store.shared.files.path_of(&rotten))
+            .unwrap();
+        file.write_all_at(&[3], 150_000).unwrap();
+        assert_eq!(store.scrub(100 << 20).await, 1);
+        assert_eq!(store.stat(&rotten).await.unwrap(), None);
+        assert_eq!(store.stat(&good).await.unwrap(), Some(300_000));
+        assert_eq!(store.usage(), (300_000, 1));
+        assert_eq!(store.scrub(100 << 20).await, 0);
     }
 
     /// A blob being read when it is evicted is read to its end.

@@ -101,6 +101,7 @@ pub struct Metrics {
     pub bucket_requests: Family<OperationLabels, Counter>,
     pub fetches_abandoned: Family<ReasonLabels, Counter>,
     pub bodies_broken: Counter,
+    pub scrub_bytes: Counter,
     pub cache_bytes: Gauge,
     pub cache_blobs: Gauge,
     pub cache_evictions: Family<ReasonLabels, Counter>,
@@ -139,6 +140,7 @@ impl Metrics {
             bucket_requests: Family::default(),
             fetches_abandoned: Family::default(),
             bodies_broken: Counter::default(),
+            scrub_bytes: Counter::default(),
             cache_bytes: Gauge::default(),
             cache_blobs: Gauge::default(),
             cache_evictions: Family::default(),
@@ -247,6 +249,11 @@ impl Metrics {
             "response_bodies_broken",
             "Blob responses whose body broke off after the head went out (a failed fetch, a full disk)",
             m.bodies_broken.clone(),
+        );
+        registry.register(
+            "scrub_bytes",
+            "Bytes of stored blobs hashed again by the scrub",
+            m.scrub_bytes.clone(),
         );
         registry.register(
             "cache_bytes",
