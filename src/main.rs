@@ -1,10 +1,11 @@
-//! The `pier` command: `serve` and `check-config`.
+//! The `pier` command: `serve`, `check-config`, `cache stats` and `gc`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use pier::config::Config;
+use pier::config::{Config, StorageConfig};
+use pier::storage::{Budget, Survey};
 
 #[derive(Parser)]
 #[command(
@@ -30,6 +31,29 @@ enum Command {
         #[arg(env = "PIER_CONFIG")]
         file: Option<PathBuf>,
     },
+    /// Look at the cache.
+    Cache {
+        #[command(subcommand)]
+        action: CacheAction,
+    },
+    /// Bring the fs store within its budget now (least recently served
+    /// first); safe beside a running replica.
+    Gc {
+        #[arg(long, short, env = "PIER_CONFIG")]
+        config: Option<PathBuf>,
+        /// Say what would be removed, remove nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum CacheAction {
+    /// Print the store's usage against its budget.
+    Stats {
+        #[arg(long, short, env = "PIER_CONFIG")]
+        config: Option<PathBuf>,
+    },
 }
 
 fn load(path: Option<&PathBuf>) -> Result<Config, ExitCode> {
@@ -42,9 +66,132 @@ fn load(path: Option<&PathBuf>) -> Result<Config, ExitCode> {
     })
 }
 
+/// Bytes in binary units, one decimal.
+fn human(n: u64) -> String {
+    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
+    let mut value = n as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit < UNITS.len() - 1 {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{n} B")
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
+    }
+}
+
+/// The fs store's directory, or why these commands do not apply.
+fn fs_root(config: &Config) -> Result<&std::path::Path, ExitCode> {
+    match &config.storage {
+        StorageConfig::Fs { path } => Ok(path),
+        StorageConfig::S3(_) => {
+            eprintln!(
+                "pier: the cache budget applies to the fs store; the S3 store's usage is not counted yet"
+            );
+            Err(ExitCode::from(2))
+        }
+    }
+}
+
+fn budget_line(config: &Config, survey: &Survey) -> String {
+    let keep = config.cache.min_free.bytes(survey.total);
+    let max = config.cache.max_size.map_or_else(
+        || "no size budget".to_owned(),
+        |m| format!("max_size {}", human(m)),
+    );
+    format!("budget: {max}; keeps {} free (min_free)", human(keep))
+}
+
+fn survey(root: &std::path::Path) -> Result<Survey, ExitCode> {
+    Survey::of(root).map_err(|e| {
+        eprintln!("pier: cannot read the store at {}: {e}", root.display());
+        ExitCode::FAILURE
+    })
+}
+
+fn cache_stats(config: &Config) -> Result<(), ExitCode> {
+    let root = fs_root(config)?;
+    let survey = survey(root)?;
+    println!("store: fs {}", root.display());
+    println!("blobs: {} ({})", survey.blobs.len(), human(survey.bytes()));
+    if let Some(max) = config.cache.max_size {
+        println!(
+            "use: {:.1} % of max_size",
+            survey.bytes() as f64 * 100.0 / max as f64
+        );
+    }
+    println!("{}", budget_line(config, &survey));
+    println!("free: {} of {}", human(survey.free), human(survey.total));
+    if let Some((at, ..)) = survey.blobs.first() {
+        println!(
+            "least recently served: {}",
+            humantime::format_rfc3339_seconds(*at)
+        );
+    }
+    Ok(())
+}
+
+fn gc(config: &Config, dry_run: bool) -> Result<(), ExitCode> {
+    let root = fs_root(config)?;
+    let survey = survey(root)?;
+    let budget = Budget {
+        max_size: config.cache.max_size,
+        min_free: config.cache.min_free,
+        scrub: None,
+    };
+    println!("store: fs {}", root.display());
+    println!("{}", budget_line(config, &survey));
+    println!(
+        "holds: {} blobs, {}; {} free of {}",
+        survey.blobs.len(),
+        human(survey.bytes()),
+        human(survey.free),
+        human(survey.total)
+    );
+    let victims = survey.over_budget(&budget);
+    if victims.is_empty() {
+        println!("within budget: nothing to remove");
+        return Ok(());
+    }
+    let bytes: u64 = victims.iter().map(|(_, _, s)| s).sum();
+    let (oldest, newest) = (victims[0].0, victims[victims.len() - 1].0);
+    println!(
+        "{}: {} blobs, {}, last served {} to {}",
+        if dry_run { "would remove" } else { "removing" },
+        victims.len(),
+        human(bytes),
+        humantime::format_rfc3339_seconds(oldest),
+        humantime::format_rfc3339_seconds(newest)
+    );
+    if dry_run {
+        return Ok(());
+    }
+    let (count, removed) = Survey::remove(root, victims);
+    println!(
+        "removed: {count} blobs, {} ({} were served meanwhile and stay)",
+        human(removed),
+        victims.len() - count
+    );
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
+        Command::Cache {
+            action: CacheAction::Stats { config },
+        } => match load(config.as_ref()).and_then(|c| cache_stats(&c)) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(code) => code,
+        },
+        Command::Gc { config, dry_run } => {
+            match load(config.as_ref()).and_then(|c| gc(&c, dry_run)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(code) => code,
+            }
+        }
         Command::CheckConfig { file } => match load(file.as_ref()) {
             Ok(c) => {
                 print!("{}", c.to_masked_toml());

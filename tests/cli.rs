@@ -114,3 +114,55 @@ fn serve_without_a_config_keeps_its_data_under_the_working_directory() {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// A store directory holding `n` blobs of `size` bytes, written oldest
+/// first; their paths.
+fn store_with_blobs(root: &std::path::Path, n: u8, size: usize) -> Vec<std::path::PathBuf> {
+    use sha2::Digest as _;
+    (0..n)
+        .map(|seed| {
+            let bytes = vec![seed; size];
+            let hex = hex::encode(sha2::Sha256::digest(&bytes));
+            let path = root.join("blobs/sha256").join(&hex[..2]).join(&hex);
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            std::fs::write(&path, &bytes).unwrap();
+            std::thread::sleep(Duration::from_millis(20));
+            path
+        })
+        .collect()
+}
+
+#[test]
+fn cache_stats_and_gc_bring_the_store_within_its_budget() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let paths = store_with_blobs(&data, 5, 1 << 20);
+    let file = dir.path().join("pier.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "[storage]\npath = \"{}\"\n[cache]\nmax_size = \"3MiB\"\nmin_free = 0\n",
+            data.display()
+        ),
+    )
+    .unwrap();
+    let run = |args: &[&str]| {
+        let out = pier().args(args).arg("--config").arg(&file).output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let stats = run(&["cache", "stats"]);
+    assert!(stats.contains("blobs: 5 (5.0 MiB)"), "{stats}");
+    assert!(stats.contains("166.7 % of max_size"), "{stats}");
+
+    // Down to 90 % of 3 MiB: the three least recently served go.
+    let plan = run(&["gc", "--dry-run"]);
+    assert!(plan.contains("would remove: 3 blobs, 3.0 MiB"), "{plan}");
+    assert!(paths.iter().all(|p| p.exists()));
+    let done = run(&["gc"]);
+    assert!(done.contains("removed: 3 blobs, 3.0 MiB"), "{done}");
+    let left: Vec<bool> = paths.iter().map(|p| p.exists()).collect();
+    assert_eq!(left, [false, false, false, true, true]);
+    assert!(run(&["gc"]).contains("within budget: nothing to remove"));
+    assert!(run(&["cache", "stats"]).contains("blobs: 2 (2.0 MiB)"));
+}

@@ -146,15 +146,96 @@ async fn scrubbing(shared: Weak<Shared>, scrub: Scrub) {
     }
 }
 
-/// Records uses and keeps free space, until the store is dropped.
+/// Records uses and keeps free space, until the store is dropped; now and
+/// then checks the index against the files (`pier gc` may have run).
 async fn housekeeping(shared: Weak<Shared>) {
+    let mut rounds = 0u32;
     loop {
         tokio::time::sleep(HOUSEKEEPING_EVERY).await;
         let Some(shared) = shared.upgrade() else {
             return;
         };
         shared.record_uses().await;
+        rounds += 1;
+        if rounds % RECONCILE_EVERY_ROUNDS == 0
+            && let Err(e) = shared.reconcile().await
+        {
+            tracing::warn!(error = %e, "cannot check the blob store's files");
+        }
         Shared::evict_if_over(&shared);
+    }
+}
+
+/// Housekeeping rounds between two checks of the index against the files.
+const RECONCILE_EVERY_ROUNDS: u32 = 20;
+
+/// What a store directory holds, read from names and `stat` alone: for
+/// `pier cache stats` and `pier gc`, beside a running replica or not.
+pub struct Survey {
+    /// (last use, digest, size), least recently used first.
+    pub blobs: Vec<(SystemTime, Digest, u64)>,
+    /// Free and total bytes of its filesystem.
+    pub free: u64,
+    pub total: u64,
+}
+
+impl Survey {
+    /// Reads the store under `root`. Blocking.
+    pub fn of(root: &Path) -> io::Result<Survey> {
+        let blobs = super::fs::blobs_by_time(root, false)?;
+        let (free, total) = free_space(root)?;
+        Ok(Survey { blobs, free, total })
+    }
+
+    pub fn bytes(&self) -> u64 {
+        self.blobs.iter().map(|(_, _, s)| s).sum()
+    }
+
+    /// The blobs to remove to bring the store within `budget`, least
+    /// recently used first, as a running store would choose them.
+    pub fn over_budget(&self, budget: &Budget) -> &[(SystemTime, Digest, u64)] {
+        let used = self.bytes();
+        let for_size = budget
+            .max_size
+            .filter(|&max| used > max)
+            .map_or(0, |max| used - max / 10 * 9);
+        let keep = budget.min_free.bytes(self.total);
+        let for_space = if self.free < keep {
+            keep + keep / 10 - self.free
+        } else {
+            0
+        };
+        let need = for_size.max(for_space);
+        let mut freed = 0;
+        let count = self
+            .blobs
+            .iter()
+            .take_while(|(_, _, size)| {
+                let more = freed < need;
+                freed += size;
+                more
+            })
+            .count();
+        &self.blobs[..count]
+    }
+
+    /// Removes `victims` from the store under `root`, each only if it was
+    /// not used (or stored again) since the survey; the count and bytes
+    /// removed. Blocking.
+    pub fn remove(root: &Path, victims: &[(SystemTime, Digest, u64)]) -> (usize, u64) {
+        let files = FsBlobStore::at(root);
+        let (mut count, mut bytes) = (0, 0);
+        for (at, digest, size) in victims {
+            let path = files.path_of(digest);
+            let unchanged = std::fs::metadata(&path)
+                .and_then(|m| m.modified())
+                .is_ok_and(|now| now == *at);
+            if unchanged && std::fs::remove_file(&path).is_ok() {
+                count += 1;
+                bytes += size;
+            }
+        }
+        (count, bytes)
     }
 }
 
@@ -247,6 +328,33 @@ impl Shared {
             tracing::info!(bytes = removed, "evicted the least recently served blobs");
         }
         removed
+    }
+
+    /// Makes the index agree with the files: blobs removed behind its back
+    /// are forgotten, files it lacks are counted.
+    async fn reconcile(&self) -> io::Result<()> {
+        let root = self.root.clone();
+        let on_disk = tokio::task::spawn_blocking(move || super::fs::blobs_by_time(&root, false))
+            .await
+            .map_err(io::Error::other)??;
+        let _placing = self.placing.lock().await;
+        let listed: HashSet<&Digest> = on_disk.iter().map(|(_, d, _)| d).collect();
+        let indexed = self.index().blobs.keys();
+        for digest in indexed.into_iter().filter(|d| !listed.contains(d)) {
+            if matches!(self.files.stat(&digest).await, Ok(None)) {
+                self.index().blobs.remove(&digest);
+            }
+        }
+        {
+            let mut index = self.index();
+            for (_, digest, size) in &on_disk {
+                if !index.blobs.contains(digest) {
+                    index.blobs.insert(digest.clone(), *size);
+                }
+            }
+        }
+        self.publish();
+        Ok(())
     }
 
     async fn scrub(&self, rate: u64) -> usize {
@@ -557,6 +665,38 @@ mod tests {
         assert_eq!(store.stat(&good).await.unwrap(), Some(300_000));
         assert_eq!(store.usage(), (300_000, 1));
         assert_eq!(store.scrub(100 << 20).await, 0);
+    }
+
+    /// `pier gc` picks what a running store would, and removes nothing a
+    /// store used (or stored) since its survey; the store then counts only
+    /// the files left.
+    #[tokio::test]
+    async fn a_survey_plans_what_eviction_would_and_the_store_reconciles() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("store");
+        let store = BudgetedFsStore::open(&root, budget(u64::MAX))
+            .await
+            .unwrap();
+        std::fs::create_dir_all(root.join("tmp")).unwrap();
+        let mut blobs = Vec::new();
+        for seed in 0..4 {
+            blobs.push(put(&store, &root.join("tmp"), seed, 100_000).await);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let survey = Survey::of(&root).unwrap();
+        assert_eq!((survey.bytes(), survey.blobs.len()), (400_000, 4));
+        // 250 kB allowed: down to 225 kB, so two go, the oldest.
+        let victims = survey.over_budget(&budget(250_000));
+        let chosen: Vec<&Digest> = victims.iter().map(|(_, d, _)| d).collect();
+        assert_eq!(chosen, [&blobs[0], &blobs[1]]);
+        // The second is served meanwhile: it stays.
+        store.get(&blobs[1], None).await.unwrap().unwrap();
+        store.record_uses().await;
+        assert_eq!(Survey::remove(&root, victims), (1, 100_000));
+        assert_eq!(store.stat(&blobs[0]).await.unwrap(), None);
+        assert_eq!(store.usage(), (400_000, 4));
+        store.shared.reconcile().await.unwrap();
+        assert_eq!(store.usage(), (300_000, 3));
     }
 
     /// A blob being read when it is evicted is read to its end.

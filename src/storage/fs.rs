@@ -29,6 +29,13 @@ impl FsBlobStore {
         })
     }
 
+    /// The store under `root`, as it is (nothing created).
+    pub(crate) fn at(root: &Path) -> Self {
+        Self {
+            root: root.to_owned(),
+        }
+    }
+
     pub(crate) fn path_of(&self, digest: &Digest) -> PathBuf {
         let hex = digest.hex();
         self.root
@@ -185,8 +192,24 @@ pub(crate) fn move_into_place(spool: &Path, dest: &Path, size: u64) -> Result<()
 /// recently modified first, from names and `stat` alone. Files whose names
 /// are not digests are not blobs: removed. Blocking.
 pub(crate) fn blobs_in(root: &Path) -> io::Result<Vec<(Digest, u64)>> {
+    Ok(blobs_by_time(root, true)?
+        .into_iter()
+        .map(|(_, d, s)| (d, s))
+        .collect())
+}
+
+/// The blobs under `root` with their modification times, oldest first;
+/// stray files removed when `remove_strays`. Blocking.
+pub(crate) fn blobs_by_time(
+    root: &Path,
+    remove_strays: bool,
+) -> io::Result<Vec<(SystemTime, Digest, u64)>> {
     let mut found = Vec::new();
-    for algorithm in std::fs::read_dir(root.join("blobs"))? {
+    let top = match std::fs::read_dir(root.join("blobs")) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(found),
+        other => other?,
+    };
+    for algorithm in top {
         let algorithm = algorithm?;
         for prefix in std::fs::read_dir(algorithm.path())? {
             for file in std::fs::read_dir(prefix?.path())? {
@@ -196,7 +219,7 @@ pub(crate) fn blobs_in(root: &Path) -> io::Result<Vec<(Digest, u64)>> {
                     algorithm.file_name().to_string_lossy(),
                     file.file_name().to_string_lossy()
                 );
-                // A copy evicted while the scan runs is simply not found.
+                // A blob removed while the scan runs is simply not found.
                 let meta = match file.metadata() {
                     Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
                     other => other?,
@@ -206,7 +229,7 @@ pub(crate) fn blobs_in(root: &Path) -> io::Result<Vec<(Digest, u64)>> {
                         let at = meta.modified().unwrap_or(SystemTime::UNIX_EPOCH);
                         found.push((at, digest, meta.len()));
                     }
-                    _ if meta.is_file() => std::fs::remove_file(file.path())?,
+                    _ if meta.is_file() && remove_strays => std::fs::remove_file(file.path())?,
                     // Not ours to remove: ignored.
                     _ => {}
                 }
@@ -214,7 +237,7 @@ pub(crate) fn blobs_in(root: &Path) -> io::Result<Vec<(Digest, u64)>> {
         }
     }
     found.sort_by_key(|(at, ..)| *at);
-    Ok(found.into_iter().map(|(_, d, s)| (d, s)).collect())
+    Ok(found)
 }
 
 #[cfg(test)]
