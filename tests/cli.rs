@@ -147,8 +147,17 @@ fn cache_stats_and_gc_bring_the_store_within_its_budget() {
     )
     .unwrap();
     let run = |args: &[&str]| {
-        let out = pier().args(args).arg("--config").arg(&file).output().unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let out = pier()
+            .args(args)
+            .arg("--config")
+            .arg(&file)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         String::from_utf8(out.stdout).unwrap()
     };
     let stats = run(&["cache", "stats"]);

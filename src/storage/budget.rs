@@ -157,7 +157,7 @@ async fn housekeeping(shared: Weak<Shared>) {
         };
         shared.record_uses().await;
         rounds += 1;
-        if rounds % RECONCILE_EVERY_ROUNDS == 0
+        if rounds.is_multiple_of(RECONCILE_EVERY_ROUNDS)
             && let Err(e) = shared.reconcile().await
         {
             tracing::warn!(error = %e, "cannot check the blob store's files");
