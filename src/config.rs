@@ -255,6 +255,13 @@ pub struct CacheConfig {
     /// Bytes per second the scrub reads at most, so it never competes with
     /// clients.
     pub scrub_rate: u64,
+    /// Blobs not served for this long are removed, whatever the size (off
+    /// when unset).
+    #[serde(
+        skip_serializing_if = "Option::is_none",
+        with = "humantime_serde::option"
+    )]
+    pub max_age: Option<Duration>,
 }
 
 /// Free space to keep on a filesystem.

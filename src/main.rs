@@ -139,6 +139,7 @@ fn gc(config: &Config, dry_run: bool) -> Result<(), ExitCode> {
     let budget = Budget {
         max_size: config.cache.max_size,
         min_free: config.cache.min_free,
+        max_age: config.cache.max_age,
         scrub: None,
     };
     println!("store: fs {}", root.display());

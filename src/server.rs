@@ -32,6 +32,7 @@ pub async fn build_mirror(config: &Config) -> anyhow::Result<(Arc<Mirror>, Arc<C
             let budget = Budget {
                 max_size: config.cache.max_size,
                 min_free: config.cache.min_free,
+                max_age: config.cache.max_age,
                 scrub: config.cache.scrub_interval.map(|interval| Scrub {
                     interval,
                     rate: config.cache.scrub_rate,

@@ -82,7 +82,13 @@ const SECTIONS: &[(&str, &[&str])] = &[
     ("egress", &["refuse"]),
     (
         "cache",
-        &["max_size", "min_free", "scrub_interval", "scrub_rate"],
+        &[
+            "max_size",
+            "min_free",
+            "scrub_interval",
+            "scrub_rate",
+            "max_age",
+        ],
     ),
     ("cluster", &["advertise_url", "lease_ttl"]),
 ];

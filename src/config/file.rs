@@ -137,6 +137,8 @@ pub struct FileCache {
     #[serde(default, with = "humantime_serde")]
     pub scrub_interval: Option<Duration>,
     pub scrub_rate: Option<ByteSize>,
+    #[serde(default, with = "humantime_serde")]
+    pub max_age: Option<Duration>,
 }
 
 /// A size as a number of bytes or a string like `"64MiB"` or `"1GB"`.

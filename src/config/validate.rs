@@ -250,11 +250,25 @@ fn cache(c: FileCache, storage: &StorageConfig, p: &mut Problems) -> CacheConfig
         Some(n) => n,
         None => 32 << 20,
     };
+    let max_age = match c.max_age {
+        Some(d) if d.is_zero() => {
+            p.add("cache.max_age", "must be longer than zero".into());
+            None
+        }
+        other => other,
+    };
+    if max_age.is_some() && matches!(storage, StorageConfig::S3(_)) {
+        p.add(
+            "cache.max_age",
+            "applies to the fs store only (retention for the bucket is not built yet)".into(),
+        );
+    }
     CacheConfig {
         max_size,
         min_free,
         scrub_interval,
         scrub_rate,
+        max_age,
     }
 }
 

@@ -39,6 +39,8 @@ const HOUSEKEEPING_EVERY: Duration = Duration::from_secs(30);
 pub struct Budget {
     pub max_size: Option<u64>,
     pub min_free: MinFree,
+    /// Blobs not served for this long go, whatever the size.
+    pub max_age: Option<Duration>,
     pub scrub: Option<Scrub>,
 }
 
@@ -156,6 +158,9 @@ async fn housekeeping(shared: Weak<Shared>) {
             return;
         };
         shared.record_uses().await;
+        if let Some(max_age) = shared.budget.max_age {
+            shared.evict_aged(max_age).await;
+        }
         rounds += 1;
         if rounds.is_multiple_of(RECONCILE_EVERY_ROUNDS)
             && let Err(e) = shared.reconcile().await
@@ -207,7 +212,7 @@ impl Survey {
         };
         let need = for_size.max(for_space);
         let mut freed = 0;
-        let count = self
+        let for_bytes = self
             .blobs
             .iter()
             .take_while(|(_, _, size)| {
@@ -216,7 +221,16 @@ impl Survey {
                 more
             })
             .count();
-        &self.blobs[..count]
+        let cutoff = budget
+            .max_age
+            .and_then(|age| SystemTime::now().checked_sub(age));
+        let aged = cutoff.map_or(0, |cutoff| {
+            self.blobs
+                .iter()
+                .take_while(|(at, ..)| *at < cutoff)
+                .count()
+        });
+        &self.blobs[..for_bytes.max(aged)]
     }
 
     /// Removes `victims` from the store under `root`, each only if it was
@@ -326,6 +340,50 @@ impl Shared {
         }
         if removed > 0 {
             tracing::info!(bytes = removed, "evicted the least recently served blobs");
+        }
+        removed
+    }
+
+    /// Removes the blobs not served for `max_age`: the least recently used
+    /// first, as long as their files' times (uses recorded) say so.
+    async fn evict_aged(&self, max_age: Duration) -> u64 {
+        let _one = self.evicting.lock().await;
+        let Some(cutoff) = SystemTime::now().checked_sub(max_age) else {
+            return 0;
+        };
+        let mut removed = 0;
+        loop {
+            let Some(oldest) = self.index().blobs.oldest().cloned() else {
+                break;
+            };
+            let _placing = self.placing.lock().await;
+            let path = self.files.path_of(&oldest);
+            let (used_at, size) = match std::fs::metadata(&path) {
+                Ok(m) => (m.modified().unwrap_or(SystemTime::UNIX_EPOCH), m.len()),
+                // Gone behind the index's back: forget it.
+                Err(_) => {
+                    self.index().blobs.remove(&oldest);
+                    continue;
+                }
+            };
+            // Served since its time was written: wait for the next round.
+            if used_at >= cutoff || self.index().used.contains(&oldest) {
+                break;
+            }
+            self.index().blobs.remove(&oldest);
+            match self.files.delete(&oldest).await {
+                Ok(()) => {
+                    removed += size;
+                    metrics().cache_eviction("age", size);
+                }
+                Err(e) => {
+                    tracing::warn!(digest = %oldest, error = %e, "cannot remove an aged blob")
+                }
+            }
+        }
+        if removed > 0 {
+            self.publish();
+            tracing::info!(bytes = removed, max_age = %humantime::format_duration(max_age), "removed blobs not served for max_age");
         }
         removed
     }
@@ -535,6 +593,7 @@ mod tests {
         Budget {
             max_size: Some(max),
             min_free: MinFree::Bytes(0),
+            max_age: None,
             scrub: None,
         }
     }
@@ -697,6 +756,40 @@ mod tests {
         assert_eq!(store.usage(), (400_000, 4));
         store.shared.reconcile().await.unwrap();
         assert_eq!(store.usage(), (300_000, 3));
+    }
+
+    /// Blobs not served for `max_age` go, by the times their files keep;
+    /// one served since stays.
+    #[tokio::test]
+    async fn blobs_not_served_for_max_age_go() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("store");
+        let store = BudgetedFsStore::open(&root, budget(u64::MAX))
+            .await
+            .unwrap();
+        std::fs::create_dir_all(root.join("tmp")).unwrap();
+        let mut blobs = Vec::new();
+        for seed in 0..3 {
+            blobs.push(put(&store, &root.join("tmp"), seed, 1000).await);
+        }
+        let two_days_ago = SystemTime::now() - Duration::from_secs(2 * 86_400);
+        for d in &blobs[..2] {
+            let file = std::fs::File::open(store.shared.files.path_of(d)).unwrap();
+            file.set_modified(two_days_ago).unwrap();
+        }
+        drop(store);
+        let store = BudgetedFsStore::open(&root, budget(u64::MAX))
+            .await
+            .unwrap();
+        // The second is served now: its use is not written yet, it stays.
+        store.get(&blobs[1], None).await.unwrap().unwrap();
+        let day = Duration::from_secs(86_400);
+        assert_eq!(store.shared.evict_aged(day).await, 1000);
+        assert_eq!(store.stat(&blobs[0]).await.unwrap(), None);
+        assert_eq!(store.usage(), (2000, 2));
+        store.record_uses().await;
+        assert_eq!(store.shared.evict_aged(day).await, 0);
+        assert_eq!(store.usage(), (2000, 2));
     }
 
     /// A blob being read when it is evicted is read to its end.

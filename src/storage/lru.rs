@@ -108,6 +108,11 @@ impl<K: Clone + Eq + Hash> Lru<K> {
         evicted
     }
 
+    /// The least recently used entry's key, if any.
+    pub fn oldest(&self) -> Option<&K> {
+        self.by_use.first_key_value().map(|(_, k)| k)
+    }
+
     /// Takes the least recently used entry out; its key and size.
     pub fn pop_oldest(&mut self) -> Option<(K, u64)> {
         let (_, oldest) = self.by_use.pop_first()?;

@@ -614,7 +614,8 @@ TUNING = {
                    "exempt": ["10.42.0.0/16", "fd00::/8"]},
         "fetch": {"maxConcurrent": 16, "queueTimeout": "45s", "redirectAbove": "256MiB", "maxBlobSize": "20GiB",
                   "minRate": 0, "minRateWindow": "30s"},
-        "cache": {"maxSize": "40GiB", "minFree": "15%", "scrubInterval": "3h", "scrubRate": "8MiB"},
+        "cache": {"maxSize": "40GiB", "minFree": "15%", "scrubInterval": "3h", "scrubRate": "8MiB",
+                  "maxAge": "30d"},
         "egress": {"refuse": ["10.96.0.0/12", "fd00:10::/64"]},
         "access": {"allow": ["docker.io/library/*", "registry.k8s.io/**"], "deny": ["docker.io/library/ubuntu"],
                    "deniedMessage": "ask #platform to allow an image"},
@@ -641,7 +642,7 @@ def scenario_tuning(pier: Path, keep: Path | None) -> None:
                  'header_timeout = "10s"', 'send_timeout = "2m"', 'shutdown_grace = "9m 30s"',
                  'max_concurrent = 16', 'queue_timeout = "45s"', 'redirect_above = 268435456',
                  'max_blob_size = 21474836480', 'min_rate = 0', 'min_rate_window = "30s"',
-                 'max_size = 42949672960', 'min_free = "15%"', 'scrub_interval = "3h"', 'scrub_rate = 8388608',
+                 'max_size = 42949672960', 'min_free = "15%"', 'scrub_interval = "3h"', 'scrub_rate = 8388608', 'max_age = "30days"',
                  'denied_message = "ask #platform to allow an image"']:
         check(line in effective, f"tuning: {line!r} not in the effective config:\n{effective}")
     mine = tomllib.loads(effective)
