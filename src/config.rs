@@ -262,6 +262,10 @@ pub struct CacheConfig {
         with = "humantime_serde::option"
     )]
     pub max_age: Option<Duration>,
+    /// Images (globs over `<registry>/<repository>`, as in `[access]`) whose
+    /// blobs are never evicted by size or age.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub pinned: Vec<String>,
 }
 
 /// Free space to keep on a filesystem.

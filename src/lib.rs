@@ -5,9 +5,9 @@
 //! (per-client limits) sits beside `api`, which applies it; `zerocopy` (the
 //! client connection and sendfile bodies) is a leaf that `storage` hands
 //! files to and `api` builds bodies with. `janitor` (periodic upkeep of the
-//! stores) uses `storage` and `meta` and is started by `server`. Nothing
-//! imports `api`; `server` wires the pieces together and owns the accept
-//! loop.
+//! stores) and `pins` (which blobs eviction spares) use `storage` and `meta`
+//! and are wired by `server`. Nothing imports `api`; `server` wires the
+//! pieces together and owns the accept loop.
 
 pub mod api;
 pub mod config;
@@ -15,6 +15,7 @@ pub mod janitor;
 pub mod limits;
 pub mod meta;
 pub mod mirror;
+pub mod pins;
 pub mod policy;
 pub mod range;
 pub mod rate;

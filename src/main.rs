@@ -135,6 +135,13 @@ fn cache_stats(config: &Config) -> Result<(), ExitCode> {
 
 fn gc(config: &Config, dry_run: bool) -> Result<(), ExitCode> {
     let root = fs_root(config)?;
+    if !config.cache.pinned.is_empty() {
+        eprintln!(
+            "pier: gc cannot see which blobs [cache] pinned keeps (the metadata store says, and a \
+             running replica holds it); the replicas keep the budget and the pins themselves"
+        );
+        return Err(ExitCode::from(2));
+    }
     let survey = survey(root)?;
     let budget = Budget {
         max_size: config.cache.max_size,

@@ -21,43 +21,15 @@ use crate::config::{Config, MetadataConfig, ServerConfig, StorageConfig};
 use crate::limits::{ClientLimits, PeerAddr};
 use crate::meta::{EmbeddedMeta, MetaStore, RedisMeta};
 use crate::mirror::Mirror;
-use crate::storage::{BlobStore, Budget, BudgetedFsStore, S3BlobStore, Scrub, TieredBlobStore};
+use crate::pins::Pins;
+use crate::storage::{
+    BlobStore, Budget, BudgetedFsStore, Keep, S3BlobStore, Scrub, TieredBlobStore,
+};
 use crate::zerocopy::ClientIo;
 
 /// Opens the configured stores and builds the mirror, and the client limits
 /// (which share the metadata store).
 pub async fn build_mirror(config: &Config) -> anyhow::Result<(Arc<Mirror>, Arc<ClientLimits>)> {
-    let blobs: Arc<dyn BlobStore> = match &config.storage {
-        StorageConfig::Fs { path } => {
-            let budget = Budget {
-                max_size: config.cache.max_size,
-                min_free: config.cache.min_free,
-                max_age: config.cache.max_age,
-                scrub: config.cache.scrub_interval.map(|interval| Scrub {
-                    interval,
-                    rate: config.cache.scrub_rate,
-                }),
-            };
-            Arc::new(
-                BudgetedFsStore::open(path, budget)
-                    .await
-                    .with_context(|| format!("opening blob storage at {}", path.display()))?,
-            )
-        }
-        StorageConfig::S3(s3) => {
-            let shared: Arc<dyn BlobStore> = Arc::new(S3BlobStore::new(s3).await);
-            if s3.local_cache_size == 0 {
-                shared
-            } else {
-                let dir = &s3.local_cache_path;
-                Arc::new(
-                    TieredBlobStore::open(shared, dir, s3.local_cache_size)
-                        .await
-                        .with_context(|| format!("opening the local cache at {}", dir.display()))?,
-                )
-            }
-        }
-    };
     let meta: Arc<dyn MetaStore> = match &config.metadata {
         MetadataConfig::Embedded { path } => {
             let dir = path.clone();
@@ -76,6 +48,40 @@ pub async fn build_mirror(config: &Config) -> anyhow::Result<(Arc<Mirror>, Arc<C
             RedisMeta::new(url.expose(), key_prefix, *pool_size, *timeout)
                 .context("setting up the Redis pool")?,
         ),
+    };
+    let blobs: Arc<dyn BlobStore> = match &config.storage {
+        StorageConfig::Fs { path } => {
+            let budget = Budget {
+                max_size: config.cache.max_size,
+                min_free: config.cache.min_free,
+                max_age: config.cache.max_age,
+                scrub: config.cache.scrub_interval.map(|interval| Scrub {
+                    interval,
+                    rate: config.cache.scrub_rate,
+                }),
+            };
+            let keep = (!config.cache.pinned.is_empty()).then(|| {
+                Arc::new(Pins::new(config.cache.pinned.clone(), meta.clone())) as Arc<dyn Keep>
+            });
+            Arc::new(
+                BudgetedFsStore::open(path, budget, keep)
+                    .await
+                    .with_context(|| format!("opening blob storage at {}", path.display()))?,
+            )
+        }
+        StorageConfig::S3(s3) => {
+            let shared: Arc<dyn BlobStore> = Arc::new(S3BlobStore::new(s3).await);
+            if s3.local_cache_size == 0 {
+                shared
+            } else {
+                let dir = &s3.local_cache_path;
+                Arc::new(
+                    TieredBlobStore::open(shared, dir, s3.local_cache_size)
+                        .await
+                        .with_context(|| format!("opening the local cache at {}", dir.display()))?,
+                )
+            }
+        }
     };
     let spool = config.storage.spool_dir();
     clear_spool(&spool).await?;

@@ -16,7 +16,7 @@ use bytes::Bytes;
 use futures::stream::BoxStream;
 use thiserror::Error;
 
-pub use budget::{Budget, BudgetedFsStore, Scrub, Survey};
+pub use budget::{Budget, BudgetedFsStore, Keep, Scrub, Survey};
 pub use fs::FsBlobStore;
 pub use s3::S3BlobStore;
 pub use tiered::TieredBlobStore;

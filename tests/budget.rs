@@ -285,3 +285,51 @@ async fn an_image_larger_than_the_disk_still_pulls() {
     assert_eq!(pull(&pier, "docker.io/small/img:v1").await, small_digest);
     drop(pier);
 }
+
+/// A pinned image survives a budget that evicts everything else around it,
+/// and is served whole with upstream stopped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pinned_image_survives_the_budget() {
+    if !have_tools(&["docker-registry", "skopeo", "python3"]) {
+        return;
+    }
+    let mut docker = Upstream::start("docker");
+    let work = tempfile::tempdir().unwrap();
+    let pinned_digest = push_generated(&docker, work.path(), "keep/base:v1", 2_500_000);
+    let others: Vec<(String, String)> = (0..4)
+        .map(|i| {
+            let name = format!("churn/img{i}:v1");
+            let digest = push_generated(&docker, work.path(), &name, 2_500_000);
+            (name, digest)
+        })
+        .collect();
+    let (pier, data) = Pier::start(
+        &[("docker.io", &docker.url())],
+        "[cache]\nmax_size = \"8MiB\"\npinned = [\"docker.io/keep/*\"]\n",
+    );
+    assert_eq!(pull(&pier, "docker.io/keep/base:v1").await, pinned_digest);
+    for (name, digest) in &others {
+        assert_eq!(&pull(&pier, &format!("docker.io/{name}")).await, digest);
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while stored_bytes(data.path()) > 8 << 20 {
+        assert!(
+            Instant::now() < deadline,
+            "{} bytes stored",
+            stored_bytes(data.path())
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Least recently served, yet kept: it pulls with upstream stopped.
+    docker.stop();
+    assert_eq!(pull(&pier, "docker.io/keep/base:v1").await, pinned_digest);
+    let (first, _) = &others[0];
+    let out = tempfile::tempdir().unwrap();
+    let run = skopeo_copy(
+        &format!("{}/docker.io/{first}", pier.host()),
+        out.path(),
+        &[],
+    )
+    .await;
+    assert!(!run.ok, "an evicted, unpinned image needs upstream");
+}

@@ -88,6 +88,7 @@ const SECTIONS: &[(&str, &[&str])] = &[
             "scrub_interval",
             "scrub_rate",
             "max_age",
+            "pinned",
         ],
     ),
     ("cluster", &["advertise_url", "lease_ttl"]),
@@ -102,6 +103,7 @@ const LIST_KEYS: &[&str] = &[
     "trusted_proxies",
     "exempt",
     "refuse",
+    "pinned",
 ];
 /// Keys whose values are booleans.
 const BOOL_KEYS: &[&str] = &[

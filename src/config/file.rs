@@ -139,6 +139,7 @@ pub struct FileCache {
     pub scrub_rate: Option<ByteSize>,
     #[serde(default, with = "humantime_serde")]
     pub max_age: Option<Duration>,
+    pub pinned: Option<Vec<String>>,
 }
 
 /// A size as a number of bytes or a string like `"64MiB"` or `"1GB"`.

@@ -297,8 +297,19 @@ fn cache_budget_and_free_space() {
     assert_eq!(c.cache.scrub_interval, Some(Duration::from_secs(3 * 3600)));
     assert_eq!(c.cache.scrub_rate, 8 << 20);
     assert_eq!(c.cache.max_age, None);
-    let c = load("[cache]\nmax_age = \"30d\"\n", &[]).unwrap();
+    let c = load(
+        "[cache]\nmax_age = \"30d\"\n",
+        &[(
+            "PIER_CACHE__PINNED",
+            "docker.io/library/*,registry.k8s.io/**",
+        )],
+    )
+    .unwrap();
     assert_eq!(c.cache.max_age, Some(Duration::from_secs(30 * 86_400)));
+    assert_eq!(
+        c.cache.pinned,
+        ["docker.io/library/*", "registry.k8s.io/**"]
+    );
     for (text, key) in [
         ("[cache]\nmax_size = 0\n", "cache.max_size"),
         ("[cache]\nmin_free = \"95%\"\n", "cache.min_free"),
@@ -306,6 +317,7 @@ fn cache_budget_and_free_space() {
         ("[cache]\nscrub_interval = \"0s\"\n", "cache.scrub_interval"),
         ("[cache]\nscrub_rate = 0\n", "cache.scrub_rate"),
         ("[cache]\nmax_age = \"0s\"\n", "cache.max_age"),
+        ("[cache]\npinned = [\"library/nginx\"]\n", "cache.pinned[0]"),
         (
             "[storage]\nkind = \"s3\"\nbucket = \"b\"\n[cache]\nmax_size = \"1GiB\"\n",
             "cache.max_size",

@@ -263,12 +263,22 @@ fn cache(c: FileCache, storage: &StorageConfig, p: &mut Problems) -> CacheConfig
             "applies to the fs store only (retention for the bucket is not built yet)".into(),
         );
     }
+    let pinned = c.pinned.unwrap_or_default();
+    for (i, pat) in pinned.iter().enumerate() {
+        if !is_image_pattern(pat) {
+            p.add(
+                &format!("cache.pinned[{i}]"),
+                format!("{pat:?} is not a glob over <registry>/<repository>"),
+            );
+        }
+    }
     CacheConfig {
         max_size,
         min_free,
         scrub_interval,
         scrub_rate,
         max_age,
+        pinned,
     }
 }
 

@@ -52,6 +52,12 @@ pub struct Scrub {
     pub rate: u64,
 }
 
+/// Says which blobs eviction must spare (pinned images').
+#[async_trait]
+pub trait Keep: Send + Sync {
+    async fn keep(&self, digest: &Digest) -> bool;
+}
+
 pub struct BudgetedFsStore {
     shared: Arc<Shared>,
 }
@@ -60,6 +66,7 @@ struct Shared {
     files: FsBlobStore,
     root: PathBuf,
     budget: Budget,
+    keep: Option<Arc<dyn Keep>>,
     index: Mutex<Index>,
     /// Held while a blob is put in place and while an evicted one is
     /// removed.
@@ -78,7 +85,11 @@ struct Index {
 impl BudgetedFsStore {
     /// Opens the fs store under `root` and finds what it holds; brings it
     /// within `budget` at once if it is over.
-    pub async fn open(root: &Path, budget: Budget) -> io::Result<Self> {
+    pub async fn open(
+        root: &Path,
+        budget: Budget,
+        keep: Option<Arc<dyn Keep>>,
+    ) -> io::Result<Self> {
         let files = FsBlobStore::open(root).await?;
         let dir = root.to_owned();
         let found = tokio::task::spawn_blocking(move || super::fs::blobs_in(&dir))
@@ -98,6 +109,7 @@ impl BudgetedFsStore {
             files,
             root: root.to_owned(),
             budget,
+            keep,
             index: Mutex::new(Index {
                 blobs,
                 used: HashSet::new(),
@@ -311,10 +323,18 @@ impl Shared {
         let mut removed = 0;
         while let Some((excess, reason)) = self.excess() {
             let mut freed = 0;
-            while freed < excess {
+            // Pinned blobs go back as the most recent; once every blob was
+            // looked at, the rest is pinned.
+            let mut left = self.index().blobs.len();
+            while freed < excess && left > 0 {
+                left -= 1;
                 let Some((digest, size)) = self.index().blobs.pop_oldest() else {
                     break;
                 };
+                if self.kept(&digest).await {
+                    self.index().blobs.insert(digest, size);
+                    continue;
+                }
                 let _placing = self.placing.lock().await;
                 // Stored again since it was chosen: that copy stays.
                 if self.index().blobs.contains(&digest) {
@@ -352,10 +372,16 @@ impl Shared {
             return 0;
         };
         let mut removed = 0;
-        loop {
+        let mut left = self.index().blobs.len();
+        while left > 0 {
+            left -= 1;
             let Some(oldest) = self.index().blobs.oldest().cloned() else {
                 break;
             };
+            if self.kept(&oldest).await {
+                self.index().blobs.touch(&oldest);
+                continue;
+            }
             let _placing = self.placing.lock().await;
             let path = self.files.path_of(&oldest);
             let (used_at, size) = match std::fs::metadata(&path) {
@@ -386,6 +412,13 @@ impl Shared {
             tracing::info!(bytes = removed, max_age = %humantime::format_duration(max_age), "removed blobs not served for max_age");
         }
         removed
+    }
+
+    async fn kept(&self, digest: &Digest) -> bool {
+        match &self.keep {
+            Some(keep) => keep.keep(digest).await,
+            None => false,
+        }
     }
 
     /// Makes the index agree with the files: blobs removed behind its back
@@ -610,7 +643,7 @@ mod tests {
     #[tokio::test]
     async fn budgeted_store_passes_the_suite() {
         let dir = tempfile::tempdir().unwrap();
-        let store = BudgetedFsStore::open(&dir.path().join("store"), budget(1 << 30))
+        let store = BudgetedFsStore::open(&dir.path().join("store"), budget(1 << 30), None)
             .await
             .unwrap();
         crate::storage::suite::run(&store, &dir.path().join("store/tmp")).await;
@@ -622,7 +655,7 @@ mod tests {
     async fn the_least_recently_served_go_first_across_a_restart() {
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path().join("store");
-        let store = BudgetedFsStore::open(&root, budget(1_000_000))
+        let store = BudgetedFsStore::open(&root, budget(1_000_000), None)
             .await
             .unwrap();
         std::fs::create_dir_all(root.join("tmp")).unwrap();
@@ -637,7 +670,7 @@ mod tests {
         store.record_uses().await;
         drop(store);
 
-        let store = BudgetedFsStore::open(&root, budget(1_000_000))
+        let store = BudgetedFsStore::open(&root, budget(1_000_000), None)
             .await
             .unwrap();
         assert_eq!(store.usage(), (900_000, 3));
@@ -658,7 +691,7 @@ mod tests {
     async fn a_blob_stored_again_after_eviction_chose_it_stays() {
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path().join("store");
-        let store = BudgetedFsStore::open(&root, budget(1_500_000))
+        let store = BudgetedFsStore::open(&root, budget(1_500_000), None)
             .await
             .unwrap();
         std::fs::create_dir_all(root.join("tmp")).unwrap();
@@ -710,7 +743,9 @@ mod tests {
         use std::os::unix::fs::FileExt;
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path().join("store");
-        let store = BudgetedFsStore::open(&root, budget(1 << 30)).await.unwrap();
+        let store = BudgetedFsStore::open(&root, budget(1 << 30), None)
+            .await
+            .unwrap();
         std::fs::create_dir_all(root.join("tmp")).unwrap();
         let good = put(&store, &root.join("tmp"), 1, 300_000).await;
         let rotten = put(&store, &root.join("tmp"), 2, 300_000).await;
@@ -733,7 +768,7 @@ mod tests {
     async fn a_survey_plans_what_eviction_would_and_the_store_reconciles() {
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path().join("store");
-        let store = BudgetedFsStore::open(&root, budget(u64::MAX))
+        let store = BudgetedFsStore::open(&root, budget(u64::MAX), None)
             .await
             .unwrap();
         std::fs::create_dir_all(root.join("tmp")).unwrap();
@@ -764,7 +799,7 @@ mod tests {
     async fn blobs_not_served_for_max_age_go() {
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path().join("store");
-        let store = BudgetedFsStore::open(&root, budget(u64::MAX))
+        let store = BudgetedFsStore::open(&root, budget(u64::MAX), None)
             .await
             .unwrap();
         std::fs::create_dir_all(root.join("tmp")).unwrap();
@@ -778,7 +813,7 @@ mod tests {
             file.set_modified(two_days_ago).unwrap();
         }
         drop(store);
-        let store = BudgetedFsStore::open(&root, budget(u64::MAX))
+        let store = BudgetedFsStore::open(&root, budget(u64::MAX), None)
             .await
             .unwrap();
         // The second is served now: its use is not written yet, it stays.
@@ -798,7 +833,7 @@ mod tests {
         use futures::TryStreamExt;
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path().join("store");
-        let store = BudgetedFsStore::open(&root, budget(1_500_000))
+        let store = BudgetedFsStore::open(&root, budget(1_500_000), None)
             .await
             .unwrap();
         std::fs::create_dir_all(root.join("tmp")).unwrap();

@@ -615,7 +615,7 @@ TUNING = {
         "fetch": {"maxConcurrent": 16, "queueTimeout": "45s", "redirectAbove": "256MiB", "maxBlobSize": "20GiB",
                   "minRate": 0, "minRateWindow": "30s"},
         "cache": {"maxSize": "40GiB", "minFree": "15%", "scrubInterval": "3h", "scrubRate": "8MiB",
-                  "maxAge": "30d"},
+                  "maxAge": "30d", "pinned": ["registry.k8s.io/**"]},
         "egress": {"refuse": ["10.96.0.0/12", "fd00:10::/64"]},
         "access": {"allow": ["docker.io/library/*", "registry.k8s.io/**"], "deny": ["docker.io/library/ubuntu"],
                    "deniedMessage": "ask #platform to allow an image"},
@@ -642,7 +642,7 @@ def scenario_tuning(pier: Path, keep: Path | None) -> None:
                  'header_timeout = "10s"', 'send_timeout = "2m"', 'shutdown_grace = "9m 30s"',
                  'max_concurrent = 16', 'queue_timeout = "45s"', 'redirect_above = 268435456',
                  'max_blob_size = 21474836480', 'min_rate = 0', 'min_rate_window = "30s"',
-                 'max_size = 42949672960', 'min_free = "15%"', 'scrub_interval = "3h"', 'scrub_rate = 8388608', 'max_age = "30days"',
+                 'max_size = 42949672960', 'min_free = "15%"', 'scrub_interval = "3h"', 'scrub_rate = 8388608', 'max_age = "30days"', 'pinned = ["registry.k8s.io/**"]',
                  'denied_message = "ask #platform to allow an image"']:
         check(line in effective, f"tuning: {line!r} not in the effective config:\n{effective}")
     mine = tomllib.loads(effective)
@@ -719,6 +719,7 @@ REFUSED = [
     ("an unknown fetch key", {"config": {"fetch": {"maxConcurrency": 8}}}, "additional properties"),
     ("a blob size ceiling of zero", {"config": {"fetch": {"maxBlobSize": 0}}}, "maxBlobSize"),
     ("a free-space share over 90%", {"config": {"cache": {"minFree": "95%"}}}, "minFree"),
+    ("a pin without a registry", {"config": {"cache": {"pinned": ["library/nginx"]}}}, "pinned/0"),
     ("an egress network that is not a CIDR", {"config": {"egress": {"refuse": ["metadata"]}}}, "refuse/0"),
     ("egress refusals as a string", {"config": {"egress": {"refuse": "10.0.0.0/8"}}}, "refuse"),
     ("an access glob without a registry", {"config": {"access": {"deny": ["library/ubuntu"]}}}, "deny/0"),
