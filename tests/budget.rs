@@ -333,3 +333,58 @@ async fn a_pinned_image_survives_the_budget() {
     .await;
     assert!(!run.ok, "an evicted, unpinned image needs upstream");
 }
+
+/// Churn: clients loop over images each bigger than a third of the budget,
+/// so eviction runs under their feet; every pull completes with the right
+/// digest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pulls_under_constant_eviction_all_complete() {
+    if !have_tools(&["docker-registry", "skopeo", "python3"]) {
+        return;
+    }
+    let docker = Upstream::start("docker");
+    let work = tempfile::tempdir().unwrap();
+    let images: Vec<(String, String)> = (0..4)
+        .map(|i| {
+            let name = format!("churn/img{i}:v1");
+            let digest = push_generated(&docker, work.path(), &name, 2_000_000);
+            (name, digest)
+        })
+        .collect();
+    // Each image is about 4 MB against a 10 MiB budget.
+    let (pier, data) = Pier::start(
+        &[("docker.io", &docker.url())],
+        "[cache]\nmax_size = \"10MiB\"\n",
+    );
+    let pier = std::sync::Arc::new(pier);
+    let until = Instant::now() + Duration::from_secs(15);
+    let mut clients = Vec::new();
+    for client in 0..3usize {
+        let (pier, images) = (pier.clone(), images.clone());
+        clients.push(tokio::spawn(async move {
+            let mut pulls = 0;
+            while Instant::now() < until {
+                let (name, digest) = &images[(client + pulls) % images.len()];
+                assert_eq!(&pull(&pier, &format!("docker.io/{name}")).await, digest);
+                pulls += 1;
+            }
+            pulls
+        }));
+    }
+    let mut total = 0;
+    for c in clients {
+        total += c.await.unwrap();
+    }
+    assert!(total >= 6, "{total} pulls");
+    let http = reqwest::Client::new();
+    assert!(metric(&http, &pier, "pier_cache_evicted_bytes_total").await > 0.0);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while stored_bytes(data.path()) > 10 << 20 {
+        assert!(
+            Instant::now() < deadline,
+            "{} bytes stored",
+            stored_bytes(data.path())
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
