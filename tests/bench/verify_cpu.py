@@ -1,0 +1,158 @@
+#!/usr/bin/env python3
+"""What checking bucket reads costs. Prints figures; it is not a test.
+
+A whole blob read back from S3 is hashed as it streams to the client, its
+last chunk held back until the digest matched. A Range read is passed
+through as the bucket sends it. So the same stored blob, read whole
+(verified) and as `Range: bytes=0-` (the same bytes, unverified), through
+one replica on S3 with no local cache, gives the cost of the check: Pier's
+CPU seconds per GiB for each, from /proc/PID/stat.
+
+Needs an S3 server (tests/backends.sh; the PIER_TEST_S3_* variables) and a
+built pier:
+
+  source <(bash tests/backends.sh start DIR)   # or tests/run.sh's backends
+  tests/bench/verify_cpu.py --pier target/release/pier [--size-mib 256] [--rounds 5]
+
+Python 3.11 standard library only.
+"""
+
+import argparse
+import hashlib
+import http.server
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+MiB = 1 << 20
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def serve_blob(blob, digest):
+    """A fake upstream serving one blob under team/app; its URL."""
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *_):
+            pass
+
+        def do_HEAD(self):
+            self.do_GET(body=False)
+
+        def do_GET(self, body=True):
+            if self.path == "/v2/":
+                self.send_response(200)
+                self.send_header("Content-Length", "2")
+                self.end_headers()
+                if body:
+                    self.wfile.write(b"{}")
+                return
+            if self.path != f"/v2/team/app/blobs/{digest}":
+                self.send_response(404)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(blob)))
+            self.end_headers()
+            if body:
+                self.wfile.write(blob)
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return f"http://127.0.0.1:{server.server_address[1]}"
+
+
+def cpu_seconds(pid):
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    ticks = os.sysconf("SC_CLK_TCK")
+    return (int(fields[11]) + int(fields[12])) / ticks
+
+
+def download(url, headers=()):
+    cmd = ["curl", "-s", "-o", "/dev/null", "-w", "%{http_code} %{size_download}"]
+    for h in headers:
+        cmd += ["-H", h]
+    out = subprocess.run(cmd + [url], capture_output=True, text=True, check=True).stdout
+    status, size = out.split()
+    return int(status), int(size)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--pier", required=True)
+    p.add_argument("--size-mib", type=int, default=256)
+    p.add_argument("--rounds", type=int, default=5)
+    args = p.parse_args()
+    env = {k: os.environ.get(k, "") for k in
+           ["PIER_TEST_S3_ENDPOINT", "PIER_TEST_S3_ACCESS_KEY", "PIER_TEST_S3_SECRET_KEY", "PIER_TEST_S3_BUCKET"]}
+    if not env["PIER_TEST_S3_ENDPOINT"]:
+        sys.exit("PIER_TEST_S3_ENDPOINT is not set: start tests/backends.sh")
+
+    rng = random.Random(7)
+    blob = b"".join(rng.randbytes(MiB) for _ in range(args.size_mib))
+    digest = "sha256:" + hashlib.sha256(blob).hexdigest()
+    upstream = serve_blob(blob, digest)
+    work = Path(tempfile.mkdtemp(prefix="pier-verify-"))
+    port = free_port()
+    config = work / "pier.toml"
+    config.write_text(
+        f'listen = "127.0.0.1:{port}"\nbuiltin_upstreams = false\ndefault_registry = "corp.example"\n'
+        f'[storage]\nkind = "s3"\nbucket = "{env["PIER_TEST_S3_BUCKET"] or "pier-test"}"\n'
+        f'prefix = "verify-{random.getrandbits(32):x}"\nendpoint = "{env["PIER_TEST_S3_ENDPOINT"]}"\n'
+        f'access_key_id = "{env["PIER_TEST_S3_ACCESS_KEY"]}"\nsecret_access_key = "{env["PIER_TEST_S3_SECRET_KEY"]}"\n'
+        f'spool_path = "{work}/spool"\n'
+        f'[metadata]\nkind = "embedded"\npath = "{work}/meta"\n'
+        f'[[upstreams]]\nregistry = "corp.example"\nendpoints = ["{upstream}"]\n'
+    )
+    pier = subprocess.Popen([args.pier, "serve", "--config", str(config)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        for _ in range(100):
+            try:
+                urllib.request.urlopen(f"{base}/healthz", timeout=1)
+                break
+            except OSError:
+                time.sleep(0.1)
+        url = f"{base}/v2/corp.example/team/app/blobs/{digest}"
+        # Cold: fetched, verified, uploaded. Then wait for the upload.
+        assert download(url) == (200, len(blob))
+        time.sleep(1)
+        for _ in range(600):
+            metrics = urllib.request.urlopen(f"{base}/metrics").read().decode()
+            if "pier_blob_fetches_in_flight 0" in metrics:
+                break
+            time.sleep(0.1)
+        time.sleep(1)
+        gib = len(blob) / (1 << 30)
+        figures = {"whole (verified)": [], "Range bytes=0- (passed through)": []}
+        for _ in range(args.rounds):
+            for name, headers in (("whole (verified)", ()), ("Range bytes=0- (passed through)", ("Range: bytes=0-",))):
+                before = cpu_seconds(pier.pid)
+                status, size = download(url, headers)
+                assert status in (200, 206) and size == len(blob), (status, size)
+                figures[name].append((cpu_seconds(pier.pid) - before) / gib)
+        print(f"Pier CPU seconds per GiB read from S3 ({args.size_mib} MiB blob, {args.rounds} rounds, min / median / max):")
+        for name, values in figures.items():
+            values.sort()
+            print(f"  {name:34} {values[0]:.2f} / {values[len(values) // 2]:.2f} / {values[-1]:.2f}")
+    finally:
+        pier.send_signal(signal.SIGTERM)
+        pier.wait(timeout=40)
+
+
+if __name__ == "__main__":
+    main()
