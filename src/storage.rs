@@ -17,7 +17,7 @@ use futures::stream::BoxStream;
 use thiserror::Error;
 
 pub use budget::{Budget, BudgetedFsStore, Keep, Scrub, Survey};
-pub use fs::FsBlobStore;
+pub use fs::{FsBlobStore, free_space};
 pub use s3::S3BlobStore;
 pub use tiered::TieredBlobStore;
 pub use verify::verified;

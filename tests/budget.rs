@@ -13,16 +13,16 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
-/// Writes an image of two random layers of `layer_size` bytes and pushes it
-/// to `repo_tag` on `upstream`; the digest of its manifest.
-fn push_generated(upstream: &Upstream, dir: &Path, repo_tag: &str, layer_size: usize) -> String {
+/// Writes an image (`gen_images.py` with `args`) and pushes it to
+/// `repo_tag` on `upstream`; the digest of its manifest.
+fn push_image(upstream: &Upstream, dir: &Path, repo_tag: &str, args: &[&str]) -> String {
     let layout = dir.join(repo_tag.replace(['/', ':'], "_"));
     let out = Command::new("python3")
         .arg(repo_root().join("tests/fixtures/gen_images.py"))
         .arg("--out")
         .arg(&layout)
-        .args(["--tag", "v1", "--layers", "2", "--print-digest"])
-        .args(["--layer-size", &layer_size.to_string(), "--seed", repo_tag])
+        .args(["--tag", "v1", "--print-digest", "--seed", repo_tag])
+        .args(args)
         .output()
         .unwrap();
     assert!(
@@ -30,19 +30,19 @@ fn push_generated(upstream: &Upstream, dir: &Path, repo_tag: &str, layer_size: u
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let digest = String::from_utf8(out.stdout).unwrap().trim().to_owned();
-    let out = Command::new("skopeo")
-        .args(["copy", "--insecure-policy", "--dest-tls-verify=false"])
-        .arg(format!("oci:{}:v1", layout.display()))
-        .arg(format!("docker://127.0.0.1:{}/{repo_tag}", upstream.port))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    digest
+    upstream.push_oci(&layout, "v1", repo_tag);
+    String::from_utf8(out.stdout).unwrap().trim().to_owned()
+}
+
+/// An image of two random layers of `layer_size` bytes, pushed.
+fn push_generated(upstream: &Upstream, dir: &Path, repo_tag: &str, layer_size: usize) -> String {
+    let size = layer_size.to_string();
+    push_image(
+        upstream,
+        dir,
+        repo_tag,
+        &["--layers", "2", "--layer-size", &size],
+    )
 }
 
 /// Bytes of the blobs under the store.
@@ -236,32 +236,12 @@ async fn an_image_larger_than_the_disk_still_pulls() {
     };
     let docker = Upstream::start("docker");
     let work = tempfile::tempdir().unwrap();
-    let layout = work.path().join("huge");
-    let out = Command::new("python3")
-        .arg(repo_root().join("tests/fixtures/gen_images.py"))
-        .arg("--out")
-        .arg(&layout)
-        .args([
-            "--tag",
-            "v1",
-            "--layers",
-            "1",
-            "--big-mib",
-            "40",
-            "--print-digest",
-        ])
-        .args(["--seed", "huge/img:v1"])
-        .output()
-        .unwrap();
-    assert!(out.status.success());
-    let huge_digest = String::from_utf8(out.stdout).unwrap().trim().to_owned();
-    let pushed = Command::new("skopeo")
-        .args(["copy", "--insecure-policy", "--dest-tls-verify=false"])
-        .arg(format!("oci:{}:v1", layout.display()))
-        .arg(format!("docker://127.0.0.1:{}/huge/img:v1", docker.port))
-        .status()
-        .unwrap();
-    assert!(pushed.success());
+    let huge_digest = push_image(
+        &docker,
+        work.path(),
+        "huge/img:v1",
+        &["--layers", "1", "--big-mib", "40"],
+    );
     let small_digest = push_generated(&docker, work.path(), "small/img:v1", 100_000);
     let pier = Pier::start_in(
         disk.dir.path(),

@@ -244,9 +244,9 @@ impl Mirror {
         if let Some(size) = size
             && size > self.bounds.max_blob_size
         {
-            return Err(MirrorError::Fetch(format!(
-                "the blob is {size} bytes, more than this mirror's [fetch] max_blob_size of {} bytes",
-                self.bounds.max_blob_size
+            return Err(MirrorError::Fetch(super::fetch::over_max_blob_size(
+                &format!("the blob is {size} bytes"),
+                self.bounds.max_blob_size,
             )));
         }
         metrics().cache("blob", "passthrough");

@@ -17,7 +17,7 @@ use super::missing::SeenMissing;
 use super::pace::Pace;
 use crate::meta::MetaStore;
 use crate::reference::Hasher;
-use crate::storage::BlobStore;
+use crate::storage::{BlobStore, free_space};
 use crate::telemetry::metrics::metrics;
 use crate::upstream::{UpstreamClient, UpstreamError};
 
@@ -427,9 +427,7 @@ async fn download(
     let max = job.bounds.max_blob_size;
     let too_large = |what: String| {
         metrics().fetch_abandoned("too_large");
-        FlightError::Failed(format!(
-            "{what}, more than this mirror's [fetch] max_blob_size of {max} bytes"
-        ))
+        FlightError::Failed(over_max_blob_size(&what, max))
     };
     if let Some(size) = size
         && size > max
@@ -440,7 +438,7 @@ async fn download(
         Spooled::Memory(Arc::default())
     } else {
         if let Some(size) = size
-            && let Some(free) = free_space(spool)
+            && let Some((free, _)) = spool.parent().and_then(|dir| free_space(dir).ok())
             && size.saturating_add(SPOOL_MARGIN) > free
         {
             return Err(FlightError::NoRoom(format!(
@@ -621,15 +619,13 @@ impl SpoolWriter {
     }
 }
 
+/// Why a blob is refused by `[fetch] max_blob_size`: `what` went past `max`.
+pub(super) fn over_max_blob_size(what: &str, max: u64) -> String {
+    format!("{what}, more than this mirror's [fetch] max_blob_size of {max} bytes")
+}
+
 /// Room a spool file leaves on its disk at least, beyond the blob.
 const SPOOL_MARGIN: u64 = 16 * 1024 * 1024;
-
-/// Free bytes on the filesystem of the spool file `spool` (to be).
-fn free_space(spool: &Path) -> Option<u64> {
-    let dir = spool.parent()?;
-    let s = rustix::fs::statvfs(dir).ok()?;
-    Some(s.f_bavail.saturating_mul(s.f_frsize))
-}
 
 /// A spool write that failed; for lack of space, a `NoRoom`.
 fn spool_error(what: &str, e: &io::Error) -> FlightError {

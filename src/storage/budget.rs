@@ -23,6 +23,7 @@ use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 
+use super::fs::free_space;
 use super::lru::Lru;
 use super::{BlobBody, BlobStore, FsBlobStore, StorageError};
 use crate::config::MinFree;
@@ -211,18 +212,8 @@ impl Survey {
     /// The blobs to remove to bring the store within `budget`, least
     /// recently used first, as a running store would choose them.
     pub fn over_budget(&self, budget: &Budget) -> &[(SystemTime, Digest, u64)] {
-        let used = self.bytes();
-        let for_size = budget
-            .max_size
-            .filter(|&max| used > max)
-            .map_or(0, |max| used - max / 10 * 9);
-        let keep = budget.min_free.bytes(self.total);
-        let for_space = if self.free < keep {
-            keep + keep / 10 - self.free
-        } else {
-            0
-        };
-        let need = for_size.max(for_space);
+        let need =
+            to_free(budget, self.bytes(), Some((self.free, self.total))).map_or(0, |(n, _)| n);
         let mut freed = 0;
         let for_bytes = self
             .blobs
@@ -284,27 +275,10 @@ impl Shared {
     /// it, or to a tenth more than `min_free` once free space is below it.
     fn excess(&self) -> Option<(u64, &'static str)> {
         let used = self.index().blobs.used();
-        let over_size = self
-            .budget
-            .max_size
-            .filter(|&max| used > max)
-            .map(|max| used - max / 10 * 9);
-        let short_of_space = match free_space(&self.root) {
-            Ok((free, total)) => {
-                let keep = self.budget.min_free.bytes(total);
-                (free < keep).then(|| keep + keep / 10 - free)
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot tell the blob store's free space");
-                None
-            }
-        };
-        match (over_size, short_of_space) {
-            (Some(a), Some(b)) if b > a => Some((b, "free")),
-            (Some(a), _) => Some((a, "size")),
-            (None, Some(b)) => Some((b, "free")),
-            (None, None) => None,
-        }
+        let space = free_space(&self.root)
+            .inspect_err(|e| tracing::warn!(error = %e, "cannot tell the blob store's free space"))
+            .ok();
+        to_free(&self.budget, used, space)
     }
 
     /// Starts an eviction in the background when the store is over budget
@@ -340,16 +314,8 @@ impl Shared {
                 if self.index().blobs.contains(&digest) {
                     continue;
                 }
-                self.index().used.remove(&digest);
-                match self.files.delete(&digest).await {
-                    Ok(()) => {
-                        freed += size;
-                        metrics().cache_eviction(reason, size);
-                        tracing::debug!(%digest, size, reason, "evicted a blob");
-                    }
-                    Err(e) => {
-                        tracing::warn!(%digest, error = %e, "cannot remove an evicted blob");
-                    }
+                if self.remove(&digest, size, reason).await {
+                    freed += size;
                 }
             }
             self.publish();
@@ -396,15 +362,8 @@ impl Shared {
             if used_at >= cutoff || self.index().used.contains(&oldest) {
                 break;
             }
-            self.index().blobs.remove(&oldest);
-            match self.files.delete(&oldest).await {
-                Ok(()) => {
-                    removed += size;
-                    metrics().cache_eviction("age", size);
-                }
-                Err(e) => {
-                    tracing::warn!(digest = %oldest, error = %e, "cannot remove an aged blob")
-                }
+            if self.remove(&oldest, size, "age").await {
+                removed += size;
             }
         }
         if removed > 0 {
@@ -412,6 +371,27 @@ impl Shared {
             tracing::info!(bytes = removed, max_age = %humantime::format_duration(max_age), "removed blobs not served for max_age");
         }
         removed
+    }
+
+    /// Removes a blob eviction chose, for `reason`; whether it did. The
+    /// caller holds `placing`.
+    async fn remove(&self, digest: &Digest, size: u64, reason: &'static str) -> bool {
+        {
+            let mut index = self.index();
+            index.blobs.remove(digest);
+            index.used.remove(digest);
+        }
+        match self.files.delete(digest).await {
+            Ok(()) => {
+                metrics().cache_eviction(reason, size);
+                tracing::debug!(%digest, size, reason, "evicted a blob");
+                true
+            }
+            Err(e) => {
+                tracing::warn!(%digest, error = %e, reason, "cannot remove an evicted blob");
+                false
+            }
+        }
     }
 
     async fn kept(&self, digest: &Digest) -> bool {
@@ -473,14 +453,9 @@ impl Shared {
                 Ok(m) if std::os::unix::fs::MetadataExt::ino(&m) == inode => m.len(),
                 _ => continue,
             };
-            self.index().blobs.remove(&digest);
-            match self.files.delete(&digest).await {
-                Ok(()) => {
-                    removed += 1;
-                    metrics().cache_eviction("corrupt", size);
-                    tracing::error!(%digest, "a stored blob no longer matches its digest: removed");
-                }
-                Err(e) => tracing::warn!(%digest, error = %e, "cannot remove a corrupt blob"),
+            if self.remove(&digest, size, "corrupt").await {
+                removed += 1;
+                tracing::error!(%digest, "a stored blob no longer matches its digest: removed");
             }
         }
         self.publish();
@@ -558,13 +533,25 @@ fn hash_matches(path: &Path, digest: &Digest, rate: u64) -> io::Result<Checked> 
     })
 }
 
-/// Free and total bytes of the filesystem holding `path`.
-fn free_space(path: &Path) -> io::Result<(u64, u64)> {
-    let s = rustix::fs::statvfs(path).map_err(io::Error::from)?;
-    Ok((
-        s.f_bavail.saturating_mul(s.f_frsize),
-        s.f_blocks.saturating_mul(s.f_frsize),
-    ))
+/// Bytes to remove from a store holding `used` bytes, on a filesystem with
+/// `space` (free, total) bytes, and why: down to 90 % of `max_size` once
+/// past it, or to a tenth more than `min_free` once free space is below it.
+/// What a running store and `pier gc` both decide by.
+fn to_free(budget: &Budget, used: u64, space: Option<(u64, u64)>) -> Option<(u64, &'static str)> {
+    let over_size = budget
+        .max_size
+        .filter(|&max| used > max)
+        .map(|max| used - max / 10 * 9);
+    let short_of_space = space.and_then(|(free, total)| {
+        let keep = budget.min_free.bytes(total);
+        (free < keep).then(|| keep + keep / 10 - free)
+    });
+    match (over_size, short_of_space) {
+        (Some(a), Some(b)) if b > a => Some((b, "free")),
+        (Some(a), _) => Some((a, "size")),
+        (None, Some(b)) => Some((b, "free")),
+        (None, None) => None,
+    }
 }
 
 #[async_trait]
@@ -581,7 +568,8 @@ impl BlobStore for BudgetedFsStore {
         let body = self.shared.files.get(digest, range).await?;
         if body.is_some() {
             let mut index = self.shared.index();
-            if index.blobs.touch(digest) {
+            // A warm read: no allocation once the blob's use is noted.
+            if index.blobs.touch(digest) && !index.used.contains(digest) {
                 index.used.insert(digest.clone());
             }
         }

@@ -188,6 +188,15 @@ pub(crate) fn move_into_place(spool: &Path, dest: &Path, size: u64) -> Result<()
     Ok(())
 }
 
+/// Free and total bytes of the filesystem holding `path`.
+pub fn free_space(path: &Path) -> io::Result<(u64, u64)> {
+    let s = rustix::fs::statvfs(path).map_err(io::Error::from)?;
+    Ok((
+        s.f_bavail.saturating_mul(s.f_frsize),
+        s.f_blocks.saturating_mul(s.f_frsize),
+    ))
+}
+
 /// The blobs under `root` (laid out as the fs store lays them out), least
 /// recently modified first, from names and `stat` alone. Files whose names
 /// are not digests are not blobs: removed. Blocking.

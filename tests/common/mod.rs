@@ -282,9 +282,14 @@ impl Upstream {
     pub fn push_layout(&self, layout: &str, repo_tag: &str) {
         let src = fixtures().join("layouts").join(layout);
         let tag = layout.rsplit('/').next().unwrap();
+        self.push_oci(&src, tag, repo_tag);
+    }
+
+    /// Pushes tag `tag` of the OCI layout at `dir` to `repo_tag`.
+    pub fn push_oci(&self, dir: &Path, tag: &str, repo_tag: &str) {
         let out = Command::new("skopeo")
             .args(["copy", "--insecure-policy", "--dest-tls-verify=false"])
-            .arg(format!("oci:{}:{tag}", src.display()))
+            .arg(format!("oci:{}:{tag}", dir.display()))
             .arg(format!("docker://127.0.0.1:{}/{repo_tag}", self.port))
             .output()
             .unwrap();
