@@ -235,11 +235,12 @@ pub struct EgressConfig {
     pub refuse: Vec<ipnet::IpNet>,
 }
 
-/// What the cache may take of its disk. The fs store only, for now.
+/// What the cache may take: of the fs store's disk, or of the bucket.
 #[derive(Clone, Debug, Serialize)]
 pub struct CacheConfig {
-    /// Bytes of blobs the store may hold; past it, the least recently
-    /// served go until it holds 90 % of it.
+    /// Bytes of blobs the store may hold (the fs store, or every blob under
+    /// the bucket's prefix); past it, the least recently served go until it
+    /// holds 90 % of it.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_size: Option<u64>,
     /// Free space kept on the store's filesystem: the least recently served

@@ -12,6 +12,7 @@
 pub mod api;
 pub mod config;
 pub mod janitor;
+pub mod lifecycle;
 pub mod limits;
 pub mod meta;
 pub mod mirror;

@@ -5,7 +5,11 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use pier::config::{Config, StorageConfig};
-use pier::storage::{Budget, Survey};
+use std::sync::Arc;
+
+use pier::lifecycle::{EvictError, Evictor, FLUSH_EVERY, SharedBudget, UseLog};
+use pier::pins::Pins;
+use pier::storage::{BlobStore, Budget, Keep, S3BlobStore, Survey};
 
 #[derive(Parser)]
 #[command(
@@ -36,8 +40,8 @@ enum Command {
         #[command(subcommand)]
         action: CacheAction,
     },
-    /// Bring the fs store within its budget now (least recently served
-    /// first); safe beside a running replica.
+    /// Bring the blob store within its budget now (least recently served
+    /// first); safe beside running replicas.
     Gc {
         #[arg(long, short, env = "PIER_CONFIG")]
         config: Option<PathBuf>,
@@ -82,16 +86,138 @@ fn human(n: u64) -> String {
     }
 }
 
-/// The fs store's directory, or why these commands do not apply.
-fn fs_root(config: &Config) -> Result<&std::path::Path, ExitCode> {
-    match &config.storage {
-        StorageConfig::Fs { path } => Ok(path),
-        StorageConfig::S3(_) => {
-            eprintln!(
-                "pier: the cache budget applies to the fs store; the S3 store's usage is not counted yet"
+/// A Unix time in ms as a date.
+fn date_ms(ms: u64) -> String {
+    humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms))
+        .to_string()
+}
+
+/// Runs `work` with the bucket's eviction, as a replica would (same
+/// metadata store, same lease, same pins).
+fn with_bucket<T>(
+    config: &Config,
+    work: impl AsyncFnOnce(&Evictor, String) -> Result<T, ExitCode>,
+) -> Result<T, ExitCode> {
+    let StorageConfig::S3(s3) = &config.storage else {
+        return Err(ExitCode::FAILURE);
+    };
+    let runtime = tokio::runtime::Runtime::new().map_err(|e| {
+        eprintln!("pier: cannot start the runtime: {e}");
+        ExitCode::FAILURE
+    })?;
+    runtime.block_on(async {
+        let meta = pier::server::open_meta(config).await.map_err(|e| {
+            eprintln!("pier: {e:#}");
+            ExitCode::FAILURE
+        })?;
+        let store: Arc<dyn BlobStore> = Arc::new(S3BlobStore::new(s3).await);
+        let keep = (!config.cache.pinned.is_empty()).then(|| {
+            Arc::new(Pins::new(config.cache.pinned.clone(), meta.clone())) as Arc<dyn Keep>
+        });
+        let budget = SharedBudget {
+            max_size: config.cache.max_size,
+            max_age: config.cache.max_age,
+        };
+        let uses = UseLog::start(meta.clone(), FLUSH_EVERY);
+        let evictor = Evictor::new(store, meta, keep, budget, uses);
+        let name = format!(
+            "s3 {}/{}",
+            s3.bucket,
+            s3.prefix.as_deref().unwrap_or("").trim_matches('/')
+        );
+        work(&evictor, name.trim_end_matches('/').to_owned()).await
+    })
+}
+
+fn bucket_budget_line(budget: SharedBudget) -> String {
+    let max = budget.max_size.map_or_else(
+        || "no size budget".to_owned(),
+        |m| format!("max_size {}", human(m)),
+    );
+    let age = budget.max_age.map_or_else(
+        || "no max_age".to_owned(),
+        |a| format!("max_age {}", humantime::format_duration(a)),
+    );
+    format!("budget: {max}; {age}")
+}
+
+fn bucket_stats(config: &Config) -> Result<(), ExitCode> {
+    with_bucket(config, async |evictor, name| {
+        let inventory = evictor.inventory().await.map_err(|e| {
+            eprintln!("pier: cannot list the bucket: {e}");
+            ExitCode::FAILURE
+        })?;
+        println!("store: {name}");
+        println!(
+            "blobs: {} ({})",
+            inventory.blobs.len(),
+            human(inventory.bytes)
+        );
+        if let Some(max) = evictor.budget().max_size {
+            println!(
+                "use: {:.1} % of max_size",
+                inventory.bytes as f64 * 100.0 / max as f64
             );
-            Err(ExitCode::from(2))
         }
+        println!("{}", bucket_budget_line(evictor.budget()));
+        if let Some(first) = inventory.blobs.first() {
+            println!("least recently served: {}", date_ms(first.recency_ms()));
+        }
+        Ok(())
+    })
+}
+
+fn bucket_gc(config: &Config, dry_run: bool) -> Result<(), ExitCode> {
+    with_bucket(config, async |evictor, name| {
+        println!("store: {name}");
+        println!("{}", bucket_budget_line(evictor.budget()));
+        // A replica's pass holds the lease for seconds to minutes.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(300);
+        let report = loop {
+            match evictor.pass(dry_run).await {
+                Err(EvictError::Busy) if std::time::Instant::now() < deadline => {
+                    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+                }
+                Err(EvictError::Busy) => {
+                    eprintln!("pier: another eviction pass has run for 5 minutes; try later");
+                    return Err(ExitCode::FAILURE);
+                }
+                Err(e) => {
+                    eprintln!("pier: {e}");
+                    return Err(ExitCode::FAILURE);
+                }
+                Ok(report) => break report,
+            }
+        };
+        println!("holds: {} blobs, {}", report.blobs, human(report.bytes));
+        if report.pinned > 0 {
+            println!("pinned: {} blobs kept", report.pinned);
+        }
+        match report.oldest_ms {
+            None => println!("within budget: nothing to remove"),
+            Some(oldest) => println!(
+                "{}: {} blobs, {}, least recently served {}",
+                if dry_run { "would remove" } else { "removed" },
+                report.removed,
+                human(report.removed_bytes),
+                date_ms(oldest)
+            ),
+        }
+        if report.spared > 0 {
+            println!(
+                "spared: {} blobs served or stored again meanwhile",
+                report.spared
+            );
+        }
+        Ok(())
+    })
+}
+
+/// The fs store's directory; `None` for the bucket.
+fn fs_root(config: &Config) -> Option<&std::path::Path> {
+    match &config.storage {
+        StorageConfig::Fs { path } => Some(path),
+        StorageConfig::S3(_) => None,
     }
 }
 
@@ -112,7 +238,9 @@ fn survey(root: &std::path::Path) -> Result<Survey, ExitCode> {
 }
 
 fn cache_stats(config: &Config) -> Result<(), ExitCode> {
-    let root = fs_root(config)?;
+    let Some(root) = fs_root(config) else {
+        return bucket_stats(config);
+    };
     let survey = survey(root)?;
     println!("store: fs {}", root.display());
     println!("blobs: {} ({})", survey.blobs.len(), human(survey.bytes()));
@@ -134,7 +262,9 @@ fn cache_stats(config: &Config) -> Result<(), ExitCode> {
 }
 
 fn gc(config: &Config, dry_run: bool) -> Result<(), ExitCode> {
-    let root = fs_root(config)?;
+    let Some(root) = fs_root(config) else {
+        return bucket_gc(config, dry_run);
+    };
     if !config.cache.pinned.is_empty() {
         eprintln!(
             "pier: gc cannot see which blobs [cache] pinned keeps (the metadata store says, and a \

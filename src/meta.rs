@@ -65,6 +65,36 @@ pub struct TagRecord {
     pub checked_at_ms: u64,
 }
 
+/// The name of the lease held by whoever fetches (or removes) a blob.
+pub fn blob_lease(digest: &Digest) -> String {
+    format!("blob:{digest}")
+}
+
+/// A blob eviction decided to remove, and on what grounds.
+pub struct Removal<'a> {
+    /// The eviction lease (its name) the remover must still hold.
+    pub fence: &'a str,
+    /// The remover's value in the eviction lease, and in the blob's while
+    /// it removes the blob.
+    pub holder: &'a str,
+    pub digest: &'a Digest,
+    /// The last use the decision saw (Unix ms; 0 for none).
+    pub seen_ms: u64,
+    /// How long the blob's lease lasts if the remover never gives it up.
+    pub ttl: Duration,
+}
+
+/// What claiming a blob for removal found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Claimed {
+    /// The blob's lease is the remover's: remove it, then release.
+    Yes,
+    /// Fetched or served since the decision: it stays.
+    Wanted,
+    /// The eviction lease is no longer the remover's: it must stop.
+    Fenced,
+}
+
 #[async_trait]
 pub trait MetaStore: Send + Sync + 'static {
     async fn manifest(&self, digest: &Digest) -> Result<Option<StoredManifest>, MetaError>;
@@ -128,6 +158,27 @@ pub trait MetaStore: Send + Sync + 'static {
     /// ahead, `Ok(Err(wait))` when it must wait. Shared by every process
     /// using the store.
     async fn throttle(&self, key: &str, rate: Rate) -> Result<Result<(), Duration>, MetaError>;
+
+    /// Records that each digest was served at the Unix time in ms given
+    /// with it; a later use already recorded stays.
+    async fn record_uses(&self, uses: &[(Digest, u64)]) -> Result<(), MetaError>;
+
+    /// The last recorded use of each digest, in order.
+    async fn last_uses(&self, digests: &[Digest]) -> Result<Vec<Option<u64>>, MetaError>;
+
+    /// Forgets the uses of blobs that are no longer stored.
+    async fn forget_uses(&self, digests: &[Digest]) -> Result<(), MetaError>;
+
+    /// Adds to the count of blob bytes and blobs stored (shared by every
+    /// replica); the counts after.
+    async fn add_usage(&self, bytes: i64, blobs: i64) -> Result<(i64, i64), MetaError>;
+
+    /// Takes the lease fetches of `removal.digest` take, so none runs while
+    /// the blob is removed: only while the remover still holds the eviction
+    /// lease, nobody holds the blob's, and no use later than the one the
+    /// decision saw was recorded. One atomic step, so a decision made on
+    /// what is no longer true is never acted on.
+    async fn claim_removal(&self, removal: &Removal<'_>) -> Result<Claimed, MetaError>;
 
     async fn health(&self) -> Result<(), MetaError>;
 

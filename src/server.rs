@@ -18,6 +18,7 @@ use tokio::net::TcpListener;
 use tower::ServiceExt;
 
 use crate::config::{Config, MetadataConfig, ServerConfig, StorageConfig};
+use crate::lifecycle::SharedBudget;
 use crate::limits::{ClientLimits, PeerAddr};
 use crate::meta::{EmbeddedMeta, MetaStore, RedisMeta};
 use crate::mirror::Mirror;
@@ -27,10 +28,9 @@ use crate::storage::{
 };
 use crate::zerocopy::ClientIo;
 
-/// Opens the configured stores and builds the mirror, and the client limits
-/// (which share the metadata store).
-pub async fn build_mirror(config: &Config) -> anyhow::Result<(Arc<Mirror>, Arc<ClientLimits>)> {
-    let meta: Arc<dyn MetaStore> = match &config.metadata {
+/// Opens the configured metadata store (Redis connects on first use).
+pub async fn open_meta(config: &Config) -> anyhow::Result<Arc<dyn MetaStore>> {
+    Ok(match &config.metadata {
         MetadataConfig::Embedded { path } => {
             let dir = path.clone();
             let meta = tokio::task::spawn_blocking(move || EmbeddedMeta::open(&dir))
@@ -48,7 +48,13 @@ pub async fn build_mirror(config: &Config) -> anyhow::Result<(Arc<Mirror>, Arc<C
             RedisMeta::new(url.expose(), key_prefix, *pool_size, *timeout)
                 .context("setting up the Redis pool")?,
         ),
-    };
+    })
+}
+
+/// Opens the configured stores and builds the mirror, and the client limits
+/// (which share the metadata store).
+pub async fn build_mirror(config: &Config) -> anyhow::Result<(Arc<Mirror>, Arc<ClientLimits>)> {
+    let meta = open_meta(config).await?;
     let blobs: Arc<dyn BlobStore> = match &config.storage {
         StorageConfig::Fs { path } => {
             let budget = Budget {
@@ -60,18 +66,15 @@ pub async fn build_mirror(config: &Config) -> anyhow::Result<(Arc<Mirror>, Arc<C
                     rate: config.cache.scrub_rate,
                 }),
             };
-            let keep = (!config.cache.pinned.is_empty()).then(|| {
-                Arc::new(Pins::new(config.cache.pinned.clone(), meta.clone())) as Arc<dyn Keep>
-            });
             Arc::new(
-                BudgetedFsStore::open(path, budget, keep)
+                BudgetedFsStore::open(path, budget, pins(config, &meta))
                     .await
                     .with_context(|| format!("opening blob storage at {}", path.display()))?,
             )
         }
         StorageConfig::S3(s3) => {
             let shared: Arc<dyn BlobStore> = Arc::new(S3BlobStore::new(s3).await);
-            if s3.local_cache_size == 0 {
+            let store: Arc<dyn BlobStore> = if s3.local_cache_size == 0 {
                 shared
             } else {
                 let dir = &s3.local_cache_path;
@@ -80,6 +83,15 @@ pub async fn build_mirror(config: &Config) -> anyhow::Result<(Arc<Mirror>, Arc<C
                         .await
                         .with_context(|| format!("opening the local cache at {}", dir.display()))?,
                 )
+            };
+            let budget = SharedBudget {
+                max_size: config.cache.max_size,
+                max_age: config.cache.max_age,
+            };
+            if budget.is_set() {
+                crate::lifecycle::budgeted(store, meta.clone(), pins(config, &meta), budget)
+            } else {
+                store
             }
         }
     };
@@ -92,6 +104,12 @@ pub async fn build_mirror(config: &Config) -> anyhow::Result<(Arc<Mirror>, Arc<C
     let limits = ClientLimits::new(&config.server, &config.limits, meta.clone());
     let mirror = Mirror::new(config, blobs, meta, spool).context("building the HTTP client")?;
     Ok((Arc::new(mirror), Arc::new(limits)))
+}
+
+/// What `[cache] pinned` keeps from eviction, if anything.
+fn pins(config: &Config, meta: &Arc<dyn MetaStore>) -> Option<Arc<dyn Keep>> {
+    (!config.cache.pinned.is_empty())
+        .then(|| Arc::new(Pins::new(config.cache.pinned.clone(), meta.clone())) as Arc<dyn Keep>)
 }
 
 /// Asks both stores once, in the background: a store that cannot be

@@ -4,7 +4,7 @@
 mod budget;
 pub(crate) mod fs;
 mod lru;
-mod s3;
+pub(crate) mod s3;
 mod tiered;
 mod verify;
 
@@ -61,6 +61,14 @@ impl BlobBody {
     }
 }
 
+/// A stored blob, as a listing of the store shows it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Listed {
+    pub digest: Digest,
+    pub size: u64,
+    pub written: std::time::SystemTime,
+}
+
 #[async_trait]
 pub trait BlobStore: Send + Sync + 'static {
     /// The blob's size, or `None` when it is not stored.
@@ -108,6 +116,25 @@ pub trait BlobStore: Send + Sync + 'static {
         _older_than: std::time::Duration,
     ) -> Result<usize, StorageError> {
         Ok(0)
+    }
+
+    /// Every blob the store holds, with its size and when it was written:
+    /// what a budget over a store that other processes write to too (a
+    /// bucket) is kept from. Stores that cannot list say so in an error.
+    async fn inventory(&self) -> Result<Vec<Listed>, StorageError> {
+        Err(StorageError::Backend(
+            "this store cannot list its blobs".into(),
+        ))
+    }
+
+    /// When the stored blob was written, `None` when it is not stored.
+    async fn written_at(
+        &self,
+        _digest: &Digest,
+    ) -> Result<Option<std::time::SystemTime>, StorageError> {
+        Err(StorageError::Backend(
+            "this store cannot date its blobs".into(),
+        ))
     }
 
     /// A URL clients can fetch the stored blob from directly for `expires`,

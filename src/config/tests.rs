@@ -283,6 +283,14 @@ fn cache_budget_and_free_space() {
     assert_eq!(c.cache.max_size, Some(500 << 30));
     assert_eq!(c.cache.min_free, crate::config::MinFree::Percent(15));
     assert_eq!(c.cache.min_free.bytes(1000), 150);
+    // The bucket takes a budget too.
+    let bucket = load(
+        "[storage]\nkind = \"s3\"\nbucket = \"b\"\n[cache]\nmax_size = \"1TiB\"\nmax_age = \"30d\"\n",
+        &[],
+    )
+    .unwrap();
+    assert_eq!(bucket.cache.max_size, Some(1 << 40));
+    assert_eq!(bucket.cache.max_age, Some(Duration::from_secs(30 * 86_400)));
     let c = load("[cache]\nmin_free = \"20GiB\"\n", &[]).unwrap();
     assert_eq!(c.cache.min_free, crate::config::MinFree::Bytes(20 << 30));
     assert_eq!(
@@ -319,8 +327,8 @@ fn cache_budget_and_free_space() {
         ("[cache]\nmax_age = \"0s\"\n", "cache.max_age"),
         ("[cache]\npinned = [\"library/nginx\"]\n", "cache.pinned[0]"),
         (
-            "[storage]\nkind = \"s3\"\nbucket = \"b\"\n[cache]\nmax_size = \"1GiB\"\n",
-            "cache.max_size",
+            "[storage]\nkind = \"s3\"\nbucket = \"b\"\n[cache]\nscrub_interval = \"3h\"\n",
+            "cache.scrub_interval",
         ),
     ] {
         let e = load(text, &[]).unwrap_err().to_string();

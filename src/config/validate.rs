@@ -206,12 +206,6 @@ fn cache(c: FileCache, storage: &StorageConfig, p: &mut Problems) -> CacheConfig
         }
         other => other,
     };
-    if max_size.is_some() && matches!(storage, StorageConfig::S3(_)) {
-        p.add(
-            "cache.max_size",
-            "applies to the fs store only (a budget for the bucket is not built yet)".into(),
-        );
-    }
     let min_free = match &c.min_free {
         None => MinFree::Percent(10),
         Some(ByteSize::Text(t)) if t.trim().ends_with('%') => {
@@ -257,12 +251,6 @@ fn cache(c: FileCache, storage: &StorageConfig, p: &mut Problems) -> CacheConfig
         }
         other => other,
     };
-    if max_age.is_some() && matches!(storage, StorageConfig::S3(_)) {
-        p.add(
-            "cache.max_age",
-            "applies to the fs store only (retention for the bucket is not built yet)".into(),
-        );
-    }
     let pinned = c.pinned.unwrap_or_default();
     for (i, pat) in pinned.iter().enumerate() {
         if !is_image_pattern(pat) {

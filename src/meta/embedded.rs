@@ -7,9 +7,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use redb::{Database, TableDefinition};
+use redb::{Database, ReadableTable, TableDefinition};
 
-use super::{MetaError, MetaStore, StoredManifest, TagRecord};
+use super::{Claimed, MetaError, MetaStore, Removal, StoredManifest, TagRecord};
 use crate::rate::{LocalRates, Rate};
 use crate::reference::Digest;
 
@@ -21,12 +21,17 @@ const TAGS: TableDefinition<&str, &[u8]> = TableDefinition::new("tags");
 const LINKS: TableDefinition<&str, ()> = TableDefinition::new("links");
 /// repo → ()
 const REPOS: TableDefinition<&str, ()> = TableDefinition::new("repositories");
+/// blob digest → its last use, Unix ms
+const USES: TableDefinition<&str, u64> = TableDefinition::new("uses");
 
 pub struct EmbeddedMeta {
     db: Arc<Database>,
     /// One process owns an embedded store, so leases live in memory.
     leases: Leases,
     rates: LocalRates,
+    /// Bytes and blobs stored, counted since start: the blob store's
+    /// eviction sets it right from what the store holds.
+    usage: Mutex<(i64, i64)>,
 }
 
 impl EmbeddedMeta {
@@ -39,11 +44,13 @@ impl EmbeddedMeta {
         txn.open_table(TAGS).map_err(backend)?;
         txn.open_table(LINKS).map_err(backend)?;
         txn.open_table(REPOS).map_err(backend)?;
+        txn.open_table(USES).map_err(backend)?;
         txn.commit().map_err(backend)?;
         Ok(Self {
             db: Arc::new(db),
             leases: Leases::default(),
             rates: LocalRates::default(),
+            usage: Mutex::new((0, 0)),
         })
     }
 
@@ -279,6 +286,78 @@ impl MetaStore for EmbeddedMeta {
         Ok(self.rates.check(key, rate))
     }
 
+    async fn record_uses(&self, uses: &[(Digest, u64)]) -> Result<(), MetaError> {
+        let uses: Vec<(String, u64)> = uses.iter().map(|(d, at)| (d.to_string(), *at)).collect();
+        self.blocking(move |db| {
+            let txn = db.begin_write().map_err(backend)?;
+            {
+                let mut table = txn.open_table(USES).map_err(backend)?;
+                for (digest, at) in &uses {
+                    let known = table
+                        .get(digest.as_str())
+                        .map_err(backend)?
+                        .map(|v| v.value());
+                    if known.is_none_or(|k| k < *at) {
+                        table.insert(digest.as_str(), at).map_err(backend)?;
+                    }
+                }
+            }
+            txn.commit().map_err(backend)
+        })
+        .await
+    }
+
+    async fn last_uses(&self, digests: &[Digest]) -> Result<Vec<Option<u64>>, MetaError> {
+        let keys: Vec<String> = digests.iter().map(Digest::to_string).collect();
+        self.blocking(move |db| last_uses_in(db, &keys)).await
+    }
+
+    async fn forget_uses(&self, digests: &[Digest]) -> Result<(), MetaError> {
+        let keys: Vec<String> = digests.iter().map(Digest::to_string).collect();
+        self.blocking(move |db| {
+            let txn = db.begin_write().map_err(backend)?;
+            {
+                let mut table = txn.open_table(USES).map_err(backend)?;
+                for key in &keys {
+                    table.remove(key.as_str()).map_err(backend)?;
+                }
+            }
+            txn.commit().map_err(backend)
+        })
+        .await
+    }
+
+    async fn add_usage(&self, bytes: i64, blobs: i64) -> Result<(i64, i64), MetaError> {
+        let mut usage = self.usage.lock().unwrap_or_else(|p| p.into_inner());
+        usage.0 = usage.0.saturating_add(bytes);
+        usage.1 = usage.1.saturating_add(blobs);
+        Ok(*usage)
+    }
+
+    async fn claim_removal(&self, removal: &Removal<'_>) -> Result<Claimed, MetaError> {
+        let key = vec![removal.digest.to_string()];
+        let used = self.blocking(move |db| last_uses_in(db, &key)).await?;
+        // Leases live in this process, so checking them and taking the
+        // blob's under one lock is atomic; a use recorded after the read
+        // above is one batched here too late, which a lease-less store
+        // cannot tell apart from one recorded a moment after the removal.
+        let mut leases = self.leases.map();
+        let now = Instant::now();
+        leases.retain(|_, (_, until)| *until > now);
+        if leases
+            .get(removal.fence)
+            .is_none_or(|(h, _)| h != removal.holder)
+        {
+            return Ok(Claimed::Fenced);
+        }
+        let name = super::blob_lease(removal.digest);
+        if leases.contains_key(&name) || used[0].is_some_and(|u| u > removal.seen_ms) {
+            return Ok(Claimed::Wanted);
+        }
+        leases.insert(name, (removal.holder.to_owned(), now + removal.ttl));
+        Ok(Claimed::Yes)
+    }
+
     fn shared(&self) -> bool {
         false
     }
@@ -287,6 +366,14 @@ impl MetaStore for EmbeddedMeta {
         self.blocking(|db| db.begin_read().map(drop).map_err(backend))
             .await
     }
+}
+
+fn last_uses_in(db: &Database, keys: &[String]) -> Result<Vec<Option<u64>>, MetaError> {
+    let txn = db.begin_read().map_err(backend)?;
+    let table = txn.open_table(USES).map_err(backend)?;
+    keys.iter()
+        .map(|k| Ok(table.get(k.as_str()).map_err(backend)?.map(|v| v.value())))
+        .collect()
 }
 
 /// Leases with expiry, in memory.
@@ -353,6 +440,7 @@ mod tests {
         crate::meta::suite::run(&meta).await;
         crate::meta::suite::leases(&meta).await;
         crate::meta::suite::throttle(&meta).await;
+        crate::meta::suite::uses_and_removals(&meta).await;
         drop(meta);
         // What was written survives reopening.
         let meta = super::EmbeddedMeta::open(dir.path()).unwrap();

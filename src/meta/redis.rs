@@ -1,7 +1,9 @@
 //! Metadata in Redis, shared by every replica. Keys (after `key_prefix`):
 //! `m:<digest>` manifest (media type, `\n`, bytes); `t:<repo>:<tag>` JSON
 //! `TagRecord`; `tags:<repo>` and `repos` sorted sets (all scores 0, so
-//! they sort by name); `l:<repo>` set of digests the repository may serve.
+//! they sort by name); `l:<repo>` set of digests the repository may serve;
+//! `uses` sorted set of blob digests by last use (Unix ms); `usage` hash of
+//! the `bytes` and `blobs` stored; `lease:<name>` leases.
 //! Every command has a deadline: a Redis outage turns into errors, never
 //! into hung requests.
 
@@ -12,7 +14,7 @@ use async_trait::async_trait;
 use deadpool_redis::redis::{self, AsyncCommands};
 use deadpool_redis::{Config as PoolSettings, Connection, Pool, PoolConfig, Runtime, Timeouts};
 
-use super::{MetaError, MetaStore, StoredManifest, TagRecord};
+use super::{Claimed, MetaError, MetaStore, Removal, StoredManifest, TagRecord};
 use crate::rate::Rate;
 use crate::reference::Digest;
 
@@ -97,6 +99,20 @@ if ahead > tolerance then return ahead - tolerance end
 tat = tat + tonumber(ARGV[1])
 redis.call('set', KEYS[1], string.format('%.0f', tat), 'px', math.floor((tat - now) / 1000) + 1)
 return 0";
+
+/// `MetaStore::claim_removal`: 1 claimed, 0 wanted, -1 fenced. KEYS: the
+/// eviction lease, the blob's lease, `uses`; ARGV: holder, digest, the use
+/// the decision saw, the blob lease's ttl in ms.
+const CLAIM_REMOVAL: &str = r"
+if redis.call('get', KEYS[1]) ~= ARGV[1] then return -1 end
+if redis.call('exists', KEYS[2]) == 1 then return 0 end
+local used = redis.call('zscore', KEYS[3], ARGV[2])
+if used and tonumber(used) > tonumber(ARGV[3]) then return 0 end
+redis.call('set', KEYS[2], ARGV[1], 'PX', ARGV[4])
+return 1";
+
+/// Uses sent to Redis in one command.
+const USES_PER_COMMAND: usize = 1000;
 
 fn ttl_ms(ttl: Duration) -> u64 {
     u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1)
@@ -300,6 +316,89 @@ impl MetaStore for RedisMeta {
         })
     }
 
+    async fn record_uses(&self, uses: &[(Digest, u64)]) -> Result<(), MetaError> {
+        for batch in uses.chunks(USES_PER_COMMAND) {
+            let key = self.key(&["uses"]);
+            let mut cmd = redis::cmd("ZADD");
+            // GT: a replica whose batch arrives late never moves a use back.
+            cmd.arg(key).arg("GT");
+            for (digest, at) in batch {
+                cmd.arg(*at).arg(digest.to_string());
+            }
+            self.run(|mut c| async move { cmd.query_async::<()>(&mut c).await })
+                .await?;
+        }
+        Ok(())
+    }
+
+    async fn last_uses(&self, digests: &[Digest]) -> Result<Vec<Option<u64>>, MetaError> {
+        let mut out = Vec::with_capacity(digests.len());
+        for batch in digests.chunks(USES_PER_COMMAND) {
+            let key = self.key(&["uses"]);
+            let mut cmd = redis::cmd("ZMSCORE");
+            cmd.arg(key);
+            for digest in batch {
+                cmd.arg(digest.to_string());
+            }
+            let scores: Vec<Option<f64>> = self
+                .run(|mut c| async move { cmd.query_async(&mut c).await })
+                .await?;
+            out.extend(scores.into_iter().map(|s| s.map(|ms| ms.max(0.0) as u64)));
+        }
+        Ok(out)
+    }
+
+    async fn forget_uses(&self, digests: &[Digest]) -> Result<(), MetaError> {
+        for batch in digests.chunks(USES_PER_COMMAND) {
+            let key = self.key(&["uses"]);
+            let members: Vec<String> = batch.iter().map(Digest::to_string).collect();
+            self.run(|mut c| async move { c.zrem::<_, _, ()>(key, members).await })
+                .await?;
+        }
+        Ok(())
+    }
+
+    async fn add_usage(&self, bytes: i64, blobs: i64) -> Result<(i64, i64), MetaError> {
+        let key = self.key(&["usage"]);
+        let mut pipe = redis::pipe();
+        pipe.atomic()
+            .hincr(&key, "bytes", bytes)
+            .hincr(&key, "blobs", blobs);
+        self.run(|mut c| async move { pipe.query_async(&mut c).await })
+            .await
+    }
+
+    async fn claim_removal(&self, removal: &Removal<'_>) -> Result<Claimed, MetaError> {
+        let keys = [
+            self.key(&["lease", removal.fence]),
+            self.key(&["lease", &super::blob_lease(removal.digest)]),
+            self.key(&["uses"]),
+        ];
+        let args = (
+            removal.holder.to_owned(),
+            removal.digest.to_string(),
+            removal.seen_ms,
+            ttl_ms(removal.ttl),
+        );
+        let answer: i64 = self
+            .run(|mut c| async move {
+                redis::Script::new(CLAIM_REMOVAL)
+                    .key(&keys[..])
+                    .arg(args.0)
+                    .arg(args.1)
+                    .arg(args.2)
+                    .arg(args.3)
+                    .invoke_async(&mut c)
+                    .await
+            })
+            .await?;
+        Ok(match answer {
+            1 => Claimed::Yes,
+            0 => Claimed::Wanted,
+            _ => Claimed::Fenced,
+        })
+    }
+
     fn shared(&self) -> bool {
         true
     }
@@ -329,6 +428,7 @@ mod tests {
         crate::meta::suite::run(&meta).await;
         crate::meta::suite::leases(&meta).await;
         crate::meta::suite::throttle(&meta).await;
+        crate::meta::suite::uses_and_removals(&meta).await;
         crate::meta::suite::check_persisted(&meta).await;
     }
 

@@ -186,3 +186,108 @@ pub async fn throttle(meta: &dyn MetaStore) {
     tokio::time::sleep(wait).await;
     assert_eq!(meta.throttle(&key, rate).await.unwrap(), Ok(()));
 }
+
+/// Uses only move forward; the usage counts add up; a removal is claimed
+/// only by the eviction lease's holder, for a blob nobody fetches and
+/// nobody used since the decision.
+pub async fn uses_and_removals(meta: &dyn MetaStore) {
+    use std::time::Duration;
+
+    use super::{Claimed, Removal, blob_lease};
+    let tag = format!("{:x}", rand::random::<u64>());
+    let (a, b, c) = (
+        Digest::sha256_of(format!("a{tag}").as_bytes()),
+        Digest::sha256_of(format!("b{tag}").as_bytes()),
+        Digest::sha256_of(format!("c{tag}").as_bytes()),
+    );
+    meta.record_uses(&[(a.clone(), 2000), (b.clone(), 1000)])
+        .await
+        .unwrap();
+    // A late batch never moves a use back.
+    meta.record_uses(&[(a.clone(), 1500)]).await.unwrap();
+    assert_eq!(
+        meta.last_uses(&[a.clone(), b.clone(), c.clone()])
+            .await
+            .unwrap(),
+        vec![Some(2000), Some(1000), None]
+    );
+    meta.forget_uses(std::slice::from_ref(&b)).await.unwrap();
+    assert_eq!(
+        meta.last_uses(std::slice::from_ref(&b)).await.unwrap(),
+        vec![None]
+    );
+
+    let (bytes, blobs) = meta.add_usage(0, 0).await.unwrap();
+    assert_eq!(
+        meta.add_usage(100, 2).await.unwrap(),
+        (bytes + 100, blobs + 2)
+    );
+    assert_eq!(
+        meta.add_usage(-40, -1).await.unwrap(),
+        (bytes + 60, blobs + 1)
+    );
+
+    let fence = format!("evict-{tag}");
+    let long = Duration::from_secs(30);
+    let removal = |digest, seen_ms| Removal {
+        fence: &fence,
+        holder: "evictor",
+        digest,
+        seen_ms,
+        ttl: long,
+    };
+    // Without the eviction lease, nothing is claimed.
+    assert_eq!(
+        meta.claim_removal(&removal(&a, 2000)).await.unwrap(),
+        Claimed::Fenced
+    );
+    assert_eq!(
+        meta.acquire_lease(&fence, "evictor", long).await.unwrap(),
+        None
+    );
+    // Used since the decision saw 1000.
+    assert_eq!(
+        meta.claim_removal(&removal(&a, 1000)).await.unwrap(),
+        Claimed::Wanted
+    );
+    // Being fetched.
+    assert_eq!(
+        meta.acquire_lease(&blob_lease(&c), "fetcher", long)
+            .await
+            .unwrap(),
+        None
+    );
+    assert_eq!(
+        meta.claim_removal(&removal(&c, 0)).await.unwrap(),
+        Claimed::Wanted
+    );
+    // As decided: the blob's lease is the remover's, so a fetch waits.
+    assert_eq!(
+        meta.claim_removal(&removal(&a, 2000)).await.unwrap(),
+        Claimed::Yes
+    );
+    assert_eq!(
+        meta.acquire_lease(&blob_lease(&a), "fetcher", long)
+            .await
+            .unwrap()
+            .as_deref(),
+        Some("evictor")
+    );
+    meta.release_lease(&blob_lease(&a), "evictor")
+        .await
+        .unwrap();
+    assert_eq!(
+        meta.claim_removal(&removal(&b, 0)).await.unwrap(),
+        Claimed::Yes
+    );
+    // Another holder now has the eviction lease: the first is fenced off.
+    meta.release_lease(&fence, "evictor").await.unwrap();
+    assert_eq!(
+        meta.acquire_lease(&fence, "other", long).await.unwrap(),
+        None
+    );
+    assert_eq!(
+        meta.claim_removal(&removal(&c, u64::MAX)).await.unwrap(),
+        Claimed::Fenced
+    );
+}

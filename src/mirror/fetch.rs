@@ -196,7 +196,7 @@ pub(super) async fn run(guard: FlightGuard, job: FetchJob, spool_dir: PathBuf) {
 /// from it, or wait for its commit (or for its lease to lapse, if it died)
 /// for as long as it keeps the lease.
 async fn source(job: &FetchJob, flight: &Flight) -> Result<Source, FlightError> {
-    let lease_name = format!("blob:{}", flight.digest);
+    let lease_name = crate::meta::blob_lease(&flight.digest);
     // A peer asks this replica because it holds (or just held) the lease:
     // the fetch it held may have stored the blob and left between this
     // request's look and its joining, so a peer's request always looks.

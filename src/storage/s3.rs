@@ -29,7 +29,7 @@ use aws_smithy_runtime_api::client::orchestrator::Metadata;
 use futures::StreamExt;
 use tokio::task::JoinSet;
 
-use super::{BlobBody, BlobStore, StorageError};
+use super::{BlobBody, BlobStore, Listed, StorageError};
 use crate::config::S3Config;
 use crate::range::{ByteRange, RangeSpec};
 use crate::reference::Digest;
@@ -421,6 +421,73 @@ impl BlobStore for S3BlobStore {
         }
     }
 
+    async fn inventory(&self) -> Result<Vec<Listed>, StorageError> {
+        let prefix = self.blobs_prefix();
+        let mut found = Vec::new();
+        let mut token: Option<String> = None;
+        loop {
+            let page = self
+                .client
+                .list_objects_v2()
+                .bucket(&self.bucket)
+                .prefix(&prefix)
+                .set_continuation_token(token.clone())
+                .send()
+                .await
+                .map_err(|e| backend("ListObjectsV2", e))?;
+            for object in page.contents() {
+                // Keys that name no digest are not Pier's blobs: left alone.
+                let Some(digest) = object
+                    .key()
+                    .and_then(|k| k.strip_prefix(&prefix))
+                    .and_then(|k| k.split_once('/'))
+                    .and_then(|(alg, hex)| Digest::parse(&format!("{alg}:{hex}")).ok())
+                else {
+                    continue;
+                };
+                found.push(Listed {
+                    digest,
+                    size: object.size().unwrap_or(0).max(0) as u64,
+                    written: object
+                        .last_modified()
+                        .and_then(|t| SystemTime::try_from(*t).ok())
+                        .unwrap_or(SystemTime::UNIX_EPOCH),
+                });
+            }
+            let next = page.next_continuation_token().map(str::to_owned);
+            match next {
+                Some(next) if page.is_truncated().unwrap_or(false) => {
+                    if token.as_deref() == Some(next.as_str()) {
+                        return Err(StorageError::Backend(
+                            "s3 ListObjectsV2: a truncated page without a new token".into(),
+                        ));
+                    }
+                    token = Some(next);
+                }
+                _ => return Ok(found),
+            }
+        }
+    }
+
+    async fn written_at(&self, digest: &Digest) -> Result<Option<SystemTime>, StorageError> {
+        match self
+            .client
+            .head_object()
+            .bucket(&self.bucket)
+            .key(self.key(digest))
+            .send()
+            .await
+        {
+            Ok(out) => Ok(Some(
+                out.last_modified()
+                    .and_then(|t| SystemTime::try_from(*t).ok())
+                    .unwrap_or(SystemTime::UNIX_EPOCH),
+            )),
+            Err(e) if status_of(&e) == Some(404) => Ok(None),
+            Err(e) => Err(backend("HeadObject", e)),
+        }
+    }
+
     async fn health(&self) -> Result<(), StorageError> {
         let probe = self.client.head_bucket().bucket(&self.bucket).send();
         match tokio::time::timeout(Duration::from_secs(5), probe).await {
@@ -659,7 +726,7 @@ async fn spool_slice(spool: &Path, start: u64, len: u64) -> Result<ByteStream, S
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::path::PathBuf;
 
     use super::*;

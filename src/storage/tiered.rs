@@ -160,6 +160,18 @@ impl BlobStore for TieredBlobStore {
         self.shared.abort_stale_uploads(older_than).await
     }
 
+    // A budget bounds the shared store; local copies have their own.
+    async fn inventory(&self) -> Result<Vec<super::Listed>, StorageError> {
+        self.shared.inventory().await
+    }
+
+    async fn written_at(
+        &self,
+        digest: &Digest,
+    ) -> Result<Option<std::time::SystemTime>, StorageError> {
+        self.shared.written_at(digest).await
+    }
+
     async fn presigned_url(
         &self,
         digest: &Digest,

@@ -106,6 +106,8 @@ pub struct Metrics {
     pub cache_blobs: Gauge,
     pub cache_evictions: Family<ReasonLabels, Counter>,
     pub cache_evicted_bytes: Counter,
+    pub gc_runs: Counter,
+    pub gc_seconds: Histogram,
     pub fetches_unguarded: Family<ReasonLabels, Counter>,
     pub abandoned_uploads_aborted: Counter,
 }
@@ -145,6 +147,8 @@ impl Metrics {
             cache_blobs: Gauge::default(),
             cache_evictions: Family::default(),
             cache_evicted_bytes: Counter::default(),
+            gc_runs: Counter::default(),
+            gc_seconds: Histogram::new([0.01, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 1800.0]),
             fetches_unguarded: Family::default(),
             abandoned_uploads_aborted: Counter::default(),
             registry: Registry::default(),
@@ -257,23 +261,33 @@ impl Metrics {
         );
         registry.register(
             "cache_bytes",
-            "Bytes of blobs in the fs store",
+            "Bytes of blobs stored (the fs store, or the bucket: all replicas' count)",
             m.cache_bytes.clone(),
         );
         registry.register(
             "cache_blobs",
-            "Blobs in the fs store",
+            "Blobs stored (the fs store, or the bucket: all replicas' count)",
             m.cache_blobs.clone(),
         );
         registry.register(
             "cache_evictions",
-            "Blobs evicted: size (past [cache] max_size), free (below [cache] min_free), corrupt (stored bytes that do not match the digest)",
+            "Blobs evicted: size (past [cache] max_size), free (below [cache] min_free), age (not served for [cache] max_age), corrupt (stored bytes that do not match the digest)",
             m.cache_evictions.clone(),
         );
         registry.register(
             "cache_evicted_bytes",
             "Bytes of blobs evicted",
             m.cache_evicted_bytes.clone(),
+        );
+        registry.register(
+            "gc_runs",
+            "Eviction passes this replica ran over the blob store",
+            m.gc_runs.clone(),
+        );
+        registry.register(
+            "gc_seconds",
+            "How long each eviction pass took",
+            m.gc_seconds.clone(),
         );
         Self { registry, ..m }
     }

@@ -1,0 +1,360 @@
+//! Eviction over a real bucket (the S3 server `tests/run.sh` starts) and a
+//! real Redis: what a pass removes, and every way a decision can go stale
+//! before it is acted on.
+#![allow(clippy::unwrap_used)]
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::Notify;
+
+use super::uses::now_ms;
+use super::{EvictError, Evictor, SharedBudget, UseLog};
+use crate::meta::{MetaStore, RedisMeta, blob_lease};
+use crate::reference::Digest;
+use crate::storage::{BlobStore, Keep};
+
+const KIB: u64 = 1024;
+
+struct Bench {
+    store: Arc<dyn BlobStore>,
+    meta: Arc<dyn MetaStore>,
+    uses: Arc<UseLog>,
+    dir: tempfile::TempDir,
+}
+
+async fn bench() -> Option<Bench> {
+    let url = crate::testenv::backend("PIER_TEST_REDIS_URL")?;
+    let ns = format!("evict-{:x}", rand::random::<u64>());
+    let store = crate::storage::s3::tests::test_store(&ns).await?;
+    let meta: Arc<dyn MetaStore> =
+        Arc::new(RedisMeta::new(&url, &format!("{ns}:"), 4, Duration::from_secs(2)).unwrap());
+    let uses = UseLog::start(meta.clone(), Duration::from_millis(100));
+    Some(Bench {
+        store: Arc::new(store),
+        meta,
+        uses,
+        dir: tempfile::tempdir().unwrap(),
+    })
+}
+
+impl Bench {
+    /// Stores `n` KiB of blob `seed`.
+    async fn put(&self, seed: u32, n: u64) -> Digest {
+        let bytes: Vec<u8> = (0..n * KIB)
+            .map(|i| (i as u32).wrapping_mul(seed | 1) as u8 ^ seed as u8)
+            .collect();
+        let digest = Digest::sha256_of(&bytes);
+        let spool = self.dir.path().join(format!("{seed}.part"));
+        std::fs::write(&spool, &bytes).unwrap();
+        self.store.store(&digest, &spool, n * KIB).await.unwrap();
+        digest
+    }
+
+    /// Records a use `ago` before now.
+    async fn used(&self, digest: &Digest, ago: Duration) {
+        let at = now_ms() - ago.as_millis() as u64;
+        self.meta
+            .record_uses(&[(digest.clone(), at)])
+            .await
+            .unwrap();
+    }
+
+    fn evictor(&self, budget: SharedBudget, keep: Option<Arc<dyn Keep>>) -> Evictor {
+        let mut e = Evictor::new(
+            self.store.clone(),
+            self.meta.clone(),
+            keep,
+            budget,
+            self.uses.clone(),
+        );
+        e.grace = Duration::ZERO;
+        e
+    }
+
+    async fn stored(&self, digest: &Digest) -> bool {
+        self.store.stat(digest).await.unwrap().is_some()
+    }
+}
+
+fn size_budget(kib: u64) -> SharedBudget {
+    SharedBudget {
+        max_size: Some(kib * KIB),
+        max_age: None,
+    }
+}
+
+/// Makes the evictor stop between choosing its victims and claiming them
+/// until the test says go: the window in which a decision goes stale.
+fn pause(evictor: &mut Evictor) -> (Arc<Notify>, Arc<Notify>) {
+    let (chosen, go) = (Arc::new(Notify::new()), Arc::new(Notify::new()));
+    let (c, g) = (chosen.clone(), go.clone());
+    evictor.hook = Some(Arc::new(move || {
+        let (c, g) = (c.clone(), g.clone());
+        Box::pin(async move {
+            c.notify_one();
+            g.notified().await;
+        })
+    }));
+    (chosen, go)
+}
+
+#[tokio::test]
+async fn a_pass_removes_the_least_recently_used_down_to_ninety_percent() {
+    let Some(b) = bench().await else { return };
+    let mut blobs = Vec::new();
+    for i in 0..10 {
+        let d = b.put(i, 100).await;
+        // Blob 0 is the least recently used, blob 9 the most...
+        b.used(&d, Duration::from_secs(3600 - u64::from(i) * 60))
+            .await;
+        blobs.push(d);
+    }
+    // ...but blob 1 was pulled a moment ago, from another replica.
+    b.used(&blobs[1], Duration::from_secs(5)).await;
+    let evictor = b.evictor(size_budget(500), None);
+
+    let plan = evictor.pass(true).await.unwrap();
+    assert_eq!((plan.blobs, plan.bytes), (10, 1000 * KIB));
+    assert_eq!((plan.removed, plan.removed_bytes), (6, 600 * KIB));
+    for d in &blobs {
+        assert!(b.stored(d).await, "a dry run removes nothing");
+    }
+
+    let done = evictor.pass(false).await.unwrap();
+    assert_eq!((done.removed, done.removed_bytes), (6, 600 * KIB));
+    let kept: Vec<usize> = {
+        let mut kept = Vec::new();
+        for (i, d) in blobs.iter().enumerate() {
+            if b.stored(d).await {
+                kept.push(i);
+            }
+        }
+        kept
+    };
+    assert_eq!(
+        kept,
+        vec![1, 7, 8, 9],
+        "down to 90 % of 500 KiB, oldest first"
+    );
+    // What went is forgotten; the shared count is the bucket's.
+    assert_eq!(b.meta.last_uses(&blobs[..1]).await.unwrap(), vec![None]);
+    assert_eq!(b.meta.add_usage(0, 0).await.unwrap(), (400 * 1024, 4));
+    let again = evictor.pass(false).await.unwrap();
+    assert_eq!((again.blobs, again.removed), (4, 0));
+}
+
+#[tokio::test]
+async fn blobs_no_metadata_knows_count_and_go_oldest_written_first() {
+    let Some(b) = bench().await else { return };
+    // Stored with no use ever recorded (Redis was flushed since): their
+    // write times order them. S3 dates objects to the second.
+    let old = b.put(1, 300).await;
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let new = b.put(2, 300).await;
+    let evictor = b.evictor(size_budget(500), None);
+    let done = evictor.pass(false).await.unwrap();
+    assert_eq!((done.blobs, done.bytes), (2, 600 * KIB));
+    assert_eq!(done.removed, 1);
+    assert!(!b.stored(&old).await && b.stored(&new).await);
+}
+
+#[tokio::test]
+async fn max_age_removes_what_was_not_used_for_that_long() {
+    let Some(b) = bench().await else { return };
+    let stale = b.put(1, 10).await;
+    let fresh = b.put(2, 10).await;
+    b.used(&stale, Duration::from_secs(2 * 86_400)).await;
+    b.used(&fresh, Duration::from_secs(60)).await;
+    let budget = SharedBudget {
+        max_size: None,
+        max_age: Some(Duration::from_secs(86_400)),
+    };
+    let done = b.evictor(budget, None).pass(false).await.unwrap();
+    assert_eq!(done.removed, 1);
+    assert!(!b.stored(&stale).await && b.stored(&fresh).await);
+}
+
+struct KeepOne(Digest);
+
+#[async_trait::async_trait]
+impl Keep for KeepOne {
+    async fn keep(&self, digest: &Digest) -> bool {
+        *digest == self.0
+    }
+}
+
+#[tokio::test]
+async fn pinned_blobs_survive_any_budget() {
+    let Some(b) = bench().await else { return };
+    let pinned = b.put(1, 200).await;
+    let other = b.put(2, 200).await;
+    b.used(&pinned, Duration::from_secs(7200)).await;
+    b.used(&other, Duration::from_secs(3600)).await;
+    let keep: Arc<dyn Keep> = Arc::new(KeepOne(pinned.clone()));
+    let done = b
+        .evictor(size_budget(100), Some(keep))
+        .pass(false)
+        .await
+        .unwrap();
+    assert_eq!((done.removed, done.pinned), (1, 1));
+    assert!(b.stored(&pinned).await && !b.stored(&other).await);
+}
+
+/// Rule 3: a blob fetched and stored again by another replica after the
+/// pass chose it stays, whether that replica still holds the blob's lease
+/// (the claim finds it taken) or let it lapse (its write is newer than the
+/// listing) — and a blob chosen and not wanted again goes.
+#[tokio::test]
+async fn a_blob_stored_again_after_eviction_chose_it_stays() {
+    let Some(b) = bench().await else { return };
+    let held = b.put(1, 100).await;
+    let lapsed = b.put(2, 100).await;
+    let idle = b.put(3, 100).await;
+    for d in [&held, &lapsed, &idle] {
+        b.used(d, Duration::from_secs(3600)).await;
+    }
+    // S3 dates objects to the second: the writes below must date later.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let mut evictor = b.evictor(size_budget(10), None);
+    let (chosen, go) = pause(&mut evictor);
+    let evictor = Arc::new(evictor);
+    let pass = tokio::spawn({
+        let e = evictor.clone();
+        async move { e.pass(false).await }
+    });
+    chosen.notified().await;
+
+    // Another replica fetches two of them again meanwhile, as a fetch
+    // does: under the blob's lease, marked stored once done; and notes no
+    // use (its batch has not gone out yet).
+    let fetcher = "0123456789abcdef http://10.0.0.2:5000";
+    for (seed, digest) in [(1, &held), (2, &lapsed)] {
+        let lease = blob_lease(digest);
+        assert_eq!(
+            b.meta
+                .acquire_lease(&lease, fetcher, Duration::from_secs(30))
+                .await
+                .unwrap(),
+            None
+        );
+        b.put(seed, 100).await;
+        let ttl = if seed == 1 {
+            Duration::from_secs(30)
+        } else {
+            Duration::from_millis(50)
+        };
+        let done = format!("{fetcher} stored");
+        assert!(
+            b.meta
+                .replace_lease(&lease, fetcher, &done, ttl)
+                .await
+                .unwrap()
+        );
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    go.notify_one();
+
+    let report = pass.await.unwrap().unwrap();
+    assert_eq!((report.removed, report.spared), (1, 2), "{report:?}");
+    assert!(b.stored(&held).await, "stored again under its lease");
+    assert!(b.stored(&lapsed).await, "stored again, lease lapsed");
+    assert!(!b.stored(&idle).await, "not wanted again: evicted");
+}
+
+/// A use recorded after the decision, from any replica, keeps the blob.
+#[tokio::test]
+async fn a_blob_served_after_eviction_chose_it_stays() {
+    let Some(b) = bench().await else { return };
+    let served = b.put(1, 100).await;
+    b.used(&served, Duration::from_secs(3600)).await;
+    let mut evictor = b.evictor(size_budget(10), None);
+    let (chosen, go) = pause(&mut evictor);
+    let evictor = Arc::new(evictor);
+    let pass = tokio::spawn({
+        let e = evictor.clone();
+        async move { e.pass(false).await }
+    });
+    chosen.notified().await;
+    // Served by this replica: noted, written out within the log's delay,
+    // which the pass waits for after claiming.
+    b.uses.note(&served);
+    go.notify_one();
+    let report = pass.await.unwrap().unwrap();
+    assert_eq!((report.removed, report.spared), (0, 1));
+    assert!(b.stored(&served).await);
+}
+
+/// Rule 4: one pass at a time, and a pass that lost the eviction lease
+/// while paused removes nothing on what it decided.
+#[tokio::test]
+async fn a_pass_that_lost_its_lease_removes_nothing() {
+    let Some(b) = bench().await else { return };
+    let blob = b.put(1, 100).await;
+    b.used(&blob, Duration::from_secs(3600)).await;
+    let mut first = b.evictor(size_budget(10), None);
+    let (chosen, go) = pause(&mut first);
+    let first = Arc::new(first);
+    let pass = tokio::spawn({
+        let e = first.clone();
+        async move { e.pass(false).await }
+    });
+    chosen.notified().await;
+    let second = b.evictor(size_budget(10), None);
+    assert!(matches!(second.pass(false).await, Err(EvictError::Busy)));
+
+    // The first replica stalls past its lease (as a paused process does);
+    // another takes the lease over.
+    b.meta
+        .release_lease("lifecycle:evict", &first.holder)
+        .await
+        .unwrap();
+    assert_eq!(
+        b.meta
+            .acquire_lease("lifecycle:evict", "another", Duration::from_secs(30))
+            .await
+            .unwrap(),
+        None
+    );
+    go.notify_one();
+    let report = pass.await.unwrap().unwrap();
+    assert_eq!(report.removed, 0);
+    assert!(b.stored(&blob).await);
+}
+
+/// A fetch that finds the blob claimed waits, and the claim goes with the
+/// removal: the next fetch takes the lease.
+#[tokio::test]
+async fn removal_releases_the_blob_lease() {
+    let Some(b) = bench().await else { return };
+    let blob = b.put(1, 100).await;
+    b.used(&blob, Duration::from_secs(3600)).await;
+    let done = b.evictor(size_budget(10), None).pass(false).await.unwrap();
+    assert_eq!(done.removed, 1);
+    assert_eq!(
+        b.meta
+            .acquire_lease(&blob_lease(&blob), "fetcher", Duration::from_secs(5))
+            .await
+            .unwrap(),
+        None
+    );
+}
+
+#[tokio::test]
+async fn uses_noted_are_written_in_batches_and_never_move_back() {
+    let Some(b) = bench().await else { return };
+    let d = Digest::sha256_of(b"served");
+    b.uses.note(&d);
+    let noted = now_ms();
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let at = b.meta.last_uses(std::slice::from_ref(&d)).await.unwrap()[0].unwrap();
+    assert!(at.abs_diff(noted) < 1000, "{at} vs {noted}");
+    b.meta
+        .record_uses(&[(d.clone(), at - 10_000)])
+        .await
+        .unwrap();
+    assert_eq!(
+        b.meta.last_uses(std::slice::from_ref(&d)).await.unwrap(),
+        vec![Some(at)]
+    );
+}
