@@ -65,6 +65,15 @@ pub struct TagRecord {
     pub checked_at_ms: u64,
 }
 
+/// The word a blob lease's holder adds once the blob is stored; the lease
+/// is then left to lapse, and eviction may take it.
+pub const STORED: &str = "stored";
+
+/// Whether a lease's value says its work is done.
+pub fn lease_done(value: &str) -> bool {
+    value.rsplit(' ').next() == Some(STORED)
+}
+
 /// The name of the lease held by whoever fetches (or removes) a blob.
 pub fn blob_lease(digest: &Digest) -> String {
     format!("blob:{digest}")
@@ -175,8 +184,8 @@ pub trait MetaStore: Send + Sync + 'static {
 
     /// Takes the lease fetches of `removal.digest` take, so none runs while
     /// the blob is removed: only while the remover still holds the eviction
-    /// lease, nobody holds the blob's, and no use later than the one the
-    /// decision saw was recorded. One atomic step, so a decision made on
+    /// lease, nobody holds the blob's (one marked `STORED` is done with),
+    /// and no use later than the one the decision saw was recorded. One atomic step, so a decision made on
     /// what is no longer true is never acted on.
     async fn claim_removal(&self, removal: &Removal<'_>) -> Result<Claimed, MetaError>;
 

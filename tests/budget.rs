@@ -368,3 +368,165 @@ async fn pulls_under_constant_eviction_all_complete() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// Six images of two `layer_size` layers pushed as `<prefix>/img<i>:v1`.
+fn six_images(
+    docker: &Upstream,
+    dir: &Path,
+    prefix: &str,
+    layer_size: usize,
+) -> Vec<(String, String)> {
+    (0..6)
+        .map(|i| {
+            let name = format!("{prefix}/img{i}:v1");
+            let digest = push_generated(docker, dir, &name, layer_size);
+            (name, digest)
+        })
+        .collect()
+}
+
+/// Waits (up to `secs`) until the bucket holds at most `budget` bytes under
+/// `ns`; what it holds then.
+async fn bucket_within(ns: &str, budget: u64, secs: u64) -> (usize, u64) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        let usage = bucket_usage(ns).await;
+        if usage.1 <= budget {
+            return usage;
+        }
+        assert!(Instant::now() < deadline, "bucket holds {usage:?}");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+const BUCKET_BUDGET: &str = "[cache]\nmax_size = \"10MiB\"\n";
+
+/// Two replicas on a real bucket and Redis, with a budget: pulls through
+/// both, adding up to three times it, leave the bucket within it; the
+/// replicas evict one pass at a time (every blob that left the bucket was
+/// counted by exactly one of them); pulls on both keep working meanwhile;
+/// the latest image is served with upstream stopped, and an evicted one
+/// pulls again with one upstream GET per blob across both replicas.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_keep_the_bucket_within_its_budget() {
+    if !have_tools(&["docker-registry", "skopeo", "python3"]) {
+        return;
+    }
+    let mut docker = Upstream::start("docker");
+    let work = tempfile::tempdir().unwrap();
+    // 30 MB: three times the budget.
+    let images = six_images(&docker, work.path(), "bucket", 2_500_000);
+    let ns = format!("budget{:x}", rand::random::<u64>());
+    let ups = [("docker.io", docker.url())];
+    let ups: Vec<(&str, &str)> = ups.iter().map(|(r, u)| (*r, u.as_str())).collect();
+    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let Some(a) = Pier::start_scaled_with(da.path(), &ns, &ups, "", None, BUCKET_BUDGET) else {
+        return;
+    };
+    let b = Pier::start_scaled_with(db.path(), &ns, &ups, "", None, BUCKET_BUDGET).unwrap();
+    let replicas = [&a, &b];
+    for (i, (name, digest)) in images.iter().enumerate() {
+        let (here, there) = (replicas[i % 2], replicas[(i + 1) % 2]);
+        // Pulls through the other replica while eviction runs.
+        if i > 0 {
+            let (prev, prev_digest) = &images[i - 1];
+            assert_eq!(
+                &pull(there, &format!("docker.io/{prev}")).await,
+                prev_digest
+            );
+        }
+        assert_eq!(&pull(here, &format!("docker.io/{name}")).await, digest);
+    }
+    let budget = 10 << 20;
+    let (left, _) = bucket_within(&ns, budget, 30).await;
+
+    // Each blob fetched from upstream was stored once; every one that left
+    // the bucket was evicted once, not once per replica. (Both replicas run
+    // in this process: their counters are one.)
+    let fetched = docker
+        .log()
+        .lines()
+        .filter(|l| l.contains("\"GET /v2/bucket/") && l.contains("/blobs/"))
+        .count();
+    let http = reqwest::Client::new();
+    let evicted = "pier_cache_evictions_total{reason=\"size\"}";
+    let evictions = metric(&http, &a, evicted).await as usize;
+    assert_eq!(evictions, fetched - left);
+    assert!(evictions >= 9, "{evictions} evictions");
+    // Both replicas see the cluster's usage.
+    for pier in replicas {
+        let gauge = metric(&http, pier, "pier_cache_bytes").await as u64;
+        assert!(gauge <= budget, "pier_cache_bytes {gauge}");
+    }
+
+    docker.stop();
+    let (last, last_digest) = images.last().unwrap();
+    for pier in replicas {
+        assert_eq!(&pull(pier, &format!("docker.io/{last}")).await, last_digest);
+    }
+    docker.restart();
+    let (first, first_digest) = &images[0];
+    let repo = first.split(':').next().unwrap();
+    let before = docker.requests("GET", &format!("{repo}/blobs/"));
+    let first = format!("docker.io/{first}");
+    let (x, y) = tokio::join!(pull(&a, &first), pull(&b, &first));
+    assert_eq!((&x, &y), (first_digest, first_digest));
+    let again = docker.requests("GET", &format!("{repo}/blobs/")) - before;
+    assert_eq!(again, 3, "one GET per blob (two layers and the config)");
+}
+
+/// After Redis is flushed, the blobs in the bucket are still counted and
+/// still evicted (oldest stored first): no metadata needs to know them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blobs_in_the_bucket_still_count_after_redis_is_flushed() {
+    if !have_tools(&["docker-registry", "skopeo", "python3", "redis-server"]) {
+        return;
+    }
+    let docker = Upstream::start("docker");
+    let work = tempfile::tempdir().unwrap();
+    // Two images (8.8 MB) fit in 90 % of the budget, three do not.
+    let images = six_images(&docker, work.path(), "flushed", 2_200_000);
+    let redis = RedisServer::start();
+    let ns = format!("flushed{:x}", rand::random::<u64>());
+    let data = tempfile::tempdir().unwrap();
+    let Some(pier) = Pier::start_scaled_with(
+        data.path(),
+        &ns,
+        &[("docker.io", &docker.url())],
+        "",
+        Some(&redis.url()),
+        BUCKET_BUDGET,
+    ) else {
+        return;
+    };
+    for (name, digest) in &images[..2] {
+        assert_eq!(&pull(&pier, &format!("docker.io/{name}")).await, digest);
+    }
+    // Uploads follow the pull by moments.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while bucket_usage(&ns).await.0 < 6 {
+        assert!(Instant::now() < deadline, "{:?}", bucket_usage(&ns).await);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let flushed = Command::new("redis-cli")
+        .args(["-p", &redis.port.to_string(), "FLUSHALL"])
+        .output()
+        .unwrap();
+    assert!(flushed.status.success());
+
+    // Two more images: with the first two, past the budget, though Redis
+    // knows nothing of the first two any more.
+    for (name, digest) in &images[2..4] {
+        assert_eq!(&pull(&pier, &format!("docker.io/{name}")).await, digest);
+    }
+    // A pass lists the bucket within a look (30 s) of the flush: the two
+    // images Redis forgot are the oldest, and go.
+    let (left, _) = bucket_within(&ns, 10 << 20, 50).await;
+    assert!(left <= 7, "{left} blobs left of 12");
+    // The newest are whole: they pull with nothing fetched again.
+    let before = docker.requests("GET", "flushed/");
+    for (name, digest) in &images[2..4] {
+        assert_eq!(&pull(&pier, &format!("docker.io/{name}")).await, digest);
+    }
+    assert_eq!(docker.requests("GET", "flushed/") - before, 0);
+}

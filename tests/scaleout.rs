@@ -972,28 +972,6 @@ async fn a_fetch_without_a_lease_is_counted() {
     assert_eq!(metric(&http, &pier, unguarded).await, 1.0);
 }
 
-/// A client of the shared test bucket, for what the harness's curl helpers
-/// do not sign (requests with a query), and the bucket's name.
-fn bucket_client() -> (aws_sdk_s3::Client, String) {
-    use aws_sdk_s3::config::{BehaviorVersion, Credentials, Region};
-    let env = |k: &str| std::env::var(k).unwrap_or_default();
-    let config = aws_sdk_s3::Config::builder()
-        .behavior_version(BehaviorVersion::latest())
-        .endpoint_url(env("PIER_TEST_S3_ENDPOINT"))
-        .region(Region::new("us-east-1"))
-        .force_path_style(true)
-        .credentials_provider(Credentials::new(
-            env("PIER_TEST_S3_ACCESS_KEY"),
-            env("PIER_TEST_S3_SECRET_KEY"),
-            None,
-            None,
-            "pier-test",
-        ))
-        .build();
-    let bucket = std::env::var("PIER_TEST_S3_BUCKET").unwrap_or_else(|_| "pier-test".into());
-    (aws_sdk_s3::Client::from_conf(config), bucket)
-}
-
 /// Begins a multipart upload of `key` and leaves it open, as a replica
 /// killed mid-upload does.
 async fn leave_upload(s3: &aws_sdk_s3::Client, bucket: &str, key: &str) {

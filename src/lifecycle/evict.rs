@@ -39,9 +39,6 @@ const LOOK_EVERY: Duration = Duration::from_secs(30);
 /// After a pass that left the store over budget (everything left is
 /// pinned or just used), the next waits this long.
 const RETRY_AFTER: Duration = Duration::from_secs(10);
-/// A blob used this recently is never evicted by size: a client may just
-/// have been sent to it.
-const GRACE: Duration = Duration::from_secs(30);
 /// Blobs claimed at once; fetches of them wait while the claims last.
 const BATCH: usize = 256;
 /// How long a claimed blob's lease lasts if the pass dies.
@@ -132,8 +129,6 @@ pub struct Evictor {
     /// read by fetches: `<id> -` names no replica to stream from).
     pub(super) holder: String,
     wake: Notify,
-    /// A blob used this recently is never evicted by size.
-    pub(super) grace: Duration,
     #[cfg(test)]
     pub(super) hook: Option<Arc<dyn Fn() -> futures::future::BoxFuture<'static, ()> + Send + Sync>>,
 }
@@ -154,7 +149,6 @@ impl Evictor {
             uses,
             holder: format!("{:016x} -", rand::random::<u64>()),
             wake: Notify::new(),
-            grace: GRACE,
             #[cfg(test)]
             hook: None,
         }
@@ -174,10 +168,15 @@ impl Evictor {
     pub fn spawn(self: Arc<Self>) {
         tokio::spawn(async move {
             let mut not_before = Instant::now();
+            // The first look is at start: a budget made smaller, or a
+            // period's pass that no replica ran, is acted on at once.
+            let mut first = true;
             loop {
-                tokio::select! {
-                    () = self.wake.notified() => {}
-                    () = tokio::time::sleep(LOOK_EVERY) => {}
+                if !std::mem::take(&mut first) {
+                    tokio::select! {
+                        () = self.wake.notified() => {}
+                        () = tokio::time::sleep(LOOK_EVERY) => {}
+                    }
                 }
                 tokio::time::sleep_until(not_before.into()).await;
                 let over = match self.meta.add_usage(0, 0).await {
@@ -248,7 +247,6 @@ impl Evictor {
             .budget
             .max_age
             .map(|age| now.saturating_sub(u64::try_from(age.as_millis()).unwrap_or(u64::MAX)));
-        let grace_cutoff = now.saturating_sub(self.grace.as_millis() as u64);
         let mut excess = match self.budget.max_size {
             Some(max) if inventory.bytes > max => inventory.bytes - max / 10 * 9,
             _ => 0,
@@ -258,7 +256,7 @@ impl Evictor {
             let recency = seen.recency_ms();
             let reason = if age_cutoff.is_some_and(|cutoff| recency < cutoff) {
                 "age"
-            } else if excess > 0 && recency < grace_cutoff {
+            } else if excess > 0 {
                 "size"
             } else {
                 break;

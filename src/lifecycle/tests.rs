@@ -61,15 +61,13 @@ impl Bench {
     }
 
     fn evictor(&self, budget: SharedBudget, keep: Option<Arc<dyn Keep>>) -> Evictor {
-        let mut e = Evictor::new(
+        Evictor::new(
             self.store.clone(),
             self.meta.clone(),
             keep,
             budget,
             self.uses.clone(),
-        );
-        e.grace = Duration::ZERO;
-        e
+        )
     }
 
     async fn stored(&self, digest: &Digest) -> bool {

@@ -351,7 +351,10 @@ impl MetaStore for EmbeddedMeta {
             return Ok(Claimed::Fenced);
         }
         let name = super::blob_lease(removal.digest);
-        if leases.contains_key(&name) || used[0].is_some_and(|u| u > removal.seen_ms) {
+        let fetching = leases
+            .get(&name)
+            .is_some_and(|(h, _)| !super::lease_done(h));
+        if fetching || used[0].is_some_and(|u| u > removal.seen_ms) {
             return Ok(Claimed::Wanted);
         }
         leases.insert(name, (removal.holder.to_owned(), now + removal.ttl));

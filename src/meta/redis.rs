@@ -105,7 +105,8 @@ return 0";
 /// the decision saw, the blob lease's ttl in ms.
 const CLAIM_REMOVAL: &str = r"
 if redis.call('get', KEYS[1]) ~= ARGV[1] then return -1 end
-if redis.call('exists', KEYS[2]) == 1 then return 0 end
+local fetching = redis.call('get', KEYS[2])
+if fetching and string.sub(fetching, -7) ~= ' stored' then return 0 end
 local used = redis.call('zscore', KEYS[3], ARGV[2])
 if used and tonumber(used) > tonumber(ARGV[3]) then return 0 end
 redis.call('set', KEYS[2], ARGV[1], 'PX', ARGV[4])

@@ -20,8 +20,7 @@ use crate::config::ClusterConfig;
 use crate::meta::MetaStore;
 use crate::telemetry::metrics::metrics;
 
-/// The word a holder adds to its lease once the work is done.
-const STORED: &str = "stored";
+use crate::meta::STORED;
 
 pub struct Cluster {
     /// This replica's lease value: `<random id> <advertised URL or ->`.

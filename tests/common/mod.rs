@@ -517,6 +517,47 @@ fn s3_request(method: &str, key: &str) -> String {
     String::from_utf8_lossy(&out.stdout).to_string()
 }
 
+/// A client of the shared test bucket, for what the harness's curl helpers
+/// do not sign (requests with a query), and the bucket's name.
+pub fn bucket_client() -> (aws_sdk_s3::Client, String) {
+    use aws_sdk_s3::config::{BehaviorVersion, Credentials, Region};
+    let env = |k: &str| std::env::var(k).unwrap_or_default();
+    let config = aws_sdk_s3::Config::builder()
+        .behavior_version(BehaviorVersion::latest())
+        .endpoint_url(env("PIER_TEST_S3_ENDPOINT"))
+        .region(Region::new("us-east-1"))
+        .force_path_style(true)
+        .credentials_provider(Credentials::new(
+            env("PIER_TEST_S3_ACCESS_KEY"),
+            env("PIER_TEST_S3_SECRET_KEY"),
+            None,
+            None,
+            "pier-test",
+        ))
+        .build();
+    let bucket = std::env::var("PIER_TEST_S3_BUCKET").unwrap_or_else(|_| "pier-test".into());
+    (aws_sdk_s3::Client::from_conf(config), bucket)
+}
+
+/// Blobs and their bytes under `namespace` in the shared test bucket.
+pub async fn bucket_usage(namespace: &str) -> (usize, u64) {
+    let (s3, bucket) = bucket_client();
+    let (mut count, mut bytes) = (0, 0);
+    let mut pages = s3
+        .list_objects_v2()
+        .bucket(bucket)
+        .prefix(format!("{namespace}/blobs/"))
+        .into_paginator()
+        .send();
+    while let Some(page) = pages.next().await {
+        for object in page.unwrap().contents() {
+            count += 1;
+            bytes += object.size().unwrap_or(0) as u64;
+        }
+    }
+    (count, bytes)
+}
+
 /// A private `redis-server` on a loopback port, for outage tests.
 pub struct RedisServer {
     pub port: u16,
