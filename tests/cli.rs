@@ -175,3 +175,77 @@ fn cache_stats_and_gc_bring_the_store_within_its_budget() {
     assert!(run(&["gc"]).contains("within budget: nothing to remove"));
     assert!(run(&["cache", "stats"]).contains("blobs: 2 (2.0 MiB)"));
 }
+
+/// The bucket's budget from the command line, against the same bucket and
+/// Redis replicas use: stats, a dry run that removes nothing, and a pass
+/// that removes the least recently stored blobs no metadata knows of.
+#[test]
+fn cache_stats_and_gc_work_on_the_bucket() {
+    let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+    let (Some(s3), Some(redis)) = (env("PIER_TEST_S3_ENDPOINT"), env("PIER_TEST_REDIS_URL")) else {
+        assert!(
+            std::env::var("PIER_TEST_STRICT").as_deref() != Ok("1"),
+            "backends not running"
+        );
+        eprintln!("SKIPPED: backends not running: run tests/run.sh");
+        return;
+    };
+    use sha2::Digest as _;
+    let ns = format!("gc{:x}", rand::random::<u64>());
+    let keys: Vec<String> = (0..5u8)
+        .map(|seed| {
+            let bytes = vec![seed; 1 << 20];
+            let key = format!(
+                "{ns}/blobs/sha256/{}",
+                hex::encode(sha2::Sha256::digest(&bytes))
+            );
+            common::s3_put(&key, &bytes);
+            // The bucket dates objects to the second: one a second.
+            std::thread::sleep(Duration::from_millis(1100));
+            key
+        })
+        .collect();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("pier.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "[storage]\nkind = \"s3\"\nbucket = \"{}\"\nprefix = \"{ns}\"\nendpoint = \"{s3}\"\n\
+             access_key_id = \"{}\"\nsecret_access_key = \"{}\"\n\
+             [metadata]\nkind = \"redis\"\nurl = \"{redis}\"\nkey_prefix = \"{ns}:\"\n\
+             [cache]\nmax_size = \"3MiB\"\n",
+            env("PIER_TEST_S3_BUCKET").unwrap_or_else(|| "pier-test".into()),
+            env("PIER_TEST_S3_ACCESS_KEY").unwrap_or_default(),
+            env("PIER_TEST_S3_SECRET_KEY").unwrap_or_default(),
+        ),
+    )
+    .unwrap();
+    let run = |args: &[&str]| {
+        let out = pier()
+            .args(args)
+            .arg("--config")
+            .arg(&file)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let stats = run(&["cache", "stats"]);
+    assert!(stats.contains(&format!("store: s3 ")), "{stats}");
+    assert!(stats.contains("blobs: 5 (5.0 MiB)"), "{stats}");
+    assert!(stats.contains("166.7 % of max_size"), "{stats}");
+
+    let plan = run(&["gc", "--dry-run"]);
+    assert!(plan.contains("would remove: 3 blobs, 3.0 MiB"), "{plan}");
+    assert!(keys.iter().all(|k| common::s3_has(k)));
+    let done = run(&["gc"]);
+    assert!(done.contains("removed: 3 blobs, 3.0 MiB"), "{done}");
+    let left: Vec<bool> = keys.iter().map(|k| common::s3_has(k)).collect();
+    assert_eq!(left, [false, false, false, true, true]);
+    assert!(run(&["gc"]).contains("within budget: nothing to remove"));
+    assert!(run(&["cache", "stats"]).contains("blobs: 2 (2.0 MiB)"));
+}

@@ -356,3 +356,35 @@ async fn uses_noted_are_written_in_batches_and_never_move_back() {
         vec![Some(at)]
     );
 }
+
+/// Rule 2: a client reading a blob from the bucket when it is evicted gets
+/// every byte (a GET in flight outlives the object's removal).
+#[tokio::test]
+async fn a_read_in_progress_outlives_eviction() {
+    use futures::StreamExt;
+    let Some(b) = bench().await else { return };
+    let digest = b.put(7, 16 * 1024).await;
+    b.used(&digest, Duration::from_secs(3600)).await;
+    let body = b.store.get(&digest, None).await.unwrap().unwrap();
+    let mut stream = body.stream;
+    let mut hasher = crate::reference::Hasher::new(digest.algorithm());
+    let first = stream.next().await.unwrap().unwrap();
+    hasher.update(&first);
+    let mut read = first.len();
+
+    let done = b
+        .evictor(size_budget(1024), None)
+        .pass(false)
+        .await
+        .unwrap();
+    assert_eq!(done.removed, 1);
+    assert!(!b.stored(&digest).await);
+
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.unwrap();
+        hasher.update(&chunk);
+        read += chunk.len();
+    }
+    assert_eq!(read as u64, 16 * 1024 * KIB);
+    assert_eq!(hasher.finish(), digest);
+}
