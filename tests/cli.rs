@@ -235,7 +235,7 @@ fn cache_stats_and_gc_work_on_the_bucket() {
         String::from_utf8(out.stdout).unwrap()
     };
     let stats = run(&["cache", "stats"]);
-    assert!(stats.contains(&format!("store: s3 ")), "{stats}");
+    assert!(stats.contains("store: s3 "), "{stats}");
     assert!(stats.contains("blobs: 5 (5.0 MiB)"), "{stats}");
     assert!(stats.contains("166.7 % of max_size"), "{stats}");
 

@@ -294,6 +294,7 @@ impl Shared {
     /// after any eviction running now; the bytes removed.
     async fn evict(&self) -> u64 {
         let _one = self.evicting.lock().await;
+        let _pass = Pass::start();
         let mut removed = 0;
         while let Some((excess, reason)) = self.excess() {
             let mut freed = 0;
@@ -334,6 +335,7 @@ impl Shared {
     /// first, as long as their files' times (uses recorded) say so.
     async fn evict_aged(&self, max_age: Duration) -> u64 {
         let _one = self.evicting.lock().await;
+        let _pass = Pass::start();
         let Some(cutoff) = SystemTime::now().checked_sub(max_age) else {
             return 0;
         };
@@ -489,6 +491,23 @@ impl Shared {
         if let Err(e) = written {
             tracing::warn!(error = %e, "recording uses failed");
         }
+    }
+}
+
+/// An eviction pass, counted in the metrics when it ends.
+struct Pass(std::time::Instant);
+
+impl Pass {
+    fn start() -> Self {
+        Self(std::time::Instant::now())
+    }
+}
+
+impl Drop for Pass {
+    fn drop(&mut self) {
+        let m = metrics();
+        m.gc_runs.inc();
+        m.gc_seconds.observe(self.0.elapsed().as_secs_f64());
     }
 }
 
