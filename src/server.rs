@@ -79,7 +79,7 @@ pub async fn build_mirror(config: &Config) -> anyhow::Result<(Arc<Mirror>, Arc<C
             } else {
                 let dir = &s3.local_cache_path;
                 Arc::new(
-                    TieredBlobStore::open(shared, dir, s3.local_cache_size)
+                    TieredBlobStore::open(shared, dir, s3.local_cache_size, config.cache.min_free)
                         .await
                         .with_context(|| format!("opening the local cache at {}", dir.display()))?,
                 )

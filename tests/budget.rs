@@ -530,3 +530,55 @@ async fn blobs_in_the_bucket_still_count_after_redis_is_flushed() {
     }
     assert_eq!(docker.requests("GET", "flushed/") - before, 0);
 }
+
+/// An S3 replica whose spool and local copies share a small disk keeps
+/// `min_free` of it free: the least recently used copies go, pulls adding
+/// up to more than the disk all complete.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_s3_replica_keeps_its_small_disk_from_filling() {
+    if !have_tools(&["docker-registry", "skopeo", "python3", "mount"]) {
+        return;
+    }
+    let Some(disk) = SmallDisk::mount("64m") else {
+        return;
+    };
+    let docker = Upstream::start("docker");
+    let work = tempfile::tempdir().unwrap();
+    // 48 MB of layers through a 64 MiB disk that keeps half of itself free
+    // (and room for a spool file beside that).
+    let images = six_images(&docker, work.path(), "copies", 4_000_000);
+    let ns = format!("copies{:x}", rand::random::<u64>());
+    let copies = disk.dir.path().join("copies");
+    let storage = format!(
+        "local_cache_size = \"1GiB\"\nlocal_cache_path = \"{}\"\n[cache]\nmin_free = \"50%\"\n",
+        copies.display()
+    );
+    let Some(pier) = Pier::start_scaled_with(
+        disk.dir.path(),
+        &ns,
+        &[("docker.io", &docker.url())],
+        "",
+        None,
+        &storage,
+    ) else {
+        return;
+    };
+    for (name, digest) in &images {
+        assert_eq!(&pull(&pier, &format!("docker.io/{name}")).await, digest);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while disk.free() < 32 << 20 {
+            assert!(Instant::now() < deadline, "{} bytes free", disk.free());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    let http = reqwest::Client::new();
+    let evicted = "pier_local_copies_total{outcome=\"evicted\"}";
+    assert!(metric(&http, &pier, evicted).await > 0.0);
+    // Every image is in the bucket: all pull again with nothing fetched.
+    let before = docker.requests("GET", "copies/");
+    for (name, digest) in &images {
+        assert_eq!(&pull(&pier, &format!("docker.io/{name}")).await, digest);
+    }
+    assert_eq!(docker.requests("GET", "copies/") - before, 0);
+    drop(pier);
+}

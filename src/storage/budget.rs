@@ -561,16 +561,22 @@ fn to_free(budget: &Budget, used: u64, space: Option<(u64, u64)>) -> Option<(u64
         .max_size
         .filter(|&max| used > max)
         .map(|max| used - max / 10 * 9);
-    let short_of_space = space.and_then(|(free, total)| {
-        let keep = budget.min_free.bytes(total);
-        (free < keep).then(|| keep + keep / 10 - free)
-    });
+    let short_of_space =
+        space.and_then(|(free, total)| short_of_space(budget.min_free, free, total));
     match (over_size, short_of_space) {
         (Some(a), Some(b)) if b > a => Some((b, "free")),
         (Some(a), _) => Some((a, "size")),
         (None, Some(b)) => Some((b, "free")),
         (None, None) => None,
     }
+}
+
+/// Bytes to remove from a filesystem with `free` of `total` bytes free to
+/// keep `min_free`: to a tenth more than it once below it, so removal does
+/// not run on every write.
+pub(super) fn short_of_space(min_free: MinFree, free: u64, total: u64) -> Option<u64> {
+    let keep = min_free.bytes(total);
+    (free < keep).then(|| keep + keep / 10 - free)
 }
 
 #[async_trait]

@@ -16,9 +16,11 @@ use bytes::Bytes;
 use futures::StreamExt;
 use tokio::sync::Semaphore;
 
-use super::fs::{move_into_place, sync_spool};
+use super::budget::short_of_space;
+use super::fs::{free_space, move_into_place, sync_spool};
 use super::lru::Lru;
 use super::{BlobBody, BlobStore, FsBlobStore, StorageError};
+use crate::config::MinFree;
 use crate::range::RangeSpec;
 use crate::reference::{Digest, Hasher};
 use crate::telemetry::metrics::metrics;
@@ -38,8 +40,14 @@ pub struct TieredBlobStore {
 
 impl TieredBlobStore {
     /// Fronts `shared` with copies under `dir`, at most `budget` bytes of
-    /// them; copies a previous run left there are kept.
-    pub async fn open(shared: Arc<dyn BlobStore>, dir: &Path, budget: u64) -> io::Result<Self> {
+    /// them, and fewer when their filesystem has less than `min_free` free;
+    /// copies a previous run left there are kept.
+    pub async fn open(
+        shared: Arc<dyn BlobStore>,
+        dir: &Path,
+        budget: u64,
+        min_free: MinFree,
+    ) -> io::Result<Self> {
         let files = FsBlobStore::open(dir).await?;
         let (root, tmp) = (dir.to_owned(), dir.join("tmp"));
         let found = tokio::task::spawn_blocking(move || {
@@ -58,6 +66,7 @@ impl TieredBlobStore {
             root: dir.to_owned(),
             tmp: dir.join("tmp"),
             index: Mutex::new(Lru::new(budget)),
+            min_free,
             filling: Mutex::default(),
             fill_slots: Arc::new(Semaphore::new(FILLS_AT_ONCE)),
         };
@@ -71,6 +80,7 @@ impl TieredBlobStore {
             "local blob copies ready"
         );
         let local = Arc::new(local);
+        local.keep_free(0).await;
         tokio::spawn(reconcile_every(Arc::downgrade(&local)));
         Ok(Self { shared, local })
     }
@@ -78,16 +88,24 @@ impl TieredBlobStore {
 
 /// How often the index of local copies is checked against the files.
 const RECONCILE_EVERY: std::time::Duration = std::time::Duration::from_secs(600);
+/// How often free space is checked (other programs fill disks too).
+const FREE_SPACE_EVERY: std::time::Duration = std::time::Duration::from_secs(30);
 
-/// Reconciles the copies' index with their files until the store is gone.
+/// Keeps free space, and reconciles the copies' index with their files,
+/// until the store is gone.
 async fn reconcile_every(local: std::sync::Weak<LocalCopies>) {
+    let mut last = std::time::Instant::now();
     loop {
-        tokio::time::sleep(RECONCILE_EVERY).await;
+        tokio::time::sleep(FREE_SPACE_EVERY).await;
         let Some(local) = local.upgrade() else {
             return;
         };
-        if let Err(e) = local.reconcile().await {
-            tracing::warn!(error = %e, "cannot check the local blob copies");
+        local.keep_free(0).await;
+        if last.elapsed() >= RECONCILE_EVERY {
+            last = std::time::Instant::now();
+            if let Err(e) = local.reconcile().await {
+                tracing::warn!(error = %e, "cannot check the local blob copies");
+            }
         }
     }
 }
@@ -140,6 +158,11 @@ impl BlobStore for TieredBlobStore {
 
     fn remote(&self) -> bool {
         self.shared.remote()
+    }
+
+    fn make_room(&self) {
+        let local = self.local.clone();
+        tokio::spawn(async move { local.keep_free(0).await });
     }
 
     async fn delete(&self, digest: &Digest) -> Result<(), StorageError> {
@@ -195,6 +218,8 @@ struct LocalCopies {
     /// Copies being written from shared-store reads.
     tmp: PathBuf,
     index: Mutex<Lru<Digest>>,
+    /// Free space kept on the copies' filesystem.
+    min_free: MinFree,
     /// Blobs a read is copying now, so two readers do not both copy.
     filling: Mutex<HashSet<Digest>>,
     fill_slots: Arc<Semaphore>,
@@ -272,10 +297,46 @@ impl LocalCopies {
         }
     }
 
-    /// Counts a verified copy now in place, removing what no longer fits.
+    /// Removes the least recently used copies while their filesystem has
+    /// less than `min_free` free, or would after `more` bytes are written.
+    async fn keep_free(&self, more: u64) {
+        let space = match free_space(&self.root) {
+            Ok(space) => space,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot tell the local copies' free space");
+                return;
+            }
+        };
+        let (free, total) = (space.0.saturating_sub(more), space.1);
+        let Some(mut excess) = short_of_space(self.min_free, free, total) else {
+            return;
+        };
+        let mut evicted = Vec::new();
+        {
+            let mut index = self.index();
+            while excess > 0 {
+                let Some((digest, size)) = index.pop_oldest() else {
+                    break;
+                };
+                excess = excess.saturating_sub(size);
+                evicted.push(digest);
+            }
+        }
+        if !evicted.is_empty() {
+            tracing::info!(
+                copies = evicted.len(),
+                "low on free space: removing local blob copies"
+            );
+        }
+        self.remove_evicted(evicted).await;
+    }
+
+    /// Counts a verified copy now in place, removing what no longer fits
+    /// the budget or the free space.
     async fn admit(&self, digest: Digest, size: u64) {
         let evicted = self.index().insert(digest, size);
         self.remove_evicted(evicted).await;
+        self.keep_free(0).await;
     }
 
     async fn remove_evicted(&self, evicted: Vec<Digest>) {
@@ -346,6 +407,15 @@ impl LocalCopies {
         let Some(filling) = Filling::start(this, digest) else {
             return body;
         };
+        // A copy that would take the filesystem below `min_free` is not
+        // made: the blob is read from the shared store next time too.
+        if free_space(&this.root).is_ok_and(|(free, total)| {
+            short_of_space(this.min_free, free.saturating_sub(size), total).is_some()
+        }) {
+            let this = this.clone();
+            tokio::spawn(async move { this.keep_free(0).await });
+            return body;
+        }
         // The copy being written counts against the budget from the start,
         // so copies and copies in the making never hold more than it.
         let Some(evicted) = this.index().reserve(size) else {
@@ -538,9 +608,14 @@ mod tests {
 
     async fn tiered(dir: &Path, budget: u64) -> (TieredBlobStore, Arc<FsBlobStore>) {
         let shared = Arc::new(FsBlobStore::open(&dir.join("shared")).await.unwrap());
-        let store = TieredBlobStore::open(shared.clone(), &dir.join("local"), budget)
-            .await
-            .unwrap();
+        let store = TieredBlobStore::open(
+            shared.clone(),
+            &dir.join("local"),
+            budget,
+            MinFree::Bytes(0),
+        )
+        .await
+        .unwrap();
         (store, shared)
     }
 
@@ -593,9 +668,14 @@ mod tests {
         assert_eq!(store.stat(&digest).await.unwrap(), Some(300_000));
         // A second process finds the copy.
         drop(store);
-        let again = TieredBlobStore::open(shared.clone(), &dir.path().join("local"), 1 << 20)
-            .await
-            .unwrap();
+        let again = TieredBlobStore::open(
+            shared.clone(),
+            &dir.path().join("local"),
+            1 << 20,
+            MinFree::Bytes(0),
+        )
+        .await
+        .unwrap();
         assert!(again.local.holds(&digest));
         assert_eq!(read_all(&again, &digest).await, bytes);
     }
@@ -734,9 +814,14 @@ mod tests {
         let shared = Arc::new(Refusing(
             FsBlobStore::open(&dir.path().join("shared")).await.unwrap(),
         ));
-        let store = TieredBlobStore::open(shared, &dir.path().join("local"), 1 << 20)
-            .await
-            .unwrap();
+        let store = TieredBlobStore::open(
+            shared,
+            &dir.path().join("local"),
+            1 << 20,
+            MinFree::Bytes(0),
+        )
+        .await
+        .unwrap();
         let spool = dir.path().join("spool");
         std::fs::write(&spool, b"verified").unwrap();
         let digest = Digest::sha256_of(b"verified");
