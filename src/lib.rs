@@ -1,16 +1,21 @@
 //! Pier: a pull-through mirror for OCI / Docker registries.
 //!
-//! Layering (who may call whom): `api → mirror → {upstream, storage, meta}
-//! → {reference, config}`. `route`, `range` and `rate` are pure. `limits`
-//! (per-client limits) sits beside `api`, which applies it; `zerocopy` (the
-//! client connection and sendfile bodies) is a leaf that `storage` hands
-//! files to and `api` builds bodies with. `janitor` (periodic upkeep of the
-//! stores) and `pins` (which blobs eviction spares) use `storage` and `meta`
-//! and are wired by `server`. Nothing imports `api`; `server` wires the
-//! pieces together and owns the accept loop.
+//! Layering (who may call whom): `api → mirror → lifecycle → {upstream,
+//! storage, meta} → {reference, config}`. `route`, `range`, `rate` and
+//! `descriptors` (what a manifest points at) are pure. `limits` (per-client
+//! limits) sits beside `api`, which applies it; `zerocopy` (the client
+//! connection and sendfile bodies) is a leaf that `storage` hands files to
+//! and `api` builds bodies with. `lifecycle` keeps the cache within its
+//! budget where storage alone cannot: shared recency of blobs and
+//! manifests, one fenced eviction pass at a time over a bucket, and
+//! forgetting the metadata of what is gone. `janitor` (periodic upkeep of
+//! the stores) and `pins` (which blobs eviction spares) use `storage` and
+//! `meta`. `server` wires the pieces together and owns the accept loop;
+//! nothing imports `api`.
 
 pub mod api;
 pub mod config;
+pub mod descriptors;
 pub mod janitor;
 pub mod lifecycle;
 pub mod limits;

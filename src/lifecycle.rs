@@ -12,32 +12,37 @@
 //!   (`store`).
 
 mod evict;
+mod forget;
 mod store;
 mod uses;
 
 use std::sync::Arc;
 
 pub use evict::{EvictError, Evictor, Inventory, Report, Seen, SharedBudget, Victim};
+pub use forget::{Forgetter, Forgotten, forget};
 pub use store::BudgetedSharedStore;
 pub use uses::{FLUSH_EVERY, UseLog};
 
 use crate::meta::MetaStore;
 use crate::storage::{BlobStore, Keep};
 
-/// `store` within `budget`, with eviction running in the background.
+/// `store` within `budget`, with eviction running in the background; uses
+/// noted in `uses`, and `forgetter` told how far eviction reached.
 pub fn budgeted(
     store: Arc<dyn BlobStore>,
     meta: Arc<dyn MetaStore>,
     keep: Option<Arc<dyn Keep>>,
     budget: SharedBudget,
+    uses: Arc<UseLog>,
+    forgetter: Option<Arc<Forgetter>>,
 ) -> Arc<dyn BlobStore> {
-    let uses = UseLog::start(meta.clone(), FLUSH_EVERY);
     let evictor = Arc::new(Evictor::new(
         store.clone(),
         meta.clone(),
         keep,
         budget,
         uses.clone(),
+        forgetter,
     ));
     evictor.clone().spawn();
     Arc::new(BudgetedSharedStore::new(store, meta, uses, evictor))

@@ -119,7 +119,7 @@ fn with_bucket<T>(
             max_age: config.cache.max_age,
         };
         let uses = UseLog::start(meta.clone(), FLUSH_EVERY);
-        let evictor = Evictor::new(store, meta, keep, budget, uses);
+        let evictor = Evictor::new(store, meta, keep, budget, uses, None);
         let name = format!(
             "s3 {}/{}",
             s3.bucket,

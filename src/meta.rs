@@ -178,6 +178,38 @@ pub trait MetaStore: Send + Sync + 'static {
     /// Forgets the uses of blobs that are no longer stored.
     async fn forget_uses(&self, digests: &[Digest]) -> Result<(), MetaError>;
 
+    /// Digests (blobs and manifests) whose last recorded use is older than
+    /// `before_ms`, least recent first: `limit` of them after skipping
+    /// `skip`.
+    async fn used_before(
+        &self,
+        before_ms: u64,
+        skip: usize,
+        limit: usize,
+    ) -> Result<Vec<Digest>, MetaError>;
+
+    /// Removes the manifest records among `digests` whose last use is still
+    /// older than `before_ms`, with their uses; the digests it removed.
+    async fn forget_manifests(
+        &self,
+        digests: &[Digest],
+        before_ms: u64,
+    ) -> Result<Vec<Digest>, MetaError>;
+
+    /// Which of `digests` have a manifest record, in order.
+    async fn has_manifests(&self, digests: &[Digest]) -> Result<Vec<bool>, MetaError>;
+
+    /// Every digest `repo` may serve.
+    async fn links(&self, repo: &str) -> Result<Vec<Digest>, MetaError>;
+
+    /// Withdraws `digests` from what `repo` may serve.
+    async fn unlink(&self, repo: &str, digests: &[Digest]) -> Result<(), MetaError>;
+
+    async fn delete_tag(&self, repo: &str, tag: &str) -> Result<(), MetaError>;
+
+    /// Removes `repo` from the catalog, with its links and tag records.
+    async fn forget_repository(&self, repo: &str) -> Result<(), MetaError>;
+
     /// Adds to the count of blob bytes and blobs stored (shared by every
     /// replica); the counts after.
     async fn add_usage(&self, bytes: i64, blobs: i64) -> Result<(i64, i64), MetaError>;

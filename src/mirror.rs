@@ -28,6 +28,7 @@ pub use listing::EMPTY_INDEX;
 pub use manifests::ManifestHit;
 
 use crate::config::{Config, StorageConfig};
+use crate::lifecycle::UseLog;
 use crate::meta::{MetaError, MetaStore};
 use crate::policy::Policy;
 use crate::reference::Digest;
@@ -99,6 +100,9 @@ pub struct Mirror {
     bounds: fetch::FetchBounds,
     /// Set when the spool's disk had no room for a blob.
     no_room: RecentFailures,
+    /// Where manifests served are noted as used, when something is
+    /// forgotten by their use.
+    uses: Option<Arc<UseLog>>,
 }
 
 impl Mirror {
@@ -146,7 +150,13 @@ impl Mirror {
                 min_rate_window: config.fetch.min_rate_window,
             },
             no_room: RecentFailures::new(NO_ROOM_FOR),
+            uses: None,
         })
+    }
+
+    /// Notes every manifest served in `uses`.
+    pub fn noting_uses(self, uses: Option<Arc<UseLog>>) -> Self {
+        Self { uses, ..self }
     }
 
     fn upstream(&self, target: &Target) -> Result<&Arc<UpstreamClient>, MirrorError> {

@@ -72,6 +72,10 @@ impl Pins {
 
 #[async_trait]
 impl Keep for Pins {
+    fn keeps_repository(&self, repo: &str) -> bool {
+        self.patterns.iter().any(|p| glob_match(p, repo))
+    }
+
     /// When the metadata cannot say, the blob is kept: a pin must hold even
     /// while Redis is down.
     async fn keep(&self, digest: &Digest) -> bool {

@@ -18,7 +18,7 @@ use tokio::net::TcpListener;
 use tower::ServiceExt;
 
 use crate::config::{Config, MetadataConfig, ServerConfig, StorageConfig};
-use crate::lifecycle::SharedBudget;
+use crate::lifecycle::{FLUSH_EVERY, Forgetter, SharedBudget, UseLog};
 use crate::limits::{ClientLimits, PeerAddr};
 use crate::meta::{EmbeddedMeta, MetaStore, RedisMeta};
 use crate::mirror::Mirror;
@@ -55,6 +55,27 @@ pub async fn open_meta(config: &Config) -> anyhow::Result<Arc<dyn MetaStore>> {
 /// (which share the metadata store).
 pub async fn build_mirror(config: &Config) -> anyhow::Result<(Arc<Mirror>, Arc<ClientLimits>)> {
     let meta = open_meta(config).await?;
+    let bucket_budget = SharedBudget {
+        max_size: config.cache.max_size,
+        max_age: config.cache.max_age,
+    };
+    let bucket_budgeted = matches!(config.storage, StorageConfig::S3(_)) && bucket_budget.is_set();
+    // Uses of manifests (and of the bucket's blobs) are recorded where
+    // something is forgotten by them: a bucket budget, or `max_age`.
+    let (uses, forgetter) = if bucket_budgeted || config.cache.max_age.is_some() {
+        let forgetter = Arc::new(Forgetter::new(
+            meta.clone(),
+            pins(config, &meta),
+            config.cache.max_age,
+        ));
+        forgetter.clone().spawn();
+        (
+            Some(UseLog::start(meta.clone(), FLUSH_EVERY)),
+            Some(forgetter),
+        )
+    } else {
+        (None, None)
+    };
     let blobs: Arc<dyn BlobStore> = match &config.storage {
         StorageConfig::Fs { path } => {
             let budget = Budget {
@@ -84,14 +105,16 @@ pub async fn build_mirror(config: &Config) -> anyhow::Result<(Arc<Mirror>, Arc<C
                         .with_context(|| format!("opening the local cache at {}", dir.display()))?,
                 )
             };
-            let budget = SharedBudget {
-                max_size: config.cache.max_size,
-                max_age: config.cache.max_age,
-            };
-            if budget.is_set() {
-                crate::lifecycle::budgeted(store, meta.clone(), pins(config, &meta), budget)
-            } else {
-                store
+            match &uses {
+                Some(uses) if bucket_budgeted => crate::lifecycle::budgeted(
+                    store,
+                    meta.clone(),
+                    pins(config, &meta),
+                    bucket_budget,
+                    uses.clone(),
+                    forgetter,
+                ),
+                _ => store,
             }
         }
     };
@@ -102,7 +125,9 @@ pub async fn build_mirror(config: &Config) -> anyhow::Result<(Arc<Mirror>, Arc<C
         crate::janitor::spawn_upload_sweeps(blobs.clone(), meta.clone(), s3.abandoned_upload_age);
     }
     let limits = ClientLimits::new(&config.server, &config.limits, meta.clone());
-    let mirror = Mirror::new(config, blobs, meta, spool).context("building the HTTP client")?;
+    let mirror = Mirror::new(config, blobs, meta, spool)
+        .context("building the HTTP client")?
+        .noting_uses(uses);
     Ok((Arc::new(mirror), Arc::new(limits)))
 }
 

@@ -399,6 +399,16 @@ async fn bucket_within(ns: &str, budget: u64, secs: u64) -> (usize, u64) {
     }
 }
 
+/// Whether the shared test Redis has `key`.
+fn redis_has(key: &str) -> bool {
+    let url = std::env::var("PIER_TEST_REDIS_URL").unwrap();
+    let out = Command::new("redis-cli")
+        .args(["-u", &url, "EXISTS", key])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).trim() == "1"
+}
+
 const BUCKET_BUDGET: &str = "[cache]\nmax_size = \"10MiB\"\n";
 
 /// Two replicas on a real bucket and Redis, with a budget: pulls through
@@ -467,6 +477,18 @@ async fn two_replicas_keep_the_bucket_within_its_budget() {
     docker.restart();
     let (first, first_digest) = &images[0];
     let repo = first.split(':').next().unwrap();
+    // Its metadata went with its blobs: no tag record, manifest or
+    // repository is left in Redis for it.
+    let keys = [
+        format!("{ns}:t:docker.io/{repo}:v1"),
+        format!("{ns}:m:{first_digest}"),
+        format!("{ns}:l:docker.io/{repo}"),
+    ];
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while keys.iter().any(|k| redis_has(k)) {
+        assert!(Instant::now() < deadline, "{keys:?} still in Redis");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     let before = docker.requests("GET", &format!("{repo}/blobs/"));
     let first = format!("docker.io/{first}");
     let (x, y) = tokio::join!(pull(&a, &first), pull(&b, &first));

@@ -18,6 +18,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use tokio::sync::Notify;
 
+use super::forget::Forgetter;
 use super::uses::{UseLog, now_ms};
 use crate::meta::{Claimed, MetaError, MetaStore, Removal, blob_lease};
 use crate::reference::Digest;
@@ -101,8 +102,10 @@ pub struct Report {
     pub bytes: u64,
     pub removed: usize,
     pub removed_bytes: u64,
-    /// The least recent use (or write) among the blobs removed, Unix ms.
+    /// The least and the most recent use (or write) among the blobs
+    /// removed, Unix ms.
     pub oldest_ms: Option<u64>,
+    pub newest_ms: Option<u64>,
     /// Chosen, but used, written or fetched again before removal.
     pub spared: usize,
     /// Spared because an image they belong to is pinned.
@@ -125,6 +128,8 @@ pub struct Evictor {
     keep: Option<Arc<dyn Keep>>,
     budget: SharedBudget,
     uses: Arc<UseLog>,
+    /// Told how far eviction reached, to forget the metadata of what went.
+    forgetter: Option<Arc<Forgetter>>,
     /// This process's value in the leases it takes (a blob lease's value is
     /// read by fetches: `<id> -` names no replica to stream from).
     pub(super) holder: String,
@@ -140,6 +145,7 @@ impl Evictor {
         keep: Option<Arc<dyn Keep>>,
         budget: SharedBudget,
         uses: Arc<UseLog>,
+        forgetter: Option<Arc<Forgetter>>,
     ) -> Self {
         Self {
             store,
@@ -147,6 +153,7 @@ impl Evictor {
             keep,
             budget,
             uses,
+            forgetter,
             holder: format!("{:016x} -", rand::random::<u64>()),
             wake: Notify::new(),
             #[cfg(test)]
@@ -318,6 +325,9 @@ impl Evictor {
         m.gc_runs.inc();
         m.gc_seconds.observe(started.elapsed().as_secs_f64());
         let report = result?;
+        if let (Some(forgetter), Some(newest)) = (&self.forgetter, report.newest_ms) {
+            forgetter.evicted_through(newest);
+        }
         if report.removed > 0 || report.spared > 0 {
             tracing::info!(
                 removed = report.removed,
@@ -457,6 +467,7 @@ impl Evictor {
                     report.removed += 1;
                     report.removed_bytes += seen.size;
                     report.oldest_ms.get_or_insert(seen.recency_ms());
+                    report.newest_ms = report.newest_ms.max(Some(seen.recency_ms()));
                     removed.push(seen.digest.clone());
                     self.count_removed(seen.size).await;
                 }

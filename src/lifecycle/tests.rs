@@ -67,6 +67,7 @@ impl Bench {
             keep,
             budget,
             self.uses.clone(),
+            None,
         )
     }
 
@@ -387,4 +388,93 @@ async fn a_read_in_progress_outlives_eviction() {
     }
     assert_eq!(read as u64, 16 * 1024 * KIB);
     assert_eq!(hasher.finish(), digest);
+}
+
+struct PinRepo(String, Digest);
+
+#[async_trait::async_trait]
+impl Keep for PinRepo {
+    async fn keep(&self, digest: &Digest) -> bool {
+        *digest == self.1
+    }
+
+    fn keeps_repository(&self, repo: &str) -> bool {
+        repo == self.0
+    }
+}
+
+/// Metadata goes with what it described: manifests not used since the
+/// cutoff, the tags that named them, the links only they made, and a
+/// repository left with nothing; what was used since stays, and so does a
+/// pinned repository's.
+#[tokio::test]
+async fn forgetting_removes_the_metadata_of_what_went() {
+    use crate::meta::{StoredManifest, TagRecord};
+    let Some(b) = bench().await else { return };
+    let meta = b.meta.as_ref();
+    let blob = |s: &str| Digest::sha256_of(s.as_bytes());
+    let put = |repo: &'static str, tag: &'static str, layer: Digest| async move {
+        let bytes = bytes::Bytes::from(format!(
+            r#"{{"schemaVersion":2,"config":{{"digest":"{layer}","size":1}},"layers":[]}}"#
+        ));
+        let digest = Digest::sha256_of(&bytes);
+        let manifest = StoredManifest {
+            media_type: "application/vnd.oci.image.manifest.v1+json".into(),
+            bytes,
+        };
+        meta.put_manifest(repo, &digest, &manifest, std::slice::from_ref(&layer))
+            .await
+            .unwrap();
+        let record = TagRecord {
+            digest: digest.to_string(),
+            checked_at_ms: 1,
+        };
+        meta.put_tag(repo, tag, &record).await.unwrap();
+        digest
+    };
+    let (l1, l2, l3, l4) = (blob("l1"), blob("l2"), blob("l3"), blob("l4"));
+    let m1 = put("docker.io/app/a", "old", l1.clone()).await;
+    let m2 = put("docker.io/app/a", "new", l2.clone()).await;
+    let m3 = put("docker.io/app/b", "only", l3.clone()).await;
+    let m4 = put("docker.io/pinned/c", "v1", l4.clone()).await;
+    let hour = Duration::from_secs(3600);
+    for (d, ago) in [
+        (&m1, 2 * hour),
+        (&m2, hour / 60),
+        (&m3, 2 * hour),
+        (&m4, 2 * hour),
+    ] {
+        b.used(d, ago).await;
+    }
+    let keep = PinRepo("docker.io/pinned/c".into(), m4.clone());
+    let cutoff = now_ms() - hour.as_millis() as u64;
+    let done = super::forget(meta, Some(&keep), cutoff).await.unwrap();
+    assert_eq!(
+        done,
+        super::Forgotten {
+            manifests: 2,
+            tags: 2,
+            links: 4,
+            repositories: 1
+        }
+    );
+    assert_eq!(
+        meta.has_manifests(&[m1, m2.clone(), m3, m4.clone()])
+            .await
+            .unwrap(),
+        vec![false, true, false, true]
+    );
+    assert_eq!(meta.tags("docker.io/app/a").await.unwrap(), vec!["new"]);
+    let mut links = meta.links("docker.io/app/a").await.unwrap();
+    links.sort();
+    let mut want = vec![m2, l2];
+    want.sort();
+    assert_eq!(links, want);
+    let repos = meta.repositories(None, 100).await.unwrap();
+    assert_eq!(repos, vec!["docker.io/app/a", "docker.io/pinned/c"]);
+    assert_eq!(meta.tags("docker.io/pinned/c").await.unwrap(), vec!["v1"]);
+    assert!(meta.is_linked("docker.io/pinned/c", &l4).await.unwrap());
+    // Nothing more to forget.
+    let again = super::forget(meta, Some(&keep), cutoff).await.unwrap();
+    assert_eq!(again, super::Forgotten::default());
 }

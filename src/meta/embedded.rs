@@ -327,6 +327,158 @@ impl MetaStore for EmbeddedMeta {
         .await
     }
 
+    async fn used_before(
+        &self,
+        before_ms: u64,
+        skip: usize,
+        limit: usize,
+    ) -> Result<Vec<Digest>, MetaError> {
+        self.blocking(move |db| {
+            let txn = db.begin_read().map_err(backend)?;
+            let table = txn.open_table(USES).map_err(backend)?;
+            let mut old = Vec::new();
+            for entry in table.iter().map_err(backend)? {
+                let (k, v) = entry.map_err(backend)?;
+                if v.value() < before_ms
+                    && let Ok(d) = Digest::parse(k.value())
+                {
+                    old.push((v.value(), d));
+                }
+            }
+            old.sort();
+            Ok(old
+                .into_iter()
+                .skip(skip)
+                .take(limit)
+                .map(|(_, d)| d)
+                .collect())
+        })
+        .await
+    }
+
+    async fn forget_manifests(
+        &self,
+        digests: &[Digest],
+        before_ms: u64,
+    ) -> Result<Vec<Digest>, MetaError> {
+        let digests = digests.to_vec();
+        self.blocking(move |db| {
+            let txn = db.begin_write().map_err(backend)?;
+            let mut removed = Vec::new();
+            {
+                let mut uses = txn.open_table(USES).map_err(backend)?;
+                let mut manifests = txn.open_table(MANIFESTS).map_err(backend)?;
+                for digest in digests {
+                    let key = digest.to_string();
+                    let used = uses.get(key.as_str()).map_err(backend)?.map(|v| v.value());
+                    if used.is_some_and(|u| u >= before_ms) {
+                        continue;
+                    }
+                    if manifests.remove(key.as_str()).map_err(backend)?.is_some() {
+                        uses.remove(key.as_str()).map_err(backend)?;
+                        removed.push(digest);
+                    }
+                }
+            }
+            txn.commit().map_err(backend)?;
+            Ok(removed)
+        })
+        .await
+    }
+
+    async fn has_manifests(&self, digests: &[Digest]) -> Result<Vec<bool>, MetaError> {
+        let keys: Vec<String> = digests.iter().map(Digest::to_string).collect();
+        self.blocking(move |db| {
+            let txn = db.begin_read().map_err(backend)?;
+            let table = txn.open_table(MANIFESTS).map_err(backend)?;
+            keys.iter()
+                .map(|k| Ok(table.get(k.as_str()).map_err(backend)?.is_some()))
+                .collect()
+        })
+        .await
+    }
+
+    async fn links(&self, repo: &str) -> Result<Vec<Digest>, MetaError> {
+        // 'A' sorts right after '@', so this range is exactly `<repo>@*`.
+        let (from, to) = (format!("{repo}@"), format!("{repo}A"));
+        self.blocking(move |db| {
+            let txn = db.begin_read().map_err(backend)?;
+            let table = txn.open_table(LINKS).map_err(backend)?;
+            let mut out = Vec::new();
+            for entry in table.range(from.as_str()..to.as_str()).map_err(backend)? {
+                let (k, _) = entry.map_err(backend)?;
+                if let Ok(d) = Digest::parse(&k.value()[from.len()..]) {
+                    out.push(d);
+                }
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn unlink(&self, repo: &str, digests: &[Digest]) -> Result<(), MetaError> {
+        let keys: Vec<String> = digests.iter().map(|d| link_key(repo, d)).collect();
+        self.blocking(move |db| {
+            let txn = db.begin_write().map_err(backend)?;
+            {
+                let mut table = txn.open_table(LINKS).map_err(backend)?;
+                for k in &keys {
+                    table.remove(k.as_str()).map_err(backend)?;
+                }
+            }
+            txn.commit().map_err(backend)
+        })
+        .await
+    }
+
+    async fn delete_tag(&self, repo: &str, tag: &str) -> Result<(), MetaError> {
+        let key = format!("{repo}:{tag}");
+        self.blocking(move |db| {
+            let txn = db.begin_write().map_err(backend)?;
+            txn.open_table(TAGS)
+                .map_err(backend)?
+                .remove(key.as_str())
+                .map_err(backend)?;
+            txn.commit().map_err(backend)
+        })
+        .await
+    }
+
+    async fn forget_repository(&self, repo: &str) -> Result<(), MetaError> {
+        let links: Vec<String> = self
+            .links(repo)
+            .await?
+            .iter()
+            .map(|d| link_key(repo, d))
+            .collect();
+        let tags: Vec<String> = self
+            .tags(repo)
+            .await?
+            .iter()
+            .map(|t| format!("{repo}:{t}"))
+            .collect();
+        let repo = repo.to_owned();
+        self.blocking(move |db| {
+            let txn = db.begin_write().map_err(backend)?;
+            {
+                let mut table = txn.open_table(LINKS).map_err(backend)?;
+                for k in &links {
+                    table.remove(k.as_str()).map_err(backend)?;
+                }
+                let mut table = txn.open_table(TAGS).map_err(backend)?;
+                for k in &tags {
+                    table.remove(k.as_str()).map_err(backend)?;
+                }
+                txn.open_table(REPOS)
+                    .map_err(backend)?
+                    .remove(repo.as_str())
+                    .map_err(backend)?;
+            }
+            txn.commit().map_err(backend)
+        })
+        .await
+    }
+
     async fn add_usage(&self, bytes: i64, blobs: i64) -> Result<(i64, i64), MetaError> {
         let mut usage = self.usage.lock().unwrap_or_else(|p| p.into_inner());
         usage.0 = usage.0.saturating_add(bytes);
@@ -444,6 +596,7 @@ mod tests {
         crate::meta::suite::leases(&meta).await;
         crate::meta::suite::throttle(&meta).await;
         crate::meta::suite::uses_and_removals(&meta).await;
+        crate::meta::suite::forgetting(&meta).await;
         drop(meta);
         // What was written survives reopening.
         let meta = super::EmbeddedMeta::open(dir.path()).unwrap();

@@ -112,6 +112,17 @@ if used and tonumber(used) > tonumber(ARGV[3]) then return 0 end
 redis.call('set', KEYS[2], ARGV[1], 'PX', ARGV[4])
 return 1";
 
+/// `MetaStore::forget_manifests`, one digest: 1 when removed. KEYS: `uses`,
+/// the manifest's key; ARGV: digest, cutoff ms.
+const FORGET_MANIFEST: &str = r"
+local used = redis.call('zscore', KEYS[1], ARGV[1])
+if used and tonumber(used) >= tonumber(ARGV[2]) then return 0 end
+if redis.call('del', KEYS[2]) == 1 then
+  redis.call('zrem', KEYS[1], ARGV[1])
+  return 1
+end
+return 0";
+
 /// Uses sent to Redis in one command.
 const USES_PER_COMMAND: usize = 1000;
 
@@ -359,6 +370,116 @@ impl MetaStore for RedisMeta {
         Ok(())
     }
 
+    async fn used_before(
+        &self,
+        before_ms: u64,
+        skip: usize,
+        limit: usize,
+    ) -> Result<Vec<Digest>, MetaError> {
+        let key = self.key(&["uses"]);
+        let max = format!("({before_ms}");
+        let (skip, limit) = (
+            isize::try_from(skip).unwrap_or(isize::MAX),
+            isize::try_from(limit).unwrap_or(isize::MAX),
+        );
+        let members: Vec<String> = self
+            .run(|mut c| async move { c.zrangebyscore_limit(key, "-inf", max, skip, limit).await })
+            .await?;
+        Ok(members
+            .iter()
+            .filter_map(|m| Digest::parse(m).ok())
+            .collect())
+    }
+
+    async fn forget_manifests(
+        &self,
+        digests: &[Digest],
+        before_ms: u64,
+    ) -> Result<Vec<Digest>, MetaError> {
+        let mut removed = Vec::new();
+        for digest in digests {
+            let name = digest.to_string();
+            let keys = [self.key(&["uses"]), self.key(&["m", &name])];
+            let gone: i64 = self
+                .run(|mut c| async move {
+                    redis::Script::new(FORGET_MANIFEST)
+                        .key(&keys[..])
+                        .arg(name)
+                        .arg(before_ms)
+                        .invoke_async(&mut c)
+                        .await
+                })
+                .await?;
+            if gone == 1 {
+                removed.push(digest.clone());
+            }
+        }
+        Ok(removed)
+    }
+
+    async fn has_manifests(&self, digests: &[Digest]) -> Result<Vec<bool>, MetaError> {
+        let mut out = Vec::with_capacity(digests.len());
+        for batch in digests.chunks(USES_PER_COMMAND) {
+            let mut pipe = redis::pipe();
+            for d in batch {
+                pipe.exists(self.key(&["m", &d.to_string()]));
+            }
+            let found: Vec<bool> = self
+                .run(|mut c| async move { pipe.query_async(&mut c).await })
+                .await?;
+            out.extend(found);
+        }
+        Ok(out)
+    }
+
+    async fn links(&self, repo: &str) -> Result<Vec<Digest>, MetaError> {
+        let key = self.key(&["l", repo]);
+        let members: Vec<String> = self
+            .run(|mut c| async move { c.smembers(key).await })
+            .await?;
+        Ok(members
+            .iter()
+            .filter_map(|m| Digest::parse(m).ok())
+            .collect())
+    }
+
+    async fn unlink(&self, repo: &str, digests: &[Digest]) -> Result<(), MetaError> {
+        for batch in digests.chunks(USES_PER_COMMAND) {
+            let key = self.key(&["l", repo]);
+            let members: Vec<String> = batch.iter().map(Digest::to_string).collect();
+            self.run(|mut c| async move { c.srem::<_, _, ()>(key, members).await })
+                .await?;
+        }
+        Ok(())
+    }
+
+    async fn delete_tag(&self, repo: &str, tag: &str) -> Result<(), MetaError> {
+        let mut pipe = redis::pipe();
+        pipe.atomic()
+            .del(self.key(&["t", repo, tag]))
+            .ignore()
+            .zrem(self.key(&["tags", repo]), tag)
+            .ignore();
+        self.run(|mut c| async move { pipe.query_async::<()>(&mut c).await })
+            .await
+    }
+
+    async fn forget_repository(&self, repo: &str) -> Result<(), MetaError> {
+        for tag in self.tags(repo).await? {
+            self.delete_tag(repo, &tag).await?;
+        }
+        let mut pipe = redis::pipe();
+        pipe.atomic()
+            .del(self.key(&["l", repo]))
+            .ignore()
+            .del(self.key(&["tags", repo]))
+            .ignore()
+            .zrem(self.key(&["repos"]), repo)
+            .ignore();
+        self.run(|mut c| async move { pipe.query_async::<()>(&mut c).await })
+            .await
+    }
+
     async fn add_usage(&self, bytes: i64, blobs: i64) -> Result<(i64, i64), MetaError> {
         let key = self.key(&["usage"]);
         let mut pipe = redis::pipe();
@@ -430,6 +551,7 @@ mod tests {
         crate::meta::suite::leases(&meta).await;
         crate::meta::suite::throttle(&meta).await;
         crate::meta::suite::uses_and_removals(&meta).await;
+        crate::meta::suite::forgetting(&meta).await;
         crate::meta::suite::check_persisted(&meta).await;
     }
 

@@ -291,3 +291,90 @@ pub async fn uses_and_removals(meta: &dyn MetaStore) {
         Claimed::Fenced
     );
 }
+
+/// What forgetting the metadata of expired content does: only manifests
+/// still unused are removed, tags and links go one by one, and a
+/// repository goes with all it holds.
+pub async fn forgetting(meta: &dyn MetaStore) {
+    let repo = format!("docker.io/forget/x{:x}", rand::random::<u32>());
+    let manifest = |n: u8| {
+        let bytes = Bytes::from(format!("{{\"schemaVersion\":2,\"n\":{n}}}"));
+        (
+            Digest::sha256_of(&bytes),
+            StoredManifest {
+                media_type: "application/vnd.oci.image.manifest.v1+json".into(),
+                bytes,
+            },
+        )
+    };
+    let ((m1, s1), (m2, s2)) = (manifest(1), manifest(2));
+    let (l1, l2) = (
+        Digest::sha256_of(repo.as_bytes()),
+        Digest::sha256_of(format!("{repo}2").as_bytes()),
+    );
+    meta.put_manifest(&repo, &m1, &s1, std::slice::from_ref(&l1))
+        .await
+        .unwrap();
+    meta.put_manifest(&repo, &m2, &s2, std::slice::from_ref(&l2))
+        .await
+        .unwrap();
+    for (tag, d) in [("a", &m1), ("b", &m2)] {
+        let rec = TagRecord {
+            digest: d.to_string(),
+            checked_at_ms: 1,
+        };
+        meta.put_tag(&repo, tag, &rec).await.unwrap();
+    }
+    meta.record_uses(&[(m1.clone(), 1000), (l1.clone(), 1001), (m2.clone(), 5000)])
+        .await
+        .unwrap();
+
+    let old = meta.used_before(3000, 0, 100).await.unwrap();
+    assert!(
+        old.contains(&m1) && old.contains(&l1) && !old.contains(&m2),
+        "{old:?}"
+    );
+    assert_eq!(
+        meta.used_before(3000, 0, 1).await.unwrap(),
+        vec![m1.clone()]
+    );
+    assert_eq!(
+        meta.used_before(3000, 1, 1).await.unwrap(),
+        vec![l1.clone()]
+    );
+    // A blob's use is not a manifest: it stays; a manifest used since the
+    // cutoff stays.
+    assert_eq!(
+        meta.forget_manifests(&[m1.clone(), l1.clone(), m2.clone()], 3000)
+            .await
+            .unwrap(),
+        vec![m1.clone()]
+    );
+    assert_eq!(
+        meta.has_manifests(&[m1.clone(), m2.clone()]).await.unwrap(),
+        vec![false, true]
+    );
+    assert_eq!(
+        meta.last_uses(&[m1.clone(), l1.clone()]).await.unwrap(),
+        vec![None, Some(1001)]
+    );
+
+    let mut links = meta.links(&repo).await.unwrap();
+    links.sort();
+    let mut all = vec![m1.clone(), m2.clone(), l1.clone(), l2.clone()];
+    all.sort();
+    assert_eq!(links, all);
+    meta.unlink(&repo, &[m1.clone(), l1.clone()]).await.unwrap();
+    assert!(!meta.is_linked(&repo, &l1).await.unwrap());
+    assert!(meta.is_linked(&repo, &l2).await.unwrap());
+    meta.delete_tag(&repo, "a").await.unwrap();
+    assert_eq!(meta.tags(&repo).await.unwrap(), vec!["b"]);
+    assert_eq!(meta.tag(&repo, "a").await.unwrap(), None);
+
+    meta.forget_repository(&repo).await.unwrap();
+    assert!(meta.links(&repo).await.unwrap().is_empty());
+    assert!(meta.tags(&repo).await.unwrap().is_empty());
+    assert_eq!(meta.tag(&repo, "b").await.unwrap(), None);
+    let catalog = meta.repositories(None, 10_000).await.unwrap();
+    assert!(!catalog.contains(&repo), "{catalog:?}");
+}

@@ -57,6 +57,11 @@ pub struct Scrub {
 #[async_trait]
 pub trait Keep: Send + Sync {
     async fn keep(&self, digest: &Digest) -> bool;
+
+    /// Whether the metadata of `repo` (`<registry>/<repository>`) is kept.
+    fn keeps_repository(&self, _repo: &str) -> bool {
+        false
+    }
 }
 
 pub struct BudgetedFsStore {

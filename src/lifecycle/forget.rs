@@ -1,0 +1,237 @@
+//! Forgetting the metadata of what is gone, so the metadata store does not
+//! grow with the history of everything ever pulled: manifests not served
+//! since a cutoff (the most recent use eviction removed, or `max_age`
+//! ago), the tag records that named them, the links of repositories that
+//! lost a manifest, and repositories left with none. Pinned repositories
+//! keep theirs.
+//!
+//! A forgotten record is only a miss: a tag is resolved upstream again, a
+//! manifest fetched again, a blob confirmed again.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use tokio::sync::Notify;
+
+use super::uses::now_ms;
+use crate::descriptors::references;
+use crate::meta::{MetaError, MetaStore};
+use crate::reference::Digest;
+use crate::storage::Keep;
+
+/// Records read per request.
+const PAGE: usize = 1000;
+/// How often some replica forgets what reached `max_age`.
+const PERIOD: Duration = Duration::from_secs(5 * 60);
+/// Held while a pass runs.
+const LEASE: &str = "lifecycle:forget";
+const LEASE_TTL: Duration = Duration::from_secs(10 * 60);
+/// Taken by the replica that ran the period's pass, and left to lapse.
+const PERIOD_LEASE: &str = "lifecycle:forget-period";
+
+/// What a pass removed.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Forgotten {
+    pub manifests: usize,
+    pub tags: usize,
+    pub links: usize,
+    pub repositories: usize,
+}
+
+/// Runs passes: after evictions (from the most recent use they removed)
+/// and, with `max_age`, for what was not served that long.
+pub struct Forgetter {
+    meta: Arc<dyn MetaStore>,
+    keep: Option<Arc<dyn Keep>>,
+    max_age: Option<Duration>,
+    /// Uses older than this went with evicted blobs (Unix ms).
+    horizon: AtomicU64,
+    holder: String,
+    wake: Notify,
+}
+
+impl Forgetter {
+    pub fn new(
+        meta: Arc<dyn MetaStore>,
+        keep: Option<Arc<dyn Keep>>,
+        max_age: Option<Duration>,
+    ) -> Self {
+        Self {
+            meta,
+            keep,
+            max_age,
+            horizon: AtomicU64::new(0),
+            holder: format!("{:016x} -", rand::random::<u64>()),
+            wake: Notify::new(),
+        }
+    }
+
+    /// Eviction removed blobs last used at `ms`: what was used no later
+    /// than that is gone from the store.
+    pub fn evicted_through(&self, ms: u64) {
+        if self.horizon.fetch_max(ms, Ordering::Relaxed) < ms {
+            self.wake.notify_one();
+        }
+    }
+
+    /// Uses older than this are forgotten now.
+    fn cutoff(&self) -> u64 {
+        let aged = self.max_age.map_or(0, |age| {
+            now_ms().saturating_sub(u64::try_from(age.as_millis()).unwrap_or(u64::MAX))
+        });
+        aged.max(self.horizon.load(Ordering::Relaxed))
+    }
+
+    /// Forgets at once after an eviction on this replica, and once a
+    /// period on one replica what reached `max_age`.
+    pub fn spawn(self: Arc<Self>) {
+        tokio::spawn(async move {
+            let mut done = 0;
+            loop {
+                let woken = tokio::select! {
+                    () = self.wake.notified() => true,
+                    () = tokio::time::sleep(PERIOD) => false,
+                };
+                let cutoff = self.cutoff();
+                if cutoff <= done {
+                    continue;
+                }
+                if !woken && !self.lease(PERIOD_LEASE, PERIOD).await {
+                    continue;
+                }
+                if !self.lease(LEASE, LEASE_TTL).await {
+                    continue;
+                }
+                match forget(self.meta.as_ref(), self.keep.as_deref(), cutoff).await {
+                    Ok(f) => {
+                        done = cutoff;
+                        if f != Forgotten::default() {
+                            tracing::info!(
+                                manifests = f.manifests,
+                                tags = f.tags,
+                                links = f.links,
+                                repositories = f.repositories,
+                                "forgot the metadata of content no longer cached"
+                            );
+                        }
+                    }
+                    Err(e) => tracing::warn!(error = %e, "cannot forget old metadata"),
+                }
+                if let Err(e) = self.meta.release_lease(LEASE, &self.holder).await {
+                    tracing::debug!(error = %e, "cannot release the forget lease; it will lapse");
+                }
+            }
+        });
+    }
+
+    async fn lease(&self, name: &str, ttl: Duration) -> bool {
+        match self.meta.acquire_lease(name, &self.holder, ttl).await {
+            Ok(None) => true,
+            Ok(Some(_)) => false,
+            Err(e) => {
+                tracing::debug!(lease = name, error = %e, "cannot take a lease");
+                false
+            }
+        }
+    }
+}
+
+/// One pass: forgets what was not used since `before_ms`.
+pub async fn forget(
+    meta: &dyn MetaStore,
+    keep: Option<&dyn Keep>,
+    before_ms: u64,
+) -> Result<Forgotten, MetaError> {
+    let mut report = Forgotten::default();
+    let mut gone: HashSet<Digest> = HashSet::new();
+    // Blobs' uses are in the same list and stay: step over them.
+    let mut skip = 0;
+    loop {
+        let page = meta.used_before(before_ms, skip, PAGE).await?;
+        let len = page.len();
+        let mut candidates = Vec::with_capacity(len);
+        for digest in page {
+            if !kept(keep, &digest).await {
+                candidates.push(digest);
+            }
+        }
+        let removed = meta.forget_manifests(&candidates, before_ms).await?;
+        skip += len - removed.len();
+        report.manifests += removed.len();
+        gone.extend(removed);
+        if len < PAGE {
+            break;
+        }
+    }
+    let mut after: Option<String> = None;
+    loop {
+        let repos = meta.repositories(after.as_deref(), PAGE).await?;
+        for repo in &repos {
+            if keep.is_some_and(|k| k.keeps_repository(repo)) {
+                continue;
+            }
+            forget_in(meta, repo, &gone, &mut report).await?;
+        }
+        if repos.len() < PAGE {
+            break;
+        }
+        after = repos.last().cloned();
+    }
+    Ok(report)
+}
+
+async fn kept(keep: Option<&dyn Keep>, digest: &Digest) -> bool {
+    match keep {
+        Some(keep) => keep.keep(digest).await,
+        None => false,
+    }
+}
+
+/// Drops a repository's tag records that name no stored manifest; its
+/// links, when one of its manifests was forgotten, down to what the
+/// remaining manifests name; and the repository itself when none remain.
+async fn forget_in(
+    meta: &dyn MetaStore,
+    repo: &str,
+    gone: &HashSet<Digest>,
+    report: &mut Forgotten,
+) -> Result<(), MetaError> {
+    let links = meta.links(repo).await?;
+    let stored = meta.has_manifests(&links).await?;
+    let manifests: Vec<&Digest> = links
+        .iter()
+        .zip(&stored)
+        .filter_map(|(d, s)| s.then_some(d))
+        .collect();
+    if manifests.is_empty() {
+        report.tags += meta.tags(repo).await?.len();
+        report.links += links.len();
+        report.repositories += 1;
+        return meta.forget_repository(repo).await;
+    }
+    let named: HashSet<String> = manifests.iter().map(|d| d.to_string()).collect();
+    for tag in meta.tags(repo).await? {
+        let points_at_one = meta
+            .tag(repo, &tag)
+            .await?
+            .is_some_and(|record| named.contains(&record.digest));
+        if !points_at_one {
+            meta.delete_tag(repo, &tag).await?;
+            report.tags += 1;
+        }
+    }
+    if !links.iter().any(|d| gone.contains(d)) {
+        return Ok(());
+    }
+    let mut wanted: HashSet<Digest> = manifests.iter().map(|d| (*d).clone()).collect();
+    for digest in &manifests {
+        if let Some(manifest) = meta.manifest(digest).await? {
+            wanted.extend(references(&manifest.bytes).linked);
+        }
+    }
+    let unwanted: Vec<Digest> = links.into_iter().filter(|d| !wanted.contains(d)).collect();
+    report.links += unwanted.len();
+    meta.unlink(repo, &unwanted).await
+}
