@@ -1,7 +1,8 @@
 //! Pier: a pull-through mirror for OCI / Docker registries.
 //!
-//! Layering (who may call whom): `api → mirror → lifecycle → {upstream,
-//! storage, meta} → {reference, config}`. `route`, `range`, `rate` and
+//! Layering (who may call whom): `api → mirror → {lifecycle, upstream,
+//! storage, meta} → {reference, config}`, and `lifecycle → {storage,
+//! meta}`. `route`, `range`, `rate` and
 //! `descriptors` (what a manifest points at) are pure. `limits` (per-client
 //! limits) sits beside `api`, which applies it; `zerocopy` (the client
 //! connection and sendfile bodies) is a leaf that `storage` hands files to
