@@ -61,8 +61,10 @@ pub async fn build_mirror(config: &Config) -> anyhow::Result<(Arc<Mirror>, Arc<C
     };
     let bucket_budgeted = matches!(config.storage, StorageConfig::S3(_)) && bucket_budget.is_set();
     // Uses of manifests (and of the bucket's blobs) are recorded where
-    // something is forgotten by them: a bucket budget, or `max_age`.
-    let (uses, forgetter) = if bucket_budgeted || config.cache.max_age.is_some() {
+    // something is forgotten by them: the fs store evicts (`min_free` at
+    // least), a bucket budget, or `max_age`.
+    let fs = matches!(config.storage, StorageConfig::Fs { .. });
+    let (uses, forgetter) = if fs || bucket_budgeted || config.cache.max_age.is_some() {
         let forgetter = Arc::new(Forgetter::new(
             meta.clone(),
             pins(config, &meta),
@@ -87,11 +89,13 @@ pub async fn build_mirror(config: &Config) -> anyhow::Result<(Arc<Mirror>, Arc<C
                     rate: config.cache.scrub_rate,
                 }),
             };
-            Arc::new(
-                BudgetedFsStore::open(path, budget, pins(config, &meta))
-                    .await
-                    .with_context(|| format!("opening blob storage at {}", path.display()))?,
-            )
+            let store = BudgetedFsStore::open(path, budget, pins(config, &meta))
+                .await
+                .with_context(|| format!("opening blob storage at {}", path.display()))?;
+            if let Some(forgetter) = &forgetter {
+                store.report_evictions_to(forgetter.clone());
+            }
+            Arc::new(store)
         }
         StorageConfig::S3(s3) => {
             let shared: Arc<dyn BlobStore> = Arc::new(S3BlobStore::new(s3).await);

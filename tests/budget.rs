@@ -109,6 +109,28 @@ async fn pulls_of_three_times_the_budget_keep_the_store_within_it() {
         metric(&http, &pier, "pier_cache_bytes").await as u64,
         stored_bytes(data.path())
     );
+    // The metadata of what went goes too: the first images leave the
+    // catalog, the latest stays.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let body = http
+            .get(format!("{}/v2/_catalog", pier.url()))
+            .send()
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap();
+        let catalog: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        let repos = catalog["repositories"].as_array().unwrap().clone();
+        let has = |r: &str| repos.iter().any(|v| v == r);
+        assert!(has("docker.io/budget/img5"), "{repos:?}");
+        if !has("docker.io/budget/img0") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{repos:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 
     // The latest image is whole in the cache.
     docker.stop();

@@ -22,7 +22,7 @@ use super::forget::Forgetter;
 use super::uses::{UseLog, now_ms};
 use crate::meta::{Claimed, MetaError, MetaStore, Removal, blob_lease};
 use crate::reference::Digest;
-use crate::storage::{BlobStore, Keep, StorageError};
+use crate::storage::{BlobStore, Evicted, Keep, StorageError};
 use crate::telemetry::metrics::metrics;
 
 /// Held by the replica running a pass.

@@ -15,11 +15,11 @@ use std::time::Duration;
 
 use tokio::sync::Notify;
 
-use super::uses::now_ms;
+use super::uses::{FLUSH_EVERY, now_ms};
 use crate::descriptors::references;
 use crate::meta::{MetaError, MetaStore};
 use crate::reference::Digest;
-use crate::storage::Keep;
+use crate::storage::{Evicted, Keep};
 
 /// Records read per request.
 const PAGE: usize = 1000;
@@ -68,14 +68,6 @@ impl Forgetter {
         }
     }
 
-    /// Eviction removed blobs last used at `ms`: what was used no later
-    /// than that is gone from the store.
-    pub fn evicted_through(&self, ms: u64) {
-        if self.horizon.fetch_max(ms, Ordering::Relaxed) < ms {
-            self.wake.notify_one();
-        }
-    }
-
     /// Uses older than this are forgotten now.
     fn cutoff(&self) -> u64 {
         let aged = self.max_age.map_or(0, |age| {
@@ -94,6 +86,11 @@ impl Forgetter {
                     () = self.wake.notified() => true,
                     () = tokio::time::sleep(PERIOD) => false,
                 };
+                if woken {
+                    // Uses noted before the eviction reach the metadata
+                    // store within a batch interval: wait for them.
+                    tokio::time::sleep(FLUSH_EVERY + Duration::from_secs(1)).await;
+                }
                 let cutoff = self.cutoff();
                 if cutoff <= done {
                     continue;
@@ -134,6 +131,16 @@ impl Forgetter {
                 tracing::debug!(lease = name, error = %e, "cannot take a lease");
                 false
             }
+        }
+    }
+}
+
+impl Evicted for Forgetter {
+    /// Eviction removed blobs last used at `ms`: what was used no later
+    /// than that is gone from the store.
+    fn evicted_through(&self, ms: u64) {
+        if self.horizon.fetch_max(ms, Ordering::Relaxed) < ms {
+            self.wake.notify_one();
         }
     }
 }

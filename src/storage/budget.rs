@@ -53,6 +53,12 @@ pub struct Scrub {
     pub rate: u64,
 }
 
+/// Told how far eviction reached: it removed a blob last used at a Unix
+/// time in ms (what is older is gone too, but for pinned blobs).
+pub trait Evicted: Send + Sync {
+    fn evicted_through(&self, ms: u64);
+}
+
 /// Says which blobs eviction must spare (pinned images').
 #[async_trait]
 pub trait Keep: Send + Sync {
@@ -73,6 +79,7 @@ struct Shared {
     root: PathBuf,
     budget: Budget,
     keep: Option<Arc<dyn Keep>>,
+    evicted: std::sync::OnceLock<Arc<dyn Evicted>>,
     index: Mutex<Index>,
     /// Held while a blob is put in place and while an evicted one is
     /// removed.
@@ -116,6 +123,7 @@ impl BudgetedFsStore {
             root: root.to_owned(),
             budget,
             keep,
+            evicted: std::sync::OnceLock::new(),
             index: Mutex::new(Index {
                 blobs,
                 used: HashSet::new(),
@@ -130,6 +138,11 @@ impl BudgetedFsStore {
         }
         Shared::evict_if_over(&shared);
         Ok(Self { shared })
+    }
+
+    /// Tells `to` how far each eviction by size, free space or age reached.
+    pub fn report_evictions_to(&self, to: Arc<dyn Evicted>) {
+        let _ = self.shared.evicted.set(to);
     }
 
     /// Bytes and blobs held now.
@@ -387,6 +400,15 @@ impl Shared {
             let mut index = self.index();
             index.blobs.remove(digest);
             index.used.remove(digest);
+        }
+        // Its file's time is its last use recorded.
+        if reason != "corrupt"
+            && let Some(to) = self.evicted.get()
+            && let Ok(used) =
+                std::fs::metadata(self.files.path_of(digest)).and_then(|m| m.modified())
+            && let Ok(ms) = used.duration_since(SystemTime::UNIX_EPOCH)
+        {
+            to.evicted_through(u64::try_from(ms.as_millis()).unwrap_or(u64::MAX));
         }
         match self.files.delete(digest).await {
             Ok(()) => {
