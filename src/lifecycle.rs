@@ -10,9 +10,12 @@
 //!   fenced by an atomic claim on the blob's fetch lease.
 //! - Storing a blob counts it, and wakes eviction past the budget
 //!   (`store`).
+//! - The metadata of what went is forgotten (`forget`).
+//! - One replica hashes the bucket's blobs again now and then (`scrub`).
 
 mod evict;
 mod forget;
+mod scrub;
 mod store;
 mod uses;
 
@@ -20,6 +23,7 @@ use std::sync::Arc;
 
 pub use evict::{EvictError, Evictor, Inventory, Report, Seen, SharedBudget, Victim};
 pub use forget::{Forgetter, Forgotten, forget};
+pub use scrub::{BucketScrub, Scrubbed};
 pub use store::BudgetedSharedStore;
 pub use uses::{FLUSH_EVERY, UseLog};
 

@@ -18,7 +18,7 @@ use tokio::net::TcpListener;
 use tower::ServiceExt;
 
 use crate::config::{Config, MetadataConfig, ServerConfig, StorageConfig};
-use crate::lifecycle::{FLUSH_EVERY, Forgetter, SharedBudget, UseLog};
+use crate::lifecycle::{BucketScrub, FLUSH_EVERY, Forgetter, SharedBudget, UseLog};
 use crate::limits::{ClientLimits, PeerAddr};
 use crate::meta::{EmbeddedMeta, MetaStore, RedisMeta};
 use crate::mirror::Mirror;
@@ -99,6 +99,15 @@ pub async fn build_mirror(config: &Config) -> anyhow::Result<(Arc<Mirror>, Arc<C
         }
         StorageConfig::S3(s3) => {
             let shared: Arc<dyn BlobStore> = Arc::new(S3BlobStore::new(s3).await);
+            if let Some(interval) = config.cache.scrub_interval {
+                let scrub = BucketScrub::new(
+                    shared.clone(),
+                    meta.clone(),
+                    interval,
+                    config.cache.scrub_rate,
+                );
+                Arc::new(scrub).spawn();
+            }
             let store: Arc<dyn BlobStore> = if s3.local_cache_size == 0 {
                 shared
             } else {

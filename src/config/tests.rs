@@ -326,10 +326,6 @@ fn cache_budget_and_free_space() {
         ("[cache]\nscrub_rate = 0\n", "cache.scrub_rate"),
         ("[cache]\nmax_age = \"0s\"\n", "cache.max_age"),
         ("[cache]\npinned = [\"library/nginx\"]\n", "cache.pinned[0]"),
-        (
-            "[storage]\nkind = \"s3\"\nbucket = \"b\"\n[cache]\nscrub_interval = \"3h\"\n",
-            "cache.scrub_interval",
-        ),
     ] {
         let e = load(text, &[]).unwrap_err().to_string();
         assert!(e.contains(key), "{text}: {e}");

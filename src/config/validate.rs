@@ -107,7 +107,7 @@ pub fn build(raw: FileConfig) -> Result<Config, ConfigError> {
         ),
     };
 
-    let cache = cache(raw.cache.unwrap_or_default(), &storage, &mut p);
+    let cache = cache(raw.cache.unwrap_or_default(), &mut p);
 
     let c = raw.cluster.unwrap_or_default();
     let cluster = ClusterConfig {
@@ -198,7 +198,7 @@ pub fn build(raw: FileConfig) -> Result<Config, ConfigError> {
     })
 }
 
-fn cache(c: FileCache, storage: &StorageConfig, p: &mut Problems) -> CacheConfig {
+fn cache(c: FileCache, p: &mut Problems) -> CacheConfig {
     let max_size = match size(p, "cache.max_size", c.max_size.as_ref()) {
         Some(0) => {
             p.add("cache.max_size", "must be more than zero".into());
@@ -229,13 +229,6 @@ fn cache(c: FileCache, storage: &StorageConfig, p: &mut Problems) -> CacheConfig
         }
         other => other,
     };
-    if scrub_interval.is_some() && matches!(storage, StorageConfig::S3(_)) {
-        p.add(
-            "cache.scrub_interval",
-            "applies to the fs store only (blobs read from a bucket are verified as they stream)"
-                .into(),
-        );
-    }
     let scrub_rate = match size(p, "cache.scrub_rate", c.scrub_rate.as_ref()) {
         Some(0) => {
             p.add("cache.scrub_rate", "must be more than zero".into());

@@ -700,8 +700,6 @@ REFUSED = [
     ("a local cache in memory",
      {"storage": {"kind": "s3", "s3": {"bucket": "b-1"}, "localCache": {"size": "4Gi"}, "spool": {"medium": "Memory"}}},
      "medium"),
-    ("a scrub of the bucket",
-     {"storage": {"kind": "s3", "s3": {"bucket": "b-1"}}, "config": {"cache": {"scrubInterval": "3h"}}}, "scrubInterval"),
     ("Redis without a URL", {"metadata": {"kind": "redis"}}, "metadata.redis.url"),
     ("a Redis URL that is not one", {"metadata": {"kind": "redis", "redis": {"url": "http://redis"}}}, "url"),
     ("an access key without its secret", {"storage": {"kind": "s3", "s3": {"bucket": "b-1", "accessKeyId": "AKIA"}}}, "go together"),
