@@ -15,6 +15,7 @@
 
 mod evict;
 mod forget;
+mod held;
 mod scrub;
 mod store;
 mod uses;

@@ -8,8 +8,7 @@ use pier::config::{Config, StorageConfig};
 use std::sync::Arc;
 
 use pier::lifecycle::{EvictError, Evictor, FLUSH_EVERY, SharedBudget, UseLog};
-use pier::pins::Pins;
-use pier::storage::{BlobStore, Budget, Keep, S3BlobStore, Survey};
+use pier::storage::{BlobStore, Budget, S3BlobStore, Survey};
 
 #[derive(Parser)]
 #[command(
@@ -111,9 +110,7 @@ fn with_bucket<T>(
             ExitCode::FAILURE
         })?;
         let store: Arc<dyn BlobStore> = Arc::new(S3BlobStore::new(s3).await);
-        let keep = (!config.cache.pinned.is_empty()).then(|| {
-            Arc::new(Pins::new(config.cache.pinned.clone(), meta.clone())) as Arc<dyn Keep>
-        });
+        let keep = pier::server::pins(config, &meta);
         let budget = SharedBudget {
             max_size: config.cache.max_size,
             max_age: config.cache.max_age,
@@ -194,7 +191,11 @@ fn bucket_gc(config: &Config, dry_run: bool) -> Result<(), ExitCode> {
             println!("pinned: {} blobs kept", report.pinned);
         }
         match report.oldest_ms {
-            None => println!("within budget: nothing to remove"),
+            None if report.spared == 0 => println!("within budget: nothing to remove"),
+            None => println!(
+                "{}: nothing",
+                if dry_run { "would remove" } else { "removed" }
+            ),
             Some(oldest) => println!(
                 "{}: {} blobs, {}, least recently served {}",
                 if dry_run { "would remove" } else { "removed" },

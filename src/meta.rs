@@ -65,6 +65,14 @@ pub struct TagRecord {
     pub checked_at_ms: u64,
 }
 
+/// Whose uses: blobs' and manifests' are kept apart, so each is bounded by
+/// what its store holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum UseKind {
+    Blobs,
+    Manifests,
+}
+
 /// The word a blob lease's holder adds once the blob is stored; the lease
 /// is then left to lapse, and eviction may take it.
 pub const STORED: &str = "stored";
@@ -160,6 +168,9 @@ pub trait MetaStore: Send + Sync + 'static {
         ttl: Duration,
     ) -> Result<bool, MetaError>;
 
+    /// Who holds lease `name` now (its value), if anyone.
+    async fn lease(&self, name: &str) -> Result<Option<String>, MetaError>;
+
     /// Gives a lease up, if `holder` still holds it.
     async fn release_lease(&self, name: &str, holder: &str) -> Result<(), MetaError>;
 
@@ -170,19 +181,26 @@ pub trait MetaStore: Send + Sync + 'static {
 
     /// Records that each digest was served at the Unix time in ms given
     /// with it; a later use already recorded stays.
-    async fn record_uses(&self, uses: &[(Digest, u64)]) -> Result<(), MetaError>;
+    async fn record_uses(&self, kind: UseKind, uses: &[(Digest, u64)]) -> Result<(), MetaError>;
 
     /// The last recorded use of each digest, in order.
-    async fn last_uses(&self, digests: &[Digest]) -> Result<Vec<Option<u64>>, MetaError>;
+    async fn last_uses(
+        &self,
+        kind: UseKind,
+        digests: &[Digest],
+    ) -> Result<Vec<Option<u64>>, MetaError>;
 
-    /// Forgets the uses of blobs that are no longer stored.
-    async fn forget_uses(&self, digests: &[Digest]) -> Result<(), MetaError>;
+    /// Forgets the uses of what is no longer stored.
+    async fn forget_uses(&self, kind: UseKind, digests: &[Digest]) -> Result<(), MetaError>;
 
-    /// Digests (blobs and manifests) whose last recorded use is older than
-    /// `before_ms`, least recent first: `limit` of them after skipping
-    /// `skip`.
+    /// Forgets every use older than `before_ms`.
+    async fn forget_uses_before(&self, kind: UseKind, before_ms: u64) -> Result<(), MetaError>;
+
+    /// Digests whose last recorded use is older than `before_ms`, least
+    /// recent first: `limit` of them after skipping `skip`.
     async fn used_before(
         &self,
+        kind: UseKind,
         before_ms: u64,
         skip: usize,
         limit: usize,
@@ -190,6 +208,7 @@ pub trait MetaStore: Send + Sync + 'static {
 
     /// Removes the manifest records among `digests` whose last use is still
     /// older than `before_ms`, with their uses; the digests it removed.
+    /// (Manifests' uses are the `UseKind::Manifests` ones.)
     async fn forget_manifests(
         &self,
         digests: &[Digest],

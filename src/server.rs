@@ -145,7 +145,7 @@ pub async fn build_mirror(config: &Config) -> anyhow::Result<(Arc<Mirror>, Arc<C
 }
 
 /// What `[cache] pinned` keeps from eviction, if anything.
-fn pins(config: &Config, meta: &Arc<dyn MetaStore>) -> Option<Arc<dyn Keep>> {
+pub fn pins(config: &Config, meta: &Arc<dyn MetaStore>) -> Option<Arc<dyn Keep>> {
     (!config.cache.pinned.is_empty())
         .then(|| Arc::new(Pins::new(config.cache.pinned.clone(), meta.clone())) as Arc<dyn Keep>)
 }

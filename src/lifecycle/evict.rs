@@ -12,15 +12,16 @@
 //! once more, and removes the blob only if nobody used or wrote it since
 //! the listing.
 
+use std::collections::HashSet;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
 use tokio::sync::Notify;
 
 use super::forget::Forgetter;
+use super::held::Held;
 use super::uses::{UseLog, now_ms};
-use crate::meta::{Claimed, MetaError, MetaStore, Removal, blob_lease};
+use crate::meta::{Claimed, MetaError, MetaStore, Removal, UseKind, blob_lease};
 use crate::reference::Digest;
 use crate::storage::{BlobStore, Evicted, Keep, StorageError};
 use crate::telemetry::metrics::metrics;
@@ -42,6 +43,8 @@ const LOOK_EVERY: Duration = Duration::from_secs(30);
 const RETRY_AFTER: Duration = Duration::from_secs(10);
 /// Blobs claimed at once; fetches of them wait while the claims last.
 const BATCH: usize = 256;
+/// Uses read per request.
+const PAGE: usize = 1000;
 /// How long a claimed blob's lease lasts if the pass dies.
 const CLAIM_TTL: Duration = Duration::from_secs(60);
 
@@ -229,7 +232,7 @@ impl Evictor {
     pub async fn inventory(&self) -> Result<Inventory, EvictError> {
         let listed = self.store.inventory().await?;
         let digests: Vec<Digest> = listed.iter().map(|l| l.digest.clone()).collect();
-        let used = self.meta.last_uses(&digests).await?;
+        let used = self.meta.last_uses(UseKind::Blobs, &digests).await?;
         let mut blobs: Vec<Seen> = listed
             .into_iter()
             .zip(used)
@@ -305,22 +308,12 @@ impl Evictor {
             }
             return Ok(report);
         }
-        match self
-            .meta
-            .acquire_lease(LEASE, &self.holder, LEASE_TTL)
-            .await?
-        {
-            None => {}
-            Some(_) => return Err(EvictError::Busy),
-        }
+        let Some(held) = Held::take(&self.meta, LEASE, &self.holder, LEASE_TTL).await? else {
+            return Err(EvictError::Busy);
+        };
         let started = Instant::now();
-        let lost = Arc::new(AtomicBool::new(false));
-        let renewing = tokio::spawn(renew(self.meta.clone(), self.holder.clone(), lost.clone()));
-        let result = self.evict(&lost).await;
-        renewing.abort();
-        if let Err(e) = self.meta.release_lease(LEASE, &self.holder).await {
-            tracing::debug!(error = %e, "cannot release the eviction lease; it will lapse");
-        }
+        let result = self.evict(&held).await;
+        held.release().await;
         let m = metrics();
         m.gc_runs.inc();
         m.gc_seconds.observe(started.elapsed().as_secs_f64());
@@ -342,11 +335,14 @@ impl Evictor {
         Ok(report)
     }
 
-    async fn evict(&self, lost: &AtomicBool) -> Result<Report, EvictError> {
+    async fn evict(&self, held: &Held) -> Result<Report, EvictError> {
         // This replica's own uses are in before the listing is read.
         self.uses.flush().await;
-        let before = self.meta.add_usage(0, 0).await?;
+        let started_ms = now_ms();
         let inventory = self.inventory().await?;
+        // Read after the listing: a store made while it ran is then
+        // counted once (or, missed by the listing, set right next pass).
+        let before = self.meta.add_usage(0, 0).await?;
         let count = inventory.blobs.len() as i64;
         // The shared count drifts (a blob stored twice, a removal nobody
         // counted): the listing sets it right, keeping what was added
@@ -359,6 +355,7 @@ impl Evictor {
             )
             .await?;
         publish(after);
+        self.forget_unlisted(&inventory, started_ms).await;
         let mut report = Report {
             blobs: inventory.blobs.len(),
             bytes: inventory.bytes,
@@ -371,11 +368,11 @@ impl Evictor {
             hook().await;
         }
         for batch in victims.chunks(BATCH) {
-            if lost.load(Ordering::Relaxed) {
+            if held.lost() {
                 tracing::warn!("eviction lease lost: pass stopped");
                 break;
             }
-            let fenced = self.remove_batch(batch, &mut report).await?;
+            let fenced = self.remove_batch(batch, held, &mut report).await?;
             if fenced {
                 tracing::warn!("another process holds the eviction lease: pass stopped");
                 break;
@@ -385,14 +382,16 @@ impl Evictor {
     }
 
     /// Claims a batch, waits for every replica's pending uses, and removes
-    /// the blobs still unwanted. Whether the pass was fenced off.
+    /// the blobs still unwanted, releasing each claim once its blob is
+    /// dealt with. Whether the pass was fenced off (it then removes
+    /// nothing more, not even what it claimed).
     async fn remove_batch(
         &self,
         batch: &[Victim],
+        held: &Held,
         report: &mut Report,
     ) -> Result<bool, EvictError> {
         let mut claimed = Vec::with_capacity(batch.len());
-        let mut fenced = false;
         let claimed_at = Instant::now();
         for victim in batch {
             let removal = Removal {
@@ -406,8 +405,8 @@ impl Evictor {
                 Ok(Claimed::Yes) => claimed.push(victim),
                 Ok(Claimed::Wanted) => report.spared += 1,
                 Ok(Claimed::Fenced) => {
-                    fenced = true;
-                    break;
+                    self.release(&claimed).await;
+                    return Ok(true);
                 }
                 Err(e) => {
                     self.release(&claimed).await;
@@ -416,13 +415,17 @@ impl Evictor {
             }
         }
         if claimed.is_empty() {
-            return Ok(fenced);
+            return Ok(false);
         }
         // A use noted anywhere before the claims is written within the log's
         // delay; one after them finds the blob until it is removed.
         tokio::time::sleep(self.uses.delay() + Duration::from_secs(1)).await;
+        if held.lost() {
+            self.release(&claimed).await;
+            return Ok(true);
+        }
         let digests: Vec<Digest> = claimed.iter().map(|v| v.seen.digest.clone()).collect();
-        let used = match self.meta.last_uses(&digests).await {
+        let used = match self.meta.last_uses(UseKind::Blobs, &digests).await {
             Ok(used) => used,
             Err(e) => {
                 self.release(&claimed).await;
@@ -432,36 +435,21 @@ impl Evictor {
         let mut removed = Vec::new();
         for (victim, used) in claimed.iter().zip(used) {
             let seen = &victim.seen;
-            // The claims must outlive every removal made under them.
-            if claimed_at.elapsed() > CLAIM_TTL / 2 {
-                report.spared += 1;
-                continue;
-            }
-            if used.is_some_and(|u| u > seen.used_ms.unwrap_or(0)) {
-                report.spared += 1;
-                continue;
-            }
-            match self.store.written_at(&seen.digest).await {
-                // Written again since the listing (by a fetch that held no
-                // lease): that copy stays.
-                Ok(Some(written)) if written != seen.written => {
-                    report.spared += 1;
-                    continue;
-                }
-                Ok(Some(_)) => {}
-                // Gone already: nothing to remove, only to forget.
-                Ok(None) => {
-                    removed.push(seen.digest.clone());
-                    self.count_removed(seen.size).await;
-                    continue;
-                }
-                Err(e) => {
-                    tracing::warn!(digest = %seen.digest, error = %e, "cannot look at a blob to evict");
-                    continue;
-                }
-            }
-            match self.store.delete(&seen.digest).await {
-                Ok(()) => {
+            let wanted = used.is_some_and(|u| u > seen.used_ms.unwrap_or(0));
+            // Every request under a claim must end well before the claim
+            // could lapse: past that, another replica may store the blob
+            // again, and a late DELETE would remove the fresh copy.
+            let left = (CLAIM_TTL / 2).checked_sub(claimed_at.elapsed());
+            let outcome = match left {
+                Some(left) if !wanted => tokio::time::timeout(left, self.remove(seen))
+                    .await
+                    .unwrap_or(Removed::OutOfTime),
+                Some(_) => Removed::Wanted,
+                None => Removed::OutOfTime,
+            };
+            self.release(&[*victim]).await;
+            match outcome {
+                Removed::Yes => {
                     metrics().cache_eviction(victim.reason, seen.size);
                     tracing::debug!(digest = %seen.digest, size = seen.size, reason = victim.reason, "evicted a blob");
                     report.removed += 1;
@@ -471,16 +459,76 @@ impl Evictor {
                     removed.push(seen.digest.clone());
                     self.count_removed(seen.size).await;
                 }
-                Err(e) => {
-                    tracing::warn!(digest = %seen.digest, error = %e, "cannot remove an evicted blob")
+                Removed::Gone => {
+                    removed.push(seen.digest.clone());
+                    self.count_removed(seen.size).await;
                 }
+                Removed::Wanted | Removed::OutOfTime => report.spared += 1,
+                Removed::Failed => {}
             }
         }
-        if let Err(e) = self.meta.forget_uses(&removed).await {
+        if let Err(e) = self.meta.forget_uses(UseKind::Blobs, &removed).await {
             tracing::debug!(error = %e, "cannot forget the uses of evicted blobs");
         }
-        self.release(&claimed).await;
-        Ok(fenced)
+        Ok(false)
+    }
+
+    /// Removes a claimed blob unless it was written again since the
+    /// listing (by a fetch that held no lease: that copy stays).
+    async fn remove(&self, seen: &Seen) -> Removed {
+        match self.store.written_at(&seen.digest).await {
+            // Listings and HEAD answers date objects with different
+            // precision (milliseconds, seconds): compare whole seconds.
+            Ok(Some(written)) if whole_seconds(written) != whole_seconds(seen.written) => {
+                return Removed::Wanted;
+            }
+            Ok(Some(_)) => {}
+            Ok(None) => return Removed::Gone,
+            Err(e) => {
+                tracing::warn!(digest = %seen.digest, error = %e, "cannot look at a blob to evict");
+                return Removed::Failed;
+            }
+        }
+        match self.store.delete(&seen.digest).await {
+            Ok(()) => Removed::Yes,
+            Err(e) => {
+                tracing::warn!(digest = %seen.digest, error = %e, "cannot remove an evicted blob");
+                Removed::Failed
+            }
+        }
+    }
+
+    /// Forgets the uses of blobs the bucket no longer holds (removed by
+    /// someone else, or served from a local copy after they went), so the
+    /// uses stay bounded by what is stored. Uses newer than a minute
+    /// before the listing may be of blobs stored since: they stay.
+    async fn forget_unlisted(&self, inventory: &Inventory, listed_at_ms: u64) {
+        let listed: HashSet<&Digest> = inventory.blobs.iter().map(|b| &b.digest).collect();
+        let before = listed_at_ms.saturating_sub(60_000);
+        let mut skip = 0;
+        loop {
+            let page = match self
+                .meta
+                .used_before(UseKind::Blobs, before, skip, PAGE)
+                .await
+            {
+                Ok(page) => page,
+                Err(e) => {
+                    tracing::debug!(error = %e, "cannot read old blob uses");
+                    return;
+                }
+            };
+            let len = page.len();
+            let gone: Vec<Digest> = page.into_iter().filter(|d| !listed.contains(d)).collect();
+            skip += len - gone.len();
+            if let Err(e) = self.meta.forget_uses(UseKind::Blobs, &gone).await {
+                tracing::debug!(error = %e, "cannot forget old blob uses");
+                return;
+            }
+            if len < PAGE {
+                return;
+            }
+        }
     }
 
     async fn count_removed(&self, size: u64) {
@@ -500,19 +548,21 @@ impl Evictor {
     }
 }
 
-/// Keeps the eviction lease while a pass runs; says so if it is lost.
-async fn renew(meta: Arc<dyn MetaStore>, holder: String, lost: Arc<AtomicBool>) {
-    loop {
-        tokio::time::sleep(LEASE_TTL / 4).await;
-        match meta.renew_lease(LEASE, &holder, LEASE_TTL).await {
-            Ok(true) => {}
-            Ok(false) => {
-                lost.store(true, Ordering::Relaxed);
-                return;
-            }
-            Err(e) => tracing::warn!(error = %e, "cannot renew the eviction lease"),
-        }
-    }
+/// What became of a claimed blob.
+enum Removed {
+    Yes,
+    /// Already gone from the store.
+    Gone,
+    /// Used or written again since the decision.
+    Wanted,
+    /// The claim is too old to act under.
+    OutOfTime,
+    Failed,
+}
+
+fn whole_seconds(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 /// Shows the shared usage in this replica's metrics.

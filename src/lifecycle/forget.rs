@@ -15,9 +15,10 @@ use std::time::Duration;
 
 use tokio::sync::Notify;
 
+use super::held::Held;
 use super::uses::{FLUSH_EVERY, now_ms};
 use crate::descriptors::references;
-use crate::meta::{MetaError, MetaStore};
+use crate::meta::{MetaError, MetaStore, UseKind};
 use crate::reference::Digest;
 use crate::storage::{Evicted, Keep};
 
@@ -27,7 +28,7 @@ const PAGE: usize = 1000;
 const PERIOD: Duration = Duration::from_secs(5 * 60);
 /// Held while a pass runs.
 const LEASE: &str = "lifecycle:forget";
-const LEASE_TTL: Duration = Duration::from_secs(10 * 60);
+const LEASE_TTL: Duration = Duration::from_secs(60);
 /// Taken by the replica that ran the period's pass, and left to lapse.
 const PERIOD_LEASE: &str = "lifecycle:forget-period";
 
@@ -98,9 +99,14 @@ impl Forgetter {
                 if !woken && !self.lease(PERIOD_LEASE, PERIOD).await {
                     continue;
                 }
-                if !self.lease(LEASE, LEASE_TTL).await {
-                    continue;
-                }
+                let held = match Held::take(&self.meta, LEASE, &self.holder, LEASE_TTL).await {
+                    Ok(Some(held)) => held,
+                    Ok(None) => continue,
+                    Err(e) => {
+                        tracing::debug!(error = %e, "cannot take the forget lease");
+                        continue;
+                    }
+                };
                 match forget(self.meta.as_ref(), self.keep.as_deref(), cutoff).await {
                     Ok(f) => {
                         done = cutoff;
@@ -116,9 +122,7 @@ impl Forgetter {
                     }
                     Err(e) => tracing::warn!(error = %e, "cannot forget old metadata"),
                 }
-                if let Err(e) = self.meta.release_lease(LEASE, &self.holder).await {
-                    tracing::debug!(error = %e, "cannot release the forget lease; it will lapse");
-                }
+                held.release().await;
             }
         });
     }
@@ -153,10 +157,12 @@ pub async fn forget(
 ) -> Result<Forgotten, MetaError> {
     let mut report = Forgotten::default();
     let mut gone: HashSet<Digest> = HashSet::new();
-    // Blobs' uses are in the same list and stay: step over them.
+    // Pinned manifests stay: step over them.
     let mut skip = 0;
     loop {
-        let page = meta.used_before(before_ms, skip, PAGE).await?;
+        let page = meta
+            .used_before(UseKind::Manifests, before_ms, skip, PAGE)
+            .await?;
         let len = page.len();
         let mut candidates = Vec::with_capacity(len);
         for digest in page {
@@ -172,6 +178,10 @@ pub async fn forget(
             break;
         }
     }
+    // What is left that old is kept (pinned) or never had a record: its
+    // use need not be kept either.
+    meta.forget_uses_before(UseKind::Manifests, before_ms)
+        .await?;
     let mut after: Option<String> = None;
     loop {
         let repos = meta.repositories(after.as_deref(), PAGE).await?;
@@ -213,6 +223,12 @@ async fn forget_in(
         .filter_map(|(d, s)| s.then_some(d))
         .collect();
     if manifests.is_empty() {
+        // A pull may have stored a manifest here since the look: then the
+        // repository stays.
+        let now = meta.links(repo).await?;
+        if now.len() != links.len() || meta.has_manifests(&now).await?.contains(&true) {
+            return Ok(());
+        }
         report.tags += meta.tags(repo).await?.len();
         report.links += links.len();
         report.repositories += 1;
@@ -220,10 +236,12 @@ async fn forget_in(
     }
     let named: HashSet<String> = manifests.iter().map(|d| d.to_string()).collect();
     for tag in meta.tags(repo).await? {
-        let points_at_one = meta
-            .tag(repo, &tag)
-            .await?
-            .is_some_and(|record| named.contains(&record.digest));
+        let points_at_one = match meta.tag(repo, &tag).await {
+            Ok(record) => record.is_some_and(|r| named.contains(&r.digest)),
+            // A record that cannot be read serves nobody.
+            Err(MetaError::Corrupt(_)) => false,
+            Err(e) => return Err(e),
+        };
         if !points_at_one {
             meta.delete_tag(repo, &tag).await?;
             report.tags += 1;
@@ -238,7 +256,21 @@ async fn forget_in(
             wanted.extend(references(&manifest.bytes).linked);
         }
     }
-    let unwanted: Vec<Digest> = links.into_iter().filter(|d| !wanted.contains(d)).collect();
+    // What a manifest stored here since the look names stays too.
+    let now = meta.links(repo).await?;
+    let before: HashSet<&Digest> = links.iter().collect();
+    let added: Vec<Digest> = now
+        .iter()
+        .filter(|d| !before.contains(d))
+        .cloned()
+        .collect();
+    for (digest, stored) in added.iter().zip(meta.has_manifests(&added).await?) {
+        wanted.insert(digest.clone());
+        if stored && let Some(manifest) = meta.manifest(digest).await? {
+            wanted.extend(references(&manifest.bytes).linked);
+        }
+    }
+    let unwanted: Vec<Digest> = now.into_iter().filter(|d| !wanted.contains(d)).collect();
     report.links += unwanted.len();
     meta.unlink(repo, &unwanted).await
 }

@@ -9,13 +9,14 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 
+use super::held::Held;
 use crate::meta::MetaStore;
 use crate::storage::{BlobStore, StorageError};
 use crate::telemetry::metrics::metrics;
 
 /// Held by the replica scrubbing, renewed as it goes.
 const LEASE: &str = "lifecycle:scrub";
-const LEASE_TTL: Duration = Duration::from_secs(5 * 60);
+const LEASE_TTL: Duration = Duration::from_secs(60);
 /// Taken for an interval by the replica that scrubs, and left to lapse.
 const PERIOD_LEASE: &str = "lifecycle:scrub-period";
 /// How often each replica offers to scrub.
@@ -67,12 +68,13 @@ impl BucketScrub {
                 );
                 if due {
                     match self.pass().await {
-                        Ok(s) => tracing::info!(
+                        Ok(Some(s)) => tracing::info!(
                             blobs = s.blobs,
                             bytes = s.bytes,
                             corrupt = s.corrupt,
                             "bucket scrub done"
                         ),
+                        Ok(None) => tracing::debug!("another replica scrubs the bucket now"),
                         Err(e) => tracing::warn!(error = %e, "bucket scrub failed"),
                     }
                 }
@@ -82,36 +84,27 @@ impl BucketScrub {
     }
 
     /// Hashes every blob in the bucket again, under the scrub lease (a
-    /// pass whose lease went to another replica stops).
-    pub async fn pass(&self) -> Result<Scrubbed, StorageError> {
-        let taken = self
-            .meta
-            .acquire_lease(LEASE, &self.holder, LEASE_TTL)
+    /// pass whose lease went to another replica stops); `None` while
+    /// another replica scrubs.
+    pub async fn pass(&self) -> Result<Option<Scrubbed>, StorageError> {
+        let held = Held::take(&self.meta, LEASE, &self.holder, LEASE_TTL)
             .await
             .map_err(|e| StorageError::Backend(e.to_string()))?;
-        if taken.is_some() {
-            return Ok(Scrubbed::default());
-        }
-        let result = self.scrub().await;
-        if let Err(e) = self.meta.release_lease(LEASE, &self.holder).await {
-            tracing::debug!(error = %e, "cannot release the scrub lease; it will lapse");
-        }
-        result
+        let Some(held) = held else {
+            return Ok(None);
+        };
+        let result = self.scrub(&held).await;
+        held.release().await;
+        result.map(Some)
     }
 
-    async fn scrub(&self) -> Result<Scrubbed, StorageError> {
+    async fn scrub(&self, held: &Held) -> Result<Scrubbed, StorageError> {
         let mut found = Scrubbed::default();
-        let (started, mut renewed) = (Instant::now(), Instant::now());
+        let started = Instant::now();
         for listed in self.store.inventory().await? {
-            if renewed.elapsed() > LEASE_TTL / 4 {
-                renewed = Instant::now();
-                if !matches!(
-                    self.meta.renew_lease(LEASE, &self.holder, LEASE_TTL).await,
-                    Ok(true)
-                ) {
-                    tracing::warn!("scrub lease lost: stopping");
-                    break;
-                }
+            if held.lost() {
+                tracing::warn!("scrub lease lost: stopping");
+                break;
             }
             let body = match self.store.get(&listed.digest, None).await {
                 Ok(Some(body)) => body,

@@ -11,7 +11,7 @@ use async_trait::async_trait;
 
 use super::evict::{Evictor, publish};
 use super::uses::UseLog;
-use crate::meta::MetaStore;
+use crate::meta::{MetaStore, blob_lease, lease_done};
 use crate::range::RangeSpec;
 use crate::reference::Digest;
 use crate::storage::{BlobBody, BlobStore, Listed, StorageError};
@@ -123,6 +123,16 @@ impl BlobStore for BudgetedSharedStore {
         digest: &Digest,
         expires: Duration,
     ) -> Result<Option<String>, StorageError> {
+        // A blob claimed for removal may be gone before the client follows
+        // the URL: it is streamed instead (and found missing, a miss).
+        match self.meta.lease(&blob_lease(digest)).await {
+            Ok(Some(holder)) if !lease_done(&holder) => return Ok(None),
+            Ok(_) => {}
+            Err(e) => {
+                tracing::debug!(%digest, error = %e, "cannot tell whether a blob is being evicted");
+                return Ok(None);
+            }
+        }
         let url = self.inner.presigned_url(digest, expires).await?;
         if url.is_some() {
             self.uses.note(digest);

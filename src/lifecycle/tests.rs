@@ -10,7 +10,7 @@ use tokio::sync::Notify;
 
 use super::uses::now_ms;
 use super::{EvictError, Evictor, SharedBudget, UseLog};
-use crate::meta::{MetaStore, RedisMeta, blob_lease};
+use crate::meta::{MetaStore, RedisMeta, UseKind, blob_lease};
 use crate::reference::Digest;
 use crate::storage::{BlobStore, Keep};
 
@@ -51,11 +51,15 @@ impl Bench {
         digest
     }
 
-    /// Records a use `ago` before now.
+    /// Records a use of a blob `ago` before now.
     async fn used(&self, digest: &Digest, ago: Duration) {
+        self.used_as(UseKind::Blobs, digest, ago).await;
+    }
+
+    async fn used_as(&self, kind: UseKind, digest: &Digest, ago: Duration) {
         let at = now_ms() - ago.as_millis() as u64;
         self.meta
-            .record_uses(&[(digest.clone(), at)])
+            .record_uses(kind, &[(digest.clone(), at)])
             .await
             .unwrap();
     }
@@ -137,7 +141,10 @@ async fn a_pass_removes_the_least_recently_used_down_to_ninety_percent() {
         "down to 90 % of 500 KiB, oldest first"
     );
     // What went is forgotten; the shared count is the bucket's.
-    assert_eq!(b.meta.last_uses(&blobs[..1]).await.unwrap(), vec![None]);
+    assert_eq!(
+        b.meta.last_uses(UseKind::Blobs, &blobs[..1]).await.unwrap(),
+        vec![None]
+    );
     assert_eq!(b.meta.add_usage(0, 0).await.unwrap(), (400 * 1024, 4));
     let again = evictor.pass(false).await.unwrap();
     assert_eq!((again.blobs, again.removed), (4, 0));
@@ -346,14 +353,22 @@ async fn uses_noted_are_written_in_batches_and_never_move_back() {
     b.uses.note(&d);
     let noted = now_ms();
     tokio::time::sleep(Duration::from_millis(400)).await;
-    let at = b.meta.last_uses(std::slice::from_ref(&d)).await.unwrap()[0].unwrap();
+    let at = b
+        .meta
+        .last_uses(UseKind::Blobs, std::slice::from_ref(&d))
+        .await
+        .unwrap()[0]
+        .unwrap();
     assert!(at.abs_diff(noted) < 1000, "{at} vs {noted}");
     b.meta
-        .record_uses(&[(d.clone(), at - 10_000)])
+        .record_uses(UseKind::Blobs, &[(d.clone(), at - 10_000)])
         .await
         .unwrap();
     assert_eq!(
-        b.meta.last_uses(std::slice::from_ref(&d)).await.unwrap(),
+        b.meta
+            .last_uses(UseKind::Blobs, std::slice::from_ref(&d))
+            .await
+            .unwrap(),
         vec![Some(at)]
     );
 }
@@ -444,7 +459,7 @@ async fn forgetting_removes_the_metadata_of_what_went() {
         (&m3, 2 * hour),
         (&m4, 2 * hour),
     ] {
-        b.used(d, ago).await;
+        b.used_as(UseKind::Manifests, d, ago).await;
     }
     let keep = PinRepo("docker.io/pinned/c".into(), m4.clone());
     let cutoff = now_ms() - hour.as_millis() as u64;
@@ -499,7 +514,7 @@ async fn the_bucket_scrub_removes_a_blob_with_a_flipped_byte() {
         Duration::from_secs(3600),
         64 << 20,
     );
-    let found = scrub.pass().await.unwrap();
+    let found = scrub.pass().await.unwrap().unwrap();
     assert_eq!((found.blobs, found.corrupt), (2, 1), "{found:?}");
     // All of the good one; the bad one's last chunk is held back.
     assert!(

@@ -1,4 +1,4 @@
-//! Which blobs this replica served, gathered in memory and written to the
+//! Which blobs and manifests this replica served, gathered in memory and written to the
 //! metadata store in one batch every few seconds: a warm read costs a map
 //! update, not a round trip, and every replica's uses end up in one place
 //! where eviction reads them.
@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::time::{Duration, SystemTime};
 
-use crate::meta::MetaStore;
+use crate::meta::{MetaStore, UseKind};
 use crate::reference::Digest;
 
 /// How often uses are written out.
@@ -15,10 +15,13 @@ pub const FLUSH_EVERY: Duration = Duration::from_secs(5);
 
 pub struct UseLog {
     meta: Arc<dyn MetaStore>,
-    /// Digest → its latest use not yet written (Unix ms).
-    pending: Mutex<HashMap<Digest, u64>>,
+    /// Digest → its latest use not yet written (Unix ms): blobs', then
+    /// manifests'.
+    pending: [Mutex<HashMap<Digest, u64>>; 2],
     every: Duration,
 }
+
+const KINDS: [UseKind; 2] = [UseKind::Blobs, UseKind::Manifests];
 
 pub fn now_ms() -> u64 {
     SystemTime::now()
@@ -32,7 +35,7 @@ impl UseLog {
     pub fn start(meta: Arc<dyn MetaStore>, every: Duration) -> Arc<Self> {
         let log = Arc::new(Self {
             meta,
-            pending: Mutex::new(HashMap::new()),
+            pending: Default::default(),
             every,
         });
         tokio::spawn(flushing(Arc::downgrade(&log)));
@@ -44,14 +47,26 @@ impl UseLog {
         self.every
     }
 
-    fn pending(&self) -> MutexGuard<'_, HashMap<Digest, u64>> {
-        self.pending.lock().unwrap_or_else(PoisonError::into_inner)
+    fn pending(&self, kind: UseKind) -> MutexGuard<'_, HashMap<Digest, u64>> {
+        let i = usize::from(kind == UseKind::Manifests);
+        self.pending[i]
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// The blob was served now.
+    /// The blob was served (or stored) now.
     pub fn note(&self, digest: &Digest) {
+        self.note_as(UseKind::Blobs, digest);
+    }
+
+    /// The manifest was served now.
+    pub fn note_manifest(&self, digest: &Digest) {
+        self.note_as(UseKind::Manifests, digest);
+    }
+
+    fn note_as(&self, kind: UseKind, digest: &Digest) {
         let now = now_ms();
-        let mut pending = self.pending();
+        let mut pending = self.pending(kind);
         match pending.get_mut(digest) {
             Some(at) => *at = now.max(*at),
             None => {
@@ -63,16 +78,20 @@ impl UseLog {
     /// Writes the uses gathered so far; kept for the next try if the
     /// metadata store fails.
     pub async fn flush(&self) {
-        let batch: Vec<(Digest, u64)> = std::mem::take(&mut *self.pending()).into_iter().collect();
-        if batch.is_empty() {
-            return;
-        }
-        if let Err(e) = self.meta.record_uses(&batch).await {
-            tracing::warn!(error = %e, uses = batch.len(), "cannot record blob uses; keeping them for the next try");
-            let mut pending = self.pending();
-            for (digest, at) in batch {
-                let kept = pending.entry(digest).or_insert(at);
-                *kept = at.max(*kept);
+        for kind in KINDS {
+            let batch: Vec<(Digest, u64)> = std::mem::take(&mut *self.pending(kind))
+                .into_iter()
+                .collect();
+            if batch.is_empty() {
+                continue;
+            }
+            if let Err(e) = self.meta.record_uses(kind, &batch).await {
+                tracing::warn!(error = %e, uses = batch.len(), "cannot record uses; keeping them for the next try");
+                let mut pending = self.pending(kind);
+                for (digest, at) in batch {
+                    let kept = pending.entry(digest).or_insert(at);
+                    *kept = at.max(*kept);
+                }
             }
         }
     }

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use redb::{Database, ReadableTable, TableDefinition};
 
-use super::{Claimed, MetaError, MetaStore, Removal, StoredManifest, TagRecord};
+use super::{Claimed, MetaError, MetaStore, Removal, StoredManifest, TagRecord, UseKind};
 use crate::rate::{LocalRates, Rate};
 use crate::reference::Digest;
 
@@ -23,6 +23,15 @@ const LINKS: TableDefinition<&str, ()> = TableDefinition::new("links");
 const REPOS: TableDefinition<&str, ()> = TableDefinition::new("repositories");
 /// blob digest → its last use, Unix ms
 const USES: TableDefinition<&str, u64> = TableDefinition::new("uses");
+/// manifest digest → its last use, Unix ms
+const MUSES: TableDefinition<&str, u64> = TableDefinition::new("manifest_uses");
+
+fn uses_table(kind: UseKind) -> TableDefinition<'static, &'static str, u64> {
+    match kind {
+        UseKind::Blobs => USES,
+        UseKind::Manifests => MUSES,
+    }
+}
 
 pub struct EmbeddedMeta {
     db: Arc<Database>,
@@ -45,6 +54,7 @@ impl EmbeddedMeta {
         txn.open_table(LINKS).map_err(backend)?;
         txn.open_table(REPOS).map_err(backend)?;
         txn.open_table(USES).map_err(backend)?;
+        txn.open_table(MUSES).map_err(backend)?;
         txn.commit().map_err(backend)?;
         Ok(Self {
             db: Arc::new(db),
@@ -277,6 +287,16 @@ impl MetaStore for EmbeddedMeta {
         Ok(self.leases.replace(name, holder, value, ttl))
     }
 
+    async fn lease(&self, name: &str) -> Result<Option<String>, MetaError> {
+        let now = Instant::now();
+        Ok(self
+            .leases
+            .map()
+            .get(name)
+            .filter(|(_, until)| *until > now)
+            .map(|(h, _)| h.clone()))
+    }
+
     async fn release_lease(&self, name: &str, holder: &str) -> Result<(), MetaError> {
         self.leases.release(name, holder);
         Ok(())
@@ -286,12 +306,12 @@ impl MetaStore for EmbeddedMeta {
         Ok(self.rates.check(key, rate))
     }
 
-    async fn record_uses(&self, uses: &[(Digest, u64)]) -> Result<(), MetaError> {
+    async fn record_uses(&self, kind: UseKind, uses: &[(Digest, u64)]) -> Result<(), MetaError> {
         let uses: Vec<(String, u64)> = uses.iter().map(|(d, at)| (d.to_string(), *at)).collect();
         self.blocking(move |db| {
             let txn = db.begin_write().map_err(backend)?;
             {
-                let mut table = txn.open_table(USES).map_err(backend)?;
+                let mut table = txn.open_table(uses_table(kind)).map_err(backend)?;
                 for (digest, at) in &uses {
                     let known = table
                         .get(digest.as_str())
@@ -307,17 +327,21 @@ impl MetaStore for EmbeddedMeta {
         .await
     }
 
-    async fn last_uses(&self, digests: &[Digest]) -> Result<Vec<Option<u64>>, MetaError> {
+    async fn last_uses(
+        &self,
+        kind: UseKind,
+        digests: &[Digest],
+    ) -> Result<Vec<Option<u64>>, MetaError> {
         let keys: Vec<String> = digests.iter().map(Digest::to_string).collect();
-        self.blocking(move |db| last_uses_in(db, &keys)).await
+        self.blocking(move |db| last_uses_in(db, kind, &keys)).await
     }
 
-    async fn forget_uses(&self, digests: &[Digest]) -> Result<(), MetaError> {
+    async fn forget_uses(&self, kind: UseKind, digests: &[Digest]) -> Result<(), MetaError> {
         let keys: Vec<String> = digests.iter().map(Digest::to_string).collect();
         self.blocking(move |db| {
             let txn = db.begin_write().map_err(backend)?;
             {
-                let mut table = txn.open_table(USES).map_err(backend)?;
+                let mut table = txn.open_table(uses_table(kind)).map_err(backend)?;
                 for key in &keys {
                     table.remove(key.as_str()).map_err(backend)?;
                 }
@@ -327,15 +351,28 @@ impl MetaStore for EmbeddedMeta {
         .await
     }
 
+    async fn forget_uses_before(&self, kind: UseKind, before_ms: u64) -> Result<(), MetaError> {
+        self.blocking(move |db| {
+            let txn = db.begin_write().map_err(backend)?;
+            txn.open_table(uses_table(kind))
+                .map_err(backend)?
+                .retain(|_, used| used >= before_ms)
+                .map_err(backend)?;
+            txn.commit().map_err(backend)
+        })
+        .await
+    }
+
     async fn used_before(
         &self,
+        kind: UseKind,
         before_ms: u64,
         skip: usize,
         limit: usize,
     ) -> Result<Vec<Digest>, MetaError> {
         self.blocking(move |db| {
             let txn = db.begin_read().map_err(backend)?;
-            let table = txn.open_table(USES).map_err(backend)?;
+            let table = txn.open_table(uses_table(kind)).map_err(backend)?;
             let mut old = Vec::new();
             for entry in table.iter().map_err(backend)? {
                 let (k, v) = entry.map_err(backend)?;
@@ -366,7 +403,7 @@ impl MetaStore for EmbeddedMeta {
             let txn = db.begin_write().map_err(backend)?;
             let mut removed = Vec::new();
             {
-                let mut uses = txn.open_table(USES).map_err(backend)?;
+                let mut uses = txn.open_table(MUSES).map_err(backend)?;
                 let mut manifests = txn.open_table(MANIFESTS).map_err(backend)?;
                 for digest in digests {
                     let key = digest.to_string();
@@ -488,7 +525,9 @@ impl MetaStore for EmbeddedMeta {
 
     async fn claim_removal(&self, removal: &Removal<'_>) -> Result<Claimed, MetaError> {
         let key = vec![removal.digest.to_string()];
-        let used = self.blocking(move |db| last_uses_in(db, &key)).await?;
+        let used = self
+            .blocking(move |db| last_uses_in(db, UseKind::Blobs, &key))
+            .await?;
         // Leases live in this process, so checking them and taking the
         // blob's under one lock is atomic; a use recorded after the read
         // above is one batched here too late, which a lease-less store
@@ -506,7 +545,8 @@ impl MetaStore for EmbeddedMeta {
         let fetching = leases
             .get(&name)
             .is_some_and(|(h, _)| !super::lease_done(h));
-        if fetching || used[0].is_some_and(|u| u > removal.seen_ms) {
+        let used = used.first().copied().flatten();
+        if fetching || used.is_some_and(|u| u > removal.seen_ms) {
             return Ok(Claimed::Wanted);
         }
         leases.insert(name, (removal.holder.to_owned(), now + removal.ttl));
@@ -523,9 +563,13 @@ impl MetaStore for EmbeddedMeta {
     }
 }
 
-fn last_uses_in(db: &Database, keys: &[String]) -> Result<Vec<Option<u64>>, MetaError> {
+fn last_uses_in(
+    db: &Database,
+    kind: UseKind,
+    keys: &[String],
+) -> Result<Vec<Option<u64>>, MetaError> {
     let txn = db.begin_read().map_err(backend)?;
-    let table = txn.open_table(USES).map_err(backend)?;
+    let table = txn.open_table(uses_table(kind)).map_err(backend)?;
     keys.iter()
         .map(|k| Ok(table.get(k.as_str()).map_err(backend)?.map(|v| v.value())))
         .collect()

@@ -2,7 +2,8 @@
 //! `m:<digest>` manifest (media type, `\n`, bytes); `t:<repo>:<tag>` JSON
 //! `TagRecord`; `tags:<repo>` and `repos` sorted sets (all scores 0, so
 //! they sort by name); `l:<repo>` set of digests the repository may serve;
-//! `uses` sorted set of blob digests by last use (Unix ms); `usage` hash of
+//! `uses` and `muses` sorted sets of blob and manifest digests by last use
+//! (Unix ms); `usage` hash of
 //! the `bytes` and `blobs` stored; `lease:<name>` leases.
 //! Every command has a deadline: a Redis outage turns into errors, never
 //! into hung requests.
@@ -14,7 +15,7 @@ use async_trait::async_trait;
 use deadpool_redis::redis::{self, AsyncCommands};
 use deadpool_redis::{Config as PoolSettings, Connection, Pool, PoolConfig, Runtime, Timeouts};
 
-use super::{Claimed, MetaError, MetaStore, Removal, StoredManifest, TagRecord};
+use super::{Claimed, MetaError, MetaStore, Removal, StoredManifest, TagRecord, UseKind};
 use crate::rate::Rate;
 use crate::reference::Digest;
 
@@ -55,6 +56,13 @@ impl RedisMeta {
         let mut k = self.prefix.clone();
         k.push_str(&parts.join(":"));
         k
+    }
+
+    fn uses_key(&self, kind: UseKind) -> String {
+        self.key(&[match kind {
+            UseKind::Blobs => "uses",
+            UseKind::Manifests => "muses",
+        }])
     }
 
     /// Runs `op` on a pooled connection within the deadline.
@@ -102,7 +110,8 @@ return 0";
 
 /// `MetaStore::claim_removal`: 1 claimed, 0 wanted, -1 fenced. KEYS: the
 /// eviction lease, the blob's lease, `uses`; ARGV: holder, digest, the use
-/// the decision saw, the blob lease's ttl in ms.
+/// the decision saw, the blob lease's ttl in ms. A blob lease ending in
+/// " stored" (`super::STORED`) is a finished fetch's, left to lapse.
 const CLAIM_REMOVAL: &str = r"
 if redis.call('get', KEYS[1]) ~= ARGV[1] then return -1 end
 local fetching = redis.call('get', KEYS[2])
@@ -296,6 +305,11 @@ impl MetaStore for RedisMeta {
         .await
     }
 
+    async fn lease(&self, name: &str) -> Result<Option<String>, MetaError> {
+        let key = self.key(&["lease", name]);
+        self.run(|mut c| async move { c.get(key).await }).await
+    }
+
     async fn release_lease(&self, name: &str, holder: &str) -> Result<(), MetaError> {
         let key = self.key(&["lease", name]);
         let holder = holder.to_owned();
@@ -328,9 +342,9 @@ impl MetaStore for RedisMeta {
         })
     }
 
-    async fn record_uses(&self, uses: &[(Digest, u64)]) -> Result<(), MetaError> {
+    async fn record_uses(&self, kind: UseKind, uses: &[(Digest, u64)]) -> Result<(), MetaError> {
         for batch in uses.chunks(USES_PER_COMMAND) {
-            let key = self.key(&["uses"]);
+            let key = self.uses_key(kind);
             let mut cmd = redis::cmd("ZADD");
             // GT: a replica whose batch arrives late never moves a use back.
             cmd.arg(key).arg("GT");
@@ -343,10 +357,14 @@ impl MetaStore for RedisMeta {
         Ok(())
     }
 
-    async fn last_uses(&self, digests: &[Digest]) -> Result<Vec<Option<u64>>, MetaError> {
+    async fn last_uses(
+        &self,
+        kind: UseKind,
+        digests: &[Digest],
+    ) -> Result<Vec<Option<u64>>, MetaError> {
         let mut out = Vec::with_capacity(digests.len());
         for batch in digests.chunks(USES_PER_COMMAND) {
-            let key = self.key(&["uses"]);
+            let key = self.uses_key(kind);
             let mut cmd = redis::cmd("ZMSCORE");
             cmd.arg(key);
             for digest in batch {
@@ -360,9 +378,9 @@ impl MetaStore for RedisMeta {
         Ok(out)
     }
 
-    async fn forget_uses(&self, digests: &[Digest]) -> Result<(), MetaError> {
+    async fn forget_uses(&self, kind: UseKind, digests: &[Digest]) -> Result<(), MetaError> {
         for batch in digests.chunks(USES_PER_COMMAND) {
-            let key = self.key(&["uses"]);
+            let key = self.uses_key(kind);
             let members: Vec<String> = batch.iter().map(Digest::to_string).collect();
             self.run(|mut c| async move { c.zrem::<_, _, ()>(key, members).await })
                 .await?;
@@ -370,13 +388,21 @@ impl MetaStore for RedisMeta {
         Ok(())
     }
 
+    async fn forget_uses_before(&self, kind: UseKind, before_ms: u64) -> Result<(), MetaError> {
+        let key = self.uses_key(kind);
+        let max = format!("({before_ms}");
+        self.run(|mut c| async move { c.zrembyscore::<_, _, _, ()>(key, "-inf", max).await })
+            .await
+    }
+
     async fn used_before(
         &self,
+        kind: UseKind,
         before_ms: u64,
         skip: usize,
         limit: usize,
     ) -> Result<Vec<Digest>, MetaError> {
-        let key = self.key(&["uses"]);
+        let key = self.uses_key(kind);
         let max = format!("({before_ms}");
         let (skip, limit) = (
             isize::try_from(skip).unwrap_or(isize::MAX),
@@ -399,7 +425,7 @@ impl MetaStore for RedisMeta {
         let mut removed = Vec::new();
         for digest in digests {
             let name = digest.to_string();
-            let keys = [self.key(&["uses"]), self.key(&["m", &name])];
+            let keys = [self.uses_key(UseKind::Manifests), self.key(&["m", &name])];
             let gone: i64 = self
                 .run(|mut c| async move {
                     redis::Script::new(FORGET_MANIFEST)
@@ -494,7 +520,7 @@ impl MetaStore for RedisMeta {
         let keys = [
             self.key(&["lease", removal.fence]),
             self.key(&["lease", &super::blob_lease(removal.digest)]),
-            self.key(&["uses"]),
+            self.uses_key(UseKind::Blobs),
         ];
         let args = (
             removal.holder.to_owned(),

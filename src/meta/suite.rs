@@ -106,6 +106,8 @@ pub async fn leases(meta: &dyn MetaStore) {
     );
     assert!(meta.renew_lease(&name, "a", long).await.unwrap());
     assert!(!meta.renew_lease(&name, "b", long).await.unwrap());
+    assert_eq!(meta.lease(&name).await.unwrap().as_deref(), Some("a"));
+    assert_eq!(meta.lease(&format!("{name}-none")).await.unwrap(), None);
     meta.release_lease(&name, "b").await.unwrap();
     assert_eq!(
         meta.acquire_lease(&name, "b", long)
@@ -193,27 +195,33 @@ pub async fn throttle(meta: &dyn MetaStore) {
 pub async fn uses_and_removals(meta: &dyn MetaStore) {
     use std::time::Duration;
 
-    use super::{Claimed, Removal, blob_lease};
+    use super::{Claimed, Removal, UseKind, blob_lease};
     let tag = format!("{:x}", rand::random::<u64>());
     let (a, b, c) = (
         Digest::sha256_of(format!("a{tag}").as_bytes()),
         Digest::sha256_of(format!("b{tag}").as_bytes()),
         Digest::sha256_of(format!("c{tag}").as_bytes()),
     );
-    meta.record_uses(&[(a.clone(), 2000), (b.clone(), 1000)])
+    meta.record_uses(UseKind::Blobs, &[(a.clone(), 2000), (b.clone(), 1000)])
         .await
         .unwrap();
     // A late batch never moves a use back.
-    meta.record_uses(&[(a.clone(), 1500)]).await.unwrap();
+    meta.record_uses(UseKind::Blobs, &[(a.clone(), 1500)])
+        .await
+        .unwrap();
     assert_eq!(
-        meta.last_uses(&[a.clone(), b.clone(), c.clone()])
+        meta.last_uses(UseKind::Blobs, &[a.clone(), b.clone(), c.clone()])
             .await
             .unwrap(),
         vec![Some(2000), Some(1000), None]
     );
-    meta.forget_uses(std::slice::from_ref(&b)).await.unwrap();
+    meta.forget_uses(UseKind::Blobs, std::slice::from_ref(&b))
+        .await
+        .unwrap();
     assert_eq!(
-        meta.last_uses(std::slice::from_ref(&b)).await.unwrap(),
+        meta.last_uses(UseKind::Blobs, std::slice::from_ref(&b))
+            .await
+            .unwrap(),
         vec![None]
     );
 
@@ -325,25 +333,29 @@ pub async fn forgetting(meta: &dyn MetaStore) {
         };
         meta.put_tag(&repo, tag, &rec).await.unwrap();
     }
-    meta.record_uses(&[(m1.clone(), 1000), (l1.clone(), 1001), (m2.clone(), 5000)])
+    use super::UseKind::{Blobs, Manifests};
+    meta.record_uses(Manifests, &[(m1.clone(), 1000), (m2.clone(), 5000)])
+        .await
+        .unwrap();
+    meta.record_uses(Blobs, &[(l1.clone(), 1001)])
         .await
         .unwrap();
 
-    let old = meta.used_before(3000, 0, 100).await.unwrap();
+    // Blobs' and manifests' uses are apart.
+    let old = meta.used_before(Manifests, 3000, 0, 100).await.unwrap();
     assert!(
-        old.contains(&m1) && old.contains(&l1) && !old.contains(&m2),
+        old.contains(&m1) && !old.contains(&m2) && !old.contains(&l1),
         "{old:?}"
     );
-    assert_eq!(
-        meta.used_before(3000, 0, 1).await.unwrap(),
-        vec![m1.clone()]
-    );
-    assert_eq!(
-        meta.used_before(3000, 1, 1).await.unwrap(),
-        vec![l1.clone()]
-    );
-    // A blob's use is not a manifest: it stays; a manifest used since the
-    // cutoff stays.
+    let old = meta.used_before(Blobs, 3000, 0, 100).await.unwrap();
+    assert!(old.contains(&l1) && !old.contains(&m1), "{old:?}");
+    // Oldest first, a page at a time.
+    let first = meta.used_before(Blobs, 3000, 0, 1).await.unwrap();
+    let second = meta.used_before(Blobs, 3000, 1, 1).await.unwrap();
+    assert_eq!(first.len() + second.len(), old.len().min(2));
+    assert!(first != second);
+    // Not a manifest's record: stays; a manifest used since the cutoff
+    // stays.
     assert_eq!(
         meta.forget_manifests(&[m1.clone(), l1.clone(), m2.clone()], 3000)
             .await
@@ -355,8 +367,23 @@ pub async fn forgetting(meta: &dyn MetaStore) {
         vec![false, true]
     );
     assert_eq!(
-        meta.last_uses(&[m1.clone(), l1.clone()]).await.unwrap(),
-        vec![None, Some(1001)]
+        meta.last_uses(Manifests, &[m1.clone(), m2.clone()])
+            .await
+            .unwrap(),
+        vec![None, Some(5000)]
+    );
+    assert_eq!(
+        meta.last_uses(Blobs, std::slice::from_ref(&l1))
+            .await
+            .unwrap(),
+        vec![Some(1001)]
+    );
+    meta.forget_uses_before(Blobs, 2000).await.unwrap();
+    assert_eq!(
+        meta.last_uses(Blobs, std::slice::from_ref(&l1))
+            .await
+            .unwrap(),
+        vec![None]
     );
 
     let mut links = meta.links(&repo).await.unwrap();

@@ -4,8 +4,11 @@
 //! embedded store, round trips for Redis).
 //!
 //! It never changes what a client is told: manifests are immutable under
-//! their digest, links are only ever added, and a tag record is used only
-//! while it is fresh under the tag TTL, exactly as the stored copy would be.
+//! their digest, a link says upstream confirmed a digest in a repository
+//! (the metadata store withdraws links only when it forgets content no
+//! longer cached, which makes them misses, not wrong), and a tag record is
+//! used only while it is fresh under the tag TTL, exactly as the stored
+//! copy would be.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Mutex, MutexGuard, PoisonError};
