@@ -525,3 +525,30 @@ async fn the_bucket_scrub_removes_a_blob_with_a_flipped_byte() {
     assert!(b.stored(&good).await);
     assert!(!b.stored(&bad).await);
 }
+
+/// A client is never sent to a bucket URL for a blob claimed for removal
+/// (it is streamed instead); a finished fetch's lease does not stop it.
+#[tokio::test]
+async fn no_presigned_redirect_to_a_blob_being_removed() {
+    let Some(b) = bench().await else { return };
+    let blob = b.put(1, 10).await;
+    let evictor = Arc::new(b.evictor(size_budget(1 << 20), None));
+    let store =
+        super::BudgetedSharedStore::new(b.store.clone(), b.meta.clone(), b.uses.clone(), evictor);
+    let expires = Duration::from_secs(60);
+    assert!(store.presigned_url(&blob, expires).await.unwrap().is_some());
+    let lease = blob_lease(&blob);
+    let long = Duration::from_secs(30);
+    assert_eq!(
+        b.meta.acquire_lease(&lease, "0123 -", long).await.unwrap(),
+        None
+    );
+    assert!(store.presigned_url(&blob, expires).await.unwrap().is_none());
+    assert!(
+        b.meta
+            .replace_lease(&lease, "0123 -", "0123 - stored", long)
+            .await
+            .unwrap()
+    );
+    assert!(store.presigned_url(&blob, expires).await.unwrap().is_some());
+}
