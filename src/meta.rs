@@ -215,6 +215,10 @@ pub trait MetaStore: Send + Sync + 'static {
         before_ms: u64,
     ) -> Result<Vec<Digest>, MetaError>;
 
+    /// Gives every manifest record without a recorded use one at `at_ms`
+    /// (records written before uses were kept); how many it gave.
+    async fn adopt_manifests(&self, at_ms: u64) -> Result<usize, MetaError>;
+
     /// Which of `digests` have a manifest record, in order.
     async fn has_manifests(&self, digests: &[Digest]) -> Result<Vec<bool>, MetaError>;
 

@@ -31,6 +31,8 @@ const LEASE: &str = "lifecycle:forget";
 const LEASE_TTL: Duration = Duration::from_secs(60);
 /// Taken by the replica that ran the period's pass, and left to lapse.
 const PERIOD_LEASE: &str = "lifecycle:forget-period";
+/// Taken by the replica that gives old manifests a use, and left to lapse.
+const ADOPT_LEASE: &str = "lifecycle:adopt";
 
 /// What a pass removed.
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -81,6 +83,18 @@ impl Forgetter {
     /// period on one replica what reached `max_age`.
     pub fn spawn(self: Arc<Self>) {
         tokio::spawn(async move {
+            // Manifests stored before uses were kept get one now, so they
+            // are forgotten like the others once unused (once a day on one
+            // replica; records that have a use keep it).
+            if self.lease(ADOPT_LEASE, Duration::from_secs(86_400)).await {
+                match self.meta.adopt_manifests(now_ms()).await {
+                    Ok(0) => {}
+                    Ok(n) => {
+                        tracing::info!(manifests = n, "manifests without a recorded use given one")
+                    }
+                    Err(e) => tracing::warn!(error = %e, "cannot give manifests a use"),
+                }
+            }
             let mut done = 0;
             loop {
                 let woken = tokio::select! {

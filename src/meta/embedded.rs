@@ -423,6 +423,27 @@ impl MetaStore for EmbeddedMeta {
         .await
     }
 
+    async fn adopt_manifests(&self, at_ms: u64) -> Result<usize, MetaError> {
+        self.blocking(move |db| {
+            let txn = db.begin_write().map_err(backend)?;
+            let mut adopted = 0;
+            {
+                let manifests = txn.open_table(MANIFESTS).map_err(backend)?;
+                let mut uses = txn.open_table(MUSES).map_err(backend)?;
+                for entry in manifests.iter().map_err(backend)? {
+                    let (digest, _) = entry.map_err(backend)?;
+                    if uses.get(digest.value()).map_err(backend)?.is_none() {
+                        uses.insert(digest.value(), at_ms).map_err(backend)?;
+                        adopted += 1;
+                    }
+                }
+            }
+            txn.commit().map_err(backend)?;
+            Ok(adopted)
+        })
+        .await
+    }
+
     async fn has_manifests(&self, digests: &[Digest]) -> Result<Vec<bool>, MetaError> {
         let keys: Vec<String> = digests.iter().map(Digest::to_string).collect();
         self.blocking(move |db| {

@@ -443,6 +443,59 @@ impl MetaStore for RedisMeta {
         Ok(removed)
     }
 
+    async fn adopt_manifests(&self, at_ms: u64) -> Result<usize, MetaError> {
+        let strip = self.key(&["m", ""]);
+        // The key prefix is the operator's: its glob characters match
+        // themselves.
+        let mut pattern: String = strip
+            .chars()
+            .flat_map(|c| match c {
+                '*' | '?' | '[' | ']' | '\\' => vec!['\\', c],
+                c => vec![c],
+            })
+            .collect();
+        pattern.push('*');
+        let uses = self.uses_key(UseKind::Manifests);
+        let mut cursor: u64 = 0;
+        let mut adopted = 0;
+        loop {
+            let pattern = pattern.clone();
+            let (next, keys): (u64, Vec<String>) = self
+                .run(|mut c| async move {
+                    redis::cmd("SCAN")
+                        .arg(cursor)
+                        .arg("MATCH")
+                        .arg(pattern)
+                        .arg("COUNT")
+                        .arg(USES_PER_COMMAND)
+                        .query_async(&mut c)
+                        .await
+                })
+                .await?;
+            let digests: Vec<&str> = keys
+                .iter()
+                .filter_map(|k| k.strip_prefix(&strip))
+                .filter(|d| Digest::parse(d).is_ok())
+                .collect();
+            if !digests.is_empty() {
+                let mut cmd = redis::cmd("ZADD");
+                // NX: a use already recorded stays.
+                cmd.arg(&uses).arg("NX").arg("CH");
+                for d in &digests {
+                    cmd.arg(at_ms).arg(*d);
+                }
+                let added: usize = self
+                    .run(|mut c| async move { cmd.query_async(&mut c).await })
+                    .await?;
+                adopted += added;
+            }
+            if next == 0 {
+                return Ok(adopted);
+            }
+            cursor = next;
+        }
+    }
+
     async fn has_manifests(&self, digests: &[Digest]) -> Result<Vec<bool>, MetaError> {
         let mut out = Vec::with_capacity(digests.len());
         for batch in digests.chunks(USES_PER_COMMAND) {

@@ -398,6 +398,22 @@ pub async fn forgetting(meta: &dyn MetaStore) {
     assert_eq!(meta.tags(&repo).await.unwrap(), vec!["b"]);
     assert_eq!(meta.tag(&repo, "a").await.unwrap(), None);
 
+    // A record with no use (written before uses were kept) is given one;
+    // one with a use keeps it.
+    let (m3, s3) = manifest(3);
+    meta.put_manifest(&repo, &m3, &s3, &[]).await.unwrap();
+    assert!(meta.adopt_manifests(7000).await.unwrap() >= 1);
+    assert_eq!(
+        meta.last_uses(Manifests, &[m2.clone(), m3.clone()])
+            .await
+            .unwrap(),
+        vec![Some(5000), Some(7000)]
+    );
+    assert_eq!(meta.adopt_manifests(8000).await.unwrap(), 0);
+    meta.forget_manifests(std::slice::from_ref(&m3), 9000)
+        .await
+        .unwrap();
+
     meta.forget_repository(&repo).await.unwrap();
     assert!(meta.links(&repo).await.unwrap().is_empty());
     assert!(meta.tags(&repo).await.unwrap().is_empty());
