@@ -8,13 +8,14 @@ serves is noted as a use (in memory, written to Redis in one batch every
 warm blobs come from local disk, are measured side by side in one run:
 
 - warm blob requests per second (wrk, a 4 KiB blob: the cost per request);
-- warm blob CPU seconds per GiB (curl, a 256 MiB blob; /proc/PID/stat);
+- warm blob CPU seconds per GiB (curl, a 256 MiB blob read --downloads
+  times; /proc/PID/stat);
 - warm manifest-by-tag requests per second (wrk).
 
 Needs the backends (tests/backends.sh: PIER_TEST_S3_*, PIER_TEST_REDIS_URL),
 wrk and curl, and a built pier:
 
-  tests/bench/uses_cost.py --pier target/release/pier [--rounds 3] [--seconds 5]
+  tests/bench/uses_cost.py --pier target/release/pier [--rounds 3] [--seconds 5] [--downloads 8]
 
 Python 3.11 standard library only.
 """
@@ -188,9 +189,9 @@ def main():
                 f["blob rps"].append(wrk(f"{r.base}/v2/corp.example/team/app/blobs/{small_d}", ARGS.seconds))
                 f["manifest rps"].append(wrk(f"{r.base}/v2/corp.example/team/app/manifests/v1", ARGS.seconds))
                 before = cpu_seconds(r.proc.pid)
-                for _ in range(3):
+                for _ in range(ARGS.downloads):
                     assert download(f"{r.base}/v2/corp.example/team/app/blobs/{big_d}") == (200, len(big))
-                f["blob cpu/GiB"].append((cpu_seconds(r.proc.pid) - before) / (3 * gib))
+                f["blob cpu/GiB"].append((cpu_seconds(r.proc.pid) - before) / (ARGS.downloads * gib))
     finally:
         for r in replicas:
             r.stop()
@@ -214,5 +215,6 @@ if __name__ == "__main__":
     p.add_argument("--size-mib", type=int, default=256)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--seconds", type=int, default=5)
+    p.add_argument("--downloads", type=int, default=8, help="reads of the big blob per round")
     ARGS = p.parse_args()
     main()
