@@ -13,6 +13,22 @@ fn pier() -> Command {
     Command::new(env!("CARGO_BIN_EXE_pier"))
 }
 
+/// `pier ARGS --config FILE`, which must succeed; what it printed.
+fn run_with_config(file: &std::path::Path, args: &[&str]) -> String {
+    let out = pier()
+        .args(args)
+        .arg("--config")
+        .arg(file)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
 #[test]
 fn check_config_prints_the_effective_config_with_secrets_masked() {
     let dir = tempfile::tempdir().unwrap();
@@ -146,20 +162,7 @@ fn cache_stats_and_gc_bring_the_store_within_its_budget() {
         ),
     )
     .unwrap();
-    let run = |args: &[&str]| {
-        let out = pier()
-            .args(args)
-            .arg("--config")
-            .arg(&file)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap()
-    };
+    let run = |args: &[&str]| run_with_config(&file, args);
     let stats = run(&["cache", "stats"]);
     assert!(stats.contains("blobs: 5 (5.0 MiB)"), "{stats}");
     assert!(stats.contains("166.7 % of max_size"), "{stats}");
@@ -220,20 +223,7 @@ fn cache_stats_and_gc_work_on_the_bucket() {
         ),
     )
     .unwrap();
-    let run = |args: &[&str]| {
-        let out = pier()
-            .args(args)
-            .arg("--config")
-            .arg(&file)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap()
-    };
+    let run = |args: &[&str]| run_with_config(&file, args);
     let stats = run(&["cache", "stats"]);
     assert!(stats.contains("store: s3 "), "{stats}");
     assert!(stats.contains("blobs: 5 (5.0 MiB)"), "{stats}");

@@ -87,19 +87,37 @@ fn size_budget(kib: u64) -> SharedBudget {
     }
 }
 
-/// Makes the evictor stop between choosing its victims and claiming them
-/// until the test says go: the window in which a decision goes stale.
-fn pause(evictor: &mut Evictor) -> (Arc<Notify>, Arc<Notify>) {
-    let (chosen, go) = (Arc::new(Notify::new()), Arc::new(Notify::new()));
-    let (c, g) = (chosen.clone(), go.clone());
-    evictor.hook = Some(Arc::new(move || {
-        let (c, g) = (c.clone(), g.clone());
-        Box::pin(async move {
-            c.notify_one();
-            g.notified().await;
-        })
-    }));
-    (chosen, go)
+/// A pass stopped between choosing its victims and claiming them, until
+/// the test lets it go on: the window in which a decision goes stale.
+struct PausedPass {
+    /// The pass's value in the leases it takes.
+    holder: String,
+    go: Arc<Notify>,
+    pass: tokio::task::JoinHandle<Result<super::Report, EvictError>>,
+}
+
+impl PausedPass {
+    async fn start(b: &Bench, budget: SharedBudget) -> PausedPass {
+        let mut evictor = b.evictor(budget, None);
+        let (chosen, go) = (Arc::new(Notify::new()), Arc::new(Notify::new()));
+        let (c, g) = (chosen.clone(), go.clone());
+        evictor.hook = Some(Arc::new(move || {
+            let (c, g) = (c.clone(), g.clone());
+            Box::pin(async move {
+                c.notify_one();
+                g.notified().await;
+            })
+        }));
+        let holder = evictor.holder.clone();
+        let pass = tokio::spawn(async move { evictor.pass(false).await });
+        chosen.notified().await;
+        PausedPass { holder, go, pass }
+    }
+
+    async fn finish(self) -> super::Report {
+        self.go.notify_one();
+        self.pass.await.unwrap().unwrap()
+    }
 }
 
 #[tokio::test]
@@ -222,14 +240,7 @@ async fn a_blob_stored_again_after_eviction_chose_it_stays() {
     }
     // S3 dates objects to the second: the writes below must date later.
     tokio::time::sleep(Duration::from_millis(1100)).await;
-    let mut evictor = b.evictor(size_budget(10), None);
-    let (chosen, go) = pause(&mut evictor);
-    let evictor = Arc::new(evictor);
-    let pass = tokio::spawn({
-        let e = evictor.clone();
-        async move { e.pass(false).await }
-    });
-    chosen.notified().await;
+    let paused = PausedPass::start(&b, size_budget(10)).await;
 
     // Another replica fetches two of them again meanwhile, as a fetch
     // does: under the blob's lease, marked stored once done; and notes no
@@ -259,9 +270,8 @@ async fn a_blob_stored_again_after_eviction_chose_it_stays() {
         );
     }
     tokio::time::sleep(Duration::from_millis(100)).await;
-    go.notify_one();
 
-    let report = pass.await.unwrap().unwrap();
+    let report = paused.finish().await;
     assert_eq!((report.removed, report.spared), (1, 2), "{report:?}");
     assert!(b.stored(&held).await, "stored again under its lease");
     assert!(b.stored(&lapsed).await, "stored again, lease lapsed");
@@ -274,19 +284,11 @@ async fn a_blob_served_after_eviction_chose_it_stays() {
     let Some(b) = bench().await else { return };
     let served = b.put(1, 100).await;
     b.used(&served, Duration::from_secs(3600)).await;
-    let mut evictor = b.evictor(size_budget(10), None);
-    let (chosen, go) = pause(&mut evictor);
-    let evictor = Arc::new(evictor);
-    let pass = tokio::spawn({
-        let e = evictor.clone();
-        async move { e.pass(false).await }
-    });
-    chosen.notified().await;
+    let paused = PausedPass::start(&b, size_budget(10)).await;
     // Served by this replica: noted, written out within the log's delay,
     // which the pass waits for after claiming.
     b.uses.note(&served);
-    go.notify_one();
-    let report = pass.await.unwrap().unwrap();
+    let report = paused.finish().await;
     assert_eq!((report.removed, report.spared), (0, 1));
     assert!(b.stored(&served).await);
 }
@@ -298,14 +300,7 @@ async fn a_pass_that_lost_its_lease_removes_nothing() {
     let Some(b) = bench().await else { return };
     let blob = b.put(1, 100).await;
     b.used(&blob, Duration::from_secs(3600)).await;
-    let mut first = b.evictor(size_budget(10), None);
-    let (chosen, go) = pause(&mut first);
-    let first = Arc::new(first);
-    let pass = tokio::spawn({
-        let e = first.clone();
-        async move { e.pass(false).await }
-    });
-    chosen.notified().await;
+    let first = PausedPass::start(&b, size_budget(10)).await;
     let second = b.evictor(size_budget(10), None);
     assert!(matches!(second.pass(false).await, Err(EvictError::Busy)));
 
@@ -322,8 +317,7 @@ async fn a_pass_that_lost_its_lease_removes_nothing() {
             .unwrap(),
         None
     );
-    go.notify_one();
-    let report = pass.await.unwrap().unwrap();
+    let report = first.finish().await;
     assert_eq!(report.removed, 0);
     assert!(b.stored(&blob).await);
 }

@@ -22,6 +22,7 @@ use aws_sdk_s3::config::{
     ResponseChecksumValidation, RuntimeComponents,
 };
 use aws_sdk_s3::error::{BoxError, ProvideErrorMetadata, SdkError};
+use aws_sdk_s3::operation::head_object::HeadObjectOutput;
 use aws_sdk_s3::presigning::PresigningConfig;
 use aws_sdk_s3::primitives::{ByteStream, DateTime, Length};
 use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
@@ -144,6 +145,22 @@ impl S3BlobStore {
         )
     }
 
+    /// The object's HEAD answer, `None` when it is not stored.
+    async fn head(&self, digest: &Digest) -> Result<Option<HeadObjectOutput>, StorageError> {
+        match self
+            .client
+            .head_object()
+            .bucket(&self.bucket)
+            .key(self.key(digest))
+            .send()
+            .await
+        {
+            Ok(out) => Ok(Some(out)),
+            Err(e) if status_of(&e) == Some(404) => Ok(None),
+            Err(e) => Err(backend("HeadObject", e)),
+        }
+    }
+
     /// Aborts one upload; false when it was gone already (another replica
     /// aborted it, or its own upload finished).
     async fn abort_upload(&self, key: &str, id: &str) -> Result<bool, StorageError> {
@@ -179,6 +196,13 @@ fn backend<E: ProvideErrorMetadata + std::error::Error + 'static>(
         other => crate::upstream::describe(other),
     };
     StorageError::Backend(format!("s3 {what}: {detail}"))
+}
+
+/// When an object was written, as a listing or a HEAD dates it (the epoch
+/// when it does not say: such an object is the first to go).
+fn written(at: Option<&DateTime>) -> SystemTime {
+    at.and_then(|t| SystemTime::try_from(*t).ok())
+        .unwrap_or(SystemTime::UNIX_EPOCH)
 }
 
 fn status_of<E>(e: &SdkError<E, HttpResponse>) -> Option<u16> {
@@ -227,18 +251,10 @@ fn answered_range(v: &str, length: u64) -> Result<(ByteRange, u64), StorageError
 #[async_trait]
 impl BlobStore for S3BlobStore {
     async fn stat(&self, digest: &Digest) -> Result<Option<u64>, StorageError> {
-        match self
-            .client
-            .head_object()
-            .bucket(&self.bucket)
-            .key(self.key(digest))
-            .send()
-            .await
-        {
-            Ok(out) => Ok(Some(out.content_length().unwrap_or(0).max(0) as u64)),
-            Err(e) if status_of(&e) == Some(404) => Ok(None),
-            Err(e) => Err(backend("HeadObject", e)),
-        }
+        Ok(self
+            .head(digest)
+            .await?
+            .map(|out| out.content_length().unwrap_or(0).max(0) as u64))
     }
 
     async fn get(
@@ -448,10 +464,7 @@ impl BlobStore for S3BlobStore {
                 found.push(Listed {
                     digest,
                     size: object.size().unwrap_or(0).max(0) as u64,
-                    written: object
-                        .last_modified()
-                        .and_then(|t| SystemTime::try_from(*t).ok())
-                        .unwrap_or(SystemTime::UNIX_EPOCH),
+                    written: written(object.last_modified()),
                 });
             }
             let next = page.next_continuation_token().map(str::to_owned);
@@ -470,22 +483,10 @@ impl BlobStore for S3BlobStore {
     }
 
     async fn written_at(&self, digest: &Digest) -> Result<Option<SystemTime>, StorageError> {
-        match self
-            .client
-            .head_object()
-            .bucket(&self.bucket)
-            .key(self.key(digest))
-            .send()
-            .await
-        {
-            Ok(out) => Ok(Some(
-                out.last_modified()
-                    .and_then(|t| SystemTime::try_from(*t).ok())
-                    .unwrap_or(SystemTime::UNIX_EPOCH),
-            )),
-            Err(e) if status_of(&e) == Some(404) => Ok(None),
-            Err(e) => Err(backend("HeadObject", e)),
-        }
+        Ok(self
+            .head(digest)
+            .await?
+            .map(|out| written(out.last_modified())))
     }
 
     async fn health(&self) -> Result<(), StorageError> {

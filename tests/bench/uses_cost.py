@@ -28,7 +28,6 @@ import os
 import random
 import re
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -37,13 +36,9 @@ import time
 import urllib.request
 from pathlib import Path
 
+from benchkit import cpu_seconds, download, free_port, wait_healthy
+
 MiB = 1 << 20
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def upstream(blobs, manifest):
@@ -87,18 +82,6 @@ def upstream(blobs, manifest):
     return f"http://127.0.0.1:{server.server_address[1]}"
 
 
-def cpu_seconds(pid):
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def download(url):
-    out = subprocess.run(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code} %{size_download}", url],
-                         capture_output=True, text=True, check=True).stdout
-    status, size = out.split()
-    return int(status), int(size)
-
-
 def wrk(url, seconds):
     out = subprocess.run(["wrk", "-t2", "-c32", f"-d{seconds}s", url], capture_output=True, text=True).stdout
     m = re.search(r"Requests/sec:\s+([\d.]+)", out)
@@ -128,13 +111,7 @@ class Replica:
         self.proc = subprocess.Popen([ARGS.pier, "serve", "--config", str(config)],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         self.base = f"http://127.0.0.1:{self.port}"
-        for _ in range(100):
-            try:
-                urllib.request.urlopen(f"{self.base}/healthz", timeout=1)
-                return
-            except OSError:
-                time.sleep(0.1)
-        sys.exit(f"{name} did not start")
+        wait_healthy(self.base, self.proc)
 
     def warm(self, urls):
         for url in urls:

@@ -23,7 +23,6 @@ import http.server
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -32,13 +31,9 @@ import time
 import urllib.request
 from pathlib import Path
 
+from benchkit import cpu_seconds, download, free_port, wait_healthy
+
 MiB = 1 << 20
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def serve_blob(blob, digest):
@@ -75,21 +70,6 @@ def serve_blob(blob, digest):
     return f"http://127.0.0.1:{server.server_address[1]}"
 
 
-def cpu_seconds(pid):
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    ticks = os.sysconf("SC_CLK_TCK")
-    return (int(fields[11]) + int(fields[12])) / ticks
-
-
-def download(url, headers=()):
-    cmd = ["curl", "-s", "-o", "/dev/null", "-w", "%{http_code} %{size_download}"]
-    for h in headers:
-        cmd += ["-H", h]
-    out = subprocess.run(cmd + [url], capture_output=True, text=True, check=True).stdout
-    status, size = out.split()
-    return int(status), int(size)
-
-
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--pier", required=True)
@@ -121,12 +101,7 @@ def main():
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         base = f"http://127.0.0.1:{port}"
-        for _ in range(100):
-            try:
-                urllib.request.urlopen(f"{base}/healthz", timeout=1)
-                break
-            except OSError:
-                time.sleep(0.1)
+        wait_healthy(base, pier)
         url = f"{base}/v2/corp.example/team/app/blobs/{digest}"
         # Cold: fetched, verified, uploaded. Then wait for the upload.
         assert download(url) == (200, len(blob))
