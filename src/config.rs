@@ -258,10 +258,7 @@ pub struct CacheConfig {
     pub scrub_rate: u64,
     /// Blobs not served for this long are removed, whatever the size (off
     /// when unset).
-    #[serde(
-        skip_serializing_if = "Option::is_none",
-        with = "humantime_serde::option"
-    )]
+    #[serde(skip_serializing_if = "Option::is_none", serialize_with = "age_option")]
     pub max_age: Option<Duration>,
     /// Images (globs over `<registry>/<repository>`, as in `[access]`) whose
     /// blobs are never evicted by size or age.
@@ -328,6 +325,58 @@ pub struct UpstreamConfig {
     pub allow: Vec<String>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub deny: Vec<String>,
+    /// What this registry's content is kept for when not served, instead of
+    /// `[cache] max_age` (unset: that one applies).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_age: Option<MaxAge>,
+}
+
+/// How long content not served is kept.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MaxAge {
+    /// Kept whatever its age (size still applies).
+    Off,
+    After(Duration),
+}
+
+impl MaxAge {
+    pub fn duration(self) -> Option<Duration> {
+        match self {
+            MaxAge::Off => None,
+            MaxAge::After(d) => Some(d),
+        }
+    }
+}
+
+impl Serialize for MaxAge {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            MaxAge::Off => s.serialize_str("off"),
+            MaxAge::After(d) => s.serialize_str(&age_text(*d)),
+        }
+    }
+}
+
+/// An age as people write it: `90d`, `12h`, `90s` (humantime would say
+/// `2months 29days 2h 52m 48s` for 90 days).
+pub fn age_text(d: Duration) -> String {
+    let secs = d.as_secs();
+    if d.subsec_nanos() != 0 || secs == 0 {
+        return humantime::format_duration(d).to_string();
+    }
+    for (unit, per) in [("d", 86_400), ("h", 3600), ("m", 60)] {
+        if secs.is_multiple_of(per) {
+            return format!("{}{unit}", secs / per);
+        }
+    }
+    format!("{secs}s")
+}
+
+fn age_option<S: serde::Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+    match d {
+        Some(d) => s.serialize_str(&age_text(*d)),
+        None => s.serialize_none(),
+    }
 }
 
 /// A short-name rule: repository names matching `pattern` go to `registry`.

@@ -8,8 +8,9 @@
 //! connection and sendfile bodies) is a leaf that `storage` hands files to
 //! and `api` builds bodies with. `lifecycle` keeps the cache within its
 //! budget where storage alone cannot: shared recency of blobs and
-//! manifests, one fenced eviction pass at a time over a bucket, and
-//! forgetting the metadata of what is gone. `janitor` (periodic upkeep of
+//! manifests, how long each registry's content is kept, one fenced
+//! eviction pass at a time over a bucket, and forgetting the metadata of
+//! what is gone. `janitor` (periodic upkeep of
 //! the stores) and `pins` (which blobs eviction spares) use `storage` and
 //! `meta`. `server` wires the pieces together and owns the accept loop;
 //! nothing imports `api`.

@@ -1,6 +1,7 @@
 //! The cache within its budget when its blobs live in a store that
-//! replicas share (a bucket): `[cache] max_size` and `max_age` over every
-//! blob under the prefix, whoever stored it. (The fs store keeps its own:
+//! replicas share (a bucket): `[cache] max_size` and `max_age` (or a
+//! registry's own, `retention`) over every blob under the prefix, whoever
+//! stored it. (The fs store keeps its own:
 //! `storage::BudgetedFsStore`.)
 //!
 //! - Uses are shared: each replica notes the blobs it serves or stores and
@@ -11,11 +12,15 @@
 //! - Storing a blob counts it, and wakes eviction past the budget
 //!   (`store`).
 //! - The metadata of what went is forgotten (`forget`).
+//! - A registry's own `max_age` decides for what was served under it, by
+//!   deadlines recorded beside the uses (`retention`; the fs store asks
+//!   them through `StoredDeadlines`).
 //! - One replica hashes the bucket's blobs again now and then (`scrub`).
 
 mod evict;
 mod forget;
 mod held;
+mod retention;
 mod scrub;
 mod store;
 mod uses;
@@ -23,7 +28,8 @@ mod uses;
 use std::sync::Arc;
 
 pub use evict::{EvictError, Evictor, Inventory, Report, Seen, SharedBudget, Victim};
-pub use forget::{Forgetter, Forgotten, forget};
+pub use forget::{Cutoff, Forgetter, Forgotten, forget};
+pub use retention::{NEVER, Retention, StoredDeadlines};
 pub use scrub::{BucketScrub, Scrubbed};
 pub use store::BudgetedSharedStore;
 pub use uses::{FLUSH_EVERY, UseLog};

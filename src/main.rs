@@ -7,7 +7,7 @@ use clap::{Parser, Subcommand};
 use pier::config::{Config, StorageConfig};
 use std::sync::Arc;
 
-use pier::lifecycle::{EvictError, Evictor, FLUSH_EVERY, SharedBudget, UseLog};
+use pier::lifecycle::{EvictError, Evictor, FLUSH_EVERY, Retention, SharedBudget, UseLog};
 use pier::storage::{BlobStore, Budget, S3BlobStore, Survey};
 
 #[derive(Parser)]
@@ -111,11 +111,12 @@ fn with_bucket<T>(
         })?;
         let store: Arc<dyn BlobStore> = Arc::new(S3BlobStore::new(s3).await);
         let keep = pier::server::pins(config, &meta);
+        let retention = Retention::of(config);
         let budget = SharedBudget {
             max_size: config.cache.max_size,
-            max_age: config.cache.max_age,
+            retention: retention.clone(),
         };
-        let uses = UseLog::start(meta.clone(), FLUSH_EVERY);
+        let uses = UseLog::start(meta.clone(), FLUSH_EVERY, retention);
         let evictor = Evictor::new(store, meta, keep, budget, uses, None);
         let name = format!(
             "s3 {}/{}",
@@ -126,16 +127,12 @@ fn with_bucket<T>(
     })
 }
 
-fn bucket_budget_line(budget: SharedBudget) -> String {
+fn bucket_budget_line(budget: &SharedBudget) -> String {
     let max = budget.max_size.map_or_else(
         || "no size budget".to_owned(),
         |m| format!("max_size {}", human(m)),
     );
-    let age = budget.max_age.map_or_else(
-        || "no max_age".to_owned(),
-        |a| format!("max_age {}", humantime::format_duration(a)),
-    );
-    format!("budget: {max}; {age}")
+    format!("budget: {max}; {}", budget.retention)
 }
 
 fn bucket_stats(config: &Config) -> Result<(), ExitCode> {
@@ -274,10 +271,12 @@ fn gc(config: &Config, dry_run: bool) -> Result<(), ExitCode> {
         return Err(ExitCode::from(2));
     }
     let survey = survey(root)?;
+    // Which registry a blob was served for is in the metadata a running
+    // replica holds: by age, only what every rule has expired goes.
     let budget = Budget {
         max_size: config.cache.max_size,
         min_free: config.cache.min_free,
-        max_age: config.cache.max_age,
+        max_age: Retention::of(config).longest(),
         scrub: None,
     };
     println!("store: fs {}", root.display());

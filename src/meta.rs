@@ -66,11 +66,24 @@ pub struct TagRecord {
 }
 
 /// Whose uses: blobs' and manifests' are kept apart, so each is bounded by
-/// what its store holds.
+/// what its store holds. Beside each last use, a deadline (Unix ms) past
+/// which the content expires by age, recorded where registries have their
+/// own `max_age` (`lifecycle::Retention`); the latest one recorded stays.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum UseKind {
     Blobs,
     Manifests,
+    BlobDeadlines,
+    ManifestDeadlines,
+}
+
+impl UseKind {
+    pub const ALL: [UseKind; 4] = [
+        UseKind::Blobs,
+        UseKind::Manifests,
+        UseKind::BlobDeadlines,
+        UseKind::ManifestDeadlines,
+    ];
 }
 
 /// The word a blob lease's holder adds once the blob is stored; the lease
@@ -192,9 +205,6 @@ pub trait MetaStore: Send + Sync + 'static {
 
     /// Forgets the uses of what is no longer stored.
     async fn forget_uses(&self, kind: UseKind, digests: &[Digest]) -> Result<(), MetaError>;
-
-    /// Forgets every use older than `before_ms`.
-    async fn forget_uses_before(&self, kind: UseKind, before_ms: u64) -> Result<(), MetaError>;
 
     /// Digests whose last recorded use is older than `before_ms`, least
     /// recent first: `limit` of them after skipping `skip`.

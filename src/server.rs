@@ -18,7 +18,9 @@ use tokio::net::TcpListener;
 use tower::ServiceExt;
 
 use crate::config::{Config, MetadataConfig, ServerConfig, StorageConfig};
-use crate::lifecycle::{BucketScrub, FLUSH_EVERY, Forgetter, SharedBudget, UseLog};
+use crate::lifecycle::{
+    BucketScrub, FLUSH_EVERY, Forgetter, Retention, SharedBudget, StoredDeadlines, UseLog,
+};
 use crate::limits::{ClientLimits, PeerAddr};
 use crate::meta::{EmbeddedMeta, MetaStore, RedisMeta};
 use crate::mirror::Mirror;
@@ -55,24 +57,25 @@ pub async fn open_meta(config: &Config) -> anyhow::Result<Arc<dyn MetaStore>> {
 /// (which share the metadata store).
 pub async fn build_mirror(config: &Config) -> anyhow::Result<(Arc<Mirror>, Arc<ClientLimits>)> {
     let meta = open_meta(config).await?;
+    let retention = Retention::of(config);
     let bucket_budget = SharedBudget {
         max_size: config.cache.max_size,
-        max_age: config.cache.max_age,
+        retention: retention.clone(),
     };
     let bucket_budgeted = matches!(config.storage, StorageConfig::S3(_)) && bucket_budget.is_set();
     // Uses of manifests (and of the bucket's blobs) are recorded where
     // something is forgotten by them: the fs store evicts (`min_free` at
-    // least), a bucket budget, or `max_age`.
+    // least), a bucket budget, or an age.
     let fs = matches!(config.storage, StorageConfig::Fs { .. });
-    let (uses, forgetter) = if fs || bucket_budgeted || config.cache.max_age.is_some() {
+    let (uses, forgetter) = if fs || bucket_budget.is_set() {
         let forgetter = Arc::new(Forgetter::new(
             meta.clone(),
             pins(config, &meta),
-            config.cache.max_age,
+            retention.clone(),
         ));
         forgetter.clone().spawn();
         (
-            Some(UseLog::start(meta.clone(), FLUSH_EVERY)),
+            Some(UseLog::start(meta.clone(), FLUSH_EVERY, retention.clone())),
             Some(forgetter),
         )
     } else {
@@ -83,7 +86,7 @@ pub async fn build_mirror(config: &Config) -> anyhow::Result<(Arc<Mirror>, Arc<C
             let budget = Budget {
                 max_size: config.cache.max_size,
                 min_free: config.cache.min_free,
-                max_age: config.cache.max_age,
+                max_age: retention.shortest(),
                 scrub: config.cache.scrub_interval.map(|interval| Scrub {
                     interval,
                     rate: config.cache.scrub_rate,
@@ -94,6 +97,12 @@ pub async fn build_mirror(config: &Config) -> anyhow::Result<(Arc<Mirror>, Arc<C
                 .with_context(|| format!("opening blob storage at {}", path.display()))?;
             if let Some(forgetter) = &forgetter {
                 store.report_evictions_to(forgetter.clone());
+            }
+            if retention.per_registry() {
+                store.judge_age_by(Arc::new(StoredDeadlines::new(
+                    meta.clone(),
+                    retention.clone(),
+                )));
             }
             Arc::new(store)
         }

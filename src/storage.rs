@@ -16,7 +16,7 @@ use bytes::Bytes;
 use futures::stream::BoxStream;
 use thiserror::Error;
 
-pub use budget::{Budget, BudgetedFsStore, Evicted, Keep, Scrub, Survey};
+pub use budget::{Budget, BudgetedFsStore, Evicted, Expiry, Keep, Scrub, Survey};
 pub use fs::{FsBlobStore, free_space};
 pub use s3::S3BlobStore;
 pub use tiered::TieredBlobStore;

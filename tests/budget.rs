@@ -626,3 +626,69 @@ async fn an_s3_replica_keeps_its_small_disk_from_filling() {
     assert_eq!(docker.requests("GET", "copies/") - before, 0);
     drop(pier);
 }
+
+/// A registry's own `max_age`, end to end on a real bucket: one upstream
+/// serves as docker.io (the `[cache] max_age` of an hour) and as quay.io
+/// (three seconds). An image pulled only through quay.io is removed by
+/// `pier gc` once its three seconds pass; one pulled through both stays,
+/// kept by docker.io's hour; the removed image pulls again, from upstream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_registry_keeps_its_images_for_its_own_max_age() {
+    if !have_tools(&["docker-registry", "skopeo", "python3"]) {
+        return;
+    }
+    let docker = Upstream::start("docker");
+    let work = tempfile::tempdir().unwrap();
+    let short = push_generated(&docker, work.path(), "ages/short:v1", 300_000);
+    let both = push_generated(&docker, work.path(), "ages/both:v1", 300_000);
+    let ns = format!("ages{:x}", rand::random::<u64>());
+    let ups = [("docker.io", docker.url()), ("quay.io", docker.url())];
+    let ups: Vec<(&str, &str)> = ups.iter().map(|(r, u)| (*r, u.as_str())).collect();
+    let data = tempfile::tempdir().unwrap();
+    let Some(config) = scaled_config(
+        data.path(),
+        &ns,
+        &ups,
+        "",
+        None,
+        "[cache]\nmax_age = \"1h\"\n",
+    ) else {
+        return;
+    };
+    let config = config.replace(
+        "registry = \"quay.io\"\n",
+        "registry = \"quay.io\"\nmax_age = \"3s\"\n",
+    );
+    let pier = Pier::start_raw(data.path(), &config);
+    assert_eq!(pull(&pier, "quay.io/ages/short:v1").await, short);
+    assert_eq!(pull(&pier, "quay.io/ages/both:v1").await, both);
+    assert_eq!(pull(&pier, "docker.io/ages/both:v1").await, both);
+    let (blobs, _) = bucket_usage(&ns).await;
+    assert_eq!(blobs, 6, "two layers and a config each");
+
+    // Past quay.io's age, and past one write of the uses.
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    let file = data.path().join("gc.toml");
+    std::fs::write(&file, config.replace("{advertise}", "http://127.0.0.1:9")).unwrap();
+    let gc = std::process::Command::new(env!("CARGO_BIN_EXE_pier"))
+        .args(["gc", "--config"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&gc.stdout);
+    assert!(
+        gc.status.success(),
+        "{out}{}",
+        String::from_utf8_lossy(&gc.stderr)
+    );
+    assert!(out.contains("max_age 1h (quay.io 3s)"), "{out}");
+    assert!(out.contains("removed: 3 blobs"), "{out}");
+    assert_eq!(bucket_usage(&ns).await.0, 3);
+
+    let before = docker.requests("GET", "ages/short/blobs/");
+    assert_eq!(pull(&pier, "quay.io/ages/short:v1").await, short);
+    assert_eq!(docker.requests("GET", "ages/short/blobs/") - before, 3);
+    let before = docker.requests("GET", "ages/both/blobs/");
+    assert_eq!(pull(&pier, "docker.io/ages/both:v1").await, both);
+    assert_eq!(docker.requests("GET", "ages/both/blobs/"), before);
+}

@@ -55,6 +55,7 @@ pub fn builtin_upstreams() -> Vec<UpstreamConfig> {
                 password: None,
                 allow: Vec::new(),
                 deny: Vec::new(),
+                max_age: None,
             })
         })
         .collect()

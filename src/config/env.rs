@@ -93,7 +93,14 @@ const SECTIONS: &[(&str, &[&str])] = &[
     ),
     ("cluster", &["advertise_url", "lease_ttl"]),
 ];
-const UPSTREAM_KEYS: &[&str] = &["aliases", "endpoints", "tag_ttl", "username", "password"];
+const UPSTREAM_KEYS: &[&str] = &[
+    "aliases",
+    "endpoints",
+    "tag_ttl",
+    "username",
+    "password",
+    "max_age",
+];
 
 /// Keys whose values are comma-separated lists.
 const LIST_KEYS: &[&str] = &[

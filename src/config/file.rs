@@ -204,6 +204,8 @@ pub struct FileUpstream {
     pub password: Option<String>,
     pub allow: Option<Vec<String>>,
     pub deny: Option<Vec<String>>,
+    /// A duration, or `"off"`.
+    pub max_age: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -333,6 +333,42 @@ fn cache_budget_and_free_space() {
 }
 
 #[test]
+fn a_registry_may_keep_its_content_for_an_age_of_its_own() {
+    use super::MaxAge;
+    let c = load(
+        "[cache]\nmax_age = \"7d\"\n[[upstreams]]\nregistry = \"gcr.io\"\nmax_age = \"90d\"\n\
+         [[upstreams]]\nregistry = \"registry.k8s.io\"\nmax_age = \"off\"\n",
+        &[("PIER_UPSTREAMS__QUAY_IO__MAX_AGE", "1d")],
+    )
+    .unwrap();
+    let age = |r: &str| {
+        c.upstreams
+            .iter()
+            .find(|u| u.registry == r)
+            .unwrap()
+            .max_age
+    };
+    assert_eq!(
+        age("gcr.io"),
+        Some(MaxAge::After(Duration::from_secs(90 * 86_400)))
+    );
+    assert_eq!(age("registry.k8s.io"), Some(MaxAge::Off));
+    assert_eq!(
+        age("quay.io"),
+        Some(MaxAge::After(Duration::from_secs(86_400)))
+    );
+    assert_eq!(age("docker.io"), None);
+    let shown = c.to_masked_toml();
+    assert!(shown.contains("max_age = \"90d\""), "{shown}");
+    assert!(shown.contains("max_age = \"off\""), "{shown}");
+    for bad in ["0s", "forever", ""] {
+        let text = format!("[[upstreams]]\nregistry = \"gcr.io\"\nmax_age = \"{bad}\"\n");
+        let e = load(&text, &[]).unwrap_err().to_string();
+        assert!(e.contains("upstreams[0] (gcr.io).max_age"), "{bad}: {e}");
+    }
+}
+
+#[test]
 fn fetch_bounds_have_generous_defaults_and_take_sizes() {
     let d = load("", &[]).unwrap();
     assert_eq!(d.fetch.max_blob_size, 100 << 30);

@@ -12,8 +12,8 @@ use super::file::{
 };
 use super::{
     AccessConfig, CacheConfig, ClusterConfig, Config, ConfigError, EgressConfig, FetchConfig,
-    LimitsConfig, LogFormat, MetadataConfig, MinFree, RouteConfig, S3Config, Secret, ServerConfig,
-    StorageConfig, TimeoutConfig, UpstreamConfig,
+    LimitsConfig, LogFormat, MaxAge, MetadataConfig, MinFree, RouteConfig, S3Config, Secret,
+    ServerConfig, StorageConfig, TimeoutConfig, UpstreamConfig,
 };
 
 const DEFAULT_LISTEN: &str = "0.0.0.0:5000";
@@ -263,6 +263,21 @@ fn cache(c: FileCache, p: &mut Problems) -> CacheConfig {
     }
 }
 
+/// `"30d"`, or `"off"` to keep content whatever its age.
+fn max_age(text: &str) -> Result<MaxAge, String> {
+    let text = text.trim();
+    if text == "off" {
+        return Ok(MaxAge::Off);
+    }
+    match humantime::parse_duration(text) {
+        Ok(d) if d.is_zero() => Err("must be longer than zero (or \"off\")".into()),
+        Ok(d) => Ok(MaxAge::After(d)),
+        Err(_) => Err(format!(
+            "{text:?} is not a duration like \"30d\", or \"off\""
+        )),
+    }
+}
+
 fn storage(s: FileStorage, p: &mut Problems) -> StorageConfig {
     match s.kind.as_deref().unwrap_or("fs") {
         "fs" => {
@@ -464,6 +479,7 @@ fn upstreams(builtins: bool, file: Vec<FileUpstream>, p: &mut Problems) -> Vec<U
                     password: None,
                     allow: Vec::new(),
                     deny: Vec::new(),
+                    max_age: None,
                 });
                 list.len() - 1
             }
@@ -498,6 +514,12 @@ fn upstreams(builtins: bool, file: Vec<FileUpstream>, p: &mut Problems) -> Vec<U
         }
         if let Some(ttl) = f.tag_ttl {
             u.tag_ttl = ttl;
+        }
+        if let Some(age) = &f.max_age {
+            match max_age(age) {
+                Ok(age) => u.max_age = Some(age),
+                Err(why) => p.add(&format!("{key}.max_age"), why),
+            }
         }
         if f.username.is_some() != f.password.is_some() {
             p.add(

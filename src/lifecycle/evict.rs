@@ -1,7 +1,7 @@
 //! Eviction over a store that replicas share: one pass at a time across
 //! the cluster, holding the eviction lease, removes the least recently
-//! used blobs until usage is under budget, and those not used for
-//! `max_age`.
+//! used blobs until usage is under budget, and those past their
+//! `max_age` (`Retention`).
 //!
 //! A pass works from the store's own listing, so blobs no metadata knows
 //! of (Redis was flushed, another process wrote them) count and go too;
@@ -20,6 +20,7 @@ use tokio::sync::Notify;
 
 use super::forget::Forgetter;
 use super::held::Held;
+use super::retention::Retention;
 use super::uses::{UseLog, now_ms};
 use crate::meta::{Claimed, MetaError, MetaStore, Removal, UseKind, blob_lease};
 use crate::reference::Digest;
@@ -49,16 +50,16 @@ const PAGE: usize = 1000;
 const CLAIM_TTL: Duration = Duration::from_secs(60);
 
 /// What the blobs of a shared store may take.
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct SharedBudget {
     pub max_size: Option<u64>,
-    /// Blobs not used for this long go, whatever the size.
-    pub max_age: Option<Duration>,
+    /// Blobs past their age go, whatever the size.
+    pub retention: Retention,
 }
 
 impl SharedBudget {
     pub fn is_set(&self) -> bool {
-        self.max_size.is_some() || self.max_age.is_some()
+        self.max_size.is_some() || self.retention.is_set()
     }
 }
 
@@ -70,6 +71,8 @@ pub struct Seen {
     pub written: SystemTime,
     /// The last use recorded (Unix ms), if any.
     pub used_ms: Option<u64>,
+    /// The deadline recorded, if any (`Retention`).
+    pub deadline: Option<u64>,
 }
 
 impl Seen {
@@ -105,8 +108,8 @@ pub struct Report {
     pub bytes: u64,
     pub removed: usize,
     pub removed_bytes: u64,
-    /// The least and the most recent use (or write) among the blobs
-    /// removed, Unix ms.
+    /// The least recent use (or write) among the blobs removed, and the
+    /// most recent among those removed for room, Unix ms.
     pub oldest_ms: Option<u64>,
     pub newest_ms: Option<u64>,
     /// Chosen, but used, written or fetched again before removal.
@@ -164,8 +167,8 @@ impl Evictor {
         }
     }
 
-    pub fn budget(&self) -> SharedBudget {
-        self.budget
+    pub fn budget(&self) -> &SharedBudget {
+        &self.budget
     }
 
     /// Asks for a pass now (the store went over budget).
@@ -233,14 +236,22 @@ impl Evictor {
         let listed = self.store.inventory().await?;
         let digests: Vec<Digest> = listed.iter().map(|l| l.digest.clone()).collect();
         let used = self.meta.last_uses(UseKind::Blobs, &digests).await?;
+        let deadlines = if self.budget.retention.per_registry() {
+            self.meta
+                .last_uses(UseKind::BlobDeadlines, &digests)
+                .await?
+        } else {
+            vec![None; digests.len()]
+        };
         let mut blobs: Vec<Seen> = listed
             .into_iter()
-            .zip(used)
-            .map(|(l, used_ms)| Seen {
+            .zip(used.into_iter().zip(deadlines))
+            .map(|(l, (used_ms, deadline))| Seen {
                 digest: l.digest,
                 size: l.size,
                 written: l.written,
                 used_ms,
+                deadline,
             })
             .collect();
         blobs.sort_by_key(Seen::recency_ms);
@@ -248,15 +259,13 @@ impl Evictor {
         Ok(Inventory { blobs, bytes })
     }
 
-    /// The blobs to remove, least recently wanted first: those not used for
-    /// `max_age`, then as many as bring usage down to 90 % of `max_size`
-    /// once past it. Pinned blobs are counted in `report` and passed over.
+    /// The blobs to remove, least recently wanted first: those past their
+    /// age, and as many as bring usage down to 90 % of `max_size` once past
+    /// it. Pinned blobs are counted in `report` and passed over.
     pub async fn choose(&self, inventory: &Inventory, report: &mut Report) -> Vec<Victim> {
         let now = now_ms();
-        let age_cutoff = self
-            .budget
-            .max_age
-            .map(|age| now.saturating_sub(u64::try_from(age.as_millis()).unwrap_or(u64::MAX)));
+        let retention = &self.budget.retention;
+        let horizon = retention.horizon(now);
         let mut excess = match self.budget.max_size {
             Some(max) if inventory.bytes > max => inventory.bytes - max / 10 * 9,
             _ => 0,
@@ -264,10 +273,13 @@ impl Evictor {
         let mut victims = Vec::new();
         for seen in &inventory.blobs {
             let recency = seen.recency_ms();
-            let reason = if age_cutoff.is_some_and(|cutoff| recency < cutoff) {
+            let reason = if retention.expired(seen.deadline, recency, now) {
                 "age"
             } else if excess > 0 {
                 "size"
+            } else if horizon.is_some_and(|h| recency < h) {
+                // Kept by its registry's longer age; others may not be.
+                continue;
             } else {
                 break;
             };
@@ -455,7 +467,12 @@ impl Evictor {
                     report.removed += 1;
                     report.removed_bytes += seen.size;
                     report.oldest_ms.get_or_insert(seen.recency_ms());
-                    report.newest_ms = report.newest_ms.max(Some(seen.recency_ms()));
+                    // What is older went too (but pinned blobs); not so by
+                    // age, where registries keep content for different
+                    // ages.
+                    if victim.reason != "age" {
+                        report.newest_ms = report.newest_ms.max(Some(seen.recency_ms()));
+                    }
                     removed.push(seen.digest.clone());
                     self.count_removed(seen.size).await;
                 }
@@ -467,8 +484,10 @@ impl Evictor {
                 Removed::Failed => {}
             }
         }
-        if let Err(e) = self.meta.forget_uses(UseKind::Blobs, &removed).await {
-            tracing::debug!(error = %e, "cannot forget the uses of evicted blobs");
+        for kind in [UseKind::Blobs, UseKind::BlobDeadlines] {
+            if let Err(e) = self.meta.forget_uses(kind, &removed).await {
+                tracing::debug!(error = %e, "cannot forget the uses of evicted blobs");
+            }
         }
         Ok(false)
     }
@@ -501,32 +520,50 @@ impl Evictor {
     /// Forgets the uses of blobs the bucket no longer holds (removed by
     /// someone else, or served from a local copy after they went), so the
     /// uses stay bounded by what is stored. Uses newer than a minute
-    /// before the listing may be of blobs stored since: they stay.
+    /// before the listing may be of blobs stored since: they stay. So do
+    /// the deadlines of blobs with a use left.
     async fn forget_unlisted(&self, inventory: &Inventory, listed_at_ms: u64) {
         let listed: HashSet<&Digest> = inventory.blobs.iter().map(|b| &b.digest).collect();
         let before = listed_at_ms.saturating_sub(60_000);
+        if let Err(e) = self
+            .forget_unlisted_of(UseKind::Blobs, before, &listed)
+            .await
+        {
+            tracing::debug!(error = %e, "cannot forget old blob uses");
+            return;
+        }
+        if self.budget.retention.per_registry()
+            && let Err(e) = self
+                .forget_unlisted_of(UseKind::BlobDeadlines, u64::MAX, &listed)
+                .await
+        {
+            tracing::debug!(error = %e, "cannot forget old blob deadlines");
+        }
+    }
+
+    async fn forget_unlisted_of(
+        &self,
+        kind: UseKind,
+        before: u64,
+        listed: &HashSet<&Digest>,
+    ) -> Result<(), MetaError> {
         let mut skip = 0;
         loop {
-            let page = match self
-                .meta
-                .used_before(UseKind::Blobs, before, skip, PAGE)
-                .await
-            {
-                Ok(page) => page,
-                Err(e) => {
-                    tracing::debug!(error = %e, "cannot read old blob uses");
-                    return;
-                }
-            };
+            let page = self.meta.used_before(kind, before, skip, PAGE).await?;
             let len = page.len();
-            let gone: Vec<Digest> = page.into_iter().filter(|d| !listed.contains(d)).collect();
-            skip += len - gone.len();
-            if let Err(e) = self.meta.forget_uses(UseKind::Blobs, &gone).await {
-                tracing::debug!(error = %e, "cannot forget old blob uses");
-                return;
+            let mut gone: Vec<Digest> = page.into_iter().filter(|d| !listed.contains(d)).collect();
+            if kind != UseKind::Blobs {
+                let used = self.meta.last_uses(UseKind::Blobs, &gone).await?;
+                gone = gone
+                    .into_iter()
+                    .zip(used)
+                    .filter_map(|(d, used)| used.is_none().then_some(d))
+                    .collect();
             }
+            skip += len - gone.len();
+            self.meta.forget_uses(kind, &gone).await?;
             if len < PAGE {
-                return;
+                return Ok(());
             }
         }
     }

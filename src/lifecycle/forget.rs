@@ -16,6 +16,7 @@ use std::time::Duration;
 use tokio::sync::Notify;
 
 use super::held::Held;
+use super::retention::Retention;
 use super::uses::{FLUSH_EVERY, now_ms};
 use crate::descriptors::references;
 use crate::meta::{MetaError, MetaStore, UseKind};
@@ -24,7 +25,7 @@ use crate::storage::{Evicted, Keep};
 
 /// Records read per request.
 const PAGE: usize = 1000;
-/// How often some replica forgets what reached `max_age`.
+/// How often some replica forgets what reached its age.
 const PERIOD: Duration = Duration::from_secs(5 * 60);
 /// Held while a pass runs.
 const LEASE: &str = "lifecycle:forget";
@@ -44,11 +45,11 @@ pub struct Forgotten {
 }
 
 /// Runs passes: after evictions (from the most recent use they removed)
-/// and, with `max_age`, for what was not served that long.
+/// and, with an age, for what was not served that long.
 pub struct Forgetter {
     meta: Arc<dyn MetaStore>,
     keep: Option<Arc<dyn Keep>>,
-    max_age: Option<Duration>,
+    retention: Retention,
     /// Uses older than this went with evicted blobs (Unix ms).
     horizon: AtomicU64,
     holder: String,
@@ -59,24 +60,25 @@ impl Forgetter {
     pub fn new(
         meta: Arc<dyn MetaStore>,
         keep: Option<Arc<dyn Keep>>,
-        max_age: Option<Duration>,
+        retention: Retention,
     ) -> Self {
         Self {
             meta,
             keep,
-            max_age,
+            retention,
             horizon: AtomicU64::new(0),
             holder: format!("{:016x} -", rand::random::<u64>()),
             wake: Notify::new(),
         }
     }
 
-    /// Uses older than this are forgotten now.
-    fn cutoff(&self) -> u64 {
-        let aged = self.max_age.map_or(0, |age| {
-            now_ms().saturating_sub(u64::try_from(age.as_millis()).unwrap_or(u64::MAX))
-        });
-        aged.max(self.horizon.load(Ordering::Relaxed))
+    /// What is forgotten now.
+    fn cutoff(&self) -> Cutoff<'_> {
+        Cutoff {
+            evicted_ms: self.horizon.load(Ordering::Relaxed),
+            retention: &self.retention,
+            now_ms: now_ms(),
+        }
     }
 
     /// Forgets at once after an eviction on this replica, and once a
@@ -107,7 +109,7 @@ impl Forgetter {
                     tokio::time::sleep(FLUSH_EVERY + Duration::from_secs(1)).await;
                 }
                 let cutoff = self.cutoff();
-                if cutoff <= done {
+                if cutoff.scan() <= done {
                     continue;
                 }
                 if !woken && !self.lease(PERIOD_LEASE, PERIOD).await {
@@ -121,9 +123,9 @@ impl Forgetter {
                         continue;
                     }
                 };
-                match forget(self.meta.as_ref(), self.keep.as_deref(), cutoff).await {
+                match forget(self.meta.as_ref(), self.keep.as_deref(), &cutoff).await {
                     Ok(f) => {
-                        done = cutoff;
+                        done = cutoff.scan();
                         if f != Forgotten::default() {
                             tracing::info!(
                                 manifests = f.manifests,
@@ -163,39 +165,95 @@ impl Evicted for Forgetter {
     }
 }
 
-/// One pass: forgets what was not used since `before_ms`.
+/// What a pass forgets: manifests last used before `evicted_ms` (eviction
+/// removed blobs used that late), and those past their age at `now_ms`.
+pub struct Cutoff<'a> {
+    pub evicted_ms: u64,
+    pub retention: &'a Retention,
+    pub now_ms: u64,
+}
+
+impl Cutoff<'_> {
+    /// Manifests used since this (Unix ms) stay.
+    fn scan(&self) -> u64 {
+        self.retention
+            .horizon(self.now_ms)
+            .unwrap_or(0)
+            .max(self.evicted_ms)
+    }
+
+    /// Of `page` (used before `scan`), which to forget.
+    async fn expired(&self, meta: &dyn MetaStore, page: &[Digest]) -> Result<Vec<bool>, MetaError> {
+        if !self.retention.per_registry() {
+            // Before `scan` is past the one age, or before eviction's reach.
+            return Ok(vec![true; page.len()]);
+        }
+        let used = meta.last_uses(UseKind::Manifests, page).await?;
+        let deadlines = meta.last_uses(UseKind::ManifestDeadlines, page).await?;
+        Ok(used
+            .into_iter()
+            .zip(deadlines)
+            .map(|(used, deadline)| {
+                let used = used.unwrap_or(0);
+                used < self.evicted_ms || self.retention.expired(deadline, used, self.now_ms)
+            })
+            .collect())
+    }
+}
+
+/// One pass: forgets what `cutoff` says is gone or expired.
 pub async fn forget(
     meta: &dyn MetaStore,
     keep: Option<&dyn Keep>,
-    before_ms: u64,
+    cutoff: &Cutoff<'_>,
 ) -> Result<Forgotten, MetaError> {
     let mut report = Forgotten::default();
     let mut gone: HashSet<Digest> = HashSet::new();
-    // Pinned manifests stay: step over them.
+    let before_ms = cutoff.scan();
+    // Manifests kept by a longer age stay in the uses: step over them.
     let mut skip = 0;
     loop {
         let page = meta
             .used_before(UseKind::Manifests, before_ms, skip, PAGE)
             .await?;
         let len = page.len();
-        let mut candidates = Vec::with_capacity(len);
-        for digest in page {
-            if !kept(keep, &digest).await {
+        let expired = cutoff.expired(meta, &page).await?;
+        let (mut candidates, mut pinned) = (Vec::new(), Vec::new());
+        for (digest, expired) in page.into_iter().zip(expired) {
+            if !expired {
+                continue;
+            }
+            if kept(keep, &digest).await {
+                pinned.push(digest);
+            } else {
                 candidates.push(digest);
             }
         }
         let removed = meta.forget_manifests(&candidates, before_ms).await?;
-        skip += len - removed.len();
+        // A pinned manifest, or a use with no record behind it, needs no
+        // use kept: the next serve records one.
+        let left: Vec<Digest> = candidates
+            .into_iter()
+            .filter(|d| !removed.contains(d))
+            .collect();
+        let stored = meta.has_manifests(&left).await?;
+        let mut dropped = pinned;
+        dropped.extend(
+            left.into_iter()
+                .zip(stored)
+                .filter_map(|(d, stored)| (!stored).then_some(d)),
+        );
+        meta.forget_uses(UseKind::Manifests, &dropped).await?;
+        dropped.extend(removed.iter().cloned());
+        meta.forget_uses(UseKind::ManifestDeadlines, &dropped)
+            .await?;
+        skip += len - dropped.len();
         report.manifests += removed.len();
         gone.extend(removed);
         if len < PAGE {
             break;
         }
     }
-    // What is left that old is kept (pinned) or never had a record: its
-    // use need not be kept either.
-    meta.forget_uses_before(UseKind::Manifests, before_ms)
-        .await?;
     let mut after: Option<String> = None;
     loop {
         let repos = meta.repositories(after.as_deref(), PAGE).await?;

@@ -3,13 +3,14 @@
 //! before it is acted on.
 #![allow(clippy::unwrap_used)]
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::Notify;
 
 use super::uses::now_ms;
-use super::{EvictError, Evictor, SharedBudget, UseLog};
+use super::{EvictError, Evictor, Retention, SharedBudget, UseLog};
 use crate::meta::{MetaStore, RedisMeta, UseKind, blob_lease};
 use crate::reference::Digest;
 use crate::storage::{BlobStore, Keep};
@@ -29,7 +30,11 @@ async fn bench() -> Option<Bench> {
     let store = crate::storage::s3::tests::test_store(&ns).await?;
     let meta: Arc<dyn MetaStore> =
         Arc::new(RedisMeta::new(&url, &format!("{ns}:"), 4, Duration::from_secs(2)).unwrap());
-    let uses = UseLog::start(meta.clone(), Duration::from_millis(100));
+    let uses = UseLog::start(
+        meta.clone(),
+        Duration::from_millis(100),
+        Retention::default(),
+    );
     Some(Bench {
         store: Arc::new(store),
         meta,
@@ -83,7 +88,7 @@ impl Bench {
 fn size_budget(kib: u64) -> SharedBudget {
     SharedBudget {
         max_size: Some(kib * KIB),
-        max_age: None,
+        retention: Retention::default(),
     }
 }
 
@@ -192,7 +197,7 @@ async fn max_age_removes_what_was_not_used_for_that_long() {
     b.used(&fresh, Duration::from_secs(60)).await;
     let budget = SharedBudget {
         max_size: None,
-        max_age: Some(Duration::from_secs(86_400)),
+        retention: Retention::new(Some(Duration::from_secs(86_400)), HashMap::new()),
     };
     let done = b.evictor(budget, None).pass(false).await.unwrap();
     assert_eq!(done.removed, 1);
@@ -206,6 +211,92 @@ impl Keep for KeepOne {
     async fn keep(&self, digest: &Digest) -> bool {
         *digest == self.0
     }
+}
+
+const DAY: Duration = Duration::from_secs(86_400);
+
+/// gcr.io keeps content 90 days, registry.k8s.io whatever its age, the
+/// rest a day.
+fn per_registry() -> Retention {
+    Retention::new(
+        Some(DAY),
+        HashMap::from([
+            ("gcr.io".to_owned(), Some(90 * DAY)),
+            ("registry.k8s.io".to_owned(), None),
+        ]),
+    )
+}
+
+impl Bench {
+    /// Records a serve of `digest` for `registry`, `ago` before now: its
+    /// use and its deadline, as a replica's log writes them.
+    async fn served_for(&self, kind: UseKind, digest: &Digest, registry: &str, ago: Duration) {
+        let at = now_ms() - ago.as_millis() as u64;
+        let deadline = per_registry().deadline(registry, at);
+        let deadlines = match kind {
+            UseKind::Manifests => UseKind::ManifestDeadlines,
+            _ => UseKind::BlobDeadlines,
+        };
+        for (kind, value) in [(kind, at), (deadlines, deadline)] {
+            self.meta
+                .record_uses(kind, &[(digest.clone(), value)])
+                .await
+                .unwrap();
+        }
+    }
+}
+
+/// Each registry's age decides for what was served under it; a blob
+/// served under two registries stays until both have passed, and one
+/// served before deadlines were kept is judged by `[cache] max_age`.
+#[tokio::test]
+async fn each_registry_keeps_its_blobs_for_its_own_age() {
+    let Some(b) = bench().await else { return };
+    let blobs: Vec<Digest> = futures::future::join_all((1..=6).map(|i| b.put(i, 4))).await;
+    let [hub, gcr, both, k8s, old_gcr, legacy] = <[Digest; 6]>::try_from(blobs).unwrap();
+    let use_ = UseKind::Blobs;
+    b.served_for(use_, &hub, "docker.io", 2 * DAY).await;
+    b.served_for(use_, &gcr, "gcr.io", 2 * DAY).await;
+    b.served_for(use_, &both, "gcr.io", 30 * DAY).await;
+    b.served_for(use_, &both, "docker.io", 2 * DAY).await;
+    b.served_for(use_, &k8s, "registry.k8s.io", 400 * DAY).await;
+    b.served_for(use_, &old_gcr, "gcr.io", 91 * DAY).await;
+    b.used(&legacy, 2 * DAY).await;
+    let budget = SharedBudget {
+        max_size: None,
+        retention: per_registry(),
+    };
+    let evictor = b.evictor(budget, None);
+    let mut report = super::Report::default();
+    let inventory = evictor.inventory().await.unwrap();
+    let chosen = evictor.choose(&inventory, &mut report).await;
+    assert!(chosen.iter().all(|v| v.reason == "age"));
+    assert_eq!(chosen.len(), 3);
+    let done = evictor.pass(false).await.unwrap();
+    assert_eq!(done.removed, 3);
+    // Removed by age: how far size eviction reached is not moved.
+    assert_eq!(done.newest_ms, None);
+    for (digest, kept) in [
+        (&hub, false),
+        (&gcr, true),
+        (&both, true),
+        (&k8s, true),
+        (&old_gcr, false),
+        (&legacy, false),
+    ] {
+        assert_eq!(b.stored(digest).await, kept, "{digest}");
+    }
+    // The removed blobs' deadlines went with them.
+    assert_eq!(
+        b.meta
+            .last_uses(UseKind::BlobDeadlines, &[hub, gcr])
+            .await
+            .unwrap()
+            .iter()
+            .map(Option::is_some)
+            .collect::<Vec<_>>(),
+        vec![false, true]
+    );
 }
 
 #[tokio::test]
@@ -456,8 +547,13 @@ async fn forgetting_removes_the_metadata_of_what_went() {
         b.used_as(UseKind::Manifests, d, ago).await;
     }
     let keep = PinRepo("docker.io/pinned/c".into(), m4.clone());
-    let cutoff = now_ms() - hour.as_millis() as u64;
-    let done = super::forget(meta, Some(&keep), cutoff).await.unwrap();
+    let retention = super::Retention::default();
+    let cutoff = super::Cutoff {
+        evicted_ms: now_ms() - hour.as_millis() as u64,
+        retention: &retention,
+        now_ms: now_ms(),
+    };
+    let done = super::forget(meta, Some(&keep), &cutoff).await.unwrap();
     assert_eq!(
         done,
         super::Forgotten {
@@ -484,8 +580,70 @@ async fn forgetting_removes_the_metadata_of_what_went() {
     assert_eq!(meta.tags("docker.io/pinned/c").await.unwrap(), vec!["v1"]);
     assert!(meta.is_linked("docker.io/pinned/c", &l4).await.unwrap());
     // Nothing more to forget.
-    let again = super::forget(meta, Some(&keep), cutoff).await.unwrap();
+    let again = super::forget(meta, Some(&keep), &cutoff).await.unwrap();
     assert_eq!(again, super::Forgotten::default());
+}
+
+/// Manifests are forgotten by the age of the registry they were served
+/// for, and with them their deadlines.
+#[tokio::test]
+async fn manifests_are_forgotten_by_their_registry_age() {
+    use crate::meta::StoredManifest;
+    let Some(b) = bench().await else { return };
+    let meta = b.meta.as_ref();
+    let put = |repo: &'static str| async move {
+        let bytes = bytes::Bytes::from(format!(r#"{{"schemaVersion":2,"repo":"{repo}"}}"#));
+        let digest = Digest::sha256_of(&bytes);
+        let manifest = StoredManifest {
+            media_type: "application/vnd.oci.image.manifest.v1+json".into(),
+            bytes,
+        };
+        meta.put_manifest(repo, &digest, &manifest, &[])
+            .await
+            .unwrap();
+        digest
+    };
+    let hub = put("docker.io/library/a").await;
+    let gcr = put("gcr.io/p/b").await;
+    let legacy = put("docker.io/library/c").await;
+    b.served_for(UseKind::Manifests, &hub, "docker.io", 2 * DAY)
+        .await;
+    b.served_for(UseKind::Manifests, &gcr, "gcr.io", 2 * DAY)
+        .await;
+    b.used_as(UseKind::Manifests, &legacy, 2 * DAY).await;
+    let retention = per_registry();
+    let cutoff = super::Cutoff {
+        evicted_ms: 0,
+        retention: &retention,
+        now_ms: now_ms(),
+    };
+    let done = super::forget(meta, None, &cutoff).await.unwrap();
+    assert_eq!(done.manifests, 2);
+    assert_eq!(
+        meta.has_manifests(&[hub.clone(), gcr.clone(), legacy])
+            .await
+            .unwrap(),
+        vec![false, true, false]
+    );
+    assert_eq!(
+        meta.last_uses(UseKind::ManifestDeadlines, &[hub, gcr.clone()])
+            .await
+            .unwrap()
+            .iter()
+            .map(Option::is_some)
+            .collect::<Vec<_>>(),
+        vec![false, true]
+    );
+    // The one kept keeps its use, and stays on the next pass.
+    assert!(
+        meta.last_uses(UseKind::Manifests, std::slice::from_ref(&gcr))
+            .await
+            .unwrap()[0]
+            .is_some()
+    );
+    let again = super::forget(meta, None, &cutoff).await.unwrap();
+    assert_eq!(again.manifests, 0);
+    assert_eq!(meta.has_manifests(&[gcr]).await.unwrap(), vec![true]);
 }
 
 /// The scrub reads the bucket back: an object whose bytes no longer match

@@ -1,12 +1,14 @@
 //! Which blobs and manifests this replica served, gathered in memory and written to the
 //! metadata store in one batch every few seconds: a warm read costs a map
 //! update, not a round trip, and every replica's uses end up in one place
-//! where eviction reads them.
+//! where eviction reads them. Where registries have their own `max_age`,
+//! each serve's deadline is gathered the same way (`Retention`).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
 use std::time::{Duration, SystemTime};
 
+use super::retention::Retention;
 use crate::meta::{MetaStore, UseKind};
 use crate::reference::Digest;
 
@@ -15,13 +17,12 @@ pub const FLUSH_EVERY: Duration = Duration::from_secs(5);
 
 pub struct UseLog {
     meta: Arc<dyn MetaStore>,
-    /// Digest → its latest use not yet written (Unix ms): blobs', then
-    /// manifests'.
-    pending: [Mutex<HashMap<Digest, u64>>; 2],
+    /// Digest → its latest use (or deadline) not yet written (Unix ms), by
+    /// kind in the order of `UseKind::ALL`.
+    pending: [Mutex<HashMap<Digest, u64>>; 4],
     every: Duration,
+    retention: Retention,
 }
-
-const KINDS: [UseKind; 2] = [UseKind::Blobs, UseKind::Manifests];
 
 pub fn now_ms() -> u64 {
     SystemTime::now()
@@ -32,11 +33,12 @@ pub fn now_ms() -> u64 {
 impl UseLog {
     /// A log written out every `every` (`FLUSH_EVERY` when serving) for as
     /// long as it lives.
-    pub fn start(meta: Arc<dyn MetaStore>, every: Duration) -> Arc<Self> {
+    pub fn start(meta: Arc<dyn MetaStore>, every: Duration, retention: Retention) -> Arc<Self> {
         let log = Arc::new(Self {
             meta,
             pending: Default::default(),
             every,
+            retention,
         });
         tokio::spawn(flushing(Arc::downgrade(&log)));
         log
@@ -48,29 +50,41 @@ impl UseLog {
     }
 
     fn pending(&self, kind: UseKind) -> MutexGuard<'_, HashMap<Digest, u64>> {
-        let i = usize::from(kind == UseKind::Manifests);
-        self.pending[i]
+        self.pending[kind as usize]
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
     }
 
     /// The blob was served (or stored) now.
     pub fn note(&self, digest: &Digest) {
-        self.note_as(UseKind::Blobs, digest);
+        self.note_as(UseKind::Blobs, digest, now_ms());
     }
 
-    /// The manifest was served now.
-    pub fn note_manifest(&self, digest: &Digest) {
-        self.note_as(UseKind::Manifests, digest);
+    /// The manifest was served now, for `registry`.
+    pub fn note_manifest(&self, registry: &str, digest: &Digest) {
+        self.note_as(UseKind::Manifests, digest, now_ms());
+        self.note_deadline(UseKind::ManifestDeadlines, registry, digest);
     }
 
-    fn note_as(&self, kind: UseKind, digest: &Digest) {
-        let now = now_ms();
+    /// The blob was served for `registry` (its use is noted by the store
+    /// that served it).
+    pub fn note_blob_served(&self, registry: &str, digest: &Digest) {
+        self.note_deadline(UseKind::BlobDeadlines, registry, digest);
+    }
+
+    fn note_deadline(&self, kind: UseKind, registry: &str, digest: &Digest) {
+        if self.retention.per_registry() {
+            let deadline = self.retention.deadline(registry, now_ms());
+            self.note_as(kind, digest, deadline);
+        }
+    }
+
+    fn note_as(&self, kind: UseKind, digest: &Digest, at: u64) {
         let mut pending = self.pending(kind);
         match pending.get_mut(digest) {
-            Some(at) => *at = now.max(*at),
+            Some(kept) => *kept = at.max(*kept),
             None => {
-                pending.insert(digest.clone(), now);
+                pending.insert(digest.clone(), at);
             }
         }
     }
@@ -78,7 +92,7 @@ impl UseLog {
     /// Writes the uses gathered so far; kept for the next try if the
     /// metadata store fails.
     pub async fn flush(&self) {
-        for kind in KINDS {
+        for kind in UseKind::ALL {
             let batch: Vec<(Digest, u64)> = std::mem::take(&mut *self.pending(kind))
                 .into_iter()
                 .collect();

@@ -25,11 +25,17 @@ const REPOS: TableDefinition<&str, ()> = TableDefinition::new("repositories");
 const USES: TableDefinition<&str, u64> = TableDefinition::new("uses");
 /// manifest digest → its last use, Unix ms
 const MUSES: TableDefinition<&str, u64> = TableDefinition::new("manifest_uses");
+/// blob digest → its deadline, Unix ms
+const DEADLINES: TableDefinition<&str, u64> = TableDefinition::new("deadlines");
+/// manifest digest → its deadline, Unix ms
+const MDEADLINES: TableDefinition<&str, u64> = TableDefinition::new("manifest_deadlines");
 
 fn uses_table(kind: UseKind) -> TableDefinition<'static, &'static str, u64> {
     match kind {
         UseKind::Blobs => USES,
         UseKind::Manifests => MUSES,
+        UseKind::BlobDeadlines => DEADLINES,
+        UseKind::ManifestDeadlines => MDEADLINES,
     }
 }
 
@@ -53,8 +59,9 @@ impl EmbeddedMeta {
         txn.open_table(TAGS).map_err(backend)?;
         txn.open_table(LINKS).map_err(backend)?;
         txn.open_table(REPOS).map_err(backend)?;
-        txn.open_table(USES).map_err(backend)?;
-        txn.open_table(MUSES).map_err(backend)?;
+        for kind in UseKind::ALL {
+            txn.open_table(uses_table(kind)).map_err(backend)?;
+        }
         txn.commit().map_err(backend)?;
         Ok(Self {
             db: Arc::new(db),
@@ -346,18 +353,6 @@ impl MetaStore for EmbeddedMeta {
                     table.remove(key.as_str()).map_err(backend)?;
                 }
             }
-            txn.commit().map_err(backend)
-        })
-        .await
-    }
-
-    async fn forget_uses_before(&self, kind: UseKind, before_ms: u64) -> Result<(), MetaError> {
-        self.blocking(move |db| {
-            let txn = db.begin_write().map_err(backend)?;
-            txn.open_table(uses_table(kind))
-                .map_err(backend)?
-                .retain(|_, used| used >= before_ms)
-                .map_err(backend)?;
             txn.commit().map_err(backend)
         })
         .await

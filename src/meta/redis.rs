@@ -3,7 +3,7 @@
 //! `TagRecord`; `tags:<repo>` and `repos` sorted sets (all scores 0, so
 //! they sort by name); `l:<repo>` set of digests the repository may serve;
 //! `uses` and `muses` sorted sets of blob and manifest digests by last use
-//! (Unix ms); `usage` hash of
+//! (Unix ms), `expires` and `mexpires` by deadline; `usage` hash of
 //! the `bytes` and `blobs` stored; `lease:<name>` leases.
 //! Every command has a deadline: a Redis outage turns into errors, never
 //! into hung requests.
@@ -62,6 +62,8 @@ impl RedisMeta {
         self.key(&[match kind {
             UseKind::Blobs => "uses",
             UseKind::Manifests => "muses",
+            UseKind::BlobDeadlines => "expires",
+            UseKind::ManifestDeadlines => "mexpires",
         }])
     }
 
@@ -386,13 +388,6 @@ impl MetaStore for RedisMeta {
                 .await?;
         }
         Ok(())
-    }
-
-    async fn forget_uses_before(&self, kind: UseKind, before_ms: u64) -> Result<(), MetaError> {
-        let key = self.uses_key(kind);
-        let max = format!("({before_ms}");
-        self.run(|mut c| async move { c.zrembyscore::<_, _, _, ()>(key, "-inf", max).await })
-            .await
     }
 
     async fn used_before(

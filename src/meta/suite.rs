@@ -224,6 +224,48 @@ pub async fn uses_and_removals(meta: &dyn MetaStore) {
             .unwrap(),
         vec![None]
     );
+    // Deadlines are kept apart from uses; the latest stays, and one that
+    // never comes (year 9999) reads back exactly.
+    let never = crate::lifecycle::NEVER;
+    meta.record_uses(
+        UseKind::BlobDeadlines,
+        &[(a.clone(), 9000), (c.clone(), 3000)],
+    )
+    .await
+    .unwrap();
+    meta.record_uses(
+        UseKind::BlobDeadlines,
+        &[(a.clone(), never), (c.clone(), 2000)],
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        meta.last_uses(UseKind::BlobDeadlines, &[a.clone(), b.clone(), c.clone()])
+            .await
+            .unwrap(),
+        vec![Some(never), None, Some(3000)]
+    );
+    assert_eq!(
+        meta.last_uses(UseKind::ManifestDeadlines, std::slice::from_ref(&a))
+            .await
+            .unwrap(),
+        vec![None]
+    );
+    assert_eq!(
+        meta.used_before(UseKind::BlobDeadlines, u64::MAX, 0, 10)
+            .await
+            .unwrap(),
+        vec![c.clone(), a.clone()]
+    );
+    meta.forget_uses(UseKind::BlobDeadlines, &[a.clone(), c.clone()])
+        .await
+        .unwrap();
+    assert_eq!(
+        meta.last_uses(UseKind::Blobs, std::slice::from_ref(&a))
+            .await
+            .unwrap(),
+        vec![Some(2000)]
+    );
 
     let (bytes, blobs) = meta.add_usage(0, 0).await.unwrap();
     assert_eq!(
@@ -378,7 +420,9 @@ pub async fn forgetting(meta: &dyn MetaStore) {
             .unwrap(),
         vec![Some(1001)]
     );
-    meta.forget_uses_before(Blobs, 2000).await.unwrap();
+    meta.forget_uses(Blobs, std::slice::from_ref(&l1))
+        .await
+        .unwrap();
     assert_eq!(
         meta.last_uses(Blobs, std::slice::from_ref(&l1))
             .await

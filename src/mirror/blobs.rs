@@ -66,6 +66,24 @@ impl Mirror {
         for_peer: bool,
         needs_length: bool,
     ) -> Result<BlobResponse, MirrorError> {
+        let served = self
+            .serve_blob(target, digest, range, for_peer, needs_length)
+            .await;
+        // A peer's request is its replica's client's, who noted it there.
+        if let (Some(uses), Ok(_), false) = (&self.uses, &served, for_peer) {
+            uses.note_blob_served(&target.registry, digest);
+        }
+        served
+    }
+
+    async fn serve_blob(
+        &self,
+        target: &Target,
+        digest: &Digest,
+        range: Option<RangeSpec>,
+        for_peer: bool,
+        needs_length: bool,
+    ) -> Result<BlobResponse, MirrorError> {
         // Peers ask the replica that holds the blob's lease, which is
         // fetching it then. A request that says it comes from a peer while
         // no fetch of the blob runs here is served as a client's is, lease
@@ -310,7 +328,12 @@ impl Mirror {
             return None;
         }
         match self.blobs.presigned_url(digest, expires).await {
-            Ok(url) => url,
+            Ok(url) => {
+                if let (Some(uses), Some(_)) = (&self.uses, &url) {
+                    uses.note_blob_served(&target.registry, digest);
+                }
+                url
+            }
             Err(e) => {
                 tracing::warn!(%digest, error = %e, "cannot presign; streaming instead");
                 None

@@ -50,7 +50,7 @@ impl Mirror {
         }?;
         metrics().cache("manifest", hit.outcome);
         if let Some(uses) = &self.uses {
-            uses.note_manifest(&hit.digest);
+            uses.note_manifest(&target.registry, &hit.digest);
         }
         Ok(hit)
     }

@@ -40,7 +40,8 @@ const HOUSEKEEPING_EVERY: Duration = Duration::from_secs(30);
 pub struct Budget {
     pub max_size: Option<u64>,
     pub min_free: MinFree,
-    /// Blobs not served for this long go, whatever the size.
+    /// Blobs not served for this long go, whatever the size; with an
+    /// `Expiry`, it says which of them.
     pub max_age: Option<Duration>,
     pub scrub: Option<Scrub>,
 }
@@ -70,6 +71,17 @@ pub trait Keep: Send + Sync {
     }
 }
 
+/// Decides which blobs past `Budget::max_age` have expired, where
+/// registries keep content for ages of their own.
+#[async_trait]
+pub trait Expiry: Send + Sync {
+    /// Of blobs last used at the given times, which have expired.
+    async fn expired(&self, blobs: &[(Digest, SystemTime)]) -> Vec<bool>;
+
+    /// The blobs left the store: what was kept about them goes too.
+    async fn removed(&self, digests: &[Digest]);
+}
+
 pub struct BudgetedFsStore {
     shared: Arc<Shared>,
 }
@@ -80,6 +92,7 @@ struct Shared {
     budget: Budget,
     keep: Option<Arc<dyn Keep>>,
     evicted: std::sync::OnceLock<Arc<dyn Evicted>>,
+    expiry: std::sync::OnceLock<Arc<dyn Expiry>>,
     index: Mutex<Index>,
     /// Held while a blob is put in place and while an evicted one is
     /// removed.
@@ -93,6 +106,8 @@ struct Index {
     blobs: Lru<Digest>,
     /// Served since the last write of uses to the files.
     used: HashSet<Digest>,
+    /// Removed since `Expiry` was last told.
+    removed: Vec<Digest>,
 }
 
 impl BudgetedFsStore {
@@ -124,9 +139,11 @@ impl BudgetedFsStore {
             budget,
             keep,
             evicted: std::sync::OnceLock::new(),
+            expiry: std::sync::OnceLock::new(),
             index: Mutex::new(Index {
                 blobs,
                 used: HashSet::new(),
+                removed: Vec::new(),
             }),
             placing: tokio::sync::Mutex::new(()),
             evicting: tokio::sync::Mutex::new(()),
@@ -145,15 +162,26 @@ impl BudgetedFsStore {
         let _ = self.shared.evicted.set(to);
     }
 
+    /// Lets `expiry` decide which blobs past `max_age` go.
+    pub fn judge_age_by(&self, expiry: Arc<dyn Expiry>) {
+        let _ = self.shared.expiry.set(expiry);
+    }
+
     /// Bytes and blobs held now.
     pub fn usage(&self) -> (u64, usize) {
         let index = self.shared.index();
         (index.blobs.used(), index.blobs.len())
     }
 
-    /// Brings the store within its budget now; the bytes removed.
+    /// Brings the store within its budget now, by size and free space,
+    /// then by age; the bytes removed.
     pub async fn evict(&self) -> u64 {
-        self.shared.evict().await
+        let mut removed = self.shared.evict().await;
+        if let Some(max_age) = self.shared.budget.max_age {
+            removed += self.shared.evict_aged(max_age).await;
+        }
+        self.shared.report_removed().await;
+        removed
     }
 
     /// Writes the uses recorded so far to the files.
@@ -192,6 +220,7 @@ async fn housekeeping(shared: Weak<Shared>) {
         if let Some(max_age) = shared.budget.max_age {
             shared.evict_aged(max_age).await;
         }
+        shared.report_removed().await;
         rounds += 1;
         if rounds.is_multiple_of(RECONCILE_EVERY_ROUNDS)
             && let Err(e) = shared.reconcile().await
@@ -349,48 +378,88 @@ impl Shared {
         removed
     }
 
-    /// Removes the blobs not served for `max_age`: the least recently used
-    /// first, as long as their files' times (uses recorded) say so.
+    /// Removes the blobs not served for `max_age` (those of them `Expiry`
+    /// says expired, with one), least recently used first, as long as their
+    /// files' times (uses recorded) say so.
     async fn evict_aged(&self, max_age: Duration) -> u64 {
+        const PAGE: usize = 256;
         let _one = self.evicting.lock().await;
         let _pass = Pass::start();
         let Some(cutoff) = SystemTime::now().checked_sub(max_age) else {
             return 0;
         };
         let mut removed = 0;
-        let mut left = self.index().blobs.len();
-        while left > 0 {
-            left -= 1;
-            let Some(oldest) = self.index().blobs.oldest().cloned() else {
-                break;
-            };
-            if self.kept(&oldest).await {
-                self.index().blobs.touch(&oldest);
-                continue;
+        let mut after = None;
+        let mut recent = false;
+        while !recent {
+            let page = self.index().blobs.oldest_after(after, PAGE);
+            let Some((last, _)) = page.last() else { break };
+            after = Some(*last);
+            // (digest, last use recorded, size) of the blobs past the cutoff.
+            let mut old = Vec::new();
+            for (_, digest) in page {
+                match self.last_use(&digest) {
+                    // Served since its time was written: not old.
+                    _ if self.index().used.contains(&digest) => {}
+                    Some((used_at, _)) if used_at >= cutoff => {
+                        recent = true;
+                        break;
+                    }
+                    Some((used_at, size)) => old.push((digest, used_at, size)),
+                    // Gone behind the index's back: forget it.
+                    None => {
+                        self.index().blobs.remove(&digest);
+                    }
+                }
             }
-            let _placing = self.placing.lock().await;
-            let path = self.files.path_of(&oldest);
-            let (used_at, size) = match std::fs::metadata(&path) {
-                Ok(m) => (m.modified().unwrap_or(SystemTime::UNIX_EPOCH), m.len()),
-                // Gone behind the index's back: forget it.
-                Err(_) => {
-                    self.index().blobs.remove(&oldest);
+            let expired = match self.expiry.get() {
+                Some(expiry) => {
+                    let times: Vec<_> = old.iter().map(|(d, t, _)| (d.clone(), *t)).collect();
+                    expiry.expired(&times).await
+                }
+                None => vec![true; old.len()],
+            };
+            for ((digest, used_at, size), expired) in old.into_iter().zip(expired) {
+                if !expired || self.kept(&digest).await {
                     continue;
                 }
-            };
-            // Served since its time was written: wait for the next round.
-            if used_at >= cutoff || self.index().used.contains(&oldest) {
-                break;
-            }
-            if self.remove(&oldest, size, "age").await {
-                removed += size;
+                let _placing = self.placing.lock().await;
+                // Served or stored again since the look: it stays.
+                let unchanged = self
+                    .last_use(&digest)
+                    .is_some_and(|(now, _)| now == used_at);
+                if !unchanged || self.index().used.contains(&digest) {
+                    continue;
+                }
+                if self.remove(&digest, size, "age").await {
+                    removed += size;
+                }
             }
         }
         if removed > 0 {
             self.publish();
-            tracing::info!(bytes = removed, max_age = %humantime::format_duration(max_age), "removed blobs not served for max_age");
+            tracing::info!(bytes = removed, max_age = %humantime::format_duration(max_age), "removed blobs not served for their max_age");
         }
         removed
+    }
+
+    /// Tells `Expiry` which blobs left the store.
+    async fn report_removed(&self) {
+        if let Some(expiry) = self.expiry.get() {
+            let removed = std::mem::take(&mut self.index().removed);
+            if !removed.is_empty() {
+                expiry.removed(&removed).await;
+            }
+        }
+    }
+
+    /// A stored blob's last use recorded (its file's time) and size.
+    fn last_use(&self, digest: &Digest) -> Option<(SystemTime, u64)> {
+        let meta = std::fs::metadata(self.files.path_of(digest)).ok()?;
+        Some((
+            meta.modified().unwrap_or(SystemTime::UNIX_EPOCH),
+            meta.len(),
+        ))
     }
 
     /// Removes a blob eviction chose, for `reason`; whether it did. The
@@ -400,9 +469,15 @@ impl Shared {
             let mut index = self.index();
             index.blobs.remove(digest);
             index.used.remove(digest);
+            if self.expiry.get().is_some() {
+                index.removed.push(digest.clone());
+            }
         }
-        // Its file's time is its last use recorded.
-        if reason != "corrupt"
+        // Its file's time is its last use recorded. What is older went
+        // too, but for pinned blobs; not so by age, where registries keep
+        // content for different ages (their metadata goes by the same
+        // rule).
+        if !matches!(reason, "corrupt" | "age")
             && let Some(to) = self.evicted.get()
             && let Ok(used) =
                 std::fs::metadata(self.files.path_of(digest)).and_then(|m| m.modified())

@@ -108,9 +108,16 @@ impl<K: Clone + Eq + Hash> Lru<K> {
         evicted
     }
 
-    /// The least recently used entry's key, if any.
-    pub fn oldest(&self) -> Option<&K> {
-        self.by_use.first_key_value().map(|(_, k)| k)
+    /// Up to `n` keys in order of use, least recent first, after the
+    /// position `after` (one this returned, with its key).
+    pub fn oldest_after(&self, after: Option<u64>, n: usize) -> Vec<(u64, K)> {
+        use std::ops::Bound;
+        let start = after.map_or(Bound::Unbounded, Bound::Excluded);
+        self.by_use
+            .range((start, Bound::Unbounded))
+            .take(n)
+            .map(|(at, k)| (*at, k.clone()))
+            .collect()
     }
 
     /// Takes the least recently used entry out; its key and size.

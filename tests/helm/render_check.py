@@ -511,7 +511,7 @@ def scenario_production(pier: Path, keep: Path | None) -> None:
     ups = {u["registry"]: u for u in parsed["upstreams"]}
     check(ups["docker.io"] == {"registry": "docker.io", "tag_ttl": "30m"}, f"docker.io {ups['docker.io']}")
     check(ups["registry.corp.example"]["aliases"] == ["corp"] and len(ups["registry.corp.example"]["endpoints"]) == 2, "corp upstream")
-    check(ups["ghcr.io"] == {"registry": "ghcr.io", "tag_ttl": "5m", "allow": ["acme/**"], "deny": ["acme/secret-*"]},
+    check(ups["ghcr.io"] == {"registry": "ghcr.io", "tag_ttl": "5m", "allow": ["acme/**"], "deny": ["acme/secret-*"], "max_age": "90d"},
           f"ghcr.io {ups['ghcr.io']}")
     check(parsed["routes"] == [{"pattern": "team-*/**", "registry": "registry.corp.example"}], f"routes {parsed['routes']}")
     check(parsed["domains"] == ["m.example.com"] and parsed["timeouts"]["response"] == "20s", "domains, timeouts")
@@ -642,7 +642,7 @@ def scenario_tuning(pier: Path, keep: Path | None) -> None:
                  'header_timeout = "10s"', 'send_timeout = "2m"', 'shutdown_grace = "9m 30s"',
                  'max_concurrent = 16', 'queue_timeout = "45s"', 'redirect_above = 268435456',
                  'max_blob_size = 21474836480', 'min_rate = 0', 'min_rate_window = "30s"',
-                 'max_size = 42949672960', 'min_free = "15%"', 'scrub_interval = "3h"', 'scrub_rate = 8388608', 'max_age = "30days"', 'pinned = ["registry.k8s.io/**"]',
+                 'max_size = 42949672960', 'min_free = "15%"', 'scrub_interval = "3h"', 'scrub_rate = 8388608', 'max_age = "30d"', 'pinned = ["registry.k8s.io/**"]',
                  'denied_message = "ask #platform to allow an image"']:
         check(line in effective, f"tuning: {line!r} not in the effective config:\n{effective}")
     mine = tomllib.loads(effective)
@@ -705,6 +705,7 @@ REFUSED = [
     ("an access key without its secret", {"storage": {"kind": "s3", "s3": {"bucket": "b-1", "accessKeyId": "AKIA"}}}, "go together"),
     ("a username without a password", {"config": {"upstreams": [{"registry": "docker.io", "username": "me"}]}}, "go together"),
     ("an upstream allow glob with a capital", {"config": {"upstreams": [{"registry": "ghcr.io", "allow": ["Acme/*"]}]}}, "allow"),
+    ("an upstream maxAge that is no duration", {"config": {"upstreams": [{"registry": "ghcr.io", "maxAge": "forever"}]}}, "maxAge"),
     ("in-cluster Redis with embedded metadata", {"inClusterRedis": {"enabled": True}}, "metadata.kind=redis"),
     ("a short grace period", {"terminationGracePeriodSeconds": 5}, "terminationGracePeriodSeconds"),
     ("a negative request rate", {"config": {"limits": {"requestsPerSecond": -1}}}, "requestsPerSecond"),
