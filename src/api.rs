@@ -1,6 +1,7 @@
 //! The HTTP face: an axum router for the registry pull API, health and
 //! readiness. Handlers parse, ask `mirror`, and frame the answer.
 
+mod admin;
 mod error;
 mod handlers;
 mod path;
@@ -20,21 +21,27 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get};
 use http::{HeaderValue, StatusCode};
 
+pub use admin::Admin;
 pub use error::{ApiError, ErrorCode};
 
 use crate::limits::{ClientLimits, PeerAddr};
 use crate::mirror::Mirror;
 use crate::telemetry::{self, access, metrics::metrics};
 
-pub fn router(mirror: Arc<Mirror>, limits: Arc<ClientLimits>) -> Router {
-    Router::new()
+/// The registry API, probes and metrics, and with `admin` the admin API.
+pub fn router(mirror: Arc<Mirror>, limits: Arc<ClientLimits>, admin: Option<Arc<Admin>>) -> Router {
+    let mut app = Router::new()
         .route("/v2", any(handlers::v2))
         .route("/v2/", any(handlers::v2))
         .route("/v2/{*rest}", any(handlers::v2))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(handlers::ready))
         .route("/metrics", get(metrics_text))
-        .fallback(|| async { ApiError::not_found_route() })
+        .with_state(mirror);
+    if let Some(admin) = admin {
+        app = app.merge(admin::router(admin));
+    }
+    app.fallback(|| async { ApiError::not_found_route() })
         .layer(middleware::from_fn_with_state(
             limits.clone(),
             enforce_client_limits,
@@ -43,7 +50,6 @@ pub fn router(mirror: Arc<Mirror>, limits: Arc<ClientLimits>) -> Router {
             limits,
             common_headers_and_log,
         ))
-        .with_state(mirror)
 }
 
 /// The client a request is counted against (a request extension).
@@ -176,6 +182,7 @@ fn endpoint_of(path: &str) -> &'static str {
         },
         None if path == "/healthz" || path == "/readyz" => "health",
         None if path == "/metrics" => "metrics",
+        None if path.starts_with("/api/") => "admin",
         None => "other",
     }
 }

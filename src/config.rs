@@ -41,6 +41,31 @@ pub struct Config {
     pub routes: Vec<RouteConfig>,
     /// Which images may be pulled at all.
     pub access: AccessConfig,
+    pub admin: AdminConfig,
+    pub sync: SyncConfig,
+}
+
+/// The admin API under `/api/v1/`: there only once a token is set.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct AdminConfig {
+    /// What `Authorization: Bearer` must carry.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub token: Option<Secret>,
+    /// Client networks (CIDRs) the API answers; empty: any.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub allow_from: Vec<ipnet::IpNet>,
+}
+
+/// How sync jobs fetch.
+#[derive(Clone, Debug, Serialize)]
+pub struct SyncConfig {
+    /// Blobs this replica fetches for sync jobs at once.
+    pub max_concurrent: usize,
+    /// Tries of an image that fails for a reason that may pass (upstream
+    /// down, a timeout), `retry_after` apart.
+    pub retries: u32,
+    #[serde(with = "humantime_serde")]
+    pub retry_after: Duration,
 }
 
 /// Allow and deny lists of image patterns: globs over

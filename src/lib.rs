@@ -1,8 +1,10 @@
 //! Pier: a pull-through mirror for OCI / Docker registries.
 //!
-//! Layering (who may call whom): `api → mirror → {lifecycle, upstream,
-//! storage, meta} → {reference, config}`, and `lifecycle → {storage,
-//! meta}`. `route`, `range`, `rate` and
+//! Layering (who may call whom): `api → sync → mirror → {lifecycle,
+//! upstream, storage, meta} → {reference, config}`, and `lifecycle →
+//! {storage, meta}`. `sync` (prewarming: images brought in before anyone
+//! pulls them, as jobs kept in `meta`) pulls through `mirror`, so its
+//! fetches are a pull's. `route`, `range`, `rate` and
 //! `descriptors` (what a manifest points at) are pure. `limits` (per-client
 //! limits) sits beside `api`, which applies it; `zerocopy` (the client
 //! connection and sendfile bodies) is a leaf that `storage` hands files to
@@ -31,6 +33,7 @@ pub mod reference;
 pub mod route;
 pub mod server;
 pub mod storage;
+pub mod sync;
 pub mod telemetry;
 #[cfg(test)]
 mod testenv;

@@ -19,7 +19,6 @@
 
 mod evict;
 mod forget;
-mod held;
 mod retention;
 mod scrub;
 mod store;

@@ -3,6 +3,7 @@
 //! many do a piece of work. The `MetaStore` trait and backends.
 
 mod embedded;
+mod held;
 mod redis;
 
 use std::time::Duration;
@@ -15,6 +16,7 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 pub use embedded::EmbeddedMeta;
+pub use held::Held;
 pub use redis::RedisMeta;
 
 use crate::reference::Digest;
@@ -94,6 +96,9 @@ pub const STORED: &str = "stored";
 pub fn lease_done(value: &str) -> bool {
     value.rsplit(' ').next() == Some(STORED)
 }
+
+/// Sync jobs kept; older ones are dropped as new ones are made.
+pub const JOBS_KEPT: usize = 1000;
 
 /// The name of the lease held by whoever fetches (or removes) a blob.
 pub fn blob_lease(digest: &Digest) -> String {
@@ -253,6 +258,15 @@ pub trait MetaStore: Send + Sync + 'static {
     /// and no use later than the one the decision saw was recorded. One atomic step, so a decision made on
     /// what is no longer true is never acted on.
     async fn claim_removal(&self, removal: &Removal<'_>) -> Result<Claimed, MetaError>;
+
+    /// Stores (or replaces) a sync job's record. Job ids sort by the time
+    /// they were made; the newest `JOBS_KEPT` are kept.
+    async fn save_job(&self, id: &str, record: &[u8]) -> Result<(), MetaError>;
+
+    async fn job(&self, id: &str) -> Result<Option<Vec<u8>>, MetaError>;
+
+    /// The records of the `limit` newest jobs, newest first.
+    async fn recent_jobs(&self, limit: usize) -> Result<Vec<Vec<u8>>, MetaError>;
 
     async fn health(&self) -> Result<(), MetaError>;
 

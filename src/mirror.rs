@@ -73,6 +73,20 @@ pub enum MirrorError {
     Busy(String),
 }
 
+impl MirrorError {
+    /// Whether trying again later may succeed: upstream or a store failed,
+    /// rather than upstream saying the content does not exist.
+    pub fn may_pass(&self) -> bool {
+        !matches!(
+            self,
+            MirrorError::ManifestUnknown(_)
+                | MirrorError::BlobUnknown(_)
+                | MirrorError::NameUnknown(_)
+                | MirrorError::Upstream(UpstreamError::NotFound { .. })
+        )
+    }
+}
+
 pub struct Mirror {
     pub router: Router,
     pub policy: Policy,
@@ -262,7 +276,9 @@ impl Mirror {
 
     /// Looks for a stored blob; an unreachable store counts as a miss, so
     /// the blob comes from upstream.
-    async fn stored_size(&self, digest: &Digest) -> Option<u64> {
+    /// The size of a blob the store holds (`None` also when the store
+    /// cannot say).
+    pub async fn stored_size(&self, digest: &Digest) -> Option<u64> {
         match self.blobs.stat(digest).await {
             Ok(size) => size,
             Err(e) => {

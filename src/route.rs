@@ -125,6 +125,18 @@ impl Router {
         target(registry, name)
     }
 
+    /// Whether `host` is this mirror's: one of its domains, or a host
+    /// prefix under one.
+    pub fn is_own_host(&self, host: &str) -> bool {
+        let host = strip_port(host).trim_end_matches('.').to_ascii_lowercase();
+        self.domains.iter().any(|d| {
+            host == *d
+                || host
+                    .strip_suffix(d.as_str())
+                    .is_some_and(|p| p.ends_with('.'))
+        })
+    }
+
     /// The registry a host-prefix Host header names, `None` for the bare
     /// domain or a host under no configured domain (an IP, say).
     fn registry_of_host(&self, host: &str) -> Result<Option<String>, RouteError> {

@@ -17,6 +17,7 @@ use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tower::ServiceExt;
 
+use crate::api::Admin;
 use crate::config::{Config, MetadataConfig, ServerConfig, StorageConfig};
 use crate::lifecycle::{
     BucketScrub, FLUSH_EVERY, Forgetter, Retention, SharedBudget, StoredDeadlines, UseLog,
@@ -28,6 +29,7 @@ use crate::pins::Pins;
 use crate::storage::{
     BlobStore, Budget, BudgetedFsStore, Keep, S3BlobStore, Scrub, TieredBlobStore,
 };
+use crate::sync::{Jobs, Syncer};
 use crate::zerocopy::ClientIo;
 
 /// Opens the configured metadata store (Redis connects on first use).
@@ -54,8 +56,10 @@ pub async fn open_meta(config: &Config) -> anyhow::Result<Arc<dyn MetaStore>> {
 }
 
 /// Opens the configured stores and builds the mirror, and the client limits
-/// (which share the metadata store).
-pub async fn build_mirror(config: &Config) -> anyhow::Result<(Arc<Mirror>, Arc<ClientLimits>)> {
+/// (which share the metadata store); the metadata store too.
+pub async fn build_mirror(
+    config: &Config,
+) -> anyhow::Result<(Arc<Mirror>, Arc<ClientLimits>, Arc<dyn MetaStore>)> {
     let meta = open_meta(config).await?;
     let retention = Retention::of(config);
     let bucket_budget = SharedBudget {
@@ -147,10 +151,10 @@ pub async fn build_mirror(config: &Config) -> anyhow::Result<(Arc<Mirror>, Arc<C
         crate::janitor::spawn_upload_sweeps(blobs.clone(), meta.clone(), s3.abandoned_upload_age);
     }
     let limits = ClientLimits::new(&config.server, &config.limits, meta.clone());
-    let mirror = Mirror::new(config, blobs, meta, spool)
+    let mirror = Mirror::new(config, blobs, meta.clone(), spool)
         .context("building the HTTP client")?
         .noting_uses(uses);
-    Ok((Arc::new(mirror), Arc::new(limits)))
+    Ok((Arc::new(mirror), Arc::new(limits), meta))
 }
 
 /// What `[cache] pinned` keeps from eviction, if anything.
@@ -196,8 +200,14 @@ pub async fn serve(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let (mirror, limits) = build_mirror(config).await?;
-    let app = crate::api::router(mirror.clone(), limits);
+    let (mirror, limits, meta) = build_mirror(config).await?;
+    let syncer = Arc::new(Syncer::new(mirror.clone(), config.sync.max_concurrent));
+    let jobs = Arc::new(Jobs::new(meta, syncer, &config.sync));
+    let admin = Admin::new(&config.admin, jobs.clone()).map(Arc::new);
+    if admin.is_some() {
+        jobs.spawn_takeover();
+    }
+    let app = crate::api::router(mirror.clone(), limits, admin);
     let settings = config.server.clone();
     // Every store has local files to send: stored blobs (fs), local copies
     // (S3 with a local cache), and the spool files of fetches.

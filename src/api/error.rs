@@ -24,6 +24,11 @@ pub enum ErrorCode {
     RangeInvalid,
     PaginationInvalid,
     Unavailable,
+    Unauthorized,
+    /// A request body the admin API cannot take.
+    BadRequest,
+    /// An admin API resource (a sync job) that does not exist.
+    NotFound,
     Unknown,
 }
 
@@ -41,6 +46,9 @@ impl ErrorCode {
             ErrorCode::RangeInvalid => "RANGE_INVALID",
             ErrorCode::PaginationInvalid => "PAGINATION_NUMBER_INVALID",
             ErrorCode::Unavailable => "UNAVAILABLE",
+            ErrorCode::Unauthorized => "UNAUTHORIZED",
+            ErrorCode::BadRequest => "BAD_REQUEST",
+            ErrorCode::NotFound => "NOT_FOUND",
             ErrorCode::Unknown => "UNKNOWN",
         }
     }
@@ -64,7 +72,7 @@ impl ApiError {
         }
     }
 
-    fn with_header(mut self, name: header::HeaderName, value: String) -> Self {
+    pub(crate) fn with_header(mut self, name: header::HeaderName, value: String) -> Self {
         self.headers.push((name, value));
         self
     }

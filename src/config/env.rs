@@ -80,6 +80,8 @@ const SECTIONS: &[(&str, &[&str])] = &[
         ],
     ),
     ("egress", &["refuse"]),
+    ("admin", &["token", "allow_from"]),
+    ("sync", &["max_concurrent", "retries", "retry_after"]),
     (
         "cache",
         &[
@@ -111,6 +113,7 @@ const LIST_KEYS: &[&str] = &[
     "exempt",
     "refuse",
     "pinned",
+    "allow_from",
 ];
 /// Keys whose values are booleans.
 const BOOL_KEYS: &[&str] = &[
@@ -126,6 +129,7 @@ const INT_KEYS: &[&str] = &[
     "burst",
     "concurrent_blobs",
     "max_concurrent",
+    "retries",
 ];
 
 /// Applies the variables that name configuration keys; returns the names of

@@ -25,6 +25,8 @@ pub struct FileConfig {
     pub egress: Option<FileEgress>,
     pub cache: Option<FileCache>,
     pub cluster: Option<FileCluster>,
+    pub admin: Option<FileAdmin>,
+    pub sync: Option<FileSync>,
     #[serde(default)]
     pub upstreams: Vec<FileUpstream>,
     #[serde(default)]
@@ -120,6 +122,22 @@ pub struct FileFetch {
     pub min_rate: Option<ByteSize>,
     #[serde(default, with = "humantime_serde")]
     pub min_rate_window: Option<Duration>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileAdmin {
+    pub token: Option<String>,
+    pub allow_from: Option<Vec<String>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileSync {
+    pub max_concurrent: Option<usize>,
+    pub retries: Option<u32>,
+    #[serde(default, with = "humantime_serde")]
+    pub retry_after: Option<Duration>,
 }
 
 #[derive(Debug, Default, Deserialize)]

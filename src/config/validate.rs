@@ -11,9 +11,9 @@ use super::file::{
     ByteSize, FileCache, FileConfig, FileMetadata, FileServer, FileStorage, FileUpstream,
 };
 use super::{
-    AccessConfig, CacheConfig, ClusterConfig, Config, ConfigError, EgressConfig, FetchConfig,
-    LimitsConfig, LogFormat, MaxAge, MetadataConfig, MinFree, RouteConfig, S3Config, Secret,
-    ServerConfig, StorageConfig, TimeoutConfig, UpstreamConfig,
+    AccessConfig, AdminConfig, CacheConfig, ClusterConfig, Config, ConfigError, EgressConfig,
+    FetchConfig, LimitsConfig, LogFormat, MaxAge, MetadataConfig, MinFree, RouteConfig, S3Config,
+    Secret, ServerConfig, StorageConfig, SyncConfig, TimeoutConfig, UpstreamConfig,
 };
 
 const DEFAULT_LISTEN: &str = "0.0.0.0:5000";
@@ -109,6 +109,33 @@ pub fn build(raw: FileConfig) -> Result<Config, ConfigError> {
 
     let cache = cache(raw.cache.unwrap_or_default(), &mut p);
 
+    let a = raw.admin.unwrap_or_default();
+    let admin = AdminConfig {
+        token: match a.token {
+            Some(t) if t.trim().len() < 16 => {
+                p.add(
+                    "admin.token",
+                    "must be at least 16 characters (e.g. `openssl rand -hex 32`)".into(),
+                );
+                None
+            }
+            t => t.map(Secret::new),
+        },
+        allow_from: cidrs(&mut p, "admin.allow_from", a.allow_from.unwrap_or_default()),
+    };
+    let sy = raw.sync.unwrap_or_default();
+    let sync = SyncConfig {
+        max_concurrent: match sy.max_concurrent {
+            Some(0) => {
+                p.add("sync.max_concurrent", "must be at least 1".into());
+                4
+            }
+            other => other.unwrap_or(4),
+        },
+        retries: sy.retries.unwrap_or(3),
+        retry_after: positive(&mut p, "sync.retry_after", sy.retry_after, 300),
+    };
+
     let c = raw.cluster.unwrap_or_default();
     let cluster = ClusterConfig {
         advertise_url: c.advertise_url.and_then(|u| match http_url(&u) {
@@ -195,6 +222,8 @@ pub fn build(raw: FileConfig) -> Result<Config, ConfigError> {
         upstreams,
         routes,
         access,
+        admin,
+        sync,
     })
 }
 

@@ -19,9 +19,9 @@ use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::Notify;
 
 use super::forget::Forgetter;
-use super::held::Held;
 use super::retention::Retention;
 use super::uses::{UseLog, now_ms};
+use crate::meta::Held;
 use crate::meta::{Claimed, MetaError, MetaStore, Removal, UseKind, blob_lease};
 use crate::reference::Digest;
 use crate::storage::{BlobStore, Evicted, Keep, StorageError};

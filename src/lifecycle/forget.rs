@@ -15,10 +15,10 @@ use std::time::Duration;
 
 use tokio::sync::Notify;
 
-use super::held::Held;
 use super::retention::Retention;
 use super::uses::{FLUSH_EVERY, now_ms};
 use crate::descriptors::references;
+use crate::meta::Held;
 use crate::meta::{MetaError, MetaStore, UseKind};
 use crate::reference::Digest;
 use crate::storage::{Evicted, Keep};

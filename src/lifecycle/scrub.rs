@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 
-use super::held::Held;
+use crate::meta::Held;
 use crate::meta::MetaStore;
 use crate::storage::{BlobStore, StorageError};
 use crate::telemetry::metrics::metrics;

@@ -7,9 +7,11 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use redb::{Database, ReadableTable, TableDefinition};
+use redb::{Database, ReadableTable, ReadableTableMetadata, TableDefinition};
 
-use super::{Claimed, MetaError, MetaStore, Removal, StoredManifest, TagRecord, UseKind};
+use super::{
+    Claimed, JOBS_KEPT, MetaError, MetaStore, Removal, StoredManifest, TagRecord, UseKind,
+};
 use crate::rate::{LocalRates, Rate};
 use crate::reference::Digest;
 
@@ -25,6 +27,8 @@ const REPOS: TableDefinition<&str, ()> = TableDefinition::new("repositories");
 const USES: TableDefinition<&str, u64> = TableDefinition::new("uses");
 /// manifest digest → its last use, Unix ms
 const MUSES: TableDefinition<&str, u64> = TableDefinition::new("manifest_uses");
+/// sync job id (ordered by age) → its record
+const JOBS: TableDefinition<&str, &[u8]> = TableDefinition::new("jobs");
 /// blob digest → its deadline, Unix ms
 const DEADLINES: TableDefinition<&str, u64> = TableDefinition::new("deadlines");
 /// manifest digest → its deadline, Unix ms
@@ -62,6 +66,7 @@ impl EmbeddedMeta {
         for kind in UseKind::ALL {
             txn.open_table(uses_table(kind)).map_err(backend)?;
         }
+        txn.open_table(JOBS).map_err(backend)?;
         txn.commit().map_err(backend)?;
         Ok(Self {
             db: Arc::new(db),
@@ -573,6 +578,62 @@ impl MetaStore for EmbeddedMeta {
         false
     }
 
+    async fn save_job(&self, id: &str, record: &[u8]) -> Result<(), MetaError> {
+        let (id, record) = (id.to_owned(), record.to_vec());
+        self.blocking(move |db| {
+            let txn = db.begin_write().map_err(backend)?;
+            {
+                let mut jobs = txn.open_table(JOBS).map_err(backend)?;
+                jobs.insert(id.as_str(), record.as_slice())
+                    .map_err(backend)?;
+                let excess = jobs
+                    .len()
+                    .map_err(backend)?
+                    .saturating_sub(JOBS_KEPT as u64);
+                if excess > 0 {
+                    let oldest: Vec<String> = jobs
+                        .iter()
+                        .map_err(backend)?
+                        .take(usize::try_from(excess).unwrap_or(usize::MAX))
+                        .filter_map(|e| e.ok().map(|(k, _)| k.value().to_owned()))
+                        .collect();
+                    for id in oldest {
+                        jobs.remove(id.as_str()).map_err(backend)?;
+                    }
+                }
+            }
+            txn.commit().map_err(backend)
+        })
+        .await
+    }
+
+    async fn job(&self, id: &str) -> Result<Option<Vec<u8>>, MetaError> {
+        let id = id.to_owned();
+        self.blocking(move |db| {
+            let txn = db.begin_read().map_err(backend)?;
+            let jobs = txn.open_table(JOBS).map_err(backend)?;
+            Ok(jobs
+                .get(id.as_str())
+                .map_err(backend)?
+                .map(|v| v.value().to_vec()))
+        })
+        .await
+    }
+
+    async fn recent_jobs(&self, limit: usize) -> Result<Vec<Vec<u8>>, MetaError> {
+        self.blocking(move |db| {
+            let txn = db.begin_read().map_err(backend)?;
+            let jobs = txn.open_table(JOBS).map_err(backend)?;
+            let mut out = Vec::new();
+            for entry in jobs.iter().map_err(backend)?.rev().take(limit) {
+                let (_, v) = entry.map_err(backend)?;
+                out.push(v.value().to_vec());
+            }
+            Ok(out)
+        })
+        .await
+    }
+
     async fn health(&self) -> Result<(), MetaError> {
         self.blocking(|db| db.begin_read().map(drop).map_err(backend))
             .await
@@ -661,5 +722,6 @@ mod tests {
         // What was written survives reopening.
         let meta = super::EmbeddedMeta::open(dir.path()).unwrap();
         crate::meta::suite::check_persisted(&meta).await;
+        crate::meta::suite::jobs(&meta).await;
     }
 }

@@ -3,7 +3,9 @@
 //! `TagRecord`; `tags:<repo>` and `repos` sorted sets (all scores 0, so
 //! they sort by name); `l:<repo>` set of digests the repository may serve;
 //! `uses` and `muses` sorted sets of blob and manifest digests by last use
-//! (Unix ms), `expires` and `mexpires` by deadline; `usage` hash of
+//! (Unix ms), `expires` and `mexpires` by deadline; `job:<id>` sync job
+//! records and `jobs`, their ids (scores 0: by name, which is by age);
+//! `usage` hash of
 //! the `bytes` and `blobs` stored; `lease:<name>` leases.
 //! Every command has a deadline: a Redis outage turns into errors, never
 //! into hung requests.
@@ -15,7 +17,9 @@ use async_trait::async_trait;
 use deadpool_redis::redis::{self, AsyncCommands};
 use deadpool_redis::{Config as PoolSettings, Connection, Pool, PoolConfig, Runtime, Timeouts};
 
-use super::{Claimed, MetaError, MetaStore, Removal, StoredManifest, TagRecord, UseKind};
+use super::{
+    Claimed, JOBS_KEPT, MetaError, MetaStore, Removal, StoredManifest, TagRecord, UseKind,
+};
 use crate::rate::Rate;
 use crate::reference::Digest;
 
@@ -599,6 +603,60 @@ impl MetaStore for RedisMeta {
         true
     }
 
+    async fn save_job(&self, id: &str, record: &[u8]) -> Result<(), MetaError> {
+        let (key, jobs) = (self.key(&["job", id]), self.key(&["jobs"]));
+        let record = record.to_vec();
+        let id = id.to_owned();
+        let dropped: Vec<String> = self
+            .run(|mut c| async move {
+                let mut pipe = redis::pipe();
+                pipe.atomic()
+                    .set(&key, record)
+                    .ignore()
+                    .zadd(&jobs, &id, 0)
+                    .ignore()
+                    .zrange(&jobs, 0, -(JOBS_KEPT as isize) - 1);
+                let (dropped,): (Vec<String>,) = pipe.query_async(&mut c).await?;
+                Ok(dropped)
+            })
+            .await?;
+        if !dropped.is_empty() {
+            let keys: Vec<String> = dropped.iter().map(|id| self.key(&["job", id])).collect();
+            let jobs = self.key(&["jobs"]);
+            self.run(|mut c| async move {
+                let mut pipe = redis::pipe();
+                pipe.del(keys).ignore().zrem(jobs, dropped).ignore();
+                pipe.query_async::<()>(&mut c).await
+            })
+            .await?;
+        }
+        Ok(())
+    }
+
+    async fn job(&self, id: &str) -> Result<Option<Vec<u8>>, MetaError> {
+        let key = self.key(&["job", id]);
+        self.run(|mut c| async move { c.get(key).await }).await
+    }
+
+    async fn recent_jobs(&self, limit: usize) -> Result<Vec<Vec<u8>>, MetaError> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let jobs = self.key(&["jobs"]);
+        let stop = isize::try_from(limit).unwrap_or(isize::MAX) - 1;
+        let ids: Vec<String> = self
+            .run(|mut c| async move { c.zrevrange(jobs, 0, stop).await })
+            .await?;
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let keys: Vec<String> = ids.iter().map(|id| self.key(&["job", id])).collect();
+        let records: Vec<Option<Vec<u8>>> = self
+            .run(|mut c| async move { redis::cmd("MGET").arg(keys).query_async(&mut c).await })
+            .await?;
+        Ok(records.into_iter().flatten().collect())
+    }
+
     async fn health(&self) -> Result<(), MetaError> {
         self.run(|mut c| async move { redis::cmd("PING").query_async::<String>(&mut c).await })
             .await
@@ -627,6 +685,7 @@ mod tests {
         crate::meta::suite::uses_and_removals(&meta).await;
         crate::meta::suite::forgetting(&meta).await;
         crate::meta::suite::check_persisted(&meta).await;
+        crate::meta::suite::jobs(&meta).await;
     }
 
     #[tokio::test]

@@ -1,5 +1,5 @@
-//! A lease held while a long piece of upkeep runs (an eviction pass, a
-//! forget pass, a scrub): renewed in the background, and known to be lost
+//! A lease held while long work runs (an eviction pass, a forget pass, a
+//! scrub, a sync job): renewed in the background, and known to be lost
 //! once another process took it.
 
 use std::sync::Arc;
@@ -8,11 +8,11 @@ use std::time::Duration;
 
 use tokio::task::JoinHandle;
 
-use crate::meta::{MetaError, MetaStore};
+use super::{MetaError, MetaStore};
 
 pub struct Held {
     meta: Arc<dyn MetaStore>,
-    name: &'static str,
+    name: String,
     holder: String,
     lost: Arc<AtomicBool>,
     renewing: JoinHandle<()>,
@@ -22,7 +22,7 @@ impl Held {
     /// Takes lease `name` for `holder`; `None` while another holds it.
     pub async fn take(
         meta: &Arc<dyn MetaStore>,
-        name: &'static str,
+        name: &str,
         holder: &str,
         ttl: Duration,
     ) -> Result<Option<Held>, MetaError> {
@@ -31,24 +31,29 @@ impl Held {
         }
         let lost = Arc::new(AtomicBool::new(false));
         let renewing = tokio::spawn({
-            let (meta, holder, lost) = (meta.clone(), holder.to_owned(), lost.clone());
+            let (meta, name, holder, lost) = (
+                meta.clone(),
+                name.to_owned(),
+                holder.to_owned(),
+                lost.clone(),
+            );
             async move {
                 loop {
                     tokio::time::sleep(ttl / 4).await;
-                    match meta.renew_lease(name, &holder, ttl).await {
+                    match meta.renew_lease(&name, &holder, ttl).await {
                         Ok(true) => {}
                         Ok(false) => {
                             lost.store(true, Ordering::Relaxed);
                             return;
                         }
-                        Err(e) => tracing::warn!(lease = name, error = %e, "cannot renew a lease"),
+                        Err(e) => tracing::warn!(lease = %name, error = %e, "cannot renew a lease"),
                     }
                 }
             }
         });
         Ok(Some(Held {
             meta: meta.clone(),
-            name,
+            name: name.to_owned(),
             holder: holder.to_owned(),
             lost,
             renewing,
@@ -62,8 +67,8 @@ impl Held {
 
     pub async fn release(self) {
         self.renewing.abort();
-        if let Err(e) = self.meta.release_lease(self.name, &self.holder).await {
-            tracing::debug!(lease = self.name, error = %e, "cannot release a lease; it will lapse");
+        if let Err(e) = self.meta.release_lease(&self.name, &self.holder).await {
+            tracing::debug!(lease = %self.name, error = %e, "cannot release a lease; it will lapse");
         }
     }
 }

@@ -1,0 +1,22 @@
+//! Sync: images brought into the cache before anyone pulls them, through
+//! the same mirror pulls use, so a blob synced and pulled at once is
+//! fetched once across replicas.
+//!
+//! - `image`: images named as a client would pull them, routed and
+//!   checked as pulls are.
+//! - `platform`: which manifests of an index a list of platforms takes.
+//! - `run`: syncing one image (`Syncer`).
+//! - `job` and `jobs`: jobs kept in the metadata store, driven by whoever
+//!   holds their lease, taken over when that replica dies.
+
+mod image;
+mod job;
+mod jobs;
+mod platform;
+mod run;
+
+pub use image::{ImageError, ImageRef, parse_image};
+pub use job::{ImageJob, Job, State, is_id};
+pub use jobs::{Jobs, MAX_IMAGES, Report, SubmitError, SyncRequest};
+pub use platform::Platform;
+pub use run::{Progress, SyncError, Syncer};

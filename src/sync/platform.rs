@@ -1,0 +1,166 @@
+//! Platforms (`linux/arm64`, `linux/arm/v7`) and the entries of an image
+//! index that a list of them selects. Pure.
+
+use std::fmt;
+
+use serde::Deserialize;
+
+use crate::reference::Digest;
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Platform {
+    pub os: String,
+    pub architecture: String,
+    pub variant: Option<String>,
+}
+
+impl Platform {
+    /// `os/architecture[/variant]`, as `docker pull --platform` takes it.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let parts: Vec<&str> = text.trim().split('/').collect();
+        let ok = |p: &&str| {
+            !p.is_empty()
+                && p.len() <= 32
+                && p.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b'.')
+        };
+        match parts.as_slice() {
+            [os, arch] if ok(os) && ok(arch) => Ok(Self {
+                os: os.to_ascii_lowercase(),
+                architecture: arch.to_ascii_lowercase(),
+                variant: None,
+            }),
+            [os, arch, variant] if ok(os) && ok(arch) && ok(variant) => Ok(Self {
+                os: os.to_ascii_lowercase(),
+                architecture: arch.to_ascii_lowercase(),
+                variant: Some(variant.to_ascii_lowercase()),
+            }),
+            _ => Err(format!(
+                "{:?} is not a platform like linux/amd64 or linux/arm/v7",
+                text.chars().take(80).collect::<String>()
+            )),
+        }
+    }
+
+    /// Whether an index entry for `entry` is one this asks for: the same
+    /// OS and architecture, and the same variant when this names one.
+    pub fn selects(&self, entry: &Platform) -> bool {
+        self.os == entry.os
+            && self.architecture == entry.architecture
+            && (self.variant.is_none() || self.variant == entry.variant)
+    }
+}
+
+impl fmt::Display for Platform {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.os, self.architecture)?;
+        if let Some(v) = &self.variant {
+            write!(f, "/{v}")?;
+        }
+        Ok(())
+    }
+}
+
+/// A manifest an index lists.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Entry {
+    pub digest: Digest,
+    /// `None` when the index gives none (or one that cannot be read).
+    pub platform: Option<Platform>,
+}
+
+#[derive(Deserialize)]
+struct RawIndex {
+    manifests: Vec<RawEntry>,
+}
+
+#[derive(Deserialize)]
+struct RawEntry {
+    digest: String,
+    platform: Option<RawPlatform>,
+}
+
+#[derive(Deserialize)]
+struct RawPlatform {
+    os: String,
+    architecture: String,
+    variant: Option<String>,
+}
+
+/// The manifests an index lists, when `body` is an index (it has a
+/// `manifests` list); `None` for an image manifest.
+pub fn index_entries(body: &[u8]) -> Option<Vec<Entry>> {
+    let index: RawIndex = serde_json::from_slice(body).ok()?;
+    Some(
+        index
+            .manifests
+            .into_iter()
+            .filter_map(|e| {
+                Some(Entry {
+                    digest: Digest::parse(&e.digest).ok()?,
+                    platform: e.platform.map(|p| Platform {
+                        os: p.os.to_ascii_lowercase(),
+                        architecture: p.architecture.to_ascii_lowercase(),
+                        variant: p.variant.map(|v| v.to_ascii_lowercase()),
+                    }),
+                })
+            })
+            .collect(),
+    )
+}
+
+/// The entries `wanted` selects (all of them when it is empty).
+pub fn select(entries: &[Entry], wanted: &[Platform]) -> Vec<Entry> {
+    entries
+        .iter()
+        .filter(|e| {
+            wanted.is_empty()
+                || e.platform
+                    .as_ref()
+                    .is_some_and(|p| wanted.iter().any(|w| w.selects(p)))
+        })
+        .cloned()
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn platforms_read_and_select_as_docker_does() {
+        let arm64 = Platform::parse("linux/arm64").unwrap();
+        assert_eq!(arm64.to_string(), "linux/arm64");
+        let v8 = Platform::parse("linux/arm64/v8").unwrap();
+        assert!(arm64.selects(&v8));
+        assert!(!v8.selects(&Platform::parse("linux/arm64/v9").unwrap()));
+        assert!(!arm64.selects(&Platform::parse("linux/amd64").unwrap()));
+        for bad in ["linux", "linux/", "/amd64", "a/b/c/d", "linux/am d64", ""] {
+            assert!(Platform::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn an_index_lists_its_platforms_and_a_filter_picks_among_them() {
+        let d = |c: char| format!("sha256:{}", c.to_string().repeat(64));
+        let body = format!(
+            r#"{{"schemaVersion":2,"manifests":[
+                {{"digest":"{}","platform":{{"os":"linux","architecture":"amd64"}}}},
+                {{"digest":"{}","platform":{{"os":"linux","architecture":"arm64","variant":"v8"}}}},
+                {{"digest":"{}","platform":{{"os":"unknown","architecture":"unknown"}}}},
+                {{"digest":"{}"}}]}}"#,
+            d('a'),
+            d('b'),
+            d('c'),
+            d('e')
+        );
+        let entries = index_entries(body.as_bytes()).unwrap();
+        assert_eq!(entries.len(), 4);
+        assert_eq!(select(&entries, &[]).len(), 4);
+        let arm = select(&entries, &[Platform::parse("linux/arm64").unwrap()]);
+        assert_eq!(arm.len(), 1);
+        assert_eq!(arm[0].digest.to_string(), d('b'));
+        assert!(index_entries(br#"{"schemaVersion":2,"layers":[]}"#).is_none());
+    }
+}

@@ -1,0 +1,232 @@
+//! Syncing one image: its manifest (and, for an index, the manifests of
+//! the platforms asked for) and every blob they name, through the mirror
+//! as a pull goes. A blob being synced and pulled at once is fetched once
+//! across replicas: both join the same fetch.
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use futures::{StreamExt, TryStreamExt};
+use tokio::sync::Semaphore;
+
+use super::image::ImageRef;
+use super::job::ImageJob;
+use super::platform::{Platform, index_entries, select};
+use crate::descriptors::references;
+use crate::mirror::{Mirror, MirrorError};
+use crate::range::RangeSpec;
+use crate::reference::{Digest, Reference};
+use crate::route::Target;
+
+/// Blobs of one image fetched at once, as Docker pulls them.
+const PER_IMAGE: usize = 3;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SyncError {
+    #[error("{0}")]
+    Mirror(#[from] MirrorError),
+    #[error("{0}")]
+    NoPlatform(String),
+    #[error("reading blob {digest}: {detail}")]
+    Read { digest: Digest, detail: String },
+}
+
+impl SyncError {
+    /// Whether trying again later may succeed.
+    pub fn may_pass(&self) -> bool {
+        match self {
+            SyncError::Mirror(e) => e.may_pass(),
+            SyncError::NoPlatform(_) => false,
+            SyncError::Read { .. } => true,
+        }
+    }
+}
+
+/// How far one image's sync got, updated as bytes arrive.
+#[derive(Default)]
+pub struct Progress {
+    blobs_done: AtomicU64,
+    blobs_total: AtomicU64,
+    bytes_done: AtomicU64,
+    bytes_total: AtomicU64,
+    found: Mutex<Option<(String, Vec<String>)>>,
+}
+
+impl Progress {
+    /// Writes what is known so far into `image`.
+    pub fn apply(&self, image: &mut ImageJob) {
+        image.blobs_done = self.blobs_done.load(Ordering::Relaxed);
+        image.blobs_total = self.blobs_total.load(Ordering::Relaxed);
+        image.bytes_done = self.bytes_done.load(Ordering::Relaxed);
+        image.bytes_total = self.bytes_total.load(Ordering::Relaxed);
+        if let Some((digest, platforms)) = self
+            .found
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+        {
+            image.digest = Some(digest);
+            image.platforms = platforms;
+        }
+    }
+
+    fn blob_done(&self) {
+        self.blobs_done.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+pub struct Syncer {
+    mirror: Arc<Mirror>,
+    /// Blob fetches for sync on this replica.
+    slots: Semaphore,
+}
+
+impl Syncer {
+    pub fn new(mirror: Arc<Mirror>, max_concurrent: usize) -> Self {
+        Self {
+            mirror,
+            slots: Semaphore::new(max_concurrent.max(1)),
+        }
+    }
+
+    pub fn mirror(&self) -> &Arc<Mirror> {
+        &self.mirror
+    }
+
+    /// Brings `image` (the `platforms` of it; all when empty) into the
+    /// cache.
+    pub async fn sync(
+        &self,
+        image: &ImageRef,
+        platforms: &[Platform],
+        progress: &Progress,
+    ) -> Result<(), SyncError> {
+        let target = &image.target;
+        let top = self.mirror.manifest(target, &image.reference).await?;
+        let mut bodies = Vec::new();
+        let mut taken = Vec::new();
+        match index_entries(&top.manifest.bytes) {
+            Some(entries) => {
+                let chosen = select(&entries, platforms);
+                if chosen.is_empty() {
+                    return Err(SyncError::NoPlatform(no_platform(&entries, platforms)));
+                }
+                for entry in chosen {
+                    let child = Reference::Digest(entry.digest.clone());
+                    bodies.push(self.mirror.manifest(target, &child).await?.manifest.bytes);
+                    taken.extend(entry.platform.as_ref().map(Platform::to_string));
+                }
+            }
+            None => bodies.push(top.manifest.bytes.clone()),
+        }
+        *progress
+            .found
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some((top.digest.to_string(), taken));
+        let mut seen = HashSet::new();
+        let mut blobs: Vec<(Digest, Option<u64>)> = Vec::new();
+        for body in &bodies {
+            let refs = references(body);
+            for digest in refs.image_blobs {
+                if seen.insert(digest.clone()) {
+                    let size = refs.sizes.iter().find(|(d, _)| *d == digest).map(|s| s.1);
+                    blobs.push((digest, size));
+                }
+            }
+        }
+        progress
+            .blobs_total
+            .store(blobs.len() as u64, Ordering::Relaxed);
+        progress.bytes_total.store(
+            blobs.iter().filter_map(|(_, s)| *s).sum(),
+            Ordering::Relaxed,
+        );
+        futures::stream::iter(blobs)
+            .map(|(digest, size)| self.blob(target, digest, size, progress))
+            .buffer_unordered(PER_IMAGE)
+            .try_collect::<()>()
+            .await
+    }
+
+    /// Brings one blob into the cache. One already there is read one byte
+    /// of, so it counts as used (eviction keeps what was just synced) and
+    /// its repository may serve it, as a pull would find.
+    async fn blob(
+        &self,
+        target: &Target,
+        digest: Digest,
+        size: Option<u64>,
+        progress: &Progress,
+    ) -> Result<(), SyncError> {
+        if let Some(stored) = self.mirror.stored_size(&digest).await {
+            if stored > 0 {
+                let first = RangeSpec::From {
+                    start: 0,
+                    end: Some(0),
+                };
+                let body = self
+                    .mirror
+                    .blob(target, &digest, Some(first), false, false)
+                    .await?;
+                drain(body.stream, &digest, |_| {}).await?;
+            }
+            progress.bytes_done.fetch_add(stored, Ordering::Relaxed);
+            progress.blob_done();
+            return Ok(());
+        }
+        let _slot = self.slots.acquire().await;
+        let body = self
+            .mirror
+            .blob(target, &digest, None, false, false)
+            .await?;
+        let got = drain(body.stream, &digest, |n| {
+            progress.bytes_done.fetch_add(n, Ordering::Relaxed);
+        })
+        .await?;
+        if let Some(size) = size.filter(|s| *s != got) {
+            return Err(SyncError::Read {
+                digest,
+                detail: format!("{got} bytes, the manifest says {size}"),
+            });
+        }
+        progress.blob_done();
+        Ok(())
+    }
+}
+
+/// Reads a body to its end; the bytes read.
+async fn drain(
+    mut stream: futures::stream::BoxStream<'static, std::io::Result<bytes::Bytes>>,
+    digest: &Digest,
+    on_bytes: impl Fn(u64),
+) -> Result<u64, SyncError> {
+    let mut got = 0;
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|e| SyncError::Read {
+            digest: digest.clone(),
+            detail: e.to_string(),
+        })?;
+        got += chunk.len() as u64;
+        on_bytes(chunk.len() as u64);
+    }
+    Ok(got)
+}
+
+fn no_platform(entries: &[super::platform::Entry], wanted: &[Platform]) -> String {
+    let wanted: Vec<String> = wanted.iter().map(Platform::to_string).collect();
+    let mut has: Vec<String> = entries
+        .iter()
+        .filter_map(|e| e.platform.as_ref().map(Platform::to_string))
+        .collect();
+    has.dedup();
+    format!(
+        "the index has no manifest for {} (it has {})",
+        wanted.join(", "),
+        if has.is_empty() {
+            "none with a platform".to_owned()
+        } else {
+            has.join(", ")
+        }
+    )
+}

@@ -1,0 +1,325 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+//! Sync through the admin API, against a real upstream registry: images in
+//! the cache before anyone pulls them, only the platforms asked for, and an
+//! API that exists only with a token and refuses what a pull would.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::{Value, json};
+
+const TOKEN: &str = "test-admin-token-0123456789";
+
+fn admin_config() -> String {
+    format!("[admin]\ntoken = \"{TOKEN}\"\n[access]\ndeny = [\"docker.io/secret/**\"]\n")
+}
+
+async fn post_sync(pier: &Pier, token: Option<&str>, body: &Value) -> reqwest::Response {
+    let mut req = reqwest::Client::new()
+        .post(format!("{}/api/v1/sync", pier.url()))
+        .json(body);
+    if let Some(t) = token {
+        req = req.bearer_auth(t);
+    }
+    req.send().await.unwrap()
+}
+
+/// Waits (up to 60 s) for job `id` to finish; its record.
+async fn finished(pier: &Pier, id: &str) -> Value {
+    let http = reqwest::Client::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let job: Value = http
+            .get(format!("{}/api/v1/sync/{id}", pier.url()))
+            .bearer_auth(TOKEN)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if job["state"] == "done" || job["state"] == "failed" {
+            return job;
+        }
+        assert!(Instant::now() < deadline, "job not finished: {job}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn submit(pier: &Pier, body: Value) -> Value {
+    let resp = post_sync(pier, Some(TOKEN), &body).await;
+    assert_eq!(resp.status(), 202);
+    let id = resp.json::<Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    finished(pier, &id).await
+}
+
+/// Without a token the API does not exist; with one it refuses requests
+/// without it or with another, and refuses what a pull would refuse
+/// before contacting anything.
+#[tokio::test]
+async fn the_admin_api_exists_only_with_a_token_and_refuses_strangers() {
+    if !have_tools(&["docker-registry"]) {
+        return;
+    }
+    let docker = Upstream::start("docker");
+    let ups = [("docker.io", docker.url())];
+    let ups: Vec<(&str, &str)> = ups.iter().map(|(r, u)| (*r, u.as_str())).collect();
+    let body = json!({ "images": ["library/nginx:latest"] });
+
+    let (plain, _d) = Pier::start(&ups, "");
+    let resp = post_sync(&plain, Some(TOKEN), &body).await;
+    assert_eq!(resp.status(), 404);
+    let resp = reqwest::get(format!("{}/api/v1/sync", plain.url()))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 404);
+
+    let (pier, _d) = Pier::start(&ups, &admin_config());
+    let resp = post_sync(&pier, None, &body).await;
+    assert_eq!(resp.status(), 401);
+    assert_eq!(
+        resp.headers()["www-authenticate"],
+        "Bearer realm=\"pier-admin\""
+    );
+    assert_eq!(error_code(resp).await, "UNAUTHORIZED");
+    for wrong in ["nope", &TOKEN[..TOKEN.len() - 1], &format!("{TOKEN}x")] {
+        let resp = post_sync(&pier, Some(wrong), &body).await;
+        assert_eq!(resp.status(), 401, "{wrong}");
+    }
+    let listed = reqwest::get(format!("{}/api/v1/sync", pier.url()))
+        .await
+        .unwrap();
+    assert_eq!(listed.status(), 401);
+
+    // Refused as pulls are, and nothing contacted.
+    let before = docker.log().lines().count();
+    for (image, status, code) in [
+        ("evil.example.org/x/y:1", 404, "NAME_UNKNOWN"),
+        ("nowhere.pier.test/x:1", 404, "NAME_UNKNOWN"),
+        ("secret/plans:1", 403, "DENIED"),
+        ("Upper/Case:1", 400, "NAME_INVALID"),
+    ] {
+        let resp = post_sync(
+            &pier,
+            Some(TOKEN),
+            &json!({ "images": ["library/nginx:latest", image] }),
+        )
+        .await;
+        assert_eq!(resp.status(), status, "{image}");
+        let text = resp.text().await.unwrap();
+        assert!(
+            text.contains(code) && text.contains(image),
+            "{image}: {text}"
+        );
+    }
+    for (body, says) in [
+        (json!({ "images": [] }), "lists no image"),
+        (
+            json!({ "images": ["nginx"], "platforms": ["linux"] }),
+            "not a platform",
+        ),
+        (json!({ "image": ["nginx"] }), "must be JSON like"),
+    ] {
+        let resp = post_sync(&pier, Some(TOKEN), &body).await;
+        assert_eq!(resp.status(), 400, "{body}");
+        let text = resp.text().await.unwrap();
+        assert!(
+            text.contains("BAD_REQUEST") && text.contains(says),
+            "{text}"
+        );
+    }
+    let resp = reqwest::Client::new()
+        .get(format!("{}/api/v1/sync/0123456789abcdef0123", pier.url()))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 404);
+    assert_eq!(error_code(resp).await, "NOT_FOUND");
+    assert_eq!(
+        docker.log().lines().count(),
+        before,
+        "upstream was contacted"
+    );
+}
+
+/// A synced image pulls with its upstream stopped; a multi-arch index
+/// synced for one platform brings that platform's manifest and blobs and
+/// no other's; the job says what it did.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn synced_images_pull_with_the_upstream_stopped() {
+    if !have_tools(&["docker-registry", "skopeo"]) {
+        return;
+    }
+    let mut docker = Upstream::start("docker");
+    let ups = [("docker.io", docker.url())];
+    let ups: Vec<(&str, &str)> = ups.iter().map(|(r, u)| (*r, u.as_str())).collect();
+    let (pier, _d) = Pier::start(&ups, &admin_config());
+
+    // What the upstream's index says each platform is made of.
+    let http = reqwest::Client::new();
+    let accept =
+        "application/vnd.oci.image.index.v1+json,application/vnd.oci.image.manifest.v1+json";
+    let get = |path: String| {
+        let http = http.clone();
+        async move {
+            http.get(path)
+                .header("accept", accept)
+                .send()
+                .await
+                .unwrap()
+                .json::<Value>()
+                .await
+                .unwrap()
+        }
+    };
+    let base = format!("{}/v2/library/nginx", docker.url());
+    let index = get(format!("{base}/manifests/latest")).await;
+    let mut blobs_of = std::collections::HashMap::new();
+    for m in index["manifests"].as_array().unwrap() {
+        let arch = m["platform"]["architecture"].as_str().unwrap().to_owned();
+        let manifest = get(format!(
+            "{base}/manifests/{}",
+            m["digest"].as_str().unwrap()
+        ))
+        .await;
+        let mut blobs = vec![manifest["config"]["digest"].as_str().unwrap().to_owned()];
+        for l in manifest["layers"].as_array().unwrap() {
+            blobs.push(l["digest"].as_str().unwrap().to_owned());
+        }
+        blobs_of.insert(arch, blobs);
+    }
+    assert_eq!(blobs_of.len(), 2);
+    let requests_before = docker.log().lines().count();
+
+    let job = submit(
+        &pier,
+        json!({ "images": ["nginx"], "platforms": ["linux/arm64"] }),
+    )
+    .await;
+    assert_eq!(job["state"], "done", "{job}");
+    let image = &job["images"][0];
+    assert_eq!(image["source"], "docker.io/library/nginx:latest");
+    assert_eq!(image["digest"], digest_of("docker", "library/nginx:latest"));
+    assert_eq!(image["platforms"], json!(["linux/arm64/v8"]));
+    assert_eq!(image["blobs_done"], 3);
+    assert_eq!(image["blobs_total"], 3);
+    assert_eq!(image["bytes_done"], image["bytes_total"]);
+    assert!(image["bytes_total"].as_u64().unwrap() > 0);
+    let log: String = docker
+        .log()
+        .lines()
+        .skip(requests_before)
+        .collect::<Vec<_>>()
+        .join("\n");
+    for blob in &blobs_of["arm64"] {
+        assert_eq!(
+            log.matches(&format!("GET /v2/library/nginx/blobs/{blob}"))
+                .count(),
+            1,
+            "{blob}"
+        );
+    }
+    for blob in &blobs_of["amd64"] {
+        assert!(!log.contains(blob.as_str()), "amd64 blob {blob} fetched");
+    }
+    let manifests = log.matches("GET /v2/library/nginx/manifests/").count();
+    assert_eq!(manifests, 2, "the index and the arm64 manifest:\n{log}");
+
+    // A second image, whole; then the list shows both, newest first.
+    let job = submit(
+        &pier,
+        json!({ "images": ["docker.io/library/alpine:3.19"] }),
+    )
+    .await;
+    assert_eq!(job["state"], "done", "{job}");
+    let listed: Value = http
+        .get(format!("{}/api/v1/sync", pier.url()))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let jobs = listed["jobs"].as_array().unwrap();
+    assert_eq!(jobs.len(), 2);
+    assert_eq!(jobs[0]["id"], job["id"]);
+
+    docker.stop();
+    let out = tempfile::tempdir().unwrap();
+    let arm = skopeo_copy(
+        &format!("{}/library/nginx:latest", pier.host()),
+        out.path(),
+        &["--override-arch", "arm64"],
+    )
+    .await;
+    assert!(arm.ok, "{}", arm.stderr);
+    let out = tempfile::tempdir().unwrap();
+    let alpine = skopeo_copy(
+        &format!("{}/library/alpine:3.19", pier.host()),
+        out.path(),
+        &[],
+    )
+    .await;
+    assert!(alpine.ok, "{}", alpine.stderr);
+    assert_eq!(
+        manifest_digest_in(out.path()),
+        digest_of("docker", "library/alpine:3.19")
+    );
+    // amd64 was not synced: with upstream stopped it cannot be pulled.
+    let out = tempfile::tempdir().unwrap();
+    let amd = skopeo_copy(
+        &format!("{}/library/nginx:latest", pier.host()),
+        out.path(),
+        &["--override-arch", "amd64"],
+    )
+    .await;
+    assert!(!amd.ok);
+}
+
+/// An image that does not exist fails at once, naming why; one whose
+/// upstream is down is tried again, then fails.
+#[tokio::test]
+async fn a_failed_image_says_why() {
+    if !have_tools(&["docker-registry"]) {
+        return;
+    }
+    let docker = Upstream::start("docker");
+    let ups = [
+        ("docker.io", docker.url()),
+        ("quay.io", format!("http://127.0.0.1:{}", free_port())),
+    ];
+    let ups: Vec<(&str, &str)> = ups.iter().map(|(r, u)| (*r, u.as_str())).collect();
+    let extra = format!(
+        "{}[sync]\nretries = 2\nretry_after = \"200ms\"\n",
+        admin_config()
+    );
+    let (pier, _d) = Pier::start(&ups, &extra);
+    let job = submit(
+        &pier,
+        json!({ "images": ["library/nginx:9.9", "quay.io/x/y:1", "library/alpine:3.19"] }),
+    )
+    .await;
+    assert_eq!(job["state"], "failed", "{job}");
+    let images = job["images"].as_array().unwrap();
+    assert_eq!(images[0]["state"], "failed");
+    assert_eq!(images[0]["attempts"], 1);
+    assert!(
+        images[0]["error"].as_str().unwrap().contains("unknown"),
+        "{job}"
+    );
+    assert_eq!(images[1]["state"], "failed");
+    assert_eq!(images[1]["attempts"], 2);
+    assert!(
+        images[1]["error"].as_str().unwrap().contains("unavailable"),
+        "{job}"
+    );
+    assert_eq!(images[2]["state"], "done");
+}
