@@ -1,4 +1,5 @@
-//! The `pier` command: `serve`, `check-config`, `cache stats` and `gc`.
+//! The `pier` command: `serve`, `check-config`, `cache stats`, `gc` and
+//! `sync`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -48,6 +49,32 @@ enum Command {
         #[arg(long)]
         dry_run: bool,
     },
+    /// Bring images into the cache before anyone pulls them, and follow
+    /// the job to its end.
+    Sync(SyncArgs),
+}
+
+/// Where `pier sync` does its work.
+#[derive(clap::Args)]
+struct SyncArgs {
+    /// Images, as a client would pull them: `nginx:1.27`,
+    /// `registry.k8s.io/pause:3.9`, `m.example.com/docker.io/library/nginx@sha256:…`.
+    #[arg(required = true, value_name = "IMAGE")]
+    images: Vec<String>,
+    /// Only these platforms of a multi-platform image (repeat for more);
+    /// all of them when none is given.
+    #[arg(long = "platform", value_name = "OS/ARCH[/VARIANT]")]
+    platforms: Vec<String>,
+    /// The Pier to sync on (its admin API).
+    #[arg(long, env = "PIER_SERVER", default_value = "http://127.0.0.1:5000")]
+    server: String,
+    /// The server's `[admin] token`.
+    #[arg(long, env = "PIER_ADMIN_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// Sync here, into the stores this configuration names, with no
+    /// server (a CronJob, a CI step).
+    #[arg(long, short)]
+    config: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -69,21 +96,7 @@ fn load(path: Option<&PathBuf>) -> Result<Config, ExitCode> {
     })
 }
 
-/// Bytes in binary units, one decimal.
-fn human(n: u64) -> String {
-    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
-    let mut value = n as f64;
-    let mut unit = 0;
-    while value >= 1024.0 && unit < UNITS.len() - 1 {
-        value /= 1024.0;
-        unit += 1;
-    }
-    if unit == 0 {
-        format!("{n} B")
-    } else {
-        format!("{value:.1} {}", UNITS[unit])
-    }
-}
+use pier::sync::human;
 
 /// A Unix time in ms as a date.
 fn date_ms(ms: u64) -> String {
@@ -315,9 +328,101 @@ fn gc(config: &Config, dry_run: bool) -> Result<(), ExitCode> {
     Ok(())
 }
 
+fn sync(args: SyncArgs) -> Result<(), ExitCode> {
+    use std::io::IsTerminal;
+    let runtime = tokio::runtime::Runtime::new().map_err(|e| {
+        eprintln!("pier: cannot start the runtime: {e}");
+        ExitCode::FAILURE
+    })?;
+    let mut show = pier::sync::for_output(std::io::stderr().is_terminal());
+    let job = match &args.config {
+        Some(path) => {
+            let config = load(Some(path))?;
+            runtime.block_on(sync_here(&config, &args, show.as_mut()))?
+        }
+        None => {
+            let Some(token) = args.token.as_deref() else {
+                eprintln!(
+                    "pier: --token (or PIER_ADMIN_TOKEN) is needed to sync on {}; or sync here with --config",
+                    args.server
+                );
+                return Err(ExitCode::from(2));
+            };
+            runtime
+                .block_on(pier::sync::submit_and_follow(
+                    &args.server,
+                    token,
+                    &args.images,
+                    &args.platforms,
+                    show.as_mut(),
+                ))
+                .map_err(|e| {
+                    eprintln!("pier: {e}");
+                    ExitCode::FAILURE
+                })?
+        }
+    };
+    let failed: Vec<_> = job
+        .images
+        .iter()
+        .filter(|i| i.state == pier::sync::State::Failed)
+        .collect();
+    for image in &failed {
+        eprintln!(
+            "pier: {} failed: {}",
+            image.image,
+            image.error.as_deref().unwrap_or("no reason given")
+        );
+    }
+    if failed.is_empty() {
+        Ok(())
+    } else {
+        Err(ExitCode::FAILURE)
+    }
+}
+
+/// Works on the job in this process, with the configured stores.
+async fn sync_here(
+    config: &Config,
+    args: &SyncArgs,
+    show: &mut dyn pier::sync::Show,
+) -> Result<pier::sync::Job, ExitCode> {
+    let (mirror, _, meta) = pier::server::build_mirror(config).await.map_err(|e| {
+        eprintln!("pier: {e:#}");
+        ExitCode::FAILURE
+    })?;
+    let syncer = Arc::new(pier::sync::Syncer::new(
+        mirror.clone(),
+        config.sync.max_concurrent,
+    ));
+    let jobs = pier::sync::Jobs::new(meta, syncer, &config.sync);
+    let request = pier::sync::SyncRequest {
+        images: args.images.clone(),
+        platforms: args.platforms.clone(),
+    };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    let mut job = jobs.prepare(request, now).map_err(|e| {
+        eprintln!("pier: {e}");
+        ExitCode::from(2)
+    })?;
+    jobs.work(&mut job, &mut pier::sync::Shown(show)).await;
+    // Fetches joined from elsewhere store before the process ends.
+    mirror.begin_shutdown();
+    mirror
+        .shutdown(tokio::time::Instant::now() + config.server.shutdown_grace)
+        .await;
+    Ok(job)
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
+        Command::Sync(args) => match sync(args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(code) => code,
+        },
         Command::Cache {
             action: CacheAction::Stats { config },
         } => match load(config.as_ref()).and_then(|c| cache_stats(&c)) {

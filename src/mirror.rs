@@ -179,6 +179,15 @@ impl Mirror {
             .ok_or_else(|| MirrorError::NameUnknown(format!("no upstream {}", target.registry)))
     }
 
+    /// Waits (up to `limit`) until no fetch of `digest` runs here: what it
+    /// fetched is stored by then, or never will be.
+    pub async fn fetch_settled(&self, digest: &Digest, limit: Duration) {
+        let deadline = tokio::time::Instant::now() + limit;
+        while self.flights.is_running(digest) && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// Shutdown begins: fetches that wait for their clients before
     /// storing store at once, within the grace period.
     pub fn begin_shutdown(&self) {
@@ -196,6 +205,10 @@ impl Mirror {
             tracing::warn!(fetches = left, "abandoning unfinished fetches");
         }
         self.cluster.release_all().await;
+        // Uses noted since the last batch are not lost with the process.
+        if let Some(uses) = &self.uses {
+            uses.flush().await;
+        }
     }
 
     /// Whether storage and metadata answer.

@@ -8,15 +8,21 @@
 //! - `run`: syncing one image (`Syncer`).
 //! - `job` and `jobs`: jobs kept in the metadata store, driven by whoever
 //!   holds their lease, taken over when that replica dies.
+//! - `client` and `show`: `pier sync`, following a job on a server (or
+//!   working on one here) with progress bars or lines.
 
+mod client;
 mod image;
 mod job;
 mod jobs;
 mod platform;
 mod run;
+mod show;
 
+pub use client::{ClientError, submit_and_follow};
 pub use image::{ImageError, ImageRef, parse_image};
 pub use job::{ImageJob, Job, State, is_id};
 pub use jobs::{Jobs, MAX_IMAGES, Report, SubmitError, SyncRequest};
 pub use platform::Platform;
 pub use run::{Progress, SyncError, Syncer};
+pub use show::{Show, Shown, for_output, human};

@@ -323,3 +323,256 @@ async fn a_failed_image_says_why() {
     );
     assert_eq!(images[2]["state"], "done");
 }
+
+fn pier_sync(args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_pier"))
+        .arg("sync")
+        .args(args)
+        .env_remove("PIER_SERVER")
+        .env_remove("PIER_ADMIN_TOKEN")
+        .envs(env.iter().copied())
+        .output()
+        .unwrap()
+}
+
+/// `pier sync` against a running Pier: it follows the job with a line per
+/// change when its output is not a terminal, exits 0, and the images then
+/// pull with the upstream stopped; a failed image makes it exit non-zero,
+/// naming the image and why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pier_sync_follows_the_job_and_says_what_failed() {
+    if !have_tools(&["docker-registry", "skopeo"]) {
+        return;
+    }
+    let mut docker = Upstream::start("docker");
+    let ups = [("docker.io", docker.url())];
+    let ups: Vec<(&str, &str)> = ups.iter().map(|(r, u)| (*r, u.as_str())).collect();
+    let (pier, _d) = Pier::start(&ups, &admin_config());
+    let server = pier.url();
+
+    let out = pier_sync(
+        &["--server", &server, "library/alpine:3.18", "bitnami/nginx"],
+        &[("PIER_ADMIN_TOKEN", TOKEN)],
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let alpine = digest_of("docker", "library/alpine:3.18");
+    let short = &alpine[7..19];
+    assert!(
+        stdout
+            .lines()
+            .any(|l| l.starts_with("library/alpine:3.18: done ") && l.contains(short)),
+        "{stdout}"
+    );
+    assert!(stdout.contains("bitnami/nginx: done "), "{stdout}");
+
+    let out = pier_sync(
+        &["--server", &server, "--token", TOKEN, "library/nosuch:1"],
+        &[],
+    );
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("pier: library/nosuch:1 failed: ") && stderr.contains("unknown"),
+        "{stderr}"
+    );
+    let out = pier_sync(
+        &[
+            "--server",
+            &server,
+            "--token",
+            "wrong-token-0000000000",
+            "nginx",
+        ],
+        &[],
+    );
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("refused (401)"));
+    let out = pier_sync(&["--server", &server, "nginx"], &[]);
+    assert_eq!(out.status.code(), Some(2));
+
+    docker.stop();
+    for (image, template) in [
+        ("library/alpine:3.18", "library/alpine:3.18"),
+        ("bitnami/nginx:latest", "bitnami/nginx:latest"),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let run = skopeo_copy(&format!("{}/{image}", pier.host()), dir.path(), &[]).await;
+        assert!(run.ok, "{image}: {}", run.stderr);
+        assert_eq!(
+            manifest_digest_in(dir.path()),
+            digest_of("docker", template)
+        );
+    }
+}
+
+/// Under a terminal, `pier sync` draws progress bars.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pier_sync_draws_bars_on_a_terminal() {
+    if !have_tools(&["docker-registry", "script"]) {
+        return;
+    }
+    let docker = Upstream::start("docker");
+    let ups = [("docker.io", docker.url())];
+    let ups: Vec<(&str, &str)> = ups.iter().map(|(r, u)| (*r, u.as_str())).collect();
+    let (pier, _d) = Pier::start(&ups, &admin_config());
+    // `script` runs the command under a pseudo-terminal and copies what it
+    // draws.
+    let command = format!(
+        "{} sync --server {} --token {TOKEN} library/big:latest",
+        env!("CARGO_BIN_EXE_pier"),
+        pier.url()
+    );
+    let out = std::process::Command::new("script")
+        .args(["-qefc", &command, "/dev/null"])
+        .env("COLUMNS", "120")
+        .env("TERM", "xterm")
+        .output()
+        .unwrap();
+    let drawn = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{drawn}");
+    // A bar's frame, a size against the total, and the end.
+    assert!(drawn.contains("library/big:latest"), "{drawn}");
+    assert!(drawn.contains("\u{1b}["), "no terminal drawing: {drawn}");
+    assert!(drawn.contains("MiB") && drawn.contains("done "), "{drawn}");
+}
+
+/// A job outlives the replica that accepted it: that replica is killed
+/// while it runs the job, and the other finishes it; the image then pulls
+/// from the other with the upstream stopped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_outlives_the_replica_that_accepted_it() {
+    if !have_tools(&["docker-registry", "skopeo"]) {
+        return;
+    }
+    let mut docker = Upstream::start("docker");
+    let ns = format!("sync{:x}", rand::random::<u64>());
+    let ups = [("docker.io", docker.url())];
+    let ups: Vec<(&str, &str)> = ups.iter().map(|(r, u)| (*r, u.as_str())).collect();
+    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let admin = format!("[admin]\ntoken = \"{TOKEN}\"\n");
+    let Some(config) = scaled_config(da.path(), &ns, &ups, "", None, "") else {
+        return;
+    };
+    let mut a = PierProcess::start(&format!("{config}{admin}"));
+    let config = scaled_config(db.path(), &ns, &ups, "", None, "").unwrap();
+    let b = Pier::start_raw(db.path(), &format!("{config}{admin}"));
+
+    let http = reqwest::Client::new();
+    let resp = http
+        .post(format!("{}/api/v1/sync", a.url()))
+        .bearer_auth(TOKEN)
+        .json(&json!({ "images": ["library/big:latest", "library/alpine:3.17"] }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 202);
+    let id = resp.json::<Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    // Killed once the job runs there (as the other replica sees it).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let job: Value = http
+            .get(format!("{}/api/v1/sync/{id}", b.url()))
+            .bearer_auth(TOKEN)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_ne!(job["state"], "done", "finished before the kill: {job}");
+        if job["state"] == "running" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{job}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    a.kill();
+    let job = finished(&b, &id).await;
+    assert_eq!(job["state"], "done", "{job}");
+    assert!(
+        job["images"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|i| i["state"] == "done")
+    );
+
+    docker.stop();
+    for (image, digest) in [
+        (
+            "library/big:latest",
+            digest_of("docker", "library/big:latest"),
+        ),
+        (
+            "library/alpine:3.17",
+            digest_of("docker", "library/alpine:3.17"),
+        ),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let run = skopeo_copy(&format!("{}/{image}", b.host()), dir.path(), &[]).await;
+        assert!(run.ok, "{image}: {}", run.stderr);
+        assert_eq!(manifest_digest_in(dir.path()), digest);
+    }
+}
+
+/// `pier sync --config` works with no server: straight into the stores the
+/// configuration names, which a Pier started on them then serves with the
+/// upstream stopped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pier_sync_with_a_config_fills_the_stores_without_a_server() {
+    if !have_tools(&["docker-registry", "skopeo"]) {
+        return;
+    }
+    let mut docker = Upstream::start("docker");
+    let data = tempfile::tempdir().unwrap();
+    let config = format!(
+        "builtin_upstreams = false\n[storage]\nkind = \"fs\"\npath = \"{}\"\n\
+         [[upstreams]]\nregistry = \"docker.io\"\nendpoints = [\"{}\"]\n",
+        data.path().display(),
+        docker.url()
+    );
+    let file = data.path().join("pier.toml");
+    std::fs::write(&file, &config).unwrap();
+    let out = pier_sync(
+        &[
+            "--config",
+            file.to_str().unwrap(),
+            "alpine:3.16",
+            "--platform",
+            "linux/amd64",
+        ],
+        &[],
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("alpine:3.16: done "), "{stdout}");
+
+    docker.stop();
+    let ups = [("docker.io", docker.url())];
+    let ups: Vec<(&str, &str)> = ups.iter().map(|(r, u)| (*r, u.as_str())).collect();
+    let pier = Pier::start_in(data.path(), &ups, "");
+    let dir = tempfile::tempdir().unwrap();
+    let run = skopeo_copy(
+        &format!("{}/library/alpine:3.16", pier.host()),
+        dir.path(),
+        &[],
+    )
+    .await;
+    assert!(run.ok, "{}", run.stderr);
+    assert_eq!(
+        manifest_digest_in(dir.path()),
+        digest_of("docker", "library/alpine:3.16")
+    );
+}

@@ -23,7 +23,7 @@ pub const MAX_IMAGES: usize = 1000;
 const LOOK_EVERY: Duration = Duration::from_secs(10);
 /// A job's lease: another replica takes the job over this long after its
 /// driver stops renewing it.
-const LEASE_TTL: Duration = Duration::from_secs(30);
+const LEASE_TTL: Duration = Duration::from_secs(15);
 /// How often a running job's record is brought up to date.
 const REPORT_EVERY: Duration = Duration::from_secs(1);
 /// Jobs looked at for takeover.

@@ -21,6 +21,8 @@ use crate::route::Target;
 
 /// Blobs of one image fetched at once, as Docker pulls them.
 const PER_IMAGE: usize = 3;
+/// How long a blob fetched may take to be stored after its last byte.
+const STORE_WITHIN: std::time::Duration = std::time::Duration::from_secs(600);
 
 #[derive(Debug, thiserror::Error)]
 pub enum SyncError {
@@ -30,6 +32,8 @@ pub enum SyncError {
     NoPlatform(String),
     #[error("reading blob {digest}: {detail}")]
     Read { digest: Digest, detail: String },
+    #[error("blob {0} was fetched but not stored (is the store full?)")]
+    NotStored(Digest),
 }
 
 impl SyncError {
@@ -38,7 +42,7 @@ impl SyncError {
         match self {
             SyncError::Mirror(e) => e.may_pass(),
             SyncError::NoPlatform(_) => false,
-            SyncError::Read { .. } => true,
+            SyncError::Read { .. } | SyncError::NotStored(_) => true,
         }
     }
 }
@@ -189,6 +193,12 @@ impl Syncer {
                 digest,
                 detail: format!("{got} bytes, the manifest says {size}"),
             });
+        }
+        // Synced means stored: a fetch may store only once its last reader
+        // is done.
+        self.mirror.fetch_settled(&digest, STORE_WITHIN).await;
+        if self.mirror.stored_size(&digest).await.is_none() {
+            return Err(SyncError::NotStored(digest));
         }
         progress.blob_done();
         Ok(())
