@@ -66,6 +66,28 @@ pub struct SyncConfig {
     pub retries: u32,
     #[serde(with = "humantime_serde")]
     pub retry_after: Duration,
+    /// Images kept synced: `[[sync.images]]`.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub images: Vec<SyncListConfig>,
+}
+
+/// A repository whose chosen tags are synced again every `interval`, by
+/// one replica at a time.
+#[derive(Clone, Debug, Serialize)]
+pub struct SyncListConfig {
+    /// A repository as a client would pull it, without a tag.
+    pub image: String,
+    /// These tags; or, with `tag_pattern`, those of upstream's tag list
+    /// that it matches (a regular expression).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub tags: Vec<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tag_pattern: Option<String>,
+    /// Only these platforms of an index; all when empty.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub platforms: Vec<String>,
+    #[serde(with = "humantime_serde")]
+    pub interval: Duration,
 }
 
 /// Allow and deny lists of image patterns: globs over

@@ -309,6 +309,62 @@ impl fmt::Display for Reference {
     }
 }
 
+/// A platform (`linux/arm64`, `linux/arm/v7`), as `docker pull --platform`
+/// names one.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Platform {
+    pub os: String,
+    pub architecture: String,
+    pub variant: Option<String>,
+}
+
+impl Platform {
+    /// `os/architecture[/variant]`, as `docker pull --platform` takes it.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let parts: Vec<&str> = text.trim().split('/').collect();
+        let ok = |p: &&str| {
+            !p.is_empty()
+                && p.len() <= 32
+                && p.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b'.')
+        };
+        match parts.as_slice() {
+            [os, arch] if ok(os) && ok(arch) => Ok(Self {
+                os: os.to_ascii_lowercase(),
+                architecture: arch.to_ascii_lowercase(),
+                variant: None,
+            }),
+            [os, arch, variant] if ok(os) && ok(arch) && ok(variant) => Ok(Self {
+                os: os.to_ascii_lowercase(),
+                architecture: arch.to_ascii_lowercase(),
+                variant: Some(variant.to_ascii_lowercase()),
+            }),
+            _ => Err(format!(
+                "{:?} is not a platform like linux/amd64 or linux/arm/v7",
+                text.chars().take(80).collect::<String>()
+            )),
+        }
+    }
+
+    /// Whether an index entry for `entry` is one this asks for: the same
+    /// OS and architecture, and the same variant when this names one.
+    pub fn selects(&self, entry: &Platform) -> bool {
+        self.os == entry.os
+            && self.architecture == entry.architecture
+            && (self.variant.is_none() || self.variant == entry.variant)
+    }
+}
+
+impl fmt::Display for Platform {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.os, self.architecture)?;
+        if let Some(v) = &self.variant {
+            write!(f, "/{v}")?;
+        }
+        Ok(())
+    }
+}
+
 /// Error messages quote the input; keep hostile input from bloating them.
 fn truncate(s: &str) -> String {
     match s.char_indices().nth(80) {

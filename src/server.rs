@@ -204,8 +204,11 @@ pub async fn serve(
     let syncer = Arc::new(Syncer::new(mirror.clone(), config.sync.max_concurrent));
     let jobs = Arc::new(Jobs::new(meta, syncer, &config.sync));
     let admin = Admin::new(&config.admin, jobs.clone()).map(Arc::new);
-    if admin.is_some() {
+    if admin.is_some() || !config.sync.images.is_empty() {
         jobs.spawn_takeover();
+    }
+    if !config.sync.images.is_empty() {
+        crate::sync::keep_lists_synced(jobs.clone(), config.sync.images.clone());
     }
     let app = crate::api::router(mirror.clone(), limits, admin);
     let settings = config.server.clone();

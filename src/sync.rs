@@ -8,6 +8,7 @@
 //! - `run`: syncing one image (`Syncer`).
 //! - `job` and `jobs`: jobs kept in the metadata store, driven by whoever
 //!   holds their lease, taken over when that replica dies.
+//! - `lists`: `[[sync.images]]`, synced again every interval.
 //! - `client` and `show`: `pier sync`, following a job on a server (or
 //!   working on one here) with progress bars or lines.
 
@@ -15,14 +16,16 @@ mod client;
 mod image;
 mod job;
 mod jobs;
+mod lists;
 mod platform;
 mod run;
 mod show;
 
+pub use crate::reference::Platform;
 pub use client::{ClientError, submit_and_follow};
 pub use image::{ImageError, ImageRef, parse_image};
 pub use job::{ImageJob, Job, State, is_id};
 pub use jobs::{Jobs, MAX_IMAGES, Report, SubmitError, SyncRequest};
-pub use platform::Platform;
+pub use lists::spawn as keep_lists_synced;
 pub use run::{Progress, SyncError, Syncer};
 pub use show::{Show, Shown, for_output, human};

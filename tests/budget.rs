@@ -13,38 +13,6 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
-/// Writes an image (`gen_images.py` with `args`) and pushes it to
-/// `repo_tag` on `upstream`; the digest of its manifest.
-fn push_image(upstream: &Upstream, dir: &Path, repo_tag: &str, args: &[&str]) -> String {
-    let layout = dir.join(repo_tag.replace(['/', ':'], "_"));
-    let out = Command::new("python3")
-        .arg(repo_root().join("tests/fixtures/gen_images.py"))
-        .arg("--out")
-        .arg(&layout)
-        .args(["--tag", "v1", "--print-digest", "--seed", repo_tag])
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    upstream.push_oci(&layout, "v1", repo_tag);
-    String::from_utf8(out.stdout).unwrap().trim().to_owned()
-}
-
-/// An image of two random layers of `layer_size` bytes, pushed.
-fn push_generated(upstream: &Upstream, dir: &Path, repo_tag: &str, layer_size: usize) -> String {
-    let size = layer_size.to_string();
-    push_image(
-        upstream,
-        dir,
-        repo_tag,
-        &["--layers", "2", "--layer-size", &size],
-    )
-}
-
 /// Bytes of the blobs under the store.
 fn stored_bytes(data: &Path) -> u64 {
     fn walk(dir: &Path) -> u64 {

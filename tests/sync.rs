@@ -576,3 +576,90 @@ async fn pier_sync_with_a_config_fills_the_stores_without_a_server() {
         digest_of("docker", "library/alpine:3.16")
     );
 }
+
+/// A `[[sync.images]]` entry with a `tag_pattern` picks up a tag pushed
+/// upstream after Pier started, within its interval, and leaves the tags it
+/// does not match; its runs are jobs the API lists, and the metrics say how
+/// the last one went.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sync_list_picks_up_a_new_tag_within_its_interval() {
+    if !have_tools(&["docker-registry", "skopeo", "python3"]) {
+        return;
+    }
+    let mut docker = Upstream::start("docker");
+    let work = tempfile::tempdir().unwrap();
+    let v1 = push_generated(&docker, work.path(), "lists/app:1.0", 1000);
+    let extra = format!(
+        "{}[[sync.images]]\nimage = \"docker.io/lists/app\"\ntag_pattern = '^1\\.'\ninterval = \"2s\"\n",
+        admin_config()
+    );
+    let ups = [("docker.io", docker.url())];
+    let ups: Vec<(&str, &str)> = ups.iter().map(|(r, u)| (*r, u.as_str())).collect();
+    let (pier, _d) = Pier::start(&ups, &extra);
+    let http = reqwest::Client::new();
+    let listed = async |pier: &Pier| -> Vec<Value> {
+        let v: Value = http
+            .get(format!("{}/api/v1/sync", pier.url()))
+            .bearer_auth(TOKEN)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        v["jobs"].as_array().unwrap().clone()
+    };
+    // Waits until a finished job of the list synced `source`.
+    let synced = async |source: &str| {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let jobs = listed(&pier).await;
+            let done = jobs.iter().any(|j| {
+                j["list"] == "docker.io/lists/app"
+                    && j["state"] == "done"
+                    && j["images"]
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .any(|i| i["source"] == source)
+            });
+            if done {
+                return jobs;
+            }
+            assert!(Instant::now() < deadline, "{source} not synced: {jobs:?}");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    };
+    synced("docker.io/lists/app:1.0").await;
+    let v2 = push_generated(&docker, work.path(), "lists/app:1.1", 1000);
+    push_generated(&docker, work.path(), "lists/app:2.0", 1000);
+    let jobs = synced("docker.io/lists/app:1.1").await;
+    assert!(
+        !jobs
+            .iter()
+            .flat_map(|j| j["images"].as_array().unwrap().iter())
+            .any(|i| i["source"] == "docker.io/lists/app:2.0"),
+        "2.0 does not match the pattern"
+    );
+    let text = reqwest::get(format!("{}/metrics", pier.url()))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        text.contains("pier_sync_images{image=\"docker.io/lists/app\",state=\"failed\"} 0"),
+        "{text}"
+    );
+    assert!(
+        text.contains("pier_sync_last_success_timestamp_seconds{image=\"docker.io/lists/app\"}")
+    );
+
+    docker.stop();
+    for (tag, digest) in [("1.0", v1), ("1.1", v2)] {
+        let dir = tempfile::tempdir().unwrap();
+        let run = skopeo_copy(&format!("{}/lists/app:{tag}", pier.host()), dir.path(), &[]).await;
+        assert!(run.ok, "{tag}: {}", run.stderr);
+        assert_eq!(manifest_digest_in(dir.path()), digest);
+    }
+}

@@ -138,6 +138,18 @@ pub struct FileSync {
     pub retries: Option<u32>,
     #[serde(default, with = "humantime_serde")]
     pub retry_after: Option<Duration>,
+    pub images: Option<Vec<FileSyncImage>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileSyncImage {
+    pub image: Option<String>,
+    pub tags: Option<Vec<String>>,
+    pub tag_pattern: Option<String>,
+    pub platforms: Option<Vec<String>>,
+    #[serde(default, with = "humantime_serde")]
+    pub interval: Option<Duration>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -503,3 +503,48 @@ fn egress_refuse_adds_networks() {
     let e = load("[egress]\nallow = []\n", &[]).unwrap_err();
     assert!(e.to_string().contains("allow"), "{e}");
 }
+
+#[test]
+fn admin_and_sync_settings_are_checked() {
+    let d = load("", &[]).unwrap();
+    assert!(d.admin.token.is_none());
+    assert_eq!(d.sync.max_concurrent, 4);
+    assert_eq!(d.sync.retries, 3);
+    assert_eq!(d.sync.retry_after, Duration::from_secs(300));
+    let c = load(
+        "[admin]\nallow_from = [\"10.0.0.0/8\"]\n[sync]\nmax_concurrent = 2\n\
+         [[sync.images]]\nimage = \"docker.io/library/nginx\"\ntag_pattern = '^1\\.2[5-9]\\.'\n\
+         platforms = [\"linux/arm64\"]\ninterval = \"1h\"\n\
+         [[sync.images]]\nimage = \"registry.k8s.io/pause\"\ntags = [\"3.9\", \"3.10\"]\n",
+        &[("PIER_ADMIN__TOKEN", "0123456789abcdef0123")],
+    )
+    .unwrap();
+    assert_eq!(c.admin.token.as_ref().unwrap().expose(), "0123456789abcdef0123");
+    assert_eq!(c.admin.allow_from.len(), 1);
+    assert_eq!(c.sync.max_concurrent, 2);
+    assert_eq!(c.sync.images.len(), 2);
+    assert_eq!(c.sync.images[0].interval, Duration::from_secs(3600));
+    assert_eq!(c.sync.images[1].interval, Duration::from_secs(6 * 3600));
+    // The token is never printed.
+    assert!(!c.to_masked_toml().contains("0123456789abcdef"));
+    for (text, key) in [
+        ("[admin]\ntoken = \"short\"\n", "admin.token"),
+        ("[admin]\nallow_from = [\"nowhere\"]\n", "admin.allow_from"),
+        ("[sync]\nmax_concurrent = 0\n", "sync.max_concurrent"),
+        ("[[sync.images]]\ntags = [\"1\"]\n", "sync.images[0].image"),
+        ("[[sync.images]]\nimage = \"nginx\"\n", "sync.images[0]"),
+        (
+            "[[sync.images]]\nimage = \"nginx\"\ntags = [\"1\"]\ntag_pattern = \"1\"\n",
+            "sync.images[0]",
+        ),
+        ("[[sync.images]]\nimage = \"nginx:1.25\"\ntags = [\"1\"]\n", "sync.images[0].image"),
+        ("[[sync.images]]\nimage = \"nginx\"\ntag_pattern = \"(\"\n", "tag_pattern"),
+        (
+            "[[sync.images]]\nimage = \"nginx\"\ntags = [\"1\"]\nplatforms = [\"arm64\"]\n",
+            "sync.images[0].platforms[0]",
+        ),
+    ] {
+        let e = load(text, &[]).unwrap_err().to_string();
+        assert!(e.contains(key), "{text}: {e}");
+    }
+}

@@ -8,12 +8,13 @@ use url::Url;
 
 use super::builtin::{DEFAULT_TAG_TTL, builtin_routes, builtin_upstreams};
 use super::file::{
-    ByteSize, FileCache, FileConfig, FileMetadata, FileServer, FileStorage, FileUpstream,
+    ByteSize, FileCache, FileConfig, FileMetadata, FileServer, FileStorage, FileSyncImage,
+    FileUpstream,
 };
 use super::{
     AccessConfig, AdminConfig, CacheConfig, ClusterConfig, Config, ConfigError, EgressConfig,
     FetchConfig, LimitsConfig, LogFormat, MaxAge, MetadataConfig, MinFree, RouteConfig, S3Config,
-    Secret, ServerConfig, StorageConfig, SyncConfig, TimeoutConfig, UpstreamConfig,
+    Secret, ServerConfig, StorageConfig, SyncConfig, SyncListConfig, TimeoutConfig, UpstreamConfig,
 };
 
 const DEFAULT_LISTEN: &str = "0.0.0.0:5000";
@@ -134,6 +135,7 @@ pub fn build(raw: FileConfig) -> Result<Config, ConfigError> {
         },
         retries: sy.retries.unwrap_or(3),
         retry_after: positive(&mut p, "sync.retry_after", sy.retry_after, 300),
+        images: sync_images(sy.images.unwrap_or_default(), &mut p),
     };
 
     let c = raw.cluster.unwrap_or_default();
@@ -290,6 +292,57 @@ fn cache(c: FileCache, p: &mut Problems) -> CacheConfig {
         max_age,
         pinned,
     }
+}
+
+/// `[[sync.images]]` entries: a repository (no tag), and either `tags` or
+/// a `tag_pattern` that compiles.
+fn sync_images(file: Vec<FileSyncImage>, p: &mut Problems) -> Vec<SyncListConfig> {
+    let mut list = Vec::new();
+    for (i, f) in file.into_iter().enumerate() {
+        let key = format!("sync.images[{i}]");
+        let Some(image) = f.image.filter(|s| !s.trim().is_empty()) else {
+            p.add(&format!("{key}.image"), "is required".into());
+            continue;
+        };
+        let last = image.rsplit('/').next().unwrap_or("");
+        if image.contains('@') || last.contains(':') {
+            p.add(
+                &format!("{key}.image"),
+                format!("{image:?} names a tag or digest: name the repository, and tags in `tags`"),
+            );
+        }
+        let tags = f.tags.unwrap_or_default();
+        match (&f.tag_pattern, tags.is_empty()) {
+            (Some(_), false) | (None, true) => p.add(
+                &key,
+                "needs either `tags` or `tag_pattern` (a regular expression over upstream's tags)"
+                    .into(),
+            ),
+            (Some(pattern), true) => {
+                if let Err(e) = regex::Regex::new(pattern) {
+                    p.add(
+                        &format!("{key}.tag_pattern"),
+                        format!("{pattern:?} is not a regular expression: {e}"),
+                    );
+                }
+            }
+            (None, false) => {}
+        }
+        let platforms = f.platforms.unwrap_or_default();
+        for (j, platform) in platforms.iter().enumerate() {
+            if let Err(why) = crate::reference::Platform::parse(platform) {
+                p.add(&format!("{key}.platforms[{j}]"), why);
+            }
+        }
+        list.push(SyncListConfig {
+            image,
+            tags,
+            tag_pattern: f.tag_pattern,
+            platforms,
+            interval: positive(p, &format!("{key}.interval"), f.interval, 6 * 3600),
+        });
+    }
+    list
 }
 
 /// `"30d"`, or `"off"` to keep content whatever its age.

@@ -72,6 +72,10 @@ pub struct Job {
     pub images: Vec<ImageJob>,
     pub created_ms: u64,
     pub updated_ms: u64,
+    /// The `[[sync.images]]` entry (its image) that made the job, if one
+    /// did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub list: Option<String>,
 }
 
 impl Job {
@@ -126,6 +130,7 @@ mod tests {
             ],
             created_ms: 1,
             updated_ms: 1,
+            list: None,
         };
         job.settle();
         assert_eq!(job.state, State::Pending);

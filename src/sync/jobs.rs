@@ -12,10 +12,10 @@ use serde::Deserialize;
 
 use super::image::{ImageError, ImageRef, parse_image};
 use super::job::{ImageJob, Job, State, new_id};
-use super::platform::Platform;
 use super::run::{Progress, Syncer};
 use crate::config::SyncConfig;
 use crate::meta::{Held, MetaError, MetaStore};
+use crate::reference::Platform;
 
 /// Images one job may name.
 pub const MAX_IMAGES: usize = 1000;
@@ -73,8 +73,8 @@ pub enum SubmitError {
 }
 
 pub struct Jobs {
-    meta: Arc<dyn MetaStore>,
-    syncer: Arc<Syncer>,
+    pub(super) meta: Arc<dyn MetaStore>,
+    pub(super) syncer: Arc<Syncer>,
     retries: u32,
     retry_after: Duration,
     holder: String,
@@ -127,10 +127,11 @@ impl Jobs {
             images,
             created_ms: now_ms,
             updated_ms: now_ms,
+            list: None,
         })
     }
 
-    fn parse(&self, image: &str) -> Result<ImageRef, ImageError> {
+    pub fn parse(&self, image: &str) -> Result<ImageRef, ImageError> {
         let mirror = self.syncer.mirror();
         parse_image(image, &mirror.router, &mirror.policy)
     }
@@ -141,6 +142,14 @@ impl Jobs {
         self.meta.save_job(&job.id, &job.to_json()).await?;
         tokio::spawn(self.clone().drive(job.id.clone()));
         Ok(job)
+    }
+
+    /// Stores `job` and drives it here to its end (or until another
+    /// replica takes it over); the job as recorded then.
+    pub async fn run(self: &Arc<Self>, job: Job) -> Result<Option<Job>, MetaError> {
+        self.meta.save_job(&job.id, &job.to_json()).await?;
+        self.clone().drive(job.id.clone()).await;
+        self.get(&job.id).await
     }
 
     pub async fn get(&self, id: &str) -> Result<Option<Job>, MetaError> {
@@ -340,7 +349,7 @@ impl Jobs {
     }
 }
 
-fn now_ms() -> u64 {
+pub(super) fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))

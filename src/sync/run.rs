@@ -12,10 +12,11 @@ use tokio::sync::Semaphore;
 
 use super::image::ImageRef;
 use super::job::ImageJob;
-use super::platform::{Platform, index_entries, select};
+use super::platform::{index_entries, select};
 use crate::descriptors::references;
 use crate::mirror::{Mirror, MirrorError};
 use crate::range::RangeSpec;
+use crate::reference::Platform;
 use crate::reference::{Digest, Reference};
 use crate::route::Target;
 

@@ -221,6 +221,7 @@ mod tests {
             )],
             created_ms: 0,
             updated_ms: 0,
+            list: None,
         };
         let mut out = Vec::new();
         {

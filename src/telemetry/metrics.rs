@@ -63,6 +63,19 @@ pub struct OutcomeLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SyncListLabels {
+    /// The `[[sync.images]]` entry's image.
+    pub image: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SyncStateLabels {
+    pub image: String,
+    /// done, failed (the images of the entry's last run)
+    pub state: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct OperationLabels {
     /// The S3 operation: HeadObject, GetObject, PutObject, UploadPart, ...
     pub operation: String,
@@ -110,6 +123,8 @@ pub struct Metrics {
     pub gc_seconds: Histogram,
     pub fetches_unguarded: Family<ReasonLabels, Counter>,
     pub abandoned_uploads_aborted: Counter,
+    pub sync_images: Family<SyncStateLabels, Gauge>,
+    pub sync_last_success: Family<SyncListLabels, Gauge>,
 }
 
 fn latency_histogram() -> Histogram {
@@ -151,6 +166,8 @@ impl Metrics {
             gc_seconds: Histogram::new([0.01, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 1800.0]),
             fetches_unguarded: Family::default(),
             abandoned_uploads_aborted: Counter::default(),
+            sync_images: Family::default(),
+            sync_last_success: Family::default(),
             registry: Registry::default(),
         };
         registry.register("http_requests", "Requests served", m.requests.clone());
@@ -288,6 +305,16 @@ impl Metrics {
             "gc_seconds",
             "How long each eviction pass took",
             m.gc_seconds.clone(),
+        );
+        registry.register(
+            "sync_images",
+            "Images of each [[sync.images]] entry's last run, by how they ended",
+            m.sync_images.clone(),
+        );
+        registry.register(
+            "sync_last_success_timestamp_seconds",
+            "When each [[sync.images]] entry last synced every image it names",
+            m.sync_last_success.clone(),
         );
         Self { registry, ..m }
     }

@@ -974,3 +974,40 @@ pub async fn metric(http: &reqwest::Client, pier: &Pier, name: &str) -> f64 {
         .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
         .unwrap_or(0.0)
 }
+
+/// Writes an image (`gen_images.py` with `args`) and pushes it to
+/// `repo_tag` on `upstream`; the digest of its manifest.
+pub fn push_image(upstream: &Upstream, dir: &Path, repo_tag: &str, args: &[&str]) -> String {
+    let layout = dir.join(repo_tag.replace(['/', ':'], "_"));
+    let out = Command::new("python3")
+        .arg(repo_root().join("tests/fixtures/gen_images.py"))
+        .arg("--out")
+        .arg(&layout)
+        .args(["--tag", "v1", "--print-digest", "--seed", repo_tag])
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    upstream.push_oci(&layout, "v1", repo_tag);
+    String::from_utf8(out.stdout).unwrap().trim().to_owned()
+}
+
+/// An image of two random layers of `layer_size` bytes, pushed.
+pub fn push_generated(
+    upstream: &Upstream,
+    dir: &Path,
+    repo_tag: &str,
+    layer_size: usize,
+) -> String {
+    let size = layer_size.to_string();
+    push_image(
+        upstream,
+        dir,
+        repo_tag,
+        &["--layers", "2", "--layer-size", &size],
+    )
+}
