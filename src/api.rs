@@ -66,7 +66,8 @@ async fn enforce_client_limits(
     let Some(ClientIp(ip)) = req.extensions().get::<ClientIp>().copied() else {
         return next.run(req).await;
     };
-    if !req.uri().path().starts_with("/v2") {
+    let path = req.uri().path();
+    if !path.starts_with("/v2") && !path.starts_with("/api/") {
         return next.run(req).await;
     }
     if let Err(refused) = limits.admit(ip).await {

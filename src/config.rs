@@ -66,6 +66,9 @@ pub struct SyncConfig {
     pub retries: u32,
     #[serde(with = "humantime_serde")]
     pub retry_after: Duration,
+    /// Sync waits while an upstream says fewer requests than this are left
+    /// in its rate limit (Docker Hub's `ratelimit-remaining`).
+    pub min_ratelimit_remaining: i64,
     /// Images kept synced: `[[sync.images]]`.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub images: Vec<SyncListConfig>,

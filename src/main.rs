@@ -391,10 +391,7 @@ async fn sync_here(
         eprintln!("pier: {e:#}");
         ExitCode::FAILURE
     })?;
-    let syncer = Arc::new(pier::sync::Syncer::new(
-        mirror.clone(),
-        config.sync.max_concurrent,
-    ));
+    let syncer = Arc::new(pier::sync::Syncer::new(mirror.clone(), &config.sync));
     let jobs = pier::sync::Jobs::new(meta, syncer, &config.sync);
     let request = pier::sync::SyncRequest {
         images: args.images.clone(),

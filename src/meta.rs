@@ -259,9 +259,13 @@ pub trait MetaStore: Send + Sync + 'static {
     /// what is no longer true is never acted on.
     async fn claim_removal(&self, removal: &Removal<'_>) -> Result<Claimed, MetaError>;
 
-    /// Stores (or replaces) a sync job's record. Job ids sort by the time
-    /// they were made; the newest `JOBS_KEPT` are kept.
-    async fn save_job(&self, id: &str, record: &[u8]) -> Result<(), MetaError>;
+    /// Stores (or replaces) a sync job's record; `open` while it is not
+    /// finished. Job ids sort by the time they were made; past `JOBS_KEPT`
+    /// jobs, the oldest finished ones are dropped (open ones never).
+    async fn save_job(&self, id: &str, record: &[u8], open: bool) -> Result<(), MetaError>;
+
+    /// The ids of the jobs not finished.
+    async fn open_jobs(&self) -> Result<Vec<String>, MetaError>;
 
     async fn job(&self, id: &str) -> Result<Option<Vec<u8>>, MetaError>;
 

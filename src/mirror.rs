@@ -179,12 +179,44 @@ impl Mirror {
             .ok_or_else(|| MirrorError::NameUnknown(format!("no upstream {}", target.registry)))
     }
 
-    /// Waits (up to `limit`) until no fetch of `digest` runs here: what it
-    /// fetched is stored by then, or never will be.
-    pub async fn fetch_settled(&self, digest: &Digest, limit: Duration) {
+    /// What `registry` last said of its rate limit: requests left, until
+    /// when that holds.
+    pub fn upstream_quota(&self, registry: &str) -> Option<(i64, std::time::Instant)> {
+        self.upstreams.get(registry)?.quota_left()
+    }
+
+    /// Whether a fetch started now would have to queue for a slot.
+    pub fn fetch_slots_full(&self) -> bool {
+        self.fetch_slots.full()
+    }
+
+    /// Waits (up to `limit`) until the fetch that brought `digest` in has
+    /// stored it: the one here, or another replica's this one streamed
+    /// from (it stores once its readers are done); whether it is stored.
+    pub async fn stored_within(&self, digest: &Digest, limit: Duration) -> bool {
         let deadline = tokio::time::Instant::now() + limit;
-        while self.flights.is_running(digest) && tokio::time::Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(20)).await;
+        let lease = crate::meta::blob_lease(digest);
+        let mut pause = Duration::from_millis(20);
+        loop {
+            if !self.flights.is_running(digest) {
+                if self.stored_size(digest).await.is_some() {
+                    return true;
+                }
+                // No fetch runs anywhere: what is not stored now will not be.
+                let fetching = match self.meta.lease(&lease).await {
+                    Ok(Some(holder)) => !crate::meta::lease_done(&holder),
+                    Ok(None) => false,
+                    Err(_) => true,
+                };
+                if !fetching {
+                    return self.stored_size(digest).await.is_some();
+                }
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_millis(500));
         }
     }
 

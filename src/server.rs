@@ -201,7 +201,7 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let (mirror, limits, meta) = build_mirror(config).await?;
-    let syncer = Arc::new(Syncer::new(mirror.clone(), config.sync.max_concurrent));
+    let syncer = Arc::new(Syncer::new(mirror.clone(), &config.sync));
     let jobs = Arc::new(Jobs::new(meta, syncer, &config.sync));
     let admin = Admin::new(&config.admin, jobs.clone()).map(Arc::new);
     if admin.is_some() || !config.sync.images.is_empty() {

@@ -121,7 +121,13 @@ pub struct UpstreamClient {
     basic: AtomicBool,
     /// The endpoint that answered last; tried first.
     preferred: AtomicUsize,
+    /// What the upstream last said of its rate limit: requests left, and
+    /// until when that holds (the end of its window).
+    quota: std::sync::Mutex<Option<(i64, std::time::Instant)>>,
 }
+
+/// How long a `ratelimit-remaining` without a window (`;w=`) holds.
+const QUOTA_WINDOW: std::time::Duration = std::time::Duration::from_secs(6 * 3600);
 
 impl UpstreamClient {
     fn new(
@@ -140,7 +146,34 @@ impl UpstreamClient {
             tokens: TokenCache::default(),
             basic: AtomicBool::new(false),
             preferred: AtomicUsize::new(0),
+            quota: std::sync::Mutex::new(None),
         }
+    }
+
+    /// Notes Docker Hub's `ratelimit-remaining: 76;w=21600`.
+    pub(crate) fn note_quota(&self, header: &str) {
+        let mut parts = header.split(';');
+        let Some(left) = parts.next().and_then(|v| v.trim().parse::<i64>().ok()) else {
+            return;
+        };
+        let window = parts
+            .find_map(|p| p.trim().strip_prefix("w="))
+            .and_then(|w| w.trim().parse::<u64>().ok())
+            .map_or(QUOTA_WINDOW, std::time::Duration::from_secs);
+        *self
+            .quota
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) =
+            Some((left, std::time::Instant::now() + window));
+    }
+
+    /// Requests the upstream last said are left, while that still holds.
+    pub fn quota_left(&self) -> Option<(i64, std::time::Instant)> {
+        let quota = *self
+            .quota
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        quota.filter(|(_, until)| *until > std::time::Instant::now())
     }
 
     pub fn registry(&self) -> &str {

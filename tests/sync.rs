@@ -663,3 +663,50 @@ async fn a_sync_list_picks_up_a_new_tag_within_its_interval() {
         assert_eq!(manifest_digest_in(dir.path()), digest);
     }
 }
+
+/// Sync waits while the upstream says its rate limit is nearly used up
+/// (fewer than `[sync] min_ratelimit_remaining` left), until the window it
+/// named is over; then it finishes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sync_pauses_while_the_upstreams_rate_limit_is_low() {
+    use common::fake::{self, Blob, Fake};
+    let upstream = Fake::start();
+    let mut images = Vec::new();
+    for tag in ["1", "2", "3"] {
+        let config = fake::random_bytes(100, tag.as_bytes()[0]);
+        let layer = fake::random_bytes(2000, tag.as_bytes()[0] + 10);
+        let (cd, ld) = (fake::digest(&config), fake::digest(&layer));
+        upstream.blob(&cd, Blob::Good(config.clone()));
+        upstream.blob(&ld, Blob::Good(layer.clone()));
+        let manifest = format!(
+            r#"{{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"{cd}","size":{}}},"layers":[{{"mediaType":"application/vnd.oci.image.layer.v1.tar","digest":"{ld}","size":{}}}]}}"#,
+            config.len(),
+            layer.len()
+        );
+        upstream.manifest(
+            "team/app",
+            tag,
+            "application/vnd.oci.image.manifest.v1+json",
+            manifest.as_bytes(),
+        );
+        images.push(format!("corp.example/team/app:{tag}"));
+    }
+    // 11 left: the first manifest GET leaves 10, the second 9.
+    upstream.ratelimit(11, 3);
+    let extra = format!("{}[sync]\nmin_ratelimit_remaining = 10\n", admin_config());
+    let (pier, _d) = Pier::start(&[("corp.example", &upstream.url())], &extra);
+    let job = submit(&pier, json!({ "images": images })).await;
+    assert_eq!(job["state"], "done", "{job}");
+    let hits = upstream.hits();
+    let low = hits
+        .iter()
+        .position(|h| h.ratelimit.is_some_and(|left| left < 10))
+        .expect("the limit fell below 10");
+    let next = hits.get(low + 1).expect("sync went on after the pause");
+    let paused = next.at.duration_since(hits[low].at);
+    assert!(
+        paused >= Duration::from_millis(2500),
+        "the next request came {paused:?} after the upstream said {} were left",
+        hits[low].ratelimit.unwrap()
+    );
+}

@@ -81,7 +81,15 @@ const SECTIONS: &[(&str, &[&str])] = &[
     ),
     ("egress", &["refuse"]),
     ("admin", &["token", "allow_from"]),
-    ("sync", &["max_concurrent", "retries", "retry_after"]),
+    (
+        "sync",
+        &[
+            "max_concurrent",
+            "retries",
+            "retry_after",
+            "min_ratelimit_remaining",
+        ],
+    ),
     (
         "cache",
         &[
@@ -130,6 +138,7 @@ const INT_KEYS: &[&str] = &[
     "concurrent_blobs",
     "max_concurrent",
     "retries",
+    "min_ratelimit_remaining",
 ];
 
 /// Applies the variables that name configuration keys; returns the names of

@@ -138,6 +138,7 @@ pub struct FileSync {
     pub retries: Option<u32>,
     #[serde(default, with = "humantime_serde")]
     pub retry_after: Option<Duration>,
+    pub min_ratelimit_remaining: Option<i64>,
     pub images: Option<Vec<FileSyncImage>>,
 }
 

@@ -519,7 +519,10 @@ fn admin_and_sync_settings_are_checked() {
         &[("PIER_ADMIN__TOKEN", "0123456789abcdef0123")],
     )
     .unwrap();
-    assert_eq!(c.admin.token.as_ref().unwrap().expose(), "0123456789abcdef0123");
+    assert_eq!(
+        c.admin.token.as_ref().unwrap().expose(),
+        "0123456789abcdef0123"
+    );
     assert_eq!(c.admin.allow_from.len(), 1);
     assert_eq!(c.sync.max_concurrent, 2);
     assert_eq!(c.sync.images.len(), 2);
@@ -537,8 +540,14 @@ fn admin_and_sync_settings_are_checked() {
             "[[sync.images]]\nimage = \"nginx\"\ntags = [\"1\"]\ntag_pattern = \"1\"\n",
             "sync.images[0]",
         ),
-        ("[[sync.images]]\nimage = \"nginx:1.25\"\ntags = [\"1\"]\n", "sync.images[0].image"),
-        ("[[sync.images]]\nimage = \"nginx\"\ntag_pattern = \"(\"\n", "tag_pattern"),
+        (
+            "[[sync.images]]\nimage = \"nginx:1.25\"\ntags = [\"1\"]\n",
+            "sync.images[0].image",
+        ),
+        (
+            "[[sync.images]]\nimage = \"nginx\"\ntag_pattern = \"(\"\n",
+            "tag_pattern",
+        ),
         (
             "[[sync.images]]\nimage = \"nginx\"\ntags = [\"1\"]\nplatforms = [\"arm64\"]\n",
             "sync.images[0].platforms[0]",

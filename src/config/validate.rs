@@ -120,7 +120,7 @@ pub fn build(raw: FileConfig) -> Result<Config, ConfigError> {
                 );
                 None
             }
-            t => t.map(Secret::new),
+            t => t.map(|t| Secret::new(t.trim())),
         },
         allow_from: cidrs(&mut p, "admin.allow_from", a.allow_from.unwrap_or_default()),
     };
@@ -135,6 +135,7 @@ pub fn build(raw: FileConfig) -> Result<Config, ConfigError> {
         },
         retries: sy.retries.unwrap_or(3),
         retry_after: positive(&mut p, "sync.retry_after", sy.retry_after, 300),
+        min_ratelimit_remaining: sy.min_ratelimit_remaining.unwrap_or(10),
         images: sync_images(sy.images.unwrap_or_default(), &mut p),
     };
 

@@ -50,6 +50,8 @@ impl Retention {
                 .upstreams
                 .iter()
                 .filter_map(|u| Some((u.registry.clone(), u.max_age?.duration())))
+                // A rule the same as the default needs no deadlines.
+                .filter(|(_, age)| *age != config.cache.max_age)
                 .collect(),
         )
     }

@@ -92,7 +92,14 @@ impl UseLog {
     /// Writes the uses gathered so far; kept for the next try if the
     /// metadata store fails.
     pub async fn flush(&self) {
-        for kind in UseKind::ALL {
+        // Deadlines first: a pass that reads a new use also reads the
+        // deadline that came with it.
+        for kind in [
+            UseKind::BlobDeadlines,
+            UseKind::ManifestDeadlines,
+            UseKind::Blobs,
+            UseKind::Manifests,
+        ] {
             let batch: Vec<(Digest, u64)> = std::mem::take(&mut *self.pending(kind))
                 .into_iter()
                 .collect();

@@ -29,6 +29,8 @@ const USES: TableDefinition<&str, u64> = TableDefinition::new("uses");
 const MUSES: TableDefinition<&str, u64> = TableDefinition::new("manifest_uses");
 /// sync job id (ordered by age) → its record
 const JOBS: TableDefinition<&str, &[u8]> = TableDefinition::new("jobs");
+/// ids of the sync jobs not finished
+const OPEN_JOBS: TableDefinition<&str, ()> = TableDefinition::new("open_jobs");
 /// blob digest → its deadline, Unix ms
 const DEADLINES: TableDefinition<&str, u64> = TableDefinition::new("deadlines");
 /// manifest digest → its deadline, Unix ms
@@ -67,6 +69,7 @@ impl EmbeddedMeta {
             txn.open_table(uses_table(kind)).map_err(backend)?;
         }
         txn.open_table(JOBS).map_err(backend)?;
+        txn.open_table(OPEN_JOBS).map_err(backend)?;
         txn.commit().map_err(backend)?;
         Ok(Self {
             db: Arc::new(db),
@@ -578,31 +581,54 @@ impl MetaStore for EmbeddedMeta {
         false
     }
 
-    async fn save_job(&self, id: &str, record: &[u8]) -> Result<(), MetaError> {
+    async fn save_job(&self, id: &str, record: &[u8], open: bool) -> Result<(), MetaError> {
         let (id, record) = (id.to_owned(), record.to_vec());
         self.blocking(move |db| {
             let txn = db.begin_write().map_err(backend)?;
             {
                 let mut jobs = txn.open_table(JOBS).map_err(backend)?;
+                let mut opened = txn.open_table(OPEN_JOBS).map_err(backend)?;
                 jobs.insert(id.as_str(), record.as_slice())
                     .map_err(backend)?;
-                let excess = jobs
+                if open {
+                    opened.insert(id.as_str(), ()).map_err(backend)?;
+                } else {
+                    opened.remove(id.as_str()).map_err(backend)?;
+                }
+                let mut excess = jobs
                     .len()
                     .map_err(backend)?
                     .saturating_sub(JOBS_KEPT as u64);
-                if excess > 0 {
-                    let oldest: Vec<String> = jobs
-                        .iter()
-                        .map_err(backend)?
-                        .take(usize::try_from(excess).unwrap_or(usize::MAX))
-                        .filter_map(|e| e.ok().map(|(k, _)| k.value().to_owned()))
-                        .collect();
-                    for id in oldest {
-                        jobs.remove(id.as_str()).map_err(backend)?;
+                let mut oldest = Vec::new();
+                for entry in jobs.iter().map_err(backend)? {
+                    if excess == 0 {
+                        break;
                     }
+                    let (k, _) = entry.map_err(backend)?;
+                    let k = k.value().to_owned();
+                    if opened.get(k.as_str()).map_err(backend)?.is_none() {
+                        oldest.push(k);
+                        excess -= 1;
+                    }
+                }
+                for id in oldest {
+                    jobs.remove(id.as_str()).map_err(backend)?;
                 }
             }
             txn.commit().map_err(backend)
+        })
+        .await
+    }
+
+    async fn open_jobs(&self) -> Result<Vec<String>, MetaError> {
+        self.blocking(move |db| {
+            let txn = db.begin_read().map_err(backend)?;
+            let opened = txn.open_table(OPEN_JOBS).map_err(backend)?;
+            let mut ids = Vec::new();
+            for entry in opened.iter().map_err(backend)? {
+                ids.push(entry.map_err(backend)?.0.value().to_owned());
+            }
+            Ok(ids)
         })
         .await
     }

@@ -4,7 +4,8 @@
 //! they sort by name); `l:<repo>` set of digests the repository may serve;
 //! `uses` and `muses` sorted sets of blob and manifest digests by last use
 //! (Unix ms), `expires` and `mexpires` by deadline; `job:<id>` sync job
-//! records and `jobs`, their ids (scores 0: by name, which is by age);
+//! records, `jobs` their ids (scores 0: by name, which is by age) and
+//! `jobs:open` those not finished;
 //! `usage` hash of
 //! the `bytes` and `blobs` stored; `lease:<name>` leases.
 //! Every command has a deadline: a Redis outage turns into errors, never
@@ -99,6 +100,26 @@ const RENEW: &str = r"if redis.call('get', KEYS[1]) == ARGV[1] then return redis
 const REPLACE: &str = r"if redis.call('get', KEYS[1]) == ARGV[1] then redis.call('set', KEYS[1], ARGV[2], 'PX', ARGV[3]) return 1 else return 0 end";
 /// Deletes a lease only for its holder.
 const RELEASE: &str = r"if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) else return 0 end";
+
+/// Stores a job's record, notes it open or finished, and drops the oldest
+/// finished jobs beyond the number kept (ids sort by age: scores are 0).
+const SAVE_JOB: &str = r"
+redis.call('set', KEYS[1], ARGV[2])
+redis.call('zadd', KEYS[2], 0, ARGV[1])
+if ARGV[3] == '1' then redis.call('sadd', KEYS[3], ARGV[1]) else redis.call('srem', KEYS[3], ARGV[1]) end
+local excess = redis.call('zcard', KEYS[2]) - tonumber(ARGV[4])
+if excess <= 0 then return 0 end
+local oldest = redis.call('zrange', KEYS[2], 0, excess + redis.call('scard', KEYS[3]) - 1)
+for _, id in ipairs(oldest) do
+  if excess <= 0 then break end
+  if redis.call('sismember', KEYS[3], id) == 0 then
+    redis.call('del', ARGV[5] .. id)
+    redis.call('zrem', KEYS[2], id)
+    excess = excess - 1
+  end
+end
+return 0
+";
 
 /// The rule of `crate::rate::decide` on the server's clock, so every replica
 /// counts against one TAT per key. Returns 0, or the µs to wait.
@@ -603,34 +624,36 @@ impl MetaStore for RedisMeta {
         true
     }
 
-    async fn save_job(&self, id: &str, record: &[u8]) -> Result<(), MetaError> {
-        let (key, jobs) = (self.key(&["job", id]), self.key(&["jobs"]));
-        let record = record.to_vec();
-        let id = id.to_owned();
-        let dropped: Vec<String> = self
-            .run(|mut c| async move {
-                let mut pipe = redis::pipe();
-                pipe.atomic()
-                    .set(&key, record)
-                    .ignore()
-                    .zadd(&jobs, &id, 0)
-                    .ignore()
-                    .zrange(&jobs, 0, -(JOBS_KEPT as isize) - 1);
-                let (dropped,): (Vec<String>,) = pipe.query_async(&mut c).await?;
-                Ok(dropped)
-            })
-            .await?;
-        if !dropped.is_empty() {
-            let keys: Vec<String> = dropped.iter().map(|id| self.key(&["job", id])).collect();
-            let jobs = self.key(&["jobs"]);
-            self.run(|mut c| async move {
-                let mut pipe = redis::pipe();
-                pipe.del(keys).ignore().zrem(jobs, dropped).ignore();
-                pipe.query_async::<()>(&mut c).await
-            })
-            .await?;
-        }
-        Ok(())
+    async fn save_job(&self, id: &str, record: &[u8], open: bool) -> Result<(), MetaError> {
+        let keys = [
+            self.key(&["job", id]),
+            self.key(&["jobs"]),
+            self.key(&["jobs", "open"]),
+        ];
+        let args = (
+            id.to_owned(),
+            record.to_vec(),
+            u8::from(open),
+            JOBS_KEPT,
+            self.key(&["job", ""]),
+        );
+        self.run(|mut c| async move {
+            redis::Script::new(SAVE_JOB)
+                .key(&keys[..])
+                .arg(args.0)
+                .arg(args.1)
+                .arg(args.2)
+                .arg(args.3)
+                .arg(args.4)
+                .invoke_async::<()>(&mut c)
+                .await
+        })
+        .await
+    }
+
+    async fn open_jobs(&self) -> Result<Vec<String>, MetaError> {
+        let key = self.key(&["jobs", "open"]);
+        self.run(|mut c| async move { c.smembers(key).await }).await
     }
 
     async fn job(&self, id: &str) -> Result<Option<Vec<u8>>, MetaError> {

@@ -466,31 +466,44 @@ pub async fn forgetting(meta: &dyn MetaStore) {
     assert!(!catalog.contains(&repo), "{catalog:?}");
 }
 
-/// Sync job records: stored, replaced, listed newest first, and only the
-/// newest `JOBS_KEPT` kept.
+/// Sync job records: stored, replaced, listed newest first; `JOBS_KEPT`
+/// kept, the oldest finished ones dropped first, open ones never.
 pub async fn jobs(meta: &dyn MetaStore) {
     use super::JOBS_KEPT;
     let run = format!("{:x}", rand::random::<u32>());
     let id = |n: usize| format!("job-{run}-{n:06}");
     assert_eq!(meta.job(&id(0)).await.unwrap(), None);
-    meta.save_job(&id(0), b"first").await.unwrap();
-    meta.save_job(&id(1), b"second").await.unwrap();
-    meta.save_job(&id(0), b"first, again").await.unwrap();
+    meta.save_job(&id(0), b"first", true).await.unwrap();
+    meta.save_job(&id(1), b"second", false).await.unwrap();
+    meta.save_job(&id(0), b"first, again", true).await.unwrap();
     assert_eq!(
         meta.job(&id(0)).await.unwrap().as_deref(),
         Some(&b"first, again"[..])
     );
     let recent = meta.recent_jobs(2).await.unwrap();
     assert_eq!(recent, vec![b"second".to_vec(), b"first, again".to_vec()]);
+    assert_eq!(meta.open_jobs().await.unwrap(), vec![id(0)]);
     for n in 2..JOBS_KEPT + 5 {
-        meta.save_job(&id(n), format!("{n}").as_bytes())
+        meta.save_job(&id(n), format!("{n}").as_bytes(), false)
             .await
             .unwrap();
     }
-    assert_eq!(meta.job(&id(0)).await.unwrap(), None);
-    assert_eq!(meta.job(&id(4)).await.unwrap(), None);
-    assert!(meta.job(&id(5)).await.unwrap().is_some());
+    // The open job stays, however old; the oldest finished ones go.
+    assert!(meta.job(&id(0)).await.unwrap().is_some());
+    assert_eq!(meta.job(&id(1)).await.unwrap(), None);
+    assert_eq!(meta.job(&id(5)).await.unwrap(), None);
+    assert!(meta.job(&id(6)).await.unwrap().is_some());
     let all = meta.recent_jobs(JOBS_KEPT + 100).await.unwrap();
     assert_eq!(all.len(), JOBS_KEPT);
     assert_eq!(all[0], format!("{}", JOBS_KEPT + 4).into_bytes());
+    meta.save_job(&id(0), b"finished", false).await.unwrap();
+    assert!(meta.open_jobs().await.unwrap().is_empty());
+    meta.save_job(&id(JOBS_KEPT + 5), b"newest", false)
+        .await
+        .unwrap();
+    assert_eq!(
+        meta.job(&id(0)).await.unwrap(),
+        None,
+        "dropped once finished"
+    );
 }

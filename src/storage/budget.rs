@@ -383,7 +383,6 @@ impl Shared {
     /// files' times (uses recorded) say so.
     async fn evict_aged(&self, max_age: Duration) -> u64 {
         const PAGE: usize = 256;
-        let _one = self.evicting.lock().await;
         let _pass = Pass::start();
         let Some(cutoff) = SystemTime::now().checked_sub(max_age) else {
             return 0;
@@ -392,6 +391,8 @@ impl Shared {
         let mut after = None;
         let mut recent = false;
         while !recent {
+            // A page at a time: eviction for room goes between pages.
+            let _one = self.evicting.lock().await;
             let page = self.index().blobs.oldest_after(after, PAGE);
             let Some((last, _)) = page.last() else { break };
             after = Some(*last);
@@ -443,6 +444,13 @@ impl Shared {
         removed
     }
 
+    /// Notes a blob that left the store, for `Expiry`.
+    fn gone(&self, digest: &Digest) {
+        if self.expiry.get().is_some() {
+            self.index().removed.push(digest.clone());
+        }
+    }
+
     /// Tells `Expiry` which blobs left the store.
     async fn report_removed(&self) {
         if let Some(expiry) = self.expiry.get() {
@@ -469,9 +477,6 @@ impl Shared {
             let mut index = self.index();
             index.blobs.remove(digest);
             index.used.remove(digest);
-            if self.expiry.get().is_some() {
-                index.removed.push(digest.clone());
-            }
         }
         // Its file's time is its last use recorded. What is older went
         // too, but for pinned blobs; not so by age, where registries keep
@@ -487,6 +492,7 @@ impl Shared {
         }
         match self.files.delete(digest).await {
             Ok(()) => {
+                self.gone(digest);
                 metrics().cache_eviction(reason, size);
                 tracing::debug!(%digest, size, reason, "evicted a blob");
                 true
@@ -718,6 +724,7 @@ impl BlobStore for BudgetedFsStore {
         let _placing = self.shared.placing.lock().await;
         self.shared.files.delete(digest).await?;
         self.shared.index().blobs.remove(digest);
+        self.shared.gone(digest);
         self.shared.publish();
         Ok(())
     }

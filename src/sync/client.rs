@@ -10,6 +10,8 @@ use super::show::Show;
 
 /// How often the job is looked at.
 const POLL_EVERY: Duration = Duration::from_millis(500);
+/// How long the server may fail to answer before `pier sync` gives up.
+const KEEP_TRYING: Duration = Duration::from_secs(120);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -64,7 +66,9 @@ pub async fn submit_and_follow(
         .map_err(unreachable)?;
     let status = resp.status();
     let body = resp.text().await.map_err(unreachable)?;
-    if status == reqwest::StatusCode::NOT_FOUND && !body.contains("NAME_") {
+    // Without a token the server has no /api/ at all: any path there is
+    // not found, as a path outside the registry API is.
+    if status == reqwest::StatusCode::NOT_FOUND && body.contains("not a registry API path") {
         return Err(ClientError::NoAdminApi { server });
     }
     if status != reqwest::StatusCode::ACCEPTED {
@@ -81,15 +85,35 @@ pub async fn submit_and_follow(
             server: server.clone(),
             detail: body.chars().take(300).collect(),
         })?;
+    // The job outlives a replica; following it outlives a rolling
+    // restart too.
+    let mut failing_since: Option<std::time::Instant> = None;
     loop {
-        let resp = http
+        let answer = match http
             .get(format!("{server}/api/v1/sync/{id}"))
             .bearer_auth(token)
             .send()
             .await
-            .map_err(unreachable)?;
-        let status = resp.status();
-        let body = resp.text().await.map_err(unreachable)?;
+        {
+            Ok(resp) => {
+                let status = resp.status();
+                resp.text().await.map(|body| (status, body))
+            }
+            Err(e) => Err(e),
+        };
+        let transient = match &answer {
+            Err(_) => true,
+            Ok((status, _)) => status.is_server_error(),
+        };
+        if transient {
+            let since = *failing_since.get_or_insert_with(std::time::Instant::now);
+            if since.elapsed() < KEEP_TRYING {
+                tokio::time::sleep(POLL_EVERY * 2).await;
+                continue;
+            }
+        }
+        let (status, body) = answer.map_err(unreachable)?;
+        failing_since = None;
         if !status.is_success() {
             return Err(ClientError::Refused {
                 server,

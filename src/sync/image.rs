@@ -40,7 +40,11 @@ pub enum ImageError {
 pub fn parse_image(text: &str, router: &Router, policy: &Policy) -> Result<ImageRef, ImageError> {
     let text = text.trim();
     let (name, reference) = match text.split_once('@') {
-        Some((name, digest)) => (name, digest),
+        // `name:tag@digest`: the digest decides, as Docker has it.
+        Some((name, digest)) => match name.rsplit_once(':') {
+            Some((bare, tag)) if !tag.contains('/') => (bare, digest),
+            _ => (name, digest),
+        },
         None => match text.rsplit_once(':') {
             // A colon after the last slash is a tag's; one before it is a
             // registry host's port.
@@ -116,6 +120,10 @@ mod tests {
                 "registry.k8s.io/pause:3.9".to_owned(),
             ),
             ("ghcr.io/acme/app", "ghcr.io/acme/app:latest".to_owned()),
+            (
+                &format!("nginx:1.25@{digest}"),
+                format!("docker.io/library/nginx@{digest}"),
+            ),
         ] {
             assert_eq!(parsed(given), want, "{given}");
         }

@@ -26,8 +26,6 @@ const LOOK_EVERY: Duration = Duration::from_secs(10);
 const LEASE_TTL: Duration = Duration::from_secs(15);
 /// How often a running job's record is brought up to date.
 const REPORT_EVERY: Duration = Duration::from_secs(1);
-/// Jobs looked at for takeover.
-const LOOK_AT: usize = 200;
 
 /// Told of every change to a job as it is worked on.
 #[async_trait::async_trait]
@@ -46,10 +44,18 @@ struct Recorded<'a> {
 #[async_trait::async_trait]
 impl Report for Recorded<'_> {
     async fn report(&mut self, job: &Job) -> bool {
-        if let Err(e) = self.meta.save_job(&job.id, &job.to_json()).await {
+        // Another replica drives it now: its record is that replica's.
+        if self.held.lost() {
+            return false;
+        }
+        if let Err(e) = self
+            .meta
+            .save_job(&job.id, &job.to_json(), !job.state.finished())
+            .await
+        {
             tracing::warn!(job = %job.id, error = %e, "cannot record a sync job's progress");
         }
-        !self.held.lost()
+        true
     }
 }
 
@@ -139,7 +145,9 @@ impl Jobs {
     /// Stores a new job and starts it here.
     pub async fn submit(self: &Arc<Self>, request: SyncRequest) -> Result<Job, SubmitError> {
         let job = self.prepare(request, now_ms())?;
-        self.meta.save_job(&job.id, &job.to_json()).await?;
+        self.meta
+            .save_job(&job.id, &job.to_json(), !job.state.finished())
+            .await?;
         tokio::spawn(self.clone().drive(job.id.clone()));
         Ok(job)
     }
@@ -147,7 +155,9 @@ impl Jobs {
     /// Stores `job` and drives it here to its end (or until another
     /// replica takes it over); the job as recorded then.
     pub async fn run(self: &Arc<Self>, job: Job) -> Result<Option<Job>, MetaError> {
-        self.meta.save_job(&job.id, &job.to_json()).await?;
+        self.meta
+            .save_job(&job.id, &job.to_json(), !job.state.finished())
+            .await?;
         self.clone().drive(job.id.clone()).await;
         self.get(&job.id).await
     }
@@ -179,11 +189,11 @@ impl Jobs {
             loop {
                 tokio::time::sleep(LOOK_EVERY).await;
                 let Some(jobs) = jobs.upgrade() else { return };
-                match jobs.recent(LOOK_AT).await {
-                    Ok(recent) => {
-                        for job in recent.into_iter().filter(|j| !j.state.finished()) {
-                            if !jobs.is_driving(&job.id) {
-                                tokio::spawn(jobs.clone().drive(job.id));
+                match jobs.meta.open_jobs().await {
+                    Ok(open) => {
+                        for id in open {
+                            if !jobs.is_driving(&id) {
+                                tokio::spawn(jobs.clone().drive(id));
                             }
                         }
                     }
@@ -224,7 +234,14 @@ impl Jobs {
                         self.work(&mut job, &mut recorded).await;
                         tracing::info!(job = %id, state = ?job.state, "sync job ended");
                     }
-                    Ok(_) => {}
+                    // Finished, or gone: no longer open.
+                    Ok(found) => {
+                        if found.is_none()
+                            && let Err(e) = self.meta.save_job(&id, b"{}", false).await
+                        {
+                            tracing::debug!(job = %id, error = %e, "cannot close a sync job");
+                        }
+                    }
                     Err(e) => tracing::warn!(job = %id, error = %e, "cannot read a sync job"),
                 }
                 held.release().await;
@@ -291,6 +308,16 @@ impl Jobs {
         report: &mut dyn Report,
     ) -> bool {
         let image = &mut job.images[i];
+        // Found running (its driver died) with no tries left: it may be
+        // what ends drivers; it is not tried again.
+        if image.state == State::Running && image.attempts >= self.retries {
+            image.state = State::Failed;
+            image
+                .error
+                .get_or_insert_with(|| "its sync stopped with its replica, too often".into());
+            job.settle();
+            return report.report(job).await;
+        }
         image.state = State::Running;
         image.attempts += 1;
         image.next_try_ms = None;

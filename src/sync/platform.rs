@@ -15,37 +15,33 @@ pub struct Entry {
 
 #[derive(Deserialize)]
 struct RawIndex {
-    manifests: Vec<RawEntry>,
-}
-
-#[derive(Deserialize)]
-struct RawEntry {
-    digest: String,
-    platform: Option<RawPlatform>,
-}
-
-#[derive(Deserialize)]
-struct RawPlatform {
-    os: String,
-    architecture: String,
-    variant: Option<String>,
+    manifests: Vec<serde_json::Value>,
 }
 
 /// The manifests an index lists, when `body` is an index (it has a
-/// `manifests` list); `None` for an image manifest.
+/// `manifests` list); `None` for an image manifest. An entry whose
+/// platform cannot be read is listed without one.
 pub fn index_entries(body: &[u8]) -> Option<Vec<Entry>> {
     let index: RawIndex = serde_json::from_slice(body).ok()?;
+    let text = |v: &serde_json::Value, field: &str| {
+        v.get(field)
+            .and_then(|f| f.as_str())
+            .map(str::to_ascii_lowercase)
+    };
     Some(
         index
             .manifests
-            .into_iter()
+            .iter()
             .filter_map(|e| {
+                let platform = e.get("platform");
                 Some(Entry {
-                    digest: Digest::parse(&e.digest).ok()?,
-                    platform: e.platform.map(|p| Platform {
-                        os: p.os.to_ascii_lowercase(),
-                        architecture: p.architecture.to_ascii_lowercase(),
-                        variant: p.variant.map(|v| v.to_ascii_lowercase()),
+                    digest: Digest::parse(e.get("digest")?.as_str()?).ok()?,
+                    platform: platform.and_then(|p| {
+                        Some(Platform {
+                            os: text(p, "os")?,
+                            architecture: text(p, "architecture")?,
+                            variant: text(p, "variant"),
+                        })
                     }),
                 })
             })
@@ -93,7 +89,7 @@ mod tests {
                 {{"digest":"{}","platform":{{"os":"linux","architecture":"amd64"}}}},
                 {{"digest":"{}","platform":{{"os":"linux","architecture":"arm64","variant":"v8"}}}},
                 {{"digest":"{}","platform":{{"os":"unknown","architecture":"unknown"}}}},
-                {{"digest":"{}"}}]}}"#,
+                {{"digest":"{}","platform":{{"os":7}}}}]}}"#,
             d('a'),
             d('b'),
             d('c'),

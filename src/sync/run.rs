@@ -13,6 +13,7 @@ use tokio::sync::Semaphore;
 use super::image::ImageRef;
 use super::job::ImageJob;
 use super::platform::{index_entries, select};
+use crate::config::SyncConfig;
 use crate::descriptors::references;
 use crate::mirror::{Mirror, MirrorError};
 use crate::range::RangeSpec;
@@ -30,7 +31,7 @@ pub enum SyncError {
     #[error("{0}")]
     Mirror(#[from] MirrorError),
     #[error("{0}")]
-    NoPlatform(String),
+    Unsyncable(String),
     #[error("reading blob {digest}: {detail}")]
     Read { digest: Digest, detail: String },
     #[error("blob {0} was fetched but not stored (is the store full?)")]
@@ -42,7 +43,7 @@ impl SyncError {
     pub fn may_pass(&self) -> bool {
         match self {
             SyncError::Mirror(e) => e.may_pass(),
-            SyncError::NoPlatform(_) => false,
+            SyncError::Unsyncable(_) => false,
             SyncError::Read { .. } | SyncError::NotStored(_) => true,
         }
     }
@@ -85,18 +86,46 @@ pub struct Syncer {
     mirror: Arc<Mirror>,
     /// Blob fetches for sync on this replica.
     slots: Semaphore,
+    /// Requests an upstream must have left in its rate limit.
+    min_quota: i64,
 }
 
 impl Syncer {
-    pub fn new(mirror: Arc<Mirror>, max_concurrent: usize) -> Self {
+    pub fn new(mirror: Arc<Mirror>, config: &SyncConfig) -> Self {
         Self {
             mirror,
-            slots: Semaphore::new(max_concurrent.max(1)),
+            slots: Semaphore::new(config.max_concurrent.max(1)),
+            min_quota: config.min_ratelimit_remaining,
         }
     }
 
     pub fn mirror(&self) -> &Arc<Mirror> {
         &self.mirror
+    }
+
+    /// Waits while clients' fetches take every fetch slot (sync goes
+    /// behind them), and while `registry` says fewer than
+    /// `min_ratelimit_remaining` requests are left in its rate limit (until
+    /// its window ends, or a newer answer says more).
+    async fn wait_for_upstream(&self, registry: &str) {
+        let mut said = false;
+        loop {
+            let low = self
+                .mirror
+                .upstream_quota(registry)
+                .filter(|(left, _)| *left < self.min_quota);
+            let busy = self.mirror.fetch_slots_full();
+            if low.is_none() && !busy {
+                return;
+            }
+            if let Some((left, until)) = low
+                && !std::mem::replace(&mut said, true)
+            {
+                let wait = until.saturating_duration_since(std::time::Instant::now());
+                tracing::info!(registry, left, wait = ?wait, "sync waits: the upstream's rate limit is nearly used up");
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+        }
     }
 
     /// Brings `image` (the `platforms` of it; all when empty) into the
@@ -108,6 +137,7 @@ impl Syncer {
         progress: &Progress,
     ) -> Result<(), SyncError> {
         let target = &image.target;
+        self.wait_for_upstream(&target.registry).await;
         let top = self.mirror.manifest(target, &image.reference).await?;
         let mut bodies = Vec::new();
         let mut taken = Vec::new();
@@ -115,11 +145,18 @@ impl Syncer {
             Some(entries) => {
                 let chosen = select(&entries, platforms);
                 if chosen.is_empty() {
-                    return Err(SyncError::NoPlatform(no_platform(&entries, platforms)));
+                    return Err(SyncError::Unsyncable(no_platform(&entries, platforms)));
                 }
                 for entry in chosen {
                     let child = Reference::Digest(entry.digest.clone());
-                    bodies.push(self.mirror.manifest(target, &child).await?.manifest.bytes);
+                    let body = self.mirror.manifest(target, &child).await?.manifest.bytes;
+                    if index_entries(&body).is_some() {
+                        return Err(SyncError::Unsyncable(format!(
+                            "{} is an index inside an index, which sync does not follow",
+                            entry.digest
+                        )));
+                    }
+                    bodies.push(body);
                     taken.extend(entry.platform.as_ref().map(Platform::to_string));
                 }
             }
@@ -139,6 +176,12 @@ impl Syncer {
                     blobs.push((digest, size));
                 }
             }
+        }
+        if blobs.is_empty() {
+            return Err(SyncError::Unsyncable(format!(
+                "manifest {} names no config or layers",
+                top.digest
+            )));
         }
         progress
             .blobs_total
@@ -181,6 +224,7 @@ impl Syncer {
             return Ok(());
         }
         let _slot = self.slots.acquire().await;
+        self.wait_for_upstream(&target.registry).await;
         let body = self
             .mirror
             .blob(target, &digest, None, false, false)
@@ -197,8 +241,7 @@ impl Syncer {
         }
         // Synced means stored: a fetch may store only once its last reader
         // is done.
-        self.mirror.fetch_settled(&digest, STORE_WITHIN).await;
-        if self.mirror.stored_size(&digest).await.is_none() {
+        if !self.mirror.stored_within(&digest, STORE_WITHIN).await {
             return Err(SyncError::NotStored(digest));
         }
         progress.blob_done();

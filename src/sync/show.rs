@@ -51,9 +51,9 @@ pub fn human(n: u64) -> String {
     }
 }
 
-fn short(digest: &str) -> &str {
+fn short(digest: &str) -> String {
     let hex = digest.split_once(':').map_or(digest, |(_, h)| h);
-    &hex[..hex.len().min(12)]
+    hex.chars().take(12).collect()
 }
 
 /// What an image ended with, in a few words.
@@ -66,7 +66,7 @@ fn outcome(image: &ImageJob) -> String {
     match image.state {
         State::Done => format!(
             "done {} · {} blobs, {}{platforms}",
-            image.digest.as_deref().map_or("", short),
+            image.digest.as_deref().map(short).unwrap_or_default(),
             image.blobs_total,
             human(image.bytes_total)
         ),

@@ -254,6 +254,7 @@ impl UpstreamClient {
             && let Ok(v) = v.to_str()
         {
             m.ratelimit(&self.registry, v);
+            self.note_quota(v);
         }
         result
     }

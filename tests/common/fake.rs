@@ -43,6 +43,9 @@ pub struct Hit {
     pub method: String,
     pub path: String,
     pub authorization: Option<String>,
+    pub at: std::time::Instant,
+    /// The `ratelimit-remaining` this request was answered with.
+    pub ratelimit: Option<i64>,
 }
 
 #[derive(Default)]
@@ -56,6 +59,9 @@ struct Script {
     manifests: HashMap<String, (String, Bytes)>,
     blobs: HashMap<String, Blob>,
     hits: Vec<Hit>,
+    /// Requests left in the rate limit (one fewer per manifest GET), and
+    /// its window in seconds: reported on every answer, as Docker Hub does.
+    ratelimit: Option<(i64, u64)>,
 }
 
 pub struct Fake {
@@ -143,6 +149,12 @@ impl Fake {
             .insert(format!("{repo}@{digest}"), blob);
     }
 
+    /// Reports `ratelimit-remaining: <left>;w=<window>` on every answer,
+    /// one fewer after each manifest GET.
+    pub fn ratelimit(&self, left: i64, window_secs: u64) {
+        self.script.lock().unwrap().ratelimit = Some((left, window_secs));
+    }
+
     pub fn hits(&self) -> Vec<Hit> {
         self.script.lock().unwrap().hits.clone()
     }
@@ -165,7 +177,16 @@ pub const PRIVATE_HEADERS: [(&str, &str); 3] = [
 ];
 
 async fn handle(state: State<Arc<Mutex<Script>>>, req: Request) -> Response {
+    let script = state.0.clone();
     let mut resp = respond(state, req).await;
+    let ratelimit = script.lock().unwrap().hits.last().and_then(|h| h.ratelimit);
+    if let Some(left) = ratelimit {
+        let window = script.lock().unwrap().ratelimit.map_or(0, |r| r.1);
+        resp.headers_mut().insert(
+            "ratelimit-remaining",
+            HeaderValue::from_str(&format!("{left};w={window}")).unwrap(),
+        );
+    }
     for (k, v) in PRIVATE_HEADERS {
         resp.headers_mut().insert(k, HeaderValue::from_static(v));
     }
@@ -189,7 +210,16 @@ async fn respond(State(script): State<Arc<Mutex<Script>>>, req: Request) -> Resp
         .to_owned();
     let (token, token_down, realm, manifests, blobs) = {
         let mut s = script.lock().unwrap();
+        if let Some((left, _)) = &mut s.ratelimit
+            && method == "GET"
+            && path.contains("/manifests/")
+        {
+            *left -= 1;
+        }
+        let ratelimit = s.ratelimit.map(|r| r.0);
         s.hits.push(Hit {
+            at: std::time::Instant::now(),
+            ratelimit,
             method: method.clone(),
             path: if query.is_empty() {
                 path.clone()
