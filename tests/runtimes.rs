@@ -335,14 +335,15 @@ async fn docker_daemon_pulls_through_registry_mirrors_and_prefix() {
         return;
     }
     let started = Instant::now();
-    let docker = Upstream::start("docker");
+    let mut docker = Upstream::start("docker");
     let k8s = Upstream::start("k8s");
+    let token = "runtimes-admin-token-0123";
     let (pier, _data) = Pier::start(
         &[
             ("docker.io", &docker.url()),
             ("registry.k8s.io", &k8s.url()),
         ],
-        "",
+        &format!("[admin]\ntoken = \"{token}\"\n"),
     );
     let dir = short_tempdir();
     let d = Dockerd::start(dir.path(), &pier.host()).await;
@@ -381,6 +382,28 @@ async fn docker_daemon_pulls_through_registry_mirrors_and_prefix() {
         "RepoDigests {digests:?} lack {want}"
     );
     assert_served(&docker, "docker", "library/alpine");
+
+    // Synced beforehand with `pier sync`, then pulled with the upstream
+    // stopped.
+    let synced = std::process::Command::new(env!("CARGO_BIN_EXE_pier"))
+        .args([
+            "sync",
+            "--server",
+            &pier.url(),
+            "--token",
+            token,
+            "alpine:3.17",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        synced.status.success(),
+        "{}",
+        String::from_utf8_lossy(&synced.stderr)
+    );
+    docker.stop();
+    let want = digest_of("docker", "library/alpine:3.17");
+    assert_eq!(d.pull("alpine:3.17").await, want, "docker pull alpine:3.17");
 
     drop(d);
     eprintln!(

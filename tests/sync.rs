@@ -710,3 +710,46 @@ async fn sync_pauses_while_the_upstreams_rate_limit_is_low() {
         hits[low].ratelimit.unwrap()
     );
 }
+
+/// A 64 MiB image synced while eight clients pull it through two replicas:
+/// one upstream GET per blob across the cluster, every pull complete and
+/// correct, and the job done.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sync_and_eight_pulls_of_one_image_fetch_each_blob_once() {
+    if !have_tools(&["docker-registry", "skopeo"]) {
+        return;
+    }
+    let docker = Upstream::start("docker");
+    let ns = format!("syncpull{:x}", rand::random::<u64>());
+    let ups = [("docker.io", docker.url())];
+    let ups: Vec<(&str, &str)> = ups.iter().map(|(r, u)| (*r, u.as_str())).collect();
+    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let admin = format!("[admin]\ntoken = \"{TOKEN}\"\n");
+    let Some(config) = scaled_config(da.path(), &ns, &ups, "", None, "") else {
+        return;
+    };
+    let a = Pier::start_raw(da.path(), &format!("{config}{admin}"));
+    let config = scaled_config(db.path(), &ns, &ups, "", None, "").unwrap();
+    let b = Pier::start_raw(db.path(), &format!("{config}{admin}"));
+    let digest = digest_of("docker", "library/big:latest");
+
+    let sync = submit(&a, json!({ "images": ["library/big:latest"] }));
+    let pulls = (0..8).map(|i| {
+        let host = if i % 2 == 0 { a.host() } else { b.host() };
+        async move {
+            let dir = tempfile::tempdir().unwrap();
+            let run = skopeo_copy(&format!("{host}/library/big:latest"), dir.path(), &[]).await;
+            assert!(run.ok, "pull {i}: {}", run.stderr);
+            manifest_digest_in(dir.path())
+        }
+    });
+    let (job, pulled) = tokio::join!(sync, futures::future::join_all(pulls));
+    assert_eq!(job["state"], "done", "{job}");
+    assert_eq!(
+        job["images"][0]["bytes_done"],
+        job["images"][0]["bytes_total"]
+    );
+    assert!(pulled.iter().all(|d| *d == digest), "{pulled:?}");
+    let blobs = job["images"][0]["blobs_total"].as_u64().unwrap() as usize;
+    docker.assert_one_get_per_blob("library/big", blobs);
+}
