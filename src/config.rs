@@ -379,6 +379,9 @@ pub struct UpstreamConfig {
     /// `[cache] max_age` (unset: that one applies).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_age: Option<MaxAge>,
+    /// The first time an image manifest comes from this upstream, its
+    /// blobs are fetched in the background.
+    pub prefetch: bool,
 }
 
 /// How long content not served is kept.

@@ -117,7 +117,15 @@ pub struct Mirror {
     /// Where manifests served are noted as used, when something is
     /// forgotten by their use.
     uses: Option<Arc<UseLog>>,
+    /// Registries whose new image manifests have their blobs fetched
+    /// ahead (`[[upstreams]] prefetch`), and what fetches them.
+    prefetch: std::collections::HashSet<String>,
+    prefetcher: std::sync::OnceLock<Prefetcher>,
 }
+
+/// Told of an image manifest that just came from an upstream with
+/// `prefetch` on.
+pub type Prefetcher = Arc<dyn Fn(&Target, &Digest) + Send + Sync>;
 
 impl Mirror {
     pub fn new(
@@ -165,7 +173,25 @@ impl Mirror {
             },
             no_room: RecentFailures::new(NO_ROOM_FOR),
             uses: None,
+            prefetch: config
+                .upstreams
+                .iter()
+                .filter(|u| u.prefetch)
+                .map(|u| u.registry.clone())
+                .collect(),
+            prefetcher: std::sync::OnceLock::new(),
         })
+    }
+
+    /// What fetches the blobs of new image manifests from upstreams with
+    /// `prefetch` on.
+    pub fn prefetch_with(&self, prefetcher: Prefetcher) {
+        let _ = self.prefetcher.set(prefetcher);
+    }
+
+    /// Whether some upstream prefetches.
+    pub fn prefetches(&self) -> bool {
+        !self.prefetch.is_empty()
     }
 
     /// Notes every manifest served in `uses`.

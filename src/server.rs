@@ -202,6 +202,15 @@ pub async fn serve(
 ) -> anyhow::Result<()> {
     let (mirror, limits, meta) = build_mirror(config).await?;
     let syncer = Arc::new(Syncer::new(mirror.clone(), &config.sync));
+    if mirror.prefetches() {
+        // Weak: the mirror must not keep alive what holds it.
+        let weak = Arc::downgrade(&syncer);
+        mirror.prefetch_with(Arc::new(move |target, digest| {
+            if let Some(syncer) = weak.upgrade() {
+                syncer.prefetch(target, digest);
+            }
+        }));
+    }
     let jobs = Arc::new(Jobs::new(meta, syncer, &config.sync));
     let admin = Admin::new(&config.admin, jobs.clone()).map(Arc::new);
     if admin.is_some() || !config.sync.images.is_empty() {

@@ -753,3 +753,64 @@ async fn a_sync_and_eight_pulls_of_one_image_fetch_each_blob_once() {
     let blobs = job["images"][0]["blobs_total"].as_u64().unwrap() as usize;
     docker.assert_one_get_per_blob("library/big", blobs);
 }
+
+/// With `prefetch` on, the first time an image manifest comes from upstream
+/// its blobs are fetched in the background, before the client asks; an
+/// index alone fetches nothing, and without `prefetch` nothing is fetched
+/// ahead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prefetch_fetches_a_new_images_blobs_before_the_client_asks() {
+    if !have_tools(&["docker-registry"]) {
+        return;
+    }
+    let accept = "application/vnd.oci.image.index.v1+json,application/vnd.oci.image.manifest.v1+json,\
+                  application/vnd.docker.distribution.manifest.v2+json,\
+                  application/vnd.docker.distribution.manifest.list.v2+json";
+    let http = reqwest::Client::new();
+    let manifest = async |pier: &Pier, reference: &str| -> Value {
+        let resp = http
+            .get(format!(
+                "{}/v2/library/nginx/manifests/{reference}",
+                pier.url()
+            ))
+            .header("accept", accept)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        serde_json::from_slice(&resp.bytes().await.unwrap()).unwrap()
+    };
+    for prefetch in [true, false] {
+        let docker = Upstream::start("docker");
+        let data = tempfile::tempdir().unwrap();
+        let pier = Pier::start_with(
+            data.path(),
+            &[("docker.io", &docker.url())],
+            "",
+            &format!("prefetch = {prefetch}\n"),
+        );
+        // The index: no blob is fetched for it.
+        let index = manifest(&pier, "latest").await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert_eq!(docker.requests("GET", "library/nginx/blobs/"), 0);
+        let child = index["manifests"][0]["digest"].as_str().unwrap().to_owned();
+        let image = manifest(&pier, &child).await;
+        let mut blobs = vec![image["config"]["digest"].as_str().unwrap().to_owned()];
+        for layer in image["layers"].as_array().unwrap() {
+            blobs.push(layer["digest"].as_str().unwrap().to_owned());
+        }
+        if prefetch {
+            let stored = pier.wait_stored(blobs.len());
+            for blob in &blobs {
+                assert!(
+                    stored.iter().any(|s| blob.ends_with(s.as_str())),
+                    "{blob} not stored: {stored:?}"
+                );
+            }
+            docker.assert_one_get_per_blob("library/nginx", blobs.len());
+        } else {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            assert_eq!(docker.requests("GET", "library/nginx/blobs/"), 0);
+        }
+    }
+}

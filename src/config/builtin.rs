@@ -56,6 +56,7 @@ pub fn builtin_upstreams() -> Vec<UpstreamConfig> {
                 allow: Vec::new(),
                 deny: Vec::new(),
                 max_age: None,
+                prefetch: false,
             })
         })
         .collect()

@@ -110,6 +110,7 @@ const UPSTREAM_KEYS: &[&str] = &[
     "username",
     "password",
     "max_age",
+    "prefetch",
 ];
 
 /// Keys whose values are comma-separated lists.
@@ -129,6 +130,7 @@ const BOOL_KEYS: &[&str] = &[
     "builtin_upstreams",
     "presigned_redirect",
     "zero_copy",
+    "prefetch",
 ];
 /// Keys whose values are integers.
 const INT_KEYS: &[&str] = &[

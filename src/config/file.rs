@@ -237,6 +237,7 @@ pub struct FileUpstream {
     pub deny: Option<Vec<String>>,
     /// A duration, or `"off"`.
     pub max_age: Option<String>,
+    pub prefetch: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]

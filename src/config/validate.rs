@@ -563,6 +563,7 @@ fn upstreams(builtins: bool, file: Vec<FileUpstream>, p: &mut Problems) -> Vec<U
                     allow: Vec::new(),
                     deny: Vec::new(),
                     max_age: None,
+                    prefetch: false,
                 });
                 list.len() - 1
             }
@@ -597,6 +598,9 @@ fn upstreams(builtins: bool, file: Vec<FileUpstream>, p: &mut Problems) -> Vec<U
         }
         if let Some(ttl) = f.tag_ttl {
             u.tag_ttl = ttl;
+        }
+        if let Some(prefetch) = f.prefetch {
+            u.prefetch = prefetch;
         }
         if let Some(age) = &f.max_age {
             match max_age(age) {

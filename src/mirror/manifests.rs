@@ -408,6 +408,7 @@ impl Mirror {
             sizes,
         } = references(&body);
         self.sizes.learn(&key, &sizes);
+        let an_image = !image_blobs.is_empty();
         // The client asks for these next, most likely one after another.
         self.missing.look_up(&self.blobs, image_blobs);
         let manifest = StoredManifest {
@@ -422,6 +423,14 @@ impl Mirror {
         self.hot.put_manifest(&digest, &manifest);
         for linked in std::iter::once(&digest).chain(&references) {
             self.hot.put_link(&key, linked);
+        }
+        // An index names platforms; the client's next request says which
+        // it wants, and that manifest is prefetched then.
+        if an_image
+            && self.prefetch.contains(&target.registry)
+            && let Some(prefetch) = self.prefetcher.get()
+        {
+            prefetch(target, &digest);
         }
         Ok((digest, manifest))
     }

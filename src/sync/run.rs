@@ -103,6 +103,21 @@ impl Syncer {
         &self.mirror
     }
 
+    /// Fetches the blobs of image manifest `digest` in the background, as a
+    /// sync of it would (behind clients, within the rate limit).
+    pub fn prefetch(self: &Arc<Self>, target: &Target, digest: &Digest) {
+        let image = ImageRef {
+            target: target.clone(),
+            reference: Reference::Digest(digest.clone()),
+        };
+        let this = self.clone();
+        tokio::spawn(async move {
+            if let Err(e) = this.sync(&image, &[], &Progress::default()).await {
+                tracing::debug!(image = %image, error = %e, "prefetching failed");
+            }
+        });
+    }
+
     /// Waits while clients' fetches take every fetch slot (sync goes
     /// behind them), and while `registry` says fewer than
     /// `min_ratelimit_remaining` requests are left in its rate limit (until

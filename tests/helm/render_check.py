@@ -511,7 +511,7 @@ def scenario_production(pier: Path, keep: Path | None) -> None:
     ups = {u["registry"]: u for u in parsed["upstreams"]}
     check(ups["docker.io"] == {"registry": "docker.io", "tag_ttl": "30m"}, f"docker.io {ups['docker.io']}")
     check(ups["registry.corp.example"]["aliases"] == ["corp"] and len(ups["registry.corp.example"]["endpoints"]) == 2, "corp upstream")
-    check(ups["ghcr.io"] == {"registry": "ghcr.io", "tag_ttl": "5m", "allow": ["acme/**"], "deny": ["acme/secret-*"], "max_age": "90d"},
+    check(ups["ghcr.io"] == {"registry": "ghcr.io", "tag_ttl": "5m", "allow": ["acme/**"], "deny": ["acme/secret-*"], "max_age": "90d", "prefetch": True},
           f"ghcr.io {ups['ghcr.io']}")
     check(parsed["routes"] == [{"pattern": "team-*/**", "registry": "registry.corp.example"}], f"routes {parsed['routes']}")
     check(parsed["domains"] == ["m.example.com"] and parsed["timeouts"]["response"] == "20s", "domains, timeouts")
