@@ -63,6 +63,7 @@ POD_IP = "10.1.2.3"
 EXISTING_SECRETS = {
     "corp-registry-credentials": {"user": "corp-bot", "token": "corp-registry-token"},
     "pier-external": {"redis-url": "redis://:external-redis-password@redis:6379/1"},
+    "pier-admin": {"token": "external-admin-token-0123456789"},
     "pier-external-keys": {
         "s3-access-key-id": "AKIAEXTERNALKEY",
         "s3-secret-access-key": "external-secret-key",
@@ -497,6 +498,7 @@ def scenario_production(pier: Path, keep: Path | None) -> None:
         "PIER_UPSTREAMS__DOCKER_IO__PASSWORD": (RELEASE, "upstream-docker.io-password"),
         "PIER_UPSTREAMS__REGISTRY_CORP_EXAMPLE__USERNAME": ("corp-registry-credentials", "user"),
         "PIER_UPSTREAMS__REGISTRY_CORP_EXAMPLE__PASSWORD": ("corp-registry-credentials", "token"),
+        "PIER_ADMIN__TOKEN": (RELEASE, "admin-token"),
     }
     for name, (secret, key) in expected.items():
         check(name in refs and (refs[name]["name"], refs[name]["key"]) == (secret, key), f"{name} -> {refs.get(name)}")
@@ -506,6 +508,10 @@ def scenario_production(pier: Path, keep: Path | None) -> None:
     # The credentials reach Pier: its effective config has them (masked).
     check(effective.count('username = "corp-puller"') == 1 and effective.count('username = "corp-bot"') == 1, effective)
     check('secret_access_key = "********"' in effective and 'url = "********"' in effective, effective)
+    # The admin token reaches Pier from the Secret, masked; never the ConfigMap.
+    check('token = "********"' in effective and 'allow_from = ["10.0.0.0/8"]' in effective, effective)
+    check("production-admin-token" not in yaml.safe_dump(one(objects, "ConfigMap", RELEASE)), "admin token in the ConfigMap")
+    check("max_concurrent = 2" in effective, effective)
 
     # Upstreams, aliases, routes, TTLs reach pier.toml.
     ups = {u["registry"]: u for u in parsed["upstreams"]}
@@ -558,8 +564,14 @@ def scenario_variants(pier: Path, keep: Path | None) -> None:
         ref = env[name]["valueFrom"]["secretKeyRef"]
         check(ref["name"] == "pier-external" and ref.get("optional") is True, f"{name} optional from existingSecret")
     check(env["PIER_METADATA__URL"]["valueFrom"]["secretKeyRef"]["name"] == "pier-external", "Redis URL from existingSecret")
-    check(sorted(one(objects, "Secret")["data"]) == ["upstream-docker.io-password", "upstream-docker.io-username"],
-          "the chart's Secret holds only inline upstream credentials")
+    check(sorted(one(objects, "Secret")["data"]) == ["admin-token", "upstream-docker.io-password", "upstream-docker.io-username"],
+          "the chart's Secret holds only inline upstream credentials and the admin token")
+    # The admin token from a Secret of yours.
+    values = merge(values, {"config": {"admin": {"token": "", "existingSecret": "pier-admin", "tokenKey": "token"}}})
+    objects, _ = render(values)
+    ref = env_of(pier_container(objects))["PIER_ADMIN__TOKEN"]["valueFrom"]["secretKeyRef"]
+    check((ref["name"], ref["key"]) == ("pier-admin", "token"), f"admin token from existingSecret: {ref}")
+    check("admin-token" not in one(objects, "Secret")["data"], "no admin token in the chart's Secret")
     parsed, effective = check_config(pier, objects, keep, "existing-secret")
     check("access_key_id" not in effective, "IRSA: no static keys")
     # ... and with keys in it.
@@ -705,6 +717,7 @@ REFUSED = [
     ("an access key without its secret", {"storage": {"kind": "s3", "s3": {"bucket": "b-1", "accessKeyId": "AKIA"}}}, "go together"),
     ("a username without a password", {"config": {"upstreams": [{"registry": "docker.io", "username": "me"}]}}, "go together"),
     ("an upstream allow glob with a capital", {"config": {"upstreams": [{"registry": "ghcr.io", "allow": ["Acme/*"]}]}}, "allow"),
+    ("an admin token too short to be one", {"config": {"admin": {"token": "short"}}}, "token"),
     ("an upstream maxAge that is no duration", {"config": {"upstreams": [{"registry": "ghcr.io", "maxAge": "forever"}]}}, "maxAge"),
     ("in-cluster Redis with embedded metadata", {"inClusterRedis": {"enabled": True}}, "metadata.kind=redis"),
     ("a short grace period", {"terminationGracePeriodSeconds": 5}, "terminationGracePeriodSeconds"),

@@ -99,6 +99,7 @@ on one mount. */ -}}
 {{- range .Values.config.upstreams }}
 {{- if .username }}{{ $own = true }}{{ end }}
 {{- end }}
+{{- if and .Values.config.admin.token (not .Values.config.admin.existingSecret) }}{{ $own = true }}{{ end }}
 {{- if $own }}true{{ end }}
 {{- end }}
 
