@@ -1,5 +1,8 @@
 //! Pier: a pull-through mirror for OCI / Docker registries.
 //!
+//! `rewrite` (`pier rewrite`: manifests pointed at the mirror) is pure and
+//! reads only `config` and `reference`.
+//!
 //! Layering (who may call whom): `api → sync → mirror → {lifecycle,
 //! upstream, storage, meta} → {reference, config}`, and `lifecycle →
 //! {storage, meta}`. `sync` (prewarming: images brought in before anyone
@@ -30,6 +33,7 @@ pub mod policy;
 pub mod range;
 pub mod rate;
 pub mod reference;
+pub mod rewrite;
 pub mod route;
 pub mod server;
 pub mod storage;

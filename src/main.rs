@@ -1,5 +1,5 @@
-//! The `pier` command: `serve`, `check-config`, `cache stats`, `gc` and
-//! `sync`.
+//! The `pier` command: `serve`, `check-config`, `cache stats`, `gc`,
+//! `sync` and `rewrite`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -52,6 +52,35 @@ enum Command {
     /// Bring images into the cache before anyone pulls them, and follow
     /// the job to its end.
     Sync(SyncArgs),
+    /// Point the images of Kubernetes manifests at the mirror: reads the
+    /// files (or stdin), writes the result to stdout.
+    Rewrite(RewriteArgs),
+}
+
+#[derive(clap::Args)]
+#[command(group(clap::ArgGroup::new("form").required(true).args(["prefix", "host_prefix"])))]
+struct RewriteArgs {
+    /// The mirror's host: `nginx` becomes `HOST/docker.io/library/nginx`.
+    #[arg(long, value_name = "HOST")]
+    prefix: Option<String>,
+    /// The mirror's domain for host prefixes: `nginx` becomes
+    /// `docker.DOMAIN/library/nginx`.
+    #[arg(long, value_name = "DOMAIN")]
+    host_prefix: Option<String>,
+    /// The mirror's configuration, for its upstreams and their host
+    /// prefixes (the built-in ones without it).
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+    /// Also sync every image found, on the server (see `pier sync`).
+    #[arg(long)]
+    sync: bool,
+    #[arg(long, env = "PIER_SERVER", default_value = "http://127.0.0.1:5000")]
+    server: String,
+    #[arg(long, env = "PIER_ADMIN_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// Manifests (YAML); stdin when none is given.
+    #[arg(value_name = "FILE")]
+    files: Vec<PathBuf>,
 }
 
 /// Where `pier sync` does its work.
@@ -362,23 +391,7 @@ fn sync(args: SyncArgs) -> Result<(), ExitCode> {
                 })?
         }
     };
-    let failed: Vec<_> = job
-        .images
-        .iter()
-        .filter(|i| i.state == pier::sync::State::Failed)
-        .collect();
-    for image in &failed {
-        eprintln!(
-            "pier: {} failed: {}",
-            image.image,
-            image.error.as_deref().unwrap_or("no reason given")
-        );
-    }
-    if failed.is_empty() {
-        Ok(())
-    } else {
-        Err(ExitCode::FAILURE)
-    }
+    report_failed(&job)
 }
 
 /// Works on the job in this process, with the configured stores.
@@ -413,9 +426,112 @@ async fn sync_here(
     Ok(job)
 }
 
+fn rewrite(args: RewriteArgs) -> Result<(), ExitCode> {
+    use std::io::{IsTerminal, Read, Write};
+    let config = match &args.config {
+        Some(path) => load(Some(path))?,
+        None => load(None)?,
+    };
+    let form = match (args.prefix, args.host_prefix) {
+        (Some(host), _) => pier::rewrite::Form::AddPrefix(host.trim_end_matches('/').to_owned()),
+        (None, Some(domain)) => pier::rewrite::Form::HostPrefix(domain),
+        (None, None) => return Err(ExitCode::from(2)),
+    };
+    let mirror = pier::rewrite::Mirror::new(form, &config);
+    let mut inputs = Vec::new();
+    if args.files.is_empty() {
+        let mut text = String::new();
+        std::io::stdin().read_to_string(&mut text).map_err(|e| {
+            eprintln!("pier: cannot read stdin: {e}");
+            ExitCode::FAILURE
+        })?;
+        inputs.push(("stdin".to_owned(), text));
+    }
+    for file in &args.files {
+        let text = std::fs::read_to_string(file).map_err(|e| {
+            eprintln!("pier: cannot read {}: {e}", file.display());
+            ExitCode::FAILURE
+        })?;
+        inputs.push((file.display().to_string(), text));
+    }
+    let mut out = std::io::stdout().lock();
+    let mut images = Vec::new();
+    for (i, (name, text)) in inputs.iter().enumerate() {
+        let done = pier::rewrite::rewrite(text, &mirror).map_err(|e| {
+            eprintln!("pier: {name}: {e}");
+            ExitCode::FAILURE
+        })?;
+        for (image, why) in &done.left {
+            eprintln!("pier: {name}: left {image} as it is: {why}");
+        }
+        images.extend(done.changed.into_iter().map(|(from, _)| from));
+        if i > 0 && !done.text.starts_with("---") {
+            let _ = writeln!(out, "---");
+        }
+        let _ = out.write_all(done.text.as_bytes());
+        if !done.text.ends_with('\n') {
+            let _ = writeln!(out);
+        }
+    }
+    drop(out);
+    if !args.sync || images.is_empty() {
+        return Ok(());
+    }
+    images.sort();
+    images.dedup();
+    let Some(token) = args.token.as_deref() else {
+        eprintln!("pier: --sync needs --token (or PIER_ADMIN_TOKEN)");
+        return Err(ExitCode::from(2));
+    };
+    let runtime = tokio::runtime::Runtime::new().map_err(|e| {
+        eprintln!("pier: cannot start the runtime: {e}");
+        ExitCode::FAILURE
+    })?;
+    // The manifests went to stdout: progress goes to stderr.
+    let mut show = pier::sync::for_stderr(std::io::stderr().is_terminal());
+    let job = runtime
+        .block_on(pier::sync::submit_and_follow(
+            &args.server,
+            token,
+            &images,
+            &[],
+            show.as_mut(),
+        ))
+        .map_err(|e| {
+            eprintln!("pier: {e}");
+            ExitCode::FAILURE
+        })?;
+    report_failed(&job)
+}
+
+/// Names each image of `job` that failed; a failure if any did.
+fn report_failed(job: &pier::sync::Job) -> Result<(), ExitCode> {
+    let failed: Vec<_> = job
+        .images
+        .iter()
+        .filter(|i| i.state == pier::sync::State::Failed)
+        .collect();
+    for image in &failed {
+        eprintln!(
+            "pier: {} failed: {}",
+            image.image,
+            image.error.as_deref().unwrap_or("no reason given")
+        );
+    }
+    if failed.is_empty() {
+        Ok(())
+    } else {
+        Err(ExitCode::FAILURE)
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
+        Command::Rewrite(args) => match rewrite(args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(code) => code,
+        },
         Command::Sync(args) => match sync(args) {
             Ok(()) => ExitCode::SUCCESS,
             Err(code) => code,

@@ -28,4 +28,4 @@ pub use job::{ImageJob, Job, State, is_id};
 pub use jobs::{Jobs, MAX_IMAGES, Report, SubmitError, SyncRequest};
 pub use lists::spawn as keep_lists_synced;
 pub use run::{Progress, SyncError, Syncer};
-pub use show::{Show, Shown, for_output, human};
+pub use show::{Show, Shown, for_output, for_stderr, human};

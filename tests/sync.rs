@@ -814,3 +814,57 @@ async fn prefetch_fetches_a_new_images_blobs_before_the_client_asks() {
         }
     }
 }
+
+/// `pier rewrite --sync` writes the manifests to stdout and syncs every
+/// image it pointed at the mirror, following the job on stderr.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pier_rewrite_sync_warms_what_it_rewrote() {
+    if !have_tools(&["docker-registry", "skopeo"]) {
+        return;
+    }
+    let mut docker = Upstream::start("docker");
+    let ups = [("docker.io", docker.url())];
+    let ups: Vec<(&str, &str)> = ups.iter().map(|(r, u)| (*r, u.as_str())).collect();
+    let (pier, _d) = Pier::start(&ups, &admin_config());
+    let manifest = "kind: Pod\nspec:\n  containers:\n    - name: a\n      image: alpine:3.15\n";
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_pier"))
+        .args([
+            "rewrite",
+            "--prefix",
+            &pier.host(),
+            "--sync",
+            "--server",
+            &pier.url(),
+        ])
+        .env("PIER_ADMIN_TOKEN", TOKEN)
+        .env_remove("PIER_CONFIG")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(&mut child.stdin.take().unwrap(), manifest.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(out.status.success(), "{stderr}");
+    assert_eq!(
+        stdout,
+        format!(
+            "kind: Pod\nspec:\n  containers:\n    - name: a\n      image: {}/docker.io/library/alpine:3.15\n",
+            pier.host()
+        )
+    );
+    assert!(stderr.contains("alpine:3.15: done "), "{stderr}");
+    docker.stop();
+    let dir = tempfile::tempdir().unwrap();
+    let run = skopeo_copy(
+        &format!("{}/library/alpine:3.15", pier.host()),
+        dir.path(),
+        &[],
+    )
+    .await;
+    assert!(run.ok, "{}", run.stderr);
+}

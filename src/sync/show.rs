@@ -35,6 +35,15 @@ pub fn for_output(terminal: bool) -> Box<dyn Show> {
     }
 }
 
+/// Like `for_output`, lines on stderr too (stdout carries other output).
+pub fn for_stderr(terminal: bool) -> Box<dyn Show> {
+    if terminal {
+        Box::new(Bars::new())
+    } else {
+        Box::new(Lines::new(std::io::stderr()))
+    }
+}
+
 /// Bytes in binary units, one decimal.
 pub fn human(n: u64) -> String {
     const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
