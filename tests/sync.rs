@@ -394,6 +394,15 @@ async fn pier_sync_follows_the_job_and_says_what_failed() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("refused (401)"));
     let out = pier_sync(&["--server", &server, "nginx"], &[]);
     assert_eq!(out.status.code(), Some(2));
+    // A Pier without a token has no admin API, and says so.
+    let (plain, _p) = Pier::start(&ups, "");
+    let out = pier_sync(&["--server", &plain.url(), "--token", TOKEN, "nginx"], &[]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("has no admin API: set [admin] token on it"),
+        "{stderr}"
+    );
 
     docker.stop();
     for (image, template) in [
@@ -641,6 +650,20 @@ async fn a_sync_list_picks_up_a_new_tag_within_its_interval() {
             .any(|i| i["source"] == "docker.io/lists/app:2.0"),
         "2.0 does not match the pattern"
     );
+    let lists: Value = http
+        .get(format!("{}/api/v1/sync/lists", pier.url()))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let entry = &lists["lists"][0];
+    assert_eq!(entry["image"], "docker.io/lists/app");
+    assert_eq!(entry["interval"], "2s");
+    assert_eq!(entry["last_success"]["failed"], 0, "{lists}");
+    assert!(entry["last_run"]["done"].as_u64().unwrap() >= 1, "{lists}");
     let text = reqwest::get(format!("{}/metrics", pier.url()))
         .await
         .unwrap()

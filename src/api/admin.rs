@@ -16,7 +16,7 @@ use subtle::ConstantTimeEq;
 
 use super::ClientIp;
 use super::error::{ApiError, ErrorCode};
-use crate::config::AdminConfig;
+use crate::config::{Config, SyncListConfig};
 use crate::route::RouteError;
 use crate::sync::{ImageError, Jobs, SubmitError, SyncRequest, is_id};
 
@@ -26,6 +26,8 @@ const LISTED: usize = 50;
 /// Who may use the admin API, and what it drives.
 pub struct Admin {
     pub jobs: Arc<Jobs>,
+    /// `[[sync.images]]`, for their state.
+    lists: Vec<SyncListConfig>,
     /// SHA-256 of the token: compared in constant time, whatever the
     /// length of what a request sends.
     token_hash: [u8; 32],
@@ -34,12 +36,13 @@ pub struct Admin {
 
 impl Admin {
     /// `None` unless a token is configured.
-    pub fn new(config: &AdminConfig, jobs: Arc<Jobs>) -> Option<Self> {
-        let token = config.token.as_ref()?;
+    pub fn new(config: &Config, jobs: Arc<Jobs>) -> Option<Self> {
+        let token = config.admin.token.as_ref()?;
         Some(Self {
             jobs,
+            lists: config.sync.images.clone(),
             token_hash: Sha256::digest(token.expose().as_bytes()).into(),
-            allow_from: config.allow_from.clone(),
+            allow_from: config.admin.allow_from.clone(),
         })
     }
 
@@ -52,6 +55,7 @@ impl Admin {
 pub fn router(admin: Arc<Admin>) -> Router {
     Router::new()
         .route("/api/v1/sync", get(list_jobs).post(submit))
+        .route("/api/v1/sync/lists", get(lists))
         .route("/api/v1/sync/{id}", get(job))
         .route("/api/v1/{*rest}", axum::routing::any(no_such_endpoint))
         .route_layer(middleware::from_fn_with_state(admin.clone(), authorize))
@@ -161,6 +165,51 @@ async fn list_jobs(State(admin): State<Arc<Admin>>, Query(q): Query<ListQuery>) 
     }
 }
 
+/// Jobs looked through for the lists' last runs.
+const LIST_RUNS_LOOKED_AT: usize = 200;
+
+/// Each `[[sync.images]]` entry with its last run and its last run that
+/// synced everything.
+async fn lists(State(admin): State<Arc<Admin>>) -> Response {
+    let recent = match admin.jobs.recent(LIST_RUNS_LOOKED_AT).await {
+        Ok(jobs) => jobs,
+        Err(e) => return unavailable(e),
+    };
+    let summary = |job: &crate::sync::Job| {
+        let count = |state| job.images.iter().filter(|i| i.state == state).count();
+        serde_json::json!({
+            "id": job.id,
+            "state": job.state,
+            "created_ms": job.created_ms,
+            "updated_ms": job.updated_ms,
+            "images": job.images.len(),
+            "done": count(crate::sync::State::Done),
+            "failed": count(crate::sync::State::Failed),
+        })
+    };
+    let lists: Vec<serde_json::Value> = admin
+        .lists
+        .iter()
+        .map(|entry| {
+            let runs: Vec<&crate::sync::Job> = recent
+                .iter()
+                .filter(|j| j.list.as_deref() == Some(entry.image.as_str()))
+                .collect();
+            let succeeded = runs.iter().find(|j| j.state == crate::sync::State::Done);
+            serde_json::json!({
+                "image": entry.image,
+                "tags": entry.tags,
+                "tag_pattern": entry.tag_pattern,
+                "platforms": entry.platforms,
+                "interval": crate::config::age_text(entry.interval),
+                "last_run": runs.first().map(|j| summary(j)),
+                "last_success": succeeded.map(|j| summary(j)),
+            })
+        })
+        .collect();
+    axum::Json(serde_json::json!({ "lists": lists })).into_response()
+}
+
 async fn job(State(admin): State<Arc<Admin>>, Path(id): Path<String>) -> Response {
     let found = if is_id(&id) {
         admin.jobs.get(&id).await
@@ -196,6 +245,6 @@ async fn no_such_endpoint() -> ApiError {
     ApiError::new(
         StatusCode::NOT_FOUND,
         ErrorCode::NotFound,
-        "no such admin endpoint: /api/v1/sync and /api/v1/sync/<id> are served",
+        "no such admin endpoint: /api/v1/sync, /api/v1/sync/<id> and /api/v1/sync/lists are served",
     )
 }
