@@ -264,6 +264,7 @@ impl Mirror {
         }
         self.cluster.release_all().await;
         // Uses noted since the last batch are not lost with the process.
+        self.blobs.record_uses().await;
         if let Some(uses) = &self.uses {
             uses.flush().await;
         }

@@ -105,6 +105,10 @@ pub trait BlobStore: Send + Sync + 'static {
     /// if the store keeps a budget there.
     fn make_room(&self) {}
 
+    /// Writes down the uses noted in memory (at shutdown: a short-lived
+    /// process, `pier sync --config`, never reaches the next batch).
+    async fn record_uses(&self) {}
+
     /// Aborts the multipart uploads under the store's blob keys that were
     /// begun more than `older_than` ago, and returns how many. A process
     /// that dies mid-upload leaves its upload open, holding the parts sent

@@ -49,6 +49,14 @@ async fn finished(pier: &Pier, id: &str) -> Value {
     }
 }
 
+/// Pulls `image` from `host` with skopeo; its manifest digest.
+async fn pulled(host: &str, image: &str) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let run = skopeo_copy(&format!("{host}/{image}"), dir.path(), &[]).await;
+    assert!(run.ok, "{image}: {}", run.stderr);
+    manifest_digest_in(dir.path())
+}
+
 async fn submit(pier: &Pier, body: Value) -> Value {
     let resp = post_sync(pier, Some(TOKEN), &body).await;
     assert_eq!(resp.status(), 202);
@@ -68,8 +76,8 @@ async fn the_admin_api_exists_only_with_a_token_and_refuses_strangers() {
         return;
     }
     let docker = Upstream::start("docker");
-    let ups = [("docker.io", docker.url())];
-    let ups: Vec<(&str, &str)> = ups.iter().map(|(r, u)| (*r, u.as_str())).collect();
+    let url = docker.url();
+    let ups = [("docker.io", url.as_str())];
     let body = json!({ "images": ["library/nginx:latest"] });
 
     let (plain, _d) = Pier::start(&ups, "");
@@ -158,8 +166,8 @@ async fn synced_images_pull_with_the_upstream_stopped() {
         return;
     }
     let mut docker = Upstream::start("docker");
-    let ups = [("docker.io", docker.url())];
-    let ups: Vec<(&str, &str)> = ups.iter().map(|(r, u)| (*r, u.as_str())).collect();
+    let url = docker.url();
+    let ups = [("docker.io", url.as_str())];
     let (pier, _d) = Pier::start(&ups, &admin_config());
 
     // What the upstream's index says each platform is made of.
@@ -261,16 +269,8 @@ async fn synced_images_pull_with_the_upstream_stopped() {
     )
     .await;
     assert!(arm.ok, "{}", arm.stderr);
-    let out = tempfile::tempdir().unwrap();
-    let alpine = skopeo_copy(
-        &format!("{}/library/alpine:3.19", pier.host()),
-        out.path(),
-        &[],
-    )
-    .await;
-    assert!(alpine.ok, "{}", alpine.stderr);
     assert_eq!(
-        manifest_digest_in(out.path()),
+        pulled(&pier.host(), "library/alpine:3.19").await,
         digest_of("docker", "library/alpine:3.19")
     );
     // amd64 was not synced: with upstream stopped it cannot be pulled.
@@ -345,8 +345,8 @@ async fn pier_sync_follows_the_job_and_says_what_failed() {
         return;
     }
     let mut docker = Upstream::start("docker");
-    let ups = [("docker.io", docker.url())];
-    let ups: Vec<(&str, &str)> = ups.iter().map(|(r, u)| (*r, u.as_str())).collect();
+    let url = docker.url();
+    let ups = [("docker.io", url.as_str())];
     let (pier, _d) = Pier::start(&ups, &admin_config());
     let server = pier.url();
 
@@ -405,16 +405,10 @@ async fn pier_sync_follows_the_job_and_says_what_failed() {
     );
 
     docker.stop();
-    for (image, template) in [
-        ("library/alpine:3.18", "library/alpine:3.18"),
-        ("bitnami/nginx:latest", "bitnami/nginx:latest"),
-    ] {
-        let dir = tempfile::tempdir().unwrap();
-        let run = skopeo_copy(&format!("{}/{image}", pier.host()), dir.path(), &[]).await;
-        assert!(run.ok, "{image}: {}", run.stderr);
+    for image in ["library/alpine:3.18", "bitnami/nginx:latest"] {
         assert_eq!(
-            manifest_digest_in(dir.path()),
-            digest_of("docker", template)
+            pulled(&pier.host(), image).await,
+            digest_of("docker", image)
         );
     }
 }
@@ -426,8 +420,8 @@ async fn pier_sync_draws_bars_on_a_terminal() {
         return;
     }
     let docker = Upstream::start("docker");
-    let ups = [("docker.io", docker.url())];
-    let ups: Vec<(&str, &str)> = ups.iter().map(|(r, u)| (*r, u.as_str())).collect();
+    let url = docker.url();
+    let ups = [("docker.io", url.as_str())];
     let (pier, _d) = Pier::start(&ups, &admin_config());
     // `script` runs the command under a pseudo-terminal and copies what it
     // draws.
@@ -460,8 +454,8 @@ async fn a_job_outlives_the_replica_that_accepted_it() {
     }
     let mut docker = Upstream::start("docker");
     let ns = format!("sync{:x}", rand::random::<u64>());
-    let ups = [("docker.io", docker.url())];
-    let ups: Vec<(&str, &str)> = ups.iter().map(|(r, u)| (*r, u.as_str())).collect();
+    let url = docker.url();
+    let ups = [("docker.io", url.as_str())];
     let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let admin = format!("[admin]\ntoken = \"{TOKEN}\"\n");
     let Some(config) = scaled_config(da.path(), &ns, &ups, "", None, "") else {
@@ -525,10 +519,7 @@ async fn a_job_outlives_the_replica_that_accepted_it() {
             digest_of("docker", "library/alpine:3.17"),
         ),
     ] {
-        let dir = tempfile::tempdir().unwrap();
-        let run = skopeo_copy(&format!("{}/{image}", b.host()), dir.path(), &[]).await;
-        assert!(run.ok, "{image}: {}", run.stderr);
-        assert_eq!(manifest_digest_in(dir.path()), digest);
+        assert_eq!(pulled(&b.host(), image).await, digest);
     }
 }
 
@@ -569,19 +560,11 @@ async fn pier_sync_with_a_config_fills_the_stores_without_a_server() {
     assert!(stdout.contains("alpine:3.16: done "), "{stdout}");
 
     docker.stop();
-    let ups = [("docker.io", docker.url())];
-    let ups: Vec<(&str, &str)> = ups.iter().map(|(r, u)| (*r, u.as_str())).collect();
+    let url = docker.url();
+    let ups = [("docker.io", url.as_str())];
     let pier = Pier::start_in(data.path(), &ups, "");
-    let dir = tempfile::tempdir().unwrap();
-    let run = skopeo_copy(
-        &format!("{}/library/alpine:3.16", pier.host()),
-        dir.path(),
-        &[],
-    )
-    .await;
-    assert!(run.ok, "{}", run.stderr);
     assert_eq!(
-        manifest_digest_in(dir.path()),
+        pulled(&pier.host(), "library/alpine:3.16").await,
         digest_of("docker", "library/alpine:3.16")
     );
 }
@@ -602,8 +585,8 @@ async fn a_sync_list_picks_up_a_new_tag_within_its_interval() {
         "{}[[sync.images]]\nimage = \"docker.io/lists/app\"\ntag_pattern = '^1\\.'\ninterval = \"2s\"\n",
         admin_config()
     );
-    let ups = [("docker.io", docker.url())];
-    let ups: Vec<(&str, &str)> = ups.iter().map(|(r, u)| (*r, u.as_str())).collect();
+    let url = docker.url();
+    let ups = [("docker.io", url.as_str())];
     let (pier, _d) = Pier::start(&ups, &extra);
     let http = reqwest::Client::new();
     let listed = async |pier: &Pier| -> Vec<Value> {
@@ -680,10 +663,10 @@ async fn a_sync_list_picks_up_a_new_tag_within_its_interval() {
 
     docker.stop();
     for (tag, digest) in [("1.0", v1), ("1.1", v2)] {
-        let dir = tempfile::tempdir().unwrap();
-        let run = skopeo_copy(&format!("{}/lists/app:{tag}", pier.host()), dir.path(), &[]).await;
-        assert!(run.ok, "{tag}: {}", run.stderr);
-        assert_eq!(manifest_digest_in(dir.path()), digest);
+        assert_eq!(
+            pulled(&pier.host(), &format!("lists/app:{tag}")).await,
+            digest
+        );
     }
 }
 
@@ -744,8 +727,8 @@ async fn a_sync_and_eight_pulls_of_one_image_fetch_each_blob_once() {
     }
     let docker = Upstream::start("docker");
     let ns = format!("syncpull{:x}", rand::random::<u64>());
-    let ups = [("docker.io", docker.url())];
-    let ups: Vec<(&str, &str)> = ups.iter().map(|(r, u)| (*r, u.as_str())).collect();
+    let url = docker.url();
+    let ups = [("docker.io", url.as_str())];
     let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let admin = format!("[admin]\ntoken = \"{TOKEN}\"\n");
     let Some(config) = scaled_config(da.path(), &ns, &ups, "", None, "") else {
@@ -759,20 +742,15 @@ async fn a_sync_and_eight_pulls_of_one_image_fetch_each_blob_once() {
     let sync = submit(&a, json!({ "images": ["library/big:latest"] }));
     let pulls = (0..8).map(|i| {
         let host = if i % 2 == 0 { a.host() } else { b.host() };
-        async move {
-            let dir = tempfile::tempdir().unwrap();
-            let run = skopeo_copy(&format!("{host}/library/big:latest"), dir.path(), &[]).await;
-            assert!(run.ok, "pull {i}: {}", run.stderr);
-            manifest_digest_in(dir.path())
-        }
+        async move { pulled(&host, "library/big:latest").await }
     });
-    let (job, pulled) = tokio::join!(sync, futures::future::join_all(pulls));
+    let (job, digests) = tokio::join!(sync, futures::future::join_all(pulls));
     assert_eq!(job["state"], "done", "{job}");
     assert_eq!(
         job["images"][0]["bytes_done"],
         job["images"][0]["bytes_total"]
     );
-    assert!(pulled.iter().all(|d| *d == digest), "{pulled:?}");
+    assert!(digests.iter().all(|d| *d == digest), "{digests:?}");
     let blobs = job["images"][0]["blobs_total"].as_u64().unwrap() as usize;
     docker.assert_one_get_per_blob("library/big", blobs);
 }
@@ -846,8 +824,8 @@ async fn pier_rewrite_sync_warms_what_it_rewrote() {
         return;
     }
     let mut docker = Upstream::start("docker");
-    let ups = [("docker.io", docker.url())];
-    let ups: Vec<(&str, &str)> = ups.iter().map(|(r, u)| (*r, u.as_str())).collect();
+    let url = docker.url();
+    let ups = [("docker.io", url.as_str())];
     let (pier, _d) = Pier::start(&ups, &admin_config());
     let manifest = "kind: Pod\nspec:\n  containers:\n    - name: a\n      image: alpine:3.15\n";
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_pier"))
@@ -882,12 +860,8 @@ async fn pier_rewrite_sync_warms_what_it_rewrote() {
     );
     assert!(stderr.contains("alpine:3.15: done "), "{stderr}");
     docker.stop();
-    let dir = tempfile::tempdir().unwrap();
-    let run = skopeo_copy(
-        &format!("{}/library/alpine:3.15", pier.host()),
-        dir.path(),
-        &[],
-    )
-    .await;
-    assert!(run.ok, "{}", run.stderr);
+    assert_eq!(
+        pulled(&pier.host(), "library/alpine:3.15").await,
+        digest_of("docker", "library/alpine:3.15")
+    );
 }

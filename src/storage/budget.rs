@@ -733,6 +733,10 @@ impl BlobStore for BudgetedFsStore {
         self.shared.files.health().await
     }
 
+    async fn record_uses(&self) {
+        self.shared.record_uses().await;
+    }
+
     fn make_room(&self) {
         Shared::evict_if_over(&self.shared);
     }
