@@ -433,8 +433,8 @@ fn rewrite(args: RewriteArgs) -> Result<(), ExitCode> {
         None => load(None)?,
     };
     let form = match (args.prefix, args.host_prefix) {
-        (Some(host), _) => pier::rewrite::Form::AddPrefix(host.trim_end_matches('/').to_owned()),
-        (None, Some(domain)) => pier::rewrite::Form::HostPrefix(domain),
+        (Some(host), _) => pier::rewrite::Form::AddPrefix(mirror_host(&host)?),
+        (None, Some(domain)) => pier::rewrite::Form::HostPrefix(mirror_host(&domain)?),
         (None, None) => return Err(ExitCode::from(2)),
     };
     let mirror = pier::rewrite::Mirror::new(form, &config);
@@ -464,7 +464,9 @@ fn rewrite(args: RewriteArgs) -> Result<(), ExitCode> {
         for (image, why) in &done.left {
             eprintln!("pier: {name}: left {image} as it is: {why}");
         }
-        images.extend(done.changed.into_iter().map(|(from, _)| from));
+        // What the mirror is to fetch, as Docker reads the image: the
+        // server's own short-name rules may read it otherwise.
+        images.extend(done.changed.into_iter().map(|(_, _, source)| source));
         if i > 0 && !done.text.starts_with("---") {
             let _ = writeln!(out, "---");
         }
@@ -502,6 +504,23 @@ fn rewrite(args: RewriteArgs) -> Result<(), ExitCode> {
             ExitCode::FAILURE
         })?;
     report_failed(&job)
+}
+
+/// A mirror host as images name it: lowercase, no scheme or path.
+fn mirror_host(given: &str) -> Result<String, ExitCode> {
+    let host = given.trim().trim_end_matches('/').to_ascii_lowercase();
+    let ok = !host.is_empty()
+        && host
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b':' | b'[' | b']'));
+    if ok {
+        Ok(host)
+    } else {
+        eprintln!(
+            "pier: {given:?} is not a host as an image names it (like m.example.com or m.example.com:8443, no scheme)"
+        );
+        Err(ExitCode::from(2))
+    }
 }
 
 /// Names each image of `job` that failed; a failure if any did.

@@ -267,6 +267,9 @@ pub trait MetaStore: Send + Sync + 'static {
     /// The ids of the jobs not finished.
     async fn open_jobs(&self) -> Result<Vec<String>, MetaError>;
 
+    /// Takes `id` off the open jobs, its record (if any) left as it is.
+    async fn close_job(&self, id: &str) -> Result<(), MetaError>;
+
     async fn job(&self, id: &str) -> Result<Option<Vec<u8>>, MetaError>;
 
     /// The records of the `limit` newest jobs, newest first.

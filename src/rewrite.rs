@@ -43,6 +43,12 @@ impl Mirror {
     /// Where `image` is to be pulled from through the mirror: `Ok(None)`
     /// when it already names the mirror, `Err` (why) when it is left alone.
     pub fn point(&self, image: &str) -> Result<Option<String>, String> {
+        Ok(self.pointed(image)?.map(|(to, _)| to))
+    }
+
+    /// Like `point`, with the image as Docker reads it
+    /// (`docker.io/library/nginx:1.27`): what the mirror is to fetch.
+    fn pointed(&self, image: &str) -> Result<Option<(String, String)>, String> {
         let parsed = Parsed::of(image).ok_or_else(|| "not an image reference".to_owned())?;
         let own = match &self.form {
             Form::AddPrefix(host) | Form::HostPrefix(host) => host,
@@ -58,14 +64,15 @@ impl Mirror {
             return Err(format!("{registry} is not an upstream of this mirror"));
         };
         let rest = format!("{}{}", parsed.path, parsed.reference);
-        Ok(Some(match (&self.form, alias) {
+        let to = match (&self.form, alias) {
             (Form::HostPrefix(domain), Some(alias)) => format!("{alias}.{domain}/{rest}"),
             // No host prefix for it: the bare domain takes the add-a-prefix
             // form.
             (Form::HostPrefix(host) | Form::AddPrefix(host), _) => {
                 format!("{host}/{registry}/{rest}")
             }
-        }))
+        };
+        Ok(Some((to, format!("{registry}/{rest}"))))
     }
 }
 
@@ -121,7 +128,9 @@ impl Parsed {
 /// An image found in a document: where its text starts (in chars), how it
 /// is quoted, and its value.
 struct Found {
-    at: usize,
+    /// 1-based line, 0-based column in chars.
+    line: usize,
+    col: usize,
     style: TScalarStyle,
     value: String,
 }
@@ -207,7 +216,8 @@ impl MarkedEventReceiver for Images {
                             .is_some_and(|u| CONTAINER_LISTS.contains(&u));
                     if is_image {
                         self.found.push(Found {
-                            at: mark.index(),
+                            line: mark.line(),
+                            col: mark.col(),
                             style,
                             value,
                         });
@@ -221,11 +231,29 @@ impl MarkedEventReceiver for Images {
     }
 }
 
+/// The byte offset of each line's start, lines ending in `\n`, `\r\n`
+/// or `\r` as YAML has them.
+fn line_starts(text: &str) -> Vec<usize> {
+    let mut starts = vec![0];
+    let bytes = text.as_bytes();
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'\n' => starts.push(i + 1),
+            b'\r' if bytes.get(i + 1) != Some(&b'\n') => starts.push(i + 1),
+            _ => {}
+        }
+        i += 1;
+    }
+    starts
+}
+
 /// What rewriting a text did.
 pub struct Rewritten {
     pub text: String,
-    /// (from, to) for every image pointed at the mirror.
-    pub changed: Vec<(String, String)>,
+    /// (from, to, the image as Docker reads it) for every image pointed at
+    /// the mirror.
+    pub changed: Vec<(String, String, String)>,
     /// (image, why) for every image left as it was.
     pub left: Vec<(String, String)>,
 }
@@ -236,16 +264,27 @@ pub fn rewrite(text: &str, mirror: &Mirror) -> Result<Rewritten, String> {
     Parser::new_from_str(text)
         .load(&mut images, true)
         .map_err(|e| format!("not YAML: {e}"))?;
-    // Char positions to byte offsets.
-    let bytes_at: Vec<usize> = text.char_indices().map(|(b, _)| b).collect();
-    let byte = |chars: usize| bytes_at.get(chars).copied().unwrap_or(text.len());
+    // The parser's index is not a char count everywhere (it counts bytes
+    // in parts of block scalars): an image is found by its line and
+    // column, which are.
+    let lines = line_starts(text);
+    let byte = |line: usize, col: usize| {
+        let Some(&start) = lines.get(line.saturating_sub(1)) else {
+            return text.len();
+        };
+        text[start..]
+            .char_indices()
+            .nth(col)
+            .map_or(text.len(), |(b, _)| start + b)
+    };
     let mut out = String::with_capacity(text.len() + 64 * images.found.len());
     let (mut changed, mut left) = (Vec::new(), Vec::new());
     let mut copied = 0;
     for found in images.found {
+        let at = byte(found.line, found.col);
         let start = match found.style {
-            TScalarStyle::Plain => byte(found.at),
-            TScalarStyle::SingleQuoted | TScalarStyle::DoubleQuoted => byte(found.at) + 1,
+            TScalarStyle::Plain => at,
+            TScalarStyle::SingleQuoted | TScalarStyle::DoubleQuoted => at + 1,
             _ => {
                 left.push((found.value, "written as a block scalar".into()));
                 continue;
@@ -260,12 +299,12 @@ pub fn rewrite(text: &str, mirror: &Mirror) -> Result<Rewritten, String> {
             ));
             continue;
         }
-        match mirror.point(&found.value) {
-            Ok(Some(to)) => {
+        match mirror.pointed(&found.value) {
+            Ok(Some((to, source))) => {
                 out.push_str(&text[copied..start]);
                 out.push_str(&to);
                 copied = end;
-                changed.push((found.value, to));
+                changed.push((found.value, to, source));
             }
             Ok(None) => {}
             Err(why) => left.push((found.value, why)),

@@ -156,15 +156,20 @@ impl UpstreamClient {
         let Some(left) = parts.next().and_then(|v| v.trim().parse::<i64>().ok()) else {
             return;
         };
+        // An upstream's window is believed up to a day.
         let window = parts
             .find_map(|p| p.trim().strip_prefix("w="))
             .and_then(|w| w.trim().parse::<u64>().ok())
-            .map_or(QUOTA_WINDOW, std::time::Duration::from_secs);
+            .map_or(QUOTA_WINDOW, |w| {
+                std::time::Duration::from_secs(w.min(24 * 3600))
+            });
+        let Some(until) = std::time::Instant::now().checked_add(window) else {
+            return;
+        };
         *self
             .quota
             .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) =
-            Some((left, std::time::Instant::now() + window));
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some((left, until));
     }
 
     /// Requests the upstream last said are left, while that still holds.

@@ -340,7 +340,13 @@ fn sync_images(file: Vec<FileSyncImage>, p: &mut Problems) -> Vec<SyncListConfig
             tags,
             tag_pattern: f.tag_pattern,
             platforms,
-            interval: positive(p, &format!("{key}.interval"), f.interval, 6 * 3600),
+            interval: match positive(p, &format!("{key}.interval"), f.interval, 6 * 3600) {
+                d if d > Duration::from_secs(366 * 86_400) => {
+                    p.add(&format!("{key}.interval"), "must be a year or less".into());
+                    d
+                }
+                d => d,
+            },
         });
     }
     list

@@ -113,6 +113,9 @@ impl UseLog {
                     let kept = pending.entry(digest).or_insert(at);
                     *kept = at.max(*kept);
                 }
+                // The rest waits too, so uses never arrive before their
+                // deadlines.
+                return;
             }
         }
     }

@@ -633,6 +633,19 @@ impl MetaStore for EmbeddedMeta {
         .await
     }
 
+    async fn close_job(&self, id: &str) -> Result<(), MetaError> {
+        let id = id.to_owned();
+        self.blocking(move |db| {
+            let txn = db.begin_write().map_err(backend)?;
+            txn.open_table(OPEN_JOBS)
+                .map_err(backend)?
+                .remove(id.as_str())
+                .map_err(backend)?;
+            txn.commit().map_err(backend)
+        })
+        .await
+    }
+
     async fn job(&self, id: &str) -> Result<Option<Vec<u8>>, MetaError> {
         let id = id.to_owned();
         self.blocking(move |db| {

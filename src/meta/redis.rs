@@ -656,6 +656,13 @@ impl MetaStore for RedisMeta {
         self.run(|mut c| async move { c.smembers(key).await }).await
     }
 
+    async fn close_job(&self, id: &str) -> Result<(), MetaError> {
+        let key = self.key(&["jobs", "open"]);
+        let id = id.to_owned();
+        self.run(|mut c| async move { c.srem::<_, _, ()>(key, id).await })
+            .await
+    }
+
     async fn job(&self, id: &str) -> Result<Option<Vec<u8>>, MetaError> {
         let key = self.key(&["job", id]);
         self.run(|mut c| async move { c.get(key).await }).await

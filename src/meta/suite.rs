@@ -483,6 +483,13 @@ pub async fn jobs(meta: &dyn MetaStore) {
     let recent = meta.recent_jobs(2).await.unwrap();
     assert_eq!(recent, vec![b"second".to_vec(), b"first, again".to_vec()]);
     assert_eq!(meta.open_jobs().await.unwrap(), vec![id(0)]);
+    meta.close_job(&id(0)).await.unwrap();
+    assert!(meta.open_jobs().await.unwrap().is_empty());
+    assert!(
+        meta.job(&id(0)).await.unwrap().is_some(),
+        "the record stays"
+    );
+    meta.save_job(&id(0), b"first, again", true).await.unwrap();
     for n in 2..JOBS_KEPT + 5 {
         meta.save_job(&id(n), format!("{n}").as_bytes(), false)
             .await

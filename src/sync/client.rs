@@ -46,6 +46,7 @@ pub async fn submit_and_follow(
     show: &mut dyn Show,
 ) -> Result<Job, ClientError> {
     let server = server.trim_end_matches('/').to_owned();
+    let token = token.trim();
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(30))
         .build()
@@ -103,7 +104,11 @@ pub async fn submit_and_follow(
         };
         let transient = match &answer {
             Err(_) => true,
-            Ok((status, _)) => status.is_server_error(),
+            Ok((status, _)) => {
+                status.is_server_error()
+                    || *status == reqwest::StatusCode::TOO_MANY_REQUESTS
+                    || *status == reqwest::StatusCode::REQUEST_TIMEOUT
+            }
         };
         if transient {
             let since = *failing_since.get_or_insert_with(std::time::Instant::now);

@@ -24,6 +24,8 @@ const LOOK_EVERY: Duration = Duration::from_secs(10);
 /// A job's lease: another replica takes the job over this long after its
 /// driver stops renewing it.
 const LEASE_TTL: Duration = Duration::from_secs(15);
+/// Jobs looked at once, at start, for unfinished ones.
+const LOOK_BACK: usize = 200;
 /// How often a running job's record is brought up to date.
 const REPORT_EVERY: Duration = Duration::from_secs(1);
 
@@ -186,12 +188,24 @@ impl Jobs {
     pub fn spawn_takeover(self: &Arc<Self>) {
         let jobs = Arc::downgrade(self);
         tokio::spawn(async move {
+            let mut first = true;
             loop {
                 tokio::time::sleep(LOOK_EVERY).await;
                 let Some(jobs) = jobs.upgrade() else { return };
+                // Once, the recent jobs too: one left unfinished by a
+                // version that kept no open set.
+                let older = if std::mem::take(&mut first) {
+                    jobs.recent(LOOK_BACK).await.unwrap_or_default()
+                } else {
+                    Vec::new()
+                };
+                let older = older
+                    .into_iter()
+                    .filter(|j| !j.state.finished())
+                    .map(|j| j.id);
                 match jobs.meta.open_jobs().await {
                     Ok(open) => {
-                        for id in open {
+                        for id in open.into_iter().chain(older) {
                             if !jobs.is_driving(&id) {
                                 tokio::spawn(jobs.clone().drive(id));
                             }
@@ -234,10 +248,11 @@ impl Jobs {
                         self.work(&mut job, &mut recorded).await;
                         tracing::info!(job = %id, state = ?job.state, "sync job ended");
                     }
-                    // Finished, or gone: no longer open.
+                    // Finished, or a record this version cannot read (or
+                    // none): no longer open, the record left as it is.
                     Ok(found) => {
                         if found.is_none()
-                            && let Err(e) = self.meta.save_job(&id, b"{}", false).await
+                            && let Err(e) = self.meta.close_job(&id).await
                         {
                             tracing::debug!(job = %id, error = %e, "cannot close a sync job");
                         }

@@ -1,5 +1,6 @@
 //! `[[sync.images]]`: repositories whose chosen tags are synced again every
-//! interval. One replica a period runs each entry (a lease left to lapse),
+//! interval. One replica a period runs each entry (a lease renewed while
+//! the run lasts, then left to lapse),
 //! as a job like any other, so the API lists it; a tag pattern costs one
 //! tag list, and each tag one look upstream (less within its `tag_ttl`);
 //! only what the cache lacks is fetched.
@@ -10,6 +11,7 @@ use std::time::Duration;
 use super::job::State;
 use super::jobs::{Jobs, MAX_IMAGES, SyncRequest, now_ms};
 use crate::config::SyncListConfig;
+use crate::meta::Held;
 use crate::telemetry::metrics::{SyncListLabels, SyncStateLabels, metrics};
 
 /// Keeps every entry synced, for as long as the process runs.
@@ -21,23 +23,31 @@ pub fn spawn(jobs: Arc<Jobs>, entries: Vec<SyncListConfig>) {
 }
 
 async fn keep_synced(jobs: Arc<Jobs>, entry: SyncListConfig, holder: String) {
-    // The lease names what the entry asks for: an entry changed in the
+    // The lease names all the entry asks for: an entry changed in the
     // config is a new one, run at once.
     let lease = format!(
-        "sync-list:{}:{}:{}",
+        "sync-list:{}:{}:{}:{}:{}",
         entry.image,
         entry.tags.join(","),
-        entry.tag_pattern.as_deref().unwrap_or("")
+        entry.tag_pattern.as_deref().unwrap_or(""),
+        entry.platforms.join(","),
+        entry.interval.as_secs()
     );
     let look_every = (entry.interval / 4).clamp(Duration::from_secs(1), Duration::from_secs(60));
     loop {
-        match jobs
-            .meta
-            .acquire_lease(&lease, &holder, entry.interval)
-            .await
-        {
-            Ok(None) => run_once(&jobs, &entry).await,
-            Ok(Some(_)) => {}
+        // Held (renewed) while the run lasts, then left to lapse: the next
+        // run starts about an interval after this one ended, on some
+        // replica.
+        match Held::take(&jobs.meta, &lease, &holder, entry.interval).await {
+            Ok(Some(held)) => {
+                if run_once(&jobs, &entry).await {
+                    drop(held);
+                } else {
+                    // Failed before it could sync: tried again soon.
+                    held.release().await;
+                }
+            }
+            Ok(None) => {}
             Err(e) => {
                 tracing::debug!(image = %entry.image, error = %e, "cannot take a sync list's lease")
             }
@@ -69,17 +79,19 @@ async fn tags(jobs: &Jobs, entry: &SyncListConfig) -> Result<Vec<String>, String
     Ok(all)
 }
 
-async fn run_once(jobs: &Arc<Jobs>, entry: &SyncListConfig) {
+/// One run; false when it could not start (the tags or the job could not
+/// be had).
+async fn run_once(jobs: &Arc<Jobs>, entry: &SyncListConfig) -> bool {
     let tags = match tags(jobs, entry).await {
         Ok(tags) if tags.is_empty() => {
             tracing::warn!(image = %entry.image, "a sync list names no tag upstream has");
-            return;
+            return true;
         }
         Ok(tags) => tags,
         Err(e) => {
             tracing::warn!(image = %entry.image, error = %e, "cannot list the tags to sync");
             record(entry, 0, 1, false);
-            return;
+            return false;
         }
     };
     let request = SyncRequest {
@@ -94,7 +106,7 @@ async fn run_once(jobs: &Arc<Jobs>, entry: &SyncListConfig) {
         Err(e) => {
             tracing::warn!(image = %entry.image, error = %e, "a sync list cannot be synced");
             record(entry, 0, tags.len(), false);
-            return;
+            return true;
         }
     };
     job.list = Some(entry.image.clone());
@@ -103,11 +115,13 @@ async fn run_once(jobs: &Arc<Jobs>, entry: &SyncListConfig) {
             let done = job.images.iter().filter(|i| i.state == State::Done).count();
             let failed = job.images.len() - done;
             record(entry, done, failed, failed == 0);
+            true
         }
         // Another replica took it over; it goes on there.
-        Ok(_) => {}
+        Ok(_) => true,
         Err(e) => {
-            tracing::warn!(image = %entry.image, error = %e, "cannot record a sync list's job")
+            tracing::warn!(image = %entry.image, error = %e, "cannot record a sync list's job");
+            false
         }
     }
 }

@@ -23,6 +23,8 @@ use crate::route::Target;
 
 /// Blobs of one image fetched at once, as Docker pulls them.
 const PER_IMAGE: usize = 3;
+/// Prefetches running at once on a replica.
+const MAX_PREFETCHES: usize = 64;
 /// How long a blob fetched may take to be stored after its last byte.
 const STORE_WITHIN: std::time::Duration = std::time::Duration::from_secs(600);
 
@@ -88,6 +90,8 @@ pub struct Syncer {
     slots: Semaphore,
     /// Requests an upstream must have left in its rate limit.
     min_quota: i64,
+    /// Manifests whose blobs are being prefetched.
+    prefetching: Mutex<HashSet<Digest>>,
 }
 
 impl Syncer {
@@ -96,6 +100,7 @@ impl Syncer {
             mirror,
             slots: Semaphore::new(config.max_concurrent.max(1)),
             min_quota: config.min_ratelimit_remaining,
+            prefetching: Mutex::new(HashSet::new()),
         }
     }
 
@@ -105,7 +110,22 @@ impl Syncer {
 
     /// Fetches the blobs of image manifest `digest` in the background, as a
     /// sync of it would (behind clients, within the rate limit).
+    /// At most `MAX_PREFETCHES` at once, one per manifest; none while the
+    /// upstream's rate limit is low or clients take every fetch slot (a
+    /// prefetch is a guess, not worth a wait).
     pub fn prefetch(self: &Arc<Self>, target: &Target, digest: &Digest) {
+        if self.upstream_short(&target.registry) || self.mirror.fetch_slots_full() {
+            return;
+        }
+        {
+            let mut running = self
+                .prefetching
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            if running.len() >= MAX_PREFETCHES || !running.insert(digest.clone()) {
+                return;
+            }
+        }
         let image = ImageRef {
             target: target.clone(),
             reference: Reference::Digest(digest.clone()),
@@ -115,7 +135,21 @@ impl Syncer {
             if let Err(e) = this.sync(&image, &[], &Progress::default()).await {
                 tracing::debug!(image = %image, error = %e, "prefetching failed");
             }
+            if let Reference::Digest(d) = &image.reference {
+                this.prefetching
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .remove(d);
+            }
         });
+    }
+
+    /// Whether `registry` last said fewer requests are left than sync may
+    /// leave it.
+    fn upstream_short(&self, registry: &str) -> bool {
+        self.mirror
+            .upstream_quota(registry)
+            .is_some_and(|(left, _)| left < self.min_quota)
     }
 
     /// Waits while clients' fetches take every fetch slot (sync goes
@@ -163,6 +197,7 @@ impl Syncer {
                     return Err(SyncError::Unsyncable(no_platform(&entries, platforms)));
                 }
                 for entry in chosen {
+                    self.wait_for_upstream(&target.registry).await;
                     let child = Reference::Digest(entry.digest.clone());
                     let body = self.mirror.manifest(target, &child).await?.manifest.bytes;
                     if index_entries(&body).is_some() {
