@@ -865,3 +865,62 @@ async fn pier_rewrite_sync_warms_what_it_rewrote() {
         digest_of("docker", "library/alpine:3.15")
     );
 }
+
+/// A sync that finds another replica fetching a blob streams from that
+/// fetch and counts the blob done once that replica stored it: one upstream
+/// GET, and the job done with every byte.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sync_joins_another_replicas_fetch_and_waits_for_its_store() {
+    use common::fake::{self, Blob, Fake};
+    let upstream = Fake::start();
+    let config = fake::random_bytes(100, 1);
+    let layer = fake::random_bytes(2 << 20, 2);
+    let (cd, ld) = (fake::digest(&config), fake::digest(&layer));
+    upstream.blob(&cd, Blob::Good(config.clone()));
+    upstream.blob(&ld, Blob::Slow(layer.clone(), Duration::from_millis(1500)));
+    let manifest = format!(
+        r#"{{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"{cd}","size":{}}},"layers":[{{"mediaType":"application/vnd.oci.image.layer.v1.tar","digest":"{ld}","size":{}}}]}}"#,
+        config.len(),
+        layer.len()
+    );
+    let media = "application/vnd.oci.image.manifest.v1+json";
+    upstream.manifest("team/app", "1", media, manifest.as_bytes());
+    let ns = format!("syncjoin{:x}", rand::random::<u64>());
+    let url = upstream.url();
+    let ups = [("corp.example", url.as_str())];
+    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let admin = format!("[admin]\ntoken = \"{TOKEN}\"\n");
+    let Some(config) = scaled_config(da.path(), &ns, &ups, "", None, "") else {
+        return;
+    };
+    let a = Pier::start_raw(da.path(), &format!("{config}{admin}"));
+    let config = scaled_config(db.path(), &ns, &ups, "", None, "").unwrap();
+    let b = Pier::start_raw(db.path(), &format!("{config}{admin}"));
+
+    // A client on b starts the layer's fetch there (after the manifest,
+    // which tells the repository has it).
+    let http = reqwest::Client::new();
+    let got = http
+        .get(format!("{}/v2/corp.example/team/app/manifests/1", b.url()))
+        .header("accept", media)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(got.status(), 200);
+    let pull = tokio::spawn({
+        let url = format!("{}/v2/corp.example/team/app/blobs/{ld}", b.url());
+        async move { reqwest::get(url).await.unwrap().bytes().await.unwrap() }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let job = submit(&a, json!({ "images": ["corp.example/team/app:1"] })).await;
+    assert_eq!(job["state"], "done", "{job}");
+    assert_eq!(
+        job["images"][0]["bytes_done"],
+        job["images"][0]["bytes_total"]
+    );
+    assert_eq!(pull.await.unwrap(), layer);
+    assert_eq!(
+        upstream.count("GET", &format!("/v2/team/app/blobs/{ld}")),
+        1
+    );
+}

@@ -211,6 +211,16 @@ impl Evictor {
                     Ok(report) if report.removed == 0 && over => {
                         not_before = Instant::now() + RETRY_AFTER;
                     }
+                    // Blobs used during the pass were spared and the store
+                    // is still over: the next pass follows at once, not at
+                    // the next store or look.
+                    Ok(report)
+                        if self.budget.max_size.is_some_and(|max| {
+                            report.bytes.saturating_sub(report.removed_bytes) > max
+                        }) =>
+                    {
+                        first = true;
+                    }
                     Ok(_) | Err(EvictError::Busy) => {}
                     Err(e) => {
                         tracing::warn!(error = %e, "eviction pass failed");
