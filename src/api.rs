@@ -2,6 +2,7 @@
 //! readiness. Handlers parse, ask `mirror`, and frame the answer.
 
 mod admin;
+mod console;
 mod error;
 mod handlers;
 mod path;
@@ -22,14 +23,21 @@ use axum::routing::{any, get};
 use http::{HeaderValue, StatusCode};
 
 pub use admin::Admin;
+pub use console::Console;
 pub use error::{ApiError, ErrorCode};
 
 use crate::limits::{ClientLimits, PeerAddr};
 use crate::mirror::Mirror;
 use crate::telemetry::{self, access, metrics::metrics};
 
-/// The registry API, probes and metrics, and with `admin` the admin API.
-pub fn router(mirror: Arc<Mirror>, limits: Arc<ClientLimits>, admin: Option<Arc<Admin>>) -> Router {
+/// The registry API, probes and metrics; with `reader` the console's read
+/// API, and with `admin` the admin API.
+pub fn router(
+    mirror: Arc<Mirror>,
+    limits: Arc<ClientLimits>,
+    admin: Option<Arc<Admin>>,
+    reader: Option<Arc<Console>>,
+) -> Router {
     let mut app = Router::new()
         .route("/v2", any(handlers::v2))
         .route("/v2/", any(handlers::v2))
@@ -38,6 +46,9 @@ pub fn router(mirror: Arc<Mirror>, limits: Arc<ClientLimits>, admin: Option<Arc<
         .route("/readyz", get(handlers::ready))
         .route("/metrics", get(metrics_text))
         .with_state(mirror);
+    if let Some(reader) = reader {
+        app = app.merge(console::router(reader));
+    }
     if let Some(admin) = admin {
         app = app.merge(admin::router(admin));
     }

@@ -43,6 +43,13 @@ pub struct Config {
     pub access: AccessConfig,
     pub admin: AdminConfig,
     pub sync: SyncConfig,
+    pub ui: UiConfig,
+}
+
+/// The console's pages and read-only API (`/api/v1/explain`).
+#[derive(Clone, Debug, Serialize)]
+pub struct UiConfig {
+    pub enabled: bool,
 }
 
 /// The admin API under `/api/v1/`: there only once a token is set.

@@ -3,6 +3,10 @@
 //! `rewrite` (`pier rewrite`: manifests pointed at the mirror) is pure and
 //! reads only `config` and `reference`.
 //!
+//! `console` (what the mirror makes of a reference, for the operator
+//! console) reads through `mirror` and `sync`'s image routing: `api →
+//! console → sync`.
+//!
 //! Layering (who may call whom): `api → sync → mirror → {lifecycle,
 //! upstream, storage, meta} → {reference, config}`, and `lifecycle →
 //! {storage, meta}`. `sync` (prewarming: images brought in before anyone
@@ -22,6 +26,7 @@
 
 pub mod api;
 pub mod config;
+pub mod console;
 pub mod descriptors;
 pub mod janitor;
 pub mod lifecycle;

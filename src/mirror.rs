@@ -205,6 +205,17 @@ impl Mirror {
             .ok_or_else(|| MirrorError::NameUnknown(format!("no upstream {}", target.registry)))
     }
 
+    /// How long a tag of `registry` is served before upstream is asked
+    /// again.
+    pub fn tag_ttl(&self, registry: &str) -> Duration {
+        self.tag_ttls.get(registry).copied().unwrap_or_default()
+    }
+
+    /// The metadata store, for reading what the cache holds.
+    pub fn meta(&self) -> &Arc<dyn MetaStore> {
+        &self.meta
+    }
+
     /// What `registry` last said of its rate limit: requests left, until
     /// when that holds.
     pub fn upstream_quota(&self, registry: &str) -> Option<(i64, std::time::Instant)> {

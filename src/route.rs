@@ -27,6 +27,21 @@ impl Target {
     }
 }
 
+/// Which rule took a request to its upstream.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum How {
+    /// containerd's `?ns=`
+    Ns,
+    /// a host prefix (`docker.m.example.com`)
+    HostPrefix,
+    /// a registry as the first path component
+    AddPrefix,
+    /// a short-name rule, by its pattern
+    Route(String),
+    /// a short name no rule matched: the default registry
+    Default,
+}
+
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum RouteError {
     #[error("{0:?} is not a registry this mirror is configured for")]
@@ -78,6 +93,16 @@ impl Router {
         name: &str,
         ns: Option<&str>,
     ) -> Result<Target, RouteError> {
+        self.resolve_how(host, name, ns).map(|(target, _)| target)
+    }
+
+    /// Like `resolve`, and which rule decided.
+    pub fn resolve_how(
+        &self,
+        host: Option<&str>,
+        name: &str,
+        ns: Option<&str>,
+    ) -> Result<(Target, How), RouteError> {
         if name.len() > MAX_NAME_LEN * 2 {
             return Err(RouteError::Name("the repository name is too long".into()));
         }
@@ -96,18 +121,19 @@ impl Router {
                     host_registry: h,
                 });
             }
-            (Some(r), _) | (None, Some(r)) => Some(r),
+            (Some(r), _) => Some((r, How::Ns)),
+            (None, Some(r)) => Some((r, How::HostPrefix)),
             (None, None) => None,
         };
-        if let Some(registry) = chosen {
-            return target(registry, name);
+        if let Some((registry, how)) = chosen {
+            return Ok((target(registry, name)?, how));
         }
         // Add-a-prefix: a first component that looks like a host.
         if let Some((first, rest)) = name.split_once('/')
             && looks_like_host(first)
         {
             let registry = self.configured(first)?;
-            return target(registry, rest);
+            return Ok((target(registry, rest)?, How::AddPrefix));
         }
         // Only a one-component name can be a bare registry host; a dot in a
         // later component (`org/app.v2`) is part of a repository name.
@@ -116,13 +142,13 @@ impl Router {
                 "{name:?} names a registry but no repository"
             )));
         }
-        let registry = self
-            .routes
-            .iter()
-            .find(|r| glob_match(&r.pattern, name))
-            .map(|r| r.registry.clone())
-            .unwrap_or_else(|| self.default_registry.clone());
-        target(registry, name)
+        match self.routes.iter().find(|r| glob_match(&r.pattern, name)) {
+            Some(r) => Ok((
+                target(r.registry.clone(), name)?,
+                How::Route(r.pattern.clone()),
+            )),
+            None => Ok((target(self.default_registry.clone(), name)?, How::Default)),
+        }
     }
 
     /// Whether `host` is this mirror's: one of its domains, or a host

@@ -17,7 +17,7 @@ use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tower::ServiceExt;
 
-use crate::api::Admin;
+use crate::api::{Admin, Console};
 use crate::config::{Config, MetadataConfig, ServerConfig, StorageConfig};
 use crate::lifecycle::{
     BucketScrub, FLUSH_EVERY, Forgetter, Retention, SharedBudget, StoredDeadlines, UseLog,
@@ -219,7 +219,8 @@ pub async fn serve(
     if !config.sync.images.is_empty() {
         crate::sync::keep_lists_synced(jobs.clone(), config.sync.images.clone());
     }
-    let app = crate::api::router(mirror.clone(), limits, admin);
+    let console = Console::new(config, mirror.clone()).map(Arc::new);
+    let app = crate::api::router(mirror.clone(), limits, admin, console);
     let settings = config.server.clone();
     // Every store has local files to send: stored blobs (fs), local copies
     // (S3 with a local cache), and the spool files of fetches.

@@ -23,9 +23,10 @@ mod show;
 
 pub use crate::reference::Platform;
 pub use client::{ClientError, submit_and_follow};
-pub use image::{ImageError, ImageRef, parse_image};
+pub use image::{ImageError, ImageRef, Routed, parse_image, route_image};
 pub use job::{ImageJob, Job, State, is_id};
 pub use jobs::{Jobs, MAX_IMAGES, Report, SubmitError, SyncRequest};
 pub use lists::spawn as keep_lists_synced;
+pub use platform::index_entries;
 pub use run::{Progress, SyncError, Syncer};
 pub use show::{Show, Shown, for_output, for_stderr, human};

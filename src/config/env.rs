@@ -81,6 +81,7 @@ const SECTIONS: &[(&str, &[&str])] = &[
     ),
     ("egress", &["refuse"]),
     ("admin", &["token", "allow_from"]),
+    ("ui", &["enabled"]),
     (
         "sync",
         &[
@@ -131,6 +132,7 @@ const BOOL_KEYS: &[&str] = &[
     "presigned_redirect",
     "zero_copy",
     "prefetch",
+    "enabled",
 ];
 /// Keys whose values are integers.
 const INT_KEYS: &[&str] = &[

@@ -27,6 +27,7 @@ pub struct FileConfig {
     pub cluster: Option<FileCluster>,
     pub admin: Option<FileAdmin>,
     pub sync: Option<FileSync>,
+    pub ui: Option<FileUi>,
     #[serde(default)]
     pub upstreams: Vec<FileUpstream>,
     #[serde(default)]
@@ -122,6 +123,12 @@ pub struct FileFetch {
     pub min_rate: Option<ByteSize>,
     #[serde(default, with = "humantime_serde")]
     pub min_rate_window: Option<Duration>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileUi {
+    pub enabled: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]

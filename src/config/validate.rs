@@ -14,7 +14,8 @@ use super::file::{
 use super::{
     AccessConfig, AdminConfig, CacheConfig, ClusterConfig, Config, ConfigError, EgressConfig,
     FetchConfig, LimitsConfig, LogFormat, MaxAge, MetadataConfig, MinFree, RouteConfig, S3Config,
-    Secret, ServerConfig, StorageConfig, SyncConfig, SyncListConfig, TimeoutConfig, UpstreamConfig,
+    Secret, ServerConfig, StorageConfig, SyncConfig, SyncListConfig, TimeoutConfig, UiConfig,
+    UpstreamConfig,
 };
 
 const DEFAULT_LISTEN: &str = "0.0.0.0:5000";
@@ -227,6 +228,9 @@ pub fn build(raw: FileConfig) -> Result<Config, ConfigError> {
         access,
         admin,
         sync,
+        ui: UiConfig {
+            enabled: raw.ui.and_then(|u| u.enabled).unwrap_or(true),
+        },
     })
 }
 

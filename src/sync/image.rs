@@ -7,7 +7,7 @@ use std::fmt;
 
 use crate::policy::Policy;
 use crate::reference::{Reference, ReferenceError};
-use crate::route::{RouteError, Router, Target};
+use crate::route::{How, RouteError, Router, Target};
 
 /// An image to sync: where it comes from and which manifest.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -36,8 +36,17 @@ pub enum ImageError {
     Denied(String),
 }
 
-/// Reads `text` as a pull would route it; `latest` when it names no tag.
-pub fn parse_image(text: &str, router: &Router, policy: &Policy) -> Result<ImageRef, ImageError> {
+/// An image routed as a pull would be, before `[access]` has its say.
+pub struct Routed {
+    pub image: ImageRef,
+    /// Which rule chose the upstream.
+    pub how: How,
+    /// This mirror's host, when the text named it.
+    pub host: Option<String>,
+}
+
+/// Routes `text` as a pull would; `latest` when it names no tag.
+pub fn route_image(text: &str, router: &Router) -> Result<Routed, ImageError> {
     let text = text.trim();
     let (name, reference) = match text.split_once('@') {
         // `name:tag@digest`: the digest decides, as Docker has it.
@@ -58,11 +67,21 @@ pub fn parse_image(text: &str, router: &Router, policy: &Policy) -> Result<Image
         Some((first, rest)) if router.is_own_host(first) => (Some(first), rest),
         _ => (None, name),
     };
-    let target = router.resolve(host, name, None)?;
+    let (target, how) = router.resolve_how(host, name, None)?;
+    Ok(Routed {
+        image: ImageRef { target, reference },
+        how,
+        host: host.map(str::to_owned),
+    })
+}
+
+/// Reads `text` as a pull would route and admit it.
+pub fn parse_image(text: &str, router: &Router, policy: &Policy) -> Result<ImageRef, ImageError> {
+    let routed = route_image(text, router)?;
     policy
-        .check(&target)
+        .check(&routed.image.target)
         .map_err(|denied| ImageError::Denied(denied.0))?;
-    Ok(ImageRef { target, reference })
+    Ok(routed.image)
 }
 
 #[cfg(test)]

@@ -1,0 +1,176 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+//! The console's read API against real pulls: `/api/v1/explain` reads a
+//! reference as a pull would, says what the cache holds and what a pull
+//! would do, and never contacts an upstream or an unconfigured host.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use serde_json::Value;
+
+async fn explain(pier: &Pier, reference: &str) -> Value {
+    let query: String = url::form_urlencoded::Serializer::new(String::new())
+        .append_pair("ref", reference)
+        .finish();
+    let resp = reqwest::get(format!("{}/api/v1/explain?{query}", pier.url()))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200, "{reference}");
+    resp.json().await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn explain_reads_what_users_type_as_a_pull_would() {
+    if !have_tools(&["docker-registry", "skopeo"]) {
+        return;
+    }
+    let docker = Upstream::start("docker");
+    let k8s = Upstream::start("k8s");
+    // An unconfigured "registry" that must never be contacted.
+    let canary = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    canary.set_nonblocking(true).unwrap();
+    let canary_port = canary.local_addr().unwrap().port();
+    let (pier, _d) = Pier::start(
+        &[
+            ("docker.io", &docker.url()),
+            ("registry.k8s.io", &k8s.url()),
+        ],
+        "[access]\ndeny = [\"docker.io/secret/**\"]\ndenied_message = \"ask #platform\"\n",
+    );
+
+    // Not cached yet: read as Docker reads a short name, fetched on a pull.
+    let before = explain(&pier, "docker pull nginx:1.25").await;
+    assert_eq!(before["reference"], "nginx:1.25");
+    assert_eq!(
+        before["routed"]["normalized"],
+        "docker.io/library/nginx:1.25"
+    );
+    assert_eq!(before["routed"]["mode"], "short name");
+    assert_eq!(before["access"]["allowed"], true);
+    assert_eq!(before["cached"]["manifest"], false);
+    assert!(
+        before["pull_would"]
+            .as_str()
+            .unwrap()
+            .starts_with("fetch the manifest from docker.io")
+    );
+    let commands = before["pull_commands"].as_array().unwrap();
+    assert!(
+        commands.iter().any(|c| c
+            == &Value::from(format!(
+                "docker pull {}/docker.io/library/nginx:1.25",
+                DOMAIN
+            ))),
+        "{commands:?}"
+    );
+
+    // After an arm64 pull of the multi-arch index.
+    let dir = tempfile::tempdir().unwrap();
+    let run = skopeo_copy(
+        &format!("{}/library/nginx:latest", pier.host()),
+        dir.path(),
+        &["--override-arch", "arm64"],
+    )
+    .await;
+    assert!(run.ok, "{}", run.stderr);
+    let upstream_requests = docker.log().lines().count() + k8s.log().lines().count();
+    let after = explain(&pier, "https://hub.docker.com/_/nginx").await;
+    assert_eq!(
+        after["routed"]["normalized"],
+        "docker.io/library/nginx:latest"
+    );
+    assert_eq!(after["cached"]["manifest"], true);
+    assert_eq!(
+        after["cached"]["digest"],
+        digest_of("docker", "library/nginx:latest")
+    );
+    assert_eq!(
+        after["cached"]["platforms"],
+        serde_json::json!(["linux/amd64", "linux/arm64/v8"])
+    );
+    assert_eq!(
+        after["cached"]["platforms_cached"],
+        serde_json::json!(["linux/arm64/v8"])
+    );
+    assert!(
+        after["pull_would"]
+            .as_str()
+            .unwrap()
+            .contains("within its tag_ttl"),
+        "{after}"
+    );
+
+    // A short name a built-in rule sends to registry.k8s.io.
+    let pause = explain(&pier, "pause:3.9").await;
+    assert_eq!(pause["routed"]["registry"], "registry.k8s.io");
+    assert_eq!(pause["routed"]["route"], "pause");
+    let hosted = explain(&pier, &format!("k8s.{DOMAIN}/pause:3.9")).await;
+    assert_eq!(hosted["routed"]["mode"], "host-prefix");
+    assert_eq!(hosted["routed"]["normalized"], "registry.k8s.io/pause:3.9");
+
+    // Refused: denied by [access], an unconfigured host, nonsense.
+    let denied = explain(&pier, "secret/plans:1").await;
+    assert_eq!(denied["error"]["code"], "DENIED");
+    assert!(
+        denied["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("ask #platform")
+    );
+    assert_eq!(denied["access"]["allowed"], false);
+    for unknown in [
+        format!("127.0.0.1:{canary_port}/x/y:1"),
+        "evil.example.com/x".to_owned(),
+    ] {
+        let e = explain(&pier, &unknown).await;
+        assert_eq!(e["error"]["code"], "NAME_UNKNOWN", "{e}");
+        assert!(
+            e["pull_would"]
+                .as_str()
+                .unwrap()
+                .contains("before anything is contacted")
+        );
+    }
+    assert_eq!(
+        explain(&pier, "Upper/Case").await["error"]["code"],
+        "NAME_INVALID"
+    );
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        canary.accept().is_err(),
+        "the unconfigured host was contacted"
+    );
+    assert_eq!(
+        docker.log().lines().count() + k8s.log().lines().count(),
+        upstream_requests,
+        "explain contacted an upstream"
+    );
+    let empty = reqwest::get(format!("{}/api/v1/explain?ref=", pier.url()))
+        .await
+        .unwrap();
+    assert_eq!(empty.status(), 400);
+}
+
+#[tokio::test]
+async fn the_read_api_is_gone_with_the_ui_off() {
+    let (pier, _d) = Pier::start(
+        &[("docker.io", "http://127.0.0.1:9")],
+        "[ui]\nenabled = false\n",
+    );
+    let resp = reqwest::get(format!("{}/api/v1/explain?ref=nginx", pier.url()))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 404);
+    // With the admin API on, the read API still answers beside it.
+    let (pier, _d) = Pier::start(
+        &[("docker.io", "http://127.0.0.1:9")],
+        "[admin]\ntoken = \"console-admin-token-0123\"\n",
+    );
+    let resp = reqwest::get(format!("{}/api/v1/explain?ref=nginx", pier.url()))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+}
