@@ -512,6 +512,7 @@ def scenario_production(pier: Path, keep: Path | None) -> None:
     check('token = "********"' in effective and 'allow_from = ["10.0.0.0/8"]' in effective, effective)
     check("production-admin-token" not in yaml.safe_dump(one(objects, "ConfigMap", RELEASE)), "admin token in the ConfigMap")
     check("max_concurrent = 2" in effective, effective)
+    check(parsed["ui"] == {"enabled": False}, f"ui {parsed.get('ui')}")
     check(parsed["sync"]["images"] == [
         {"image": "docker.io/library/nginx", "tag_pattern": r"^1\.2[5-9]\.", "platforms": ["linux/amd64", "linux/arm64"], "interval": "6h"},
         {"image": "registry.k8s.io/pause", "tags": ["3.9", "3.10"]},
