@@ -27,20 +27,24 @@ async fn post_sync(pier: &Pier, token: Option<&str>, body: &Value) -> reqwest::R
     req.send().await.unwrap()
 }
 
+/// `GET <base><path>` on the admin API, as JSON.
+async fn admin_get(base: &str, path: &str) -> Value {
+    reqwest::Client::new()
+        .get(format!("{base}{path}"))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
 /// Waits (up to 60 s) for job `id` to finish; its record.
 async fn finished(pier: &Pier, id: &str) -> Value {
-    let http = reqwest::Client::new();
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let job: Value = http
-            .get(format!("{}/api/v1/sync/{id}", pier.url()))
-            .bearer_auth(TOKEN)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let job: Value = admin_get(&pier.url(), &format!("/api/v1/sync/{id}")).await;
         if job["state"] == "done" || job["state"] == "failed" {
             return job;
         }
@@ -247,15 +251,7 @@ async fn synced_images_pull_with_the_upstream_stopped() {
     )
     .await;
     assert_eq!(job["state"], "done", "{job}");
-    let listed: Value = http
-        .get(format!("{}/api/v1/sync", pier.url()))
-        .bearer_auth(TOKEN)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let listed: Value = admin_get(&pier.url(), "/api/v1/sync").await;
     let jobs = listed["jobs"].as_array().unwrap();
     assert_eq!(jobs.len(), 2);
     assert_eq!(jobs[0]["id"], job["id"]);
@@ -481,15 +477,7 @@ async fn a_job_outlives_the_replica_that_accepted_it() {
     // Killed once the job runs there (as the other replica sees it).
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        let job: Value = http
-            .get(format!("{}/api/v1/sync/{id}", b.url()))
-            .bearer_auth(TOKEN)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let job: Value = admin_get(&b.url(), &format!("/api/v1/sync/{id}")).await;
         assert_ne!(job["state"], "done", "finished before the kill: {job}");
         if job["state"] == "running" {
             break;
@@ -588,17 +576,8 @@ async fn a_sync_list_picks_up_a_new_tag_within_its_interval() {
     let url = docker.url();
     let ups = [("docker.io", url.as_str())];
     let (pier, _d) = Pier::start(&ups, &extra);
-    let http = reqwest::Client::new();
     let listed = async |pier: &Pier| -> Vec<Value> {
-        let v: Value = http
-            .get(format!("{}/api/v1/sync", pier.url()))
-            .bearer_auth(TOKEN)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let v: Value = admin_get(&pier.url(), "/api/v1/sync").await;
         v["jobs"].as_array().unwrap().clone()
     };
     // Waits until a finished job of the list synced `source`.
@@ -633,15 +612,7 @@ async fn a_sync_list_picks_up_a_new_tag_within_its_interval() {
             .any(|i| i["source"] == "docker.io/lists/app:2.0"),
         "2.0 does not match the pattern"
     );
-    let lists: Value = http
-        .get(format!("{}/api/v1/sync/lists", pier.url()))
-        .bearer_auth(TOKEN)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let lists: Value = admin_get(&pier.url(), "/api/v1/sync/lists").await;
     let entry = &lists["lists"][0];
     assert_eq!(entry["image"], "docker.io/lists/app");
     assert_eq!(entry["interval"], "2s");

@@ -215,6 +215,16 @@ impl Keep for KeepOne {
 
 const DAY: Duration = Duration::from_secs(86_400);
 
+/// Whether each digest has a `kind` recorded.
+async fn recorded(meta: &dyn MetaStore, kind: UseKind, digests: &[Digest]) -> Vec<bool> {
+    meta.last_uses(kind, digests)
+        .await
+        .unwrap()
+        .iter()
+        .map(Option::is_some)
+        .collect()
+}
+
 /// gcr.io keeps content 90 days, registry.k8s.io whatever its age, the
 /// rest a day.
 fn per_registry() -> Retention {
@@ -288,13 +298,7 @@ async fn each_registry_keeps_its_blobs_for_its_own_age() {
     }
     // The removed blobs' deadlines went with them.
     assert_eq!(
-        b.meta
-            .last_uses(UseKind::BlobDeadlines, &[hub, gcr])
-            .await
-            .unwrap()
-            .iter()
-            .map(Option::is_some)
-            .collect::<Vec<_>>(),
+        recorded(b.meta.as_ref(), UseKind::BlobDeadlines, &[hub, gcr]).await,
         vec![false, true]
     );
 }
@@ -626,12 +630,7 @@ async fn manifests_are_forgotten_by_their_registry_age() {
         vec![false, true, false]
     );
     assert_eq!(
-        meta.last_uses(UseKind::ManifestDeadlines, &[hub, gcr.clone()])
-            .await
-            .unwrap()
-            .iter()
-            .map(Option::is_some)
-            .collect::<Vec<_>>(),
+        recorded(meta, UseKind::ManifestDeadlines, &[hub, gcr.clone()]).await,
         vec![false, true]
     );
     // The one kept keeps its use, and stays on the next pass.
