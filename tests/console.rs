@@ -174,3 +174,96 @@ async fn the_read_api_is_gone_with_the_ui_off() {
         .unwrap();
     assert_eq!(resp.status(), 200);
 }
+
+/// Search finds a pulled repository and not an unpulled one; a
+/// repository's tags say what each names; what `[access]` hides stays
+/// hidden.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn repositories_are_searched_and_listed_and_hidden_ones_stay_hidden() {
+    if !have_tools(&["docker-registry", "skopeo"]) {
+        return;
+    }
+    let docker = Upstream::start("docker");
+    let url = docker.url();
+    let ups = [("docker.io", url.as_str())];
+    let data = tempfile::tempdir().unwrap();
+    let pier = Pier::start_in(data.path(), &ups, "");
+    for image in ["library/nginx:latest", "library/alpine:3.19"] {
+        let dir = tempfile::tempdir().unwrap();
+        let run = skopeo_copy(&format!("{}/{image}", pier.host()), dir.path(), &[]).await;
+        assert!(run.ok, "{}", run.stderr);
+    }
+    let get = async |pier: &Pier, path: &str| -> (u16, Value) {
+        let resp = reqwest::get(format!("{}{path}", pier.url())).await.unwrap();
+        (resp.status().as_u16(), resp.json().await.unwrap())
+    };
+    let (status, found) = get(&pier, "/api/v1/repositories?q=ngin").await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        found["repositories"],
+        serde_json::json!(["docker.io/library/nginx"])
+    );
+    let (_, none) = get(&pier, "/api/v1/repositories?q=redis").await;
+    assert_eq!(none["repositories"], serde_json::json!([]));
+    let (_, all) = get(&pier, "/api/v1/repositories?q=library&n=1").await;
+    assert_eq!(
+        all["repositories"],
+        serde_json::json!(["docker.io/library/alpine"])
+    );
+    assert_eq!(all["next"], "docker.io/library/alpine");
+    let (_, rest) = get(
+        &pier,
+        "/api/v1/repositories?q=library&n=1&last=docker.io/library/alpine",
+    )
+    .await;
+    assert_eq!(
+        rest["repositories"],
+        serde_json::json!(["docker.io/library/nginx"])
+    );
+
+    let (status, nginx) = get(&pier, "/api/v1/repositories/docker.io/library/nginx").await;
+    assert_eq!(status, 200);
+    let tag = &nginx["tags"][0];
+    assert_eq!(tag["tag"], "latest");
+    assert_eq!(tag["digest"], digest_of("docker", "library/nginx:latest"));
+    assert_eq!(
+        tag["platforms"],
+        serde_json::json!(["linux/amd64", "linux/arm64/v8"])
+    );
+    // An image's size is its config and layers, as its manifest says.
+    let (_, alpine) = get(&pier, "/api/v1/repositories/docker.io/library/alpine").await;
+    let manifest: Value = reqwest::Client::new()
+        .get(format!("{}/v2/library/alpine/manifests/3.19", docker.url()))
+        .header("accept", "application/vnd.oci.image.manifest.v1+json,application/vnd.docker.distribution.manifest.v2+json")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let size = manifest["config"]["size"].as_u64().unwrap()
+        + manifest["layers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|l| l["size"].as_u64().unwrap())
+            .sum::<u64>();
+    assert_eq!(alpine["tags"][0]["size"], size);
+    let (status, _) = get(&pier, "/api/v1/repositories/docker.io/library/redis").await;
+    assert_eq!(status, 404);
+    drop(pier);
+
+    // The same cache behind a Pier that denies alpine: it is not shown.
+    let pier = Pier::start_in(
+        data.path(),
+        &ups,
+        "[access]\ndeny = [\"docker.io/library/alpine\"]\n",
+    );
+    let (_, found) = get(&pier, "/api/v1/repositories?q=library").await;
+    assert_eq!(
+        found["repositories"],
+        serde_json::json!(["docker.io/library/nginx"])
+    );
+    let (status, _) = get(&pier, "/api/v1/repositories/docker.io/library/alpine").await;
+    assert_eq!(status, 404);
+}

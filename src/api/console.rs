@@ -40,7 +40,68 @@ impl Console {
 pub fn router(console: Arc<Console>) -> Router {
     Router::new()
         .route("/api/v1/explain", get(explained))
+        .route("/api/v1/repositories", get(repositories))
+        .route("/api/v1/repositories/{*name}", get(repository))
         .with_state(console)
+}
+
+#[derive(serde::Deserialize)]
+struct SearchQuery {
+    q: Option<String>,
+    n: Option<usize>,
+    last: Option<String>,
+}
+
+/// `?q=nginx&n=50&last=…`: cached repositories whose name contains `q`.
+async fn repositories(
+    State(console): State<Arc<Console>>,
+    Query(q): Query<SearchQuery>,
+) -> Response {
+    let n = q.n.unwrap_or(50).clamp(1, 1000);
+    let needle = q.q.unwrap_or_default();
+    if needle.len() > 256 {
+        return ApiError::new(
+            StatusCode::BAD_REQUEST,
+            ErrorCode::BadRequest,
+            "q is longer than any repository name (256 bytes at most)",
+        )
+        .into_response();
+    }
+    match crate::console::search(&console.mirror, &needle, q.last.as_deref(), n).await {
+        Ok(page) => axum::Json(page).into_response(),
+        Err(e) => unreadable(e),
+    }
+}
+
+/// `/api/v1/repositories/<registry>/<repository>`: its cached tags.
+async fn repository(
+    State(console): State<Arc<Console>>,
+    axum::extract::Path(name): axum::extract::Path<String>,
+) -> Response {
+    match crate::console::repository(&console.mirror, &name).await {
+        Ok(Some(tags)) => {
+            axum::Json(serde_json::json!({ "name": name, "tags": tags })).into_response()
+        }
+        Ok(None) => ApiError::new(
+            StatusCode::NOT_FOUND,
+            ErrorCode::NameUnknown,
+            format!(
+                "{:?} is not cached here: pull it through this mirror first",
+                name.chars().take(256).collect::<String>()
+            ),
+        )
+        .into_response(),
+        Err(e) => unreadable(e),
+    }
+}
+
+fn unreadable(e: crate::meta::MetaError) -> Response {
+    ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        ErrorCode::Unavailable,
+        format!("the metadata store cannot be read: {e}"),
+    )
+    .into_response()
 }
 
 #[derive(serde::Deserialize)]
