@@ -211,6 +211,25 @@ impl Mirror {
         self.tag_ttls.get(registry).copied().unwrap_or_default()
     }
 
+    /// A small stored blob's bytes (an image config), `None` when it is not
+    /// stored, larger than `limit`, or does not match its digest.
+    pub async fn stored_bytes(&self, digest: &Digest, limit: u64) -> Option<bytes::Bytes> {
+        use futures::StreamExt;
+        let body = self.blobs.get(digest, None).await.ok()??;
+        if body.size > limit {
+            return None;
+        }
+        let mut stream = body.stream;
+        let mut out = Vec::with_capacity(usize::try_from(body.size).unwrap_or(0));
+        while let Some(chunk) = stream.next().await {
+            out.extend_from_slice(&chunk.ok()?);
+            if out.len() as u64 > limit {
+                return None;
+            }
+        }
+        digest.matches(&out).then(|| bytes::Bytes::from(out))
+    }
+
     /// The metadata store, for reading what the cache holds.
     pub fn meta(&self) -> &Arc<dyn MetaStore> {
         &self.meta

@@ -251,6 +251,33 @@ async fn repositories_are_searched_and_listed_and_hidden_ones_stay_hidden() {
     assert_eq!(alpine["tags"][0]["size"], size);
     let (status, _) = get(&pier, "/api/v1/repositories/docker.io/library/redis").await;
     assert_eq!(status, 404);
+
+    // The image pages' data: an index's platforms, each cached or not; an
+    // image's layers as its manifest lists them, and its config.
+    let (status, index) = get(&pier, "/api/v1/images/docker.io/library/nginx:latest").await;
+    assert_eq!(status, 200, "{index}");
+    let platforms = index["platforms"].as_array().unwrap();
+    assert_eq!(platforms.len(), 2);
+    assert_eq!(
+        platforms.iter().filter(|p| p["cached"] == true).count(),
+        1,
+        "one platform was pulled: {index}"
+    );
+    let (status, image) = get(&pier, "/api/v1/images/docker.io/library/alpine:3.19").await;
+    assert_eq!(status, 200, "{image}");
+    let layers = image["layers"].as_array().unwrap();
+    let listed = manifest["layers"].as_array().unwrap();
+    assert_eq!(layers.len(), listed.len());
+    for (shown, listed) in layers.iter().zip(listed) {
+        assert_eq!(shown["digest"], listed["digest"]);
+        assert_eq!(shown["size"], listed["size"]);
+        assert_eq!(shown["cached"], true);
+    }
+    assert_eq!(image["config"]["digest"], manifest["config"]["digest"]);
+    assert_eq!(image["config"]["cached"], true);
+    assert_eq!(image["config"]["os"], "linux");
+    let (status, _) = get(&pier, "/api/v1/images/docker.io/library/alpine:3.15").await;
+    assert_eq!(status, 404);
     drop(pier);
 
     // The same cache behind a Pier that denies alpine: it is not shown.

@@ -42,6 +42,7 @@ pub fn router(console: Arc<Console>) -> Router {
         .route("/api/v1/explain", get(explained))
         .route("/api/v1/repositories", get(repositories))
         .route("/api/v1/repositories/{*name}", get(repository))
+        .route("/api/v1/images/{*name}", get(image))
         .with_state(console)
 }
 
@@ -91,6 +92,50 @@ async fn repository(
             ),
         )
         .into_response(),
+        Err(e) => unreadable(e),
+    }
+}
+
+/// `/api/v1/images/<registry>/<repository>:<tag>` (or `@<digest>`).
+async fn image(
+    State(console): State<Arc<Console>>,
+    axum::extract::Path(name): axum::extract::Path<String>,
+) -> Response {
+    let unknown = || {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            ErrorCode::ManifestUnknown,
+            format!(
+                "{:?} is not cached here: pull it through this mirror first",
+                name.chars().take(256).collect::<String>()
+            ),
+        )
+        .into_response()
+    };
+    let (repo, reference) = match name.split_once('@') {
+        Some((repo, digest)) => (repo, digest),
+        None => match name.rsplit_once(':') {
+            Some((repo, tag)) if !tag.contains('/') => (repo, tag),
+            _ => (name.as_str(), "latest"),
+        },
+    };
+    let Some((registry, repository)) = repo.split_once('/') else {
+        return unknown();
+    };
+    let (Ok(repository), Ok(reference)) = (
+        crate::reference::RepoName::parse(repository),
+        crate::reference::Reference::parse(reference),
+    ) else {
+        return ApiError::name_invalid("give <registry>/<repository>:<tag> or @<digest>")
+            .into_response();
+    };
+    let target = crate::route::Target {
+        registry: registry.to_owned(),
+        repository,
+    };
+    match crate::console::image(&console.mirror, &target, &reference).await {
+        Ok(Some(view)) => axum::Json(view).into_response(),
+        Ok(None) => unknown(),
         Err(e) => unreadable(e),
     }
 }
