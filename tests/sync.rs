@@ -40,6 +40,47 @@ async fn admin_get(base: &str, path: &str) -> Value {
         .unwrap()
 }
 
+/// Serves `team/app:<tag>` on `upstream`: a config of `seed` and one
+/// layer, served as `serve` says; the layer's bytes and digest.
+fn fake_image(
+    upstream: &common::fake::Fake,
+    tag: &str,
+    seed: u8,
+    layer_size: usize,
+    serve: impl FnOnce(bytes::Bytes) -> common::fake::Blob,
+) -> (bytes::Bytes, String) {
+    use common::fake::{self, Blob};
+    let config = fake::random_bytes(100, seed);
+    let layer = fake::random_bytes(layer_size, seed.wrapping_add(10));
+    let (cd, ld) = (fake::digest(&config), fake::digest(&layer));
+    upstream.blob(&cd, Blob::Good(config.clone()));
+    upstream.blob(&ld, serve(layer.clone()));
+    let manifest = format!(
+        r#"{{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"{cd}","size":{}}},"layers":[{{"mediaType":"application/vnd.oci.image.layer.v1.tar","digest":"{ld}","size":{}}}]}}"#,
+        config.len(),
+        layer.len()
+    );
+    upstream.manifest("team/app", tag, MANIFEST, manifest.as_bytes());
+    (layer, ld)
+}
+
+const MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+
+/// Two replicas with the admin API on the shared bucket and Redis, under a
+/// fresh namespace; `None` (skipping) without them.
+fn two_replicas(
+    ups: &[(&str, &str)],
+) -> Option<(Pier, Pier, tempfile::TempDir, tempfile::TempDir)> {
+    let ns = format!("sync{:x}", rand::random::<u64>());
+    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let admin = format!("[admin]\ntoken = \"{TOKEN}\"\n");
+    let config = scaled_config(da.path(), &ns, ups, "", None, "")?;
+    let a = Pier::start_raw(da.path(), &format!("{config}{admin}"));
+    let config = scaled_config(db.path(), &ns, ups, "", None, "")?;
+    let b = Pier::start_raw(db.path(), &format!("{config}{admin}"));
+    Some((a, b, da, db))
+}
+
 /// Waits (up to 60 s) for job `id` to finish; its record.
 async fn finished(pier: &Pier, id: &str) -> Value {
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -646,26 +687,11 @@ async fn a_sync_list_picks_up_a_new_tag_within_its_interval() {
 /// named is over; then it finishes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sync_pauses_while_the_upstreams_rate_limit_is_low() {
-    use common::fake::{self, Blob, Fake};
+    use common::fake::{Blob, Fake};
     let upstream = Fake::start();
     let mut images = Vec::new();
     for tag in ["1", "2", "3"] {
-        let config = fake::random_bytes(100, tag.as_bytes()[0]);
-        let layer = fake::random_bytes(2000, tag.as_bytes()[0] + 10);
-        let (cd, ld) = (fake::digest(&config), fake::digest(&layer));
-        upstream.blob(&cd, Blob::Good(config.clone()));
-        upstream.blob(&ld, Blob::Good(layer.clone()));
-        let manifest = format!(
-            r#"{{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"{cd}","size":{}}},"layers":[{{"mediaType":"application/vnd.oci.image.layer.v1.tar","digest":"{ld}","size":{}}}]}}"#,
-            config.len(),
-            layer.len()
-        );
-        upstream.manifest(
-            "team/app",
-            tag,
-            "application/vnd.oci.image.manifest.v1+json",
-            manifest.as_bytes(),
-        );
+        fake_image(&upstream, tag, tag.as_bytes()[0], 2000, Blob::Good);
         images.push(format!("corp.example/team/app:{tag}"));
     }
     // 11 left: the first manifest GET leaves 10, the second 9.
@@ -697,17 +723,11 @@ async fn a_sync_and_eight_pulls_of_one_image_fetch_each_blob_once() {
         return;
     }
     let docker = Upstream::start("docker");
-    let ns = format!("syncpull{:x}", rand::random::<u64>());
     let url = docker.url();
     let ups = [("docker.io", url.as_str())];
-    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let admin = format!("[admin]\ntoken = \"{TOKEN}\"\n");
-    let Some(config) = scaled_config(da.path(), &ns, &ups, "", None, "") else {
+    let Some((a, b, _da, _db)) = two_replicas(&ups) else {
         return;
     };
-    let a = Pier::start_raw(da.path(), &format!("{config}{admin}"));
-    let config = scaled_config(db.path(), &ns, &ups, "", None, "").unwrap();
-    let b = Pier::start_raw(db.path(), &format!("{config}{admin}"));
     let digest = digest_of("docker", "library/big:latest");
 
     let sync = submit(&a, json!({ "images": ["library/big:latest"] }));
@@ -842,38 +862,23 @@ async fn pier_rewrite_sync_warms_what_it_rewrote() {
 /// GET, and the job done with every byte.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sync_joins_another_replicas_fetch_and_waits_for_its_store() {
-    use common::fake::{self, Blob, Fake};
+    use common::fake::{Blob, Fake};
     let upstream = Fake::start();
-    let config = fake::random_bytes(100, 1);
-    let layer = fake::random_bytes(2 << 20, 2);
-    let (cd, ld) = (fake::digest(&config), fake::digest(&layer));
-    upstream.blob(&cd, Blob::Good(config.clone()));
-    upstream.blob(&ld, Blob::Slow(layer.clone(), Duration::from_millis(1500)));
-    let manifest = format!(
-        r#"{{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"{cd}","size":{}}},"layers":[{{"mediaType":"application/vnd.oci.image.layer.v1.tar","digest":"{ld}","size":{}}}]}}"#,
-        config.len(),
-        layer.len()
-    );
-    let media = "application/vnd.oci.image.manifest.v1+json";
-    upstream.manifest("team/app", "1", media, manifest.as_bytes());
-    let ns = format!("syncjoin{:x}", rand::random::<u64>());
+    let (layer, ld) = fake_image(&upstream, "1", 1, 2 << 20, |bytes| {
+        Blob::Slow(bytes, Duration::from_millis(1500))
+    });
     let url = upstream.url();
     let ups = [("corp.example", url.as_str())];
-    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let admin = format!("[admin]\ntoken = \"{TOKEN}\"\n");
-    let Some(config) = scaled_config(da.path(), &ns, &ups, "", None, "") else {
+    let Some((a, b, _da, _db)) = two_replicas(&ups) else {
         return;
     };
-    let a = Pier::start_raw(da.path(), &format!("{config}{admin}"));
-    let config = scaled_config(db.path(), &ns, &ups, "", None, "").unwrap();
-    let b = Pier::start_raw(db.path(), &format!("{config}{admin}"));
 
     // A client on b starts the layer's fetch there (after the manifest,
     // which tells the repository has it).
     let http = reqwest::Client::new();
     let got = http
         .get(format!("{}/v2/corp.example/team/app/manifests/1", b.url()))
-        .header("accept", media)
+        .header("accept", MANIFEST)
         .send()
         .await
         .unwrap();
