@@ -5,6 +5,7 @@ mod admin;
 mod console;
 mod error;
 mod handlers;
+mod pages;
 mod path;
 
 use std::net::IpAddr;
@@ -47,7 +48,7 @@ pub fn router(
         .route("/metrics", get(metrics_text))
         .with_state(mirror);
     if let Some(reader) = reader {
-        app = app.merge(console::router(reader));
+        app = app.merge(console::router(reader)).merge(pages::router());
     }
     if let Some(admin) = admin {
         app = app.merge(admin::router(admin));
@@ -106,6 +107,11 @@ async fn common_headers_and_log(
     let started = Instant::now();
     let method = req.method().clone();
     let path = req.uri().path().to_owned();
+    let ns = req
+        .uri()
+        .query()
+        .and_then(|q| q.split('&').find(|p| p.starts_with("ns=")))
+        .map(str::to_owned);
     let client = req
         .extensions()
         .get::<PeerAddr>()
@@ -177,7 +183,33 @@ async fn common_headers_and_log(
             line!(info);
         }
     });
+    note_failure(&resp, &method, &path, ns.as_deref());
     resp
+}
+
+/// A registry request refused for a reason a user may ask about (not the
+/// `401` that starts every token dance) goes on the console's failures.
+fn note_failure(resp: &Response, method: &http::Method, path: &str, ns: Option<&str>) {
+    let status = resp.status();
+    if !path.starts_with("/v2/") || status.as_u16() < 400 || status == StatusCode::UNAUTHORIZED {
+        return;
+    }
+    let Some(error::Refusal(message)) = resp.extensions().get::<error::Refusal>() else {
+        return;
+    };
+    let mut path: String = path.chars().take(512).collect();
+    if let Some(ns) = ns {
+        path.push('?');
+        path.extend(ns.chars().take(256));
+    }
+    telemetry::tally::tally().failure(telemetry::tally::Failure {
+        at_ms: crate::meta::now_ms(),
+        method: method.to_string(),
+        path,
+        status: status.as_u16(),
+        message: message.clone(),
+        replica: String::new(),
+    });
 }
 
 /// The kind of endpoint a path is, for metrics (a fixed, small label set).

@@ -100,6 +100,27 @@ pub fn lease_done(value: &str) -> bool {
 /// Sync jobs kept; older ones are dropped as new ones are made.
 pub const JOBS_KEPT: usize = 1000;
 
+/// The time now, in Unix milliseconds.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// Minutes of per-minute counts kept for the console's charts.
+pub const MINUTES_KEPT: u64 = 120;
+
+/// Failed registry requests kept for the console's activity page.
+pub const FAILURES_KEPT: usize = 100;
+
+/// The console's counts added up over every replica: since the store began,
+/// and by minute (Unix minutes, oldest first) for the minutes asked for.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Counts {
+    pub total: std::collections::BTreeMap<String, u64>,
+    pub minutes: Vec<(u64, std::collections::BTreeMap<String, u64>)>,
+}
+
 /// The name of the lease held by whoever fetches (or removes) a blob.
 pub fn blob_lease(digest: &Digest) -> String {
     format!("blob:{digest}")
@@ -274,6 +295,33 @@ pub trait MetaStore: Send + Sync + 'static {
 
     /// The records of the `limit` newest jobs, newest first.
     async fn recent_jobs(&self, limit: usize) -> Result<Vec<Vec<u8>>, MetaError>;
+
+    /// Adds a replica's counts since its last call to the totals and to
+    /// minute `minute`'s, and its manifest pulls to each repository's.
+    async fn add_counts(
+        &self,
+        minute: u64,
+        counts: &[(String, u64)],
+        pulls: &[(String, u64)],
+    ) -> Result<(), MetaError>;
+
+    /// The totals, and the counts of minutes `from..=to` that have any.
+    async fn counts(&self, from: u64, to: u64) -> Result<Counts, MetaError>;
+
+    /// The `n` most pulled repositories, most first.
+    async fn top_pulls(&self, n: usize) -> Result<Vec<(String, u64)>, MetaError>;
+
+    /// Stores what replica `name` is doing now, for `ttl`.
+    async fn put_replica(&self, name: &str, record: &[u8], ttl: Duration) -> Result<(), MetaError>;
+
+    /// The records of the replicas whose last one has not lapsed.
+    async fn replicas(&self) -> Result<Vec<Vec<u8>>, MetaError>;
+
+    /// Adds failure records, oldest first; the newest `FAILURES_KEPT` stay.
+    async fn add_failures(&self, records: &[Vec<u8>]) -> Result<(), MetaError>;
+
+    /// The newest `n` failure records, newest first.
+    async fn failures(&self, n: usize) -> Result<Vec<Vec<u8>>, MetaError>;
 
     async fn health(&self) -> Result<(), MetaError>;
 

@@ -24,6 +24,7 @@ use thiserror::Error;
 
 pub use blobs::{BlobInfo, BlobResponse};
 pub use fetch::PEER_HEADER;
+pub use flight::FlightNow;
 pub use listing::EMPTY_INDEX;
 pub use manifests::ManifestHit;
 
@@ -239,6 +240,11 @@ impl Mirror {
     /// when that holds.
     pub fn upstream_quota(&self, registry: &str) -> Option<(i64, std::time::Instant)> {
         self.upstreams.get(registry)?.quota_left()
+    }
+
+    /// The blob fetches this replica runs now.
+    pub fn fetches_now(&self) -> Vec<FlightNow> {
+        self.flights.now()
     }
 
     /// Whether a fetch started now would have to queue for a slot.

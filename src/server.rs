@@ -220,6 +220,24 @@ pub async fn serve(
         crate::sync::keep_lists_synced(jobs.clone(), config.sync.images.clone());
     }
     let console = Console::new(config, mirror.clone()).map(Arc::new);
+    let publisher = console.is_some().then(|| {
+        let name = crate::console::publish::replica_name(
+            config.cluster.advertise_url.as_ref(),
+            listener.local_addr().map_or(0, |a| a.port()),
+        );
+        let registries = config
+            .upstreams
+            .iter()
+            .map(|u| u.registry.clone())
+            .collect();
+        let publisher = Arc::new(crate::console::publish::Publisher::new(
+            mirror.clone(),
+            name,
+            registries,
+        ));
+        publisher.spawn();
+        publisher
+    });
     let app = crate::api::router(mirror.clone(), limits, admin, console);
     let settings = config.server.clone();
     // Every store has local files to send: stored blobs (fs), local copies
@@ -278,6 +296,11 @@ pub async fn serve(
         tracing::warn!("grace period over; closing the remaining connections");
     }
     mirror.shutdown(deadline).await;
+    if let Some(publisher) = publisher
+        && let Err(e) = publisher.publish().await
+    {
+        tracing::warn!(error = %e, "cannot publish the console's last figures");
+    }
     Ok(())
 }
 

@@ -5,6 +5,7 @@ pub mod access;
 mod logging;
 pub mod metrics;
 mod otlp;
+pub mod tally;
 mod text;
 
 pub use logging::init;

@@ -1,6 +1,7 @@
 //! The console's read-only JSON API (`[ui] enabled`, on by default):
-//! `/api/v1/explain?ref=…`. It reads only what the cache holds and never
-//! contacts an upstream.
+//! explain, repositories, images, stats and activity under `/api/v1/`. It
+//! reads only what the cache and the metadata store hold and never contacts
+//! an upstream.
 
 use std::sync::Arc;
 
@@ -20,6 +21,8 @@ pub struct Console {
     domains: Vec<String>,
     /// (alias, registry)
     aliases: Vec<(String, String)>,
+    registries: Vec<String>,
+    budget: Option<u64>,
 }
 
 impl Console {
@@ -33,6 +36,12 @@ impl Console {
                 .iter()
                 .filter_map(|u| Some((u.aliases.first()?.clone(), u.registry.clone())))
                 .collect(),
+            registries: config
+                .upstreams
+                .iter()
+                .map(|u| u.registry.clone())
+                .collect(),
+            budget: config.cache.max_size,
         })
     }
 }
@@ -43,6 +52,8 @@ pub fn router(console: Arc<Console>) -> Router {
         .route("/api/v1/repositories", get(repositories))
         .route("/api/v1/repositories/{*name}", get(repository))
         .route("/api/v1/images/{*name}", get(image))
+        .route("/api/v1/stats", get(stats))
+        .route("/api/v1/activity", get(activity))
         .with_state(console)
 }
 
@@ -136,6 +147,24 @@ async fn image(
     match crate::console::image(&console.mirror, &target, &reference).await {
         Ok(Some(view)) => axum::Json(view).into_response(),
         Ok(None) => unknown(),
+        Err(e) => unreadable(e),
+    }
+}
+
+/// The dashboard's figures for the whole cluster.
+async fn stats(State(console): State<Arc<Console>>) -> Response {
+    let meta = console.mirror.meta();
+    match crate::console::stats(meta.as_ref(), &console.registries, console.budget).await {
+        Ok(stats) => axum::Json(stats).into_response(),
+        Err(e) => unreadable(e),
+    }
+}
+
+/// Fetches and sync jobs running now, and recent failures.
+async fn activity(State(console): State<Arc<Console>>) -> Response {
+    let meta = console.mirror.meta();
+    match crate::console::activity(meta.as_ref(), 50).await {
+        Ok(activity) => axum::Json(activity).into_response(),
         Err(e) => unreadable(e),
     }
 }

@@ -127,6 +127,10 @@ impl ApiError {
     }
 }
 
+/// Why a request was refused, for the console's list of failures.
+#[derive(Clone, Debug)]
+pub struct Refusal(pub String);
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         // The request's log line says why, not only the status.
@@ -135,6 +139,7 @@ impl IntoResponse for ApiError {
             "errors": [{ "code": self.code.as_str(), "message": self.message, "detail": null }]
         });
         let mut resp = (self.status, axum::Json(body)).into_response();
+        resp.extensions_mut().insert(Refusal(self.message));
         for (name, value) in self.headers {
             if let Ok(v) = HeaderValue::from_str(&value) {
                 resp.headers_mut().insert(name, v);

@@ -6,7 +6,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use super::retention::Retention;
 use crate::meta::{MetaStore, UseKind};
@@ -24,11 +24,7 @@ pub struct UseLog {
     retention: Retention,
 }
 
-pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-}
+pub use crate::meta::now_ms;
 
 impl UseLog {
     /// A log written out every `every` (`FLUSH_EVERY` when serving) for as

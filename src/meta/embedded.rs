@@ -10,7 +10,8 @@ use async_trait::async_trait;
 use redb::{Database, ReadableTable, ReadableTableMetadata, TableDefinition};
 
 use super::{
-    Claimed, JOBS_KEPT, MetaError, MetaStore, Removal, StoredManifest, TagRecord, UseKind,
+    Claimed, Counts, FAILURES_KEPT, JOBS_KEPT, MINUTES_KEPT, MetaError, MetaStore, Removal,
+    StoredManifest, TagRecord, UseKind,
 };
 use crate::rate::{LocalRates, Rate};
 use crate::reference::Digest;
@@ -36,6 +37,17 @@ const DEADLINES: TableDefinition<&str, u64> = TableDefinition::new("deadlines");
 /// manifest digest → its deadline, Unix ms
 const MDEADLINES: TableDefinition<&str, u64> = TableDefinition::new("manifest_deadlines");
 
+/// the console's counts: name → total
+const COUNTS: TableDefinition<&str, u64> = TableDefinition::new("counts");
+/// `<Unix minute, 12 digits>/<name>` → that minute's count
+const MINUTE_COUNTS: TableDefinition<&str, u64> = TableDefinition::new("minute_counts");
+/// repository → manifest pulls by tag
+const PULLS: TableDefinition<&str, u64> = TableDefinition::new("pulls");
+
+fn minute_key(minute: u64, name: &str) -> String {
+    format!("{minute:012}/{name}")
+}
+
 fn uses_table(kind: UseKind) -> TableDefinition<'static, &'static str, u64> {
     match kind {
         UseKind::Blobs => USES,
@@ -53,6 +65,10 @@ pub struct EmbeddedMeta {
     /// Bytes and blobs stored, counted since start: the blob store's
     /// eviction sets it right from what the store holds.
     usage: Mutex<(i64, i64)>,
+    /// The one process's record, and until when it holds: nothing to share.
+    replica: Mutex<Option<(Vec<u8>, Instant)>>,
+    /// Failure records, newest first; like the replica's, kept in memory.
+    failures: Mutex<std::collections::VecDeque<Vec<u8>>>,
 }
 
 impl EmbeddedMeta {
@@ -70,12 +86,17 @@ impl EmbeddedMeta {
         }
         txn.open_table(JOBS).map_err(backend)?;
         txn.open_table(OPEN_JOBS).map_err(backend)?;
+        txn.open_table(COUNTS).map_err(backend)?;
+        txn.open_table(MINUTE_COUNTS).map_err(backend)?;
+        txn.open_table(PULLS).map_err(backend)?;
         txn.commit().map_err(backend)?;
         Ok(Self {
             db: Arc::new(db),
             leases: Leases::default(),
             rates: LocalRates::default(),
             usage: Mutex::new((0, 0)),
+            replica: Mutex::new(None),
+            failures: Mutex::new(std::collections::VecDeque::new()),
         })
     }
 
@@ -673,6 +694,147 @@ impl MetaStore for EmbeddedMeta {
         .await
     }
 
+    async fn add_counts(
+        &self,
+        minute: u64,
+        counts: &[(String, u64)],
+        pulls: &[(String, u64)],
+    ) -> Result<(), MetaError> {
+        if counts.is_empty() && pulls.is_empty() {
+            return Ok(());
+        }
+        let (counts, pulls) = (counts.to_vec(), pulls.to_vec());
+        self.blocking(move |db| {
+            let txn = db.begin_write().map_err(backend)?;
+            {
+                let mut total = txn.open_table(COUNTS).map_err(backend)?;
+                let mut by_minute = txn.open_table(MINUTE_COUNTS).map_err(backend)?;
+                for (name, n) in &counts {
+                    let t = total
+                        .get(name.as_str())
+                        .map_err(backend)?
+                        .map_or(0, |v| v.value());
+                    total
+                        .insert(name.as_str(), t.saturating_add(*n))
+                        .map_err(backend)?;
+                    let key = minute_key(minute, name);
+                    let m = by_minute
+                        .get(key.as_str())
+                        .map_err(backend)?
+                        .map_or(0, |v| v.value());
+                    by_minute
+                        .insert(key.as_str(), m.saturating_add(*n))
+                        .map_err(backend)?;
+                }
+                let horizon = minute_key(minute.saturating_sub(MINUTES_KEPT), "");
+                by_minute
+                    .retain_in(..horizon.as_str(), |_, _| false)
+                    .map_err(backend)?;
+                let mut pulled = txn.open_table(PULLS).map_err(backend)?;
+                for (repo, n) in &pulls {
+                    let p = pulled
+                        .get(repo.as_str())
+                        .map_err(backend)?
+                        .map_or(0, |v| v.value());
+                    pulled
+                        .insert(repo.as_str(), p.saturating_add(*n))
+                        .map_err(backend)?;
+                }
+            }
+            txn.commit().map_err(backend)
+        })
+        .await
+    }
+
+    async fn counts(&self, from: u64, to: u64) -> Result<Counts, MetaError> {
+        self.blocking(move |db| {
+            let txn = db.begin_read().map_err(backend)?;
+            let mut counts = Counts::default();
+            for entry in txn
+                .open_table(COUNTS)
+                .map_err(backend)?
+                .iter()
+                .map_err(backend)?
+            {
+                let (k, v) = entry.map_err(backend)?;
+                counts.total.insert(k.value().to_owned(), v.value());
+            }
+            let by_minute = txn.open_table(MINUTE_COUNTS).map_err(backend)?;
+            let (lo, hi) = (minute_key(from, ""), minute_key(to.saturating_add(1), ""));
+            for entry in by_minute.range(lo.as_str()..hi.as_str()).map_err(backend)? {
+                let (k, v) = entry.map_err(backend)?;
+                let Some((m, name)) = k.value().split_once('/') else {
+                    continue;
+                };
+                let Ok(m) = m.parse::<u64>() else { continue };
+                match counts.minutes.last_mut() {
+                    Some((last, map)) if *last == m => {
+                        map.insert(name.to_owned(), v.value());
+                    }
+                    _ => counts
+                        .minutes
+                        .push((m, [(name.to_owned(), v.value())].into_iter().collect())),
+                }
+            }
+            Ok(counts)
+        })
+        .await
+    }
+
+    async fn top_pulls(&self, n: usize) -> Result<Vec<(String, u64)>, MetaError> {
+        self.blocking(move |db| {
+            let txn = db.begin_read().map_err(backend)?;
+            let mut all = Vec::new();
+            for entry in txn
+                .open_table(PULLS)
+                .map_err(backend)?
+                .iter()
+                .map_err(backend)?
+            {
+                let (k, v) = entry.map_err(backend)?;
+                all.push((k.value().to_owned(), v.value()));
+            }
+            all.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+            all.truncate(n);
+            Ok(all)
+        })
+        .await
+    }
+
+    async fn put_replica(
+        &self,
+        _name: &str,
+        record: &[u8],
+        ttl: Duration,
+    ) -> Result<(), MetaError> {
+        *self.replica.lock().unwrap_or_else(|p| p.into_inner()) =
+            Some((record.to_vec(), Instant::now() + ttl));
+        Ok(())
+    }
+
+    async fn replicas(&self) -> Result<Vec<Vec<u8>>, MetaError> {
+        let replica = self.replica.lock().unwrap_or_else(|p| p.into_inner());
+        Ok(replica
+            .iter()
+            .filter(|(_, until)| Instant::now() < *until)
+            .map(|(r, _)| r.clone())
+            .collect())
+    }
+
+    async fn add_failures(&self, records: &[Vec<u8>]) -> Result<(), MetaError> {
+        let mut failures = self.failures.lock().unwrap_or_else(|p| p.into_inner());
+        for r in records {
+            failures.push_front(r.clone());
+        }
+        failures.truncate(FAILURES_KEPT);
+        Ok(())
+    }
+
+    async fn failures(&self, n: usize) -> Result<Vec<Vec<u8>>, MetaError> {
+        let failures = self.failures.lock().unwrap_or_else(|p| p.into_inner());
+        Ok(failures.iter().take(n).cloned().collect())
+    }
+
     async fn health(&self) -> Result<(), MetaError> {
         self.blocking(|db| db.begin_read().map(drop).map_err(backend))
             .await
@@ -762,5 +924,6 @@ mod tests {
         let meta = super::EmbeddedMeta::open(dir.path()).unwrap();
         crate::meta::suite::check_persisted(&meta).await;
         crate::meta::suite::jobs(&meta).await;
+        crate::meta::suite::console_figures(&meta).await;
     }
 }

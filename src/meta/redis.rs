@@ -7,7 +7,11 @@
 //! records, `jobs` their ids (scores 0: by name, which is by age) and
 //! `jobs:open` those not finished;
 //! `usage` hash of
-//! the `bytes` and `blobs` stored; `lease:<name>` leases.
+//! the `bytes` and `blobs` stored; `lease:<name>` leases; the console's
+//! `counts` hash (totals) and `counts:<minute>` hashes, `pulls` sorted set
+//! of repositories by pulls, `replica:<name>` records (each with its own
+//! expiry) listed in the `replicas` sorted set by expiry, and the
+//! `failures` list, newest first.
 //! Every command has a deadline: a Redis outage turns into errors, never
 //! into hung requests.
 
@@ -19,7 +23,8 @@ use deadpool_redis::redis::{self, AsyncCommands};
 use deadpool_redis::{Config as PoolSettings, Connection, Pool, PoolConfig, Runtime, Timeouts};
 
 use super::{
-    Claimed, JOBS_KEPT, MetaError, MetaStore, Removal, StoredManifest, TagRecord, UseKind,
+    Claimed, Counts, FAILURES_KEPT, JOBS_KEPT, MINUTES_KEPT, MetaError, MetaStore, Removal,
+    StoredManifest, TagRecord, UseKind,
 };
 use crate::rate::Rate;
 use crate::reference::Digest;
@@ -687,6 +692,130 @@ impl MetaStore for RedisMeta {
         Ok(records.into_iter().flatten().collect())
     }
 
+    async fn add_counts(
+        &self,
+        minute: u64,
+        counts: &[(String, u64)],
+        pulls: &[(String, u64)],
+    ) -> Result<(), MetaError> {
+        if counts.is_empty() && pulls.is_empty() {
+            return Ok(());
+        }
+        let (total, by_minute) = (
+            self.key(&["counts"]),
+            self.key(&["counts", &minute.to_string()]),
+        );
+        let mut pipe = redis::pipe();
+        for (name, n) in counts {
+            pipe.hincr(&total, name, *n).ignore();
+            pipe.hincr(&by_minute, name, *n).ignore();
+        }
+        if !counts.is_empty() {
+            let ttl = i64::try_from(MINUTES_KEPT * 60).unwrap_or(i64::MAX);
+            pipe.expire(&by_minute, ttl).ignore();
+        }
+        let pulled = self.key(&["pulls"]);
+        for (repo, n) in pulls {
+            pipe.zincr(&pulled, repo, *n).ignore();
+        }
+        self.run(|mut c| async move { pipe.query_async::<()>(&mut c).await })
+            .await
+    }
+
+    async fn counts(&self, from: u64, to: u64) -> Result<Counts, MetaError> {
+        let minutes: Vec<u64> = (from..=to).collect();
+        let mut pipe = redis::pipe();
+        pipe.hgetall(self.key(&["counts"]));
+        for m in &minutes {
+            pipe.hgetall(self.key(&["counts", &m.to_string()]));
+        }
+        let mut maps: Vec<std::collections::BTreeMap<String, u64>> = self
+            .run(|mut c| async move { pipe.query_async(&mut c).await })
+            .await?;
+        if maps.is_empty() {
+            return Ok(Counts::default());
+        }
+        let total = maps.remove(0);
+        Ok(Counts {
+            total,
+            minutes: minutes
+                .into_iter()
+                .zip(maps)
+                .filter(|(_, m)| !m.is_empty())
+                .collect(),
+        })
+    }
+
+    async fn top_pulls(&self, n: usize) -> Result<Vec<(String, u64)>, MetaError> {
+        if n == 0 {
+            return Ok(Vec::new());
+        }
+        let key = self.key(&["pulls"]);
+        let stop = isize::try_from(n).unwrap_or(isize::MAX) - 1;
+        self.run(|mut c| async move { c.zrevrange_withscores(key, 0, stop).await })
+            .await
+    }
+
+    async fn put_replica(&self, name: &str, record: &[u8], ttl: Duration) -> Result<(), MetaError> {
+        let ttl_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1);
+        let until = super::now_ms().saturating_add(ttl_ms);
+        let mut pipe = redis::pipe();
+        pipe.cmd("SET")
+            .arg(self.key(&["replica", name]))
+            .arg(record)
+            .arg("PX")
+            .arg(ttl_ms)
+            .ignore()
+            .zadd(self.key(&["replicas"]), name, until)
+            .ignore();
+        self.run(|mut c| async move { pipe.query_async::<()>(&mut c).await })
+            .await
+    }
+
+    async fn replicas(&self) -> Result<Vec<Vec<u8>>, MetaError> {
+        let listed = self.key(&["replicas"]);
+        let now = super::now_ms();
+        let names: Vec<String> = self
+            .run(|mut c| async move {
+                let _: () = c.zrembyscore(&listed, "-inf", now).await?;
+                c.zrange(&listed, 0, -1).await
+            })
+            .await?;
+        if names.is_empty() {
+            return Ok(Vec::new());
+        }
+        let keys: Vec<String> = names.iter().map(|n| self.key(&["replica", n])).collect();
+        let records: Vec<Option<Vec<u8>>> = self
+            .run(|mut c| async move { redis::cmd("MGET").arg(keys).query_async(&mut c).await })
+            .await?;
+        Ok(records.into_iter().flatten().collect())
+    }
+
+    async fn add_failures(&self, records: &[Vec<u8>]) -> Result<(), MetaError> {
+        if records.is_empty() {
+            return Ok(());
+        }
+        let key = self.key(&["failures"]);
+        let mut pipe = redis::pipe();
+        pipe.atomic();
+        for r in records {
+            pipe.lpush(&key, r.as_slice()).ignore();
+        }
+        pipe.ltrim(&key, 0, FAILURES_KEPT as isize - 1).ignore();
+        self.run(|mut c| async move { pipe.query_async::<()>(&mut c).await })
+            .await
+    }
+
+    async fn failures(&self, n: usize) -> Result<Vec<Vec<u8>>, MetaError> {
+        if n == 0 {
+            return Ok(Vec::new());
+        }
+        let key = self.key(&["failures"]);
+        let stop = isize::try_from(n).unwrap_or(isize::MAX) - 1;
+        self.run(|mut c| async move { c.lrange(key, 0, stop).await })
+            .await
+    }
+
     async fn health(&self) -> Result<(), MetaError> {
         self.run(|mut c| async move { redis::cmd("PING").query_async::<String>(&mut c).await })
             .await
@@ -716,6 +845,7 @@ mod tests {
         crate::meta::suite::forgetting(&meta).await;
         crate::meta::suite::check_persisted(&meta).await;
         crate::meta::suite::jobs(&meta).await;
+        crate::meta::suite::console_figures(&meta).await;
     }
 
     #[tokio::test]

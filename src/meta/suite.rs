@@ -514,3 +514,56 @@ pub async fn jobs(meta: &dyn MetaStore) {
         "dropped once finished"
     );
 }
+
+/// The console's figures: counts add up across calls (as they do across
+/// replicas), by minute too; pulls rank; replica records lapse; failures
+/// keep the newest.
+pub async fn console_figures(meta: &dyn MetaStore) {
+    use super::FAILURES_KEPT;
+    use std::time::Duration;
+    let c = |pairs: &[(&str, u64)]| -> Vec<(String, u64)> {
+        pairs.iter().map(|(k, v)| ((*k).to_owned(), *v)).collect()
+    };
+    let before = meta.counts(1000, 1003).await.unwrap();
+    let base = |name: &str| before.total.get(name).copied().unwrap_or(0);
+    meta.add_counts(1000, &c(&[("hits", 2), ("misses", 1)]), &c(&[("r/a", 1)]))
+        .await
+        .unwrap();
+    meta.add_counts(1000, &c(&[("hits", 3)]), &c(&[("r/b", 5), ("r/a", 1)]))
+        .await
+        .unwrap();
+    meta.add_counts(1002, &c(&[("hits", 1)]), &[])
+        .await
+        .unwrap();
+    let got = meta.counts(1000, 1003).await.unwrap();
+    assert_eq!(got.total.get("hits"), Some(&(base("hits") + 6)));
+    assert_eq!(got.total.get("misses"), Some(&(base("misses") + 1)));
+    let minutes: Vec<u64> = got.minutes.iter().map(|(m, _)| *m).collect();
+    assert_eq!(
+        minutes,
+        vec![1000, 1002],
+        "minutes without counts are left out"
+    );
+    assert_eq!(got.minutes[0].1.get("hits"), Some(&5));
+    assert_eq!(got.minutes[1].1.get("hits"), Some(&1));
+    let top = meta.top_pulls(10).await.unwrap();
+    let rank = |repo: &str| top.iter().position(|(r, _)| r == repo);
+    assert!(rank("r/b") < rank("r/a"), "{top:?}");
+    assert!(top.iter().any(|(r, n)| r == "r/a" && *n >= 2), "{top:?}");
+
+    meta.put_replica("one", b"busy", Duration::from_millis(300))
+        .await
+        .unwrap();
+    assert!(meta.replicas().await.unwrap().contains(&b"busy".to_vec()));
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert!(!meta.replicas().await.unwrap().contains(&b"busy".to_vec()));
+
+    let records: Vec<Vec<u8>> = (0..FAILURES_KEPT + 3)
+        .map(|n| format!("f{n}").into_bytes())
+        .collect();
+    meta.add_failures(&records).await.unwrap();
+    let failures = meta.failures(FAILURES_KEPT + 10).await.unwrap();
+    assert_eq!(failures.len(), FAILURES_KEPT);
+    assert_eq!(failures[0], format!("f{}", FAILURES_KEPT + 2).into_bytes());
+    assert_eq!(meta.failures(2).await.unwrap().len(), 2);
+}

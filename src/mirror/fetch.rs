@@ -332,7 +332,9 @@ async fn from_upstream(
         .await
         .map_err(FlightError::Upstream)?;
     let registry = job.upstream.registry().to_owned();
-    download(flight, job, spool, resp, &registry).await
+    let fetched = download(flight, job, spool, resp, &registry).await?;
+    crate::telemetry::tally::tally().add("bytes.fetched", fetched.0);
+    Ok(fetched)
 }
 
 /// How long a verified blob waits for the clients still reading it before

@@ -164,9 +164,25 @@ pub struct Flight {
     /// The repository the fetch was started for (upstream confirmed it).
     pub repo_key: String,
     pub(super) phase: watch::Sender<Phase>,
+    began: std::time::Instant,
     /// Clients streaming from the spool now, or waiting for the verified
     /// blob (HTTP/1.0).
     readers: watch::Sender<usize>,
+}
+
+/// One running fetch, for the console.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct FlightNow {
+    pub digest: String,
+    pub repository: String,
+    /// Bytes received so far (and readable by clients).
+    pub received: u64,
+    /// The blob's size, once upstream announced it.
+    pub size: Option<u64>,
+    /// Clients reading it or waiting for it.
+    pub waiting: usize,
+    /// How long it has been running.
+    pub seconds: f64,
 }
 
 pub struct Flights {
@@ -204,6 +220,29 @@ impl Flights {
         self.map().len()
     }
 
+    /// The fetches running now, as the console's activity page shows them.
+    pub fn now(&self) -> Vec<FlightNow> {
+        let flights: Vec<Arc<Flight>> = self.map().values().cloned().collect();
+        flights
+            .iter()
+            .map(|f| {
+                let (received, size) = match &*f.phase.borrow() {
+                    Phase::Streaming { size, readable, .. } => (*readable, *size),
+                    Phase::Verified { size, .. } => (*size, Some(*size)),
+                    _ => (0, None),
+                };
+                FlightNow {
+                    digest: f.digest.to_string(),
+                    repository: f.repo_key.clone(),
+                    received,
+                    size,
+                    waiting: f.readers(),
+                    seconds: f.began.elapsed().as_secs_f64(),
+                }
+            })
+            .collect()
+    }
+
     /// Joins the fetch of `digest`, starting it if none runs. The flag
     /// tells whether this call started it.
     pub fn join_or_start(
@@ -221,6 +260,7 @@ impl Flights {
                 digest: digest.clone(),
                 repo_key: job.repo_key.clone(),
                 phase: watch::Sender::new(Phase::Connecting),
+                began: std::time::Instant::now(),
                 readers: watch::Sender::new(0),
             });
             map.insert(digest.clone(), f.clone());

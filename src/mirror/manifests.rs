@@ -49,6 +49,13 @@ impl Mirror {
             Reference::Tag(t) => self.manifest_by_tag(target, t).await,
         }?;
         metrics().cache("manifest", hit.outcome);
+        let tally = crate::telemetry::tally::tally();
+        if hit.stale {
+            tally.add(&format!("upstream.{}.stale", target.registry), 1);
+        }
+        if matches!(reference, Reference::Tag(_)) {
+            tally.pull(&target.key());
+        }
         if let Some(uses) = &self.uses {
             uses.note_manifest(&target.registry, &hit.digest);
         }

@@ -324,6 +324,9 @@ impl Metrics {
             .get_or_create(&ReasonLabels { reason })
             .inc();
         self.cache_evicted_bytes.inc_by(bytes);
+        let t = super::tally::tally();
+        t.add("evictions", 1);
+        t.add("evicted_bytes", bytes);
     }
 
     pub fn fetch_abandoned(&self, reason: &'static str) {
@@ -354,6 +357,7 @@ impl Metrics {
     /// Counts a cache outcome, and notes it for the request's log line.
     pub fn cache(&self, kind: &'static str, outcome: &'static str) {
         super::access::note_cache(outcome);
+        super::tally::tally().add(&format!("cache.{kind}.{outcome}"), 1);
         self.cache
             .get_or_create(&CacheLabels { kind, outcome })
             .inc();
@@ -386,6 +390,15 @@ impl Metrics {
     }
 
     pub fn upstream(&self, registry: &str, status: Option<u16>, took: Duration) {
+        let t = super::tally::tally();
+        t.add(&format!("upstream.{registry}.requests"), 1);
+        if status.is_none_or(|s| s >= 500 || s == 429) {
+            t.add(&format!("upstream.{registry}.errors"), 1);
+        }
+        t.add(
+            &format!("upstream.{registry}.ms"),
+            u64::try_from(took.as_millis()).unwrap_or(u64::MAX),
+        );
         self.upstream_requests
             .get_or_create(&UpstreamLabels {
                 registry: registry.to_owned(),
