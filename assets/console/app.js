@@ -274,7 +274,7 @@ async function repository(name) {
     r.tags.length ? table(['Tag', 'Digest', 'Type', 'Platforms', 'Size', 'Confirmed upstream', 'Last pulled'],
       r.tags.map((t) => [link('/images/' + name + ':' + t.tag, t.tag),
         el('span', { class: 'digest', title: t.digest }, short(t.digest)),
-        mediaType(t.media_type), t.platforms.length ? t.platforms.join(', ') : '—',
+        mediaType(t.media_type), (t.platforms || []).length ? t.platforms.join(', ') : '—',
         bytes(t.size), ago(t.confirmed_secs_ago), ago(t.pulled_secs_ago)]), [4]) :
       notice('info', 'Blobs of this repository are cached, but no tag is: it was pulled by digest.'),
     el('h2', {}, 'Pull'), pullCommands(name + (r.tags[0] ? ':' + r.tags[0].tag : '')));

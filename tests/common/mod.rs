@@ -28,7 +28,7 @@ pub fn repo_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
-fn strict() -> bool {
+pub fn strict() -> bool {
     std::env::var("PIER_TEST_STRICT").is_ok_and(|v| v == "1")
 }
 
@@ -1010,4 +1010,49 @@ pub fn push_generated(
         repo_tag,
         &["--layers", "2", "--layer-size", &size],
     )
+}
+
+/// A TCP relay to `target` that sends what comes back at most `rate` bytes
+/// a second: an upstream on a slow link. It lives as long as the test
+/// process.
+pub struct SlowLink {
+    pub port: u16,
+}
+
+impl SlowLink {
+    pub fn start(target: &str, rate: usize) -> SlowLink {
+        use std::io::{Read, Write};
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let target = target.trim_start_matches("http://").to_owned();
+        std::thread::spawn(move || {
+            for client in listener.incoming().flatten() {
+                let Ok(server) = std::net::TcpStream::connect(&target) else {
+                    continue;
+                };
+                let (mut c_read, mut s_write) = (client.try_clone().unwrap(), server.try_clone().unwrap());
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut c_read, &mut s_write);
+                    let _ = s_write.shutdown(std::net::Shutdown::Write);
+                });
+                let (mut s_read, mut c_write) = (server, client);
+                std::thread::spawn(move || {
+                    // A tenth of a second's worth at a time.
+                    let mut buf = vec![0u8; (rate / 10).max(1)];
+                    while let Ok(n) = s_read.read(&mut buf) {
+                        if n == 0 || c_write.write_all(&buf[..n]).is_err() {
+                            break;
+                        }
+                        std::thread::sleep(Duration::from_millis(100));
+                    }
+                    let _ = c_write.shutdown(std::net::Shutdown::Write);
+                });
+            }
+        });
+        SlowLink { port }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
 }
