@@ -86,7 +86,10 @@ async fn console_pages_in_a_real_browser() {
         .map(|l| l["size"].as_u64().unwrap())
         .collect();
     let index: Value = reqwest::Client::new()
-        .get(format!("{}/v2/library/nginx/manifests/latest", docker.url()))
+        .get(format!(
+            "{}/v2/library/nginx/manifests/latest",
+            docker.url()
+        ))
         .header("accept", "application/vnd.oci.image.index.v1+json")
         .send()
         .await
@@ -100,7 +103,11 @@ async fn console_pages_in_a_real_browser() {
         .iter()
         .map(|m| {
             let p = &m["platform"];
-            let mut s = format!("{}/{}", p["os"].as_str().unwrap(), p["architecture"].as_str().unwrap());
+            let mut s = format!(
+                "{}/{}",
+                p["os"].as_str().unwrap(),
+                p["architecture"].as_str().unwrap()
+            );
             if let Some(v) = p["variant"].as_str() {
                 s = format!("{s}/{v}");
             }

@@ -160,10 +160,20 @@ async fn the_read_api_is_gone_with_the_ui_off() {
         &[("docker.io", "http://127.0.0.1:9")],
         "[ui]\nenabled = false\n",
     );
-    let resp = reqwest::get(format!("{}/api/v1/explain?ref=nginx", pier.url()))
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), 404);
+    for path in [
+        "/api/v1/explain?ref=nginx",
+        "/api/v1/stats",
+        "/api/v1/activity",
+        "/",
+        "/repositories",
+        "/explain",
+        "/ui/app.js",
+    ] {
+        let resp = reqwest::get(format!("{}{path}", pier.url())).await.unwrap();
+        assert_eq!(resp.status(), 404, "{path}");
+    }
+    let v2 = reqwest::get(format!("{}/v2/", pier.url())).await.unwrap();
+    assert_eq!(v2.status(), 200);
     // With the admin API on, the read API still answers beside it.
     let (pier, _d) = Pier::start(
         &[("docker.io", "http://127.0.0.1:9")],
@@ -293,4 +303,137 @@ async fn repositories_are_searched_and_listed_and_hidden_ones_stay_hidden() {
     );
     let (status, _) = get(&pier, "/api/v1/repositories/docker.io/library/alpine").await;
     assert_eq!(status, 404);
+}
+
+/// The dashboard's figures are the cluster's: two replicas (separate
+/// processes on one Redis and bucket) each publish theirs, and either one's
+/// `/api/v1/stats` adds up both `/metrics`. A replica that stops leaves the
+/// list of replicas once its record lapses.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stats_add_up_every_replica() {
+    if !have_tools(&["docker-registry", "skopeo"]) {
+        return;
+    }
+    let docker = Upstream::start("docker");
+    let url = docker.url();
+    let ns = format!("stats{:x}", rand::random::<u64>());
+    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let Some(config_a) = scaled_config(da.path(), &ns, &[("docker.io", &url)], "", None, "") else {
+        return;
+    };
+    let config_b = scaled_config(db.path(), &ns, &[("docker.io", &url)], "", None, "").unwrap();
+    let a = PierProcess::start(&config_a);
+    let mut b = PierProcess::start(&config_b);
+    let host = |p: &PierProcess| p.url().trim_start_matches("http://").to_owned();
+    for (pier, image) in [
+        (&a, "library/alpine:3.19"),
+        (&b, "library/alpine:3.19"),
+        (&b, "library/nginx:latest"),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let run = skopeo_copy(
+            &format!("{}/docker.io/{image}", host(pier)),
+            dir.path(),
+            &[],
+        )
+        .await;
+        assert!(run.ok, "{}", run.stderr);
+    }
+    // Cache lookups by outcome, and blob bytes served, from one /metrics.
+    let lookups = async |pier: &PierProcess| -> (u64, u64) {
+        let text = reqwest::get(format!("{}/metrics", pier.url()))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        let mut all = 0;
+        let mut cached = 0;
+        for line in text
+            .lines()
+            .filter(|l| l.starts_with("pier_cache_lookups_total{"))
+        {
+            let n: u64 = line.rsplit(' ').next().unwrap().parse().unwrap();
+            all += n;
+            if ["hit", "revalidated", "stale"]
+                .iter()
+                .any(|o| line.contains(&format!("outcome=\"{o}\"")))
+            {
+                cached += n;
+            }
+        }
+        (all, cached)
+    };
+    let (all_a, cached_a) = lookups(&a).await;
+    let (all_b, cached_b) = lookups(&b).await;
+    assert!(all_a > 0 && all_b > 0);
+    let stats_of = async |pier: &PierProcess| -> Value {
+        reqwest::get(format!("{}/api/v1/stats", pier.url()))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    let stats = loop {
+        let stats = stats_of(&a).await;
+        if stats["all_time"]["requests"] == all_a + all_b {
+            break stats;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "stats never added up to {} requests: {stats}",
+            all_a + all_b
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(stats["all_time"]["from_cache"], cached_a + cached_b);
+    assert_eq!(stats["last_hour"]["requests"], all_a + all_b);
+    let mut names: Vec<String> = stats["replicas"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["name"].as_str().unwrap().to_owned())
+        .collect();
+    names.sort();
+    let mut want = vec![host(&a), host(&b)];
+    want.sort();
+    assert_eq!(names, want);
+    let top: Vec<(&str, u64)> = stats["top_images"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| {
+            (
+                t["repository"].as_str().unwrap(),
+                t["pulls"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(top[0].0, "docker.io/library/alpine", "{top:?}");
+    assert!(top[0].1 >= 2, "pulled through both replicas: {top:?}");
+    let docker_io = &stats["upstreams"][0];
+    assert_eq!(docker_io["registry"], "docker.io");
+    assert_eq!(
+        docker_io["requests"].as_u64().unwrap(),
+        docker.log().lines().count() as u64,
+        "upstream requests as the upstream logged them: {stats}"
+    );
+    // The other replica reads the same figures.
+    assert_eq!(stats_of(&b).await["all_time"]["requests"], all_a + all_b);
+
+    b.terminate();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let replicas = stats_of(&a).await["replicas"].as_array().unwrap().len();
+        if replicas == 1 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the stopped replica stays listed"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
 }

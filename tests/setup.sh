@@ -9,6 +9,8 @@ packages=(docker-registry skopeo curl ca-certificates apache2-utils redis-server
 # own private daemon as root; runc comes with them, and nothing else (no
 # rootless helpers, overlay or network tools) is needed for vfs/native pulls.
 packages+=(docker.io containerd podman)
+# The console's pages are tested in a real browser (tests/browser.rs).
+packages+=(chromium fonts-dejavu-core fonts-liberation)
 missing=()
 for p in "${packages[@]}"; do
 	dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -37,6 +39,10 @@ fi
 # the deploy test reads the compose file with PyYAML.
 python3 -c 'import cryptography' 2>/dev/null || python3 -m pip install --quiet cryptography
 python3 -c 'import yaml' 2>/dev/null || python3 -m pip install --quiet pyyaml
+
+# Playwright for Python drives Debian's Chromium (its own browser download
+# is never used).
+python3 -c 'import playwright' 2>/dev/null || python3 -m pip install --quiet playwright==1.65.3
 
 # SeaweedFS, an S3 server that verifies SigV4 signatures, as a static binary.
 if ! command -v weed >/dev/null 2>&1; then
