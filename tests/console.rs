@@ -437,3 +437,142 @@ async fn stats_add_up_every_replica() {
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
 }
+
+/// Pushes `bytes` as a blob of `repo` on the registry at `base`; its digest.
+async fn push_blob(http: &reqwest::Client, base: &str, repo: &str, bytes: &[u8]) -> String {
+    use sha2::Digest as _;
+    let digest = format!("sha256:{}", hex::encode(sha2::Sha256::digest(bytes)));
+    let started = http
+        .post(format!("{base}/v2/{repo}/blobs/uploads/"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(started.status(), 202);
+    let location = started.headers()["location"].to_str().unwrap().to_owned();
+    let location = if location.starts_with('/') {
+        format!("{base}{location}")
+    } else {
+        location
+    };
+    let sep = if location.contains('?') { '&' } else { '?' };
+    let done = http
+        .put(format!("{location}{sep}digest={digest}"))
+        .body(bytes.to_vec())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(done.status(), 201, "{}", done.text().await.unwrap());
+    digest
+}
+
+/// The image page lists what the cache holds about an image: a signature
+/// stored by the tag scheme (`sha256-<hex>.sig`) and an SBOM whose
+/// `subject` is the image, each with its artifact type.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_image_lists_its_cached_referrers() {
+    if !have_tools(&["docker-registry", "skopeo"]) {
+        return;
+    }
+    let docker = Upstream::start("docker");
+    let url = docker.url();
+    let (pier, _d) = Pier::start(&[("docker.io", &url)], "");
+    let dir = tempfile::tempdir().unwrap();
+    let run = skopeo_copy(
+        &format!("{}/docker.io/library/alpine:3.19", pier.host()),
+        dir.path(),
+        &[],
+    )
+    .await;
+    assert!(run.ok, "{}", run.stderr);
+    let image = manifest_digest_in(dir.path());
+    let image_size = std::fs::metadata(dir.path().join("manifest.json"))
+        .unwrap()
+        .len();
+
+    let http = reqwest::Client::new();
+    let repo = "library/alpine";
+    let empty = push_blob(&http, &url, repo, b"{}").await;
+    let mut pushed = Vec::new();
+    for (artifact, tag, body) in [
+        (
+            "application/vnd.dev.cosign.artifact.sig.v1+json",
+            image.replacen(':', "-", 1) + ".sig",
+            "signature",
+        ),
+        (
+            "application/spdx+json",
+            "sbom-of-3.19".to_owned(),
+            "{\"spdxVersion\":\"SPDX-2.3\"}",
+        ),
+    ] {
+        let layer = push_blob(&http, &url, repo, body.as_bytes()).await;
+        let manifest = serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "artifactType": artifact,
+            "config": {"mediaType": "application/vnd.oci.empty.v1+json", "digest": empty, "size": 2},
+            "layers": [{"mediaType": "application/octet-stream", "digest": layer, "size": body.len()}],
+            "subject": {
+                "mediaType": "application/vnd.docker.distribution.manifest.v2+json",
+                "digest": image, "size": image_size
+            },
+        })
+        .to_string();
+        let resp = http
+            .put(format!("{url}/v2/{repo}/manifests/{tag}"))
+            .header("content-type", "application/vnd.oci.image.manifest.v1+json")
+            .body(manifest.clone())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 201, "{}", resp.text().await.unwrap());
+        let digest = resp.headers()["docker-content-digest"]
+            .to_str()
+            .unwrap()
+            .to_owned();
+        pushed.push((artifact, tag, digest));
+    }
+    // The signature is fetched by its tag (as cosign does), the SBOM by
+    // digest (as a referrers-aware client does).
+    let client = http_for(&pier);
+    let (sig, sbom) = (&pushed[0], &pushed[1]);
+    for reference in [&sig.1, &sbom.2] {
+        let resp = fetch(
+            &client,
+            reqwest::Method::GET,
+            &format!("{}/v2/docker.io/{repo}/manifests/{reference}", pier.url()),
+            &[],
+        )
+        .await;
+        assert_eq!(resp.status(), 200, "{reference}");
+    }
+    let view: Value = reqwest::get(format!(
+        "{}/api/v1/images/docker.io/{repo}:3.19",
+        pier.url()
+    ))
+    .await
+    .unwrap()
+    .json()
+    .await
+    .unwrap();
+    let mut referrers = view["referrers"].as_array().unwrap().clone();
+    referrers.sort_by_key(|r| r["digest"].as_str().unwrap().to_owned());
+    let mut want = vec![
+        serde_json::json!({"digest": sig.2, "artifact_type": sig.0, "tag": sig.1}),
+        serde_json::json!({"digest": sbom.2, "artifact_type": sbom.0}),
+    ];
+    want.sort_by_key(|r| r["digest"].as_str().unwrap().to_owned());
+    assert_eq!(referrers, want, "{view}");
+    // Another image of the repository has none.
+    let other: Value = reqwest::get(format!(
+        "{}/api/v1/images/docker.io/{repo}@{}",
+        pier.url(),
+        sig.2
+    ))
+    .await
+    .unwrap()
+    .json()
+    .await
+    .unwrap();
+    assert_eq!(other["referrers"], serde_json::json!([]));
+}

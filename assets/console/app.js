@@ -83,6 +83,8 @@ function bytes(n) {
 
 function count(n) { return n === null || n === undefined ? '—' : Number(n).toLocaleString('en-US'); }
 
+function plural(n, word, words) { return count(n) + ' ' + (Number(n) === 1 ? word : words || word + 's'); }
+
 function percent(r) { return r === null || r === undefined ? '—' : (r * 100).toFixed(1) + ' %'; }
 
 function seconds(s) {
@@ -194,11 +196,11 @@ async function dashboard() {
   const h = s.last_hour; const all = s.all_time;
   const used = s.storage.used_bytes; const budget = s.storage.budget_bytes;
   const storage = card('Storage', bytes(used),
-    budget ? el('div', { class: 'small muted' }, 'of ' + bytes(budget) + ' budget · ' + count(s.storage.blobs) + ' blobs') :
-      el('div', { class: 'small muted' }, count(s.storage.blobs) + ' blobs · no size budget set'),
+    budget ? el('div', { class: 'small muted' }, 'of ' + bytes(budget) + ' budget · ' + plural(s.storage.blobs, 'blob')) :
+      el('div', { class: 'small muted' }, plural(s.storage.blobs, 'blob') + ' · no size budget set'),
     budget ? el('div', { class: used > budget ? 'bar over' : 'bar', role: 'img', 'aria-label': percent(used / budget) + ' of the budget' },
       el('span', { style: 'width:' + Math.min(100, (used / budget) * 100).toFixed(1) + '%' })) : null,
-    el('div', { class: 'small muted' }, count(s.storage.evictions) + ' evictions (' + bytes(s.storage.evicted_bytes) + ')'));
+    el('div', { class: 'small muted' }, plural(s.storage.evictions, 'eviction') + ' (' + bytes(s.storage.evicted_bytes) + ')'));
   const nothing = all.requests === 0;
   show('Dashboard',
     el('h1', {}, 'Dashboard'),
@@ -212,8 +214,8 @@ async function dashboard() {
       card('Served from cache', el('span', { id: 'bytes-cache' }, bytes(all.bytes_from_cache)),
         el('div', { class: 'small muted' }, 'against ' + bytes(all.bytes_fetched) + ' fetched upstream · last hour ' + bytes(h.bytes_from_cache))),
       storage,
-      card('In flight', link('/activity', count(s.in_flight.fetches) + ' fetches'),
-        el('div', { class: 'small muted' }, count(s.in_flight.sync_jobs) + ' sync jobs · ' + s.replicas.length + ' replica' + (s.replicas.length === 1 ? '' : 's')))),
+      card('In flight', link('/activity', plural(s.in_flight.fetches, 'fetch', 'fetches')),
+        el('div', { class: 'small muted' }, plural(s.in_flight.sync_jobs, 'sync job') + ' · ' + plural(s.replicas.length, 'replica')))),
     el('h2', {}, 'Requests per minute, last hour'),
     el('div', { class: 'card' }, chart(s.minutes, 'from_cache', 'misses', 'Requests per minute: from cache and not'),
       el('div', { class: 'legend' }, el('span', {}, el('i', { class: 'swatch-c' }), 'from cache'), el('span', {}, el('i', { class: 'swatch-u' }), 'fetched or waited'))),
@@ -326,7 +328,7 @@ async function image(name) {
     const total = v.layers.reduce((a, l) => a + (l.size || 0), 0);
     const cached = v.layers.filter((l) => l.cached).length;
     parts.push(el('h2', {}, 'Layers'),
-      el('p', { class: 'small muted' }, v.layers.length + ' layers, ' + bytes(total) + ' compressed; ' + cached + ' cached.'),
+      el('p', { class: 'small muted' }, plural(v.layers.length, 'layer') + ', ' + bytes(total) + ' compressed; ' + cached + ' cached.'),
       table(['#', 'Digest', 'Size', 'Cached'], v.layers.map((l, i) => [String(i + 1),
         el('span', { class: 'digest', title: l.digest }, short(l.digest)),
         el('span', { class: 'layer-size', 'data-bytes': l.size }, bytes(l.size)),
@@ -350,6 +352,10 @@ async function image(name) {
       parts.push(el('h2', {}, 'History'), el('ol', { class: 'mono small' }, c.history.map((h) => el('li', {}, h))));
     }
   }
+  parts.push(el('h2', {}, 'Signatures, SBOMs and other referrers'), (v.referrers || []).length ?
+    table(['Artifact type', 'Digest', 'Cached as tag'], v.referrers.map((r) => [r.artifact_type || '—',
+      link('/images/' + repo + '@' + r.digest, short(r.digest)), r.tag ? el('code', {}, r.tag) : '—'])) :
+    el('p', { class: 'muted' }, 'None cached. They show here once a client such as cosign, notation or oras has fetched them through this mirror.'));
   parts.push(el('h2', {}, 'Pull'), pullCommands(name));
   show(name, parts);
 }

@@ -7,7 +7,7 @@ use serde::Serialize;
 use serde_json::Value;
 
 use crate::descriptors::references;
-use crate::meta::MetaError;
+use crate::meta::{MetaError, MetaStore};
 use crate::mirror::Mirror;
 use crate::reference::{Digest, Reference};
 use crate::route::Target;
@@ -26,6 +26,20 @@ pub struct ImageView {
     pub layers: Vec<LayerView>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub config: Option<ConfigView>,
+    /// Cached signatures, SBOMs and other artifacts about this image.
+    pub referrers: Vec<ReferrerView>,
+}
+
+#[derive(Debug, Serialize, PartialEq)]
+pub struct ReferrerView {
+    pub digest: String,
+    /// Its `artifactType`, or else its config's media type.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub artifact_type: Option<String>,
+    /// The tag it is cached under, where a tool stored it by the tag scheme
+    /// (`sha256-<hex>.sig`) instead of the referrers API.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tag: Option<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -64,6 +78,77 @@ pub struct ConfigView {
     pub history: Vec<String>,
 }
 
+/// Manifests of this repository examined for a `subject`, at most.
+const SUBJECTS_READ: usize = 500;
+
+/// What the cache holds about `digest` in `repo`: manifests whose `subject`
+/// is it (pulled through the referrers API or by digest), and tags of the
+/// tag scheme (`sha256-<hex>`, `sha256-<hex>.sig`, `.att`, `.sbom`).
+async fn referrers(
+    meta: &dyn MetaStore,
+    repo: &str,
+    digest: &Digest,
+) -> Result<Vec<ReferrerView>, MetaError> {
+    let kind_of = |bytes: &[u8]| {
+        let doc = serde_json::from_slice::<Value>(bytes).ok()?;
+        doc["artifactType"]
+            .as_str()
+            .or_else(|| doc["config"]["mediaType"].as_str())
+            .map(str::to_owned)
+    };
+    let mut found = Vec::new();
+    let scheme = digest.to_string().replacen(':', "-", 1);
+    for tag in meta.tags(repo).await? {
+        if !tag.starts_with(&scheme) {
+            continue;
+        }
+        let Some(record) = meta.tag(repo, &tag).await? else {
+            continue;
+        };
+        let Ok(d) = Digest::parse(&record.digest) else {
+            continue;
+        };
+        let manifest = meta.manifest(&d).await?;
+        found.push(ReferrerView {
+            digest: d.to_string(),
+            artifact_type: manifest.and_then(|m| kind_of(&m.bytes)),
+            tag: Some(tag),
+        });
+    }
+    let linked: Vec<Digest> = meta
+        .links(repo)
+        .await?
+        .into_iter()
+        .filter(|d| d != digest)
+        .collect();
+    let are_manifests = meta.has_manifests(&linked).await?;
+    let manifests = linked
+        .iter()
+        .zip(are_manifests)
+        .filter(|(_, m)| *m)
+        .map(|(d, _)| d)
+        .take(SUBJECTS_READ);
+    for d in manifests {
+        if found.iter().any(|r| r.digest == d.to_string()) {
+            continue;
+        }
+        let Some(m) = meta.manifest(d).await? else {
+            continue;
+        };
+        let subject = serde_json::from_slice::<Value>(&m.bytes)
+            .ok()
+            .and_then(|v| v["subject"]["digest"].as_str().map(str::to_owned));
+        if subject.as_deref() == Some(digest.to_string().as_str()) {
+            found.push(ReferrerView {
+                digest: d.to_string(),
+                artifact_type: kind_of(&m.bytes),
+                tag: None,
+            });
+        }
+    }
+    Ok(found)
+}
+
 /// The cached image `reference` names in `target`; `None` when the
 /// repository is hidden or the image is not cached.
 pub async fn image(
@@ -98,6 +183,7 @@ pub async fn image(
         platforms: Vec::new(),
         layers: Vec::new(),
         config: None,
+        referrers: referrers(meta.as_ref(), &target.key(), &digest).await?,
     };
     if let Some(entries) = index_entries(&manifest.bytes) {
         let digests: Vec<Digest> = entries.iter().map(|e| e.digest.clone()).collect();
