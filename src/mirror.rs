@@ -12,6 +12,7 @@ mod listing;
 mod manifests;
 mod missing;
 mod pace;
+mod purge;
 mod sizes;
 
 use std::collections::HashMap;
@@ -27,6 +28,7 @@ pub use fetch::PEER_HEADER;
 pub use flight::FlightNow;
 pub use listing::EMPTY_INDEX;
 pub use manifests::ManifestHit;
+pub use purge::Purged;
 
 use crate::config::{Config, StorageConfig};
 use crate::lifecycle::UseLog;

@@ -212,7 +212,7 @@ pub async fn serve(
         }));
     }
     let jobs = Arc::new(Jobs::new(meta, syncer, &config.sync));
-    let admin = Admin::new(config, jobs.clone()).map(Arc::new);
+    let admin = Admin::new(config, jobs.clone(), mirror.clone()).map(Arc::new);
     if admin.is_some() || !config.sync.images.is_empty() {
         jobs.spawn_takeover();
     }

@@ -14,6 +14,8 @@ use std::time::Duration;
 use common::*;
 use serde_json::{Value, json};
 
+const TOKEN: &str = "browser-admin-token-0123";
+
 /// Debian's Chromium and Playwright for Python, as `tests/setup.sh`
 /// installs them.
 fn have_browser() -> bool {
@@ -62,7 +64,10 @@ async fn console_pages_in_a_real_browser() {
             ("registry.k8s.io", &k8s.url()),
             ("far.example", &link.url()),
         ],
-        "[access]\ndeny = [\"docker.io/secret/**\"]\ndenied_message = \"ask #platform\"\n",
+        &format!(
+            "[access]\ndeny = [\"docker.io/secret/**\"]\ndenied_message = \"ask #platform\"\n\
+             [admin]\ntoken = \"{TOKEN}\"\n"
+        ),
         "tag_ttl = \"1s\"",
     );
 
@@ -166,6 +171,11 @@ async fn console_pages_in_a_real_browser() {
                 "shows": ["NAME UNKNOWN"],
             },
         ],
+        "admin": {
+            "token": TOKEN,
+            "prewarm": "docker.io/distroless/static-debian11:latest",
+            "purge": "docker.io/library/alpine:3.19",
+        },
         "failing": "/v2/docker.io/library/nosuch/manifests/1.0",
         "slow": {
             "url": format!("{}/v2/far.example/library/big/blobs/{big_digest}", pier.url()),

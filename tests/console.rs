@@ -576,3 +576,56 @@ async fn an_image_lists_its_cached_referrers() {
     .unwrap();
     assert_eq!(other["referrers"], serde_json::json!([]));
 }
+
+/// With the admin token, a purge forgets an image's tag and link: the
+/// next pull asks upstream again. Without the token nothing happens.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_purge_makes_the_next_pull_ask_upstream() {
+    if !have_tools(&["docker-registry", "skopeo"]) {
+        return;
+    }
+    const TOKEN: &str = "console-admin-token-0123";
+    let docker = Upstream::start("docker");
+    let (pier, _d) = Pier::start(
+        &[("docker.io", &docker.url())],
+        &format!("[admin]\ntoken = \"{TOKEN}\"\n"),
+    );
+    let pull = async || {
+        let dir = tempfile::tempdir().unwrap();
+        let run = skopeo_copy(
+            &format!("{}/docker.io/library/alpine:3.19", pier.host()),
+            dir.path(),
+            &[],
+        )
+        .await;
+        assert!(run.ok, "{}", run.stderr);
+        manifest_digest_in(dir.path())
+    };
+    let digest = pull().await;
+    let asked = || docker.requests("GET", "library/alpine/manifests/3.19");
+    assert_eq!(asked(), 1);
+    pull().await;
+    assert_eq!(asked(), 1, "a warm pull within the tag TTL asks nothing");
+
+    let http = reqwest::Client::new();
+    let url = format!("{}/api/v1/images/docker.io/library/alpine:3.19", pier.url());
+    let refused = http.delete(&url).send().await.unwrap();
+    assert_eq!(refused.status(), 401);
+    let wrong = http.delete(&url).bearer_auth("nope").send().await.unwrap();
+    assert_eq!(wrong.status(), 401);
+    // The read side of the same URL answers without a token.
+    assert_eq!(http.get(&url).send().await.unwrap().status(), 200);
+
+    let purged = http.delete(&url).bearer_auth(TOKEN).send().await.unwrap();
+    assert_eq!(purged.status(), 200);
+    let purged: Value = purged.json().await.unwrap();
+    assert_eq!(purged["tags"], serde_json::json!(["3.19"]));
+    assert_eq!(purged["digest"], digest.as_str());
+    assert_eq!(http.get(&url).send().await.unwrap().status(), 404);
+    let again = http.delete(&url).bearer_auth(TOKEN).send().await.unwrap();
+    assert_eq!(again.status(), 404);
+
+    assert_eq!(pull().await, digest);
+    assert_eq!(asked(), 2, "the pull after the purge asked upstream");
+    assert_eq!(http.get(&url).send().await.unwrap().status(), 200);
+}

@@ -357,6 +357,7 @@ async function image(name) {
       link('/images/' + repo + '@' + r.digest, short(r.digest)), r.tag ? el('code', {}, r.tag) : '—'])) :
     el('p', { class: 'muted' }, 'None cached. They show here once a client such as cosign, notation or oras has fetched them through this mirror.'));
   parts.push(el('h2', {}, 'Pull'), pullCommands(name));
+  parts.push(adminActions(name, '/api/v1/images/' + name));
   show(name, parts);
 }
 
@@ -438,41 +439,65 @@ async function explain(params) {
       c.platforms && c.platforms.length ? [el('dt', {}, 'Platforms'), el('dd', {}, c.platforms.map((p) =>
         el('span', { class: (c.platforms_cached || []).includes(p) ? 'pill ok' : 'pill' }, p)).reduce((acc, n) => acc.concat(n, ' '), []))] : null),
     c.manifest && x.routed ? el('p', {}, link('/images/' + x.routed.registry + '/' + x.routed.repository +
-      (x.routed.tag_or_digest.startsWith('sha256:') ? '@' : ':') + x.routed.tag_or_digest, 'See the image')) : null);
+      (x.routed.tag_or_digest.includes(':') ? '@' : ':') + x.routed.tag_or_digest, 'See the image')) : null);
   }
   if (x.pull_would) parts.push(el('h2', {}, 'A pull now would'), el('p', { id: 'pull-would' }, x.pull_would));
   if (x.pull_commands && x.pull_commands.length) {
     parts.push(el('h2', {}, 'Pull it'), x.pull_commands.map(copyable));
   }
-  if (x.routed && x.access && x.access.allowed) parts.push(prewarm(x.routed.normalized));
+  if (x.routed && x.access && x.access.allowed) {
+    const r = x.routed;
+    const cached = x.cached && x.cached.manifest ? '/api/v1/images/' + r.registry + '/' + r.repository +
+      (r.tag_or_digest.includes(':') ? '@' : ':') + r.tag_or_digest : null;
+    parts.push(adminActions(r.normalized, cached));
+  }
   show('Explain ' + ref, parts);
 }
 
-function prewarm(image) {
-  const out = el('div', { role: 'status' });
+/// Prewarm and purge, for whoever gave the admin token. `cachedAt` is the
+/// image's API path when the cache holds it.
+function adminActions(image, cachedAt) {
   if (!token()) {
-    return el('div', {}, el('h2', {}, 'Prewarm'), el('p', { class: 'muted' },
-      'With the admin token, this page can bring the image in before anyone pulls it. ',
+    return el('div', {}, el('h2', {}, 'Prewarm or purge'), el('p', { class: 'muted' },
+      'With the admin token, this page can bring the image in before anyone pulls it, or purge it so the next pull asks upstream again. ',
       el('button', { type: 'button', class: 'link', onclick: askToken }, 'Give the token'), '.'));
   }
-  const button = el('button', { type: 'button' }, 'Prewarm ' + image);
-  button.addEventListener('click', async () => {
+  const out = el('div', { role: 'status' });
+  const run = (button, work) => async () => {
     button.disabled = true;
     try {
-      const job = await api('/api/v1/sync', {
-        method: 'POST',
-        headers: { 'content-type': 'application/json', authorization: 'Bearer ' + token() },
-        body: JSON.stringify({ images: [image] }),
-      });
-      out.replaceChildren(notice('info', 'Job ', el('code', {}, job.id), ' started: follow it on ', link('/activity', 'Activity'), '.'));
+      out.replaceChildren(await work());
     } catch (e) {
       out.replaceChildren(notice('error', e.status === 401 || e.status === 403 ?
         'The admin token was refused: ' + e.message : e.message));
     } finally {
       button.disabled = false;
     }
-  });
-  return el('div', {}, el('h2', {}, 'Prewarm'), el('div', { class: 'row' }, button), out);
+  };
+  const auth = () => ({ authorization: 'Bearer ' + token() });
+  const warm = el('button', { type: 'button' }, 'Prewarm');
+  warm.addEventListener('click', run(warm, async () => {
+    const job = await api('/api/v1/sync', {
+      method: 'POST',
+      headers: Object.assign({ 'content-type': 'application/json' }, auth()),
+      body: JSON.stringify({ images: [image] }),
+    });
+    return notice('info', 'Prewarm job ', el('code', {}, job.id), ' started: follow it on ', link('/activity', 'Activity'), '.');
+  }));
+  const buttons = [warm];
+  if (cachedAt) {
+    const purge = el('button', { type: 'button', class: 'secondary' }, 'Purge from cache');
+    purge.addEventListener('click', () => {
+      if (!confirm('Purge ' + image + '? Its tags are forgotten and the next pull asks upstream again. Layers stay until the cache budget removes them.')) return;
+      run(purge, async () => {
+        const gone = await api(cachedAt, { method: 'DELETE', headers: auth() });
+        return notice('info', 'Purged ', el('code', {}, gone.digest), gone.tags.length ? ' and its tags ' + gone.tags.join(', ') : '', '. The next pull asks upstream again.');
+      })();
+    });
+    buttons.push(purge);
+  }
+  return el('div', {}, el('h2', {}, 'Prewarm or purge'), el('p', { class: 'small muted' }, 'As ', el('code', {}, image), '.'),
+    el('div', { class: 'row' }, buttons), out);
 }
 
 // ---- routing ------------------------------------------------------------------

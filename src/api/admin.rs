@@ -9,7 +9,7 @@ use axum::body::Bytes;
 use axum::extract::{Path, Query, Request, State};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{delete, get};
 use http::{HeaderValue, StatusCode, header};
 use sha2::{Digest as _, Sha256};
 use subtle::ConstantTimeEq;
@@ -17,6 +17,7 @@ use subtle::ConstantTimeEq;
 use super::ClientIp;
 use super::error::{ApiError, ErrorCode};
 use crate::config::{Config, SyncListConfig};
+use crate::mirror::Mirror;
 use crate::route::RouteError;
 use crate::sync::{ImageError, Jobs, SubmitError, SyncRequest, is_id};
 
@@ -26,6 +27,7 @@ const LISTED: usize = 50;
 /// Who may use the admin API, and what it drives.
 pub struct Admin {
     pub jobs: Arc<Jobs>,
+    mirror: Arc<Mirror>,
     /// `[[sync.images]]`, for their state.
     lists: Vec<SyncListConfig>,
     /// SHA-256 of the token: compared in constant time, whatever the
@@ -36,10 +38,11 @@ pub struct Admin {
 
 impl Admin {
     /// `None` unless a token is configured.
-    pub fn new(config: &Config, jobs: Arc<Jobs>) -> Option<Self> {
+    pub fn new(config: &Config, jobs: Arc<Jobs>, mirror: Arc<Mirror>) -> Option<Self> {
         let token = config.admin.token.as_ref()?;
         Some(Self {
             jobs,
+            mirror,
             lists: config.sync.images.clone(),
             token_hash: Sha256::digest(token.expose().as_bytes()).into(),
             allow_from: config.admin.allow_from.clone(),
@@ -57,6 +60,7 @@ pub fn router(admin: Arc<Admin>) -> Router {
         .route("/api/v1/sync", get(list_jobs).post(submit))
         .route("/api/v1/sync/lists", get(lists))
         .route("/api/v1/sync/{id}", get(job))
+        .route("/api/v1/images/{*name}", delete(purge))
         .route("/api/v1/{*rest}", axum::routing::any(no_such_endpoint))
         .route_layer(middleware::from_fn_with_state(admin.clone(), authorize))
         .with_state(admin)
@@ -98,6 +102,35 @@ async fn authorize(State(admin): State<Arc<Admin>>, req: Request, next: Next) ->
             "Bearer realm=\"pier-admin\"".into(),
         )
         .into_response(),
+    }
+}
+
+/// `DELETE /api/v1/images/<registry>/<repository>:<tag>` (or `@<digest>`):
+/// the next pull asks upstream again.
+async fn purge(State(admin): State<Arc<Admin>>, Path(name): Path<String>) -> Response {
+    let unknown = || {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            ErrorCode::ManifestUnknown,
+            format!(
+                "{:?} is not cached here: nothing to purge",
+                name.chars().take(256).collect::<String>()
+            ),
+        )
+        .into_response()
+    };
+    let (target, reference) = match super::path::image_name(&name) {
+        Ok(Some(found)) => found,
+        Ok(None) => return unknown(),
+        Err(e) => return e.into_response(),
+    };
+    if let Err(denied) = admin.mirror.policy.check(&target) {
+        return ApiError::new(StatusCode::FORBIDDEN, ErrorCode::Denied, denied.0).into_response();
+    }
+    match admin.mirror.purge(&target, &reference).await {
+        Ok(Some(purged)) => axum::Json(purged).into_response(),
+        Ok(None) => unknown(),
+        Err(e) => ApiError::from(e).into_response(),
     }
 }
 

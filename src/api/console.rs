@@ -123,26 +123,10 @@ async fn image(
         )
         .into_response()
     };
-    let (repo, reference) = match name.split_once('@') {
-        Some((repo, digest)) => (repo, digest),
-        None => match name.rsplit_once(':') {
-            Some((repo, tag)) if !tag.contains('/') => (repo, tag),
-            _ => (name.as_str(), "latest"),
-        },
-    };
-    let Some((registry, repository)) = repo.split_once('/') else {
-        return unknown();
-    };
-    let (Ok(repository), Ok(reference)) = (
-        crate::reference::RepoName::parse(repository),
-        crate::reference::Reference::parse(reference),
-    ) else {
-        return ApiError::name_invalid("give <registry>/<repository>:<tag> or @<digest>")
-            .into_response();
-    };
-    let target = crate::route::Target {
-        registry: registry.to_owned(),
-        repository,
+    let (target, reference) = match super::path::image_name(&name) {
+        Ok(Some(found)) => found,
+        Ok(None) => return unknown(),
+        Err(e) => return e.into_response(),
     };
     match crate::console::image(&console.mirror, &target, &reference).await {
         Ok(Some(view)) => axum::Json(view).into_response(),

@@ -62,6 +62,19 @@ impl HotCache {
         tags.insert(tag_key(repo, tag), record);
     }
 
+    /// Drops what a purge removed from the metadata store.
+    pub fn forget(&self, repo: &str, tags: &[String], digests: &[Digest]) {
+        let mut t = lock(&self.tags);
+        for tag in tags {
+            t.remove(&tag_key(repo, tag));
+        }
+        drop(t);
+        let mut links = lock(&self.links);
+        for d in digests {
+            links.remove(&link_key(repo, d));
+        }
+    }
+
     pub fn is_linked(&self, repo: &str, digest: &Digest) -> bool {
         lock(&self.links).contains(&link_key(repo, digest))
     }

@@ -220,6 +220,43 @@ def failures_listed(page):
     check(spec["failing"] in body, f"recent failures list {spec['failing']} with its reason")
 
 
+def admin(page):
+    """The token is asked once and kept for the tab; prewarm starts a job
+    the activity page follows to the end; purge empties the cache's entry."""
+    a = spec["admin"]
+    page.goto(base + "/explain?ref=" + a["prewarm"])
+    page.get_by_role("button", name="Give the token").click()
+    page.get_by_label("Token", exact=True).fill(a["token"])
+    page.get_by_role("button", name="Keep for this session").click()
+    page.get_by_role("button", name="Prewarm").click()
+    page.wait_for_selector("text=Prewarm job")
+    check(page.get_by_role("button", name="Admin token set").count() == 1, "the footer says the token is set")
+    deadline = time.time() + 30
+    state = ""
+    while time.time() < deadline:
+        page.goto(base + "/activity")
+        page.wait_for_selector("h2:has-text('Sync jobs')")
+        row = page.locator("tr", has_text=a["prewarm"])
+        state = row.first.inner_text() if row.count() else ""
+        if "done" in state or "failed" in state:
+            break
+        time.sleep(0.5)
+    check("done" in state, f"the prewarm job shows on the activity page and finishes ({state!r})")
+    shoot(page, "activity-job")
+
+    page.goto(base + "/explain?ref=" + a["purge"])
+    page.wait_for_selector("h2:has-text('In the cache')")
+    check("not cached" not in text(page, "main"), f"{a['purge']} is cached before the purge")
+    page.once("dialog", lambda d: d.accept())
+    page.get_by_role("button", name="Purge from cache").click()
+    page.wait_for_selector("text=The next pull asks upstream again")
+    page.reload()
+    page.wait_for_selector("h2:has-text('In the cache')")
+    check("not cached" in text(page, "main"), f"{a['purge']} is no longer cached after the purge")
+    check(page.get_by_role("button", name="Purge from cache").count() == 0,
+          "no purge button for what is not cached")
+
+
 with sync_playwright() as p:
     browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=ARGS)
     for width in WIDTHS:
@@ -243,6 +280,9 @@ with sync_playwright() as p:
             page.goto(base + path)
             page.wait_for_load_state("networkidle")
             shoot(page, name)
+        if width == WIDTHS[-1]:
+            # Last: it changes what the cache holds.
+            admin(page)
         context.close()
     browser.close()
 
