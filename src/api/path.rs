@@ -71,6 +71,39 @@ fn not_found() -> ApiError {
     ApiError::not_found_route()
 }
 
+/// `<registry>/<repository>:<tag>` or `@<digest>` (no reference: `latest`),
+/// as the console's image URLs name an image. `None` when it has no
+/// registry part; an error when a part is not a valid name.
+pub fn image_name(
+    name: &str,
+) -> Result<Option<(crate::route::Target, crate::reference::Reference)>, ApiError> {
+    let (repo, reference) = match name.split_once('@') {
+        Some((repo, digest)) => (repo, digest),
+        None => match name.rsplit_once(':') {
+            Some((repo, tag)) if !tag.contains('/') => (repo, tag),
+            _ => (name, "latest"),
+        },
+    };
+    let Some((registry, repository)) = repo.split_once('/') else {
+        return Ok(None);
+    };
+    let (Ok(repository), Ok(reference)) = (
+        crate::reference::RepoName::parse(repository),
+        crate::reference::Reference::parse(reference),
+    ) else {
+        return Err(ApiError::name_invalid(
+            "give <registry>/<repository>:<tag> or @<digest>",
+        ));
+    };
+    Ok(Some((
+        crate::route::Target {
+            registry: registry.to_owned(),
+            repository,
+        },
+        reference,
+    )))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -108,37 +141,4 @@ mod tests {
         assert!(parse("/a").is_err());
         assert!(parse("/a/other/x").is_err());
     }
-}
-
-/// `<registry>/<repository>:<tag>` or `@<digest>` (no reference: `latest`),
-/// as the console's image URLs name an image. `None` when it has no
-/// registry part; an error when a part is not a valid name.
-pub fn image_name(
-    name: &str,
-) -> Result<Option<(crate::route::Target, crate::reference::Reference)>, ApiError> {
-    let (repo, reference) = match name.split_once('@') {
-        Some((repo, digest)) => (repo, digest),
-        None => match name.rsplit_once(':') {
-            Some((repo, tag)) if !tag.contains('/') => (repo, tag),
-            _ => (name, "latest"),
-        },
-    };
-    let Some((registry, repository)) = repo.split_once('/') else {
-        return Ok(None);
-    };
-    let (Ok(repository), Ok(reference)) = (
-        crate::reference::RepoName::parse(repository),
-        crate::reference::Reference::parse(reference),
-    ) else {
-        return Err(ApiError::name_invalid(
-            "give <registry>/<repository>:<tag> or @<digest>",
-        ));
-    };
-    Ok(Some((
-        crate::route::Target {
-            registry: registry.to_owned(),
-            repository,
-        },
-        reference,
-    )))
 }
