@@ -15,4 +15,4 @@ pub use activity::{Activity, activity};
 pub use explain::{Explanation, Reached, explain, reference_in};
 pub use figures::{Stats, stats};
 pub use image::{ImageView, image};
-pub use repositories::{RepoPage, TagInfo, repository, search};
+pub use repositories::{RepoNames, RepoPage, TagInfo, repository, search};

@@ -230,6 +230,7 @@ async fn repositories_are_searched_and_listed_and_hidden_ones_stay_hidden() {
         rest["repositories"],
         serde_json::json!(["docker.io/library/nginx"])
     );
+    assert_eq!(rest["next"], Value::Null, "nothing more matches");
 
     let (status, nginx) = get(&pier, "/api/v1/repositories/docker.io/library/nginx").await;
     assert_eq!(status, 200);

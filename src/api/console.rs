@@ -23,6 +23,7 @@ pub struct Console {
     aliases: Vec<(String, String)>,
     registries: Vec<String>,
     budget: Option<u64>,
+    names: crate::console::RepoNames,
 }
 
 impl Console {
@@ -42,6 +43,7 @@ impl Console {
                 .map(|u| u.registry.clone())
                 .collect(),
             budget: config.cache.max_size,
+            names: crate::console::RepoNames::default(),
         })
     }
 }
@@ -79,7 +81,7 @@ async fn repositories(
         )
         .into_response();
     }
-    match crate::console::search(&console.mirror, &needle, q.last.as_deref(), n).await {
+    match crate::console::search(&console.mirror, &console.names, &needle, q.last.as_deref(), n).await {
         Ok(page) => axum::Json(page).into_response(),
         Err(e) => unreadable(e),
     }

@@ -2,6 +2,9 @@
 //! by substring, and a repository's tags with what each names. Repositories
 //! `[access]` hides stay hidden. Reads the metadata store only.
 
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
 use serde::Serialize;
 
 use crate::descriptors::references;
@@ -11,10 +14,50 @@ use crate::reference::{Digest, RepoName};
 use crate::route::Target;
 use crate::sync::index_entries;
 
-/// Repositories read from the metadata store per request at most: a
-/// search over more answers with `next` to go on from.
-const SCAN_AT_MOST: usize = 200_000;
-const PAGE: usize = 1000;
+/// Repositories read from the metadata store per round trip when the
+/// list is loaded.
+const PAGE: usize = 10_000;
+
+/// How long a loaded list of repositories answers searches: typing a
+/// query costs one load, and a repository pulled a moment ago shows after
+/// at most this long.
+const FRESH_FOR: Duration = Duration::from_secs(5);
+
+/// Every cached repository's name, in order, as last loaded from the
+/// metadata store. A search is a scan of this list in memory, which takes
+/// milliseconds at 100,000 repositories; loading it takes one round trip
+/// per `PAGE` names, and happens at most once per `FRESH_FOR`.
+#[derive(Default)]
+pub struct RepoNames {
+    loaded: tokio::sync::Mutex<Option<(Instant, Arc<Vec<String>>)>>,
+}
+
+impl RepoNames {
+    async fn names(&self, mirror: &Mirror) -> Result<Arc<Vec<String>>, MetaError> {
+        // Held while loading: concurrent searches wait for one load.
+        let mut loaded = self.loaded.lock().await;
+        if let Some((at, names)) = loaded.as_ref()
+            && at.elapsed() < FRESH_FOR
+        {
+            return Ok(names.clone());
+        }
+        let mut names = Vec::new();
+        loop {
+            let page = mirror
+                .meta()
+                .repositories(names.last().map(String::as_str), PAGE)
+                .await?;
+            let end = page.len() < PAGE;
+            names.extend(page);
+            if end {
+                break;
+            }
+        }
+        let names = Arc::new(names);
+        *loaded = Some((Instant::now(), names.clone()));
+        Ok(names)
+    }
+}
 
 #[derive(Debug, Serialize)]
 pub struct RepoPage {
@@ -60,43 +103,30 @@ fn visible(mirror: &Mirror, name: &str) -> bool {
 /// `last`: `n` at most.
 pub async fn search(
     mirror: &Mirror,
+    names: &RepoNames,
     q: &str,
     last: Option<&str>,
     n: usize,
 ) -> Result<RepoPage, MetaError> {
     let q = q.trim().to_ascii_lowercase();
+    let all = names.names(mirror).await?;
+    let from = last.map_or(0, |l| all.partition_point(|name| name.as_str() <= l));
     let mut found = Vec::new();
-    let mut cursor = last.map(str::to_owned);
-    let mut scanned = 0;
-    loop {
-        let page = mirror.meta().repositories(cursor.as_deref(), PAGE).await?;
-        scanned += page.len();
-        let end = page.len() < PAGE;
-        for name in &page {
-            if name.contains(&q) && visible(mirror, name) {
-                found.push(name.clone());
-                if found.len() == n {
-                    return Ok(RepoPage {
-                        next: Some(name.clone()),
-                        repositories: found,
-                    });
-                }
+    for name in &all[from..] {
+        if name.contains(&q) && visible(mirror, name) {
+            if found.len() == n {
+                return Ok(RepoPage {
+                    next: found.last().cloned(),
+                    repositories: found,
+                });
             }
-        }
-        cursor = page.last().cloned();
-        if end {
-            return Ok(RepoPage {
-                repositories: found,
-                next: None,
-            });
-        }
-        if scanned >= SCAN_AT_MOST {
-            return Ok(RepoPage {
-                repositories: found,
-                next: cursor,
-            });
+            found.push(name.clone());
         }
     }
+    Ok(RepoPage {
+        repositories: found,
+        next: None,
+    })
 }
 
 /// A cached repository's tags, `None` when it is not cached or hidden.
