@@ -207,7 +207,7 @@ fn note_failure(resp: &Response, method: &http::Method, path: &str, ns: Option<&
         method: method.to_string(),
         path,
         status: status.as_u16(),
-        message: message.clone(),
+        message: message.chars().take(512).collect(),
         replica: String::new(),
     });
 }

@@ -2,7 +2,8 @@
 //! (`explain`), what the cache holds by repository (`repositories`) and by
 //! image (`image`), the cluster's figures (`figures`) and what it is doing
 //! now (`activity`), both from what each replica publishes to the metadata
-//! store (`publish`). Read-only, and never contacts an upstream.
+//! store (`publish`, the one part that writes). It never contacts an
+//! upstream.
 
 mod activity;
 mod explain;

@@ -3,9 +3,11 @@
 //! `rewrite` (`pier rewrite`: manifests pointed at the mirror) is pure and
 //! reads only `config` and `reference`.
 //!
-//! `console` (what the mirror makes of a reference, for the operator
-//! console) reads through `mirror` and `sync`'s image routing: `api →
-//! console → sync`.
+//! `console` (the operator console's figures and views) reads through
+//! `mirror` and `sync`'s image routing: `api → console → sync`. Its
+//! `publish` writes each replica's share of the figures to `meta`, drained
+//! from `telemetry::tally`, which `mirror` and `api` count into (like the
+//! metrics, `telemetry` is a leaf anyone may call).
 //!
 //! Layering (who may call whom): `api → sync → mirror → {lifecycle,
 //! upstream, storage, meta} → {reference, config}`, and `lifecycle →

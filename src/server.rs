@@ -297,7 +297,7 @@ pub async fn serve(
     }
     mirror.shutdown(deadline).await;
     if let Some(publisher) = publisher
-        && let Err(e) = publisher.publish().await
+        && let Err(e) = publisher.last().await
     {
         tracing::warn!(error = %e, "cannot publish the console's last figures");
     }

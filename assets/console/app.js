@@ -6,6 +6,8 @@
 const main = document.getElementById('main');
 const TOKEN_KEY = 'pier-admin-token';
 let refresh = null;
+// Bumped by every route(): a refresh loop of an older route() stops.
+let generation = 0;
 
 // ---- building blocks -------------------------------------------------------
 
@@ -38,6 +40,10 @@ function svg(tag, attrs, ...kids) {
 }
 
 function link(href, ...kids) { return el('a', { href }, ...kids); }
+
+/// An image or repository name as a URL path: each segment encoded, so
+/// nothing in a name can add a query, a fragment or a dot-segment.
+function pathOf(name) { return name.split('/').map(encodeURIComponent).join('/'); }
 
 function table(head, rows, numeric) {
   const num = new Set(numeric || []);
@@ -230,7 +236,7 @@ async function dashboard() {
         count(u.stale_serves), u.ratelimit_remaining === null ? '—' : count(u.ratelimit_remaining)]), [1, 2, 3, 4, 5]),
     el('h2', {}, 'Most pulled'),
     s.top_images.length ? table(['Repository', 'Pulls by tag'], s.top_images.map((t) =>
-      [link('/repositories/' + t.repository, t.repository), count(t.pulls)]), [1]) :
+      [link('/repositories/' + pathOf(t.repository), t.repository), count(t.pulls)]), [1]) :
       el('p', { class: 'muted' }, 'No pulls yet.'),
     el('p', { class: 'small muted' }, 'Figures add up every replica: ',
       s.replicas.map((r, i) => [i ? ', ' : '', r.name]), s.replicas.length ? '' : 'none published yet',
@@ -249,7 +255,7 @@ async function repositories(params) {
     el('button', { type: 'submit' }, 'Search'));
   let body;
   if (page.repositories.length) {
-    body = [table(['Repository'], page.repositories.map((r) => [link('/repositories/' + r, r)])),
+    body = [table(['Repository'], page.repositories.map((r) => [link('/repositories/' + pathOf(r), r)])),
       el('div', { class: 'pager' },
         last ? link('/repositories?' + new URLSearchParams({ q }), 'First page') : null,
         page.next ? link('/repositories?' + new URLSearchParams({ q, last: page.next }), 'Next page') : null)];
@@ -265,7 +271,7 @@ async function repositories(params) {
 async function repository(name) {
   let r;
   try {
-    r = await api('/api/v1/repositories/' + name);
+    r = await api('/api/v1/repositories/' + pathOf(name));
   } catch (e) {
     if (e.status !== 404) throw e;
     show(name, el('h1', {}, name), notice('info', e.message + '. ',
@@ -274,7 +280,7 @@ async function repository(name) {
   }
   show(name, el('h1', {}, name),
     r.tags.length ? table(['Tag', 'Digest', 'Type', 'Platforms', 'Size', 'Confirmed upstream', 'Last pulled'],
-      r.tags.map((t) => [link('/images/' + name + ':' + t.tag, t.tag),
+      r.tags.map((t) => [link('/images/' + pathOf(name + ':' + t.tag), t.tag),
         el('span', { class: 'digest', title: t.digest }, short(t.digest)),
         mediaType(t.media_type), (t.platforms || []).length ? t.platforms.join(', ') : '—',
         bytes(t.size), ago(t.confirmed_secs_ago), ago(t.pulled_secs_ago)]), [4]) :
@@ -304,7 +310,7 @@ function pullCommands(ref) {
 async function image(name) {
   let v;
   try {
-    v = await api('/api/v1/images/' + name);
+    v = await api('/api/v1/images/' + pathOf(name));
   } catch (e) {
     if (e.status !== 404) throw e;
     show(name, el('h1', {}, name), notice('info', e.message + '. ',
@@ -314,13 +320,13 @@ async function image(name) {
   const repo = name.replace(/[@:][^/]*$/, '');
   const parts = [el('h1', {}, name),
     el('dl', { class: 'facts' },
-      el('dt', {}, 'Repository'), el('dd', {}, link('/repositories/' + repo, repo)),
+      el('dt', {}, 'Repository'), el('dd', {}, link('/repositories/' + pathOf(repo), repo)),
       el('dt', {}, 'Digest'), el('dd', { class: 'digest' }, v.digest),
       el('dt', {}, 'Media type'), el('dd', {}, v.media_type))];
   if (v.platforms && v.platforms.length) {
     parts.push(el('h2', {}, 'Platforms'),
       table(['Platform', 'Digest', 'Cached'], v.platforms.map((p) => [
-        link('/images/' + repo + '@' + p.digest, p.platform),
+        link('/images/' + pathOf(repo + '@' + p.digest), p.platform),
         el('span', { class: 'digest', title: p.digest }, short(p.digest)),
         p.cached ? el('span', { class: 'pill ok' }, 'cached') : el('span', { class: 'pill muted' }, 'not pulled')])));
   }
@@ -354,17 +360,17 @@ async function image(name) {
   }
   parts.push(el('h2', {}, 'Signatures, SBOMs and other referrers'), (v.referrers || []).length ?
     table(['Artifact type', 'Digest', 'Cached as tag'], v.referrers.map((r) => [r.artifact_type || '—',
-      link('/images/' + repo + '@' + r.digest, short(r.digest)), r.tag ? el('code', {}, r.tag) : '—'])) :
+      link('/images/' + pathOf(repo + '@' + r.digest), short(r.digest)), r.tag ? el('code', {}, r.tag) : '—'])) :
     el('p', { class: 'muted' }, 'None cached. They show here once a client such as cosign, notation or oras has fetched them through this mirror.'));
   parts.push(el('h2', {}, 'Pull'), pullCommands(name));
-  parts.push(adminActions(name, '/api/v1/images/' + name));
+  parts.push(adminActions(name, '/api/v1/images/' + pathOf(name)));
   show(name, parts);
 }
 
 async function activity() {
   const a = await api('/api/v1/activity');
   const fetches = a.fetches.length ? table(['Image', 'Blob', 'Replica', 'Progress', 'Speed', 'Time left', 'Waiting'],
-    a.fetches.map((f) => [link('/repositories/' + f.repository, f.repository),
+    a.fetches.map((f) => [link('/repositories/' + pathOf(f.repository), f.repository),
       el('span', { class: 'digest', title: f.digest }, short(f.digest)), f.replica,
       el('div', {}, el('progress', { max: f.size || 1, value: f.size ? f.received : 0, 'aria-label': 'Received of ' + short(f.digest) }),
         el('div', { class: 'small' }, bytes(f.received) + (f.size ? ' of ' + bytes(f.size) : ''))),
@@ -438,8 +444,8 @@ async function explain(params) {
         [el('dt', {}, 'Tag confirmed'), el('dd', {}, ago(c.tag_confirmed_secs_ago))] : null,
       c.platforms && c.platforms.length ? [el('dt', {}, 'Platforms'), el('dd', {}, c.platforms.map((p) =>
         el('span', { class: (c.platforms_cached || []).includes(p) ? 'pill ok' : 'pill' }, p)).reduce((acc, n) => acc.concat(n, ' '), []))] : null),
-    c.manifest && x.routed ? el('p', {}, link('/images/' + x.routed.registry + '/' + x.routed.repository +
-      (x.routed.tag_or_digest.includes(':') ? '@' : ':') + x.routed.tag_or_digest, 'See the image')) : null);
+    c.manifest && x.routed ? el('p', {}, link('/images/' + pathOf(x.routed.registry + '/' + x.routed.repository +
+      (x.routed.tag_or_digest.includes(':') ? '@' : ':') + x.routed.tag_or_digest), 'See the image')) : null);
   }
   if (x.pull_would) parts.push(el('h2', {}, 'A pull now would'), el('p', { id: 'pull-would' }, x.pull_would));
   if (x.pull_commands && x.pull_commands.length) {
@@ -447,8 +453,8 @@ async function explain(params) {
   }
   if (x.routed && x.access && x.access.allowed) {
     const r = x.routed;
-    const cached = x.cached && x.cached.manifest ? '/api/v1/images/' + r.registry + '/' + r.repository +
-      (r.tag_or_digest.includes(':') ? '@' : ':') + r.tag_or_digest : null;
+    const cached = x.cached && x.cached.manifest ? '/api/v1/images/' + pathOf(r.registry + '/' + r.repository +
+      (r.tag_or_digest.includes(':') ? '@' : ':') + r.tag_or_digest) : null;
     parts.push(adminActions(r.normalized, cached));
   }
   show('Explain ' + ref, parts);
@@ -513,14 +519,20 @@ const pages = [
 
 async function route() {
   clearTimeout(refresh);
-  const path = decodeURIComponent(location.pathname);
+  const mine = ++generation;
+  let path;
+  try {
+    path = location.pathname.split('/').map(decodeURIComponent).join('/');
+  } catch (_) {
+    path = null;
+  }
   const params = new URLSearchParams(location.search);
   for (const a of document.querySelectorAll('.top nav a')) {
     const href = a.getAttribute('href');
     const here = href === '/' ? path === '/' : path.startsWith(href);
     if (here) a.setAttribute('aria-current', 'page'); else a.removeAttribute('aria-current');
   }
-  const found = pages.find(([re]) => re.test(path));
+  const found = path === null ? null : pages.find(([re]) => re.test(path));
   if (!found) {
     show('Not found', el('h1', {}, 'No such page'), notice('info', 'Try the ', link('/', 'dashboard'), '.'));
     return;
@@ -531,9 +543,9 @@ async function route() {
     try {
       await draw();
     } catch (e) {
-      failed(title, e);
+      if (mine === generation) failed(title, e);
     }
-    if (every && !document.hidden) refresh = setTimeout(tick, every);
+    if (mine === generation && every && !document.hidden) refresh = setTimeout(tick, every);
   };
   await tick();
 }

@@ -81,7 +81,15 @@ async fn repositories(
         )
         .into_response();
     }
-    match crate::console::search(&console.mirror, &console.names, &needle, q.last.as_deref(), n).await {
+    match crate::console::search(
+        &console.mirror,
+        &console.names,
+        &needle,
+        q.last.as_deref(),
+        n,
+    )
+    .await
+    {
         Ok(page) => axum::Json(page).into_response(),
         Err(e) => unreadable(e),
     }
@@ -139,8 +147,7 @@ async fn image(
 
 /// The dashboard's figures for the whole cluster.
 async fn stats(State(console): State<Arc<Console>>) -> Response {
-    let meta = console.mirror.meta();
-    match crate::console::stats(meta.as_ref(), &console.registries, console.budget).await {
+    match crate::console::stats(&console.mirror, &console.registries, console.budget).await {
         Ok(stats) => axum::Json(stats).into_response(),
         Err(e) => unreadable(e),
     }

@@ -139,6 +139,10 @@ async fn manifest(
     reference: &Reference,
 ) -> Result<Response, ApiError> {
     let hit = mirror.manifest(target, reference).await?;
+    // A client's pull by tag (not a prewarm's): the console's most pulled.
+    if matches!(reference, Reference::Tag(_)) {
+        crate::telemetry::tally::tally().pull(&target.key());
+    }
     let media_type = &hit.manifest.media_type;
     if !accepts(ask.headers, media_type) {
         return Err(ApiError::new(

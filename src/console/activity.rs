@@ -84,7 +84,8 @@ pub async fn activity(meta: &dyn MetaStore, failures: usize) -> Result<Activity,
         .await?
         .iter()
         .filter_map(|r| serde_json::from_slice::<Job>(r).ok())
-        .filter(|j| j.state.finished())
+        // One that finished since `open_jobs` is listed once.
+        .filter(|j| j.state.finished() && !open.contains(&j.id))
         .take(RECENT_JOBS)
         .collect::<Vec<_>>();
     jobs.extend(finished);

@@ -9,13 +9,17 @@ use std::collections::BTreeMap;
 use serde::Serialize;
 
 use super::publish::ReplicaRecord;
-use crate::meta::{MetaError, MetaStore, now_ms};
+use crate::meta::{MetaError, now_ms};
+use crate::mirror::Mirror;
 
 /// Cache outcomes that served from the cache.
 const FROM_CACHE: [&str; 3] = ["hit", "revalidated", "stale"];
 
 /// Minutes in the "last hour" window and its chart.
 const HOUR: u64 = 60;
+
+/// Most pulled images listed.
+const TOP: usize = 10;
 
 #[derive(Debug, Serialize)]
 pub struct Stats {
@@ -171,10 +175,11 @@ fn upstreams(counts: &BTreeMap<String, u64>, registries: &[String]) -> Vec<Upstr
 /// The dashboard's figures; `registries` are the configured upstreams and
 /// `budget` is `[cache] max_size`.
 pub async fn stats(
-    meta: &dyn MetaStore,
+    mirror: &Mirror,
     registries: &[String],
     budget: Option<u64>,
 ) -> Result<Stats, MetaError> {
+    let meta = mirror.meta().as_ref();
     let now = now_ms();
     let minute = now / 60_000;
     let first = minute.saturating_sub(HOUR - 1);
@@ -227,10 +232,13 @@ pub async fn stats(
         .filter(|r| r.stored != (0, 0))
         .max_by_key(|r| r.at_ms)
         .map_or((0, 0), |r| r.stored);
+    // What [access] hides now stays hidden, whatever was pulled before.
     let top_images = meta
-        .top_pulls(10)
+        .top_pulls(TOP + 20)
         .await?
         .into_iter()
+        .filter(|(repository, _)| super::repositories::visible(mirror, repository))
+        .take(TOP)
         .map(|(repository, pulls)| Pulled { repository, pulls })
         .collect();
     let total = |k: &str| counts.total.get(k).copied().unwrap_or(0);

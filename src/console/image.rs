@@ -3,6 +3,7 @@
 //! architecture, entrypoint and command, ports, labels, history). Reads the
 //! metadata store and the blob store only.
 
+use futures::StreamExt;
 use serde::Serialize;
 use serde_json::Value;
 
@@ -122,29 +123,36 @@ async fn referrers(
         .filter(|d| d != digest)
         .collect();
     let are_manifests = meta.has_manifests(&linked).await?;
-    let manifests = linked
-        .iter()
+    let candidates: Vec<Digest> = linked
+        .into_iter()
         .zip(are_manifests)
-        .filter(|(_, m)| *m)
+        .filter(|(d, m)| *m && !found.iter().any(|r| r.digest == d.to_string()))
         .map(|(d, _)| d)
-        .take(SUBJECTS_READ);
-    for d in manifests {
-        if found.iter().any(|r| r.digest == d.to_string()) {
-            continue;
-        }
-        let Some(m) = meta.manifest(d).await? else {
-            continue;
-        };
-        let subject = serde_json::from_slice::<Value>(&m.bytes)
-            .ok()
-            .and_then(|v| v["subject"]["digest"].as_str().map(str::to_owned));
-        if subject.as_deref() == Some(digest.to_string().as_str()) {
-            found.push(ReferrerView {
+        .take(SUBJECTS_READ)
+        .collect();
+    let wanted = digest.to_string();
+    let wanted = wanted.as_str();
+    // Up to 16 reads at a time: a page view over hundreds of manifests
+    // takes a few round trips' time, not hundreds.
+    let read: Vec<Result<Option<ReferrerView>, MetaError>> = futures::stream::iter(candidates)
+        .map(|d: Digest| async move {
+            let Some(m) = meta.manifest(&d).await? else {
+                return Ok(None);
+            };
+            let subject = serde_json::from_slice::<Value>(&m.bytes)
+                .ok()
+                .and_then(|v| v["subject"]["digest"].as_str().map(str::to_owned));
+            Ok((subject.as_deref() == Some(wanted)).then(|| ReferrerView {
                 digest: d.to_string(),
                 artifact_type: kind_of(&m.bytes),
                 tag: None,
-            });
-        }
+            }))
+        })
+        .buffered(16)
+        .collect()
+        .await;
+    for r in read {
+        found.extend(r?);
     }
     Ok(found)
 }

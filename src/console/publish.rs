@@ -57,6 +57,7 @@ impl Publisher {
 
     /// Publishes every [`EVERY`] for as long as the publisher lives.
     pub fn spawn(self: &Arc<Self>) {
+        tally().start();
         let weak = Arc::downgrade(self);
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(EVERY);
@@ -66,29 +67,35 @@ impl Publisher {
                 let Some(publisher) = weak.upgrade() else {
                     return;
                 };
-                if let Err(e) = publisher.publish().await {
+                if let Err(e) = publisher.publish(RECORD_TTL).await {
                     tracing::debug!(error = %e, "cannot publish the console's figures");
                 }
             }
         });
     }
 
-    /// One round. What cannot be written is kept for the next.
-    pub async fn publish(&self) -> Result<(), MetaError> {
+    /// The last round, as the process stops: its record lapses at once.
+    pub async fn last(&self) -> Result<(), MetaError> {
+        self.publish(Duration::from_millis(1)).await
+    }
+
+    /// One round; the replica's record holds for `ttl`. What cannot be
+    /// written is kept for the next.
+    async fn publish(&self, ttl: Duration) -> Result<(), MetaError> {
         let meta = self.mirror.meta();
         let mut taken = tally().take();
-        let (cache, upstream) = {
+        // Read and moved on under one lock: two rounds at once (the last
+        // one at shutdown) never count the same bytes.
+        let (cache, upstream, before) = {
+            let mut last = self.served.lock().unwrap_or_else(|p| p.into_inner());
             let served = |source| {
                 metrics()
                     .bytes_served
                     .get_or_create(&SourceLabels { source })
                     .get()
             };
-            (served("cache"), served("upstream"))
-        };
-        let before = {
-            let mut last = self.served.lock().unwrap_or_else(|p| p.into_inner());
-            std::mem::replace(&mut *last, (cache, upstream))
+            let now = (served("cache"), served("upstream"));
+            (now.0, now.1, std::mem::replace(&mut *last, now))
         };
         for (name, now, then) in [
             ("bytes.cache", cache, before.0),
@@ -120,7 +127,7 @@ impl Publisher {
             stored: (metrics().cache_bytes.get(), metrics().cache_blobs.get()),
         };
         let record = serde_json::to_vec(&record).map_err(|e| MetaError::Backend(e.to_string()))?;
-        meta.put_replica(&self.name, &record, RECORD_TTL).await
+        meta.put_replica(&self.name, &record, ttl).await
     }
 
     async fn failures(&self, failures: Vec<crate::telemetry::tally::Failure>) {

@@ -95,7 +95,7 @@ fn target_of(name: &str) -> Option<Target> {
     })
 }
 
-fn visible(mirror: &Mirror, name: &str) -> bool {
+pub(super) fn visible(mirror: &Mirror, name: &str) -> bool {
     target_of(name).is_some_and(|t| mirror.policy.check(&t).is_ok())
 }
 

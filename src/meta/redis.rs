@@ -10,7 +10,7 @@
 //! the `bytes` and `blobs` stored; `lease:<name>` leases; the console's
 //! `counts` hash (totals) and `counts:<minute>` hashes, `pulls` sorted set
 //! of repositories by pulls, `replica:<name>` records (each with its own
-//! expiry) listed in the `replicas` sorted set by expiry, and the
+//! expiry) listed in the `replicas` sorted set, and the
 //! `failures` list, newest first.
 //! Every command has a deadline: a Redis outage turns into errors, never
 //! into hung requests.
@@ -705,7 +705,10 @@ impl MetaStore for RedisMeta {
             self.key(&["counts"]),
             self.key(&["counts", &minute.to_string()]),
         );
+        // All or nothing: a round written in part and then put back
+        // would count twice.
         let mut pipe = redis::pipe();
+        pipe.atomic();
         for (name, n) in counts {
             pipe.hincr(&total, name, *n).ignore();
             pipe.hincr(&by_minute, name, *n).ignore();
@@ -758,7 +761,6 @@ impl MetaStore for RedisMeta {
 
     async fn put_replica(&self, name: &str, record: &[u8], ttl: Duration) -> Result<(), MetaError> {
         let ttl_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1);
-        let until = super::now_ms().saturating_add(ttl_ms);
         let mut pipe = redis::pipe();
         pipe.cmd("SET")
             .arg(self.key(&["replica", name]))
@@ -766,19 +768,20 @@ impl MetaStore for RedisMeta {
             .arg("PX")
             .arg(ttl_ms)
             .ignore()
-            .zadd(self.key(&["replicas"]), name, until)
+            .zadd(self.key(&["replicas"]), name, 0)
             .ignore();
         self.run(|mut c| async move { pipe.query_async::<()>(&mut c).await })
             .await
     }
 
     async fn replicas(&self) -> Result<Vec<Vec<u8>>, MetaError> {
+        // Each record lapses by its own key's expiry (Redis's clock, not
+        // the replicas'); the list only says which keys to look at.
         let listed = self.key(&["replicas"]);
-        let now = super::now_ms();
         let names: Vec<String> = self
-            .run(|mut c| async move {
-                let _: () = c.zrembyscore(&listed, "-inf", now).await?;
-                c.zrange(&listed, 0, -1).await
+            .run(|mut c| {
+                let listed = listed.clone();
+                async move { c.zrange(&listed, 0, -1).await }
             })
             .await?;
         if names.is_empty() {
@@ -788,6 +791,16 @@ impl MetaStore for RedisMeta {
         let records: Vec<Option<Vec<u8>>> = self
             .run(|mut c| async move { redis::cmd("MGET").arg(keys).query_async(&mut c).await })
             .await?;
+        let gone: Vec<&String> = names
+            .iter()
+            .zip(&records)
+            .filter(|(_, r)| r.is_none())
+            .map(|(n, _)| n)
+            .collect();
+        if !gone.is_empty() {
+            self.run(|mut c| async move { c.zrem::<_, _, ()>(&listed, gone).await })
+                .await?;
+        }
         Ok(records.into_iter().flatten().collect())
     }
 

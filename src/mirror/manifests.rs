@@ -49,12 +49,8 @@ impl Mirror {
             Reference::Tag(t) => self.manifest_by_tag(target, t).await,
         }?;
         metrics().cache("manifest", hit.outcome);
-        let tally = crate::telemetry::tally::tally();
         if hit.stale {
-            tally.add(&format!("upstream.{}.stale", target.registry), 1);
-        }
-        if matches!(reference, Reference::Tag(_)) {
-            tally.pull(&target.key());
+            crate::telemetry::tally::tally().add(&format!("upstream.{}.stale", target.registry), 1);
         }
         if let Some(uses) = &self.uses {
             uses.note_manifest(&target.registry, &hit.digest);
@@ -234,9 +230,15 @@ impl Mirror {
         let lock_key = format!("{key}:{tag}");
         // The copy to fall back on: the metadata store's, or this process's
         // own when the store cannot be read.
-        let record = match self.recall(self.meta.tag(&key, tag.as_str())).await {
-            Some(rec) => Some(rec),
-            None => self.hot.tag(&key, tag.as_str()),
+        // A record the store no longer has (purged, forgotten) is not
+        // brought back from memory.
+        let record = match self.meta.tag(&key, tag.as_str()).await {
+            Ok(rec) => rec,
+            Err(e) => {
+                metrics().backend_error("metadata");
+                tracing::warn!(error = %e, "metadata unavailable; using this process's copy");
+                self.hot.tag(&key, tag.as_str())
+            }
         };
         let cached = match record.map(|rec| Digest::parse(&rec.digest)) {
             Some(Ok(d)) => match self.hot.manifest(&d) {

@@ -1,8 +1,9 @@
 //! Purging an image from a repository: its tags are forgotten and its
 //! manifest is no longer served from there, so the next pull asks upstream
 //! again. Blobs stay: other images may share them, and the cache budget
-//! removes what nothing uses. Other replicas hold a tag in memory at most
-//! for its `tag_ttl`.
+//! removes what nothing uses. Other replicas may go on serving a tag they
+//! hold in memory until its `tag_ttl` passes, and the manifest by digest
+//! (its bytes are what the digest says, so never wrong).
 
 use serde::Serialize;
 

@@ -357,7 +357,7 @@ impl Metrics {
     /// Counts a cache outcome, and notes it for the request's log line.
     pub fn cache(&self, kind: &'static str, outcome: &'static str) {
         super::access::note_cache(outcome);
-        super::tally::tally().add(&format!("cache.{kind}.{outcome}"), 1);
+        super::tally::tally().outcome(kind, outcome);
         self.cache
             .get_or_create(&CacheLabels { kind, outcome })
             .inc();

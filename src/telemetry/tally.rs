@@ -1,17 +1,35 @@
 //! What this process did since the console last published its figures:
-//! counts by name, pulls by repository, and the registry requests that
-//! failed. The console's publisher drains it into the metadata store, where
-//! every replica's figures add up. Counters that `/metrics` already keeps
-//! with fixed labels (bytes served, cache outcomes) are read from there
-//! instead of being counted twice.
+//! cache outcomes, counts by name, pulls by repository, and the registry
+//! requests that failed. The console's publisher drains it into the
+//! metadata store, where every replica's figures add up. Bytes served are
+//! read from `/metrics` instead. Until a publisher starts (the console is
+//! on), nothing is kept.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, OnceLock};
 
 use serde::{Deserialize, Serialize};
 
 /// Failures kept between two publications; older ones are dropped.
 const FAILURES_HELD: usize = 100;
+
+/// Repositories whose pulls are kept between two publications; pulls of
+/// others wait for the next round (only while the store cannot be written
+/// does the map fill).
+const PULLS_HELD: usize = 10_000;
+
+/// The cache outcomes of manifest and blob requests, as `/metrics` names
+/// them; counted with one atomic add each, as every request has one.
+pub const KINDS: [&str; 2] = ["manifest", "blob"];
+pub const OUTCOMES: [&str; 6] = [
+    "hit",
+    "revalidated",
+    "stale",
+    "miss",
+    "joined",
+    "passthrough",
+];
 
 /// A registry request answered with an error, as the console lists it.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -28,6 +46,8 @@ pub struct Failure {
 
 #[derive(Default)]
 pub struct Tally {
+    on: AtomicBool,
+    outcomes: [[AtomicU64; OUTCOMES.len()]; KINDS.len()],
     counts: Mutex<HashMap<String, u64>>,
     pulls: Mutex<HashMap<String, u64>>,
     failures: Mutex<VecDeque<Failure>>,
@@ -46,8 +66,30 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Tally {
+    /// From now on, keep what is counted: a publisher drains it.
+    pub fn start(&self) {
+        self.on.store(true, Ordering::Relaxed);
+    }
+
+    fn on(&self) -> bool {
+        self.on.load(Ordering::Relaxed)
+    }
+
+    /// One manifest or blob request's cache outcome.
+    pub fn outcome(&self, kind: &str, outcome: &str) {
+        if !self.on() {
+            return;
+        }
+        if let (Some(k), Some(o)) = (
+            KINDS.iter().position(|x| *x == kind),
+            OUTCOMES.iter().position(|x| *x == outcome),
+        ) {
+            self.outcomes[k][o].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
     pub fn add(&self, name: &str, n: u64) {
-        if n == 0 {
+        if n == 0 || !self.on() {
             return;
         }
         let mut counts = lock(&self.counts);
@@ -61,16 +103,24 @@ impl Tally {
 
     /// One manifest served by tag or digest for `repo` (`registry/name`).
     pub fn pull(&self, repo: &str) {
+        if !self.on() {
+            return;
+        }
         let mut pulls = lock(&self.pulls);
+        let room = pulls.len() < PULLS_HELD;
         match pulls.get_mut(repo) {
             Some(c) => *c += 1,
-            None => {
+            None if room => {
                 pulls.insert(repo.to_owned(), 1);
             }
+            None => {}
         }
     }
 
     pub fn failure(&self, failure: Failure) {
+        if !self.on() {
+            return;
+        }
         let mut failures = lock(&self.failures);
         if failures.len() == FAILURES_HELD {
             failures.pop_front();
@@ -79,8 +129,17 @@ impl Tally {
     }
 
     pub fn take(&self) -> Taken {
+        let mut counts: Vec<(String, u64)> = lock(&self.counts).drain().collect();
+        for (k, kind) in KINDS.iter().enumerate() {
+            for (o, outcome) in OUTCOMES.iter().enumerate() {
+                let n = self.outcomes[k][o].swap(0, Ordering::Relaxed);
+                if n > 0 {
+                    counts.push((format!("cache.{kind}.{outcome}"), n));
+                }
+            }
+        }
         Taken {
-            counts: lock(&self.counts).drain().collect(),
+            counts,
             pulls: lock(&self.pulls).drain().collect(),
             failures: lock(&self.failures).drain(..).collect(),
         }
@@ -93,7 +152,9 @@ impl Tally {
         }
         let mut pulls = lock(&self.pulls);
         for (repo, n) in taken.pulls {
-            *pulls.entry(repo).or_default() += n;
+            if pulls.len() < PULLS_HELD || pulls.contains_key(&repo) {
+                *pulls.entry(repo).or_default() += n;
+            }
         }
         drop(pulls);
         let mut failures = lock(&self.failures);
@@ -127,8 +188,38 @@ mod tests {
     }
 
     #[test]
+    fn nothing_is_kept_until_started() {
+        let t = Tally::default();
+        t.add("a", 1);
+        t.outcome("blob", "hit");
+        t.pull("docker.io/library/alpine");
+        let taken = t.take();
+        assert!(taken.counts.is_empty() && taken.pulls.is_empty());
+    }
+
+    #[test]
+    fn outcomes_count_by_kind() {
+        let t = Tally::default();
+        t.start();
+        t.outcome("blob", "hit");
+        t.outcome("blob", "hit");
+        t.outcome("manifest", "stale");
+        t.outcome("blob", "nonsense");
+        let mut counts = t.take().counts;
+        counts.sort();
+        assert_eq!(
+            counts,
+            vec![
+                ("cache.blob.hit".to_owned(), 2),
+                ("cache.manifest.stale".to_owned(), 1)
+            ]
+        );
+    }
+
+    #[test]
     fn take_drains_and_restore_puts_back() {
         let t = Tally::default();
+        t.start();
         t.add("a", 2);
         t.add("a", 3);
         t.add("b", 0);
@@ -152,6 +243,7 @@ mod tests {
     #[test]
     fn failures_keep_the_newest() {
         let t = Tally::default();
+        t.start();
         for n in 0..(FAILURES_HELD as u64 + 5) {
             t.failure(failure(n));
         }
