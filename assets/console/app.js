@@ -449,7 +449,8 @@ async function explain(params) {
   }
   if (x.pull_would) parts.push(el('h2', {}, 'A pull now would'), el('p', { id: 'pull-would' }, x.pull_would));
   if (x.pull_commands && x.pull_commands.length) {
-    parts.push(el('h2', {}, 'Pull it'), x.pull_commands.map(copyable));
+    const allowed = !x.access || x.access.allowed;
+    parts.push(el('h2', {}, allowed ? 'Pull it' : 'The commands, once the access rules allow it'), x.pull_commands.map(copyable));
   }
   if (x.routed && x.access && x.access.allowed) {
     const r = x.routed;

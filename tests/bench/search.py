@@ -131,7 +131,8 @@ def main():
             print(f"first search (loads the names):  {first * 1000:8.1f} ms  "
                   f"({len(body['repositories'])} found)")
             rows = []
-            for label, q, last in [("rare substring", "service-0999", None),
+            for label, q, last in [("rare substring (10 of them)", "service-09999", None),
+                                   ("no match (a full scan)", "no-such-name", None),
                                    ("common, first page of 50", "team1", None),
                                    ("common, next page", "team1", "__next__")]:
                 times = []
