@@ -200,6 +200,7 @@ pub async fn serve(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    raise_open_files();
     let (mirror, limits, meta) = build_mirror(config).await?;
     let syncer = Arc::new(Syncer::new(mirror.clone(), &config.sync));
     if mirror.prefetches() {
@@ -302,6 +303,35 @@ pub async fn serve(
         tracing::warn!(error = %e, "cannot publish the console's last figures");
     }
     Ok(())
+}
+
+/// A fleet pulling at once is thousands of connections, and services are
+/// often started with a soft limit of 1024 open files (or 256): the soft
+/// limit goes up to the hard one, as Go's runtime does for other
+/// registries, and the limit in force is logged.
+fn raise_open_files() {
+    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+    /// Linux's default `fs.nr_open`, for a hard limit of "unlimited".
+    const NR_OPEN: u64 = 1 << 20;
+    let limit = getrlimit(Resource::Nofile);
+    let target = limit.maximum.unwrap_or(NR_OPEN);
+    let mut in_force = limit.current;
+    if limit.current.is_some_and(|soft| soft < target) {
+        match setrlimit(
+            Resource::Nofile,
+            Rlimit {
+                current: Some(target),
+                maximum: limit.maximum,
+            },
+        ) {
+            Ok(()) => in_force = Some(target),
+            Err(e) => tracing::warn!(error = %e, "cannot raise the open file limit"),
+        }
+    }
+    match in_force {
+        Some(n) => tracing::info!(open_files = n, "open file limit"),
+        None => tracing::info!("open file limit: unlimited"),
+    }
 }
 
 /// HTTP/1 and HTTP/2 (prior knowledge) with the limits on request heads.

@@ -131,6 +131,48 @@ fn serve_without_a_config_keeps_its_data_under_the_working_directory() {
     }
 }
 
+/// Started with a soft limit of 256 open files (as some hosts start
+/// services), `pier serve` raises it to the hard limit and logs the limit
+/// in force: a fleet pulling at once is thousands of connections.
+#[test]
+fn serve_raises_the_open_file_limit_to_the_hard_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let log = dir.path().join("pier.log");
+    let mut child = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "ulimit -Sn 256 && exec {} serve",
+            env!("CARGO_BIN_EXE_pier")
+        ))
+        .current_dir(dir.path())
+        .env("PIER_LISTEN", format!("127.0.0.1:{port}"))
+        .env_remove("PIER_CONFIG")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    wait_http(&format!("http://127.0.0.1:{port}/healthz"));
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", child.id())).unwrap();
+    let _ = child.kill();
+    let _ = child.wait();
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap();
+    let fields: Vec<&str> = line.split_whitespace().collect();
+    let (soft, hard) = (fields[3], fields[4]);
+    assert_eq!(soft, hard, "{line}");
+    assert_ne!(soft, "256", "{line}");
+    let logged = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        logged
+            .lines()
+            .any(|l| l.contains("open file limit") && l.contains(&format!("open_files={soft}"))),
+        "{logged}"
+    );
+}
+
 /// A store directory holding `n` blobs of `size` bytes, written oldest
 /// first; their paths.
 fn store_with_blobs(root: &std::path::Path, n: u8, size: usize) -> Vec<std::path::PathBuf> {
