@@ -593,12 +593,13 @@ async fn metrics_count_requests_cache_outcomes_and_upstream_calls() {
         value("pier_cache_lookups_total{kind=\"manifest\",outcome=\"hit\"}"),
         1.0
     );
+    // The fs store's blobs are files here; the cold one came from upstream.
     assert_eq!(
-        value("pier_blob_bytes_served_total{source=\"cache\"}"),
+        value("pier_blob_bytes_served_total{source=\"cache\",origin=\"local\"}"),
         size as f64
     );
     assert_eq!(
-        value("pier_blob_bytes_served_total{source=\"upstream\"}"),
+        value("pier_blob_bytes_served_total{source=\"upstream\",origin=\"upstream\"}"),
         size as f64
     );
     assert_eq!(

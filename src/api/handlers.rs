@@ -262,6 +262,7 @@ async fn blob(
     };
     let served = metrics().bytes_served.get_or_create(&SourceLabels {
         source: if b.cached { "cache" } else { "upstream" },
+        origin: b.origin,
     });
     let served = served.clone();
     let stream = match (b.pieces, ask.send_queue.clone()) {

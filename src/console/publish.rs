@@ -88,13 +88,17 @@ impl Publisher {
         // one at shutdown) never count the same bytes.
         let (cache, upstream, before) = {
             let mut last = self.served.lock().unwrap_or_else(|p| p.into_inner());
-            let served = |source| {
-                metrics()
-                    .bytes_served
-                    .get_or_create(&SourceLabels { source })
-                    .get()
+            let m = &metrics().bytes_served;
+            let served = |source, origins: [&'static str; 2]| -> u64 {
+                origins
+                    .iter()
+                    .map(|&origin| m.get_or_create(&SourceLabels { source, origin }).get())
+                    .sum()
             };
-            let now = (served("cache"), served("upstream"));
+            let now = (
+                served("cache", ["local", "bucket"]),
+                served("upstream", ["upstream", "peer"]),
+            );
             (now.0, now.1, std::mem::replace(&mut *last, now))
         };
         for (name, now, then) in [

@@ -32,6 +32,10 @@ pub struct BlobResponse {
     pub pieces: Option<BoxStream<'static, io::Result<Piece>>>,
     /// Whether the bytes come from the cache (for logs and metrics).
     pub cached: bool,
+    /// Where exactly, for metrics: `local` (a file here: the fs store or a
+    /// local copy), `bucket`, `upstream`, or `peer` (another replica's
+    /// fetch).
+    pub origin: &'static str,
 }
 
 /// What HEAD reports.
@@ -42,6 +46,7 @@ pub struct BlobInfo {
 impl From<BlobBody> for BlobResponse {
     fn from(b: BlobBody) -> Self {
         Self {
+            origin: if b.file.is_some() { "local" } else { "bucket" },
             size: Some(b.size),
             range: b.range,
             stream: b.stream,
@@ -211,6 +216,7 @@ impl Mirror {
                         size,
                         range,
                         stream: flight.clone().stream(start, end).boxed(),
+                        origin: flight.origin(),
                         pieces: Some(flight.pieces(start, end).boxed()),
                         cached: false,
                     })
@@ -284,6 +290,7 @@ impl Mirror {
             stream,
             pieces: None,
             cached: false,
+            origin: "upstream",
         })
     }
 

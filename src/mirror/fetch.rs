@@ -171,6 +171,7 @@ pub(super) async fn run(guard: FlightGuard, job: FetchJob, spool_dir: PathBuf) {
             result.map(drop)
         }
         Ok(Source::Peer(resp)) => {
+            flight.set_from_peer();
             let from = format!("{} via a peer replica", job.upstream.registry());
             download(&flight, &job, &spool, resp, &from).await.map(drop)
         }

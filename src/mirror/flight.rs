@@ -165,6 +165,8 @@ pub struct Flight {
     pub repo_key: String,
     pub(super) phase: watch::Sender<Phase>,
     began: std::time::Instant,
+    /// Set when the bytes come from another replica's fetch, not upstream.
+    from_peer: std::sync::atomic::AtomicBool,
     /// Clients streaming from the spool now, or waiting for the verified
     /// blob (HTTP/1.0).
     readers: watch::Sender<usize>,
@@ -261,6 +263,7 @@ impl Flights {
                 repo_key: job.repo_key.clone(),
                 phase: watch::Sender::new(Phase::Connecting),
                 began: std::time::Instant::now(),
+                from_peer: std::sync::atomic::AtomicBool::new(false),
                 readers: watch::Sender::new(0),
             });
             map.insert(digest.clone(), f.clone());
@@ -341,6 +344,21 @@ impl Drop for FlightGuard {
 }
 
 impl Flight {
+    /// Where the bytes come from, for metrics: `upstream`, or `peer` when
+    /// another replica's fetch streams them.
+    pub fn origin(&self) -> &'static str {
+        if self.from_peer.load(std::sync::atomic::Ordering::SeqCst) {
+            "peer"
+        } else {
+            "upstream"
+        }
+    }
+
+    pub(super) fn set_from_peer(&self) {
+        self.from_peer
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
     /// Clients streaming from the spool now (or waiting for the verified
     /// blob).
     pub(super) fn readers(&self) -> usize {

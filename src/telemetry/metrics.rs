@@ -36,6 +36,9 @@ pub struct CacheLabels {
 pub struct SourceLabels {
     /// cache or upstream
     pub source: &'static str,
+    /// Within those: local (a file here) or bucket; upstream or peer
+    /// (another replica's fetch).
+    pub origin: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]

@@ -50,8 +50,8 @@ def metrics():
         labels = dict(re.findall(r'(\w+)="([^"]*)"', m.group(1)))
         cache[(labels["kind"], labels["outcome"])] = int(m.group(2))
     served = {}
-    for m in re.finditer(r'^pier_blob_bytes_served_total\{source="(\w+)"\} (\d+)', text, re.M):
-        served[m.group(1)] = int(m.group(2))
+    for m in re.finditer(r'^pier_blob_bytes_served_total\{source="(\w+)",[^}]*\} (\d+)', text, re.M):
+        served[m.group(1)] = served.get(m.group(1), 0) + int(m.group(2))
     return cache, served
 
 
