@@ -1151,3 +1151,57 @@ async fn an_overwritten_bucket_object_is_never_served_complete() {
         assert!(wait_s3_has(&key).await);
     }
 }
+
+/// A bucket read that breaks off mid-way (a bucket under load drops long
+/// reads) is picked up where it broke with a ranged read: the client gets
+/// the whole blob, checked, instead of a body cut short.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bucket_read_that_breaks_off_is_resumed() {
+    use sha2::Digest as _;
+    if !have_tools(&["docker-registry"]) {
+        return;
+    }
+    let docker = Upstream::start("docker");
+    let ns = namespace();
+    let d = tempfile::tempdir().unwrap();
+    let url = docker.url();
+    let Some(config) = scaled_config(d.path(), &ns, &[("docker.io", &url)], "", None, "") else {
+        return;
+    };
+    let layers = fixtures().join("layouts/docker/library/big/latest/blobs/sha256");
+    let hex = std::fs::read_dir(layers)
+        .unwrap()
+        .map(|e| e.unwrap())
+        .max_by_key(|e| e.metadata().unwrap().len())
+        .unwrap()
+        .file_name()
+        .into_string()
+        .unwrap();
+    let s3 = std::env::var("PIER_TEST_S3_ENDPOINT").unwrap();
+    let link = CutLink::start(&s3, &hex, 1 << 20);
+    let pier = Pier::start_raw(d.path(), &config.replace(&s3, &link.url()));
+    let blob = format!("{}/v2/docker.io/library/big/blobs/sha256:{hex}", pier.url());
+    let http = reqwest::Client::new();
+    let get = async || {
+        let resp = http.get(&blob).send().await.unwrap();
+        assert_eq!(resp.status(), 200);
+        let body = resp.bytes().await.unwrap();
+        hex::encode(sha2::Sha256::digest(&body))
+    };
+    // Cold: fetched, then stored in the bucket through the relay.
+    assert_eq!(get().await, hex);
+    assert!(wait_s3_has(&format!("{ns}/blobs/sha256/{hex}")).await);
+    // Warm: read from the bucket, broken off after 1 MiB, resumed.
+    assert_eq!(get().await, hex);
+    let heads = link.heads.lock().unwrap().clone();
+    let reads: Vec<&String> = heads
+        .iter()
+        .filter(|h| h.starts_with("GET ") && h.contains(&hex))
+        .collect();
+    assert_eq!(reads.len(), 2, "one read, then its resumption: {reads:#?}");
+    assert!(
+        reads[1].to_ascii_lowercase().contains("range: bytes="),
+        "{reads:#?}"
+    );
+    assert_eq!(docker.requests("GET", "library/big/blobs/sha256:"), 1);
+}

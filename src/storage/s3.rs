@@ -248,6 +248,86 @@ fn answered_range(v: &str, length: u64) -> Result<(ByteRange, u64), StorageError
     }
 }
 
+/// Times a broken GetObject body is picked up again where it broke.
+const RESUMES: u32 = 3;
+
+impl S3BlobStore {
+    /// Bytes `from..to` of `key`, from `body` and, when it breaks off (a
+    /// bucket under load drops long reads), from ranged GetObjects of the
+    /// rest, so a client's download does not break with it.
+    fn resumable(
+        &self,
+        key: String,
+        body: ByteStream,
+        from: u64,
+        to: u64,
+    ) -> futures::stream::BoxStream<'static, io::Result<bytes::Bytes>> {
+        struct Reading {
+            client: aws_sdk_s3::Client,
+            bucket: String,
+            key: String,
+            body: ByteStream,
+            pos: u64,
+            to: u64,
+            resumes: u32,
+        }
+        let reading = Reading {
+            client: self.client.clone(),
+            bucket: self.bucket.clone(),
+            key,
+            body,
+            pos: from,
+            to,
+            resumes: RESUMES,
+        };
+        futures::stream::unfold(reading, |mut r| async move {
+            loop {
+                match r.body.next().await {
+                    Some(Ok(chunk)) => {
+                        r.pos += chunk.len() as u64;
+                        return Some((Ok(chunk), r));
+                    }
+                    None => return None,
+                    Some(Err(e)) if r.resumes == 0 || r.pos >= r.to => {
+                        return Some((Err(io::Error::other(e)), r));
+                    }
+                    Some(Err(e)) => {
+                        r.resumes -= 1;
+                        tracing::debug!(key = %r.key, at = r.pos, error = %e, "a bucket read broke off; resuming");
+                        let resumed = r
+                            .client
+                            .get_object()
+                            .bucket(&r.bucket)
+                            .key(&r.key)
+                            .range(format!("bytes={}-{}", r.pos, r.to - 1))
+                            .send()
+                            .await;
+                        let out = match resumed {
+                            Ok(out) => out,
+                            Err(e) => {
+                                let e = io::Error::other(backend("GetObject", e).to_string());
+                                return Some((Err(e), r));
+                            }
+                        };
+                        let length = out.content_length().unwrap_or(0).max(0) as u64;
+                        let fits = out
+                            .content_range()
+                            .and_then(|v| answered_range(v, length).ok())
+                            .is_some_and(|(got, _)| got.start == r.pos && got.end + 1 == r.to);
+                        if !fits {
+                            let e = io::Error::other("s3 GetObject: the resumed read answered another range");
+                            return Some((Err(e), r));
+                        }
+                        r.body = out.body;
+                    }
+                }
+            }
+        })
+        .fuse()
+        .boxed()
+    }
+}
+
 #[async_trait]
 impl BlobStore for S3BlobStore {
     async fn stat(&self, digest: &Digest) -> Result<Option<u64>, StorageError> {
@@ -290,13 +370,8 @@ impl BlobStore for S3BlobStore {
             // A server that ignored the range sent everything.
             None => (None, length),
         };
-        let stream = futures::stream::unfold(out.body, |mut body| async move {
-            body.next()
-                .await
-                .map(|chunk| (chunk.map_err(io::Error::other), body))
-        })
-        .fuse()
-        .boxed();
+        let (from, to) = range.map_or((0, size), |r| (r.start, r.end + 1));
+        let stream = self.resumable(self.key(digest), out.body, from, to);
         // Others can write to a bucket: a whole blob is checked as it goes
         // out, and an object that is not what its key says is removed, so
         // the next request fetches the blob again.

@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::OnceLock;
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 pub mod fake;
@@ -1051,6 +1051,103 @@ impl SlowLink {
             }
         });
         SlowLink { port }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+}
+
+/// A TCP relay to `target` (an S3 server) that breaks off the first GET
+/// whose request line contains `needle` after `cut` response bytes, as a
+/// bucket under load may. It records every request head it relays.
+pub struct CutLink {
+    pub port: u16,
+    pub heads: Arc<Mutex<Vec<String>>>,
+}
+
+impl CutLink {
+    pub fn start(target: &str, needle: &str, cut: usize) -> CutLink {
+        use std::io::{Read, Write};
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let target = target.trim_start_matches("http://").to_owned();
+        let heads = Arc::new(Mutex::new(Vec::new()));
+        let armed = Arc::new(AtomicBool::new(true));
+        let (needle, recorded) = (needle.to_owned(), heads.clone());
+        std::thread::spawn(move || {
+            for client in listener.incoming().flatten() {
+                let Ok(server) = std::net::TcpStream::connect(&target) else {
+                    continue;
+                };
+                // Set by the request side when this connection carries the
+                // GET to break.
+                let cutting = Arc::new(AtomicBool::new(false));
+                let (mut c_read, mut s_write) =
+                    (client.try_clone().unwrap(), server.try_clone().unwrap());
+                let (needle, recorded, armed, flag) = (
+                    needle.clone(),
+                    recorded.clone(),
+                    armed.clone(),
+                    cutting.clone(),
+                );
+                std::thread::spawn(move || {
+                    let mut buf = vec![0u8; 64 * 1024];
+                    while let Ok(n) = c_read.read(&mut buf) {
+                        if n == 0 {
+                            break;
+                        }
+                        let text = String::from_utf8_lossy(&buf[..n]);
+                        if let Some(line) = text.lines().next()
+                            && (line.starts_with("GET ")
+                                || line.starts_with("HEAD ")
+                                || line.starts_with("PUT "))
+                        {
+                            recorded
+                                .lock()
+                                .unwrap()
+                                .push(text.split("\r\n\r\n").next().unwrap_or("").to_owned());
+                            if line.starts_with("GET ")
+                                && line.contains(&needle)
+                                && armed.swap(false, Ordering::SeqCst)
+                            {
+                                flag.store(true, Ordering::SeqCst);
+                            }
+                        }
+                        if s_write.write_all(&buf[..n]).is_err() {
+                            break;
+                        }
+                    }
+                    let _ = s_write.shutdown(std::net::Shutdown::Write);
+                });
+                let (mut s_read, mut c_write) = (server, client);
+                std::thread::spawn(move || {
+                    let mut buf = vec![0u8; 64 * 1024];
+                    let mut sent_while_cutting = 0;
+                    while let Ok(n) = s_read.read(&mut buf) {
+                        if n == 0 {
+                            break;
+                        }
+                        let mut n = n;
+                        if cutting.load(Ordering::SeqCst) {
+                            n = n.min(cut - sent_while_cutting);
+                            sent_while_cutting += n;
+                        }
+                        if c_write.write_all(&buf[..n]).is_err() {
+                            break;
+                        }
+                        if cutting.load(Ordering::SeqCst) && sent_while_cutting >= cut {
+                            let _ = c_write.shutdown(std::net::Shutdown::Both);
+                            let _ = s_read.shutdown(std::net::Shutdown::Both);
+                            break;
+                        }
+                    }
+                    let _ = c_write.shutdown(std::net::Shutdown::Write);
+                });
+            }
+        });
+        CutLink { port, heads }
     }
 
     pub fn url(&self) -> String {
