@@ -109,15 +109,7 @@ async fn authorize(State(admin): State<Arc<Admin>>, req: Request, next: Next) ->
 /// the next pull asks upstream again.
 async fn purge(State(admin): State<Arc<Admin>>, Path(name): Path<String>) -> Response {
     let unknown = || {
-        ApiError::new(
-            StatusCode::NOT_FOUND,
-            ErrorCode::ManifestUnknown,
-            format!(
-                "{:?} is not cached here: nothing to purge",
-                name.chars().take(256).collect::<String>()
-            ),
-        )
-        .into_response()
+        ApiError::not_cached(ErrorCode::ManifestUnknown, &name, "nothing to purge").into_response()
     };
     let (target, reference) = match super::path::image_name(&name) {
         Ok(Some(found)) => found,

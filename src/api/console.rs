@@ -16,6 +16,9 @@ use crate::config::Config;
 use crate::console::{Reached, explain};
 use crate::mirror::Mirror;
 
+/// What to do about an image or repository the cache does not hold.
+const PULL_FIRST: &str = "pull it through this mirror first";
+
 pub struct Console {
     mirror: Arc<Mirror>,
     domains: Vec<String>,
@@ -104,15 +107,7 @@ async fn repository(
         Ok(Some(tags)) => {
             axum::Json(serde_json::json!({ "name": name, "tags": tags })).into_response()
         }
-        Ok(None) => ApiError::new(
-            StatusCode::NOT_FOUND,
-            ErrorCode::NameUnknown,
-            format!(
-                "{:?} is not cached here: pull it through this mirror first",
-                name.chars().take(256).collect::<String>()
-            ),
-        )
-        .into_response(),
+        Ok(None) => ApiError::not_cached(ErrorCode::NameUnknown, &name, PULL_FIRST).into_response(),
         Err(e) => unreadable(e),
     }
 }
@@ -122,17 +117,8 @@ async fn image(
     State(console): State<Arc<Console>>,
     axum::extract::Path(name): axum::extract::Path<String>,
 ) -> Response {
-    let unknown = || {
-        ApiError::new(
-            StatusCode::NOT_FOUND,
-            ErrorCode::ManifestUnknown,
-            format!(
-                "{:?} is not cached here: pull it through this mirror first",
-                name.chars().take(256).collect::<String>()
-            ),
-        )
-        .into_response()
-    };
+    let unknown =
+        || ApiError::not_cached(ErrorCode::ManifestUnknown, &name, PULL_FIRST).into_response();
     let (target, reference) = match super::path::image_name(&name) {
         Ok(Some(found)) => found,
         Ok(None) => return unknown(),

@@ -92,6 +92,19 @@ impl ApiError {
         Self::new(StatusCode::BAD_REQUEST, ErrorCode::NameInvalid, why)
     }
 
+    /// The console's and admin API's answer for an image or repository
+    /// the cache does not hold; `then` says what to do about it.
+    pub fn not_cached(code: ErrorCode, name: &str, then: &str) -> Self {
+        Self::new(
+            StatusCode::NOT_FOUND,
+            code,
+            format!(
+                "{:?} is not cached here: {then}",
+                name.chars().take(256).collect::<String>()
+            ),
+        )
+    }
+
     pub fn not_found_route() -> Self {
         Self::new(
             StatusCode::NOT_FOUND,

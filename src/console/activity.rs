@@ -5,7 +5,6 @@
 
 use serde::Serialize;
 
-use super::publish::ReplicaRecord;
 use crate::meta::{MetaError, MetaStore, now_ms};
 use crate::sync::Job;
 use crate::telemetry::tally::Failure;
@@ -36,12 +35,7 @@ pub struct Fetch {
 }
 
 pub async fn activity(meta: &dyn MetaStore, failures: usize) -> Result<Activity, MetaError> {
-    let replicas: Vec<ReplicaRecord> = meta
-        .replicas()
-        .await?
-        .iter()
-        .filter_map(|r| serde_json::from_slice(r).ok())
-        .collect();
+    let replicas = super::publish::replica_records(meta).await?;
     let mut fetches: Vec<Fetch> = replicas
         .iter()
         .flat_map(|r| {

@@ -8,7 +8,6 @@ use std::collections::BTreeMap;
 
 use serde::Serialize;
 
-use super::publish::ReplicaRecord;
 use crate::meta::{MetaError, now_ms};
 use crate::mirror::Mirror;
 
@@ -207,12 +206,7 @@ pub async fn stats(
             }
         })
         .collect();
-    let replicas: Vec<ReplicaRecord> = meta
-        .replicas()
-        .await?
-        .iter()
-        .filter_map(|r| serde_json::from_slice(r).ok())
-        .collect();
+    let replicas = super::publish::replica_records(meta).await?;
     let mut upstream_figures = upstreams(&counts.total, registries);
     for f in &mut upstream_figures {
         // The newest word on a quota wins: replicas hear it at different

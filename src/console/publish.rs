@@ -35,6 +35,18 @@ pub struct ReplicaRecord {
     pub stored: (i64, i64),
 }
 
+/// Every replica's record whose time has not run out.
+pub async fn replica_records(
+    meta: &dyn crate::meta::MetaStore,
+) -> Result<Vec<ReplicaRecord>, MetaError> {
+    Ok(meta
+        .replicas()
+        .await?
+        .iter()
+        .filter_map(|r| serde_json::from_slice(r).ok())
+        .collect())
+}
+
 pub struct Publisher {
     mirror: Arc<Mirror>,
     name: String,
