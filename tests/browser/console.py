@@ -264,10 +264,11 @@ with sync_playwright() as p:
         page = context.new_page()
         watch(page, f"{width}px")
         if width == WIDTHS[-1]:
-            # Warm: load once, then measure.
+            # A figure to read, not a check: timing belongs to the
+            # benchmark (tests/bench/console_paint.py), as the suite
+            # shares the machine.
             first_paint(page, base + "/")
-            paint = first_paint(page, base + "/")
-            check(paint is not None and paint < 200, f"first paint of the dashboard within 200 ms ({paint} ms)")
+            print(f"info first paint of the dashboard: {first_paint(page, base + '/')} ms", flush=True)
             dashboard(page)
             search(page)
             repository(page)
