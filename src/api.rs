@@ -107,11 +107,9 @@ async fn common_headers_and_log(
     let started = Instant::now();
     let method = req.method().clone();
     let path = req.uri().path().to_owned();
-    let ns = req
-        .uri()
-        .query()
-        .and_then(|q| q.split('&').find(|p| p.starts_with("ns=")))
-        .map(str::to_owned);
+    // For a failure's `?ns=`, read only if the request fails (a shared,
+    // not copied, buffer).
+    let uri = req.uri().clone();
     let client = req
         .extensions()
         .get::<PeerAddr>()
@@ -183,13 +181,13 @@ async fn common_headers_and_log(
             line!(info);
         }
     });
-    note_failure(&resp, &method, &path, ns.as_deref());
+    note_failure(&resp, &method, &path, uri.query());
     resp
 }
 
 /// A registry request refused for a reason a user may ask about (not the
 /// `401` that starts every token dance) goes on the console's failures.
-fn note_failure(resp: &Response, method: &http::Method, path: &str, ns: Option<&str>) {
+fn note_failure(resp: &Response, method: &http::Method, path: &str, query: Option<&str>) {
     let status = resp.status();
     if !path.starts_with("/v2/") || status.as_u16() < 400 || status == StatusCode::UNAUTHORIZED {
         return;
@@ -198,7 +196,7 @@ fn note_failure(resp: &Response, method: &http::Method, path: &str, ns: Option<&
         return;
     };
     let mut path: String = path.chars().take(512).collect();
-    if let Some(ns) = ns {
+    if let Some(ns) = query.and_then(|q| q.split('&').find(|p| p.starts_with("ns="))) {
         path.push('?');
         path.extend(ns.chars().take(256));
     }

@@ -35,10 +35,7 @@ fn have_browser() -> bool {
 }
 
 async fn pull(pier: &Pier, image: &str) -> tempfile::TempDir {
-    let dir = tempfile::tempdir().unwrap();
-    let run = skopeo_copy(&format!("{}/{image}", pier.host()), dir.path(), &[]).await;
-    assert!(run.ok, "{image}: {}", run.stderr);
-    dir
+    pulled_copy(&format!("{}/{image}", pier.host())).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -199,9 +199,7 @@ async fn repositories_are_searched_and_listed_and_hidden_ones_stay_hidden() {
     let data = tempfile::tempdir().unwrap();
     let pier = Pier::start_in(data.path(), &ups, "");
     for image in ["library/nginx:latest", "library/alpine:3.19"] {
-        let dir = tempfile::tempdir().unwrap();
-        let run = skopeo_copy(&format!("{}/{image}", pier.host()), dir.path(), &[]).await;
-        assert!(run.ok, "{}", run.stderr);
+        pulled_copy(&format!("{}/{image}", pier.host())).await;
     }
     let get = async |pier: &Pier, path: &str| -> (u16, Value) {
         let resp = reqwest::get(format!("{}{path}", pier.url())).await.unwrap();
@@ -331,14 +329,7 @@ async fn stats_add_up_every_replica() {
         (&b, "library/alpine:3.19"),
         (&b, "library/nginx:latest"),
     ] {
-        let dir = tempfile::tempdir().unwrap();
-        let run = skopeo_copy(
-            &format!("{}/docker.io/{image}", host(pier)),
-            dir.path(),
-            &[],
-        )
-        .await;
-        assert!(run.ok, "{}", run.stderr);
+        pulled_copy(&format!("{}/docker.io/{image}", host(pier))).await;
     }
     // Cache lookups by outcome, and blob bytes served, from one /metrics.
     let lookups = async |pier: &PierProcess| -> (u64, u64) {
@@ -477,14 +468,7 @@ async fn an_image_lists_its_cached_referrers() {
     let docker = Upstream::start("docker");
     let url = docker.url();
     let (pier, _d) = Pier::start(&[("docker.io", &url)], "");
-    let dir = tempfile::tempdir().unwrap();
-    let run = skopeo_copy(
-        &format!("{}/docker.io/library/alpine:3.19", pier.host()),
-        dir.path(),
-        &[],
-    )
-    .await;
-    assert!(run.ok, "{}", run.stderr);
+    let dir = pulled_copy(&format!("{}/docker.io/library/alpine:3.19", pier.host())).await;
     let image = manifest_digest_in(dir.path());
     let image_size = std::fs::metadata(dir.path().join("manifest.json"))
         .unwrap()
@@ -592,14 +576,7 @@ async fn a_purge_makes_the_next_pull_ask_upstream() {
         &format!("[admin]\ntoken = \"{TOKEN}\"\n"),
     );
     let pull = async || {
-        let dir = tempfile::tempdir().unwrap();
-        let run = skopeo_copy(
-            &format!("{}/docker.io/library/alpine:3.19", pier.host()),
-            dir.path(),
-            &[],
-        )
-        .await;
-        assert!(run.ok, "{}", run.stderr);
+        let dir = pulled_copy(&format!("{}/docker.io/library/alpine:3.19", pier.host())).await;
         manifest_digest_in(dir.path())
     };
     let digest = pull().await;

@@ -96,10 +96,7 @@ async fn finished(pier: &Pier, id: &str) -> Value {
 
 /// Pulls `image` from `host` with skopeo; its manifest digest.
 async fn pulled(host: &str, image: &str) -> String {
-    let dir = tempfile::tempdir().unwrap();
-    let run = skopeo_copy(&format!("{host}/{image}"), dir.path(), &[]).await;
-    assert!(run.ok, "{image}: {}", run.stderr);
-    manifest_digest_in(dir.path())
+    manifest_digest_in(pulled_copy(&format!("{host}/{image}")).await.path())
 }
 
 async fn submit(pier: &Pier, body: Value) -> Value {

@@ -878,6 +878,15 @@ pub async fn skopeo_copy(src: &str, dest: &Path, extra: &[&str]) -> Run {
     }
 }
 
+/// Pulls `image` (`<host>/<name>:<tag>`) with skopeo into a fresh `dir:`
+/// copy, which must succeed; the copy.
+pub async fn pulled_copy(image: &str) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let run = skopeo_copy(image, dir.path(), &[]).await;
+    assert!(run.ok, "{image}: {}", run.stderr);
+    dir
+}
+
 /// The sha256 digest of the manifest skopeo wrote into a `dir:` copy.
 pub fn manifest_digest_in(dir: &Path) -> String {
     use sha2::Digest as _;
