@@ -95,6 +95,31 @@ pub trait BlobStore: Send + Sync + 'static {
         false
     }
 
+    /// Whether a read of `digest` would come from a shared store behind a
+    /// copy this replica could keep: the mirror then reads it from there
+    /// once ([`BlobStore::get_shared`]), however many clients here ask,
+    /// and keeps what it read as the copy ([`BlobStore::keep_copy`]).
+    fn reads_shared(&self, _digest: &Digest) -> bool {
+        false
+    }
+
+    /// The whole blob from the shared store, past any local copy.
+    async fn get_shared(&self, digest: &Digest) -> Result<Option<BlobBody>, StorageError> {
+        self.get(digest, None).await
+    }
+
+    /// Keeps `spool`, which holds the verified `size` bytes of a blob the
+    /// shared store holds, as this replica's copy; whether it did (a copy
+    /// that does not fit is not made).
+    async fn keep_copy(
+        &self,
+        _digest: &Digest,
+        _spool: &Path,
+        _size: u64,
+    ) -> Result<bool, StorageError> {
+        Ok(false)
+    }
+
     /// Removes a blob; removing a missing blob is not an error.
     async fn delete(&self, digest: &Digest) -> Result<(), StorageError>;
 

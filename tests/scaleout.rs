@@ -527,6 +527,50 @@ async fn replicas_serve_their_local_copies_without_the_bucket() {
         let key = format!("{ns}/blobs/sha256/{hex}");
         assert!(wait_s3_has(&key).await, "{key} never stored");
     }
+    // Clients of B asking at once for the 64 MiB layer, which only the
+    // bucket holds, share one read of it, and every one gets every byte.
+    let http = reqwest::Client::new();
+    let get_objects = "pier_bucket_requests_total{operation=\"GetObject\"}";
+    let reads_before = metric(&http, &b, get_objects).await;
+    let copy = |hex: &str| {
+        let path = da
+            .path()
+            .join("cache/blobs/sha256")
+            .join(&hex[..2])
+            .join(hex);
+        std::fs::metadata(path).unwrap().len()
+    };
+    let big = in_a.iter().max_by_key(|hex| copy(hex)).unwrap().clone();
+    let size = copy(&big);
+    assert!(size >= 64 << 20, "{size}");
+    let url = format!("{}/v2/docker.io/library/big/blobs/sha256:{big}", b.url());
+    let bodies = futures::future::join_all((0..6).map(|_| {
+        let (http, url) = (http.clone(), url.clone());
+        async move {
+            let resp = http.get(&url).send().await.unwrap();
+            assert_eq!(resp.status(), 200);
+            resp.bytes().await.unwrap()
+        }
+    }))
+    .await;
+    for body in &bodies {
+        assert_eq!(body.len() as u64, size);
+        assert_eq!(
+            hex::encode(<sha2::Sha256 as sha2::Digest>::digest(body)),
+            big
+        );
+    }
+    assert_eq!(metric(&http, &b, get_objects).await - reads_before, 1.0);
+    assert_eq!(
+        metric(
+            &http,
+            &b,
+            "pier_blob_bytes_served_total{source=\"cache\",origin=\"bucket\"}"
+        )
+        .await,
+        (6 * size) as f64
+    );
+
     assert_eq!(pull(&b, "docker.io/library/big:latest").await, want);
     let in_b = wait_files(&db.path().join("cache/blobs"), 3);
     assert_eq!(in_b, in_a);
@@ -541,7 +585,6 @@ async fn replicas_serve_their_local_copies_without_the_bucket() {
     assert_eq!(pull(&b, "docker.io/library/big:latest").await, want);
     assert_eq!(docker.requests("GET", "library/big/blobs/"), gets);
 
-    let http = reqwest::Client::new();
     let hits = metric(&http, &b, "pier_local_copies_total{outcome=\"hit\"}").await;
     assert!(hits >= 3.0, "{hits}");
     // Local copies go out with sendfile, like the fs store's blobs.

@@ -101,23 +101,32 @@ impl Mirror {
         // confirms this repository has them. The fetch below need not ask
         // the store again when it has just said the blob is missing, nor
         // the store at all when it lacked the blob a moment ago.
+        //
+        // A whole blob that would be read from the shared store, because
+        // this replica keeps no copy of it, is read by a flight like a
+        // fetch's: once for all the clients here, who follow its spool, and
+        // kept as the copy. (A read per client took a thousand bucket
+        // streams, and their buffers, for a thousand nodes.)
+        let mut from_store = range.is_none() && self.blobs.reads_shared(digest);
         let mut checked_ahead = self.missing.is_missing(digest).await;
         let mut store_checked = if checked_ahead {
+            from_store = false;
             true
         } else if self.linked(target, digest).await {
-            match self.stored_body(digest, range).await? {
+            match self.stored_body_unless(from_store, digest, range).await? {
                 Some(body) => return Ok(body),
-                None => true,
+                None => !from_store,
             }
         } else if self.stored_size(digest).await.is_some() {
             if !self.authorized(target, digest).await? {
                 return Err(unknown(target, digest));
             }
-            match self.stored_body(digest, range).await? {
+            match self.stored_body_unless(from_store, digest, range).await? {
                 Some(body) => return Ok(body),
                 None => false,
             }
         } else {
+            from_store = false;
             true
         };
         let key = target.key();
@@ -130,6 +139,9 @@ impl Mirror {
         // Set once the store said it had the blob but could not give it: the
         // next fetch goes upstream instead of back to the store.
         let mut store_unreadable = false;
+        // Set once a blob found stored meanwhile was sent through a flight
+        // reading the store.
+        let mut read_store_once = false;
         loop {
             if self.no_room.recent("") && !self.flights.is_running(digest) {
                 return self.pass_through(target, digest, needs_length).await;
@@ -151,8 +163,9 @@ impl Mirror {
                 expected_size: self.sizes.get(&key, digest),
                 bounds: self.bounds,
                 store_unreadable,
+                from_store,
             };
-            (store_checked, checked_ahead) = (false, false);
+            (store_checked, checked_ahead, from_store) = (false, false, false);
             let (flight, started) = self.flights.join_or_start(digest, job);
             let foreign = flight.repo_key != key;
             if foreign && !self.authorized(target, digest).await? {
@@ -162,6 +175,16 @@ impl Mirror {
                 Ok(Started::Stored) => {
                     if !foreign && !self.authorized(target, digest).await? {
                         return Err(unknown(target, digest));
+                    }
+                    // Stored by another replica's fetch as this one began:
+                    // the clients here share one read of it too (once).
+                    if range.is_none()
+                        && !store_unreadable
+                        && !read_store_once
+                        && self.blobs.reads_shared(digest)
+                    {
+                        (from_store, read_store_once) = (true, true);
+                        continue;
                     }
                     match self.blobs.get(digest, range).await {
                         Ok(Some(body)) => {
@@ -211,14 +234,20 @@ impl Mirror {
                         _ => None,
                     };
                     let (start, end) = range.map_or((0, None), |r| (r.start, Some(r.end + 1)));
-                    metrics().cache("blob", if started { "miss" } else { "joined" });
+                    let cached = flight.reads_store();
+                    let outcome = match (cached, started) {
+                        (true, _) => "hit",
+                        (false, true) => "miss",
+                        (false, false) => "joined",
+                    };
+                    metrics().cache("blob", outcome);
                     Ok(BlobResponse {
                         size,
                         range,
                         stream: flight.clone().stream(start, end).boxed(),
                         origin: flight.origin(),
                         pieces: Some(flight.pieces(start, end).boxed()),
-                        cached: false,
+                        cached,
                     })
                 }
                 // Also a fetch failed on the size another repository's
@@ -229,6 +258,14 @@ impl Mirror {
                 ) if foreign && !joined_foreign => {
                     joined_foreign = true;
                     continue;
+                }
+                // No room to spool a stored blob: each client reads it
+                // from the store.
+                Err(FlightError::NoRoom(_)) if flight.reads_store() => {
+                    match self.stored_body(digest, range).await? {
+                        Some(body) => Ok(body),
+                        None => continue,
+                    }
                 }
                 Err(FlightError::NoRoom(why)) => {
                     tracing::warn!(%digest, %why, "no room to spool a blob: passing it through");
@@ -292,6 +329,20 @@ impl Mirror {
             cached: false,
             origin: "upstream",
         })
+    }
+
+    /// [`Mirror::stored_body`], unless `flight`: the caller reads the blob
+    /// through a flight then.
+    async fn stored_body_unless(
+        &self,
+        flight: bool,
+        digest: &Digest,
+        range: Option<RangeSpec>,
+    ) -> Result<Option<BlobResponse>, MirrorError> {
+        if flight {
+            return Ok(None);
+        }
+        self.stored_body(digest, range).await
     }
 
     /// The stored blob (or the asked part of it), `None` when it is not

@@ -62,6 +62,10 @@ pub struct FetchJob {
     /// The store said it holds the blob, then could not give it: fetch it
     /// instead of sending clients back to the store.
     pub store_unreadable: bool,
+    /// The blob is in the shared store, and this replica keeps no copy of
+    /// it: read it from there (for every client here at once) and keep it
+    /// as the copy, or fetch it if the store does not give it.
+    pub from_store: bool,
 }
 
 /// Limits on one fetch, so a hostile or broken upstream cannot fill the
@@ -136,7 +140,7 @@ enum Source {
     Stored,
 }
 
-pub(super) async fn run(guard: FlightGuard, job: FetchJob, spool_dir: PathBuf) {
+pub(super) async fn run(guard: FlightGuard, mut job: FetchJob, spool_dir: PathBuf) {
     let flight = guard.flight.clone();
     let digest = flight.digest.clone();
     let spool = spool_dir.join(format!(
@@ -144,19 +148,92 @@ pub(super) async fn run(guard: FlightGuard, job: FetchJob, spool_dir: PathBuf) {
         digest.hex(),
         rand::random::<u64>()
     ));
-    let outcome = match source(&job, &flight).await {
+    let outcome = match read_shared(&flight, &mut job, &spool).await {
+        Some(outcome) => outcome,
+        None => fetch(&guard, &job, &spool).await,
+    };
+    if let Err(e) = outcome {
+        // A blob upstream does not have is the client's answer (a 404 on its
+        // request line), not a failure of the mirror.
+        if matches!(e, FlightError::Upstream(UpstreamError::NotFound { .. })) {
+            tracing::debug!(%digest, registry = job.upstream.registry(), "blob not on upstream");
+        } else {
+            tracing::warn!(%digest, registry = job.upstream.registry(), error = ?e, "blob fetch failed");
+        }
+        guard.fail(e);
+    }
+    // The flight leaves the map first: a request arriving now looks at the
+    // store afresh instead of joining a flight that has ended.
+    drop(guard);
+    // Gone already when the store took the file itself.
+    remove_quietly(&spool).await;
+}
+
+/// Reads the blob from the shared store into the spool, for this
+/// replica's clients, and keeps it as the local copy. `None` when the job
+/// is no such read, or the store does not give the blob: it is fetched
+/// then, as a missing blob is.
+async fn read_shared(
+    flight: &Arc<Flight>,
+    job: &mut FetchJob,
+    spool: &Path,
+) -> Option<Result<(), FlightError>> {
+    if !job.from_store {
+        return None;
+    }
+    let body = match job.blobs.get_shared(&flight.digest).await {
+        Ok(Some(body)) => body,
+        Ok(None) => {
+            job.store_checked = true;
+            flight.set_origin("upstream");
+            return None;
+        }
+        Err(e) => {
+            metrics().backend_error("storage");
+            tracing::warn!(digest = %flight.digest, error = %e, "a stored blob cannot be read; fetching it");
+            job.store_unreadable = true;
+            flight.set_origin("upstream");
+            return None;
+        }
+    };
+    let incoming = Incoming {
+        length: Some(body.size),
+        chunks: body.stream.map(|c| c.map_err(|e| e.to_string())).boxed(),
+        from: Feed::Store,
+    };
+    let (size, spooled) = match download(flight, job, spool, incoming).await {
+        Ok(read) => read,
+        Err(e) => return Some(Err(e)),
+    };
+    if let Spooled::Memory(chunks) = spooled
+        && let Err(e) = write_spool(spool, chunks).await
+    {
+        tracing::warn!(digest = %flight.digest, error = ?e, "cannot write a stored blob to the spool");
+        return Some(Ok(()));
+    }
+    if let Err(e) = job.blobs.keep_copy(&flight.digest, spool, size).await {
+        tracing::warn!(digest = %flight.digest, error = %e, "cannot keep a local copy of a stored blob");
+    }
+    Some(Ok(()))
+}
+
+/// Fetches the blob from upstream or a peer replica, and stores it when
+/// this replica fetched it upstream.
+async fn fetch(guard: &FlightGuard, job: &FetchJob, spool: &Path) -> Result<(), FlightError> {
+    let flight = &guard.flight;
+    match source(job, flight).await {
         Ok(Source::Stored) => {
             flight.phase.send_replace(Phase::Stored);
-            return;
+            Ok(())
         }
         Ok(Source::Upstream(lease)) => {
             // The slot bounds fetches from upstream, not the commits after.
             let fetched = match job.slots.take().await {
-                Ok(_slot) => from_upstream(&flight, &job, &spool).await,
+                Ok(_slot) => from_upstream(flight, job, spool).await,
                 Err(e) => Err(e),
             };
             let result = match fetched {
-                Ok((size, spooled)) => Ok(commit(&guard, &job, &spool, size, spooled).await),
+                Ok((size, spooled)) => Ok(commit(guard, job, spool, size, spooled).await),
                 Err(e) => Err(e),
             };
             match (lease, &result) {
@@ -171,25 +248,13 @@ pub(super) async fn run(guard: FlightGuard, job: FetchJob, spool_dir: PathBuf) {
             result.map(drop)
         }
         Ok(Source::Peer(resp)) => {
-            flight.set_from_peer();
+            flight.set_origin("peer");
             let from = format!("{} via a peer replica", job.upstream.registry());
-            download(&flight, &job, &spool, resp, &from).await.map(drop)
+            let incoming = Incoming::response(resp, Feed::Upstream(from));
+            download(flight, job, spool, incoming).await.map(drop)
         }
         Err(e) => Err(e),
-    };
-    if let Err(e) = outcome {
-        // A blob upstream does not have is the client's answer (a 404 on its
-        // request line), not a failure of the mirror.
-        if matches!(e, FlightError::Upstream(UpstreamError::NotFound { .. })) {
-            tracing::debug!(%digest, registry = job.upstream.registry(), "blob not on upstream");
-        } else {
-            tracing::warn!(%digest, registry = job.upstream.registry(), error = ?e, "blob fetch failed");
-        }
-        guard.fail(e);
     }
-    // Gone already when the store took the file itself.
-    remove_quietly(&spool).await;
-    drop(guard);
 }
 
 /// Decides where the bytes come from. With replicas sharing metadata, one
@@ -332,8 +397,8 @@ async fn from_upstream(
         .blob(&job.repository, &flight.digest)
         .await
         .map_err(FlightError::Upstream)?;
-    let registry = job.upstream.registry().to_owned();
-    let fetched = download(flight, job, spool, resp, &registry).await?;
+    let from = Feed::Upstream(job.upstream.registry().to_owned());
+    let fetched = download(flight, job, spool, Incoming::response(resp, from)).await?;
     crate::telemetry::tally::tally().add("bytes.fetched", fetched.0);
     Ok(fetched)
 }
@@ -406,28 +471,82 @@ async fn commit(
 /// UPLOAD_WAIT_MAX).
 const IN_MEMORY_MAX: u64 = 1024 * 1024;
 
-/// Streams `resp` into a spool, publishing progress to readers. Returns the
-/// verified size and where the bytes are; the phase is `Verified` when it
-/// returns Ok. `from` names the source in errors.
+/// A body to spool: its announced length, its chunks, and who sends it.
+struct Incoming {
+    length: Option<u64>,
+    chunks: futures::stream::BoxStream<'static, Result<Bytes, String>>,
+    from: Feed,
+}
+
+enum Feed {
+    /// Upstream (named so in errors), or a peer replica's fetch from it.
+    Upstream(String),
+    /// The shared store, which holds only verified blobs.
+    Store,
+}
+
+impl Feed {
+    fn name(&self) -> &str {
+        match self {
+            Feed::Upstream(name) => name,
+            Feed::Store => "the shared blob store",
+        }
+    }
+
+    /// The body failed to arrive.
+    fn unavailable(&self, detail: String) -> FlightError {
+        match self {
+            Feed::Upstream(registry) => FlightError::Upstream(UpstreamError::Unavailable {
+                registry: registry.clone(),
+                detail,
+            }),
+            Feed::Store => FlightError::Failed(format!("{}: {detail}", self.name())),
+        }
+    }
+}
+
+impl Incoming {
+    fn response(resp: reqwest::Response, from: Feed) -> Self {
+        Self {
+            length: resp.content_length(),
+            chunks: resp
+                .bytes_stream()
+                .map(|c| c.map_err(|e| crate::upstream::describe(&e.without_url())))
+                .boxed(),
+            from,
+        }
+    }
+}
+
+/// Streams `incoming` into a spool, publishing progress to readers.
+/// Returns the verified size and where the bytes are; the phase is
+/// `Verified` when it returns Ok.
 async fn download(
     flight: &Arc<Flight>,
     job: &FetchJob,
     spool: &Path,
-    resp: reqwest::Response,
-    from: &str,
+    incoming: Incoming,
 ) -> Result<(u64, Spooled), FlightError> {
-    let registry = from.to_owned();
+    let Incoming {
+        length,
+        chunks,
+        from,
+    } = incoming;
     let mismatch = || FlightError::Mismatch {
-        registry: registry.clone(),
+        registry: from.name().to_owned(),
         expected: flight.digest.to_string(),
     };
     // The manifest's word and upstream's must agree; either gives the
     // length clients are told, and the point past which the body is wrong.
-    let size = match (job.expected_size, resp.content_length()) {
+    let size = match (job.expected_size, length) {
         (Some(named), Some(sent)) if named != sent => return Err(mismatch()),
         (named, sent) => named.or(sent),
     };
-    let max = job.bounds.max_blob_size;
+    // A stored blob was let in once already.
+    let max = match from {
+        Feed::Store => u64::MAX,
+        Feed::Upstream(_) => job.bounds.max_blob_size,
+    };
     let too_large = |what: String| {
         metrics().fetch_abandoned("too_large");
         FlightError::Failed(over_max_blob_size(&what, max))
@@ -456,14 +575,10 @@ async fn download(
         readable: 0,
     });
 
-    let broke_off = |received: u64, e: reqwest::Error| {
-        FlightError::Upstream(UpstreamError::Unavailable {
-            registry: registry.clone(),
-            detail: format!(
-                "the blob body broke off after {received} bytes: {}",
-                crate::upstream::describe(&e.without_url())
-            ),
-        })
+    let broke_off = |received: u64, e: String| {
+        from.unavailable(format!(
+            "the blob body broke off after {received} bytes: {e}"
+        ))
     };
     // A spool file is written and hashed by a task of its own, so that
     // receiving from upstream never waits for the disk.
@@ -473,7 +588,7 @@ async fn download(
         Spooled::Memory(memory) => Sink::Memory(memory.clone(), Box::new(hasher)),
     };
     let mut received: u64 = 0;
-    let mut body = resp.bytes_stream();
+    let mut body = chunks;
     let mut pace = Pace::new(job.bounds.min_rate, job.bounds.min_rate_window);
     let mut idle_until = Instant::now() + job.body_idle;
     loop {
@@ -491,13 +606,10 @@ async fn download(
         }
         let chunk = match next {
             Err(_) if now >= idle_until => {
-                return Err(FlightError::Upstream(UpstreamError::Unavailable {
-                    registry,
-                    detail: format!(
-                        "the blob body stalled for {}",
-                        humantime::format_duration(job.body_idle)
-                    ),
-                }));
+                return Err(from.unavailable(format!(
+                    "the blob body stalled for {}",
+                    humantime::format_duration(job.body_idle)
+                )));
             }
             Err(_) => continue,
             Ok(None) => break,

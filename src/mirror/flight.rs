@@ -3,7 +3,9 @@
 //! every client reads the spool at its own pace. The last byte is released
 //! only once the whole blob matched its digest, so no client ever receives a
 //! complete body that is wrong. The fetch runs detached from the clients:
-//! one hanging up cancels nothing.
+//! one hanging up cancels nothing. A blob in the shared store that this
+//! replica keeps no copy of is read the same way, once for all its
+//! clients here, and the spool becomes the copy.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -159,14 +161,18 @@ pub enum Started {
     Stored,
 }
 
+/// Where a flight's bytes come from; a flight starts at `upstream`, or at
+/// `bucket` when it reads the shared store.
+const ORIGINS: [&str; 3] = ["upstream", "bucket", "peer"];
+
 pub struct Flight {
     pub digest: Digest,
     /// The repository the fetch was started for (upstream confirmed it).
     pub repo_key: String,
     pub(super) phase: watch::Sender<Phase>,
     began: std::time::Instant,
-    /// Set when the bytes come from another replica's fetch, not upstream.
-    from_peer: std::sync::atomic::AtomicBool,
+    /// Where the bytes come from: one of [`ORIGINS`].
+    origin: std::sync::atomic::AtomicUsize,
     /// Clients streaming from the spool now, or waiting for the verified
     /// blob (HTTP/1.0).
     readers: watch::Sender<usize>,
@@ -263,7 +269,7 @@ impl Flights {
                 repo_key: job.repo_key.clone(),
                 phase: watch::Sender::new(Phase::Connecting),
                 began: std::time::Instant::now(),
-                from_peer: std::sync::atomic::AtomicBool::new(false),
+                origin: std::sync::atomic::AtomicUsize::new(usize::from(job.from_store)),
                 readers: watch::Sender::new(0),
             });
             map.insert(digest.clone(), f.clone());
@@ -344,19 +350,22 @@ impl Drop for FlightGuard {
 }
 
 impl Flight {
-    /// Where the bytes come from, for metrics: `upstream`, or `peer` when
-    /// another replica's fetch streams them.
+    /// Where the bytes come from, for metrics: `upstream`, `bucket` (the
+    /// shared store, read once for this replica's clients) or `peer`
+    /// (another replica's fetch).
     pub fn origin(&self) -> &'static str {
-        if self.from_peer.load(std::sync::atomic::Ordering::SeqCst) {
-            "peer"
-        } else {
-            "upstream"
-        }
+        ORIGINS[self.origin.load(std::sync::atomic::Ordering::SeqCst) % ORIGINS.len()]
     }
 
-    pub(super) fn set_from_peer(&self) {
-        self.from_peer
-            .store(true, std::sync::atomic::Ordering::SeqCst);
+    /// Whether the bytes come from the shared store: the clients' blob is
+    /// in the cache.
+    pub fn reads_store(&self) -> bool {
+        self.origin() == "bucket"
+    }
+
+    pub(super) fn set_origin(&self, origin: &'static str) {
+        let i = ORIGINS.iter().position(|o| *o == origin).unwrap_or(0);
+        self.origin.store(i, std::sync::atomic::Ordering::SeqCst);
     }
 
     /// Clients streaming from the spool now (or waiting for the verified

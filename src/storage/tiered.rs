@@ -160,6 +160,26 @@ impl BlobStore for TieredBlobStore {
         self.shared.remote()
     }
 
+    fn reads_shared(&self, digest: &Digest) -> bool {
+        !self.local.holds(digest)
+    }
+
+    async fn get_shared(&self, digest: &Digest) -> Result<Option<BlobBody>, StorageError> {
+        self.shared.get(digest, None).await
+    }
+
+    async fn keep_copy(
+        &self,
+        digest: &Digest,
+        spool: &Path,
+        size: u64,
+    ) -> Result<bool, StorageError> {
+        if self.local.holds(digest) {
+            return Ok(true);
+        }
+        self.local.keep_spool(digest, spool, size).await
+    }
+
     fn make_room(&self) {
         let local = self.local.clone();
         tokio::spawn(async move { local.keep_free(0).await });
