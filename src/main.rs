@@ -588,8 +588,7 @@ fn main() -> ExitCode {
                 }
             };
             let result = runtime.block_on(async {
-                let listener = tokio::net::TcpListener::bind(config.listen)
-                    .await
+                let listener = pier::server::listen(config.listen)
                     .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.listen))?;
                 pier::server::serve(&config, listener, pier::server::shutdown_signal()).await
             });

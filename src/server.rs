@@ -305,6 +305,28 @@ pub async fn serve(
     Ok(())
 }
 
+/// Listens on `addr` with a queue of connections waiting to be accepted as
+/// long as the kernel allows (`net.core.somaxconn`, as Go's runtime asks
+/// for other registries): a fleet's nodes connect all at once, and a
+/// connection refused by a full queue reaches its client as a timeout or a
+/// reset (1,000 nodes overflowed tokio's default of 1,024;
+/// tests/bench/fleet.py).
+pub fn listen(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
+    let backlog = std::fs::read_to_string("/proc/sys/net/core/somaxconn")
+        .ok()
+        .and_then(|s| s.trim().parse::<u32>().ok())
+        .unwrap_or(4096)
+        .clamp(1024, 65535);
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(backlog)
+}
+
 /// A fleet pulling at once is thousands of connections, and services are
 /// often started with a soft limit of 1024 open files (or 256): the soft
 /// limit goes up to the hard one, as Go's runtime does for other

@@ -133,9 +133,10 @@ fn serve_without_a_config_keeps_its_data_under_the_working_directory() {
 
 /// Started with a soft limit of 256 open files (as some hosts start
 /// services), `pier serve` raises it to the hard limit and logs the limit
-/// in force: a fleet pulling at once is thousands of connections.
+/// in force, and it queues connections as deep as the kernel allows: a
+/// fleet pulling at once is thousands of connections.
 #[test]
-fn serve_raises_the_open_file_limit_to_the_hard_one() {
+fn serve_raises_the_open_file_limit_to_the_hard_one_and_queues_deep() {
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
     let log = dir.path().join("pier.log");
@@ -154,6 +155,13 @@ fn serve_raises_the_open_file_limit_to_the_hard_one() {
         .unwrap();
     wait_http(&format!("http://127.0.0.1:{port}/healthz"));
     let limits = std::fs::read_to_string(format!("/proc/{}/limits", child.id())).unwrap();
+    // For a listening socket, `ss` shows the accept queue's length as
+    // Send-Q: as deep as the kernel allows, not tokio's 1,024.
+    let listening = Command::new("ss")
+        .args(["-Hltn", &format!("sport = :{port}")])
+        .output()
+        .unwrap();
+    let listening = String::from_utf8_lossy(&listening.stdout).into_owned();
     let _ = child.kill();
     let _ = child.wait();
     let line = limits
@@ -164,6 +172,17 @@ fn serve_raises_the_open_file_limit_to_the_hard_one() {
     let (soft, hard) = (fields[3], fields[4]);
     assert_eq!(soft, hard, "{line}");
     assert_ne!(soft, "256", "{line}");
+    let somaxconn: u32 = std::fs::read_to_string("/proc/sys/net/core/somaxconn")
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let queue = listening.split_whitespace().nth(2);
+    assert_eq!(
+        queue,
+        Some(somaxconn.clamp(1024, 65535).to_string().as_str()),
+        "{listening}"
+    );
     let logged = std::fs::read_to_string(&log).unwrap();
     assert!(
         logged

@@ -110,7 +110,7 @@ impl Nginx {
                 "server pier-b:5000;",
                 &format!("server {};", replicas[1].host()),
             )
-            .replace("listen 80;", &format!("listen 127.0.0.1:{port};"))
+            .replace("listen 80 ", &format!("listen 127.0.0.1:{port} "))
             .replace("worker_processes auto;", "worker_processes 2;");
         let file = dir.path().join("nginx.conf");
         std::fs::write(&file, conf).unwrap();

@@ -4,7 +4,7 @@
 # loopback. Idempotent; needs root.
 set -euo pipefail
 
-packages=(docker-registry skopeo curl ca-certificates apache2-utils redis-server nginx-light)
+packages=(docker-registry skopeo curl ca-certificates apache2-utils redis-server nginx-light iproute2)
 # Real container runtimes as clients (tests/runtimes.rs): each test starts its
 # own private daemon as root; runc comes with them, and nothing else (no
 # rootless helpers, overlay or network tools) is needed for vfs/native pulls.

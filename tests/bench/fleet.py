@@ -33,6 +33,7 @@ import argparse
 import json
 import os
 import re
+import resource
 import shutil
 import subprocess
 import sys
@@ -76,10 +77,13 @@ class Fleet:
         d.mkdir()
         port = free_port()
         user = "user root;\n" if os.geteuid() == 0 else ""
+        # nginx may not raise its open file limit past the hard one.
+        nofile = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+        nofile = 65536 if nofile == resource.RLIM_INFINITY else min(nofile, 65536)
         temps = "".join(f"    {t}_temp_path {d}/{t};\n"
                         for t in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
         (d / "nginx.conf").write_text(
-            f"daemon off;\n{user}worker_processes auto;\nworker_rlimit_nofile 65536;\n"
+            f"daemon off;\n{user}worker_processes auto;\nworker_rlimit_nofile {nofile};\n"
             f"pid {d}/nginx.pid;\nerror_log {d}/error.log;\n"
             f"events {{ worker_connections 16384; }}\n"
             f"http {{\n    access_log off;\n{temps}{body.replace('PORT', str(port))}}}\n")
@@ -164,7 +168,7 @@ class Fleet:
         servers = "".join(f"        server {b.removeprefix('http://')};\n" for _, b in self.replicas)
         self.lb_proc, self.lb = self.nginx(f"lb-{self.seq}", (
             f"    upstream pier {{\n{servers}        keepalive 64;\n    }}\n"
-            "    server {\n        listen 127.0.0.1:PORT;\n        client_max_body_size 0;\n"
+            "    server {\n        listen 127.0.0.1:PORT backlog=4096;\n        client_max_body_size 0;\n"
             "        proxy_http_version 1.1;\n        proxy_set_header Connection \"\";\n"
             "        proxy_set_header Host $http_host;\n        proxy_buffering off;\n"
             "        proxy_request_buffering off;\n        proxy_max_temp_file_size 0;\n"
