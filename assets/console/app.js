@@ -369,13 +369,14 @@ async function image(name) {
 
 async function activity() {
   const a = await api('/api/v1/activity');
-  const fetches = a.fetches.length ? table(['Image', 'Blob', 'Replica', 'Progress', 'Speed', 'Time left', 'Waiting'],
+  const from = { upstream: 'upstream', peer: 'another replica', bucket: 'the bucket, for a local copy' };
+  const fetches = a.fetches.length ? table(['Image', 'Blob', 'Replica', 'From', 'Progress', 'Speed', 'Time left', 'Waiting'],
     a.fetches.map((f) => [link('/repositories/' + pathOf(f.repository), f.repository),
-      el('span', { class: 'digest', title: f.digest }, short(f.digest)), f.replica,
+      el('span', { class: 'digest', title: f.digest }, short(f.digest)), f.replica, from[f.origin] || '—',
       el('div', {}, el('progress', { max: f.size || 1, value: f.size ? f.received : 0, 'aria-label': 'Received of ' + short(f.digest) }),
         el('div', { class: 'small' }, bytes(f.received) + (f.size ? ' of ' + bytes(f.size) : ''))),
       f.bytes_per_second ? bytes(f.bytes_per_second) + '/s' : '—', f.eta_seconds === null ? '—' : seconds(f.eta_seconds),
-      count(f.waiting)]), [6]) :
+      count(f.waiting)]), [7]) :
     el('p', { class: 'muted' }, 'No cold fetch is running. A pull of an image that is not cached shows here while its layers come in.');
   const jobs = a.jobs.length ? table(['Job', 'State', 'Images', 'Progress', 'Updated'],
     a.jobs.map((j) => {

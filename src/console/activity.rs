@@ -22,8 +22,11 @@ pub struct Activity {
 
 #[derive(Debug, Serialize)]
 pub struct Fetch {
-    /// The replica fetching it (it holds the blob's lease).
+    /// The replica fetching it (it holds the blob's lease, or reads the
+    /// bucket for its own copy).
     pub replica: String,
+    /// `upstream`, `peer` (streaming another replica's fetch) or `bucket`.
+    pub origin: String,
     pub repository: String,
     pub digest: String,
     pub received: u64,
@@ -44,6 +47,7 @@ pub async fn activity(meta: &dyn MetaStore, failures: usize) -> Result<Activity,
                     (f.seconds > 0.0 && f.received > 0).then(|| f.received as f64 / f.seconds);
                 Fetch {
                     replica: r.name.clone(),
+                    origin: f.origin.clone(),
                     repository: f.repository.clone(),
                     digest: f.digest.clone(),
                     received: f.received,

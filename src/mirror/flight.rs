@@ -189,6 +189,10 @@ pub struct FlightNow {
     pub size: Option<u64>,
     /// Clients reading it or waiting for it.
     pub waiting: usize,
+    /// Where the bytes come from: `upstream`, `peer` (another replica's
+    /// fetch) or `bucket` (the shared store, for this replica's copy).
+    #[serde(default)]
+    pub origin: String,
     /// How long it has been running.
     pub seconds: f64,
 }
@@ -245,6 +249,7 @@ impl Flights {
                     received,
                     size,
                     waiting: f.readers(),
+                    origin: f.origin().to_owned(),
                     seconds: f.began.elapsed().as_secs_f64(),
                 }
             })

@@ -11,8 +11,6 @@ pub struct Lru<K> {
     /// last use → key; the first entry is the one to evict next.
     by_use: BTreeMap<u64, K>,
     used: u64,
-    /// Bytes promised to entries on their way in.
-    reserved: u64,
     budget: u64,
     clock: u64,
 }
@@ -23,7 +21,6 @@ impl<K: Clone + Eq + Hash> Lru<K> {
             entries: HashMap::new(),
             by_use: BTreeMap::new(),
             used: 0,
-            reserved: 0,
             budget,
             clock: 0,
         }
@@ -77,26 +74,11 @@ impl<K: Clone + Eq + Hash> Lru<K> {
         self.evict_to_budget()
     }
 
-    /// Promises room for an entry of `size` bytes on its way in, evicting
-    /// what must go for it; `None` (nothing evicted) when other promises
-    /// leave no room. `unreserve` ends the promise, before `insert`.
-    pub fn reserve(&mut self, size: u64) -> Option<Vec<K>> {
-        if self.reserved + size > self.budget {
-            return None;
-        }
-        self.reserved += size;
-        Some(self.evict_to_budget())
-    }
-
-    pub fn unreserve(&mut self, size: u64) {
-        self.reserved = self.reserved.saturating_sub(size);
-    }
-
-    /// Evicts least recently used entries until held and promised bytes
-    /// fit the budget.
+    /// Evicts least recently used entries until the held bytes fit the
+    /// budget.
     fn evict_to_budget(&mut self) -> Vec<K> {
         let mut evicted = Vec::new();
-        while self.used + self.reserved > self.budget {
+        while self.used > self.budget {
             let Some((_, oldest)) = self.by_use.pop_first() else {
                 break;
             };
@@ -200,22 +182,5 @@ mod tests {
         assert_eq!(lru.pop_oldest(), Some(("a".to_owned(), 1)));
         assert_eq!(lru.pop_oldest(), None);
         assert_eq!((lru.used(), lru.len()), (0, 0));
-    }
-
-    #[test]
-    fn room_promised_to_an_entry_on_its_way_is_kept_free() {
-        let mut lru = Lru::<String>::new(100);
-        lru.insert("a".into(), 40);
-        lru.insert("b".into(), 40);
-        // 50 on the way: a goes now.
-        assert_eq!(lru.reserve(50), Some(vec!["a".to_owned()]));
-        // Promises cannot exceed the budget, and take nothing then.
-        assert_eq!(lru.reserve(60), None);
-        assert!(lru.contains(&"b".into()));
-        // A new entry meanwhile does not eat into the promise.
-        assert_eq!(lru.insert("c".into(), 20), vec!["b".to_owned()]);
-        lru.unreserve(50);
-        assert!(lru.insert("d".into(), 50).is_empty());
-        assert_eq!(lru.used(), 70);
     }
 }

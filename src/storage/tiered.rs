@@ -2,19 +2,17 @@
 //! replica's local disk, served like the fs store (sendfile, no request to
 //! the bucket). Blobs are immutable and named by digest, so a local copy
 //! never goes stale; a copy is only ever made from verified bytes: the
-//! spool of a fetch this replica committed, or a whole read from the shared
-//! store that hashed to the digest. Least recently used copies go first
-//! when the budget is full.
+//! spool of a fetch this replica committed, or the spool of the one read of
+//! the shared store that this replica's clients followed (the mirror's
+//! flight, which checks the digest as a fetch does). Least recently used
+//! copies go first when the budget is full.
 
 use std::collections::HashSet;
-use std::io::{self, Write};
+use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use async_trait::async_trait;
-use bytes::Bytes;
-use futures::StreamExt;
-use tokio::sync::Semaphore;
 
 use super::budget::short_of_space;
 use super::fs::{free_space, move_into_place, sync_spool};
@@ -22,16 +20,8 @@ use super::lru::Lru;
 use super::{BlobBody, BlobStore, FsBlobStore, StorageError};
 use crate::config::MinFree;
 use crate::range::RangeSpec;
-use crate::reference::{Digest, Hasher};
+use crate::reference::Digest;
 use crate::telemetry::metrics::metrics;
-
-/// Copies being made from shared-store reads at once; a read that finds
-/// them all busy is served without making one (a later read will).
-const FILLS_AT_ONCE: usize = 8;
-/// Chunks a client's read may run ahead of the copy being written. The
-/// disk keeps up with any client; more only holds memory (32 chunks from
-/// S3 took an idle replica's peak RSS from 18 to 38 MiB).
-const FILL_QUEUE: usize = 4;
 
 pub struct TieredBlobStore {
     shared: Arc<dyn BlobStore>,
@@ -67,8 +57,6 @@ impl TieredBlobStore {
             tmp: dir.join("tmp"),
             index: Mutex::new(Lru::new(budget)),
             min_free,
-            filling: Mutex::default(),
-            fill_slots: Arc::new(Semaphore::new(FILLS_AT_ONCE)),
         };
         for (digest, size) in found {
             local.admit(digest, size).await;
@@ -129,14 +117,7 @@ impl BlobStore for TieredBlobStore {
         if let Some(body) = self.local.get(digest, range).await? {
             return Ok(Some(body));
         }
-        let Some(body) = self.shared.get(digest, range).await? else {
-            return Ok(None);
-        };
-        Ok(Some(LocalCopies::copy_while_read(
-            &self.local,
-            digest,
-            body,
-        )))
+        self.shared.get(digest, range).await
     }
 
     /// Keeps the verified spool file as this replica's local copy (a second
@@ -235,14 +216,11 @@ struct LocalCopies {
     files: FsBlobStore,
     /// Where `files` keeps them.
     root: PathBuf,
-    /// Copies being written from shared-store reads.
+    /// Copies on their way from another filesystem.
     tmp: PathBuf,
     index: Mutex<Lru<Digest>>,
     /// Free space kept on the copies' filesystem.
     min_free: MinFree,
-    /// Blobs a read is copying now, so two readers do not both copy.
-    filling: Mutex<HashSet<Digest>>,
-    fill_slots: Arc<Semaphore>,
 }
 
 impl LocalCopies {
@@ -412,133 +390,6 @@ impl LocalCopies {
             .local_copy_bytes
             .set(i64::try_from(used).unwrap_or(i64::MAX));
     }
-
-    /// Passes `body` (read from the shared store) through, writing a copy of
-    /// it on the side when it is the whole blob and it fits; the copy is
-    /// kept only if every byte arrived and they hash to `digest`.
-    fn copy_while_read(this: &Arc<Self>, digest: &Digest, body: BlobBody) -> BlobBody {
-        let size = body.size;
-        if body.range.is_some() {
-            return body;
-        }
-        let Ok(slot) = this.fill_slots.clone().try_acquire_owned() else {
-            return body;
-        };
-        let Some(filling) = Filling::start(this, digest) else {
-            return body;
-        };
-        // A copy that would take the filesystem below `min_free` is not
-        // made: the blob is read from the shared store next time too.
-        if free_space(&this.root).is_ok_and(|(free, total)| {
-            short_of_space(this.min_free, free.saturating_sub(size), total).is_some()
-        }) {
-            let this = this.clone();
-            tokio::spawn(async move { this.keep_free(0).await });
-            return body;
-        }
-        // The copy being written counts against the budget from the start,
-        // so copies and copies in the making never hold more than it.
-        let Some(evicted) = this.index().reserve(size) else {
-            return body;
-        };
-        let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(FILL_QUEUE);
-        tokio::spawn(async move {
-            let Filling { copies, digest } = &filling;
-            copies.remove_evicted(evicted).await;
-            let placed = copies.fill(digest, size, rx).await;
-            copies.index().unreserve(size);
-            if placed {
-                copies.admit(digest.clone(), size).await;
-            }
-            drop(filling);
-            drop(slot);
-        });
-        let stream = body
-            .stream
-            .then(move |item| {
-                let tx = tx.clone();
-                async move {
-                    if let Ok(chunk) = &item {
-                        // A failed send means the copy was given up.
-                        let _ = tx.send(chunk.clone()).await;
-                    }
-                    item
-                }
-            })
-            .boxed();
-        BlobBody { stream, ..body }
-    }
-
-    /// Writes what the read passes on to a temporary file and, when it is
-    /// the whole blob and verified, puts it in place; whether it did.
-    async fn fill(
-        &self,
-        digest: &Digest,
-        size: u64,
-        rx: tokio::sync::mpsc::Receiver<Bytes>,
-    ) -> bool {
-        let tmp = self.tmp.join(format!(
-            "{}-{:016x}.part",
-            digest.hex(),
-            rand::random::<u64>()
-        ));
-        let (expected, dest) = (digest.clone(), self.files.path_of(digest));
-        let copied = tokio::task::spawn_blocking(move || {
-            let copied = write_copy(&tmp, &expected, size, rx)
-                .map_err(StorageError::from)
-                .and_then(|copied| {
-                    if copied == Copied::Whole {
-                        move_into_place(&tmp, &dest, size)?;
-                    }
-                    Ok(copied)
-                });
-            remove_leftover(&tmp);
-            copied
-        })
-        .await
-        .map_err(|e| StorageError::Io(io::Error::other(e)))
-        .and_then(|c| c);
-        match copied {
-            Ok(Copied::Whole) => return true,
-            Ok(Copied::Short) => tracing::debug!(%digest, "read ended early: no local copy made"),
-            Ok(Copied::Mismatch) => {
-                metrics().backend_error("storage");
-                tracing::error!(%digest, "the shared store holds other bytes under this digest: no local copy made");
-            }
-            Err(e) => tracing::warn!(%digest, error = %e, "cannot make a local copy of a blob"),
-        }
-        false
-    }
-}
-
-/// A blob a read is copying now; dropping it lets the next read copy it.
-struct Filling {
-    copies: Arc<LocalCopies>,
-    digest: Digest,
-}
-
-impl Filling {
-    /// `None` when another read is copying the blob already.
-    fn start(copies: &Arc<LocalCopies>, digest: &Digest) -> Option<Self> {
-        let mut filling = copies
-            .filling
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        filling.insert(digest.clone()).then(|| Self {
-            copies: copies.clone(),
-            digest: digest.clone(),
-        })
-    }
-}
-
-impl Drop for Filling {
-    fn drop(&mut self) {
-        self.copies
-            .filling
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .remove(&self.digest);
-    }
 }
 
 /// Removes a temporary file that may be left after a failure. Blocking.
@@ -548,45 +399,6 @@ fn remove_leftover(tmp: &Path) {
     {
         tracing::warn!(path = %tmp.display(), error = %e, "cannot remove a partial local copy");
     }
-}
-
-/// What a copy made while reading came to.
-#[derive(Debug, PartialEq, Eq)]
-enum Copied {
-    /// Every byte, matching the digest.
-    Whole,
-    /// The read ended before the last byte (or went past it).
-    Short,
-    /// Every byte, not matching the digest.
-    Mismatch,
-}
-
-/// Writes the chunks to `path` as they come and says whether they were the
-/// whole blob: `size` bytes hashing to `digest`. Blocking.
-fn write_copy(
-    path: &Path,
-    digest: &Digest,
-    size: u64,
-    mut rx: tokio::sync::mpsc::Receiver<Bytes>,
-) -> io::Result<Copied> {
-    let mut file = std::fs::File::create_new(path)?;
-    let mut hasher = Hasher::new(digest.algorithm());
-    let mut written = 0u64;
-    while let Some(chunk) = rx.blocking_recv() {
-        written += chunk.len() as u64;
-        if written > size {
-            return Ok(Copied::Short);
-        }
-        file.write_all(&chunk)?;
-        hasher.update(&chunk);
-    }
-    Ok(if written != size {
-        Copied::Short
-    } else if hasher.finish() == *digest {
-        Copied::Whole
-    } else {
-        Copied::Mismatch
-    })
 }
 
 /// Gives the spool (which must hold `size` bytes) a second name at `dest`,
@@ -623,6 +435,8 @@ fn link_copy(spool: &Path, dest: &Path, tmp: &Path, size: u64) -> Result<(), Sto
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
+
+    use futures::StreamExt;
 
     use super::*;
 
@@ -663,26 +477,31 @@ mod tests {
         digest
     }
 
-    async fn wait_held(store: &TieredBlobStore, digest: &Digest) {
-        for _ in 0..200 {
-            if store.local.holds(digest) {
-                return;
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-        }
-        panic!("{digest} was never copied");
+    /// Puts `bytes` in the shared store, then keeps a copy as the mirror
+    /// does once a read of it is verified.
+    async fn put_copied(
+        store: &TieredBlobStore,
+        shared: &FsBlobStore,
+        dir: &Path,
+        bytes: &[u8],
+    ) -> Digest {
+        let digest = put_shared(shared, dir, bytes).await;
+        assert!(store.reads_shared(&digest));
+        let spool = dir.join(format!("{}.read", digest.hex()));
+        std::fs::write(&spool, bytes).unwrap();
+        let size = bytes.len() as u64;
+        assert!(store.keep_copy(&digest, &spool, size).await.unwrap());
+        assert!(!store.reads_shared(&digest));
+        digest
     }
 
     #[tokio::test]
-    async fn a_whole_read_leaves_a_copy_that_outlives_the_shared_blob() {
+    async fn a_kept_copy_outlives_the_shared_blob() {
         let dir = tempfile::tempdir().unwrap();
         let (store, shared) = tiered(dir.path(), 1 << 20).await;
         std::fs::create_dir_all(dir.path().join("in")).unwrap();
         let bytes = vec![7u8; 300_000];
-        let digest = put_shared(&shared, &dir.path().join("in"), &bytes).await;
-        assert!(!store.local.holds(&digest));
-        assert_eq!(read_all(&store, &digest).await, bytes);
-        wait_held(&store, &digest).await;
+        let digest = put_copied(&store, &shared, &dir.path().join("in"), &bytes).await;
         shared.delete(&digest).await.unwrap();
         assert_eq!(read_all(&store, &digest).await, bytes);
         assert_eq!(store.stat(&digest).await.unwrap(), Some(300_000));
@@ -701,26 +520,37 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn an_abandoned_read_or_a_range_leaves_no_copy() {
+    async fn a_read_of_the_shared_store_makes_no_copy_by_itself() {
         let dir = tempfile::tempdir().unwrap();
         let (store, shared) = tiered(dir.path(), 1 << 30).await;
         std::fs::create_dir_all(dir.path().join("in")).unwrap();
         let bytes: Vec<u8> = (0..2_000_000u32).map(|i| (i % 251) as u8).collect();
         let digest = put_shared(&shared, &dir.path().join("in"), &bytes).await;
-        let mut body = store.get(&digest, None).await.unwrap().unwrap();
-        body.stream.next().await.unwrap().unwrap();
-        drop(body);
+        assert_eq!(read_all(&store, &digest).await, bytes);
         let range = Some(RangeSpec::From {
             start: 0,
             end: Some(9),
         });
         let part = store.get(&digest, range).await.unwrap().unwrap();
         assert_eq!(part.len(), 10);
-        drop(part);
-        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        let whole = store.get_shared(&digest).await.unwrap().unwrap();
+        assert_eq!(whole.len(), 2_000_000);
         assert!(!store.local.holds(&digest));
-        let leftovers = std::fs::read_dir(dir.path().join("local/tmp")).unwrap();
-        assert_eq!(leftovers.count(), 0);
+        assert!(store.reads_shared(&digest));
+        assert!(files_in(&dir.path().join("local")).is_empty());
+    }
+
+    fn files_in(dir: &Path) -> Vec<PathBuf> {
+        let mut out = Vec::new();
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                out.extend(files_in(&path));
+            } else {
+                out.push(path);
+            }
+        }
+        out
     }
 
     #[tokio::test]
@@ -731,9 +561,7 @@ mod tests {
         let mut digests = Vec::new();
         for seed in 0..3u8 {
             let bytes = vec![seed; 100_000];
-            let d = put_shared(&shared, &dir.path().join("in"), &bytes).await;
-            assert_eq!(read_all(&store, &d).await, bytes);
-            wait_held(&store, &d).await;
+            let d = put_copied(&store, &shared, &dir.path().join("in"), &bytes).await;
             digests.push(d);
             if seed == 1 {
                 // The first becomes the most recently used.
@@ -777,9 +605,8 @@ mod tests {
         std::fs::create_dir_all(dir.path().join("in")).unwrap();
         let mut digests = Vec::new();
         for seed in 0..3u8 {
-            let d = put_shared(&shared, &dir.path().join("in"), &vec![seed; 10_000]).await;
-            read_all(&store, &d).await;
-            wait_held(&store, &d).await;
+            let bytes = vec![seed; 10_000];
+            let d = put_copied(&store, &shared, &dir.path().join("in"), &bytes).await;
             digests.push(d);
         }
         assert_eq!(store.local.index().used(), 30_000);

@@ -286,13 +286,50 @@ class Fleet:
                   f"| {r['redis_commands_per_pull']:.1f} | {r['errors']} | {r['mismatches']} |")
         if self.args.out:
             Path(self.args.out).write_text(json.dumps(results, indent=2))
+        if self.args.plot:
+            plot({"Pier": results}, self.args.plot)
         return 1 if any(r["errors"] or r["mismatches"] for r in results) else 0
+
+
+def plot(series, path):
+    """Completion time and replica CPU against N, cold and warm, for each
+    labelled run (`series`: label -> the figures fleet.py wrote as JSON)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.8))
+    styles = {"cold": "-", "warm": "--"}
+    for i, (label, results) in enumerate(series.items()):
+        color = f"C{i}"
+        for kind in ("cold", "warm"):
+            rows = sorted((r for r in results if r["kind"] == kind), key=lambda r: r["n"])
+            if not rows:
+                continue
+            ns = [r["n"] for r in rows]
+            left.plot(ns, [r["completion_s"]["p99"] for r in rows], styles[kind], marker="o",
+                      color=color, label=f"{label}, {kind} p99")
+            left.plot(ns, [r["completion_s"]["p50"] for r in rows], styles[kind], marker=".",
+                      color=color, alpha=0.45, label=f"{label}, {kind} p50")
+            right.plot(ns, [sum(r["replica_cpu_s"]) for r in rows], styles[kind], marker="o",
+                       color=color, label=f"{label}, {kind}")
+    for ax, title, ylabel in ((left, "Completion per node", "seconds"),
+                              (right, "CPU of all replicas", "CPU seconds")):
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("nodes pulling at once")
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle("A fleet rollout through 3 Pier replicas (tests/bench/fleet.py)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
 
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--pier", required=True)
-    p.add_argument("--load", required=True, help="the fleet_load example's binary")
+    p.add_argument("--pier")
+    p.add_argument("--load", help="the fleet_load example's binary")
     p.add_argument("--nodes", default="1,10,100,300,1000")
     p.add_argument("--replicas", type=int, default=3)
     p.add_argument("--layers", type=int, default=4)
@@ -301,7 +338,19 @@ if __name__ == "__main__":
     p.add_argument("--timeout", type=int, default=900)
     p.add_argument("--storage-extra", default="", help="extra [storage] lines (presigned_redirect = true)")
     p.add_argument("--out", help="write the figures as JSON here")
+    p.add_argument("--plot", metavar="PNG", help="plot completion and CPU against N here (matplotlib); "
+                   "with --series, from earlier runs' JSON instead of running")
+    p.add_argument("--series", action="append", default=[], metavar="LABEL=JSON",
+                   help="a run's figures (from --out) to plot under LABEL")
     a = p.parse_args()
+    if a.series:
+        if not a.plot:
+            p.error("--series needs --plot")
+        plot({label: json.loads(Path(f).read_text())
+              for label, f in (x.split("=", 1) for x in a.series)}, a.plot)
+        sys.exit(0)
+    if not (a.pier and a.load):
+        p.error("--pier and --load are required to run")
     a.pier = str(Path(a.pier).resolve())
     a.load = str(Path(a.load).resolve())
     sys.exit(Fleet(a).main())
