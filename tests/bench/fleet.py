@@ -270,25 +270,30 @@ class Fleet:
               f"upstream link {link} MiB/s per connection (one fetch of the biggest layer alone: "
               f"{self.args.layer_mib / link:.1f} s; of all layers one after another: {one_fetch:.1f} s), "
               f"{self.args.replicas} replicas behind nginx:")
-        print("| N | run | completion p50 / p99 / max (s) | TTFB p50 / p99 (s) | upstream GETs per blob "
-              "| served from local / bucket / upstream / peer / redirect (GiB) | replica CPU (s) "
-              "| CPU s per GiB | peak RSS (MiB) | Redis cmds per pull | errors | mismatches |")
-        print("|---|---|---|---|---|---|---|---|---|---|---|---|")
-        for r in results:
-            c, t, g = r["completion_s"], r["ttfb_s"], r["upstream_gets_per_blob"]
-            gets = str(g["min"]) if g["min"] == g["max"] else f"{g['min']}–{g['max']}"
-            print(f"| {r['n']} | {r['kind']} | {c['p50']:.2f} / {c['p99']:.2f} / {c['max']:.2f} "
-                  f"| {t['p50']:.2f} / {t['p99']:.2f} | {gets} "
-                  f"| {' / '.join(f'{v:.2f}' for v in r['served_gib'].values())} / "
-                  f"{r['redirected_bytes'] / (1 << 30):.2f} "
-                  f"| {' + '.join(f'{x:.1f}' for x in r['replica_cpu_s'])} | {r['cpu_s_per_gib_served']:.2f} "
-                  f"| {' / '.join(str(x) for x in r['replica_peak_rss_mib'])} "
-                  f"| {r['redis_commands_per_pull']:.1f} | {r['errors']} | {r['mismatches']} |")
+        print_table(results)
         if self.args.out:
             Path(self.args.out).write_text(json.dumps(results, indent=2))
         if self.args.plot:
             plot({"Pier": results}, self.args.plot)
         return 1 if any(r["errors"] or r["mismatches"] for r in results) else 0
+
+
+def print_table(results):
+    """The figures as a Markdown table, a row per run."""
+    print("| N | run | completion p50 / p99 / max (s) | TTFB p50 / p99 (s) | upstream GETs per blob "
+          "| served from local / bucket / upstream / peer / redirect (GiB) | replica CPU (s) "
+          "| CPU s per GiB | peak RSS (MiB) | Redis cmds per pull | errors | mismatches |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in results:
+        c, t, g = r["completion_s"], r["ttfb_s"], r["upstream_gets_per_blob"]
+        gets = str(g["min"]) if g["min"] == g["max"] else f"{g['min']}–{g['max']}"
+        print(f"| {r['n']} | {r['kind']} | {c['p50']:.2f} / {c['p99']:.2f} / {c['max']:.2f} "
+              f"| {t['p50']:.2f} / {t['p99']:.2f} | {gets} "
+              f"| {' / '.join(f'{v:.2f}' for v in r['served_gib'].values())} / "
+              f"{r['redirected_bytes'] / (1 << 30):.2f} "
+              f"| {' + '.join(f'{x:.1f}' for x in r['replica_cpu_s'])} | {r['cpu_s_per_gib_served']:.2f} "
+              f"| {' / '.join(str(x) for x in r['replica_peak_rss_mib'])} "
+              f"| {r['redis_commands_per_pull']:.1f} | {r['errors']} | {r['mismatches']} |")
 
 
 def plot(series, path):
@@ -307,15 +312,16 @@ def plot(series, path):
                 continue
             ns = [r["n"] for r in rows]
             left.plot(ns, [r["completion_s"]["p99"] for r in rows], styles[kind], marker="o",
-                      color=color, label=f"{label}, {kind} p99")
-            left.plot(ns, [r["completion_s"]["p50"] for r in rows], styles[kind], marker=".",
-                      color=color, alpha=0.45, label=f"{label}, {kind} p50")
+                      color=color, label=f"{label}, {kind}")
             right.plot(ns, [sum(r["replica_cpu_s"]) for r in rows], styles[kind], marker="o",
                        color=color, label=f"{label}, {kind}")
-    for ax, title, ylabel in ((left, "Completion per node", "seconds"),
+    ticks = sorted({r["n"] for results in series.values() for r in results})
+    for ax, title, ylabel in ((left, "Completion per node, p99", "seconds"),
                               (right, "CPU of all replicas", "CPU seconds")):
         ax.set_xscale("log")
         ax.set_yscale("log")
+        ax.set_xticks(ticks, [str(n) for n in ticks])
+        ax.minorticks_off()
         ax.set_xlabel("nodes pulling at once")
         ax.set_ylabel(ylabel)
         ax.set_title(title)
@@ -346,8 +352,12 @@ if __name__ == "__main__":
     if a.series:
         if not a.plot:
             p.error("--series needs --plot")
-        plot({label: json.loads(Path(f).read_text())
-              for label, f in (x.split("=", 1) for x in a.series)}, a.plot)
+        series = {label: json.loads(Path(f).read_text())
+                  for label, f in (x.split("=", 1) for x in a.series)}
+        for label, results in series.items():
+            print(f"{label}:")
+            print_table(sorted(results, key=lambda r: (r["n"], r["kind"])))
+        plot(series, a.plot)
         sys.exit(0)
     if not (a.pier and a.load):
         p.error("--pier and --load are required to run")
