@@ -473,8 +473,16 @@ async fn with_s3_down_clients_are_served_from_upstream_and_nothing_is_stored() {
         .unwrap();
     assert_eq!(r.status(), reqwest::StatusCode::SERVICE_UNAVAILABLE);
     let want = digest_of("docker", "library/alpine:3.19");
+    let http = reqwest::Client::new();
     for _ in 0..2 {
         assert_eq!(pull(&pier, "docker.io/library/alpine:3.19").await, want);
+        // Until the failed commits give up, a pull would join their
+        // flights, verified bytes and all.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while metric(&http, &pier, "pier_blob_fetches_in_flight").await > 0.0 {
+            assert!(std::time::Instant::now() < deadline, "fetches never ended");
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
     }
     // Nothing could be kept, so the second pull went upstream again.
     let blobs = docker.requests("GET", "library/alpine/blobs/");

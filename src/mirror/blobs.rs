@@ -107,7 +107,9 @@ impl Mirror {
         // fetch's: once for all the clients here, who follow its spool, and
         // kept as the copy. (A read per client took a thousand bucket
         // streams, and their buffers, for a thousand nodes.)
-        let mut from_store = range.is_none() && self.blobs.reads_shared(digest);
+        // While the spool's disk is full, stored blobs are read directly.
+        let mut from_store =
+            range.is_none() && !self.no_room.recent("") && self.blobs.reads_shared(digest);
         let mut checked_ahead = self.missing.is_missing(digest).await;
         let mut store_checked = if checked_ahead {
             from_store = false;
@@ -181,6 +183,7 @@ impl Mirror {
                     if range.is_none()
                         && !store_unreadable
                         && !read_store_once
+                        && !self.no_room.recent("")
                         && self.blobs.reads_shared(digest)
                     {
                         (from_store, read_store_once) = (true, true);
@@ -261,7 +264,10 @@ impl Mirror {
                 }
                 // No room to spool a stored blob: each client reads it
                 // from the store.
-                Err(FlightError::NoRoom(_)) if flight.reads_store() => {
+                Err(FlightError::NoRoom(why)) if flight.reads_store() => {
+                    tracing::warn!(%digest, %why, "no room to spool a stored blob: reading it directly");
+                    self.no_room.note("");
+                    self.blobs.make_room();
                     match self.stored_body(digest, range).await? {
                         Some(body) => Ok(body),
                         None => continue,

@@ -1,6 +1,8 @@
 //! The fetch task behind a flight: decide who fetches (this replica, under
 //! a lease, or a peer already fetching), stream the bytes into the spool
-//! while hashing them, and commit the verified blob to the store.
+//! while hashing them, and commit the verified blob to the store. A flight
+//! may instead read a stored blob from the shared store for this
+//! replica's clients, and keep the spool as the local copy.
 
 use std::io::{self, Write};
 use std::os::unix::fs::FileExt;
@@ -203,7 +205,10 @@ async fn read_shared(
     };
     let (size, spooled) = match download(flight, job, spool, incoming).await {
         Ok(read) => read,
-        Err(e) => return Some(Err(e)),
+        Err(e) => {
+            metrics().backend_error("storage");
+            return Some(Err(e));
+        }
     };
     if let Spooled::Memory(chunks) = spooled
         && let Err(e) = write_spool(spool, chunks).await
@@ -468,7 +473,9 @@ async fn commit(
 /// client streams reading it; with the default 64 fetch slots, fetches
 /// from upstream and uploads hold at most 64 MiB this way, plus the blobs
 /// whose clients are still reading before their upload (for at most
-/// UPLOAD_WAIT_MAX).
+/// UPLOAD_WAIT_MAX), plus reads of small stored blobs from the shared
+/// store (no slot bounds those: one per blob this replica lacks a copy
+/// of, for as long as its clients read it).
 const IN_MEMORY_MAX: u64 = 1024 * 1024;
 
 /// A body to spool: its announced length, its chunks, and who sends it.
@@ -538,14 +545,12 @@ async fn download(
     };
     // The manifest's word and upstream's must agree; either gives the
     // length clients are told, and the point past which the body is wrong.
-    let size = match (job.expected_size, length) {
-        (Some(named), Some(sent)) if named != sent => return Err(mismatch()),
-        (named, sent) => named.or(sent),
-    };
-    // A stored blob was let in once already.
-    let max = match from {
-        Feed::Store => u64::MAX,
-        Feed::Upstream(_) => job.bounds.max_blob_size,
+    // A stored blob was verified and let in once already: its length is
+    // the store's.
+    let (size, max) = match (&from, job.expected_size, length) {
+        (Feed::Store, _, stored) => (stored, u64::MAX),
+        (_, Some(named), Some(sent)) if named != sent => return Err(mismatch()),
+        (_, named, sent) => (named.or(sent), job.bounds.max_blob_size),
     };
     let too_large = |what: String| {
         metrics().fetch_abandoned("too_large");

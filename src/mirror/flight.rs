@@ -135,7 +135,8 @@ impl MemorySpool {
 
 #[derive(Clone)]
 pub(super) enum Phase {
-    /// Waiting for upstream's response headers.
+    /// Waiting for the source's answer: upstream's response headers, a
+    /// peer's, or the shared store's.
     Connecting,
     /// Another fetch committed the blob meanwhile: read it from the store.
     Stored,
@@ -167,7 +168,9 @@ const ORIGINS: [&str; 3] = ["upstream", "bucket", "peer"];
 
 pub struct Flight {
     pub digest: Digest,
-    /// The repository the fetch was started for (upstream confirmed it).
+    /// The repository the fetch was started for (upstream confirmed it, or,
+    /// for a read of the shared store, the blob was linked to it or
+    /// authorized for it).
     pub repo_key: String,
     pub(super) phase: watch::Sender<Phase>,
     began: std::time::Instant,
@@ -492,7 +495,7 @@ impl Flight {
                             Some(*size),
                         ),
                         Phase::Failed(e) => {
-                            let e = io::Error::other(format!("upstream fetch failed: {e:?}"));
+                            let e = io::Error::other(format!("the blob's fetch failed: {e:?}"));
                             return Some((Err(e), None));
                         }
                         Phase::Connecting | Phase::Stored => {

@@ -141,8 +141,13 @@ impl BlobStore for TieredBlobStore {
         self.shared.remote()
     }
 
+    /// Counted as a miss of the local copies when it does.
     fn reads_shared(&self, digest: &Digest) -> bool {
-        !self.local.holds(digest)
+        let missing = !self.local.holds(digest);
+        if missing {
+            metrics().local_copy("miss");
+        }
+        missing
     }
 
     async fn get_shared(&self, digest: &Digest) -> Result<Option<BlobBody>, StorageError> {
@@ -157,6 +162,14 @@ impl BlobStore for TieredBlobStore {
     ) -> Result<bool, StorageError> {
         if self.local.holds(digest) {
             return Ok(true);
+        }
+        // A copy that would take the filesystem below `min_free` is not
+        // made: the blob is read from the shared store next time too.
+        if free_space(&self.local.root).is_ok_and(|(free, total)| {
+            short_of_space(self.local.min_free, free.saturating_sub(size), total).is_some()
+        }) {
+            self.make_room();
+            return Ok(false);
         }
         self.local.keep_spool(digest, spool, size).await
     }

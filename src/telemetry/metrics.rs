@@ -206,7 +206,7 @@ impl Metrics {
         );
         registry.register(
             "blob_fetches_in_flight",
-            "Cold blob fetches running in this replica",
+            "Blob fetches running in this replica: from upstream, from another replica's fetch, or from the bucket for a local copy",
             m.fetches_in_flight.clone(),
         );
         registry.register(
