@@ -313,7 +313,9 @@ def plot(series, path):
             ns = [r["n"] for r in rows]
             left.plot(ns, [r["completion_s"]["p99"] for r in rows], styles[kind], marker="o",
                       color=color, label=f"{label}, {kind}")
-            right.plot(ns, [sum(r["replica_cpu_s"]) for r in rows], styles[kind], marker="o",
+            # A log axis has no 0: a run too short to measure is left out.
+            cpu = [sum(r["replica_cpu_s"]) or float("nan") for r in rows]
+            right.plot(ns, cpu, styles[kind], marker="o",
                        color=color, label=f"{label}, {kind}")
     ticks = sorted({r["n"] for results in series.values() for r in results})
     for ax, title, ylabel in ((left, "Completion per node, p99", "seconds"),
