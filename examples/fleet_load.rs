@@ -13,6 +13,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
+use pier::upstream::describe;
 use sha2::{Digest as _, Sha256};
 
 const ACCEPT: &str = "application/vnd.oci.image.manifest.v1+json, \
@@ -66,18 +67,6 @@ fn args() -> Result<Args, String> {
     })
 }
 
-/// An error with its causes: reqwest's own message hides them.
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut cause = e.source();
-    while let Some(c) = cause {
-        out.push_str(": ");
-        out.push_str(&c.to_string());
-        cause = c.source();
-    }
-    out
-}
-
 #[derive(Default)]
 struct Totals {
     bytes: AtomicU64,
@@ -103,7 +92,7 @@ async fn blob(
         .get(&url)
         .send()
         .await
-        .map_err(|e| format!("{url}: {}", chain(&e)))?;
+        .map_err(|e| format!("{url}: {}", describe(&e)))?;
     if !resp.status().is_success() {
         return Err(format!("{url}: HTTP {}", resp.status()));
     }
@@ -113,7 +102,7 @@ async fn blob(
     let mut first = None;
     let mut body = resp.bytes_stream();
     while let Some(chunk) = body.next().await {
-        let chunk = chunk.map_err(|e| format!("{url}: {}", chain(&e)))?;
+        let chunk = chunk.map_err(|e| format!("{url}: {}", describe(&e)))?;
         first.get_or_insert_with(|| started.elapsed());
         got += chunk.len() as u64;
         hasher.update(&chunk);
@@ -144,7 +133,7 @@ async fn node(
         .header("accept", ACCEPT)
         .send()
         .await
-        .map_err(|e| format!("{url}: {}", chain(&e)))?;
+        .map_err(|e| format!("{url}: {}", describe(&e)))?;
     if !resp.status().is_success() {
         return Err(format!("{url}: HTTP {}", resp.status()));
     }

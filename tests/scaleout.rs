@@ -227,20 +227,28 @@ async fn pier_rides_out_a_redis_outage_and_reconnects() {
     assert_eq!(docker.requests("GET", "library/alpine/blobs/"), gets);
 }
 
-/// The largest blob of alpine:3.19's fixture layout (a layer; the
-/// schema2 conversion keeps layer digests).
-fn biggest_layer_of_alpine() -> String {
-    let layouts = fixtures().join("layouts/docker/library/alpine/3.19/blobs/sha256");
-    let mut biggest = std::fs::read_dir(layouts)
+/// The largest blob of a fixture layout (`library/alpine/3.19`): a layer,
+/// since the schema2 conversion keeps layer digests. Its hex and size.
+fn biggest_blob(layout: &str) -> (String, u64) {
+    let dir = fixtures()
+        .join("layouts/docker")
+        .join(layout)
+        .join("blobs/sha256");
+    std::fs::read_dir(dir)
         .unwrap()
         .map(|e| e.unwrap())
-        .max_by_key(|e| e.metadata().unwrap().len())
+        .map(|e| {
+            (
+                e.file_name().into_string().unwrap(),
+                e.metadata().unwrap().len(),
+            )
+        })
+        .max_by_key(|(_, size)| *size)
         .unwrap()
-        .file_name()
-        .into_string()
-        .unwrap();
-    biggest.insert_str(0, "sha256:");
-    biggest
+}
+
+fn biggest_layer_of_alpine() -> String {
+    format!("sha256:{}", biggest_blob("library/alpine/3.19").0)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -540,16 +548,8 @@ async fn replicas_serve_their_local_copies_without_the_bucket() {
     let http = reqwest::Client::new();
     let get_objects = "pier_bucket_requests_total{operation=\"GetObject\"}";
     let reads_before = metric(&http, &b, get_objects).await;
-    let copy = |hex: &str| {
-        let path = da
-            .path()
-            .join("cache/blobs/sha256")
-            .join(&hex[..2])
-            .join(hex);
-        std::fs::metadata(path).unwrap().len()
-    };
-    let big = in_a.iter().max_by_key(|hex| copy(hex)).unwrap().clone();
-    let size = copy(&big);
+    let (big, size) = biggest_blob("library/big/latest");
+    assert!(in_a.contains(&big), "{in_a:?}");
     assert!(size >= 64 << 20, "{size}");
     let url = format!("{}/v2/docker.io/library/big/blobs/sha256:{big}", b.url());
     let bodies = futures::future::join_all((0..6).map(|_| {
@@ -1219,15 +1219,7 @@ async fn a_bucket_read_that_breaks_off_is_resumed() {
     let Some(config) = scaled_config(d.path(), &ns, &[("docker.io", &url)], "", None, "") else {
         return;
     };
-    let layers = fixtures().join("layouts/docker/library/big/latest/blobs/sha256");
-    let hex = std::fs::read_dir(layers)
-        .unwrap()
-        .map(|e| e.unwrap())
-        .max_by_key(|e| e.metadata().unwrap().len())
-        .unwrap()
-        .file_name()
-        .into_string()
-        .unwrap();
+    let (hex, _) = biggest_blob("library/big/latest");
     let s3 = std::env::var("PIER_TEST_S3_ENDPOINT").unwrap();
     let link = CutLink::start(&s3, &hex, 1 << 20);
     let pier = Pier::start_raw(d.path(), &config.replace(&s3, &link.url()));
