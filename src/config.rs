@@ -234,6 +234,19 @@ pub struct ServerConfig {
     /// (CIDRs). From anyone else these headers are ignored.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub trusted_proxies: Vec<ipnet::IpNet>,
+    /// Serve HTTPS on `listen` with this certificate chain and key (PEM);
+    /// changed files are read again without a restart.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls: Option<TlsFiles>,
+}
+
+/// A certificate chain (leaf first) and its private key, as PEM files.
+#[derive(Clone, Debug, Serialize)]
+pub struct TlsFiles {
+    #[serde(rename = "tls_cert")]
+    pub cert: PathBuf,
+    #[serde(rename = "tls_key")]
+    pub key: PathBuf,
 }
 
 /// Per-client limits, keyed by client IP; 0 turns a limit off. Shared by

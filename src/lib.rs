@@ -23,8 +23,10 @@
 //! eviction pass at a time over a bucket, and forgetting the metadata of
 //! what is gone. `janitor` (periodic upkeep of
 //! the stores) and `pins` (which blobs eviction spares) use `storage` and
-//! `meta`. `server` wires the pieces together and owns the accept loop;
-//! nothing imports `api`.
+//! `meta`. `tls` (HTTPS of Pier's own: certificates from files, reloaded
+//! when they change) is a leaf `server` builds from `config`. `server`
+//! wires the pieces together and owns the accept loop; nothing imports
+//! `api`.
 
 pub mod api;
 pub mod config;
@@ -48,5 +50,6 @@ pub mod sync;
 pub mod telemetry;
 #[cfg(test)]
 mod testenv;
+pub mod tls;
 pub mod upstream;
 pub mod zerocopy;

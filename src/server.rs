@@ -30,6 +30,7 @@ use crate::storage::{
     BlobStore, Budget, BudgetedFsStore, Keep, S3BlobStore, Scrub, TieredBlobStore,
 };
 use crate::sync::{Jobs, Syncer};
+use crate::tls::{Accepted, CertFiles};
 use crate::zerocopy::ClientIo;
 
 /// Opens the configured metadata store (Redis connects on first use).
@@ -201,6 +202,16 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     raise_open_files();
+    let settings = config.server.clone();
+    // Before anything else: a server that cannot speak TLS must not start.
+    let tls = match &settings.tls {
+        Some(files) => {
+            let certs = CertFiles::open(&files.cert, &files.key)?;
+            certs.watch();
+            Some(crate::tls::acceptor(certs)?)
+        }
+        None => None,
+    };
     let (mirror, limits, meta) = build_mirror(config).await?;
     let syncer = Arc::new(Syncer::new(mirror.clone(), &config.sync));
     if mirror.prefetches() {
@@ -240,13 +251,18 @@ pub async fn serve(
         publisher
     });
     let app = crate::api::router(mirror.clone(), limits, admin, console);
-    let settings = config.server.clone();
     // Every store has local files to send: stored blobs (fs), local copies
-    // (S3 with a local cache), and the spool files of fetches.
-    let zero_copy = settings.zero_copy;
-    let builder = http_builder(&settings);
+    // (S3 with a local cache), and the spool files of fetches. Under TLS
+    // the bytes must pass through the cipher, so sendfile is for plain TCP.
+    let zero_copy = settings.zero_copy && tls.is_none();
+    let builder = Arc::new(http_builder(&settings));
     let graceful = GracefulShutdown::new();
-    tracing::info!(listen = %listener.local_addr()?, zero_copy, "pier is serving");
+    tracing::info!(
+        listen = %listener.local_addr()?,
+        https = tls.is_some(),
+        zero_copy,
+        "pier is serving"
+    );
     tokio::pin!(shutdown);
     loop {
         let (tcp, peer) = tokio::select! {
@@ -272,12 +288,35 @@ pub async fn serve(
             }
             app.clone().oneshot(req.map(Body::new))
         });
-        let conn = builder
-            .serve_connection(TokioIo::new(io), service)
-            .into_owned();
-        let conn = graceful.watch(conn);
+        let Some(acceptor) = tls.clone() else {
+            let conn = builder
+                .serve_connection(TokioIo::new(io), service)
+                .into_owned();
+            let conn = graceful.watch(conn);
+            tokio::spawn(async move {
+                if let Err(e) = conn.await {
+                    tracing::debug!(%peer, error = %e, "connection ended with an error");
+                }
+            });
+            continue;
+        };
+        // The handshake runs in the connection's own task, so one slow
+        // client cannot hold up the accept loop.
+        let (builder, watcher) = (builder.clone(), graceful.watcher());
+        let handshake_timeout = settings.header_timeout;
         tokio::spawn(async move {
-            if let Err(e) = conn.await {
+            let tls = match crate::tls::accept(&acceptor, io, handshake_timeout).await {
+                Ok(Accepted::Tls(tls)) => tls,
+                Ok(Accepted::PlainHttp(io)) => return crate::tls::refuse_plain_http(io).await,
+                Err(e) => {
+                    tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                    return;
+                }
+            };
+            let conn = builder
+                .serve_connection(TokioIo::new(tls), service)
+                .into_owned();
+            if let Err(e) = watcher.watch(conn).await {
                 tracing::debug!(%peer, error = %e, "connection ended with an error");
             }
         });

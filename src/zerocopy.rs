@@ -143,6 +143,12 @@ impl ClientIo {
         }
     }
 
+    /// Waits for bytes from the client and copies the first into `buf`
+    /// without taking them from the stream.
+    pub async fn peek(&self, buf: &mut [u8]) -> io::Result<usize> {
+        self.tcp.peek(buf).await
+    }
+
     /// The queue handlers use to send files on this connection.
     pub fn queue(&self) -> SendQueue {
         self.queue.clone()

@@ -42,7 +42,8 @@ fn closed_port() -> u16 {
 /// Proxy variables that send any non-loopback HTTP(S) to a closed port.
 fn no_egress_env() -> Vec<(&'static str, String)> {
     let proxy = format!("http://127.0.0.1:{}", closed_port());
-    let no_proxy = "127.0.0.1,localhost".to_owned();
+    // The mirror's names resolve to loopback through /etc/hosts.
+    let no_proxy = format!("127.0.0.1,localhost,{DOMAIN}");
     vec![
         ("HTTP_PROXY", proxy.clone()),
         ("HTTPS_PROXY", proxy.clone()),
@@ -248,12 +249,19 @@ struct Dockerd {
 }
 
 impl Dockerd {
-    /// A private dockerd whose only Docker Hub mirror is `mirror`.
+    /// A private dockerd whose only Docker Hub mirror is `mirror`, over
+    /// plain HTTP.
     async fn start(dir: &Path, mirror: &str) -> Dockerd {
+        Dockerd::start_with(dir, &format!("http://{mirror}"), &[mirror]).await
+    }
+
+    /// A private dockerd whose only Docker Hub mirror is `mirror_url`, and
+    /// which talks plain HTTP to the `insecure` hosts.
+    async fn start_with(dir: &Path, mirror_url: &str, insecure: &[&str]) -> Dockerd {
         let sock = dir.join("d.sock").display().to_string();
         let config = serde_json::json!({
-            "registry-mirrors": [format!("http://{mirror}")],
-            "insecure-registries": [mirror],
+            "registry-mirrors": [mirror_url],
+            "insecure-registries": insecure,
             "storage-driver": "vfs",
             "iptables": false,
             "ip6tables": false,
@@ -517,16 +525,18 @@ fn ctr_cmd(sock: &str, args: &[&str]) -> tokio::process::Command {
     c
 }
 
-/// `DIR/<registry>/hosts.toml`: Pier as the only pull/resolve host, and the
-/// registry itself (the fallback) on a closed loopback port.
-fn write_hosts_toml(dir: &Path, registry: &str, mirror: &str) {
+/// `DIR/<registry>/hosts.toml`: Pier (`mirror_url`, trusted through the CA
+/// file `ca` when given) as the only pull/resolve host, and the registry
+/// itself (the fallback) on a closed loopback port.
+fn write_hosts_toml(dir: &Path, registry: &str, mirror_url: &str, ca: Option<&Path>) {
     let d = dir.join(registry);
     std::fs::create_dir_all(&d).unwrap();
+    let ca = ca.map_or(String::new(), |f| format!("  ca = \"{}\"\n", f.display()));
     std::fs::write(
         d.join("hosts.toml"),
         format!(
             "server = \"http://127.0.0.1:{}\"\n\n\
-             [host.\"http://{mirror}\"]\n  capabilities = [\"pull\", \"resolve\"]\n",
+             [host.\"{mirror_url}\"]\n  capabilities = [\"pull\", \"resolve\"]\n{ca}",
             closed_port()
         ),
     )
@@ -550,8 +560,9 @@ async fn containerd_pulls_through_hosts_toml_mirror() {
     );
     let dir = short_tempdir();
     let hosts = dir.path().join("certs.d");
-    write_hosts_toml(&hosts, "docker.io", &pier.host());
-    write_hosts_toml(&hosts, "registry.k8s.io", &pier.host());
+    let mirror = format!("http://{}", pier.host());
+    write_hosts_toml(&hosts, "docker.io", &mirror, None);
+    write_hosts_toml(&hosts, "registry.k8s.io", &mirror, None);
     let c = Containerd::start(dir.path()).await;
     eprintln!("containerd ready after {:?}", started.elapsed());
 
@@ -743,4 +754,149 @@ async fn podman_pulls_through_registries_conf_mirror() {
         "podman_pulls_through_registries_conf_mirror took {:?}",
         started.elapsed()
     );
+}
+
+// ---------------------------------------------------------------------------
+// Over HTTPS, trusting a private CA, with no insecure flag anywhere
+// ---------------------------------------------------------------------------
+
+/// Pier serving HTTPS with a certificate from a fresh test CA for the
+/// mirror's names; the CA, and Pier's address as clients name it
+/// (`m.pier.test:PORT`, which /etc/hosts maps to loopback).
+struct HttpsPier {
+    pier: Pier,
+    ca: common::certs::TestCa,
+    ca_file: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl HttpsPier {
+    fn start(upstreams: &[(&str, &str)]) -> HttpsPier {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = common::certs::TestCa::new("pier runtimes CA");
+        let ca_file = dir.path().join("ca.crt");
+        ca.write(&ca_file);
+        let issued = ca.issue(dir.path(), "server");
+        let pier = Pier::start_in(
+            &dir.path().join("data"),
+            upstreams,
+            &format!(
+                "[server]\ntls_cert = \"{}\"\ntls_key = \"{}\"\n",
+                issued.cert.display(),
+                issued.key.display()
+            ),
+        );
+        HttpsPier {
+            pier,
+            ca,
+            ca_file,
+            _dir: dir,
+        }
+    }
+
+    fn host(&self) -> String {
+        format!("{DOMAIN}:{}", self.pier.port())
+    }
+}
+
+/// The CA in `/etc/docker/certs.d/<host>/ca.crt`, where the Docker daemon
+/// looks for a registry's CA (it has no setting for another place);
+/// removed on drop.
+struct DockerCertsDir(PathBuf);
+
+impl DockerCertsDir {
+    fn install(host: &str, ca: &common::certs::TestCa) -> DockerCertsDir {
+        let dir = Path::new("/etc/docker/certs.d").join(host);
+        ca.write(&dir.join("ca.crt"));
+        DockerCertsDir(dir)
+    }
+}
+
+impl Drop for DockerCertsDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn docker_and_skopeo_pull_over_https_trusting_a_private_ca() {
+    if !have_tools(&[
+        "docker-registry",
+        "dockerd",
+        "docker",
+        "containerd",
+        "runc",
+        "skopeo",
+    ]) {
+        return;
+    }
+    let docker = Upstream::start("docker");
+    let https = HttpsPier::start(&[("docker.io", &docker.url())]);
+    let host = https.host();
+    // Before the CA is anywhere a client looks: skopeo refuses the mirror
+    // rather than going around it.
+    let mut cmd = tokio::process::Command::new("skopeo");
+    cmd.args(["inspect", "--retry-times=0"])
+        .arg(format!("docker://{host}/docker.io/library/alpine:3.17"))
+        .envs(no_egress_env());
+    let out = run(cmd).await;
+    assert!(!out.ok, "skopeo trusted an unknown CA\n{}", out.both());
+    assert!(out.stderr.contains("certificate"), "{}", out.both());
+    let _certs = DockerCertsDir::install(&host, &https.ca);
+    let dir = short_tempdir();
+    let d = Dockerd::start_with(dir.path(), &format!("https://{host}"), &[]).await;
+
+    // registry-mirrors over HTTPS.
+    let want = digest_of("docker", "library/nginx:latest");
+    assert_eq!(d.pull("nginx:latest").await, want, "docker pull nginx");
+    // Add-a-prefix: the daemon's own registry client, over HTTPS.
+    let want = digest_of("docker", "library/alpine:3.19");
+    let reference = format!("{host}/docker.io/library/alpine:3.19");
+    assert_eq!(d.pull(&reference).await, want, "docker pull {reference}");
+    assert_served(&docker, "docker", "library/nginx");
+    assert_served(&docker, "docker", "library/alpine");
+
+    // skopeo, with the CA in a cert dir and verification on.
+    let certs = tempfile::tempdir().unwrap();
+    https.ca.write(&certs.path().join("ca.crt"));
+    let out_dir = tempfile::tempdir().unwrap();
+    let mut cmd = tokio::process::Command::new("skopeo");
+    cmd.args(["copy", "--insecure-policy", "--retry-times=0"])
+        .arg("--src-cert-dir")
+        .arg(certs.path())
+        .arg(format!("docker://{host}/docker.io/library/alpine:3.17"))
+        .arg(format!("dir:{}", out_dir.path().display()))
+        .envs(no_egress_env());
+    let out = run(cmd).await;
+    assert!(out.ok, "skopeo over HTTPS\n{}", out.both());
+    assert_eq!(
+        manifest_digest_in(out_dir.path()),
+        digest_of("docker", "library/alpine:3.17")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn containerd_pulls_over_https_with_the_ca_in_hosts_toml() {
+    if !have_tools(&["docker-registry", "containerd", "ctr"]) {
+        return;
+    }
+    let k8s = Upstream::start("k8s");
+    let https = HttpsPier::start(&[("registry.k8s.io", &k8s.url())]);
+    let dir = short_tempdir();
+    let hosts = dir.path().join("certs.d");
+    write_hosts_toml(
+        &hosts,
+        "registry.k8s.io",
+        &format!("https://{}", https.host()),
+        Some(&https.ca_file),
+    );
+    let c = Containerd::start(dir.path()).await;
+    let reference = "registry.k8s.io/pause:3.9";
+    c.pull(&hosts, reference).await;
+    assert_eq!(
+        c.listed_digest(reference).await,
+        digest_of("k8s", "pause:3.9"),
+        "ctr images ls digest of {reference}"
+    );
+    assert_served(&k8s, "k8s", "pause");
 }

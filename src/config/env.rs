@@ -56,6 +56,8 @@ const SECTIONS: &[(&str, &[&str])] = &[
             "shutdown_grace",
             "zero_copy",
             "trusted_proxies",
+            "tls_cert",
+            "tls_key",
         ],
     ),
     (

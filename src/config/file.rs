@@ -100,6 +100,8 @@ pub struct FileServer {
     pub shutdown_grace: Option<Duration>,
     pub zero_copy: Option<bool>,
     pub trusted_proxies: Option<Vec<String>>,
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -271,6 +271,38 @@ fn server_limits_and_fetch_settings() {
 }
 
 #[test]
+fn tls_takes_a_certificate_and_its_key_together() {
+    let c = load(
+        "[server]\ntls_cert = \"/etc/pier/tls.crt\"\ntls_key = \"/etc/pier/tls.key\"\n",
+        &[],
+    )
+    .unwrap();
+    let tls = c.server.tls.as_ref().unwrap();
+    assert_eq!(tls.cert, Path::new("/etc/pier/tls.crt"));
+    assert_eq!(tls.key, Path::new("/etc/pier/tls.key"));
+    assert!(
+        c.to_masked_toml()
+            .contains("tls_key = \"/etc/pier/tls.key\"")
+    );
+    let from_env = load(
+        "",
+        &[
+            ("PIER_SERVER__TLS_CERT", "/c"),
+            ("PIER_SERVER__TLS_KEY", "/k"),
+        ],
+    );
+    assert_eq!(from_env.unwrap().server.tls.unwrap().key, Path::new("/k"));
+    assert!(load("", &[]).unwrap().server.tls.is_none());
+    for (text, key) in [
+        ("[server]\ntls_cert = \"/c\"\n", "server.tls_key"),
+        ("[server]\ntls_key = \"/k\"\n", "server.tls_cert"),
+    ] {
+        let all = load(text, &[]).unwrap_err().problems.join("\n");
+        assert!(all.contains(key), "{key} not named in:\n{all}");
+    }
+}
+
+#[test]
 fn cache_budget_and_free_space() {
     let d = load("", &[]).unwrap();
     assert_eq!(d.cache.max_size, None);

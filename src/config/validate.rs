@@ -14,8 +14,8 @@ use super::file::{
 use super::{
     AccessConfig, AdminConfig, CacheConfig, ClusterConfig, Config, ConfigError, EgressConfig,
     FetchConfig, LimitsConfig, LogFormat, MaxAge, MetadataConfig, MinFree, RouteConfig, S3Config,
-    Secret, ServerConfig, StorageConfig, SyncConfig, SyncListConfig, TimeoutConfig, UiConfig,
-    UpstreamConfig,
+    Secret, ServerConfig, StorageConfig, SyncConfig, SyncListConfig, TimeoutConfig, TlsFiles,
+    UiConfig, UpstreamConfig,
 };
 
 const DEFAULT_LISTEN: &str = "0.0.0.0:5000";
@@ -685,6 +685,29 @@ fn server(s: FileServer, p: &mut Problems) -> ServerConfig {
         shutdown_grace: s.shutdown_grace.unwrap_or(Duration::from_secs(30)),
         zero_copy: s.zero_copy.unwrap_or(true),
         trusted_proxies,
+        tls: tls_files(s.tls_cert, s.tls_key, p),
+    }
+}
+
+/// Both files or neither: half a pair would serve nothing.
+fn tls_files(cert: Option<PathBuf>, key: Option<PathBuf>, p: &mut Problems) -> Option<TlsFiles> {
+    match (cert, key) {
+        (Some(cert), Some(key)) => Some(TlsFiles { cert, key }),
+        (None, None) => None,
+        (Some(_), None) => {
+            p.add(
+                "server.tls_key",
+                "tls_cert is set: name its private key too".into(),
+            );
+            None
+        }
+        (None, Some(_)) => {
+            p.add(
+                "server.tls_cert",
+                "tls_key is set: name its certificate too".into(),
+            );
+            None
+        }
     }
 }
 

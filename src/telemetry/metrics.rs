@@ -61,7 +61,8 @@ pub struct LimitLabels {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct OutcomeLabels {
-    /// fetch slots: waited, redirected, refused; local copies: hit, miss, evicted
+    /// fetch slots: waited, redirected, refused; local copies: hit, miss,
+    /// evicted; TLS reloads: loaded, refused
     pub outcome: &'static str,
 }
 
@@ -126,6 +127,8 @@ pub struct Metrics {
     pub gc_seconds: Histogram,
     pub fetches_unguarded: Family<ReasonLabels, Counter>,
     pub abandoned_uploads_aborted: Counter,
+    pub tls_handshake_failures: Family<ReasonLabels, Counter>,
+    pub tls_reloads: Family<OutcomeLabels, Counter>,
     pub sync_images: Family<SyncStateLabels, Gauge>,
     pub sync_last_success: Family<SyncListLabels, Gauge>,
 }
@@ -169,6 +172,8 @@ impl Metrics {
             gc_seconds: Histogram::new([0.01, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 1800.0]),
             fetches_unguarded: Family::default(),
             abandoned_uploads_aborted: Counter::default(),
+            tls_handshake_failures: Family::default(),
+            tls_reloads: Family::default(),
             sync_images: Family::default(),
             sync_last_success: Family::default(),
             registry: Registry::default(),
@@ -268,6 +273,16 @@ impl Metrics {
             "abandoned_uploads_aborted",
             "Multipart uploads left open in the S3 bucket (by a process that died mid-upload) that this replica aborted",
             m.abandoned_uploads_aborted.clone(),
+        );
+        registry.register(
+            "tls_handshake_failures",
+            "Connections to the HTTPS port that did not complete a TLS handshake: plain_http (answered 400), timeout, error (bad or untrusted handshake)",
+            m.tls_handshake_failures.clone(),
+        );
+        registry.register(
+            "tls_certificate_reloads",
+            "Changed TLS certificate files read: loaded (new connections get them), refused (unusable; the pair in use is kept)",
+            m.tls_reloads.clone(),
         );
         registry.register(
             "response_bodies_broken",

@@ -14,6 +14,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
+pub mod certs;
 pub mod fake;
 
 pub const ACCEPT_ALL: &str = "application/vnd.oci.image.index.v1+json, \
@@ -971,8 +972,13 @@ pub fn histogram<'a>(lines: impl Iterator<Item = &'a str>) -> HashMap<&'a str, u
 
 /// A counter's value in Pier's /metrics.
 pub async fn metric(http: &reqwest::Client, pier: &Pier, name: &str) -> f64 {
+    metric_at(http, &pier.url(), name).await
+}
+
+/// A counter's value in the /metrics of the Pier at `base`.
+pub async fn metric_at(http: &reqwest::Client, base: &str, name: &str) -> f64 {
     let text = http
-        .get(format!("{}/metrics", pier.url()))
+        .get(format!("{base}/metrics"))
         .send()
         .await
         .unwrap()
