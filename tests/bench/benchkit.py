@@ -2,10 +2,12 @@
 a process's CPU time, downloads, waiting for a server). Python 3.11
 standard library only; the scripts import it from their own folder."""
 
+import http.server
 import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -45,3 +47,37 @@ def wait_healthy(base, proc, timeout=10):
         except OSError:
             time.sleep(0.1)
     sys.exit(f"pier at {base} did not start")
+
+
+def serve_blob(blob, digest):
+    """A fake upstream serving one blob under team/app; its URL."""
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *_):
+            pass
+
+        def do_HEAD(self):
+            self.do_GET(body=False)
+
+        def do_GET(self, body=True):
+            if self.path == "/v2/":
+                self.send_response(200)
+                self.send_header("Content-Length", "2")
+                self.end_headers()
+                if body:
+                    self.wfile.write(b"{}")
+                return
+            if self.path != f"/v2/team/app/blobs/{digest}":
+                self.send_response(404)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(blob)))
+            self.end_headers()
+            if body:
+                self.wfile.write(blob)
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return f"http://127.0.0.1:{server.server_address[1]}"

@@ -19,55 +19,19 @@ Python 3.11 standard library only.
 
 import argparse
 import hashlib
-import http.server
 import os
 import random
 import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import urllib.request
 from pathlib import Path
 
-from benchkit import cpu_seconds, download, free_port, wait_healthy
+from benchkit import cpu_seconds, download, free_port, serve_blob, wait_healthy
 
 MiB = 1 << 20
-
-
-def serve_blob(blob, digest):
-    """A fake upstream serving one blob under team/app; its URL."""
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def log_message(self, *_):
-            pass
-
-        def do_HEAD(self):
-            self.do_GET(body=False)
-
-        def do_GET(self, body=True):
-            if self.path == "/v2/":
-                self.send_response(200)
-                self.send_header("Content-Length", "2")
-                self.end_headers()
-                if body:
-                    self.wfile.write(b"{}")
-                return
-            if self.path != f"/v2/team/app/blobs/{digest}":
-                self.send_response(404)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-                return
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(blob)))
-            self.end_headers()
-            if body:
-                self.wfile.write(blob)
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    return f"http://127.0.0.1:{server.server_address[1]}"
 
 
 def main():

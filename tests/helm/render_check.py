@@ -600,6 +600,29 @@ def scenario_variants(pier: Path, keep: Path | None) -> None:
     parsed, _ = check_config(pier, objects, keep, "in-cluster-redis")
     check_pod_basics(objects, parsed)
 
+    # HTTPS from a kubernetes.io/tls Secret: the whole directory mounted
+    # (a subPath would never see a renewal), the config naming its files,
+    # the probes speaking HTTPS.
+    objects, _ = render({"tls": {"secretName": "pier-tls"}})
+    validate_objects(objects)
+    pod = pier_deployment(objects)["spec"]["template"]["spec"]
+    c = pier_container(objects)
+    vol = next(v for v in pod["volumes"] if v["name"] == "tls")
+    check(vol["secret"]["secretName"] == "pier-tls", f"TLS volume {vol}")
+    mount = next(m for m in c["volumeMounts"] if m["name"] == "tls")
+    check(mount.get("readOnly") is True and "subPath" not in mount, f"TLS mount {mount}")
+    parsed, effective = check_config(pier, objects, keep, "tls")
+    check(parsed["server"]["tls_cert"] == f"{mount['mountPath']}/tls.crt"
+          and parsed["server"]["tls_key"] == f"{mount['mountPath']}/tls.key", f"TLS files {parsed['server']}")
+    check(f'tls_key = "{mount["mountPath"]}/tls.key"' in effective, effective)
+    for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+        check(c[probe]["httpGet"].get("scheme") == "HTTPS", f"{probe} over HTTPS")
+    check_pod_basics(objects, parsed)
+    check(render_fails({"tls": {"secretName": "Not A Name"}}) is not None, "a bad Secret name is refused")
+    objects, _ = render({})
+    check("tls_cert" not in pier_toml(objects), "no TLS by default")
+    check("scheme" not in pier_container(objects)["readinessProbe"]["httpGet"], "plain probes by default")
+
     # A persistent cache: PVC, Recreate, still one replica.
     objects, _ = render({"persistence": {"enabled": True, "storageClass": "fast", "size": "200Gi"}})
     validate_objects(objects)

@@ -87,6 +87,7 @@ on one mount. */ -}}
 {{- define "pier.spoolPath" -}}/var/lib/pier/local/spool{{- end }}
 {{- define "pier.localCachePath" -}}/var/lib/pier/local/cache{{- end }}
 {{- define "pier.configPath" -}}/etc/pier{{- end }}
+{{- define "pier.tlsPath" -}}/etc/pier-tls{{- end }}
 
 {{/* The Secret this chart creates for inline credentials. */}}
 {{- define "pier.secretName" -}}{{ include "pier.fullname" . }}{{- end }}
