@@ -5,6 +5,7 @@
 mod builtin;
 mod env;
 mod file;
+pub mod redis_url;
 mod validate;
 
 use std::net::SocketAddr;
@@ -185,8 +186,20 @@ pub enum MetadataConfig {
         path: PathBuf,
     },
     Redis {
-        /// `redis://` or `rediss://` (TLS); may carry a password.
+        /// One server (`redis://`, `rediss://` for TLS), the sentinels
+        /// that name the master (`redis+sentinel://h1,h2/master`), or
+        /// cluster seeds; may carry a password. See [`redis_url`].
         url: Secret,
+        /// `url` names a Redis Cluster node even when it names one host.
+        #[serde(skip_serializing_if = "std::ops::Not::not")]
+        cluster: bool,
+        /// CA certificates (PEM) that `rediss://` servers are checked
+        /// against, instead of the public roots.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        tls_ca: Option<PathBuf>,
+        /// The sentinels' own password, when they have one.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        sentinel_password: Option<Secret>,
         /// Prefix of every key, so several deployments can share a Redis.
         key_prefix: String,
         /// Connections kept open per replica.

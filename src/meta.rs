@@ -15,9 +15,9 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
+pub use self::redis::{RedisMeta, RedisOptions};
 pub use embedded::EmbeddedMeta;
 pub use held::Held;
-pub use redis::RedisMeta;
 
 use crate::reference::Digest;
 

@@ -23,7 +23,7 @@ use crate::lifecycle::{
     BucketScrub, FLUSH_EVERY, Forgetter, Retention, SharedBudget, StoredDeadlines, UseLog,
 };
 use crate::limits::{ClientLimits, PeerAddr};
-use crate::meta::{EmbeddedMeta, MetaStore, RedisMeta};
+use crate::meta::{EmbeddedMeta, MetaStore, RedisMeta, RedisOptions};
 use crate::mirror::Mirror;
 use crate::pins::Pins;
 use crate::storage::{
@@ -46,13 +46,32 @@ pub async fn open_meta(config: &Config) -> anyhow::Result<Arc<dyn MetaStore>> {
         }
         MetadataConfig::Redis {
             url,
+            cluster,
+            tls_ca,
+            sentinel_password,
             key_prefix,
             pool_size,
             timeout,
-        } => Arc::new(
-            RedisMeta::new(url.expose(), key_prefix, *pool_size, *timeout)
-                .context("setting up the Redis pool")?,
-        ),
+        } => {
+            let tls_ca = match tls_ca {
+                Some(path) => Some(
+                    std::fs::read(path)
+                        .with_context(|| format!("reading metadata.tls_ca {}", path.display()))?,
+                ),
+                None => None,
+            };
+            let options = RedisOptions {
+                cluster: *cluster,
+                tls_ca,
+                sentinel_password: sentinel_password.as_ref().map(|s| s.expose().to_owned()),
+                pool_size: *pool_size,
+                timeout: *timeout,
+            };
+            Arc::new(
+                RedisMeta::connect(url.expose(), key_prefix, &options)
+                    .context("setting up the Redis pool")?,
+            )
+        }
     })
 }
 

@@ -44,7 +44,17 @@ const SECTIONS: &[(&str, &[&str])] = &[
     ),
     (
         "metadata",
-        &["kind", "path", "url", "key_prefix", "pool_size", "timeout"],
+        &[
+            "kind",
+            "path",
+            "url",
+            "cluster",
+            "tls_ca",
+            "sentinel_password",
+            "key_prefix",
+            "pool_size",
+            "timeout",
+        ],
     ),
     ("timeouts", &["connect", "response", "body_idle"]),
     (

@@ -71,6 +71,9 @@ pub struct FileMetadata {
     pub kind: Option<String>,
     pub path: Option<PathBuf>,
     pub url: Option<String>,
+    pub cluster: Option<bool>,
+    pub tls_ca: Option<PathBuf>,
+    pub sentinel_password: Option<String>,
     pub key_prefix: Option<String>,
     pub pool_size: Option<usize>,
     #[serde(default, with = "humantime_serde")]

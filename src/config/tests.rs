@@ -160,6 +160,9 @@ fn redis_metadata_settings() {
     .unwrap();
     let MetadataConfig::Redis {
         url,
+        cluster,
+        tls_ca,
+        sentinel_password,
         key_prefix,
         pool_size,
         timeout,
@@ -168,12 +171,58 @@ fn redis_metadata_settings() {
         panic!("{:?}", c.metadata);
     };
     assert_eq!(url.expose(), "redis://:pw@127.0.0.1:6379");
+    assert!(!cluster && tls_ca.is_none() && sentinel_password.is_none());
     assert_eq!(key_prefix, "pier:");
     assert_eq!(*pool_size, 8);
     assert_eq!(*timeout, Duration::from_millis(500));
     assert!(!c.to_masked_toml().contains(":pw@"));
     let err = load("[metadata]\nkind = \"redis\"", &[]).unwrap_err();
     assert!(err.to_string().contains("metadata.url"), "{err}");
+}
+
+#[test]
+fn redis_sentinels_clusters_and_tls() {
+    let c = load(
+        "[metadata]\nkind = \"redis\"\nurl = \"rediss+sentinel://s1,s2/mymaster/1\"\n\
+         tls_ca = \"/etc/pier/redis-ca.pem\"\nsentinel_password = \"sentinel-secret\"\n",
+        &[],
+    )
+    .unwrap();
+    let printed = c.to_masked_toml();
+    assert!(
+        printed.contains("tls_ca = \"/etc/pier/redis-ca.pem\""),
+        "{printed}"
+    );
+    assert!(!printed.contains("sentinel-secret"), "{printed}");
+    let c = load(
+        "[metadata]\nkind = \"redis\"\nurl = \"redis://n1:7000\"\ncluster = true\n",
+        &[],
+    )
+    .unwrap();
+    assert!(matches!(
+        c.metadata,
+        MetadataConfig::Redis { cluster: true, .. }
+    ));
+    for (text, key, says) in [
+        (
+            "url = \"redis://h\"\ntls_ca = \"/ca.pem\"",
+            "metadata.tls_ca",
+            "rediss://",
+        ),
+        (
+            "url = \"redis://h\"\nsentinel_password = \"x\"",
+            "metadata.sentinel_password",
+            "sentinel",
+        ),
+        ("url = \"redis+sentinel://s1\"", "metadata.url", "master"),
+        ("url = \"memcached://h\"", "metadata.url", "scheme"),
+    ] {
+        let err = load(&format!("[metadata]\nkind = \"redis\"\n{text}\n"), &[]).unwrap_err();
+        let all = err.problems.join("\n");
+        assert!(all.contains(key) && all.contains(says), "{text}: {all}");
+    }
+    let err = load("[metadata]\ncluster = true\n", &[]).unwrap_err();
+    assert!(err.to_string().contains("metadata.cluster"), "{err}");
 }
 
 #[test]

@@ -11,6 +11,7 @@ use super::file::{
     ByteSize, FileCache, FileConfig, FileMetadata, FileServer, FileStorage, FileSyncImage,
     FileUpstream,
 };
+use super::redis_url::Topology;
 use super::{
     AccessConfig, AdminConfig, CacheConfig, ClusterConfig, Config, ConfigError, EgressConfig,
     FetchConfig, LimitsConfig, LogFormat, MaxAge, MetadataConfig, MinFree, RouteConfig, S3Config,
@@ -479,6 +480,9 @@ fn metadata(m: FileMetadata, data_dir: PathBuf, p: &mut Problems) -> MetadataCon
             for (set, key) in [
                 (m.url.is_some(), "url"),
                 (m.key_prefix.is_some(), "key_prefix"),
+                (m.cluster.is_some(), "cluster"),
+                (m.tls_ca.is_some(), "tls_ca"),
+                (m.sentinel_password.is_some(), "sentinel_password"),
             ] {
                 if set {
                     p.add(
@@ -499,17 +503,36 @@ fn metadata(m: FileMetadata, data_dir: PathBuf, p: &mut Problems) -> MetadataCon
                 );
             }
             let url = m.url.unwrap_or_default();
-            if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
-                p.add(
-                    "metadata.url",
-                    "is required for kind = \"redis\" and starts with redis:// or rediss://".into(),
-                );
+            let cluster = m.cluster.unwrap_or(false);
+            match super::redis_url::parse(&url, cluster) {
+                _ if url.is_empty() => {
+                    p.add("metadata.url", "is required for kind = \"redis\"".into())
+                }
+                Err(why) => p.add("metadata.url", why),
+                Ok(target) => {
+                    if m.tls_ca.is_some() && !target.tls {
+                        p.add(
+                            "metadata.tls_ca",
+                            "applies to rediss:// URLs; this one is plain redis://".into(),
+                        );
+                    }
+                    let sentinels = matches!(target.topology, Topology::Sentinel { .. });
+                    if m.sentinel_password.is_some() && !sentinels {
+                        p.add(
+                            "metadata.sentinel_password",
+                            "applies to redis+sentinel:// URLs".into(),
+                        );
+                    }
+                }
             }
             if m.pool_size == Some(0) {
                 p.add("metadata.pool_size", "must be at least 1".into());
             }
             MetadataConfig::Redis {
                 url: Secret::new(url),
+                cluster,
+                tls_ca: m.tls_ca,
+                sentinel_password: m.sentinel_password.map(Secret::new),
                 key_prefix: m.key_prefix.unwrap_or_else(|| "pier:".into()),
                 pool_size: m.pool_size.unwrap_or(32),
                 timeout: positive(p, "metadata.timeout", m.timeout, 2),

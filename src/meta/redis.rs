@@ -14,13 +14,23 @@
 //! `failures` list, newest first.
 //! Every command has a deadline: a Redis outage turns into errors, never
 //! into hung requests.
+//!
+//! In a Redis Cluster every key carries the prefix as a hash tag, so all of
+//! them share one slot: the scripts and transactions below touch several
+//! keys at once, which a cluster allows only within a slot. The cluster
+//! then gives failover, not sharding (see the README for the load).
+
+mod connect;
 
 use std::future::Future;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use deadpool_redis::redis::{self, AsyncCommands};
-use deadpool_redis::{Config as PoolSettings, Connection, Pool, PoolConfig, Runtime, Timeouts};
+use deadpool::managed::{Pool, PoolConfig, Timeouts};
+use redis::AsyncCommands;
+
+use self::connect::{Connector, Pooled};
+use crate::config::redis_url::{RedisTarget, Topology};
 
 use super::{
     Claimed, Counts, FAILURES_KEPT, JOBS_KEPT, MINUTES_KEPT, MetaError, MetaStore, Removal,
@@ -30,36 +40,72 @@ use crate::rate::Rate;
 use crate::reference::Digest;
 
 pub struct RedisMeta {
-    pool: Pool,
+    pool: Pool<Connector>,
     prefix: String,
     timeout: Duration,
 }
 
+/// How to reach Redis, beyond its URL.
+#[derive(Clone, Debug, Default)]
+pub struct RedisOptions {
+    /// The URL names a cluster node even with one host.
+    pub cluster: bool,
+    /// CA certificates (PEM) for TLS instead of the public roots.
+    pub tls_ca: Option<Vec<u8>>,
+    pub sentinel_password: Option<String>,
+    pub pool_size: usize,
+    pub timeout: Duration,
+}
+
 impl RedisMeta {
-    /// Builds the pool; connections are made on first use, so a Redis that
-    /// is down at start is not fatal.
+    /// A pool for one plain server at `url`.
     pub fn new(
         url: &str,
         prefix: &str,
         pool_size: usize,
         timeout: Duration,
     ) -> Result<Self, MetaError> {
-        let mut settings = PoolSettings::from_url(url);
-        let mut pool = PoolConfig::new(pool_size.max(1));
-        pool.timeouts = Timeouts {
+        let options = RedisOptions {
+            pool_size,
+            timeout,
+            ..RedisOptions::default()
+        };
+        Self::connect(url, prefix, &options)
+    }
+
+    /// Builds the pool; connections are made on first use, so a Redis that
+    /// is down at start is not fatal.
+    pub fn connect(url: &str, prefix: &str, options: &RedisOptions) -> Result<Self, MetaError> {
+        let target = crate::config::redis_url::parse(url, options.cluster)
+            .map_err(|why| MetaError::Backend(format!("redis: the URL {why}")))?;
+        let connector = connect::connector(
+            &target,
+            options.tls_ca.clone(),
+            options.sentinel_password.as_deref(),
+        )
+        .map_err(|e| MetaError::Backend(format!("redis: {e}")))?;
+        let timeout = options.timeout;
+        let mut config = PoolConfig::new(options.pool_size.max(1));
+        config.timeouts = Timeouts {
             wait: Some(timeout),
             create: Some(timeout),
             recycle: Some(timeout),
         };
-        settings.pool = Some(pool);
-        let pool = settings
-            .create_pool(Some(Runtime::Tokio1))
+        let pool = Pool::builder(connector)
+            .config(config)
+            .runtime(deadpool::Runtime::Tokio1)
+            .build()
             .map_err(|e| MetaError::Backend(format!("redis: {e}")))?;
         Ok(Self {
             pool,
-            prefix: prefix.to_owned(),
+            prefix: key_prefix(&target, prefix),
             timeout,
         })
+    }
+
+    /// The prefix every key starts with.
+    pub fn prefix(&self) -> &str {
+        &self.prefix
     }
 
     fn key(&self, parts: &[&str]) -> String {
@@ -80,7 +126,7 @@ impl RedisMeta {
     /// Runs `op` on a pooled connection within the deadline.
     async fn run<T, F, Fut>(&self, op: F) -> Result<T, MetaError>
     where
-        F: FnOnce(Connection) -> Fut,
+        F: FnOnce(Pooled) -> Fut,
         Fut: Future<Output = redis::RedisResult<T>>,
     {
         let work = async {
@@ -89,13 +135,23 @@ impl RedisMeta {
                 .get()
                 .await
                 .map_err(|e| MetaError::Backend(format!("redis: {e}")))?;
-            op(conn)
+            op(Pooled(conn))
                 .await
                 .map_err(|e| MetaError::Backend(format!("redis: {e}")))
         };
         tokio::time::timeout(self.timeout, work)
             .await
             .unwrap_or_else(|_| Err(MetaError::Backend("redis: timed out".into())))
+    }
+}
+
+/// `prefix`, as a hash tag in a cluster (`{pier:}`) so every key lands in
+/// one slot; a prefix that already has a tag is the operator's choice.
+fn key_prefix(target: &RedisTarget, prefix: &str) -> String {
+    if target.topology == Topology::Cluster && !prefix.contains('{') {
+        format!("{{{prefix}}}")
+    } else {
+        prefix.to_owned()
     }
 }
 

@@ -170,6 +170,7 @@ def main():
     digest = "sha256:" + hashlib.sha256(blob).hexdigest()
     upstream = serve_blob(blob, digest)
     work = Path(tempfile.mkdtemp(prefix="pier-tls-bench-"))
+    work.chmod(0o755)  # nginx's workers read the blob file as nobody
     ca, chain, key = make_certs(work)
     blob_file = work / "blob"
     blob_file.write_bytes(blob)
