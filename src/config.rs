@@ -249,9 +249,34 @@ pub struct ServerConfig {
     pub trusted_proxies: Vec<ipnet::IpNet>,
     /// Serve HTTPS on `listen` with this certificate chain and key (PEM);
     /// changed files are read again without a restart.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none", flatten)]
     pub tls: Option<TlsFiles>,
+    /// Certificates from an ACME CA instead of files.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub acme: Option<AcmeConfig>,
 }
+
+/// Certificates obtained and renewed from an ACME CA (RFC 8555), answering
+/// its TLS-ALPN-01 challenges on `listen`.
+#[derive(Clone, Debug, Serialize)]
+pub struct AcmeConfig {
+    /// The names the certificate covers (no wildcards: those need DNS-01).
+    pub domains: Vec<String>,
+    /// `mailto:` addresses the CA may write to about the account.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub contact: Vec<String>,
+    /// The CA's directory URL.
+    pub directory: String,
+    /// Where the account key, certificate and key are kept across restarts.
+    pub cache: PathBuf,
+    /// CA certificate (PEM) the directory's own HTTPS is checked against,
+    /// for a private ACME CA; the system roots otherwise.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub directory_ca: Option<PathBuf>,
+}
+
+/// Let's Encrypt's production directory.
+pub const LETS_ENCRYPT: &str = "https://acme-v02.api.letsencrypt.org/directory";
 
 /// A certificate chain (leaf first) and its private key, as PEM files.
 #[derive(Clone, Debug, Serialize)]

@@ -30,7 +30,7 @@ use crate::storage::{
     BlobStore, Budget, BudgetedFsStore, Keep, S3BlobStore, Scrub, TieredBlobStore,
 };
 use crate::sync::{Jobs, Syncer};
-use crate::tls::{Accepted, CertFiles};
+use crate::tls::{Accepted, Certificates};
 use crate::zerocopy::ClientIo;
 
 /// Opens the configured metadata store (Redis connects on first use).
@@ -223,14 +223,11 @@ pub async fn serve(
     raise_open_files();
     let settings = config.server.clone();
     // Before anything else: a server that cannot speak TLS must not start.
-    let tls = match &settings.tls {
-        Some(files) => {
-            let certs = CertFiles::open(&files.cert, &files.key)?;
-            certs.watch();
-            Some(crate::tls::acceptor(certs)?)
-        }
-        None => None,
-    };
+    let certificates = Certificates::start(&settings)?;
+    let tls = certificates
+        .as_ref()
+        .map(Certificates::acceptor)
+        .transpose()?;
     let (mirror, limits, meta) = build_mirror(config).await?;
     let syncer = Arc::new(Syncer::new(mirror.clone(), &config.sync));
     if mirror.prefetches() {
@@ -327,6 +324,7 @@ pub async fn serve(
             let tls = match crate::tls::accept(&acceptor, io, handshake_timeout).await {
                 Ok(Accepted::Tls(tls)) => tls,
                 Ok(Accepted::PlainHttp(io)) => return crate::tls::refuse_plain_http(io).await,
+                Ok(Accepted::AcmeChallenge) => return,
                 Err(e) => {
                     tracing::debug!(%peer, error = %e, "TLS handshake failed");
                     return;

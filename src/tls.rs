@@ -1,6 +1,7 @@
 //! HTTPS of Pier's own: the certificate and key from PEM files, picked up
 //! again when the files change (cert-manager and other tools rotate them in
-//! place), and the acceptor the accept loop wraps client connections in.
+//! place), or from an ACME CA (`acme`), and the acceptor the accept loop
+//! wraps client connections in.
 //!
 //! A leaf beside `zerocopy`, whose client connections it wraps; `server`
 //! builds it from `config`.
@@ -19,6 +20,11 @@ use rustls::sign::CertifiedKey;
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 
+mod acme;
+
+use self::acme::ACME_TLS;
+pub use self::acme::Acme;
+use crate::config::ServerConfig;
 use crate::telemetry::metrics::metrics;
 use crate::zerocopy::ClientIo;
 
@@ -157,42 +163,101 @@ impl ResolvesServerCert for CertFiles {
     }
 }
 
-/// A chain (leaf first) and its private key, checked to belong together.
+/// A chain (leaf first) and its private key from files, checked to belong
+/// together.
 fn load_pair(cert: &Path, key: &Path) -> anyhow::Result<CertifiedKey> {
-    let pem = std::fs::read(cert).with_context(|| format!("reading {}", cert.display()))?;
-    let chain = CertificateDer::pem_slice_iter(&pem)
-        .collect::<Result<Vec<_>, _>>()
-        .with_context(|| format!("{} is not PEM certificates", cert.display()))?;
-    if chain.is_empty() {
-        return Err(anyhow!("{} holds no certificate", cert.display()));
-    }
-    let pem = std::fs::read(key).with_context(|| format!("reading {}", key.display()))?;
-    let key_der = PrivateKeyDer::from_pem_slice(&pem)
-        .map_err(|e| anyhow!("{} holds no private key: {e}", key.display()))?;
-    CertifiedKey::from_der(chain, key_der, &provider()).map_err(|e| {
-        anyhow!(
-            "{} and {} do not make a usable pair: {e}",
+    let chain = std::fs::read(cert).with_context(|| format!("reading {}", cert.display()))?;
+    let private = std::fs::read(key).with_context(|| format!("reading {}", key.display()))?;
+    certified_key(&chain, &private).with_context(|| {
+        format!(
+            "{} and {} do not make a usable pair",
             cert.display(),
             key.display()
         )
     })
 }
 
-/// The TLS side of the listener: HTTP/2 and HTTP/1.1 by ALPN, the
-/// certificate from `resolver`.
-pub fn acceptor(resolver: Arc<dyn ResolvesServerCert>) -> anyhow::Result<TlsAcceptor> {
-    let mut config = rustls::ServerConfig::builder_with_provider(provider())
-        .with_safe_default_protocol_versions()
-        .context("TLS protocol versions")?
-        .with_no_client_auth()
-        .with_cert_resolver(resolver);
-    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    Ok(TlsAcceptor::from(Arc::new(config)))
+/// A chain (leaf first) and its private key, as PEM, checked to belong
+/// together; the leaf's expiry goes to the metrics.
+fn certified_key(chain_pem: &[u8], key_pem: &[u8]) -> anyhow::Result<CertifiedKey> {
+    let chain = CertificateDer::pem_slice_iter(chain_pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| anyhow!("the certificate file is not PEM certificates: {e}"))?;
+    if chain.is_empty() {
+        return Err(anyhow!("the certificate file holds no certificate"));
+    }
+    let key_der = PrivateKeyDer::from_pem_slice(key_pem)
+        .map_err(|e| anyhow!("the key file holds no private key: {e}"))?;
+    let key = CertifiedKey::from_der(chain, key_der, &provider()).map_err(|e| anyhow!("{e}"))?;
+    let (_, not_after) = validity(&key)?;
+    let unix = not_after
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    metrics()
+        .tls_certificate_expiry
+        .set(i64::try_from(unix).unwrap_or(i64::MAX));
+    Ok(key)
+}
+
+/// The leaf's notBefore and notAfter.
+fn validity(key: &CertifiedKey) -> anyhow::Result<(SystemTime, SystemTime)> {
+    let leaf = key.end_entity_cert().map_err(|e| anyhow!("{e}"))?;
+    let (_, cert) = x509_parser::parse_x509_certificate(leaf)
+        .map_err(|e| anyhow!("the certificate cannot be read: {e}"))?;
+    let at = |t: x509_parser::time::ASN1Time| {
+        let secs = u64::try_from(t.timestamp()).unwrap_or(0);
+        std::time::UNIX_EPOCH + Duration::from_secs(secs)
+    };
+    let v = cert.validity();
+    Ok((at(v.not_before), at(v.not_after)))
+}
+
+/// Where the certificates come from.
+pub enum Certificates {
+    Files(Arc<CertFiles>),
+    Acme(Arc<Acme>),
+}
+
+impl Certificates {
+    /// Reads the files or the ACME cache, and starts what keeps the
+    /// certificate current. Files that cannot be used are an error.
+    pub fn start(server: &ServerConfig) -> anyhow::Result<Option<Self>> {
+        if let Some(acme) = &server.acme {
+            let acme = Acme::open(acme)?;
+            acme.spawn();
+            return Ok(Some(Self::Acme(acme)));
+        }
+        let Some(files) = &server.tls else {
+            return Ok(None);
+        };
+        let certs = CertFiles::open(&files.cert, &files.key)?;
+        certs.watch();
+        Ok(Some(Self::Files(certs)))
+    }
+
+    /// The TLS side of the listener: HTTP/2 and HTTP/1.1 by ALPN (and
+    /// ACME's challenges, with ACME).
+    pub fn acceptor(&self) -> anyhow::Result<TlsAcceptor> {
+        let (resolver, mut alpn): (Arc<dyn ResolvesServerCert>, _) = match self {
+            Self::Files(files) => (files.clone(), Vec::new()),
+            Self::Acme(acme) => (acme.clone(), vec![ACME_TLS.to_vec()]),
+        };
+        let mut config = rustls::ServerConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .context("TLS protocol versions")?
+            .with_no_client_auth()
+            .with_cert_resolver(resolver);
+        alpn.splice(0..0, [b"h2".to_vec(), b"http/1.1".to_vec()]);
+        config.alpn_protocols = alpn;
+        Ok(TlsAcceptor::from(Arc::new(config)))
+    }
 }
 
 /// What became of a connection to the HTTPS port.
 pub enum Accepted {
     Tls(Box<TlsStream<ClientIo>>),
+    /// An ACME CA checked a challenge; there is nothing to serve it.
+    AcmeChallenge,
     /// It speaks plain HTTP: tell it to use HTTPS.
     PlainHttp(ClientIo),
 }
@@ -212,13 +277,17 @@ pub async fn accept(
         if n == 1 && first[0] != HANDSHAKE_RECORD {
             return Ok(Accepted::PlainHttp(io));
         }
-        Ok(Accepted::Tls(Box::new(acceptor.accept(io).await?)))
+        let tls = acceptor.accept(io).await?;
+        if tls.get_ref().1.alpn_protocol() == Some(ACME_TLS) {
+            return Ok(Accepted::AcmeChallenge);
+        }
+        Ok(Accepted::Tls(Box::new(tls)))
     };
     let result = tokio::time::timeout(timeout, work)
         .await
         .unwrap_or_else(|_| Err(io::Error::new(io::ErrorKind::TimedOut, "TLS handshake")));
     let reason = match &result {
-        Ok(Accepted::Tls(_)) => return result,
+        Ok(Accepted::Tls(_) | Accepted::AcmeChallenge) => return result,
         Ok(Accepted::PlainHttp(_)) => "plain_http",
         Err(e) if e.kind() == io::ErrorKind::TimedOut => "timeout",
         Err(_) => "error",

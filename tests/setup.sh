@@ -11,6 +11,8 @@ packages=(docker-registry skopeo curl ca-certificates apache2-utils redis-server
 packages+=(docker.io containerd podman)
 # The console's pages are tested in a real browser (tests/browser.rs).
 packages+=(chromium fonts-dejavu-core fonts-liberation)
+# The ACME test server, for certificates Pier obtains itself (tests/acme.rs).
+packages+=(pebble)
 missing=()
 for p in "${packages[@]}"; do
 	dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -105,6 +105,17 @@ pub struct FileServer {
     pub trusted_proxies: Option<Vec<String>>,
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
+    pub acme: Option<FileAcme>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileAcme {
+    pub domains: Option<Vec<String>>,
+    pub contact: Option<Vec<String>>,
+    pub directory: Option<String>,
+    pub cache: Option<PathBuf>,
+    pub directory_ca: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -181,6 +181,48 @@ fn redis_metadata_settings() {
 }
 
 #[test]
+fn acme_names_its_domains_and_defaults_to_lets_encrypt() {
+    let c = load(
+        "[storage]\npath = \"/srv/pier\"\n\
+         [server.acme]\ndomains = [\"m.example.com\", \"docker.m.example.com\"]\n\
+         contact = [\"mailto:ops@example.com\"]\n",
+        &[],
+    )
+    .unwrap();
+    let acme = c.server.acme.as_ref().unwrap();
+    assert_eq!(acme.domains, ["m.example.com", "docker.m.example.com"]);
+    assert_eq!(acme.directory, LETS_ENCRYPT);
+    assert_eq!(acme.cache, Path::new("/srv/pier/acme"));
+    assert!(c.to_masked_toml().contains("[server.acme]"));
+    for (text, key) in [
+        ("[server.acme]\ndomains = []\n", "server.acme.domains"),
+        (
+            "[server.acme]\ndomains = [\"*.m.example.com\"]\n",
+            "server.acme.domains[0]",
+        ),
+        (
+            "[server.acme]\ndomains = [\"m.example.com:443\"]\n",
+            "server.acme.domains[0]",
+        ),
+        (
+            "[server.acme]\ndomains = [\"m.example.com\"]\ncontact = [\"ops@example.com\"]\n",
+            "server.acme.contact[0]",
+        ),
+        (
+            "[server.acme]\ndomains = [\"m.example.com\"]\ndirectory = \"http://ca.example/dir\"\n",
+            "server.acme.directory",
+        ),
+        (
+            "[server]\ntls_cert = \"/c\"\ntls_key = \"/k\"\n[server.acme]\ndomains = [\"m.example.com\"]\n",
+            "server.acme",
+        ),
+    ] {
+        let all = load(text, &[]).unwrap_err().problems.join("\n");
+        assert!(all.contains(key), "{key} not named in:\n{all}");
+    }
+}
+
+#[test]
 fn redis_sentinels_clusters_and_tls() {
     let c = load(
         "[metadata]\nkind = \"redis\"\nurl = \"rediss+sentinel://s1,s2/mymaster/1\"\n\

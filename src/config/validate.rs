@@ -8,15 +8,15 @@ use url::Url;
 
 use super::builtin::{DEFAULT_TAG_TTL, builtin_routes, builtin_upstreams};
 use super::file::{
-    ByteSize, FileCache, FileConfig, FileMetadata, FileServer, FileStorage, FileSyncImage,
-    FileUpstream,
+    ByteSize, FileAcme, FileCache, FileConfig, FileMetadata, FileServer, FileStorage,
+    FileSyncImage, FileUpstream,
 };
 use super::redis_url::Topology;
 use super::{
-    AccessConfig, AdminConfig, CacheConfig, ClusterConfig, Config, ConfigError, EgressConfig,
-    FetchConfig, LimitsConfig, LogFormat, MaxAge, MetadataConfig, MinFree, RouteConfig, S3Config,
-    Secret, ServerConfig, StorageConfig, SyncConfig, SyncListConfig, TimeoutConfig, TlsFiles,
-    UiConfig, UpstreamConfig,
+    AccessConfig, AcmeConfig, AdminConfig, CacheConfig, ClusterConfig, Config, ConfigError,
+    EgressConfig, FetchConfig, LimitsConfig, LogFormat, MaxAge, MetadataConfig, MinFree,
+    RouteConfig, S3Config, Secret, ServerConfig, StorageConfig, SyncConfig, SyncListConfig,
+    TimeoutConfig, TlsFiles, UiConfig, UpstreamConfig,
 };
 
 const DEFAULT_LISTEN: &str = "0.0.0.0:5000";
@@ -61,7 +61,7 @@ pub fn build(raw: FileConfig) -> Result<Config, ConfigError> {
         StorageConfig::Fs { path } => path.clone(),
         StorageConfig::S3(_) => PathBuf::from(DEFAULT_DATA),
     };
-    let metadata = metadata(raw.metadata.unwrap_or_default(), data_dir, &mut p);
+    let metadata = metadata(raw.metadata.unwrap_or_default(), data_dir.clone(), &mut p);
 
     let t = raw.timeouts.unwrap_or_default();
     let timeouts = TimeoutConfig {
@@ -70,7 +70,7 @@ pub fn build(raw: FileConfig) -> Result<Config, ConfigError> {
         body_idle: positive(&mut p, "timeouts.body_idle", t.body_idle, 60),
     };
 
-    let server = server(raw.server.unwrap_or_default(), &mut p);
+    let server = server(raw.server.unwrap_or_default(), &data_dir, &mut p);
     let l = raw.limits.unwrap_or_default();
     let limits = LimitsConfig {
         requests_per_second: l.requests_per_second.unwrap_or(0),
@@ -683,7 +683,7 @@ fn upstreams(builtins: bool, file: Vec<FileUpstream>, p: &mut Problems) -> Vec<U
     list
 }
 
-fn server(s: FileServer, p: &mut Problems) -> ServerConfig {
+fn server(s: FileServer, data_dir: &Path, p: &mut Problems) -> ServerConfig {
     const MIN_HEADER_BYTES: u64 = 8 * 1024;
     let max_header_bytes = match size(p, "server.max_header_bytes", s.max_header_bytes.as_ref()) {
         Some(n) if n < MIN_HEADER_BYTES => {
@@ -701,6 +701,13 @@ fn server(s: FileServer, p: &mut Problems) -> ServerConfig {
         "server.trusted_proxies",
         s.trusted_proxies.unwrap_or_default(),
     );
+    let acme = s.acme.map(|a| acme(a, data_dir, p));
+    if acme.is_some() && (s.tls_cert.is_some() || s.tls_key.is_some()) {
+        p.add(
+            "server.acme",
+            "certificates come from files (tls_cert, tls_key) or from ACME, not both".into(),
+        );
+    }
     ServerConfig {
         header_timeout: positive(p, "server.header_timeout", s.header_timeout, 30),
         send_timeout: positive(p, "server.send_timeout", s.send_timeout, 60),
@@ -709,6 +716,55 @@ fn server(s: FileServer, p: &mut Problems) -> ServerConfig {
         zero_copy: s.zero_copy.unwrap_or(true),
         trusted_proxies,
         tls: tls_files(s.tls_cert, s.tls_key, p),
+        acme,
+    }
+}
+
+fn acme(a: FileAcme, data_dir: &Path, p: &mut Problems) -> AcmeConfig {
+    let domains = a.domains.unwrap_or_default();
+    if domains.is_empty() {
+        p.add(
+            "server.acme.domains",
+            "names no domain to get a certificate for".into(),
+        );
+    }
+    for (i, d) in domains.iter().enumerate() {
+        if d.starts_with("*.") {
+            p.add(
+                &format!("server.acme.domains[{i}]"),
+                format!(
+                    "{d:?} is a wildcard, which needs DNS-01: list each host-prefix name instead"
+                ),
+            );
+        } else if !is_host_name(d) {
+            p.add(
+                &format!("server.acme.domains[{i}]"),
+                format!("{d:?} is not a lowercase host name"),
+            );
+        }
+    }
+    let contact = a.contact.unwrap_or_default();
+    for (i, c) in contact.iter().enumerate() {
+        if !c.starts_with("mailto:") {
+            p.add(
+                &format!("server.acme.contact[{i}]"),
+                format!("{c:?} is not a mailto: address"),
+            );
+        }
+    }
+    let directory = a.directory.unwrap_or_else(|| super::LETS_ENCRYPT.into());
+    if !Url::parse(&directory).is_ok_and(|u| u.scheme() == "https" && u.host().is_some()) {
+        p.add(
+            "server.acme.directory",
+            format!("{directory:?} is not an https:// URL"),
+        );
+    }
+    AcmeConfig {
+        domains,
+        contact,
+        directory,
+        cache: a.cache.unwrap_or_else(|| data_dir.join("acme")),
+        directory_ca: a.directory_ca,
     }
 }
 

@@ -129,6 +129,7 @@ pub struct Metrics {
     pub abandoned_uploads_aborted: Counter,
     pub tls_handshake_failures: Family<ReasonLabels, Counter>,
     pub tls_reloads: Family<OutcomeLabels, Counter>,
+    pub tls_certificate_expiry: Gauge,
     pub sync_images: Family<SyncStateLabels, Gauge>,
     pub sync_last_success: Family<SyncListLabels, Gauge>,
 }
@@ -174,6 +175,7 @@ impl Metrics {
             abandoned_uploads_aborted: Counter::default(),
             tls_handshake_failures: Family::default(),
             tls_reloads: Family::default(),
+            tls_certificate_expiry: Gauge::default(),
             sync_images: Family::default(),
             sync_last_success: Family::default(),
             registry: Registry::default(),
@@ -281,8 +283,13 @@ impl Metrics {
         );
         registry.register(
             "tls_certificate_reloads",
-            "Changed TLS certificate files read: loaded (new connections get them), refused (unusable; the pair in use is kept)",
+            "New TLS certificates taken up, from changed files or an ACME CA: loaded (new connections get them), refused (unusable files or a failed ACME order; the certificate in use is kept)",
             m.tls_reloads.clone(),
+        );
+        registry.register(
+            "tls_certificate_expiry_timestamp_seconds",
+            "When the TLS certificate last loaded expires (Unix time)",
+            m.tls_certificate_expiry.clone(),
         );
         registry.register(
             "response_bodies_broken",

@@ -25,6 +25,7 @@ import argparse
 import hashlib
 import os
 import random
+import shutil
 import signal
 import statistics
 import subprocess
@@ -170,6 +171,13 @@ def main():
     digest = "sha256:" + hashlib.sha256(blob).hexdigest()
     upstream = serve_blob(blob, digest)
     work = Path(tempfile.mkdtemp(prefix="pier-tls-bench-"))
+    try:
+        run(args, blob, digest, upstream, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def run(args, blob, digest, upstream, work):
     work.chmod(0o755)  # nginx's workers read the blob file as nobody
     ca, chain, key = make_certs(work)
     blob_file = work / "blob"

@@ -2,6 +2,7 @@
 //! written as PEM files for Pier and for the clients that must trust it.
 
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use rcgen::{
     BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair, KeyUsagePurpose,
@@ -48,8 +49,18 @@ impl TestCa {
     /// A server certificate for [`SERVER_NAMES`] and 127.0.0.1, written to
     /// `dir/<stem>.crt` (leaf then CA) and `dir/<stem>.key`.
     pub fn issue(&self, dir: &Path, stem: &str) -> Issued {
+        self.issue_until(dir, stem, None)
+    }
+
+    /// Like `issue`, valid from a year ago until `until` from now.
+    pub fn issue_until(&self, dir: &Path, stem: &str, until: Option<Duration>) -> Issued {
         let names: Vec<String> = SERVER_NAMES.iter().map(|s| s.to_string()).collect();
         let mut params = CertificateParams::new(names).unwrap();
+        if let Some(until) = until {
+            let now = time::OffsetDateTime::now_utc();
+            params.not_before = now - time::Duration::days(365);
+            params.not_after = now + until;
+        }
         params
             .subject_alt_names
             .push(SanType::IpAddress("127.0.0.1".parse().unwrap()));
