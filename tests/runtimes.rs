@@ -900,3 +900,212 @@ async fn containerd_pulls_over_https_with_the_ca_in_hosts_toml() {
     );
     assert_served(&k8s, "k8s", "pause");
 }
+
+// ---------------------------------------------------------------------------
+// The container image
+// ---------------------------------------------------------------------------
+
+/// Debian's docker CLI: it builds with the daemon's own BuildKit, which the
+/// multi-stage Dockerfile needs to skip the toolchain stage (a newer CLI
+/// wants the buildx plugin for that).
+const DOCKER_BUILD_CLI: &str = "/usr/bin/docker";
+
+/// The Helm chart's default rendering: pier.toml, the pod and the Pier
+/// container, as tests/helm/render_check.py renders them.
+fn chart_defaults(dir: &Path) -> Option<serde_json::Value> {
+    let out = dir.join("defaults.json");
+    let run = Command::new("python3")
+        .arg(repo_root().join("tests/helm/render_check.py"))
+        .arg("--pier")
+        .arg(env!("CARGO_BIN_EXE_pier"))
+        .arg("--dump-defaults")
+        .arg(&out)
+        .output()
+        .unwrap();
+    if run.status.code() == Some(3) {
+        assert!(!strict(), "the chart cannot be rendered: {:?}", run);
+        eprintln!("SKIPPED: helm-python-sdk is missing (tests/setup.sh installs it)");
+        return None;
+    }
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    Some(serde_json::from_slice(&std::fs::read(out).unwrap()).unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_image_built_from_a_host_binary_runs_as_the_chart_expects_and_serves_a_pull() {
+    if !have_tools(&[
+        "docker-registry",
+        "dockerd",
+        "docker",
+        "containerd",
+        "runc",
+        "python3",
+    ]) || !Path::new(DOCKER_BUILD_CLI).exists()
+    {
+        return;
+    }
+    let work = tempfile::tempdir().unwrap();
+    let Some(chart) = chart_defaults(work.path()) else {
+        return;
+    };
+    let container = &chart["container"];
+    let pod_security = &chart["pod"]["securityContext"];
+
+    // The build context the Dockerfile expects, with the root filesystem
+    // made from this build's binary.
+    let ctx = work.path().join("ctx");
+    std::fs::create_dir_all(ctx.join("deploy")).unwrap();
+    for f in ["deploy/Dockerfile", ".dockerignore"] {
+        std::fs::copy(repo_root().join(f), ctx.join(f)).unwrap();
+    }
+    let rootfs = Command::new(repo_root().join("deploy/rootfs.sh"))
+        .arg(env!("CARGO_BIN_EXE_pier"))
+        .arg(ctx.join("target/pier-image"))
+        .output()
+        .unwrap();
+    assert!(
+        rootfs.status.success(),
+        "{}",
+        String::from_utf8_lossy(&rootfs.stderr)
+    );
+
+    let port = free_port();
+    let docker = Upstream::start("docker");
+    let dir = short_tempdir();
+    let d = Dockerd::start(dir.path(), &format!("127.0.0.1:{port}")).await;
+    let mut build = tokio::process::Command::new(DOCKER_BUILD_CLI);
+    build
+        .args([
+            "build",
+            "-f",
+            "deploy/Dockerfile",
+            "--build-arg",
+            "ROOTFS=host",
+        ])
+        .args(["-t", "pier:test", "."])
+        .current_dir(&ctx)
+        .env("DOCKER_BUILDKIT", "1")
+        .env("DOCKER_HOST", format!("unix://{}", d.sock))
+        .env("DOCKER_CONFIG", &d.config_dir)
+        .envs(no_egress_env());
+    let out = run(build).await;
+    assert!(
+        out.ok,
+        "docker build\n{}\n{}",
+        out.both(),
+        d.daemon.log_tail()
+    );
+
+    // What the image says of itself agrees with the chart's pod spec.
+    let inspect = run(d.cmd(&["image", "inspect", "pier:test"])).await;
+    assert!(inspect.ok, "{}", inspect.both());
+    let image: serde_json::Value = serde_json::from_str(&inspect.stdout).unwrap();
+    let config = &image[0]["Config"];
+    let user = format!(
+        "{}:{}",
+        pod_security["runAsUser"], pod_security["runAsGroup"]
+    );
+    assert_eq!(
+        config["User"],
+        user.as_str(),
+        "image user vs the chart's runAsUser"
+    );
+    assert_ne!(pod_security["runAsUser"], 0);
+    let port_name = format!("{}/tcp", container["ports"][0]["containerPort"]);
+    assert!(
+        config["ExposedPorts"].get(&port_name).is_some(),
+        "{port_name} not exposed: {config}"
+    );
+    assert_eq!(config["Entrypoint"][0], "/usr/local/bin/pier");
+    assert!(
+        config["Healthcheck"].is_null(),
+        "probes are the orchestrator's"
+    );
+    assert!(container["lifecycle"]["preStop"].get("exec").is_none());
+
+    // Run it as the chart would: its arguments, its user, a read-only root
+    // filesystem, the config file and data volume at the chart's paths.
+    let mounts: Vec<&str> = container["volumeMounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["mountPath"].as_str().unwrap())
+        .collect();
+    let config_dir = mounts
+        .iter()
+        .find(|m| m.starts_with("/etc/"))
+        .expect("a config mount");
+    let conf = work.path().join("conf");
+    std::fs::create_dir_all(&conf).unwrap();
+    std::fs::write(conf.join("pier.toml"), chart["pier_toml"].as_str().unwrap()).unwrap();
+    let mut args: Vec<String> = vec![
+        "run".into(),
+        "-d".into(),
+        "--name".into(),
+        "pier-image-test".into(),
+        "--network".into(),
+        "host".into(),
+        "--user".into(),
+        user.clone(),
+        "-v".into(),
+        format!("{}:{config_dir}:ro", conf.display()),
+        "-e".into(),
+        format!("PIER_LISTEN=127.0.0.1:{port}"),
+        "-e".into(),
+        format!("PIER_UPSTREAMS__DOCKER_IO__ENDPOINTS={}", docker.url()),
+    ];
+    if container["securityContext"]["readOnlyRootFilesystem"] == true {
+        args.push("--read-only".into());
+    }
+    for m in mounts.iter().filter(|m| *m != config_dir) {
+        args.push("--mount".into());
+        args.push(format!("type=volume,dst={m}"));
+    }
+    args.push("pier:test".into());
+    args.extend(
+        container["args"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| a.as_str().unwrap().to_owned()),
+    );
+    let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+    let started = run(d.cmd(&argv)).await;
+    assert!(started.ok, "docker run\n{}", started.both());
+    let logs = || async { run(d.cmd(&["logs", "pier-image-test"])).await.both() };
+
+    let base = format!("http://127.0.0.1:{port}");
+    let http = reqwest::Client::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(r) = http.get(format!("{base}/readyz")).send().await
+            && r.status() == 200
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "never ready\n{}", logs().await);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let healthz = http.get(format!("{base}/healthz")).send().await.unwrap();
+    assert_eq!(healthz.status(), 200);
+
+    // Not root: the process's real and effective ids, from /proc.
+    let pid = run(d.cmd(&["inspect", "-f", "{{.State.Pid}}", "pier-image-test"])).await;
+    let status = std::fs::read_to_string(format!("/proc/{}/status", pid.stdout.trim())).unwrap();
+    let uid_line = status.lines().find(|l| l.starts_with("Uid:")).unwrap();
+    let want_uid = pod_security["runAsUser"].to_string();
+    assert!(
+        uid_line.split_whitespace().skip(1).all(|u| u == want_uid),
+        "{uid_line}"
+    );
+
+    // And a pull through it, by the same daemon (registry-mirrors).
+    let want = digest_of("docker", "library/nginx:latest");
+    assert_eq!(d.pull("nginx:latest").await, want, "{}", logs().await);
+    assert_served(&docker, "docker", "library/nginx");
+    let _ = run(d.cmd(&["rm", "-f", "pier-image-test"])).await;
+}

@@ -320,8 +320,11 @@ def check_pod_basics(objects: list[dict], parsed: dict) -> None:
     check(pod.get("enableServiceLinks") is False, "enableServiceLinks must be false")
     grace = pod.get("terminationGracePeriodSeconds", 30)
     check(grace >= 300, f"terminationGracePeriodSeconds {grace} is too short for long blob streams")
-    sleep = c["lifecycle"]["preStop"]["exec"]["command"]
-    check(sleep[0] == "sleep" and 0 < int(sleep[1]) < grace, f"preStop sleep {sleep}")
+    # The kubelet sleeps: the image has no shell or sleep binary to exec.
+    pre_stop = c["lifecycle"]["preStop"]
+    check("exec" not in pre_stop, f"preStop execs in an image without a shell: {pre_stop}")
+    sleep = ["sleep", pre_stop["sleep"]["seconds"]]
+    check(0 < int(sleep[1]) < grace, f"preStop sleep {sleep}")
     # Pier's drain after SIGTERM ends before the kubelet's SIGKILL (the
     # preStop sleep counts against the grace period), and is not Pier's own
     # 30s default, which would cut long blob streams short.
@@ -837,7 +840,17 @@ def main() -> int:
     ap.add_argument("--pier", required=True, type=Path, help="the pier binary (target/debug/pier)")
     ap.add_argument("--keep", type=Path, help="write the rendered pier.toml and env files here")
     ap.add_argument("--only", action="append", metavar="SCENARIO", help="run only this scenario (repeatable)")
+    ap.add_argument("--dump-defaults", type=Path, metavar="JSON",
+                    help="write the default rendering's pier.toml, pod and container spec here and exit")
     args = ap.parse_args()
+    if args.dump_defaults:
+        objects, _ = render({})
+        args.dump_defaults.write_text(json.dumps({
+            "pier_toml": pier_toml(objects),
+            "pod": pier_deployment(objects)["spec"]["template"]["spec"],
+            "container": pier_container(objects),
+        }))
+        return 0
     args.pier = args.pier.resolve()
     if not args.pier.is_file():
         ap.error(f"no pier binary at {args.pier}")
