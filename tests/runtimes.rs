@@ -910,6 +910,50 @@ async fn containerd_pulls_over_https_with_the_ca_in_hosts_toml() {
 /// wants the buildx plugin for that).
 const DOCKER_BUILD_CLI: &str = "/usr/bin/docker";
 
+/// Builds Pier's image from deploy/Dockerfile the host-binary way, from
+/// this test build's binary, as `tag`.
+async fn build_pier_image(d: &Dockerd, work: &Path, tag: &str) {
+    // The build context the Dockerfile expects, with the root filesystem
+    // made from this build's binary.
+    let ctx = work.join("ctx");
+    std::fs::create_dir_all(ctx.join("deploy")).unwrap();
+    for f in ["deploy/Dockerfile", ".dockerignore"] {
+        std::fs::copy(repo_root().join(f), ctx.join(f)).unwrap();
+    }
+    let rootfs = Command::new(repo_root().join("deploy/rootfs.sh"))
+        .arg(env!("CARGO_BIN_EXE_pier"))
+        .arg(ctx.join("target/pier-image"))
+        .output()
+        .unwrap();
+    assert!(
+        rootfs.status.success(),
+        "{}",
+        String::from_utf8_lossy(&rootfs.stderr)
+    );
+    let mut build = tokio::process::Command::new(DOCKER_BUILD_CLI);
+    build
+        .args([
+            "build",
+            "-f",
+            "deploy/Dockerfile",
+            "--build-arg",
+            "ROOTFS=host",
+        ])
+        .args(["-t", tag, "."])
+        .current_dir(&ctx)
+        .env("DOCKER_BUILDKIT", "1")
+        .env("DOCKER_HOST", format!("unix://{}", d.sock))
+        .env("DOCKER_CONFIG", &d.config_dir)
+        .envs(no_egress_env());
+    let out = run(build).await;
+    assert!(
+        out.ok,
+        "docker build\n{}\n{}",
+        out.both(),
+        d.daemon.log_tail()
+    );
+}
+
 /// The Helm chart's default rendering: pier.toml, the pod and the Pier
 /// container, as tests/helm/render_check.py renders them.
 fn chart_defaults(dir: &Path) -> Option<serde_json::Value> {
@@ -955,50 +999,11 @@ async fn the_image_built_from_a_host_binary_runs_as_the_chart_expects_and_serves
     let container = &chart["container"];
     let pod_security = &chart["pod"]["securityContext"];
 
-    // The build context the Dockerfile expects, with the root filesystem
-    // made from this build's binary.
-    let ctx = work.path().join("ctx");
-    std::fs::create_dir_all(ctx.join("deploy")).unwrap();
-    for f in ["deploy/Dockerfile", ".dockerignore"] {
-        std::fs::copy(repo_root().join(f), ctx.join(f)).unwrap();
-    }
-    let rootfs = Command::new(repo_root().join("deploy/rootfs.sh"))
-        .arg(env!("CARGO_BIN_EXE_pier"))
-        .arg(ctx.join("target/pier-image"))
-        .output()
-        .unwrap();
-    assert!(
-        rootfs.status.success(),
-        "{}",
-        String::from_utf8_lossy(&rootfs.stderr)
-    );
-
     let port = free_port();
     let docker = Upstream::start("docker");
     let dir = short_tempdir();
     let d = Dockerd::start(dir.path(), &format!("127.0.0.1:{port}")).await;
-    let mut build = tokio::process::Command::new(DOCKER_BUILD_CLI);
-    build
-        .args([
-            "build",
-            "-f",
-            "deploy/Dockerfile",
-            "--build-arg",
-            "ROOTFS=host",
-        ])
-        .args(["-t", "pier:test", "."])
-        .current_dir(&ctx)
-        .env("DOCKER_BUILDKIT", "1")
-        .env("DOCKER_HOST", format!("unix://{}", d.sock))
-        .env("DOCKER_CONFIG", &d.config_dir)
-        .envs(no_egress_env());
-    let out = run(build).await;
-    assert!(
-        out.ok,
-        "docker build\n{}\n{}",
-        out.both(),
-        d.daemon.log_tail()
-    );
+    build_pier_image(&d, work.path(), "pier:test").await;
 
     // What the image says of itself agrees with the chart's pod spec.
     let inspect = run(d.cmd(&["image", "inspect", "pier:test"])).await;
@@ -1108,4 +1113,293 @@ async fn the_image_built_from_a_host_binary_runs_as_the_chart_expects_and_serves
     assert_eq!(d.pull("nginx:latest").await, want, "{}", logs().await);
     assert_served(&docker, "docker", "library/nginx");
     let _ = run(d.cmd(&["rm", "-f", "pier-image-test"])).await;
+}
+
+// ---------------------------------------------------------------------------
+// deploy/docker-compose.yml
+// ---------------------------------------------------------------------------
+
+/// The libraries `binary` links and their loader, as `ldd` names them.
+fn linked_libraries(binary: &Path) -> Vec<PathBuf> {
+    let out = Command::new("ldd").arg(binary).output().unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| {
+            let l = l.trim();
+            match l.split_once("=> ") {
+                Some((_, rest)) => rest.split_whitespace().next(),
+                None => l.split_whitespace().next(),
+            }
+        })
+        .filter(|p| p.starts_with('/'))
+        .map(PathBuf::from)
+        .collect()
+}
+
+/// What a stand-in image holds besides the binaries' libraries.
+struct Standin<'a> {
+    /// Host executable, path in the image.
+    binaries: &'a [(&'a str, &'a str)],
+    dirs: &'a [&'a str],
+    /// Symlink in the image, its target.
+    links: &'a [(&'a str, &'a str)],
+    /// The image's CMD, as JSON.
+    cmd: Option<&'a str>,
+}
+
+/// An image of this host's binaries with the libraries they link and a
+/// passwd naming root and nobody, imported into `d` as `tag`: a stand-in
+/// for an image nothing here can pull.
+async fn standin_image(d: &Dockerd, work: &Path, tag: &str, what: Standin<'_>) {
+    let Standin {
+        binaries,
+        dirs,
+        links,
+        cmd,
+    } = what;
+    let name = tag.replace([':', '/'], "_");
+    let root = work.join(&name);
+    for (src, dst) in binaries {
+        let dst = root.join(dst.trim_start_matches('/'));
+        std::fs::create_dir_all(dst.parent().unwrap()).unwrap();
+        std::fs::copy(src, &dst).unwrap();
+        for lib in linked_libraries(Path::new(src)) {
+            let into = root.join(lib.strip_prefix("/").unwrap());
+            std::fs::create_dir_all(into.parent().unwrap()).unwrap();
+            std::fs::copy(&lib, &into).unwrap();
+        }
+    }
+    for dir in dirs.iter().chain(&["/etc", "/tmp", "/run"]) {
+        std::fs::create_dir_all(root.join(dir.trim_start_matches('/'))).unwrap();
+    }
+    for (link, target) in links {
+        std::os::unix::fs::symlink(target, root.join(link.trim_start_matches('/'))).unwrap();
+    }
+    std::fs::write(
+        root.join("etc/passwd"),
+        "root:x:0:0:root:/root:/sbin/nologin\nnobody:x:65534:65534:nobody:/nonexistent:/sbin/nologin\n",
+    )
+    .unwrap();
+    std::fs::write(root.join("etc/group"), "root:x:0:\nnogroup:x:65534:\n").unwrap();
+    let tar = work.join(format!("{name}.tar"));
+    let status = Command::new("tar")
+        .arg("-C")
+        .arg(&root)
+        .arg("-cf")
+        .arg(&tar)
+        .arg(".")
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let tar_arg = tar.display().to_string();
+    let cmd = cmd.map(|c| format!("CMD {c}"));
+    let mut args = vec![
+        "import",
+        "--change",
+        "ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+    ];
+    if let Some(cmd) = &cmd {
+        args.extend(["--change", cmd.as_str()]);
+    }
+    args.extend([tar_arg.as_str(), tag]);
+    let out = run(d.cmd(&args)).await;
+    assert!(out.ok, "docker import {tag}\n{}", out.both());
+}
+
+/// The executable `tool` runs on this host (through a pyenv shim, for
+/// the `weed` that tests/setup.sh installs from PyPI).
+fn real_path_of(tool: &str) -> String {
+    let found = |cmd: &str| {
+        let out = Command::new("sh").args(["-c", cmd]).output().ok()?;
+        let path = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        let path = std::fs::canonicalize(path).ok()?;
+        let head = std::fs::read(&path).ok()?;
+        head.starts_with(b"\x7fELF")
+            .then(|| path.display().to_string())
+    };
+    found(&format!("command -v {tool}"))
+        .or_else(|| found(&format!("pyenv which {tool}")))
+        .unwrap_or_else(|| panic!("no executable {tool} on this host"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_compose_file_runs_two_replicas_behind_nginx_and_serves_a_pull() {
+    if !have_tools(&[
+        "docker-registry",
+        "dockerd",
+        "docker",
+        "docker-compose",
+        "containerd",
+        "runc",
+        "redis-server",
+        "nginx",
+        "weed",
+        "busybox",
+    ]) || !Path::new(DOCKER_BUILD_CLI).exists()
+    {
+        return;
+    }
+    let work = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let dir = short_tempdir();
+    let d = Dockerd::start(dir.path(), &format!("127.0.0.1:{port}")).await;
+
+    // The images: Pier's from its Dockerfile; Redis and nginx from
+    // Debian's binaries under the compose file's names; SeaweedFS (with
+    // busybox for its init's shell) and an upstream registry.
+    build_pier_image(&d, work.path(), "pier:dev").await;
+    let (redis, nginx, weed, busybox) = (
+        real_path_of("redis-server"),
+        real_path_of("nginx"),
+        real_path_of("weed"),
+        real_path_of("busybox"),
+    );
+    standin_image(
+        &d,
+        work.path(),
+        "redis:7-alpine",
+        Standin {
+            binaries: &[(&redis, "/usr/local/bin/redis-server")],
+            dirs: &["/data"],
+            links: &[],
+            cmd: Some(r#"["redis-server"]"#),
+        },
+    )
+    .await;
+    standin_image(
+        &d,
+        work.path(),
+        "nginx:1.27-alpine",
+        Standin {
+            binaries: &[(&nginx, "/usr/sbin/nginx")],
+            dirs: &[
+                "/etc/nginx",
+                "/var/log/nginx",
+                "/var/lib/nginx/body",
+                "/var/lib/nginx/proxy",
+                "/var/lib/nginx/fastcgi",
+                "/var/lib/nginx/uwsgi",
+                "/var/lib/nginx/scgi",
+                "/usr/share/nginx",
+            ],
+            links: &[],
+            cmd: Some(r#"["nginx", "-g", "daemon off;"]"#),
+        },
+    )
+    .await;
+    standin_image(
+        &d,
+        work.path(),
+        "pier-standin/seaweedfs",
+        Standin {
+            binaries: &[(&weed, "/usr/local/bin/weed"), (&busybox, "/bin/busybox")],
+            dirs: &["/data"],
+            links: &[
+                ("/bin/sh", "busybox"),
+                ("/bin/grep", "busybox"),
+                ("/bin/sleep", "busybox"),
+            ],
+            cmd: None,
+        },
+    )
+    .await;
+    standin_image(
+        &d,
+        work.path(),
+        "pier-standin/registry",
+        Standin {
+            binaries: &[("/usr/bin/docker-registry", "/usr/bin/docker-registry")],
+            dirs: &["/var/lib/registry"],
+            links: &[],
+            cmd: None,
+        },
+    )
+    .await;
+
+    // What the override mounts: SeaweedFS's keys (the compose file's MinIO
+    // keys), and the upstream's config and a copy of its images.
+    let standin = work.path().join("standin");
+    std::fs::create_dir_all(&standin).unwrap();
+    std::fs::write(
+        standin.join("s3.json"),
+        r#"{"identities":[{"name":"pier","credentials":[{"accessKey":"pier","secretKey":"pier-secret-key"}],"actions":["Admin","Read","Write","List","Tagging"]}]}"#,
+    )
+    .unwrap();
+    std::fs::write(
+        standin.join("registry.yml"),
+        "version: 0.1\nstorage:\n  filesystem:\n    rootdirectory: /var/lib/registry\n\
+         http:\n  addr: 0.0.0.0:5000\nlog:\n  accesslog:\n    disabled: false\n",
+    )
+    .unwrap();
+    let copied = Command::new("cp")
+        .arg("-a")
+        .arg(fixtures().join("registries/docker"))
+        .arg(standin.join("registry"))
+        .status()
+        .unwrap();
+    assert!(copied.success());
+
+    let compose = |args: &[&str]| {
+        let mut c = tokio::process::Command::new("docker-compose");
+        c.arg("-f")
+            .arg(repo_root().join("deploy/docker-compose.yml"))
+            .arg("-f")
+            .arg(repo_root().join("tests/compose/offline.yml"))
+            .args(["-p", "piercomposetest"])
+            .args(args)
+            .env("DOCKER_HOST", format!("unix://{}", d.sock))
+            .env("DOCKER_CONFIG", &d.config_dir)
+            .env("PIER_PORT", port.to_string())
+            .env("STANDIN_DIR", &standin)
+            .envs(no_egress_env());
+        c
+    };
+    let up = run(compose(&["up", "-d", "--no-build"])).await;
+    let logs = || async {
+        run(compose(&["logs", "--no-color", "--tail", "30"]))
+            .await
+            .both()
+    };
+    assert!(
+        up.ok,
+        "docker-compose up\n{}\n{}\n{}",
+        up.both(),
+        logs().await,
+        d.daemon.log_tail()
+    );
+
+    // Ready through the balancer, several times in a row: both replicas
+    // answer (round robin).
+    let base = format!("http://127.0.0.1:{port}");
+    let http = reqwest::Client::new();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut ready_in_a_row = 0;
+    while ready_in_a_row < 4 {
+        let ok = match http.get(format!("{base}/readyz")).send().await {
+            Ok(r) => r.status() == 200,
+            Err(_) => false,
+        };
+        ready_in_a_row = if ok { ready_in_a_row + 1 } else { 0 };
+        assert!(
+            Instant::now() < deadline,
+            "the stack never became ready\n{}",
+            logs().await
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+
+    // A pull through nginx and the replicas, from the upstream.
+    let want = digest_of("docker", "library/alpine:3.19");
+    let reference = format!("127.0.0.1:{port}/docker.io/library/alpine:3.19");
+    assert_eq!(d.pull(&reference).await, want, "{}", logs().await);
+    let upstream_log = run(compose(&["logs", "--no-color", "upstream"]))
+        .await
+        .both();
+    assert!(
+        upstream_log.contains("GET /v2/library/alpine/blobs/"),
+        "the upstream was not asked for alpine's blobs:\n{upstream_log}"
+    );
+
+    let down = run(compose(&["down", "-v", "--remove-orphans"])).await;
+    assert!(down.ok, "docker-compose down\n{}", down.both());
 }
