@@ -63,7 +63,7 @@ pub async fn open_meta(config: &Config) -> anyhow::Result<Arc<dyn MetaStore>> {
             let options = RedisOptions {
                 cluster: *cluster,
                 tls_ca,
-                sentinel_password: sentinel_password.as_ref().map(|s| s.expose().to_owned()),
+                sentinel_password: sentinel_password.clone(),
                 pool_size: *pool_size,
                 timeout: *timeout,
             };

@@ -85,6 +85,7 @@ impl CertFiles {
     pub fn open(cert: &Path, key: &Path) -> anyhow::Result<Arc<Self>> {
         let before = (stamp(cert), stamp(key));
         let loaded = load_pair(cert, key)?;
+        note_expiry(&loaded);
         let seen = match before {
             (Ok(c), Ok(k)) => Some((c, k)),
             _ => None,
@@ -114,12 +115,12 @@ impl CertFiles {
         }
         match load_pair(&self.cert, &self.key) {
             Ok(loaded) => {
+                taken_up(&loaded);
                 *self.current.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(loaded);
-                metrics().tls_reloads.get_or_create(&ok_label(true)).inc();
                 tracing::info!(cert = %self.cert.display(), "TLS certificate reloaded");
             }
             Err(e) => {
-                metrics().tls_reloads.get_or_create(&ok_label(false)).inc();
+                refused();
                 tracing::warn!(
                     cert = %self.cert.display(),
                     error = format!("{e:#}"),
@@ -178,7 +179,7 @@ fn load_pair(cert: &Path, key: &Path) -> anyhow::Result<CertifiedKey> {
 }
 
 /// A chain (leaf first) and its private key, as PEM, checked to belong
-/// together; the leaf's expiry goes to the metrics.
+/// together.
 fn certified_key(chain_pem: &[u8], key_pem: &[u8]) -> anyhow::Result<CertifiedKey> {
     let chain = CertificateDer::pem_slice_iter(chain_pem)
         .collect::<Result<Vec<_>, _>>()
@@ -189,14 +190,32 @@ fn certified_key(chain_pem: &[u8], key_pem: &[u8]) -> anyhow::Result<CertifiedKe
     let key_der = PrivateKeyDer::from_pem_slice(key_pem)
         .map_err(|e| anyhow!("the key file holds no private key: {e}"))?;
     let key = CertifiedKey::from_der(chain, key_der, &provider()).map_err(|e| anyhow!("{e}"))?;
-    let (_, not_after) = validity(&key)?;
-    let unix = not_after
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    metrics()
-        .tls_certificate_expiry
-        .set(i64::try_from(unix).unwrap_or(i64::MAX));
+    validity(&key)?;
     Ok(key)
+}
+
+/// Notes that new connections now get `key`: counted, and its expiry in
+/// the metrics (where an alert on the certificate in use looks).
+fn taken_up(key: &CertifiedKey) {
+    metrics().tls_reloads.get_or_create(&ok_label(true)).inc();
+    note_expiry(key);
+}
+
+/// The expiry of the certificate in use, for the metrics.
+fn note_expiry(key: &CertifiedKey) {
+    if let Ok((_, not_after)) = validity(key) {
+        let unix = not_after
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        metrics()
+            .tls_certificate_expiry
+            .set(i64::try_from(unix).unwrap_or(i64::MAX));
+    }
+}
+
+/// Counts a new certificate that could not be used.
+fn refused() {
+    metrics().tls_reloads.get_or_create(&ok_label(false)).inc();
 }
 
 /// The leaf's notBefore and notAfter.

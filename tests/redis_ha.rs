@@ -344,7 +344,8 @@ async fn a_lease_lost_in_failover_means_two_fetches_never_a_wrong_byte() {
     let fake = Fake::start();
     let body = random_bytes(3 * 1024 * 1024, 77);
     let d = digest(&body);
-    fake.blob(&d, Blob::Slow(body.clone(), Duration::from_secs(6)));
+    // Long enough for the failover to finish while the first fetch runs.
+    fake.blob(&d, Blob::Slow(body.clone(), Duration::from_secs(25)));
     let ns = namespace("lost-lease");
     let mut piers = Vec::new();
     let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];

@@ -63,11 +63,13 @@ pub fn parse(url: &str, cluster: bool) -> Result<RedisTarget, String> {
     if rest.contains(['?', '#']) {
         return Err("takes no query or fragment".into());
     }
-    let (authority, path) = rest.split_once('/').unwrap_or((rest, ""));
-    let (userinfo, hostlist) = match authority.rsplit_once('@') {
-        Some((u, h)) => (Some(u), h),
-        None => (None, authority),
+    // The user and password end at the last `@` (a password may hold `/`,
+    // `@` or `:`, escaped or not); hosts and path come after.
+    let (userinfo, rest) = match rest.rsplit_once('@') {
+        Some((u, r)) => (Some(u), r),
+        None => (None, rest),
     };
+    let (hostlist, path) = rest.split_once('/').unwrap_or((rest, ""));
     let (username, password) = match userinfo {
         None => (None, None),
         Some(u) => {
@@ -256,5 +258,18 @@ mod tests {
         }
         let t = parse("redis://:hunter2@h", false).unwrap();
         assert!(!format!("{t:?}").contains("hunter2"));
+        // Unescaped `/`, `@` and `:` in a password are the password's.
+        let t = parse("redis://u:pa/ss@wo:rd@h:7000/2", false).unwrap();
+        assert_eq!(t.password.as_deref(), Some("pa/ss@wo:rd"));
+        assert_eq!(t.hosts, hosts(&[("h", 7000)]));
+        assert_eq!(t.topology, Topology::Single { db: 2 });
+        for url in [
+            "redis://u:se/cret@h:0",
+            "redis://:se/cret@",
+            "redis://:se/cret@h/x",
+        ] {
+            let e = parse(url, false).unwrap_err();
+            assert!(!e.contains("se/cret") && !e.contains("cret"), "{url}: {e}");
+        }
     }
 }

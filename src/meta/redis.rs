@@ -30,6 +30,7 @@ use deadpool::managed::{Pool, PoolConfig, Timeouts};
 use redis::AsyncCommands;
 
 use self::connect::{Connector, Pooled};
+use crate::config::Secret;
 use crate::config::redis_url::{RedisTarget, Topology};
 
 use super::{
@@ -52,7 +53,7 @@ pub struct RedisOptions {
     pub cluster: bool,
     /// CA certificates (PEM) for TLS instead of the public roots.
     pub tls_ca: Option<Vec<u8>>,
-    pub sentinel_password: Option<String>,
+    pub sentinel_password: Option<Secret>,
     pub pool_size: usize,
     pub timeout: Duration,
 }
@@ -81,7 +82,8 @@ impl RedisMeta {
         let connector = connect::connector(
             &target,
             options.tls_ca.clone(),
-            options.sentinel_password.as_deref(),
+            options.sentinel_password.as_ref().map(Secret::expose),
+            options.timeout,
         )
         .map_err(|e| MetaError::Backend(format!("redis: {e}")))?;
         let timeout = options.timeout;
@@ -541,17 +543,15 @@ impl MetaStore for RedisMeta {
         let mut adopted = 0;
         loop {
             let pattern = pattern.clone();
+            let mut scan = redis::cmd("SCAN");
+            scan.arg(cursor)
+                .arg("MATCH")
+                .arg(pattern)
+                .arg("COUNT")
+                .arg(USES_PER_COMMAND);
+            let slot_of = self.prefix.clone();
             let (next, keys): (u64, Vec<String>) = self
-                .run(|mut c| async move {
-                    redis::cmd("SCAN")
-                        .arg(cursor)
-                        .arg("MATCH")
-                        .arg(pattern)
-                        .arg("COUNT")
-                        .arg(USES_PER_COMMAND)
-                        .query_async(&mut c)
-                        .await
-                })
+                .run(|mut c| async move { c.query_in_slot_of(scan, &slot_of).await })
                 .await?;
             let digests: Vec<&str> = keys
                 .iter()
@@ -886,9 +886,13 @@ impl MetaStore for RedisMeta {
     }
 
     async fn health(&self) -> Result<(), MetaError> {
-        self.run(|mut c| async move { redis::cmd("PING").query_async::<String>(&mut c).await })
-            .await
-            .map(drop)
+        let slot_of = self.prefix.clone();
+        self.run(|mut c| async move {
+            c.query_in_slot_of::<String>(redis::cmd("PING"), &slot_of)
+                .await
+        })
+        .await
+        .map(drop)
     }
 }
 

@@ -31,6 +31,8 @@ pub const ACME_TLS: &[u8] = b"acme-tls/1";
 /// Waits between failed attempts: the CA counts failed validations.
 const FIRST_RETRY: Duration = Duration::from_secs(60);
 const LAST_RETRY: Duration = Duration::from_secs(3600);
+/// Longest an order may take, challenges and all.
+const ORDER_DEADLINE: Duration = Duration::from_secs(600);
 /// Longest sleep between looks at the certificate (clocks drift, hosts
 /// sleep).
 const LOOK_EVERY: Duration = Duration::from_secs(6 * 3600);
@@ -70,13 +72,14 @@ impl Acme {
         let (cert, key) = acme.cert_files();
         if cert.exists() && key.exists() {
             match served(&std::fs::read(&cert)?, &std::fs::read(&key)?) {
-                Ok(s) if s.renew_at > SystemTime::now() => {
-                    tracing::info!(cert = %cert.display(), "TLS certificate from the ACME cache");
-                    *acme.current.write().unwrap_or_else(PoisonError::into_inner) = Some(s);
-                }
                 Ok(s) => {
-                    tracing::info!("the cached ACME certificate is due for renewal");
-                    // Still served while the renewal runs, if not expired.
+                    if s.renew_at > SystemTime::now() {
+                        tracing::info!(cert = %cert.display(), "TLS certificate from the ACME cache");
+                    } else {
+                        // Still served while the renewal runs.
+                        tracing::info!("the cached ACME certificate is due for renewal");
+                    }
+                    super::note_expiry(&s.key);
                     *acme.current.write().unwrap_or_else(PoisonError::into_inner) = Some(s);
                 }
                 Err(e) => tracing::warn!(
@@ -105,18 +108,18 @@ impl Acme {
                 let wait = match due.map(|t| t.duration_since(SystemTime::now())) {
                     Some(Ok(left)) => left.min(LOOK_EVERY),
                     // Due, or none yet.
-                    _ => match acme.obtain().await {
+                    // The client sets no deadline of its own on the CA's
+                    // answers: one that never comes must not stop renewals.
+                    _ => match tokio::time::timeout(ORDER_DEADLINE, acme.obtain())
+                        .await
+                        .unwrap_or_else(|_| Err(anyhow!("the CA took over {ORDER_DEADLINE:?}")))
+                    {
                         Ok(()) => {
                             retry = FIRST_RETRY;
                             continue;
                         }
                         Err(e) => {
-                            crate::telemetry::metrics::metrics()
-                                .tls_reloads
-                                .get_or_create(&crate::telemetry::metrics::OutcomeLabels {
-                                    outcome: "refused",
-                                })
-                                .inc();
+                            super::refused();
                             tracing::warn!(
                                 error = format!("{e:#}"),
                                 retry_in = ?retry,
@@ -149,6 +152,7 @@ impl Acme {
             .new_order(&NewOrder::new(&identifiers))
             .await
             .context("placing the order")?;
+        let mut answering = Answering(&self.challenges);
         let mut authorizations = order.authorizations();
         while let Some(authz) = authorizations.next().await {
             let mut authz = authz.context("reading an authorization")?;
@@ -160,10 +164,7 @@ impl Acme {
                 .challenge(ChallengeType::TlsAlpn01)
                 .ok_or_else(|| anyhow!("the CA offers no tls-alpn-01 challenge for {name}"))?;
             let answer = challenge_cert(&name, challenge.key_authorization().digest().as_ref())?;
-            self.challenges
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .insert(name, answer);
+            answering.insert(name, answer);
             challenge
                 .set_ready()
                 .await
@@ -171,10 +172,7 @@ impl Acme {
         }
         let patience = RetryPolicy::new().timeout(Duration::from_secs(120));
         let status = order.poll_ready(&patience).await;
-        self.challenges
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clear();
+        drop(answering);
         match status.context("waiting for the CA to validate")? {
             OrderStatus::Ready => {}
             other => return Err(anyhow!("the order is {other:?}, not ready")),
@@ -186,13 +184,16 @@ impl Acme {
             .context("fetching the certificate")?;
         let s = served(chain_pem.as_bytes(), key_pem.as_bytes())?;
         let (cert, key) = self.cert_files();
-        write_private(&key, key_pem.as_bytes())?;
-        write_private(&cert, chain_pem.as_bytes())?;
+        let kept = cert.clone();
+        tokio::task::spawn_blocking(move || {
+            write_private(&key, key_pem.as_bytes())?;
+            write_private(&cert, chain_pem.as_bytes())
+        })
+        .await
+        .context("writing the certificate")??;
+        super::taken_up(&s.key);
         *self.current.write().unwrap_or_else(PoisonError::into_inner) = Some(s);
-        crate::telemetry::metrics::metrics()
-            .tls_reloads
-            .get_or_create(&crate::telemetry::metrics::OutcomeLabels { outcome: "loaded" })
-            .inc();
+        let cert = kept;
         tracing::info!(cert = %cert.display(), "new TLS certificate from the ACME CA");
         Ok(())
     }
@@ -208,7 +209,11 @@ impl Acme {
                 .with_context(|| format!("reading server.acme.directory_ca {}", ca.display())),
             None => Account::builder().context("setting up the ACME client"),
         };
-        if let Ok(text) = std::fs::read(&path) {
+        let read = {
+            let path = path.clone();
+            tokio::task::spawn_blocking(move || std::fs::read(path)).await?
+        };
+        if let Ok(text) = read {
             let credentials: AccountCredentials = serde_json::from_slice(&text)
                 .with_context(|| format!("reading {}", path.display()))?;
             return builder()?
@@ -229,7 +234,8 @@ impl Acme {
             )
             .await
             .context("creating the ACME account")?;
-        write_private(&path, &serde_json::to_vec(&credentials)?)?;
+        let text = serde_json::to_vec(&credentials)?;
+        tokio::task::spawn_blocking(move || write_private(&path, &text)).await??;
         Ok(account)
     }
 
@@ -243,6 +249,28 @@ impl Acme {
             self.config.cache.join(format!("cert-{id}.pem")),
             self.config.cache.join(format!("key-{id}.pem")),
         )
+    }
+}
+
+/// The challenge certificates of one order, withdrawn when it ends however
+/// it ends.
+struct Answering<'a>(&'a Mutex<HashMap<String, Arc<CertifiedKey>>>);
+
+impl Answering<'_> {
+    fn insert(&mut self, name: String, answer: Arc<CertifiedKey>) {
+        self.0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(name, answer);
+    }
+}
+
+impl Drop for Answering<'_> {
+    fn drop(&mut self) {
+        self.0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clear();
     }
 }
 
@@ -324,10 +352,16 @@ fn write_private(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
     use std::io::Write as _;
     use std::os::unix::fs::OpenOptionsExt;
     let tmp = path.with_extension("tmp");
+    // A leftover from an interrupted write would keep its own mode.
+    match std::fs::remove_file(&tmp) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            return Err(e).with_context(|| format!("removing {}", tmp.display()));
+        }
+        _ => {}
+    }
     let mut f = std::fs::OpenOptions::new()
         .write(true)
-        .create(true)
-        .truncate(true)
+        .create_new(true)
         .mode(0o600)
         .open(&tmp)
         .with_context(|| format!("writing {}", tmp.display()))?;

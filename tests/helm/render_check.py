@@ -625,6 +625,13 @@ def scenario_variants(pier: Path, keep: Path | None) -> None:
     objects, _ = render({})
     check("tls_cert" not in pier_toml(objects), "no TLS by default")
     check("scheme" not in pier_container(objects)["readinessProbe"]["httpGet"], "plain probes by default")
+    # Sentinel URLs are Redis URLs too.
+    objects, _ = render({"storage": {"kind": "s3", "s3": {"bucket": "b-1"}},
+                         "metadata": {"kind": "redis", "redis": {"url": "redis+sentinel://s1:26379,s2:26379/mymaster"}}})
+    check_config(pier, objects, keep, "sentinel")
+    objects, _ = render({"tls": {"secretName": "pier-tls"}, "metrics": {"serviceMonitor": {"enabled": True}}})
+    endpoint = one(objects, "ServiceMonitor")["spec"]["endpoints"][0]
+    check(endpoint.get("scheme") == "https", f"ServiceMonitor over HTTPS: {endpoint}")
 
     # A persistent cache: PVC, Recreate, still one replica.
     objects, _ = render({"persistence": {"enabled": True, "storageClass": "fast", "size": "200Gi"}})
@@ -737,6 +744,11 @@ REFUSED = [
      {"storage": {"kind": "s3", "s3": {"bucket": "b-1"}}, "metadata": {"kind": "redis", "redis": {"url": "redis://r:6379"}},
       "autoscaling": {"enabled": True, "minReplicas": 5, "maxReplicas": 3}}, "minReplicas"),
     ("an Ingress without domains", {"ingress": {"enabled": True}}, "config.domains"),
+    ("Pier's own TLS with several replicas",
+     {"storage": {"kind": "s3", "s3": {"bucket": "b-1"}}, "metadata": {"kind": "redis", "redis": {"url": "redis://r:6379"}},
+      "tls": {"secretName": "pier-tls"}}, "terminate TLS in front"),
+    ("Pier's own TLS behind an Ingress",
+     {"config": {"domains": ["m.example.com"]}, "ingress": {"enabled": True}, "tls": {"secretName": "pier-tls"}}, "choose one"),
     ("S3 without a bucket", {"storage": {"kind": "s3"}}, "bucket"),
     ("a local cache size without a unit", {"storage": {"kind": "s3", "s3": {"bucket": "b-1"}, "localCache": {"size": "20"}}},
      "localCache"),

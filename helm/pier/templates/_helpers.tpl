@@ -157,6 +157,12 @@ crash-loops or silently loses data. Each message says what to change.
 {{- if and $v.autoscaling.enabled (gt (int $v.autoscaling.minReplicas) (int $v.autoscaling.maxReplicas)) }}
 {{- fail "autoscaling.minReplicas is above autoscaling.maxReplicas" }}
 {{- end }}
+{{- if and $v.tls.secretName (include "pier.scaleOut" .) }}
+{{- fail "tls.secretName makes Pier's one port HTTPS, and replicas stream blobs to each other over plain HTTP on it: with several replicas, terminate TLS in front of them (ingress.tls or a load balancer)" }}
+{{- end }}
+{{- if and $v.tls.secretName $v.ingress.enabled }}
+{{- fail "tls.secretName and ingress.enabled would both terminate TLS, and the Ingress would speak plain HTTP to an HTTPS port: choose one" }}
+{{- end }}
 {{- if and $v.ingress.enabled (not $v.config.domains) }}
 {{- fail "ingress.enabled needs config.domains: the Ingress serves each domain and its wildcard (*.<domain>)" }}
 {{- end }}

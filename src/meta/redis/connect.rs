@@ -13,15 +13,22 @@ use redis::aio::{ConnectionLike, MultiplexedConnection};
 use redis::cluster::ClusterClientBuilder;
 use redis::cluster_async::ClusterConnection;
 use redis::sentinel::{SentinelClient, SentinelClientBuilder, SentinelServerType};
+use std::time::Duration;
+
 use redis::{
-    Client, Cmd, ConnectionAddr, IntoConnectionInfo, Pipeline, RedisConnectionInfo, RedisError,
-    RedisFuture, RedisResult, TlsCertificates, TlsMode, Value,
+    AsyncConnectionConfig, Client, Cmd, ConnectionAddr, IntoConnectionInfo, Pipeline,
+    RedisConnectionInfo, RedisError, RedisFuture, RedisResult, TlsCertificates, TlsMode, Value,
 };
 
 use crate::config::redis_url::{RedisTarget, Topology};
 
-/// What connections are made from.
-pub enum Connector {
+/// What connections are made from, and their deadlines.
+pub struct Connector {
+    source: Source,
+    config: AsyncConnectionConfig,
+}
+
+enum Source {
     Single(Client),
     /// Asked for the master at every new connection.
     Sentinel(tokio::sync::Mutex<SentinelClient>),
@@ -35,12 +42,18 @@ pub enum Connector {
 }
 
 /// Builds the connector for `target`; `ca` (PEM) replaces the public roots
-/// for TLS, and `sentinel_password` is the sentinels' own.
+/// for TLS, `sentinel_password` is the sentinels' own, and `timeout` bounds
+/// each connection attempt and each command (the client's own defaults are
+/// shorter than a `metadata.timeout` may be).
 pub fn connector(
     target: &RedisTarget,
     ca: Option<Vec<u8>>,
     sentinel_password: Option<&str>,
+    timeout: Duration,
 ) -> RedisResult<Connector> {
+    let config = AsyncConnectionConfig::new()
+        .set_connection_timeout(Some(timeout))
+        .set_response_timeout(Some(timeout));
     let certs = || TlsCertificates {
         client_tls: None,
         root_cert: ca.clone(),
@@ -57,7 +70,7 @@ pub fn connector(
             ConnectionAddr::Tcp(host.clone(), *port)
         }
     };
-    Ok(match &target.topology {
+    let source = match &target.topology {
         Topology::Single { db } => {
             let info = addr(&target.hosts[0])
                 .into_connection_info()?
@@ -67,7 +80,7 @@ pub fn connector(
             } else {
                 Client::open(info)?
             };
-            Connector::Single(client)
+            Source::Single(client)
         }
         Topology::Sentinel { master, db } => {
             let mut b = SentinelClientBuilder::new(
@@ -95,7 +108,7 @@ pub fn connector(
                         .set_client_to_sentinel_certificates(certs());
                 }
             }
-            Connector::Sentinel(tokio::sync::Mutex::new(b.build()?))
+            Source::Sentinel(tokio::sync::Mutex::new(b.build()?))
         }
         Topology::Cluster => {
             let seeds = target
@@ -103,7 +116,9 @@ pub fn connector(
                 .iter()
                 .map(|h| addr(h).into_connection_info())
                 .collect::<RedisResult<Vec<_>>>()?;
-            let mut b = ClusterClientBuilder::new(seeds);
+            let mut b = ClusterClientBuilder::new(seeds)
+                .connection_timeout(timeout)
+                .response_timeout(timeout);
             if let Some(user) = &target.username {
                 b = b.username(user);
             }
@@ -113,12 +128,13 @@ pub fn connector(
             if target.tls && ca.is_some() {
                 b = b.certs(certs());
             }
-            Connector::Cluster {
+            Source::Cluster {
                 client: b.build()?,
                 shared: tokio::sync::Mutex::new(None),
             }
         }
-    })
+    };
+    Ok(Connector { source, config })
 }
 
 fn settings(target: &RedisTarget, db: i64) -> RedisConnectionInfo {
@@ -169,6 +185,31 @@ impl ConnectionLike for Conn {
 /// A connection on loan from the pool; it goes back when dropped.
 pub struct Pooled(pub deadpool::managed::Object<Connector>);
 
+impl Pooled {
+    /// Runs `cmd`, which names no key, on the server that holds `key`'s
+    /// slot: in a cluster, SCAN and PING would otherwise go to any node.
+    pub async fn query_in_slot_of<T: redis::FromRedisValue>(
+        &mut self,
+        cmd: Cmd,
+        key: &str,
+    ) -> RedisResult<T> {
+        match &mut *self.0 {
+            Conn::Node(c) => cmd.query_async(c).await,
+            Conn::Cluster(c) => {
+                use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
+                let route = Route::with_key(key, SlotAddr::Master);
+                let value = c
+                    .route_command(
+                        cmd,
+                        RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(route)),
+                    )
+                    .await?;
+                Ok(redis::from_redis_value(value)?)
+            }
+        }
+    }
+}
+
 impl ConnectionLike for Pooled {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
         self.0.req_packed_command(cmd)
@@ -193,14 +234,20 @@ impl deadpool::managed::Manager for Connector {
     type Error = RedisError;
 
     async fn create(&self) -> Result<Conn, RedisError> {
-        match self {
-            Connector::Single(client) => {
-                Ok(Conn::Node(client.get_multiplexed_async_connection().await?))
-            }
-            Connector::Sentinel(client) => Ok(Conn::Node(
-                client.lock().await.get_async_connection().await?,
+        match &self.source {
+            Source::Single(client) => Ok(Conn::Node(
+                client
+                    .get_multiplexed_async_connection_with_config(&self.config)
+                    .await?,
             )),
-            Connector::Cluster { client, shared } => {
+            Source::Sentinel(client) => Ok(Conn::Node(
+                client
+                    .lock()
+                    .await
+                    .get_async_connection_with_config(&self.config)
+                    .await?,
+            )),
+            Source::Cluster { client, shared } => {
                 let mut shared = shared.lock().await;
                 if let Some(conn) = shared.as_ref() {
                     return Ok(Conn::Cluster(conn.clone()));
@@ -213,14 +260,14 @@ impl deadpool::managed::Manager for Connector {
     }
 
     async fn recycle(&self, conn: &mut Conn, _: &Metrics) -> RecycleResult<RedisError> {
-        match (self, conn) {
+        match (&self.source, conn) {
             // Routing and reconnecting are the cluster connection's own.
-            (Connector::Cluster { .. }, _) => Ok(()),
-            (Connector::Sentinel(_), c) => match redis::cmd("ROLE").query_async(c).await? {
+            (Source::Cluster { .. }, _) => Ok(()),
+            (Source::Sentinel(_), c) => match redis::cmd("ROLE").query_async(c).await? {
                 redis::Role::Primary { .. } => Ok(()),
                 _ => Err(RecycleError::message("no longer the master")),
             },
-            (Connector::Single(_), c) => {
+            (Source::Single(_), c) => {
                 redis::cmd("PING").query_async::<()>(c).await?;
                 Ok(())
             }
