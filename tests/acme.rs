@@ -177,49 +177,94 @@ fn cached(dir: &Path, prefix: &str) -> Vec<PathBuf> {
         .collect()
 }
 
+/// pebble and what Pier needs to use it: the CA its HTTPS is checked
+/// against, and the port Pier serves (and pebble validates) on.
+struct Lab {
+    dir: tempfile::TempDir,
+    ca: TestCa,
+    ca_file: PathBuf,
+    port: u16,
+    pebble: Pebble,
+    /// The root pebble issues under.
+    root: String,
+}
+
+impl Lab {
+    async fn start() -> Lab {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = TestCa::new("pebble's own HTTPS");
+        let ca_file = dir.path().join("ca.crt");
+        ca.write(&ca_file);
+        let port = free_port();
+        let pebble = Pebble::start(dir.path(), &ca, port);
+        let root = pebble.root(&ca).await;
+        Lab {
+            dir,
+            ca,
+            ca_file,
+            port,
+            pebble,
+            root,
+        }
+    }
+
+    fn pier(&self) -> Proc {
+        start_pier(
+            self.dir.path(),
+            self.port,
+            &self.pebble.directory,
+            &self.ca_file,
+        )
+    }
+
+    async fn served(&self) -> Vec<u8> {
+        served_under(&self.root, self.port, self.dir.path()).await
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_certificate_is_obtained_by_tls_alpn_01_and_kept_across_restarts() {
     if !have_tools(&["pebble"]) {
         return;
     }
-    let dir = tempfile::tempdir().unwrap();
-    let ca = TestCa::new("pebble's own HTTPS");
-    let ca_file = dir.path().join("ca.crt");
-    ca.write(&ca_file);
-    let port = free_port();
-    let pebble = Pebble::start(dir.path(), &ca, port);
-    let root = pebble.root(&ca).await;
-    let pier = start_pier(dir.path(), port, &pebble.directory, &ca_file);
+    let lab = Lab::start().await;
+    let pier = lab.pier();
 
     // Issued by the ACME CA: a client trusting only its root is served.
-    let first = served_under(&root, port, dir.path()).await;
+    let first = lab.served().await;
     // Account, certificate and key are kept, readable by Pier's user only.
     for prefix in ["account-", "cert-", "key-"] {
-        let files = cached(dir.path(), prefix);
+        let files = cached(lab.dir.path(), prefix);
         assert_eq!(files.len(), 1, "{prefix}: {files:?}");
         assert_eq!(mode(&files[0]), 0o600, "{}", files[0].display());
     }
-    let metrics = reqwest::Client::builder()
-        .tls_certs_only([reqwest::Certificate::from_pem(root.as_bytes()).unwrap()])
-        .resolve(DOMAIN, ([127, 0, 0, 1], port).into())
-        .build()
+    let client = https_client(&lab.root, lab.port);
+    let base = format!("https://{DOMAIN}:{}", lab.port);
+    let loaded = "pier_tls_certificate_reloads_total{outcome=\"loaded\"}";
+    assert_eq!(metric_at(&client, &base, loaded).await, 1.0);
+    let expiry = metric_at(
+        &client,
+        &base,
+        "pier_tls_certificate_expiry_timestamp_seconds",
+    )
+    .await;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
-        .get(format!("https://{DOMAIN}:{port}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    assert!(
-        metrics.contains("pier_tls_certificate_reloads_total{outcome=\"loaded\"} 1"),
-        "{metrics}"
-    );
-    assert!(metrics.contains("pier_tls_certificate_expiry_timestamp_seconds "));
+        .as_secs_f64();
+    assert!(expiry > now, "expiry {expiry} is not after {now}");
 
     // A restart with the CA gone serves the kept certificate at once.
-    let directory = pebble.directory.clone();
     drop(pier);
+    let Lab {
+        dir,
+        ca_file,
+        port,
+        pebble,
+        root,
+        ..
+    } = lab;
+    let directory = pebble.directory.clone();
     drop(pebble);
     let _pier = start_pier(dir.path(), port, &directory, &ca_file);
     assert_eq!(served_under(&root, port, dir.path()).await, first);
@@ -232,29 +277,26 @@ async fn a_certificate_near_its_end_is_renewed_while_it_is_served() {
     if !have_tools(&["pebble"]) {
         return;
     }
-    let dir = tempfile::tempdir().unwrap();
-    let ca = TestCa::new("pebble's own HTTPS");
-    let ca_file = dir.path().join("ca.crt");
-    ca.write(&ca_file);
-    let port = free_port();
-    let pebble = Pebble::start(dir.path(), &ca, port);
-    let root = pebble.root(&ca).await;
+    let lab = Lab::start().await;
+    let dir = &lab.dir;
     // First a certificate from the CA, so the cache has its files...
-    let pier = start_pier(dir.path(), port, &pebble.directory, &ca_file);
-    served_under(&root, port, dir.path()).await;
+    let pier = lab.pier();
+    lab.served().await;
     drop(pier);
     // ...then one in their place with a day left of its year: due for
     // renewal (less than a third of its lifetime left), still valid.
-    let old = ca.issue_until(dir.path(), "old", Some(Duration::from_secs(24 * 3600)));
+    let old = lab
+        .ca
+        .issue_until(dir.path(), "old", Some(Duration::from_secs(24 * 3600)));
     let cert = cached(dir.path(), "cert-").remove(0);
     let key = cached(dir.path(), "key-").remove(0);
     std::fs::copy(&old.cert, &cert).unwrap();
     std::fs::copy(&old.key, &key).unwrap();
 
-    let _pier = start_pier(dir.path(), port, &pebble.directory, &ca_file);
+    let _pier = lab.pier();
     // The renewal runs at start; new connections then get a certificate
     // under pebble's root...
-    let renewed = served_under(&root, port, dir.path()).await;
+    let renewed = lab.served().await;
     assert_ne!(renewed, old.der);
     // ...and the renewed pair replaced the old in the cache.
     assert_ne!(

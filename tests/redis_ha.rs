@@ -180,6 +180,27 @@ impl SentinelSet {
     }
 }
 
+/// A replica on the shared bucket with its metadata in the Redis at
+/// `url`, under `ns`; its data directory lives as long as it does. `None`
+/// (skipping) without the shared backends.
+struct Replica {
+    pier: Pier,
+    _data: tempfile::TempDir,
+}
+
+impl std::ops::Deref for Replica {
+    type Target = Pier;
+    fn deref(&self) -> &Pier {
+        &self.pier
+    }
+}
+
+fn replica(ns: &str, upstream: (&str, &str), url: &str) -> Option<Replica> {
+    let data = tempfile::tempdir().unwrap();
+    let pier = Pier::start_scaled_with(data.path(), ns, &[upstream], "", Some(url), "")?;
+    Some(Replica { pier, _data: data })
+}
+
 async fn readyz(pier: &Pier) -> u16 {
     reqwest::get(format!("{}/readyz", pier.url()))
         .await
@@ -291,15 +312,7 @@ async fn a_sentinel_failover_moves_pier_to_the_new_master() {
     let url = set.url();
     let upstream = Upstream::start("docker");
     let ns = namespace("sentinel");
-    let data = tempfile::tempdir().unwrap();
-    let Some(pier) = Pier::start_scaled_with(
-        data.path(),
-        &ns,
-        &[("docker.io", &upstream.url())],
-        "",
-        Some(&url),
-        "",
-    ) else {
+    let Some(pier) = replica(&ns, ("docker.io", &upstream.url()), &url) else {
         return;
     };
     pull(&pier, "library/alpine:3.19").await;
@@ -348,16 +361,8 @@ async fn a_lease_lost_in_failover_means_two_fetches_never_a_wrong_byte() {
     fake.blob(&d, Blob::Slow(body.clone(), Duration::from_secs(25)));
     let ns = namespace("lost-lease");
     let mut piers = Vec::new();
-    let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
-    for dir in &dirs {
-        let Some(pier) = Pier::start_scaled_with(
-            dir.path(),
-            &ns,
-            &[("corp.example", &fake.url())],
-            "",
-            Some(&set.url()),
-            "",
-        ) else {
+    for _ in 0..2 {
+        let Some(pier) = replica(&ns, ("corp.example", &fake.url()), &set.url()) else {
             return;
         };
         piers.push(pier);
@@ -450,17 +455,9 @@ async fn a_three_master_cluster_holds_leases_and_metadata() {
     let url = format!("redis://{},{}", addrs[0], addrs[1]);
     let upstream = Upstream::start("docker");
     let ns = namespace("cluster");
-    let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
     let mut piers = Vec::new();
-    for dir in &dirs {
-        let Some(pier) = Pier::start_scaled_with(
-            dir.path(),
-            &ns,
-            &[("docker.io", &upstream.url())],
-            "",
-            Some(&url),
-            "",
-        ) else {
+    for _ in 0..2 {
+        let Some(pier) = replica(&ns, ("docker.io", &upstream.url()), &url) else {
             return;
         };
         piers.push(pier);
@@ -491,16 +488,7 @@ async fn a_three_master_cluster_holds_leases_and_metadata() {
     // blobs from the bucket).
     let mut upstream = upstream;
     upstream.stop();
-    let fresh_dir = tempfile::tempdir().unwrap();
-    let fresh = Pier::start_scaled_with(
-        fresh_dir.path(),
-        &ns,
-        &[("docker.io", &upstream.url())],
-        "",
-        Some(&url),
-        "",
-    )
-    .unwrap();
+    let fresh = replica(&ns, ("docker.io", &upstream.url()), &url).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let run = skopeo_copy(
         &format!("{}/docker.io/{image}", fresh.host()),
