@@ -13,6 +13,9 @@ packages+=(docker.io containerd podman)
 packages+=(chromium fonts-dejavu-core fonts-liberation)
 # The ACME test server, for certificates Pier obtains itself (tests/acme.rs).
 packages+=(pebble)
+# deploy/docker-compose.yml brought up by tests/runtimes.rs (busybox gives
+# the SeaweedFS stand-in's init a shell).
+packages+=(docker-compose busybox-static)
 missing=()
 for p in "${packages[@]}"; do
 	dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
