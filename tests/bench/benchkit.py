@@ -81,3 +81,18 @@ def serve_blob(blob, digest):
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return f"http://127.0.0.1:{server.server_address[1]}"
+
+
+def wait_port(port, proc, timeout=10):
+    """Waits until something listens on loopback `port`; exits if `proc`
+    ends or it never does (for servers without a plain-HTTP /healthz)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            sys.exit(f"server on {port} exited ({proc.returncode})")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.1)
+    sys.exit(f"nothing listens on {port}")

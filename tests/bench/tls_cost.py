@@ -34,7 +34,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchkit import cpu_seconds, free_port, serve_blob, wait_healthy
+from benchkit import cpu_seconds, free_port, serve_blob, wait_healthy, wait_port
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -128,20 +128,6 @@ http {{
 """)
     return subprocess.Popen(["nginx", "-c", str(conf), "-p", str(d)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-
-def wait_port(port, proc, timeout=10):
-    import socket
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            sys.exit(f"server on {port} exited ({proc.returncode})")
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            time.sleep(0.1)
-    sys.exit(f"nothing listens on {port}")
 
 
 def measure(name, proc, url, size, cacert, rounds, clients_list):
