@@ -23,14 +23,6 @@ impl Drop for Proc {
     }
 }
 
-fn wait_port(port: u16, what: &str) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "{what} did not listen on {port}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 /// pebble, its HTTPS served with a certificate from `ca`, validating
 /// TLS-ALPN-01 challenges on `tls_port`.
 struct Pebble {

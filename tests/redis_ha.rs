@@ -62,11 +62,7 @@ impl Node {
             .stderr(Stdio::null())
             .spawn()
             .expect("start redis-server");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "redis on {port} did not start");
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        wait_port(port, "redis");
         Node {
             port,
             child: Some(child),

@@ -103,6 +103,16 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// Waits (up to 20 s) until something listens on loopback `port`: servers
+/// that speak no plain HTTP (TLS, Redis).
+pub fn wait_port(port: u16, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "{what} did not listen on {port}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// Waits until `url` answers at all (any status).
 pub fn wait_http(url: &str) {
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -587,11 +597,7 @@ impl RedisServer {
             .spawn()
             .expect("start redis-server");
         self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            assert!(Instant::now() < deadline, "redis-server did not start");
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        wait_port(self.port, "redis-server");
     }
 
     pub fn url(&self) -> String {
