@@ -7,6 +7,7 @@ mod error;
 mod handlers;
 mod pages;
 mod path;
+mod private;
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -26,6 +27,7 @@ use http::{HeaderValue, StatusCode};
 pub use admin::Admin;
 pub use console::Console;
 pub use error::{ApiError, ErrorCode};
+pub use private::PrivateApi;
 
 use crate::limits::{ClientLimits, PeerAddr};
 use crate::mirror::Mirror;
@@ -38,11 +40,23 @@ pub fn router(
     limits: Arc<ClientLimits>,
     admin: Option<Arc<Admin>>,
     reader: Option<Arc<Console>>,
+    private: Option<Arc<crate::private::Private>>,
 ) -> Router {
+    let private = private.map(|private| {
+        Arc::new(PrivateApi {
+            private,
+            limits: limits.clone(),
+        })
+    });
+    let v2 = Arc::new(handlers::V2State {
+        mirror: mirror.clone(),
+        private: private.clone(),
+    });
     let mut app = Router::new()
         .route("/v2", any(handlers::v2))
         .route("/v2/", any(handlers::v2))
         .route("/v2/{*rest}", any(handlers::v2))
+        .with_state(v2)
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(handlers::ready))
         .route("/metrics", get(metrics_text))
@@ -52,6 +66,13 @@ pub fn router(
     }
     if let Some(admin) = admin {
         app = app.merge(admin::router(admin));
+    }
+    if let Some(private) = private {
+        app = app.merge(
+            Router::new()
+                .route("/auth/token", get(private::token))
+                .with_state(private),
+        );
     }
     app.fallback(|| async { ApiError::not_found_route() })
         .layer(middleware::from_fn_with_state(
@@ -79,7 +100,7 @@ async fn enforce_client_limits(
         return next.run(req).await;
     };
     let path = req.uri().path();
-    if !path.starts_with("/v2") && !path.starts_with("/api/") {
+    if !path.starts_with("/v2") && !path.starts_with("/api/") && path != "/auth/token" {
         return next.run(req).await;
     }
     if let Err(refused) = limits.admit(ip).await {

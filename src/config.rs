@@ -5,6 +5,8 @@
 mod builtin;
 mod env;
 mod file;
+mod private;
+pub(crate) use private::is_bcrypt;
 pub mod redis_url;
 mod validate;
 
@@ -45,6 +47,50 @@ pub struct Config {
     pub admin: AdminConfig,
     pub sync: SyncConfig,
     pub ui: UiConfig,
+    /// The namespace of the operator's own images, when on.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub private: Option<PrivateConfig>,
+}
+
+/// `[private]`: repositories under `<prefix>/` take pushes from configured
+/// users and are served from what was pushed, never from an upstream.
+#[derive(Clone, Debug, Serialize)]
+pub struct PrivateConfig {
+    /// The first path component of every private repository.
+    pub prefix: String,
+    /// A host prefix (`<alias>.<domain>`) whose names are all private.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub alias: Option<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub users: Vec<PrivateUser>,
+    /// An htpasswd file (bcrypt entries) with more users.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub htpasswd: Option<PathBuf>,
+    /// What the htpasswd file's users may push and pull, unless a
+    /// `[[private.users]]` entry of the same name says otherwise.
+    pub htpasswd_push: Vec<String>,
+    pub htpasswd_pull: Vec<String>,
+    /// Whether anyone may pull private images without credentials.
+    pub anonymous_pull: bool,
+    /// How long a token from the token endpoint is good for.
+    #[serde(with = "humantime_serde")]
+    pub token_ttl: Duration,
+    /// How long an upload may sit idle before it is abandoned.
+    #[serde(with = "humantime_serde")]
+    pub upload_ttl: Duration,
+}
+
+/// A user of the private namespace. Globs are over the repository name
+/// under the prefix (`team/**`).
+#[derive(Clone, Debug, Serialize)]
+pub struct PrivateUser {
+    pub name: String,
+    /// A bcrypt hash (`htpasswd -B`, `pier users hash`); `None` for an
+    /// htpasswd file's user whose rights this entry sets.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub password_hash: Option<Secret>,
+    pub push: Vec<String>,
+    pub pull: Vec<String>,
 }
 
 /// The console's pages and read-only API (`/api/v1/explain`).
@@ -291,6 +337,9 @@ pub struct TlsFiles {
 /// all replicas through Redis when metadata is in Redis.
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct LimitsConfig {
+    /// Failed logins a client may make per minute before it is refused
+    /// for a while (0: unlimited).
+    pub failed_logins: u32,
     /// Sustained requests per second.
     pub requests_per_second: u32,
     /// Requests allowed at once above the sustained rate.

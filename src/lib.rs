@@ -39,6 +39,7 @@ pub mod meta;
 pub mod mirror;
 pub mod pins;
 pub mod policy;
+pub mod private;
 pub mod range;
 pub mod rate;
 pub mod reference;

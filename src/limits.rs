@@ -43,6 +43,11 @@ pub struct ClientLimits {
     bytes_per_second: u64,
     /// Per client: blob downloads running and the byte budget.
     clients: Mutex<HashMap<IpAddr, ClientState>>,
+    /// Failed logins a client may make per minute (shared like `rate`).
+    failed_logins: Option<Rate>,
+    /// Clients refused for failing to log in, until when (this replica's
+    /// memory of the shared count's verdict).
+    locked_out: Mutex<HashMap<IpAddr, Instant>>,
 }
 
 #[derive(Default)]
@@ -71,7 +76,57 @@ impl ClientLimits {
             concurrent_blobs: limits.concurrent_blobs,
             bytes_per_second: limits.bytes_per_second,
             clients: Mutex::new(HashMap::new()),
+            failed_logins: (limits.failed_logins > 0).then(|| {
+                let interval_us = 60_000_000 / u64::from(limits.failed_logins);
+                Rate {
+                    interval_us,
+                    tolerance_us: interval_us * u64::from(limits.failed_logins - 1),
+                }
+            }),
+            locked_out: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Refuses a client that failed to log in too often lately, before its
+    /// credentials are looked at (so a right guess then gains nothing).
+    pub fn may_log_in(&self, ip: IpAddr) -> Result<(), Refused> {
+        let locked = self
+            .locked_out
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        match locked.get(&ip) {
+            Some(until) if *until > Instant::now() => {
+                Err(refuse("failed_logins", *until - Instant::now()))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Counts a failed login by `ip` against its allowance; past it, the
+    /// client is refused for a while.
+    pub async fn failed_login(&self, ip: IpAddr) -> Result<(), Refused> {
+        crate::telemetry::metrics::metrics().failed_logins.inc();
+        let Some(rate) = self.failed_logins else {
+            return Ok(());
+        };
+        if self.exempt(ip) {
+            return Ok(());
+        }
+        let key = format!("login:{ip}");
+        let decision = match self.meta.throttle(&key, rate).await {
+            Ok(d) => d,
+            Err(_) => self.local.check(&key, rate),
+        };
+        decision.map_err(|wait| {
+            let mut locked = self
+                .locked_out
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            let now = Instant::now();
+            locked.retain(|_, until| *until > now);
+            locked.insert(ip, now + wait);
+            refuse("failed_logins", wait)
+        })
     }
 
     /// Who sent a request that arrived from `peer` with `headers`.

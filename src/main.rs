@@ -55,6 +55,50 @@ enum Command {
     /// Point the images of Kubernetes manifests at the mirror: reads the
     /// files (or stdin), writes the result to stdout.
     Rewrite(RewriteArgs),
+    /// Users of the private namespace.
+    Users {
+        #[command(subcommand)]
+        action: UsersAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum UsersAction {
+    /// Read a password from stdin, print its bcrypt hash for
+    /// `[[private.users]] password_hash` (`echo -n pw | pier users hash`).
+    Hash {
+        /// bcrypt's cost: each step doubles the time a check takes.
+        #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(4..=16))]
+        cost: u32,
+    },
+}
+
+/// `pier users hash`: the password is stdin's, less one line ending.
+fn hash_password(cost: u32) -> Result<(), ExitCode> {
+    use std::io::Read as _;
+    let mut password = String::new();
+    if let Err(e) = std::io::stdin().read_to_string(&mut password) {
+        eprintln!("pier: cannot read the password from stdin: {e}");
+        return Err(ExitCode::FAILURE);
+    }
+    let password = password
+        .strip_suffix('\n')
+        .map(|p| p.strip_suffix('\r').unwrap_or(p))
+        .unwrap_or(&password);
+    if password.is_empty() {
+        eprintln!("pier: give the password on stdin (`echo -n 'password' | pier users hash`)");
+        return Err(ExitCode::FAILURE);
+    }
+    match bcrypt::hash(password, cost) {
+        Ok(h) => {
+            println!("{h}");
+            Ok(())
+        }
+        Err(e) => {
+            eprintln!("pier: cannot hash the password: {e}");
+            Err(ExitCode::FAILURE)
+        }
+    }
 }
 
 #[derive(clap::Args)]
@@ -548,6 +592,12 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Rewrite(args) => match rewrite(args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(code) => code,
+        },
+        Command::Users {
+            action: UsersAction::Hash { cost },
+        } => match hash_password(cost) {
             Ok(()) => ExitCode::SUCCESS,
             Err(code) => code,
         },

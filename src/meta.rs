@@ -323,6 +323,15 @@ pub trait MetaStore: Send + Sync + 'static {
     /// The newest `n` failure records, newest first.
     async fn failures(&self, n: usize) -> Result<Vec<Vec<u8>>, MetaError>;
 
+    /// Stores (or replaces) an upload session's record, which lapses
+    /// `ttl` from now unless stored again.
+    async fn put_upload(&self, id: &str, record: &[u8], ttl: Duration) -> Result<(), MetaError>;
+
+    /// An upload session's record, unless it lapsed or was removed.
+    async fn upload(&self, id: &str) -> Result<Option<Vec<u8>>, MetaError>;
+
+    async fn delete_upload(&self, id: &str) -> Result<(), MetaError>;
+
     async fn health(&self) -> Result<(), MetaError>;
 
     /// Whether other processes (replicas) may use this store too. Leases

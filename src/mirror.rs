@@ -238,6 +238,11 @@ impl Mirror {
         &self.meta
     }
 
+    /// The blob store, which the private namespace keeps its blobs in too.
+    pub fn blob_store(&self) -> &Arc<dyn BlobStore> {
+        &self.blobs
+    }
+
     /// What `registry` last said of its rate limit: requests left, until
     /// when that holds.
     pub fn upstream_quota(&self, registry: &str) -> Option<(i64, std::time::Instant)> {

@@ -21,6 +21,10 @@ const PAGE: usize = 1000;
 
 pub struct Pins {
     patterns: Vec<String>,
+    /// The private namespace's prefix: a repository key whose links are
+    /// every digest private content holds, all kept, and whose
+    /// repositories' metadata is kept.
+    private: Option<String>,
     meta: Arc<dyn MetaStore>,
     /// The cached repositories the pins match, and when they were listed.
     repositories: Mutex<Option<(Instant, Arc<Vec<String>>)>>,
@@ -30,9 +34,16 @@ impl Pins {
     pub fn new(patterns: Vec<String>, meta: Arc<dyn MetaStore>) -> Self {
         Self {
             patterns,
+            private: None,
             meta,
             repositories: Mutex::new(None),
         }
+    }
+
+    /// Also keeps everything the private namespace under `prefix` holds.
+    pub fn holding(mut self, prefix: Option<String>) -> Self {
+        self.private = prefix;
+        self
     }
 
     async fn pinned_repositories(&self) -> Result<Arc<Vec<String>>, MetaError> {
@@ -73,12 +84,25 @@ impl Pins {
 #[async_trait]
 impl Keep for Pins {
     fn keeps_repository(&self, repo: &str) -> bool {
-        self.patterns.iter().any(|p| glob_match(p, repo))
+        self.private
+            .as_deref()
+            .is_some_and(|p| repo == p || repo.strip_prefix(p).is_some_and(|r| r.starts_with('/')))
+            || self.patterns.iter().any(|p| glob_match(p, repo))
     }
 
     /// When the metadata cannot say, the blob is kept: a pin must hold even
     /// while Redis is down.
     async fn keep(&self, digest: &Digest) -> bool {
+        if let Some(private) = &self.private {
+            match self.meta.is_linked(private, digest).await {
+                Ok(true) => return true,
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot tell whether a blob is private; keeping it");
+                    return true;
+                }
+            }
+        }
         let repos = match self.pinned_repositories().await {
             Ok(r) => r,
             Err(e) => {

@@ -177,10 +177,14 @@ pub async fn build_mirror(
     Ok((Arc::new(mirror), Arc::new(limits), meta))
 }
 
-/// What `[cache] pinned` keeps from eviction, if anything.
+/// What eviction spares, if anything: `[cache] pinned` images, and all
+/// the private namespace holds.
 pub fn pins(config: &Config, meta: &Arc<dyn MetaStore>) -> Option<Arc<dyn Keep>> {
-    (!config.cache.pinned.is_empty())
-        .then(|| Arc::new(Pins::new(config.cache.pinned.clone(), meta.clone())) as Arc<dyn Keep>)
+    let private = config.private.as_ref().map(|p| p.prefix.clone());
+    (!config.cache.pinned.is_empty() || private.is_some()).then(|| {
+        Arc::new(Pins::new(config.cache.pinned.clone(), meta.clone()).holding(private))
+            as Arc<dyn Keep>
+    })
 }
 
 /// Asks both stores once, in the background: a store that cannot be
@@ -229,6 +233,7 @@ pub async fn serve(
         .map(Certificates::acceptor)
         .transpose()?;
     let (mirror, limits, meta) = build_mirror(config).await?;
+    let meta_store = meta.clone();
     let syncer = Arc::new(Syncer::new(mirror.clone(), &config.sync));
     if mirror.prefetches() {
         // Weak: the mirror must not keep alive what holds it.
@@ -266,7 +271,11 @@ pub async fn serve(
         publisher.spawn();
         publisher
     });
-    let app = crate::api::router(mirror.clone(), limits, admin, console);
+    let private =
+        crate::private::Private::new(config, meta_store.clone(), mirror.blob_store().clone())
+            .context("setting up the private namespace")?
+            .map(Arc::new);
+    let app = crate::api::router(mirror.clone(), limits, admin, console, private);
     // Every store has local files to send: stored blobs (fs), local copies
     // (S3 with a local cache), and the spool files of fetches. Under TLS
     // the bytes must pass through the cipher, so sendfile is for plain TCP.
@@ -297,8 +306,12 @@ pub async fn serve(
         let io = ClientIo::new(tcp, settings.send_timeout, settings.header_timeout);
         let queue = zero_copy.then(|| io.queue());
         let app = app.clone();
+        let secured = tls.is_some();
         let service = service_fn(move |mut req: Request<Incoming>| {
             req.extensions_mut().insert(PeerAddr(peer));
+            if secured {
+                req.extensions_mut().insert(crate::tls::Secured);
+            }
             if let Some(q) = &queue {
                 req.extensions_mut().insert(q.clone());
             }

@@ -23,6 +23,11 @@ use tokio_rustls::server::TlsStream;
 mod acme;
 
 use self::acme::ACME_TLS;
+
+/// Marks a request that came over Pier's own TLS (a request extension).
+#[derive(Clone, Copy, Debug)]
+pub struct Secured;
+
 pub use self::acme::Acme;
 use crate::config::ServerConfig;
 use crate::telemetry::metrics::metrics;

@@ -6,6 +6,7 @@ use http::{HeaderValue, StatusCode, header};
 use serde_json::json;
 
 use crate::mirror::MirrorError;
+use crate::private::PrivateError;
 use crate::reference::ReferenceError;
 use crate::route::RouteError;
 use crate::storage::StorageError;
@@ -14,6 +15,11 @@ use crate::upstream::UpstreamError;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ErrorCode {
     BlobUnknown,
+    BlobUploadUnknown,
+    BlobUploadInvalid,
+    ManifestInvalid,
+    ManifestBlobUnknown,
+    SizeInvalid,
     DigestInvalid,
     ManifestUnknown,
     NameInvalid,
@@ -36,6 +42,11 @@ impl ErrorCode {
     pub fn as_str(self) -> &'static str {
         match self {
             ErrorCode::BlobUnknown => "BLOB_UNKNOWN",
+            ErrorCode::BlobUploadUnknown => "BLOB_UPLOAD_UNKNOWN",
+            ErrorCode::BlobUploadInvalid => "BLOB_UPLOAD_INVALID",
+            ErrorCode::ManifestInvalid => "MANIFEST_INVALID",
+            ErrorCode::ManifestBlobUnknown => "MANIFEST_BLOB_UNKNOWN",
+            ErrorCode::SizeInvalid => "SIZE_INVALID",
             ErrorCode::DigestInvalid => "DIGEST_INVALID",
             ErrorCode::ManifestUnknown => "MANIFEST_UNKNOWN",
             ErrorCode::NameInvalid => "NAME_INVALID",
@@ -217,6 +228,59 @@ impl From<UpstreamError> for ApiError {
                 Self::new(StatusCode::BAD_GATEWAY, ErrorCode::Unavailable, msg)
             }
         }
+    }
+}
+
+impl From<PrivateError> for ApiError {
+    fn from(e: PrivateError) -> Self {
+        let msg = e.to_string();
+        let (status, code) = match &e {
+            PrivateError::NameInvalid(_) => (StatusCode::BAD_REQUEST, ErrorCode::NameInvalid),
+            PrivateError::ManifestUnknown(_) => (StatusCode::NOT_FOUND, ErrorCode::ManifestUnknown),
+            PrivateError::BlobUnknown(_) => (StatusCode::NOT_FOUND, ErrorCode::BlobUnknown),
+            PrivateError::UploadUnknown(_) => (StatusCode::NOT_FOUND, ErrorCode::BlobUploadUnknown),
+            PrivateError::UploadInvalid(_) | PrivateError::BodyBroken(_) => {
+                (StatusCode::BAD_REQUEST, ErrorCode::BlobUploadInvalid)
+            }
+            PrivateError::DigestInvalid(_) => (StatusCode::BAD_REQUEST, ErrorCode::DigestInvalid),
+            PrivateError::SizeInvalid(_) => (StatusCode::PAYLOAD_TOO_LARGE, ErrorCode::SizeInvalid),
+            PrivateError::ManifestInvalid(_) => {
+                (StatusCode::BAD_REQUEST, ErrorCode::ManifestInvalid)
+            }
+            PrivateError::ManifestBlobUnknown(_) => {
+                (StatusCode::BAD_REQUEST, ErrorCode::ManifestBlobUnknown)
+            }
+            PrivateError::RangeInvalid { offset } => {
+                let range = format!("0-{}", offset.saturating_sub(1));
+                return Self::new(
+                    StatusCode::RANGE_NOT_SATISFIABLE,
+                    ErrorCode::BlobUploadInvalid,
+                    msg,
+                )
+                .with_header(header::RANGE, range);
+            }
+            PrivateError::Storage(StorageError::Unsatisfiable { size }) => {
+                return Self::range_not_satisfiable(*size);
+            }
+            PrivateError::Storage(StorageError::MalformedRange) => return Self::malformed_range(),
+            PrivateError::Storage(_) | PrivateError::Spool(_) => {
+                tracing::error!(error = %e, "blob storage error");
+                return Self::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    ErrorCode::Unavailable,
+                    "the registry's blob storage is unavailable; its log has the details",
+                );
+            }
+            PrivateError::Meta(_) => {
+                tracing::error!(error = %e, "metadata error");
+                return Self::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    ErrorCode::Unavailable,
+                    "the registry's metadata store is unavailable; its log has the details",
+                );
+            }
+        };
+        Self::new(status, code, msg)
     }
 }
 

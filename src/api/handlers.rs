@@ -50,7 +50,39 @@ impl Ask<'_> {
     }
 }
 
-pub async fn v2(State(mirror): State<Arc<Mirror>>, req: Request) -> Response {
+/// What `/v2/` requests are served from.
+pub struct V2State {
+    pub mirror: Arc<Mirror>,
+    pub private: Option<Arc<super::private::PrivateApi>>,
+}
+
+pub async fn v2(State(state): State<Arc<V2State>>, req: Request) -> Response {
+    let mirror = &state.mirror;
+    let mut visible: Option<Box<VisibleFn>> = None;
+    let req = match &state.private {
+        None => req,
+        Some(api) => {
+            let (parts, body) = req.into_parts();
+            let raw = parts
+                .uri
+                .path()
+                .strip_prefix("/v2")
+                .unwrap_or("")
+                .to_owned();
+            match path::parse(&raw) {
+                Ok(V2Path::Base) => return super::private::base(api, &parts).await,
+                Ok(V2Path::Catalog) => match super::private::catalog_filter(api, &parts).await {
+                    Ok(f) => visible = Some(Box::new(f)),
+                    Err(e) => return e.into_response(),
+                },
+                Ok(p) if super::private::claims(api, &parts, &p) => {
+                    return super::private::handle(api, parts, body, p).await;
+                }
+                _ => {}
+            }
+            Request::from_parts(parts, body)
+        }
+    };
     let method = req.method();
     if method != Method::GET && method != Method::HEAD {
         return ApiError::unsupported().into_response();
@@ -87,17 +119,27 @@ pub async fn v2(State(mirror): State<Arc<Mirror>>, req: Request) -> Response {
         version: req.version(),
     };
     let raw = uri.path().strip_prefix("/v2").unwrap_or(uri.path());
-    match handle(&mirror, &ask, raw).await {
+    match handle(mirror, &ask, raw, visible.as_deref()).await {
         Ok(r) => r,
         Err(e) => e.into_response(),
     }
 }
 
-async fn handle(mirror: &Mirror, ask: &Ask<'_>, raw: &str) -> Result<Response, ApiError> {
+/// Whether the caller may see a catalog entry.
+type VisibleFn = dyn Fn(&str) -> bool + Send + Sync;
+/// Which catalog entries the caller may see, when not all.
+type Visible<'a> = Option<&'a VisibleFn>;
+
+async fn handle(
+    mirror: &Mirror,
+    ask: &Ask<'_>,
+    raw: &str,
+    visible: Visible<'_>,
+) -> Result<Response, ApiError> {
     match path::parse(raw)? {
         V2Path::Base => Ok(json_response(StatusCode::OK, "{}".into())),
-        V2Path::Upload => Err(ApiError::unsupported()),
-        V2Path::Catalog => catalog(mirror, ask).await,
+        V2Path::Upload { .. } => Err(ApiError::unsupported()),
+        V2Path::Catalog => catalog(mirror, ask, visible).await,
         V2Path::Manifest { name, reference } => {
             access::note_reference(reference);
             let target = resolve(mirror, ask, name)?;
@@ -362,10 +404,24 @@ async fn tags(
     Ok(resp)
 }
 
-async fn catalog(mirror: &Mirror, ask: &Ask<'_>) -> Result<Response, ApiError> {
+async fn catalog(
+    mirror: &Mirror,
+    ask: &Ask<'_>,
+    visible: Visible<'_>,
+) -> Result<Response, ApiError> {
     let (n, last) = page(ask, DEFAULT_CATALOG_PAGE)?;
     // One more than asked tells whether another page exists.
-    let mut repos = mirror.catalog(last.as_deref(), n + 1).await?;
+    let mut repos = Vec::new();
+    let mut after = last.clone();
+    loop {
+        let listed = mirror.catalog(after.as_deref(), n + 1).await?;
+        let exhausted = listed.len() <= n;
+        after = listed.last().cloned();
+        repos.extend(listed.into_iter().filter(|r| visible.is_none_or(|v| v(r))));
+        if exhausted || repos.len() > n {
+            break;
+        }
+    }
     let more = repos.len() > n;
     repos.truncate(n);
     let body = json!({ "repositories": repos }).to_string();

@@ -22,8 +22,12 @@ pub enum V2Path<'a> {
         name: &'a str,
         digest: &'a str,
     },
-    /// Push endpoints (`blobs/uploads/...`): refused, Pier is pull-only.
-    Upload,
+    /// Push endpoints: `blobs/uploads/` starts an upload, and
+    /// `blobs/uploads/<id>` is one (only private repositories take them).
+    Upload {
+        name: &'a str,
+        id: Option<&'a str>,
+    },
 }
 
 /// Parses the raw (still percent-encoded) path after `/v2`.
@@ -45,11 +49,15 @@ pub fn parse(raw: &str) -> Result<V2Path<'_>, ApiError> {
     if let Some(name) = rest.strip_suffix("/tags/list") {
         return Ok(V2Path::Tags { name });
     }
-    if rest.ends_with("/blobs/uploads")
-        || rest.ends_with("/blobs/uploads/")
-        || rest.contains("/blobs/uploads/")
-    {
-        return Ok(V2Path::Upload);
+    if let Some((name, id)) = rest.rsplit_once("/blobs/uploads/") {
+        if id.contains('/') {
+            return Err(not_found());
+        }
+        let id = Some(id).filter(|i| !i.is_empty());
+        return Ok(V2Path::Upload { name, id });
+    }
+    if let Some(name) = rest.strip_suffix("/blobs/uploads") {
+        return Ok(V2Path::Upload { name, id: None });
     }
     let (head, reference) = rest.rsplit_once('/').ok_or_else(not_found)?;
     let (name, kind) = head.rsplit_once('/').ok_or_else(not_found)?;
@@ -135,8 +143,21 @@ mod tests {
                 digest: "sha256:x"
             })
         );
-        assert_eq!(parse("/a/blobs/uploads/"), Ok(V2Path::Upload));
-        assert_eq!(parse("/a/blobs/uploads/123"), Ok(V2Path::Upload));
+        assert_eq!(
+            parse("/a/b/blobs/uploads/"),
+            Ok(V2Path::Upload {
+                name: "a/b",
+                id: None
+            })
+        );
+        assert_eq!(
+            parse("/a/blobs/uploads/123"),
+            Ok(V2Path::Upload {
+                name: "a",
+                id: Some("123")
+            })
+        );
+        assert!(parse("/a/blobs/uploads/1/2").is_err());
         assert!(parse("/a/%2e%2e/manifests/x").is_err());
         assert!(parse("/a").is_err());
         assert!(parse("/a/other/x").is_err());

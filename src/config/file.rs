@@ -28,6 +28,7 @@ pub struct FileConfig {
     pub admin: Option<FileAdmin>,
     pub sync: Option<FileSync>,
     pub ui: Option<FileUi>,
+    pub private: Option<FilePrivate>,
     #[serde(default)]
     pub upstreams: Vec<FileUpstream>,
     #[serde(default)]
@@ -122,6 +123,7 @@ pub struct FileAcme {
 #[serde(deny_unknown_fields)]
 pub struct FileLimits {
     pub requests_per_second: Option<u32>,
+    pub failed_logins: Option<u32>,
     pub burst: Option<u32>,
     pub concurrent_blobs: Option<u32>,
     pub bytes_per_second: Option<ByteSize>,
@@ -145,6 +147,32 @@ pub struct FileFetch {
 #[serde(deny_unknown_fields)]
 pub struct FileUi {
     pub enabled: Option<bool>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FilePrivate {
+    pub prefix: Option<String>,
+    pub alias: Option<String>,
+    pub htpasswd: Option<PathBuf>,
+    pub htpasswd_push: Option<Vec<String>>,
+    pub htpasswd_pull: Option<Vec<String>>,
+    pub anonymous_pull: Option<bool>,
+    #[serde(default, with = "humantime_serde")]
+    pub token_ttl: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    pub upload_ttl: Option<Duration>,
+    #[serde(default)]
+    pub users: Vec<FilePrivateUser>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FilePrivateUser {
+    pub name: Option<String>,
+    pub password_hash: Option<String>,
+    pub push: Option<Vec<String>>,
+    pub pull: Option<Vec<String>>,
 }
 
 #[derive(Debug, Default, Deserialize)]

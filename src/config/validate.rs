@@ -73,6 +73,7 @@ pub fn build(raw: FileConfig) -> Result<Config, ConfigError> {
     let server = server(raw.server.unwrap_or_default(), &data_dir, &mut p);
     let l = raw.limits.unwrap_or_default();
     let limits = LimitsConfig {
+        failed_logins: l.failed_logins.unwrap_or(10),
         requests_per_second: l.requests_per_second.unwrap_or(0),
         // A burst below the sustained rate would refuse steady clients.
         burst: l.burst.unwrap_or(0).max(l.requests_per_second.unwrap_or(0)),
@@ -210,6 +211,10 @@ pub fn build(raw: FileConfig) -> Result<Config, ConfigError> {
         }
     }
 
+    let private = raw
+        .private
+        .and_then(|r| super::private::build(r, &domains, &upstreams, &mut p));
+
     p.finish(Config {
         listen,
         domains,
@@ -232,6 +237,7 @@ pub fn build(raw: FileConfig) -> Result<Config, ConfigError> {
         ui: UiConfig {
             enabled: raw.ui.and_then(|u| u.enabled).unwrap_or(true),
         },
+        private,
     })
 }
 
@@ -846,7 +852,12 @@ fn lexical(path: &Path) -> PathBuf {
     out
 }
 
-fn positive(p: &mut Problems, key: &str, v: Option<Duration>, default_secs: u64) -> Duration {
+pub(super) fn positive(
+    p: &mut Problems,
+    key: &str,
+    v: Option<Duration>,
+    default_secs: u64,
+) -> Duration {
     match v {
         Some(d) if d.is_zero() => {
             p.add(key, "must be longer than zero".into());
@@ -902,7 +913,7 @@ fn is_image_pattern(s: &str) -> bool {
     }
 }
 
-fn is_route_pattern(s: &str) -> bool {
+pub(super) fn is_route_pattern(s: &str) -> bool {
     // A handful of stars keeps matching cheap (it backtracks).
     !s.is_empty()
         && s.len() <= 255
@@ -915,10 +926,10 @@ fn is_route_pattern(s: &str) -> bool {
 }
 
 #[derive(Default)]
-struct Problems(Vec<String>);
+pub(super) struct Problems(Vec<String>);
 
 impl Problems {
-    fn add(&mut self, key: &str, why: String) {
+    pub(super) fn add(&mut self, key: &str, why: String) {
         self.0.push(format!("{key}: {why}"));
     }
 

@@ -11,7 +11,7 @@ use redb::{Database, ReadableTable, ReadableTableMetadata, TableDefinition};
 
 use super::{
     Claimed, Counts, FAILURES_KEPT, JOBS_KEPT, MINUTES_KEPT, MetaError, MetaStore, Removal,
-    StoredManifest, TagRecord, UseKind,
+    StoredManifest, TagRecord, UseKind, now_ms,
 };
 use crate::rate::{LocalRates, Rate};
 use crate::reference::Digest;
@@ -43,6 +43,9 @@ const COUNTS: TableDefinition<&str, u64> = TableDefinition::new("counts");
 const MINUTE_COUNTS: TableDefinition<&str, u64> = TableDefinition::new("minute_counts");
 /// repository → manifest pulls by tag
 const PULLS: TableDefinition<&str, u64> = TableDefinition::new("pulls");
+/// Upload session → its lapse time (Unix ms, 8 bytes big-endian), then its
+/// record.
+const UPLOADS: TableDefinition<&str, &[u8]> = TableDefinition::new("uploads");
 
 fn minute_key(minute: u64, name: &str) -> String {
     format!("{minute:012}/{name}")
@@ -89,6 +92,7 @@ impl EmbeddedMeta {
         txn.open_table(COUNTS).map_err(backend)?;
         txn.open_table(MINUTE_COUNTS).map_err(backend)?;
         txn.open_table(PULLS).map_err(backend)?;
+        txn.open_table(UPLOADS).map_err(backend)?;
         txn.commit().map_err(backend)?;
         Ok(Self {
             db: Arc::new(db),
@@ -835,10 +839,76 @@ impl MetaStore for EmbeddedMeta {
         Ok(failures.iter().take(n).cloned().collect())
     }
 
+    async fn put_upload(&self, id: &str, record: &[u8], ttl: Duration) -> Result<(), MetaError> {
+        let until = now_ms().saturating_add(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX));
+        let mut value = until.to_be_bytes().to_vec();
+        value.extend_from_slice(record);
+        let id = id.to_owned();
+        self.blocking(move |db| {
+            let txn = db.begin_write().map_err(backend)?;
+            {
+                let mut uploads = txn.open_table(UPLOADS).map_err(backend)?;
+                uploads
+                    .insert(id.as_str(), value.as_slice())
+                    .map_err(backend)?;
+                // Lapsed sessions go as new ones come: nothing else reads them.
+                let now = now_ms();
+                let lapsed: Vec<String> = uploads
+                    .iter()
+                    .map_err(backend)?
+                    .filter_map(Result::ok)
+                    .filter(|(_, v)| lapse_of(v.value()) <= now)
+                    .map(|(k, _)| k.value().to_owned())
+                    .collect();
+                for k in lapsed {
+                    uploads.remove(k.as_str()).map_err(backend)?;
+                }
+            }
+            txn.commit().map_err(backend)
+        })
+        .await
+    }
+
+    async fn upload(&self, id: &str) -> Result<Option<Vec<u8>>, MetaError> {
+        let id = id.to_owned();
+        self.blocking(move |db| {
+            let txn = db.begin_read().map_err(backend)?;
+            let uploads = txn.open_table(UPLOADS).map_err(backend)?;
+            Ok(uploads
+                .get(id.as_str())
+                .map_err(backend)?
+                .map(|v| v.value().to_vec())
+                .filter(|v| v.len() >= 8 && lapse_of(v) > now_ms())
+                .map(|v| v[8..].to_vec()))
+        })
+        .await
+    }
+
+    async fn delete_upload(&self, id: &str) -> Result<(), MetaError> {
+        let id = id.to_owned();
+        self.blocking(move |db| {
+            let txn = db.begin_write().map_err(backend)?;
+            txn.open_table(UPLOADS)
+                .map_err(backend)?
+                .remove(id.as_str())
+                .map_err(backend)?;
+            txn.commit().map_err(backend)
+        })
+        .await
+    }
+
     async fn health(&self) -> Result<(), MetaError> {
         self.blocking(|db| db.begin_read().map(drop).map_err(backend))
             .await
     }
+}
+
+/// When an upload session's value lapses (0 for a value too short).
+fn lapse_of(value: &[u8]) -> u64 {
+    value
+        .get(..8)
+        .and_then(|b| <[u8; 8]>::try_from(b).ok())
+        .map_or(0, u64::from_be_bytes)
 }
 
 fn last_uses_in(
@@ -924,6 +994,7 @@ mod tests {
         let meta = super::EmbeddedMeta::open(dir.path()).unwrap();
         crate::meta::suite::check_persisted(&meta).await;
         crate::meta::suite::jobs(&meta).await;
+        crate::meta::suite::uploads(&meta).await;
         crate::meta::suite::console_figures(&meta).await;
     }
 }

@@ -815,6 +815,32 @@ impl MetaStore for RedisMeta {
             .await
     }
 
+    async fn put_upload(&self, id: &str, record: &[u8], ttl: Duration) -> Result<(), MetaError> {
+        let key = self.key(&["upload", id]);
+        let (record, ms) = (record.to_vec(), ttl_ms(ttl));
+        self.run(|mut c| async move {
+            redis::cmd("SET")
+                .arg(key)
+                .arg(record)
+                .arg("PX")
+                .arg(ms)
+                .query_async::<()>(&mut c)
+                .await
+        })
+        .await
+    }
+
+    async fn upload(&self, id: &str) -> Result<Option<Vec<u8>>, MetaError> {
+        let key = self.key(&["upload", id]);
+        self.run(|mut c| async move { c.get(key).await }).await
+    }
+
+    async fn delete_upload(&self, id: &str) -> Result<(), MetaError> {
+        let key = self.key(&["upload", id]);
+        self.run(|mut c| async move { c.del::<_, ()>(key).await })
+            .await
+    }
+
     async fn put_replica(&self, name: &str, record: &[u8], ttl: Duration) -> Result<(), MetaError> {
         let ttl_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1);
         let mut pipe = redis::pipe();
@@ -918,6 +944,7 @@ mod tests {
         crate::meta::suite::forgetting(&meta).await;
         crate::meta::suite::check_persisted(&meta).await;
         crate::meta::suite::jobs(&meta).await;
+        crate::meta::suite::uploads(&meta).await;
         crate::meta::suite::console_figures(&meta).await;
     }
 

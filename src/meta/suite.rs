@@ -1,5 +1,7 @@
 //! The behaviour every `MetaStore` must show, run against each backend.
 
+use std::time::Duration;
+
 use bytes::Bytes;
 
 use super::{MetaStore, StoredManifest, TagRecord};
@@ -93,7 +95,6 @@ pub async fn run(meta: &dyn MetaStore) {
 /// Leases: one holder at a time, renewable and releasable only by it, and
 /// free again once expired.
 pub async fn leases(meta: &dyn MetaStore) {
-    use std::time::Duration;
     let name = format!("blob:test-{:x}", rand::random::<u64>());
     let long = Duration::from_secs(30);
     assert_eq!(meta.acquire_lease(&name, "a", long).await.unwrap(), None);
@@ -513,6 +514,29 @@ pub async fn jobs(meta: &dyn MetaStore) {
         None,
         "dropped once finished"
     );
+}
+
+/// Upload sessions: stored, replaced, lapsed and removed.
+pub async fn uploads(meta: &dyn MetaStore) {
+    let id = format!("up-{:x}", rand::random::<u64>());
+    assert_eq!(meta.upload(&id).await.unwrap(), None);
+    meta.put_upload(&id, b"one", Duration::from_secs(60))
+        .await
+        .unwrap();
+    meta.put_upload(&id, b"two", Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert_eq!(
+        meta.upload(&id).await.unwrap().as_deref(),
+        Some(&b"two"[..])
+    );
+    meta.delete_upload(&id).await.unwrap();
+    assert_eq!(meta.upload(&id).await.unwrap(), None);
+    meta.put_upload(&id, b"short", Duration::from_millis(50))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(120)).await;
+    assert_eq!(meta.upload(&id).await.unwrap(), None, "lapsed");
 }
 
 /// The console's figures: counts add up across calls (as they do across

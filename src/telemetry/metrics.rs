@@ -118,6 +118,8 @@ pub struct Metrics {
     pub bucket_requests: Family<OperationLabels, Counter>,
     pub fetches_abandoned: Family<ReasonLabels, Counter>,
     pub bodies_broken: Counter,
+    pub failed_logins: Counter,
+    pub pushed_bytes: Counter,
     pub scrub_bytes: Counter,
     pub cache_bytes: Gauge,
     pub cache_blobs: Gauge,
@@ -164,6 +166,8 @@ impl Metrics {
             bucket_requests: Family::default(),
             fetches_abandoned: Family::default(),
             bodies_broken: Counter::default(),
+            failed_logins: Counter::default(),
+            pushed_bytes: Counter::default(),
             scrub_bytes: Counter::default(),
             cache_bytes: Gauge::default(),
             cache_blobs: Gauge::default(),
@@ -290,6 +294,16 @@ impl Metrics {
             "tls_certificate_expiry_timestamp_seconds",
             "When the TLS certificate last loaded expires (Unix time)",
             m.tls_certificate_expiry.clone(),
+        );
+        registry.register(
+            "failed_logins",
+            "Requests to the private namespace or its token endpoint with credentials that are wrong",
+            m.failed_logins.clone(),
+        );
+        registry.register(
+            "pushed_bytes",
+            "Bytes of blobs received by pushes to the private namespace",
+            m.pushed_bytes.clone(),
         );
         registry.register(
             "response_bodies_broken",
