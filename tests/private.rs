@@ -1,0 +1,816 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+//! The private namespace (`[private]`): pushes and pulls by real clients
+//! (skopeo here; the Docker daemon in `runtimes.rs`), the authentication
+//! cases, upload sessions by hand (chunks, resuming, a wrong digest,
+//! lapsing), and chunks of one upload landing on two replicas behind a
+//! round-robin nginx.
+
+mod common;
+
+use std::io::{Read as _, Write as _};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use base64::Engine as _;
+use common::*;
+use reqwest::{Method, StatusCode};
+use sha2::Digest as _;
+
+const PASSWORD: &str = "s3cret-pw";
+
+/// `[private]` with `ci` (pushes `team/**`), `reader` (pulls only) and
+/// `teamonly` (pulls `team/**` only); `extra` lines go in `[private]`.
+fn private_config(extra: &str) -> String {
+    let hash = bcrypt::hash(PASSWORD, 4).unwrap();
+    format!(
+        "[private]\nprefix = \"private\"\n{extra}\n\
+         [[private.users]]\nname = \"ci\"\npassword_hash = \"{hash}\"\npush = [\"team/**\"]\n\
+         [[private.users]]\nname = \"reader\"\npassword_hash = \"{hash}\"\n\
+         [[private.users]]\nname = \"teamonly\"\npassword_hash = \"{hash}\"\npull = [\"team/**\"]\n"
+    )
+}
+
+/// Pier with the private namespace and one upstream nobody answers at.
+fn start(extra: &str) -> (Pier, tempfile::TempDir) {
+    Pier::start(
+        &[("r.pier.test", &format!("http://127.0.0.1:{}", free_port()))],
+        &private_config(extra),
+    )
+}
+
+fn basic(user: &str, password: &str) -> String {
+    format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"))
+    )
+}
+
+fn sha256(bytes: &[u8]) -> String {
+    format!("sha256:{}", hex::encode(sha2::Sha256::digest(bytes)))
+}
+
+fn layout(name: &str) -> PathBuf {
+    fixtures().join("layouts/docker/library").join(name)
+}
+
+/// `skopeo copy SRC DEST` with extra arguments; (success, stderr).
+async fn skopeo(args: &[&str]) -> (bool, String) {
+    let out = tokio::process::Command::new("skopeo")
+        .args(["copy", "--insecure-policy", "--retry-times=0"])
+        .args(args)
+        .output()
+        .await
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn oci_digest(dir: &Path) -> String {
+    let index: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("index.json")).unwrap()).unwrap();
+    index["manifests"][0]["digest"].as_str().unwrap().to_owned()
+}
+
+struct Client {
+    http: reqwest::Client,
+    base: String,
+}
+
+impl Client {
+    fn new(base: &str) -> Client {
+        Client {
+            http: reqwest::Client::builder()
+                .redirect(reqwest::redirect::Policy::none())
+                .build()
+                .unwrap(),
+            base: base.to_owned(),
+        }
+    }
+
+    async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        auth: Option<&str>,
+        headers: &[(&str, &str)],
+        body: Vec<u8>,
+    ) -> reqwest::Response {
+        let url = if path.starts_with("http") {
+            path.to_owned()
+        } else {
+            format!("{}{path}", self.base)
+        };
+        let mut req = self.http.request(method, url).body(body);
+        if let Some(a) = auth {
+            req = req.header("authorization", a);
+        }
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        req.send().await.unwrap()
+    }
+
+    async fn as_ci(
+        &self,
+        method: Method,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: Vec<u8>,
+    ) -> reqwest::Response {
+        self.send(method, path, Some(&basic("ci", PASSWORD)), headers, body)
+            .await
+    }
+}
+
+fn location(resp: &reqwest::Response) -> String {
+    resp.headers()["location"].to_str().unwrap().to_owned()
+}
+
+fn header(resp: &reqwest::Response, name: &str) -> String {
+    resp.headers()
+        .get(name)
+        .map(|v| v.to_str().unwrap().to_owned())
+        .unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn skopeo_pushes_and_pulls_and_every_auth_case_answers_as_clients_expect() {
+    if !have_tools(&["skopeo"]) {
+        return;
+    }
+    let (pier, _data) = start("");
+    let host = pier.host();
+    let c = Client::new(&pier.url());
+    let src = layout("alpine/3.19");
+    let want = oci_digest(&src);
+
+    // The base endpoint asks who is there, naming the token endpoint.
+    let r = c.send(Method::GET, "/v2/", None, &[], vec![]).await;
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    let challenge = header(&r, "www-authenticate");
+    assert_eq!(
+        challenge,
+        format!("Bearer realm=\"http://{host}/auth/token\",service=\"pier\"")
+    );
+    let r = c.as_ci(Method::GET, "/v2/", &[], vec![]).await;
+    assert_eq!(r.status(), StatusCode::OK);
+    let r = c
+        .send(
+            Method::GET,
+            "/v2/",
+            Some(&basic("ci", "wrong")),
+            &[],
+            vec![],
+        )
+        .await;
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+
+    // Push with skopeo's credentials; pull back with another user's.
+    let dest = format!("docker://{host}/private/team/alpine:3.19");
+    let creds = format!("ci:{PASSWORD}");
+    let (ok, err) = skopeo(&[
+        "--dest-tls-verify=false",
+        "--dest-creds",
+        &creds,
+        &format!("oci:{}", src.display()),
+        &dest,
+    ])
+    .await;
+    assert!(ok, "push: {err}");
+    let out = tempfile::tempdir().unwrap();
+    let reader = format!("reader:{PASSWORD}");
+    let (ok, err) = skopeo(&[
+        "--src-tls-verify=false",
+        "--src-creds",
+        &reader,
+        &dest,
+        &format!("oci:{}", out.path().display()),
+    ])
+    .await;
+    assert!(ok, "pull: {err}");
+    assert_eq!(
+        oci_digest(out.path()),
+        want,
+        "the pulled manifest is the pushed one"
+    );
+
+    // Wrong password: 401 from the token endpoint, and skopeo says so.
+    let (ok, err) = skopeo(&[
+        "--src-tls-verify=false",
+        "--src-creds",
+        "ci:wrong",
+        &dest,
+        &format!("oci:{}", tempfile::tempdir().unwrap().path().display()),
+    ])
+    .await;
+    assert!(!ok && err.contains("unauthorized"), "{err}");
+
+    // No credentials: 401 with the scope to ask for.
+    let r = c
+        .send(
+            Method::GET,
+            "/v2/private/team/alpine/manifests/3.19",
+            None,
+            &[],
+            vec![],
+        )
+        .await;
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    assert!(
+        header(&r, "www-authenticate").ends_with(",scope=\"repository:private/team/alpine:pull\""),
+        "{}",
+        header(&r, "www-authenticate")
+    );
+    assert_eq!(error_code(r).await, "UNAUTHORIZED");
+
+    // A user outside their push globs: 403, and nothing stored.
+    let blob = b"not for reader".to_vec();
+    let digest = sha256(&blob);
+    for (user, repo) in [("reader", "team/alpine"), ("ci", "other/app")] {
+        let r = c
+            .send(
+                Method::POST,
+                &format!("/v2/private/{repo}/blobs/uploads/?digest={digest}"),
+                Some(&basic(user, PASSWORD)),
+                &[],
+                blob.clone(),
+            )
+            .await;
+        assert_eq!(r.status(), StatusCode::FORBIDDEN, "{user} → {repo}");
+        assert_eq!(error_code(r).await, "DENIED");
+    }
+    assert!(
+        !pier
+            .stored_blobs()
+            .iter()
+            .any(|b| digest.ends_with(b.as_str())),
+        "a refused push stored its blob"
+    );
+    let (ok, err) = skopeo(&[
+        "--dest-tls-verify=false",
+        "--dest-creds",
+        &reader,
+        &format!("oci:{}", src.display()),
+        &format!("docker://{host}/private/team/alpine:by-reader"),
+    ])
+    .await;
+    assert!(!ok && err.contains("denied"), "{err}");
+    let r = c
+        .send(
+            Method::GET,
+            "/v2/private/team/alpine/tags/list",
+            Some(&reader_auth()),
+            &[],
+            vec![],
+        )
+        .await;
+    assert_eq!(
+        r.json::<serde_json::Value>().await.unwrap()["tags"],
+        serde_json::json!(["3.19"])
+    );
+
+    // The token endpoint grants what the user may of what was asked.
+    let r = c
+        .send(
+            Method::GET,
+            "/auth/token?service=pier&scope=repository:private/team/alpine:pull,push",
+            Some(&basic("reader", PASSWORD)),
+            &[],
+            vec![],
+        )
+        .await;
+    assert_eq!(r.status(), StatusCode::OK);
+    let token = r.json::<serde_json::Value>().await.unwrap()["token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let bearer = format!("Bearer {token}");
+    let r = c
+        .send(
+            Method::GET,
+            "/v2/private/team/alpine/manifests/3.19",
+            Some(&bearer),
+            &[("accept", ACCEPT_ALL)],
+            vec![],
+        )
+        .await;
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(header(&r, "docker-content-digest"), want);
+    let r = c
+        .send(
+            Method::POST,
+            "/v2/private/team/alpine/blobs/uploads/",
+            Some(&bearer),
+            &[],
+            vec![],
+        )
+        .await;
+    assert_eq!(r.status(), StatusCode::FORBIDDEN, "the token holds no push");
+    let r = c
+        .send(
+            Method::GET,
+            "/v2/private/team/alpine/manifests/3.19",
+            Some(&format!("Bearer {}x", &token[..token.len() - 1])),
+            &[],
+            vec![],
+        )
+        .await;
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED, "an altered token");
+    let r = c
+        .send(
+            Method::GET,
+            "/auth/token?service=pier&scope=repository:private/team/alpine:pull",
+            Some(&basic("reader", "nope")),
+            &[],
+            vec![],
+        )
+        .await;
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+
+    // Mirrored names refuse every write, whoever asks.
+    for (method, path) in [
+        (Method::POST, "/v2/library/alpine/blobs/uploads/"),
+        (Method::PATCH, "/v2/library/alpine/blobs/uploads/0123"),
+        (
+            Method::PUT,
+            "/v2/library/alpine/blobs/uploads/0123?digest=sha256:00",
+        ),
+        (Method::PUT, "/v2/library/alpine/manifests/latest"),
+        (Method::DELETE, "/v2/library/alpine/manifests/latest"),
+        (Method::DELETE, &format!("/v2/r.pier.test/x/blobs/{digest}")),
+    ] {
+        let r = c.as_ci(method.clone(), path, &[], vec![]).await;
+        assert_eq!(
+            r.status(),
+            StatusCode::METHOD_NOT_ALLOWED,
+            "{method} {path}"
+        );
+        assert_eq!(error_code(r).await, "UNSUPPORTED");
+    }
+
+    // The catalog shows private repositories to those who may pull them.
+    let catalog = |auth: Option<String>| {
+        let c = &c;
+        async move {
+            let r = c
+                .send(Method::GET, "/v2/_catalog", auth.as_deref(), &[], vec![])
+                .await;
+            assert_eq!(r.status(), StatusCode::OK);
+            r.json::<serde_json::Value>().await.unwrap()["repositories"].clone()
+        }
+    };
+    assert_eq!(
+        catalog(Some(reader_auth())).await,
+        serde_json::json!(["private/team/alpine"])
+    );
+    assert_eq!(catalog(None).await, serde_json::json!([]));
+    let (ok, err) = skopeo(&[
+        "--dest-tls-verify=false",
+        "--dest-creds",
+        &creds,
+        &format!("oci:{}", src.display()),
+        &format!("docker://{host}/private/team2/alpine:1"),
+    ])
+    .await;
+    assert!(
+        !ok && err.contains("denied"),
+        "ci may not push team2: {err}"
+    );
+
+    // Failed logins are limited per client: past ten a minute, 429.
+    let mut limited = false;
+    for _ in 0..12 {
+        let r = c
+            .send(
+                Method::GET,
+                "/v2/",
+                Some(&basic("ci", "guess")),
+                &[],
+                vec![],
+            )
+            .await;
+        if r.status() == StatusCode::TOO_MANY_REQUESTS {
+            limited = true;
+            break;
+        }
+        assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    }
+    assert!(limited, "failed logins were never limited");
+    let r = c.as_ci(Method::GET, "/v2/", &[], vec![]).await;
+    assert_eq!(
+        r.status(),
+        StatusCode::TOO_MANY_REQUESTS,
+        "the right password waits too"
+    );
+    assert!(metric(&reqwest::Client::new(), &pier, "pier_failed_logins_total").await >= 10.0);
+}
+
+fn reader_auth() -> String {
+    basic("reader", PASSWORD)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn anonymous_pull_when_switched_on() {
+    if !have_tools(&["skopeo"]) {
+        return;
+    }
+    let (pier, _data) = start("anonymous_pull = true");
+    let host = pier.host();
+    let src = layout("alpine/3.18");
+    let (ok, err) = skopeo(&[
+        "--dest-tls-verify=false",
+        "--dest-creds",
+        &format!("ci:{PASSWORD}"),
+        &format!("oci:{}", src.display()),
+        &format!("docker://{host}/private/team/alpine:3.18"),
+    ])
+    .await;
+    assert!(ok, "{err}");
+    let out = tempfile::tempdir().unwrap();
+    let (ok, err) = skopeo(&[
+        "--src-tls-verify=false",
+        &format!("docker://{host}/private/team/alpine:3.18"),
+        &format!("oci:{}", out.path().display()),
+    ])
+    .await;
+    assert!(ok, "anonymous pull: {err}");
+    assert_eq!(oci_digest(out.path()), oci_digest(&src));
+    let c = Client::new(&pier.url());
+    let r = c
+        .send(
+            Method::POST,
+            "/v2/private/team/alpine/blobs/uploads/",
+            None,
+            &[],
+            vec![],
+        )
+        .await;
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED, "anonymous push");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upload_sessions_chunk_resume_refuse_a_wrong_digest_and_lapse() {
+    let (pier, _data) = start("upload_ttl = \"2s\"");
+    let c = Client::new(&pier.url());
+    let repo = "/v2/private/team/app";
+    let bytes: Vec<u8> = (0..300_000u32).map(|i| (i * 7 % 251) as u8).collect();
+    let digest = sha256(&bytes);
+
+    // Chunks, one of them out of place.
+    let r = c
+        .as_ci(Method::POST, &format!("{repo}/blobs/uploads/"), &[], vec![])
+        .await;
+    assert_eq!(r.status(), StatusCode::ACCEPTED);
+    let at = location(&r);
+    assert!(at.starts_with(&format!("{repo}/blobs/uploads/")), "{at}");
+    assert_eq!(header(&r, "range"), "0-0");
+    let r = c
+        .as_ci(
+            Method::PATCH,
+            &at,
+            &[("content-range", "0-99999")],
+            bytes[..100_000].to_vec(),
+        )
+        .await;
+    assert_eq!(r.status(), StatusCode::ACCEPTED);
+    assert_eq!(header(&r, "range"), "0-99999");
+    let r = c
+        .as_ci(
+            Method::PATCH,
+            &at,
+            &[("content-range", "50000-149999")],
+            bytes[50_000..150_000].to_vec(),
+        )
+        .await;
+    assert_eq!(r.status(), StatusCode::RANGE_NOT_SATISFIABLE);
+    assert_eq!(header(&r, "range"), "0-99999");
+
+    // A chunk that breaks off: what arrived is kept, and the client goes
+    // on from where the status says the upload stands.
+    let sent = 60_000;
+    broken_patch(&pier, &at, &bytes[100_000..200_000], sent);
+    let r = c.as_ci(Method::GET, &at, &[], vec![]).await;
+    assert_eq!(r.status(), StatusCode::NO_CONTENT);
+    let range = header(&r, "range");
+    let end: usize = range.strip_prefix("0-").unwrap().parse().unwrap();
+    assert_eq!(
+        end + 1,
+        100_000 + sent,
+        "kept what arrived before the break"
+    );
+    let r = c
+        .as_ci(Method::PATCH, &at, &[], bytes[end + 1..250_000].to_vec())
+        .await;
+    assert_eq!(r.status(), StatusCode::ACCEPTED);
+    let r = c
+        .as_ci(
+            Method::PUT,
+            &format!("{at}?digest={digest}"),
+            &[],
+            bytes[250_000..].to_vec(),
+        )
+        .await;
+    assert_eq!(r.status(), StatusCode::CREATED, "{:?}", r.text().await);
+    let r = c
+        .as_ci(Method::GET, &format!("{repo}/blobs/{digest}"), &[], vec![])
+        .await;
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(r.bytes().await.unwrap().as_ref(), &bytes[..]);
+    let r = c.as_ci(Method::GET, &at, &[], vec![]).await;
+    assert_eq!(
+        r.status(),
+        StatusCode::NOT_FOUND,
+        "a finished upload is gone"
+    );
+    assert_eq!(error_code(r).await, "BLOB_UPLOAD_UNKNOWN");
+
+    // A digest that does not match: 400, and nothing under it.
+    let other = b"some other bytes".to_vec();
+    let claimed = sha256(b"what the client claims");
+    let r = c
+        .as_ci(Method::POST, &format!("{repo}/blobs/uploads/"), &[], vec![])
+        .await;
+    let at = location(&r);
+    let r = c.as_ci(Method::PATCH, &at, &[], other.clone()).await;
+    assert_eq!(r.status(), StatusCode::ACCEPTED);
+    let r = c
+        .as_ci(Method::PUT, &format!("{at}?digest={claimed}"), &[], vec![])
+        .await;
+    assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+    assert_eq!(error_code(r).await, "DIGEST_INVALID");
+    for d in [&claimed, &sha256(&other)] {
+        let r = c
+            .as_ci(Method::HEAD, &format!("{repo}/blobs/{d}"), &[], vec![])
+            .await;
+        assert_eq!(r.status(), StatusCode::NOT_FOUND, "{d}");
+    }
+    let r = c
+        .as_ci(
+            Method::POST,
+            &format!("{repo}/blobs/uploads/?digest={claimed}"),
+            &[],
+            other.clone(),
+        )
+        .await;
+    assert_eq!(
+        r.status(),
+        StatusCode::BAD_REQUEST,
+        "monolithic, wrong digest"
+    );
+
+    // Monolithic, then a mount into another repository; a mount from a
+    // repository without the blob starts an upload instead.
+    let small = b"monolithic blob".to_vec();
+    let small_digest = sha256(&small);
+    let r = c
+        .as_ci(
+            Method::POST,
+            &format!("{repo}/blobs/uploads/?digest={small_digest}"),
+            &[],
+            small.clone(),
+        )
+        .await;
+    assert_eq!(r.status(), StatusCode::CREATED);
+    assert_eq!(location(&r), format!("{repo}/blobs/{small_digest}"));
+    let r = c
+        .as_ci(
+            Method::POST,
+            &format!(
+                "/v2/private/team/copy/blobs/uploads/?mount={small_digest}&from=private/team/app"
+            ),
+            &[],
+            vec![],
+        )
+        .await;
+    assert_eq!(r.status(), StatusCode::CREATED);
+    let r = c
+        .as_ci(
+            Method::GET,
+            &format!("/v2/private/team/copy/blobs/{small_digest}"),
+            &[],
+            vec![],
+        )
+        .await;
+    assert_eq!(r.bytes().await.unwrap().as_ref(), &small[..]);
+    let r = c
+        .as_ci(
+            Method::POST,
+            &format!("/v2/private/team/copy/blobs/uploads/?mount={digest}&from=private/team/none"),
+            &[],
+            vec![],
+        )
+        .await;
+    assert_eq!(r.status(), StatusCode::ACCEPTED);
+
+    // Cancelled, and lapsed.
+    let r = c
+        .as_ci(Method::POST, &format!("{repo}/blobs/uploads/"), &[], vec![])
+        .await;
+    let at = location(&r);
+    assert_eq!(
+        c.as_ci(Method::DELETE, &at, &[], vec![]).await.status(),
+        StatusCode::NO_CONTENT
+    );
+    assert_eq!(
+        c.as_ci(Method::GET, &at, &[], vec![]).await.status(),
+        StatusCode::NOT_FOUND
+    );
+    let r = c
+        .as_ci(Method::POST, &format!("{repo}/blobs/uploads/"), &[], vec![])
+        .await;
+    let at = location(&r);
+    assert_eq!(
+        c.as_ci(Method::PATCH, &at, &[], b"abc".to_vec())
+            .await
+            .status(),
+        StatusCode::ACCEPTED
+    );
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let r = c.as_ci(Method::GET, &at, &[], vec![]).await;
+    assert_eq!(
+        r.status(),
+        StatusCode::NOT_FOUND,
+        "an abandoned upload lapses"
+    );
+    assert_eq!(error_code(r).await, "BLOB_UPLOAD_UNKNOWN");
+
+    // Manifests: what they point at must be there; type and body agree.
+    let config = b"{}".to_vec();
+    let config_digest = sha256(&config);
+    let manifest = |layer: &str| {
+        format!(
+            r#"{{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"{config_digest}","size":2}},"layers":[{{"mediaType":"application/vnd.oci.image.layer.v1.tar","digest":"{layer}","size":1}}]}}"#
+        )
+        .into_bytes()
+    };
+    let oci = [("content-type", "application/vnd.oci.image.manifest.v1+json")];
+    let r = c
+        .as_ci(
+            Method::PUT,
+            &format!("{repo}/manifests/v1"),
+            &oci,
+            manifest(&small_digest),
+        )
+        .await;
+    assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+    assert_eq!(
+        error_code(r).await,
+        "MANIFEST_BLOB_UNKNOWN",
+        "the config is not pushed"
+    );
+    c.as_ci(
+        Method::POST,
+        &format!("{repo}/blobs/uploads/?digest={config_digest}"),
+        &[],
+        config.clone(),
+    )
+    .await;
+    let body = manifest(&small_digest);
+    let r = c
+        .as_ci(
+            Method::PUT,
+            &format!("{repo}/manifests/v1"),
+            &[("content-type", "text/plain")],
+            body.clone(),
+        )
+        .await;
+    assert_eq!(error_code(r).await, "MANIFEST_INVALID");
+    let r = c
+        .as_ci(
+            Method::PUT,
+            &format!("{repo}/manifests/v1"),
+            &oci,
+            body.clone(),
+        )
+        .await;
+    assert_eq!(r.status(), StatusCode::CREATED);
+    let manifest_digest = sha256(&body);
+    assert_eq!(header(&r, "docker-content-digest"), manifest_digest);
+    let r = c
+        .as_ci(
+            Method::PUT,
+            &format!("{repo}/manifests/{}", sha256(b"x")),
+            &oci,
+            body.clone(),
+        )
+        .await;
+    assert_eq!(error_code(r).await, "DIGEST_INVALID");
+    c.as_ci(
+        Method::PUT,
+        &format!("{repo}/manifests/v2"),
+        &oci,
+        body.clone(),
+    )
+    .await;
+    let r = c
+        .as_ci(Method::GET, &format!("{repo}/manifests/v1"), &[], vec![])
+        .await;
+    assert_eq!(header(&r, "content-type"), oci[0].1);
+    assert_eq!(r.bytes().await.unwrap().as_ref(), &body[..]);
+
+    // Deleting a tag leaves the manifest; deleting the manifest takes it
+    // and every tag naming it.
+    assert_eq!(
+        c.as_ci(Method::DELETE, &format!("{repo}/manifests/v1"), &[], vec![])
+            .await
+            .status(),
+        StatusCode::ACCEPTED
+    );
+    assert_eq!(tags(&c, repo).await, serde_json::json!(["v2"]));
+    assert_eq!(
+        c.as_ci(
+            Method::GET,
+            &format!("{repo}/manifests/{manifest_digest}"),
+            &[],
+            vec![]
+        )
+        .await
+        .status(),
+        StatusCode::OK
+    );
+    assert_eq!(
+        c.as_ci(
+            Method::DELETE,
+            &format!("{repo}/manifests/{manifest_digest}"),
+            &[],
+            vec![]
+        )
+        .await
+        .status(),
+        StatusCode::ACCEPTED
+    );
+    assert_eq!(tags(&c, repo).await, serde_json::json!([]));
+    let r = c
+        .as_ci(
+            Method::GET,
+            &format!("{repo}/manifests/{manifest_digest}"),
+            &[],
+            vec![],
+        )
+        .await;
+    assert_eq!(r.status(), StatusCode::NOT_FOUND);
+    assert_eq!(error_code(r).await, "MANIFEST_UNKNOWN");
+    let r = c
+        .as_ci(
+            Method::DELETE,
+            &format!("{repo}/blobs/{small_digest}"),
+            &[],
+            vec![],
+        )
+        .await;
+    assert_eq!(r.status(), StatusCode::ACCEPTED);
+    let r = c
+        .as_ci(
+            Method::HEAD,
+            &format!("{repo}/blobs/{small_digest}"),
+            &[],
+            vec![],
+        )
+        .await;
+    assert_eq!(
+        r.status(),
+        StatusCode::NOT_FOUND,
+        "the blob left the repository"
+    );
+    let r = c
+        .as_ci(
+            Method::HEAD,
+            &format!("/v2/private/team/copy/blobs/{small_digest}"),
+            &[],
+            vec![],
+        )
+        .await;
+    assert_eq!(r.status(), StatusCode::OK, "and stays where it was mounted");
+}
+
+/// A PATCH with a Content-Length of all of `chunk` that sends only `sent`
+/// bytes of it, then closes.
+fn broken_patch(pier: &Pier, at: &str, chunk: &[u8], sent: usize) {
+    let mut s = std::net::TcpStream::connect(pier.addr).unwrap();
+    write!(
+        s,
+        "PATCH {at} HTTP/1.1\r\nHost: {}\r\nAuthorization: {}\r\nContent-Type: application/octet-stream\r\nContent-Length: {}\r\n\r\n",
+        pier.host(),
+        basic("ci", PASSWORD),
+        chunk.len()
+    )
+    .unwrap();
+    s.write_all(&chunk[..sent]).unwrap();
+    s.flush().unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    s.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut answer = Vec::new();
+    let _ = s.read_to_end(&mut answer);
+}
+
+async fn tags(c: &Client, repo: &str) -> serde_json::Value {
+    c.as_ci(Method::GET, &format!("{repo}/tags/list"), &[], vec![])
+        .await
+        .json::<serde_json::Value>()
+        .await
+        .unwrap()["tags"]
+        .clone()
+}
