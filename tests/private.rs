@@ -814,3 +814,180 @@ async fn tags(c: &Client, repo: &str) -> serde_json::Value {
         .unwrap()["tags"]
         .clone()
 }
+
+/// nginx round-robin (no stickiness) in front of `backends`, logging which
+/// backend served each request.
+struct RoundRobin {
+    port: u16,
+    dir: tempfile::TempDir,
+    child: std::process::Child,
+}
+
+impl RoundRobin {
+    fn start(backends: &[&Pier]) -> RoundRobin {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let d = dir.path().display();
+        let servers: String = backends
+            .iter()
+            .map(|p| format!("server {};\n", p.host()))
+            .collect();
+        let conf = format!(
+            "daemon off;\npid {d}/nginx.pid;\nerror_log {d}/error.log;\nworker_processes 1;\n\
+             events {{}}\nhttp {{\n\
+             log_format rr '$request_method $uri $upstream_addr $status';\n\
+             access_log {d}/access.log rr;\n\
+             client_body_temp_path {d}/body;\nproxy_temp_path {d}/proxy;\n\
+             fastcgi_temp_path {d}/fcgi;\nuwsgi_temp_path {d}/uwsgi;\nscgi_temp_path {d}/scgi;\n\
+             upstream pier {{\n{servers}}}\n\
+             server {{\nlisten 127.0.0.1:{port};\nclient_max_body_size 0;\n\
+             proxy_request_buffering off;\nproxy_buffering off;\n\
+             location / {{\nproxy_pass http://pier;\nproxy_http_version 1.1;\n\
+             proxy_set_header Host $http_host;\nproxy_set_header Connection \"\";\n}}\n}}\n}}\n"
+        );
+        let file = dir.path().join("nginx.conf");
+        std::fs::write(&file, conf).unwrap();
+        let child = std::process::Command::new("nginx")
+            .arg("-c")
+            .arg(&file)
+            .arg("-e")
+            .arg(dir.path().join("error.log"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        wait_port(port, "nginx");
+        RoundRobin { port, dir, child }
+    }
+
+    fn host(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// The backends that served requests whose path contains `part`.
+    fn served_by(&self, part: &str) -> std::collections::BTreeSet<String> {
+        std::fs::read_to_string(self.dir.path().join("access.log"))
+            .unwrap()
+            .lines()
+            .filter(|l| l.contains(part))
+            .filter_map(|l| l.split(' ').nth(2).map(str::to_owned))
+            .collect()
+    }
+}
+
+impl Drop for RoundRobin {
+    fn drop(&mut self) {
+        // TERM lets the master stop its worker too; KILL would orphan it.
+        let _ = std::process::Command::new("kill")
+            .arg(self.child.id().to_string())
+            .status();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_split_across_two_replicas_by_round_robin_completes() {
+    if !have_tools(&["skopeo", "nginx"]) {
+        return;
+    }
+    let namespace = format!("private-rr-{:x}", rand::random::<u32>());
+    let upstream = format!("http://127.0.0.1:{}", free_port());
+    let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+    let mut replicas = Vec::new();
+    for dir in &dirs {
+        let Some(config) = scaled_config(
+            dir.path(),
+            &namespace,
+            &[("r.pier.test", &upstream)],
+            "",
+            None,
+            "",
+        ) else {
+            return;
+        };
+        replicas.push(Pier::start_raw(
+            dir.path(),
+            &format!("{config}\n{}", private_config("")),
+        ));
+    }
+    let lb = RoundRobin::start(&[&replicas[0], &replicas[1]]);
+    let c = Client::new(&format!("http://{}", lb.host()));
+
+    // Five chunks and the end, by hand: round-robin sends them to the two
+    // replicas in turn.
+    let bytes: Vec<u8> = (0..5 * 1024 * 1024u32).map(|i| (i % 253) as u8).collect();
+    let digest = sha256(&bytes);
+    let repo = "/v2/private/team/chunked";
+    let r = c
+        .as_ci(Method::POST, &format!("{repo}/blobs/uploads/"), &[], vec![])
+        .await;
+    assert_eq!(r.status(), StatusCode::ACCEPTED);
+    let at = location(&r);
+    let id = at.rsplit('/').next().unwrap().to_owned();
+    for (i, chunk) in bytes.chunks(1024 * 1024).enumerate() {
+        let start = i * 1024 * 1024;
+        let range = format!("{start}-{}", start + chunk.len() - 1);
+        let r = c
+            .as_ci(
+                Method::PATCH,
+                &at,
+                &[("content-range", &range)],
+                chunk.to_vec(),
+            )
+            .await;
+        assert_eq!(r.status(), StatusCode::ACCEPTED, "chunk {i}");
+        assert_eq!(
+            header(&r, "range"),
+            format!("0-{}", start + chunk.len() - 1)
+        );
+    }
+    let r = c
+        .as_ci(Method::PUT, &format!("{at}?digest={digest}"), &[], vec![])
+        .await;
+    assert_eq!(r.status(), StatusCode::CREATED, "{:?}", r.text().await);
+    assert_eq!(
+        lb.served_by(&id).len(),
+        2,
+        "the upload's requests all went to one replica"
+    );
+    for replica in &replicas {
+        let direct = Client::new(&replica.url());
+        let r = direct
+            .as_ci(Method::GET, &format!("{repo}/blobs/{digest}"), &[], vec![])
+            .await;
+        assert_eq!(r.status(), StatusCode::OK);
+        assert!(
+            r.bytes().await.unwrap().as_ref() == &bytes[..],
+            "bytes differ on {}",
+            replica.host()
+        );
+    }
+
+    // Whole images with skopeo through the balancer, pulled back through it.
+    let creds = format!("ci:{PASSWORD}");
+    for tag in ["3.17", "3.18", "3.19"] {
+        let src = layout(&format!("alpine/{tag}"));
+        let dest = format!("docker://{}/private/team/alpine:{tag}", lb.host());
+        let (ok, err) = skopeo(&[
+            "--dest-tls-verify=false",
+            "--dest-creds",
+            &creds,
+            &format!("oci:{}", src.display()),
+            &dest,
+        ])
+        .await;
+        assert!(ok, "push {tag}: {err}");
+        let out = tempfile::tempdir().unwrap();
+        let (ok, err) = skopeo(&[
+            "--src-tls-verify=false",
+            "--src-creds",
+            &creds,
+            &dest,
+            &format!("oci:{}", out.path().display()),
+        ])
+        .await;
+        assert!(ok, "pull {tag}: {err}");
+        assert_eq!(oci_digest(out.path()), oci_digest(&src), "{tag}");
+    }
+    assert_eq!(lb.served_by("/private/team/alpine/blobs/uploads/").len(), 2);
+}
