@@ -420,6 +420,82 @@ async fn docker_daemon_pulls_through_registry_mirrors_and_prefix() {
     );
 }
 
+/// The private namespace through the Docker daemon: `docker login` checks
+/// the password, `docker push` and `docker pull` of a private image, and
+/// Docker Hub pulls through `registry-mirrors` still work while Pier's base
+/// endpoint asks for credentials.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn docker_logs_in_pushes_and_pulls_a_private_image() {
+    if !have_tools(&["docker-registry", "dockerd", "docker", "containerd", "runc"]) {
+        return;
+    }
+    let docker = Upstream::start("docker");
+    let password = "docker-push-pw";
+    let hash = bcrypt::hash(password, 4).unwrap();
+    let (pier, _data) = Pier::start(
+        &[("docker.io", &docker.url())],
+        &format!(
+            "[private]\nprefix = \"private\"\n[[private.users]]\nname = \"ci\"\n\
+             password_hash = \"{hash}\"\npush = [\"team/**\"]\n"
+        ),
+    );
+    let dir = short_tempdir();
+    let d = Dockerd::start(dir.path(), &pier.host()).await;
+    let want = digest_of("docker", "library/nginx:latest");
+    assert_eq!(d.pull("nginx:latest").await, want, "a mirrored pull");
+
+    let host = pier.host();
+    let wrong = run(d.cmd(&["login", &host, "-u", "ci", "-p", "not-it"])).await;
+    assert!(!wrong.ok, "a wrong password logged in\n{}", wrong.both());
+    assert!(wrong.both().contains("unauthorized"), "{}", wrong.both());
+    let login = run(d.cmd(&["login", &host, "-u", "ci", "-p", password])).await;
+    assert!(login.ok, "docker login\n{}", login.both());
+
+    let image = format!("{host}/private/team/nginx:1.0");
+    let tagged = run(d.cmd(&["tag", "nginx:latest", &image])).await;
+    assert!(tagged.ok, "{}", tagged.both());
+    let push = run(d.cmd(&["push", &image])).await;
+    assert!(
+        push.ok,
+        "docker push\n{}\n{}",
+        push.both(),
+        d.daemon.log_tail()
+    );
+    // "1.0: digest: sha256:... size: N"
+    let pushed = push
+        .stdout
+        .lines()
+        .find_map(|l| l.split("digest: ").nth(1))
+        .and_then(|r| r.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no digest in docker push output\n{}", push.both()))
+        .to_owned();
+    let removed = run(d.cmd(&["rmi", &image, "nginx:latest"])).await;
+    assert!(removed.ok, "{}", removed.both());
+    assert_eq!(
+        d.pull(&image).await,
+        pushed,
+        "the pulled image is the pushed one"
+    );
+    let digests = d.repo_digests(&image).await;
+    assert!(
+        digests.iter().any(|r| digest_part(r) == pushed),
+        "RepoDigests {digests:?} lack {pushed}"
+    );
+
+    // Logged out, the private image is refused.
+    let out = run(d.cmd(&["logout", &host])).await;
+    assert!(out.ok, "{}", out.both());
+    run(d.cmd(&["rmi", &image])).await;
+    let refused = run(d.cmd(&["pull", &image])).await;
+    assert!(!refused.ok, "pulled a private image without credentials");
+    assert!(
+        refused.both().contains("unauthorized")
+            || refused.both().contains("authentication required"),
+        "{}",
+        refused.both()
+    );
+}
+
 // ---------------------------------------------------------------------------
 // containerd
 // ---------------------------------------------------------------------------
