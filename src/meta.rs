@@ -323,6 +323,25 @@ pub trait MetaStore: Send + Sync + 'static {
     /// The newest `n` failure records, newest first.
     async fn failures(&self, n: usize) -> Result<Vec<Vec<u8>>, MetaError>;
 
+    /// Records that manifest `referrer` of `repo` names `subject` as its
+    /// subject (OCI 1.1 referrers).
+    async fn add_referrer(
+        &self,
+        repo: &str,
+        subject: &Digest,
+        referrer: &Digest,
+    ) -> Result<(), MetaError>;
+
+    async fn remove_referrer(
+        &self,
+        repo: &str,
+        subject: &Digest,
+        referrer: &Digest,
+    ) -> Result<(), MetaError>;
+
+    /// The manifests of `repo` that name `subject`, sorted.
+    async fn referrers(&self, repo: &str, subject: &Digest) -> Result<Vec<Digest>, MetaError>;
+
     /// Stores (or replaces) an upload session's record, which lapses
     /// `ttl` from now unless stored again.
     async fn put_upload(&self, id: &str, record: &[u8], ttl: Duration) -> Result<(), MetaError>;

@@ -267,6 +267,9 @@ impl Private {
         self.meta
             .put_manifest(&repo.key, &digest, &manifest, &held)
             .await?;
+        if let Some(subject) = &points.subject {
+            self.meta.add_referrer(&repo.key, subject, &digest).await?;
+        }
         if let Reference::Tag(tag) = reference {
             let record = TagRecord {
                 digest: digest.to_string(),
@@ -296,9 +299,59 @@ impl Private {
                     }
                 }
                 self.meta.unlink(&repo.key, std::slice::from_ref(d)).await?;
+                if let Ok(points) =
+                    manifests::check(&found.manifest.media_type, &found.manifest.bytes)
+                    && let Some(subject) = points.subject
+                {
+                    self.meta.remove_referrer(&repo.key, &subject, d).await?;
+                }
             }
         }
         Ok(())
+    }
+
+    /// The referrers of `subject` in `repo` as an OCI image index, only
+    /// those of `artifact_type` when given.
+    pub async fn referrers(
+        &self,
+        repo: &Repo,
+        subject: &Digest,
+        artifact_type: Option<&str>,
+    ) -> Result<Vec<u8>, PrivateError> {
+        let mut descriptors = Vec::new();
+        for digest in self.meta.referrers(&repo.key, subject).await? {
+            if !self.meta.is_linked(&repo.key, &digest).await? {
+                continue;
+            }
+            let Some(m) = self.meta.manifest(&digest).await? else {
+                continue;
+            };
+            let doc: serde_json::Value = serde_json::from_slice(&m.bytes).unwrap_or_default();
+            let kind = manifests::check(&m.media_type, &m.bytes)
+                .ok()
+                .and_then(|p| p.artifact_type);
+            if artifact_type.is_some_and(|want| kind.as_deref() != Some(want)) {
+                continue;
+            }
+            let mut d = serde_json::json!({
+                "mediaType": m.media_type,
+                "digest": digest.to_string(),
+                "size": m.bytes.len(),
+            });
+            if let Some(kind) = kind {
+                d["artifactType"] = kind.into();
+            }
+            if let Some(a) = doc.get("annotations") {
+                d["annotations"] = a.clone();
+            }
+            descriptors.push(d);
+        }
+        let index = serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": manifests::OCI_INDEX,
+            "manifests": descriptors,
+        });
+        Ok(index.to_string().into_bytes())
     }
 
     pub async fn tags(&self, repo: &Repo) -> Result<Vec<String>, PrivateError> {

@@ -991,3 +991,154 @@ async fn an_upload_split_across_two_replicas_by_round_robin_completes() {
     }
     assert_eq!(lb.served_by("/private/team/alpine/blobs/uploads/").len(), 2);
 }
+
+/// ORAS (its Python SDK) as the client: an artifact pushed in chunks with
+/// the image as its subject, listed by the referrers API, pulled back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oras_pushes_an_artifact_with_a_subject_that_the_referrers_api_lists() {
+    if !have_tools(&["skopeo", "python3"]) {
+        return;
+    }
+    let have_oras = std::process::Command::new("python3")
+        .args(["-c", "import oras"])
+        .status()
+        .is_ok_and(|s| s.success());
+    if !have_oras {
+        assert!(!strict(), "python3 cannot import oras: run tests/setup.sh");
+        eprintln!("SKIPPED: no oras for python3");
+        return;
+    }
+    let (pier, _data) = start("");
+    let host = pier.host();
+    let src = layout("alpine/3.19");
+    let (ok, err) = skopeo(&[
+        "--dest-tls-verify=false",
+        "--dest-creds",
+        &format!("ci:{PASSWORD}"),
+        &format!("oci:{}", src.display()),
+        &format!("docker://{host}/private/team/app:1"),
+    ])
+    .await;
+    assert!(ok, "{err}");
+    let c = Client::new(&pier.url());
+    let r = c
+        .as_ci(
+            Method::GET,
+            "/v2/private/team/app/manifests/1",
+            &[("accept", ACCEPT_ALL)],
+            vec![],
+        )
+        .await;
+    let media_type = header(&r, "content-type");
+    let subject = header(&r, "docker-content-digest");
+    let size = r.bytes().await.unwrap().len();
+
+    let work = tempfile::tempdir().unwrap();
+    let sbom: Vec<u8> = (0..3 * 1024 * 1024u32).map(|i| (i % 241) as u8).collect();
+    std::fs::write(work.path().join("sbom.json"), &sbom).unwrap();
+    let script = format!(
+        r#"
+import oras.client, oras.oci
+c = oras.client.OrasClient(hostname="{host}", insecure=True)
+c.login(username="ci", password="{PASSWORD}", hostname="{host}", tls_verify=False)
+r = c.push(target="{host}/private/team/app:sbom", files=["sbom.json"],
+           subject=oras.oci.Subject(mediaType="{media_type}", digest="{subject}", size={size}),
+           manifest_annotations={{"org.example.kind": "sbom"}},
+           do_chunked=True, chunk_size=1048576)
+print("SUBJECT", r.headers.get("OCI-Subject"))
+print("DIGEST", r.headers.get("Docker-Content-Digest"))
+c.pull(target="{host}/private/team/app:sbom", outdir="out")
+"#
+    );
+    let out = std::process::Command::new("python3")
+        .arg("-c")
+        .arg(&script)
+        .current_dir(work.path())
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "oras: {text}");
+    assert!(text.contains(&format!("SUBJECT {subject}")), "{text}");
+    let artifact = text
+        .lines()
+        .find_map(|l| l.strip_prefix("DIGEST "))
+        .unwrap()
+        .to_owned();
+    assert_eq!(
+        std::fs::read(work.path().join("out/sbom.json")).unwrap(),
+        sbom
+    );
+
+    let r = c
+        .send(
+            Method::GET,
+            &format!("/v2/private/team/app/referrers/{subject}"),
+            Some(&reader_auth()),
+            &[],
+            vec![],
+        )
+        .await;
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(
+        header(&r, "content-type"),
+        "application/vnd.oci.image.index.v1+json"
+    );
+    let index: serde_json::Value = r.json().await.unwrap();
+    let listed = index["manifests"].as_array().unwrap();
+    assert_eq!(listed.len(), 1, "{index}");
+    assert_eq!(listed[0]["digest"], artifact.as_str());
+    assert_eq!(listed[0]["annotations"]["org.example.kind"], "sbom");
+    let kind = listed[0]["artifactType"].as_str().unwrap().to_owned();
+    let filtered = |t: String| {
+        let c = &c;
+        let subject = subject.clone();
+        async move {
+            let r = c
+                .send(
+                    Method::GET,
+                    &format!(
+                        "/v2/private/team/app/referrers/{subject}?artifactType={}",
+                        t.replace('+', "%2B")
+                    ),
+                    Some(&reader_auth()),
+                    &[],
+                    vec![],
+                )
+                .await;
+            assert_eq!(header(&r, "oci-filters-applied"), "artifactType");
+            r.json::<serde_json::Value>().await.unwrap()["manifests"]
+                .as_array()
+                .unwrap()
+                .len()
+        }
+    };
+    assert_eq!(filtered(kind).await, 1);
+    assert_eq!(filtered("application/x-other".into()).await, 0);
+
+    // Deleting the artifact takes it off the list.
+    let r = c
+        .as_ci(
+            Method::DELETE,
+            &format!("/v2/private/team/app/manifests/{artifact}"),
+            &[],
+            vec![],
+        )
+        .await;
+    assert_eq!(r.status(), StatusCode::ACCEPTED);
+    let r = c
+        .as_ci(
+            Method::GET,
+            &format!("/v2/private/team/app/referrers/{subject}"),
+            &[],
+            vec![],
+        )
+        .await;
+    assert_eq!(
+        r.json::<serde_json::Value>().await.unwrap()["manifests"],
+        serde_json::json!([])
+    );
+}

@@ -44,6 +44,9 @@ fi
 # the deploy test reads the compose file with PyYAML.
 python3 -c 'import cryptography' 2>/dev/null || python3 -m pip install --quiet cryptography
 python3 -c 'import yaml' 2>/dev/null || python3 -m pip install --quiet pyyaml
+# An OCI artifact client (ORAS's Python SDK) pushes artifacts with a subject
+# to the private namespace (tests/private.rs).
+python3 -c 'import oras' 2>/dev/null || python3 -m pip install --quiet oras==0.2.43
 
 # Playwright for Python drives Debian's Chromium (its own browser download
 # is never used).

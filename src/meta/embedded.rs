@@ -46,6 +46,8 @@ const PULLS: TableDefinition<&str, u64> = TableDefinition::new("pulls");
 /// Upload session → its lapse time (Unix ms, 8 bytes big-endian), then its
 /// record.
 const UPLOADS: TableDefinition<&str, &[u8]> = TableDefinition::new("uploads");
+/// `<repo>\0<subject>\0<referrer>` for each manifest naming a subject.
+const REFERRERS: TableDefinition<&str, ()> = TableDefinition::new("referrers");
 
 fn minute_key(minute: u64, name: &str) -> String {
     format!("{minute:012}/{name}")
@@ -93,6 +95,7 @@ impl EmbeddedMeta {
         txn.open_table(MINUTE_COUNTS).map_err(backend)?;
         txn.open_table(PULLS).map_err(backend)?;
         txn.open_table(UPLOADS).map_err(backend)?;
+        txn.open_table(REFERRERS).map_err(backend)?;
         txn.commit().map_err(backend)?;
         Ok(Self {
             db: Arc::new(db),
@@ -837,6 +840,62 @@ impl MetaStore for EmbeddedMeta {
     async fn failures(&self, n: usize) -> Result<Vec<Vec<u8>>, MetaError> {
         let failures = self.failures.lock().unwrap_or_else(|p| p.into_inner());
         Ok(failures.iter().take(n).cloned().collect())
+    }
+
+    async fn add_referrer(
+        &self,
+        repo: &str,
+        subject: &Digest,
+        referrer: &Digest,
+    ) -> Result<(), MetaError> {
+        let key = format!("{repo}\0{subject}\0{referrer}");
+        self.blocking(move |db| {
+            let txn = db.begin_write().map_err(backend)?;
+            txn.open_table(REFERRERS)
+                .map_err(backend)?
+                .insert(key.as_str(), ())
+                .map_err(backend)?;
+            txn.commit().map_err(backend)
+        })
+        .await
+    }
+
+    async fn remove_referrer(
+        &self,
+        repo: &str,
+        subject: &Digest,
+        referrer: &Digest,
+    ) -> Result<(), MetaError> {
+        let key = format!("{repo}\0{subject}\0{referrer}");
+        self.blocking(move |db| {
+            let txn = db.begin_write().map_err(backend)?;
+            txn.open_table(REFERRERS)
+                .map_err(backend)?
+                .remove(key.as_str())
+                .map_err(backend)?;
+            txn.commit().map_err(backend)
+        })
+        .await
+    }
+
+    async fn referrers(&self, repo: &str, subject: &Digest) -> Result<Vec<Digest>, MetaError> {
+        let start = format!("{repo}\0{subject}\0");
+        self.blocking(move |db| {
+            let txn = db.begin_read().map_err(backend)?;
+            let table = txn.open_table(REFERRERS).map_err(backend)?;
+            let mut out = Vec::new();
+            for entry in table.range(start.as_str()..).map_err(backend)? {
+                let (k, _) = entry.map_err(backend)?;
+                let Some(referrer) = k.value().strip_prefix(start.as_str()) else {
+                    break;
+                };
+                if let Ok(d) = Digest::parse(referrer) {
+                    out.push(d);
+                }
+            }
+            Ok(out)
+        })
+        .await
     }
 
     async fn put_upload(&self, id: &str, record: &[u8], ttl: Duration) -> Result<(), MetaError> {

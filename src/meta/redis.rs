@@ -815,6 +815,43 @@ impl MetaStore for RedisMeta {
             .await
     }
 
+    async fn add_referrer(
+        &self,
+        repo: &str,
+        subject: &Digest,
+        referrer: &Digest,
+    ) -> Result<(), MetaError> {
+        let key = self.key(&["ref", repo, &subject.to_string()]);
+        let member = referrer.to_string();
+        self.run(|mut c| async move { c.sadd::<_, _, ()>(key, member).await })
+            .await
+    }
+
+    async fn remove_referrer(
+        &self,
+        repo: &str,
+        subject: &Digest,
+        referrer: &Digest,
+    ) -> Result<(), MetaError> {
+        let key = self.key(&["ref", repo, &subject.to_string()]);
+        let member = referrer.to_string();
+        self.run(|mut c| async move { c.srem::<_, _, ()>(key, member).await })
+            .await
+    }
+
+    async fn referrers(&self, repo: &str, subject: &Digest) -> Result<Vec<Digest>, MetaError> {
+        let key = self.key(&["ref", repo, &subject.to_string()]);
+        let members: Vec<String> = self
+            .run(|mut c| async move { c.smembers(key).await })
+            .await?;
+        let mut digests: Vec<Digest> = members
+            .iter()
+            .filter_map(|m| Digest::parse(m).ok())
+            .collect();
+        digests.sort();
+        Ok(digests)
+    }
+
     async fn put_upload(&self, id: &str, record: &[u8], ttl: Duration) -> Result<(), MetaError> {
         let key = self.key(&["upload", id]);
         let (record, ms) = (record.to_vec(), ttl_ms(ttl));

@@ -516,7 +516,7 @@ pub async fn jobs(meta: &dyn MetaStore) {
     );
 }
 
-/// Upload sessions: stored, replaced, lapsed and removed.
+/// Upload sessions: stored, replaced, lapsed and removed; referrers.
 pub async fn uploads(meta: &dyn MetaStore) {
     let id = format!("up-{:x}", rand::random::<u64>());
     assert_eq!(meta.upload(&id).await.unwrap(), None);
@@ -537,6 +537,21 @@ pub async fn uploads(meta: &dyn MetaStore) {
         .unwrap();
     tokio::time::sleep(Duration::from_millis(120)).await;
     assert_eq!(meta.upload(&id).await.unwrap(), None, "lapsed");
+
+    let repo = format!("private/{id}");
+    let subject = Digest::sha256_of(b"subject");
+    let (a, b) = (Digest::sha256_of(b"a"), Digest::sha256_of(b"b"));
+    meta.add_referrer(&repo, &subject, &a).await.unwrap();
+    meta.add_referrer(&repo, &subject, &b).await.unwrap();
+    meta.add_referrer(&format!("{repo}x"), &subject, &b)
+        .await
+        .unwrap();
+    let mut both = vec![a.clone(), b.clone()];
+    both.sort();
+    assert_eq!(meta.referrers(&repo, &subject).await.unwrap(), both);
+    meta.remove_referrer(&repo, &subject, &a).await.unwrap();
+    assert_eq!(meta.referrers(&repo, &subject).await.unwrap(), vec![b]);
+    assert!(meta.referrers(&repo, &a).await.unwrap().is_empty());
 }
 
 /// The console's figures: counts add up across calls (as they do across
