@@ -78,6 +78,13 @@ pub struct PrivateConfig {
     /// How long an upload may sit idle before it is abandoned.
     #[serde(with = "humantime_serde")]
     pub upload_ttl: Duration,
+    /// How often what no private manifest references is looked for.
+    #[serde(with = "humantime_serde")]
+    pub gc_interval: Duration,
+    /// How long such content must have gone unused before it is removed:
+    /// a push in progress uses the blobs it is about to reference.
+    #[serde(with = "humantime_serde")]
+    pub gc_grace: Duration,
 }
 
 /// A user of the private namespace. Globs are over the repository name

@@ -10,6 +10,7 @@
 //! itself, the one set eviction and retention spare (`pins`).
 
 pub mod access;
+mod gc;
 pub mod manifests;
 pub mod token;
 mod uploads;
@@ -24,11 +25,12 @@ use futures::Stream;
 use thiserror::Error;
 
 pub use access::{Action, Users};
+pub use gc::Collected;
 pub use token::{Access, Granted, Tokens};
 pub use uploads::Session;
 
 use crate::config::{Config, PrivateConfig};
-use crate::meta::{MetaError, MetaStore, StoredManifest, TagRecord};
+use crate::meta::{MetaError, MetaStore, StoredManifest, TagRecord, UseKind};
 use crate::range::RangeSpec;
 use crate::reference::{Digest, Reference, RepoName};
 use crate::storage::{BlobBody, BlobStore, StorageError};
@@ -183,10 +185,18 @@ impl Private {
     }
 
     /// Records that the private namespace holds `digests`: in `repo`, and
-    /// in the set nothing evicts.
+    /// in the set nothing evicts; and that they were used now (the
+    /// collection spares what was used within its grace period).
     async fn hold(&self, repo: &Repo, digests: &[Digest]) -> Result<(), MetaError> {
+        self.used(digests).await?;
         self.meta.link(&self.prefix, digests).await?;
         self.meta.link(&repo.key, digests).await
+    }
+
+    async fn used(&self, digests: &[Digest]) -> Result<(), MetaError> {
+        let now = crate::meta::now_ms();
+        let uses: Vec<(Digest, u64)> = digests.iter().map(|d| (d.clone(), now)).collect();
+        self.meta.record_uses(UseKind::Blobs, &uses).await
     }
 
     pub async fn manifest(
@@ -236,6 +246,15 @@ impl Private {
             }
             Reference::Tag(_) => Digest::sha256_of(&body),
         };
+        // Used before they are checked: a collection removing one of them
+        // from now on sees the use and stops, or has unlinked it already.
+        let pointed: Vec<Digest> = points
+            .blobs
+            .iter()
+            .chain(&points.manifests)
+            .cloned()
+            .collect();
+        self.used(&pointed).await?;
         for blob in &points.blobs {
             if !self.meta.is_linked(&repo.key, blob).await? {
                 return Err(PrivateError::ManifestBlobUnknown(blob.clone()));
@@ -263,6 +282,7 @@ impl Private {
             .cloned()
             .collect();
         held.push(digest.clone());
+        self.used(&held).await?;
         self.meta.link(&self.prefix, &held).await?;
         self.meta
             .put_manifest(&repo.key, &digest, &manifest, &held)
@@ -358,11 +378,13 @@ impl Private {
         Ok(self.meta.tags(&repo.key).await?)
     }
 
-    /// The size of a blob of the repository.
+    /// The size of a blob of the repository. A push asks this before it
+    /// reuses a blob, so it counts as a use.
     pub async fn blob_size(&self, repo: &Repo, digest: &Digest) -> Result<u64, PrivateError> {
         if !self.meta.is_linked(&repo.key, digest).await? {
             return Err(PrivateError::BlobUnknown(digest.clone()));
         }
+        self.used(std::slice::from_ref(digest)).await?;
         self.blobs
             .stat(digest)
             .await?

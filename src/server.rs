@@ -275,6 +275,9 @@ pub async fn serve(
         crate::private::Private::new(config, meta_store.clone(), mirror.blob_store().clone())
             .context("setting up the private namespace")?
             .map(Arc::new);
+    if let (Some(private), Some(c)) = (&private, &config.private) {
+        private.spawn_gc(c.gc_interval, c.gc_grace);
+    }
     let app = crate::api::router(mirror.clone(), limits, admin, console, private);
     // Every store has local files to send: stored blobs (fs), local copies
     // (S3 with a local cache), and the spool files of fetches. Under TLS

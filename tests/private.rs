@@ -1142,3 +1142,150 @@ c.pull(target="{host}/private/team/app:sbom", outdir="out")
         serde_json::json!([])
     );
 }
+
+/// Deleting a manifest leaves blobs no manifest references: they go after
+/// the grace period, and blobs another manifest references stay. A push
+/// that checks for one of the orphans (HEAD) before referencing it keeps
+/// it, even when its manifest arrives after the orphan's grace period ran
+/// out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn collection_reclaims_what_a_deleted_manifest_left_and_spares_a_push_reusing_it() {
+    let (pier, _data) = start("gc_interval = \"500ms\"\ngc_grace = \"4s\"");
+    let c = Client::new(&pier.url());
+    let repo = "/v2/private/team/app";
+    let push_blob = |bytes: Vec<u8>| {
+        let c = &c;
+        async move {
+            let digest = sha256(&bytes);
+            let r = c
+                .as_ci(
+                    Method::POST,
+                    &format!("{repo}/blobs/uploads/?digest={digest}"),
+                    &[],
+                    bytes,
+                )
+                .await;
+            assert_eq!(r.status(), StatusCode::CREATED);
+            digest
+        }
+    };
+    let shared = push_blob(vec![1u8; 40_000]).await;
+    let orphan = push_blob(vec![2u8; 50_000]).await;
+    let config1 = push_blob(br#"{"n":1}"#.to_vec()).await;
+    let config2 = push_blob(br#"{"n":2}"#.to_vec()).await;
+    let oci = [("content-type", "application/vnd.oci.image.manifest.v1+json")];
+    let manifest = |config: &str, layers: &[&str]| {
+        let layers: Vec<String> = layers
+            .iter()
+            .map(|l| {
+                format!(r#"{{"mediaType":"application/vnd.oci.image.layer.v1.tar","digest":"{l}","size":1}}"#)
+            })
+            .collect();
+        format!(
+            r#"{{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"{config}","size":7}},"layers":[{}]}}"#,
+            layers.join(",")
+        )
+        .into_bytes()
+    };
+    let m1 = manifest(&config1, &[&shared, &orphan]);
+    let m2 = manifest(&config2, &[&shared]);
+    for (tag, body) in [("one", &m1), ("two", &m2)] {
+        let r = c
+            .as_ci(
+                Method::PUT,
+                &format!("{repo}/manifests/{tag}"),
+                &oci,
+                body.clone(),
+            )
+            .await;
+        assert_eq!(r.status(), StatusCode::CREATED);
+    }
+    let started = std::time::Instant::now();
+    let r = c
+        .as_ci(
+            Method::DELETE,
+            &format!("{repo}/manifests/{}", sha256(&m1)),
+            &[],
+            vec![],
+        )
+        .await;
+    assert_eq!(r.status(), StatusCode::ACCEPTED);
+
+    // A push begins 3 s in: it finds the orphan already there.
+    tokio::time::sleep(Duration::from_secs(3).saturating_sub(started.elapsed())).await;
+    let r = c
+        .as_ci(Method::HEAD, &format!("{repo}/blobs/{orphan}"), &[], vec![])
+        .await;
+    assert_eq!(r.status(), StatusCode::OK);
+    // Its manifest comes at 5 s: past the orphan's grace had the HEAD not
+    // counted (it was last used when pushed, at 0 s).
+    tokio::time::sleep(Duration::from_secs(5).saturating_sub(started.elapsed())).await;
+    let config3 = push_blob(br#"{"n":3}"#.to_vec()).await;
+    let m3 = manifest(&config3, &[&orphan]);
+    let r = c
+        .as_ci(Method::PUT, &format!("{repo}/manifests/three"), &oci, m3)
+        .await;
+    assert_eq!(r.status(), StatusCode::CREATED, "{:?}", r.text().await);
+
+    // By then the first manifest's own config is gone: from the repository
+    // and from the disk.
+    let hex = |d: &str| d.strip_prefix("sha256:").unwrap().to_owned();
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while pier.stored_blobs().contains(&hex(&config1)) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "config1 was never reclaimed"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let r = c
+        .as_ci(
+            Method::HEAD,
+            &format!("{repo}/blobs/{config1}"),
+            &[],
+            vec![],
+        )
+        .await;
+    assert_eq!(r.status(), StatusCode::NOT_FOUND);
+    // Wait past every grace period once more, then look at what stayed.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let stored = pier.stored_blobs();
+    for (what, d) in [
+        ("shared", &shared),
+        ("reused orphan", &orphan),
+        ("config2", &config2),
+        ("config3", &config3),
+    ] {
+        assert!(stored.contains(&hex(d)), "{what} was reclaimed");
+    }
+    for tag in ["two", "three"] {
+        let r = c
+            .as_ci(Method::GET, &format!("{repo}/manifests/{tag}"), &[], vec![])
+            .await;
+        let m: serde_json::Value = r.json().await.unwrap();
+        let mut digests = vec![m["config"]["digest"].as_str().unwrap().to_owned()];
+        digests.extend(
+            m["layers"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|l| l["digest"].as_str().unwrap().to_owned()),
+        );
+        for d in digests {
+            let r = c
+                .as_ci(Method::GET, &format!("{repo}/blobs/{d}"), &[], vec![])
+                .await;
+            assert_eq!(r.status(), StatusCode::OK, "{tag}: {d}");
+            assert_eq!(sha256(&r.bytes().await.unwrap()), d);
+        }
+    }
+    assert!(
+        metric(
+            &reqwest::Client::new(),
+            &pier,
+            "pier_private_reclaimed_bytes_total"
+        )
+        .await
+            >= 7.0
+    );
+}

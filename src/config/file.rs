@@ -162,6 +162,10 @@ pub struct FilePrivate {
     pub token_ttl: Option<Duration>,
     #[serde(default, with = "humantime_serde")]
     pub upload_ttl: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    pub gc_interval: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    pub gc_grace: Option<Duration>,
     #[serde(default)]
     pub users: Vec<FilePrivateUser>,
 }

@@ -108,6 +108,8 @@ pub(super) fn build(
             raw.upload_ttl,
             Duration::from_secs(3600).as_secs(),
         ),
+        gc_interval: positive(p, "private.gc_interval", raw.gc_interval, 3600),
+        gc_grace: positive(p, "private.gc_grace", raw.gc_grace, 3600),
     })
 }
 

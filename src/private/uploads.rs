@@ -282,6 +282,7 @@ impl Private {
                 digest: spooled.digest.to_string(),
                 size: spooled.size,
             });
+            self.keep_parts(&record).await?;
             self.save(id, &record).await?;
             Ok(Session {
                 id: id.to_owned(),
@@ -364,6 +365,20 @@ impl Private {
             digest: hasher.finish(),
             broken,
         })
+    }
+
+    /// Chunks are held like everything private (nothing evicts them), and
+    /// used now: the collection takes them once the upload is done or
+    /// abandoned and the grace period has passed.
+    async fn keep_parts(&self, record: &Record) -> Result<(), PrivateError> {
+        let parts: Vec<Digest> = record
+            .parts
+            .iter()
+            .filter_map(|p| Digest::parse(&p.digest).ok())
+            .collect();
+        self.used(&parts).await?;
+        self.meta.link(&self.prefix, &parts).await?;
+        Ok(())
     }
 
     async fn load(&self, repo: &Repo, id: &str) -> Result<Record, PrivateError> {

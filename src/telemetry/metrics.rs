@@ -120,6 +120,7 @@ pub struct Metrics {
     pub bodies_broken: Counter,
     pub failed_logins: Counter,
     pub pushed_bytes: Counter,
+    pub private_reclaimed_bytes: Counter,
     pub scrub_bytes: Counter,
     pub cache_bytes: Gauge,
     pub cache_blobs: Gauge,
@@ -168,6 +169,7 @@ impl Metrics {
             bodies_broken: Counter::default(),
             failed_logins: Counter::default(),
             pushed_bytes: Counter::default(),
+            private_reclaimed_bytes: Counter::default(),
             scrub_bytes: Counter::default(),
             cache_bytes: Gauge::default(),
             cache_blobs: Gauge::default(),
@@ -299,6 +301,11 @@ impl Metrics {
             "failed_logins",
             "Requests to the private namespace or its token endpoint with credentials that are wrong",
             m.failed_logins.clone(),
+        );
+        registry.register(
+            "private_reclaimed_bytes",
+            "Bytes of private blobs that no manifest referenced, removed after the grace period",
+            m.private_reclaimed_bytes.clone(),
         );
         registry.register(
             "pushed_bytes",
