@@ -24,6 +24,12 @@ impl Policy {
             allow.extend(u.allow.iter().map(|p| format!("{}/{p}", u.registry)));
             deny.extend(u.deny.iter().map(|p| format!("{}/{p}", u.registry)));
         }
+        // The console shows what the policy lets through, and knows no
+        // users: the private namespace stays out of it. (Mirrored names
+        // never start with the prefix, which has no dot.)
+        if let Some(p) = &config.private {
+            deny.push(format!("{}/**", p.prefix));
+        }
         Self {
             allow,
             deny,

@@ -71,6 +71,11 @@ fn server_limits_fetch_access_and_otel_values_reach_pier() {
 }
 
 #[test]
+fn private_namespace_users_come_from_a_secret() {
+    render_check("private");
+}
+
+#[test]
 fn bad_values_fail_at_install() {
     render_check("refused");
 }

@@ -785,6 +785,44 @@ REFUSED = [
 ]
 
 
+def scenario_private(pier: Path, keep: Path | None) -> None:
+    """The private namespace: users from an htpasswd file in a Secret of
+    yours, mounted into the pod, with rights per user in the ConfigMap."""
+    prod = yaml.safe_load(PRODUCTION.read_text())
+    private = {"enabled": True, "prefix": "own", "alias": "own", "htpasswdSecret": "pier-users",
+               "htpasswdKey": "users.htpasswd", "push": [], "pull": ["**"],
+               "users": [{"name": "ci", "push": ["team/**"]}]}
+    values = merge(prod, {"config": {"private": private}})
+    objects, _ = render(values)
+    validate_objects(objects)
+    parsed, effective = check_config(pier, objects, keep, "private")
+    mine = tomllib.loads(effective)["private"]
+    check(mine["prefix"] == "own" and mine["alias"] == "own", f"private: {mine}")
+    check(mine["htpasswd"] == "/etc/pier-private/htpasswd", f"htpasswd path: {mine}")
+    check(mine["htpasswd_pull"] == ["**"] and mine["htpasswd_push"] == [], f"file users' rights: {mine}")
+    check(mine["users"] == [{"name": "ci", "push": ["team/**"], "pull": ["**"]}], f"users: {mine['users']}")
+    check("password_hash" not in pier_toml(objects), "no password hash in the ConfigMap")
+    spec = pier_deployment(objects)["spec"]["template"]["spec"]
+    volume = next(v for v in spec["volumes"] if v["name"] == "htpasswd")
+    check(volume["secret"] == {"secretName": "pier-users", "items": [{"key": "users.htpasswd", "path": "htpasswd"}]},
+          f"htpasswd volume: {volume}")
+    mount = next(m for m in pier_container(objects)["volumeMounts"] if m["name"] == "htpasswd")
+    check(mount == {"name": "htpasswd", "mountPath": "/etc/pier-private", "readOnly": True}, f"mount: {mount}")
+    check(replicas_of(objects) != 1, "pushes scale out with the replicas (no sticky sessions)")
+    # Off by default: nothing of it rendered.
+    objects, _ = render(prod)
+    check("[private]" not in pier_toml(objects), "private off by default")
+    check(all(v["name"] != "htpasswd" for v in pier_deployment(objects)["spec"]["template"]["spec"]["volumes"]),
+          "no htpasswd volume when off")
+    for what, over, expect in [
+        ("private without a Secret of users", {"htpasswdSecret": ""}, "htpasswdSecret"),
+    ]:
+        msg = render_fails(merge(values, {"config": {"private": over}}))
+        check(msg is not None and expect in msg, f"refusing {what}: {msg}")
+    msg = render_fails({"config": {"private": {"enabled": True, "htpasswdSecret": "u", "alias": "own"}}})
+    check(msg is not None and "config.domains" in msg, f"an alias without domains: {msg}")
+
+
 def scenario_refused() -> None:
     for what, values, expect in REFUSED:
         msg = render_fails(values)
@@ -879,6 +917,8 @@ def main() -> int:
                      lambda: scenario_variants(args.pier, args.keep)),
         "tuning": ("server, limits, fetch, access and otel values",
                    lambda: scenario_tuning(args.pier, args.keep)),
+        "private": ("the private namespace with users from a Secret",
+                    lambda: scenario_private(args.pier, args.keep)),
         "refused": ("values the chart refuses", scenario_refused),
         "node-configs": ("node configs in deploy/k8s", lambda: scenario_node_configs(args.pier)),
     }

@@ -89,6 +89,9 @@ on one mount. */ -}}
 {{- define "pier.configPath" -}}/etc/pier{{- end }}
 {{- define "pier.tlsPath" -}}/etc/pier-tls{{- end }}
 
+{{/* Where the private namespace's htpasswd Secret is mounted. */}}
+{{- define "pier.htpasswdPath" -}}/etc/pier-private{{- end }}
+
 {{/* The Secret this chart creates for inline credentials. */}}
 {{- define "pier.secretName" -}}{{ include "pier.fullname" . }}{{- end }}
 
@@ -165,6 +168,12 @@ crash-loops or silently loses data. Each message says what to change.
 {{- end }}
 {{- if and $v.ingress.enabled (not $v.config.domains) }}
 {{- fail "ingress.enabled needs config.domains: the Ingress serves each domain and its wildcard (*.<domain>)" }}
+{{- end }}
+{{- if and $v.config.private.enabled (not $v.config.private.htpasswdSecret) }}
+{{- fail "config.private.enabled needs config.private.htpasswdSecret: a Secret of yours with the users' htpasswd file (bcrypt entries)" }}
+{{- end }}
+{{- if and $v.config.private.alias (not $v.config.domains) }}
+{{- fail "config.private.alias needs config.domains: the alias is a host prefix under them" }}
 {{- end }}
 {{- if eq $v.storage.kind "s3" }}
 {{- if not $v.storage.s3.bucket }}
