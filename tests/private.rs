@@ -417,7 +417,7 @@ async fn anonymous_pull_when_switched_on() {
     if !have_tools(&["skopeo"]) {
         return;
     }
-    let (pier, _data) = start("anonymous_pull = true");
+    let (pier, _data) = start("anonymous_pull = true\nalias = \"own\"");
     let host = pier.host();
     let src = layout("alpine/3.18");
     let (ok, err) = skopeo(&[
@@ -449,6 +449,43 @@ async fn anonymous_pull_when_switched_on() {
         )
         .await;
     assert_eq!(r.status(), StatusCode::UNAUTHORIZED, "anonymous push");
+
+    // Under the alias host every name is private: the same repository, and
+    // a name that would be a Docker Hub one elsewhere never leaves Pier.
+    let alias = Client {
+        http: reqwest::Client::builder()
+            .resolve(&format!("own.{DOMAIN}"), pier.addr)
+            .build()
+            .unwrap(),
+        base: format!("http://own.{DOMAIN}:{}", pier.port()),
+    };
+    let r = alias
+        .send(
+            Method::GET,
+            "/v2/team/alpine/manifests/3.18",
+            None,
+            &[("accept", ACCEPT_ALL)],
+            vec![],
+        )
+        .await;
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(header(&r, "docker-content-digest"), oci_digest(&src));
+    let r = alias
+        .send(
+            Method::GET,
+            "/v2/library/alpine/manifests/3.18",
+            None,
+            &[],
+            vec![],
+        )
+        .await;
+    assert_eq!(r.status(), StatusCode::NOT_FOUND);
+    assert_eq!(error_code(r).await, "MANIFEST_UNKNOWN");
+    let r = alias
+        .as_ci(Method::POST, "/v2/team/other/blobs/uploads/", &[], vec![])
+        .await;
+    assert_eq!(r.status(), StatusCode::ACCEPTED);
+    assert!(location(&r).starts_with("/v2/team/other/blobs/uploads/"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
