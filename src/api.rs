@@ -216,6 +216,9 @@ fn note_failure(resp: &Response, method: &http::Method, path: &str, query: Optio
     let Some(error::Refusal(message)) = resp.extensions().get::<error::Refusal>() else {
         return;
     };
+    if resp.extensions().get::<private::PrivateAnswer>().is_some() {
+        return;
+    }
     let mut path: String = path.chars().take(512).collect();
     if let Some(ns) = query.and_then(|q| q.split('&').find(|p| p.starts_with("ns="))) {
         path.push('?');

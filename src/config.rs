@@ -85,6 +85,10 @@ pub struct PrivateConfig {
     /// a push in progress uses the blobs it is about to reference.
     #[serde(with = "humantime_serde")]
     pub gc_grace: Duration,
+    /// Where clients are sent for tokens, when Pier cannot tell its own
+    /// address (a TLS proxy in front that sets no `X-Forwarded-Proto`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub token_realm: Option<String>,
 }
 
 /// A user of the private namespace. Globs are over the repository name

@@ -48,6 +48,9 @@ pub struct ClientLimits {
     /// Clients refused for failing to log in, until when (this replica's
     /// memory of the shared count's verdict).
     locked_out: Mutex<HashMap<IpAddr, Instant>>,
+    /// One password check at a time per client: guesses sent in parallel
+    /// wait for the verdict on the one before, lockout included.
+    logging_in: Mutex<HashMap<IpAddr, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 #[derive(Default)]
@@ -84,7 +87,23 @@ impl ClientLimits {
                 }
             }),
             locked_out: Mutex::new(HashMap::new()),
+            logging_in: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Waits for `ip`'s turn to have a password checked; the turn lasts
+    /// while the guard lives.
+    pub async fn login_turn(&self, ip: IpAddr) -> tokio::sync::OwnedMutexGuard<()> {
+        let turn = {
+            let mut waiting = self
+                .logging_in
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            // Turns nobody holds or waits for are dropped as others come.
+            waiting.retain(|_, t| Arc::strong_count(t) > 1);
+            waiting.entry(ip).or_default().clone()
+        };
+        turn.lock_owned().await
     }
 
     /// Refuses a client that failed to log in too often lately, before its

@@ -83,6 +83,10 @@ pub struct Found {
     pub manifest: StoredManifest,
 }
 
+/// How long a push waits for a collection's removal of a blob it needs
+/// (a removal is one delete).
+const SETTLE_FOR: Duration = Duration::from_secs(30);
+
 pub struct Private {
     prefix: String,
     /// `<alias>.<domain>` for each domain: hosts whose names are all private.
@@ -94,6 +98,10 @@ pub struct Private {
     spool: PathBuf,
     upload_ttl: Duration,
     max_blob_size: u64,
+    /// `[private] token_realm`: the token endpoint's URL, when set.
+    pub realm: Option<String>,
+    /// `[cache] pinned`: bytes a collection leaves in place for the mirror.
+    pinned: Option<Arc<dyn crate::storage::Keep>>,
 }
 
 impl Private {
@@ -121,11 +129,18 @@ impl Private {
                 .collect(),
             users: Users::new(p)?,
             tokens: Tokens::new(meta.clone(), *token_ttl),
-            meta,
             blobs,
             spool: config.storage.spool_dir(),
             upload_ttl: *upload_ttl,
             max_blob_size: config.fetch.max_blob_size,
+            realm: p.token_realm.clone(),
+            pinned: (!config.cache.pinned.is_empty()).then(|| {
+                Arc::new(crate::pins::Pins::new(
+                    config.cache.pinned.clone(),
+                    meta.clone(),
+                )) as Arc<dyn crate::storage::Keep>
+            }),
+            meta,
         }))
     }
 
@@ -191,6 +206,42 @@ impl Private {
         self.used(digests).await?;
         self.meta.link(&self.prefix, digests).await?;
         self.meta.link(&repo.key, digests).await
+    }
+
+    /// Before a push relies on stored bytes (finds them there, or puts
+    /// them there): records the use, so a collection deciding from now on
+    /// spares them, then waits out a removal a collection already claimed.
+    async fn settle(&self, digest: &Digest) -> Result<(), PrivateError> {
+        self.used(std::slice::from_ref(digest)).await?;
+        let lease = crate::meta::blob_lease(digest);
+        let deadline = std::time::Instant::now() + SETTLE_FOR;
+        while let Some(holder) = self.meta.lease(&lease).await? {
+            if !gc::is_collector(&holder) {
+                break;
+            }
+            if std::time::Instant::now() > deadline {
+                return Err(PrivateError::UploadInvalid(format!(
+                    "{digest} is being removed; push it again"
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Ok(())
+    }
+
+    /// Records that the private namespace put these bytes in the blob
+    /// store (they were not there): only such bytes does a collection
+    /// delete; others belong to the mirror too.
+    async fn owned(&self, digest: &Digest) -> Result<(), MetaError> {
+        self.meta
+            .link(&self.owned_key(), std::slice::from_ref(digest))
+            .await
+    }
+
+    /// The set of blobs whose bytes the private namespace stored. Its key
+    /// is under the prefix but no repository's (`_` cannot start a name).
+    fn owned_key(&self) -> String {
+        format!("{}/_stored", self.prefix)
     }
 
     async fn used(&self, digests: &[Digest]) -> Result<(), MetaError> {
@@ -426,6 +477,9 @@ impl Private {
         from: &Repo,
         digest: &Digest,
     ) -> Result<bool, PrivateError> {
+        // Used before the look: a collection removes links before it
+        // claims a removal, so a blob found linked here is not one it took.
+        self.used(std::slice::from_ref(digest)).await?;
         if !self.meta.is_linked(&from.key, digest).await?
             || self.blobs.stat(digest).await?.is_none()
         {

@@ -70,13 +70,17 @@ pub async fn v2(State(state): State<Arc<V2State>>, req: Request) -> Response {
                 .unwrap_or("")
                 .to_owned();
             match path::parse(&raw) {
-                Ok(V2Path::Base) => return super::private::base(api, &parts).await,
+                Ok(V2Path::Base) => {
+                    return super::private::marked(super::private::base(api, &parts).await);
+                }
                 Ok(V2Path::Catalog) => match super::private::catalog_filter(api, &parts).await {
                     Ok(f) => visible = Some(Box::new(f)),
-                    Err(e) => return e.into_response(),
+                    Err(e) => return super::private::marked(e.into_response()),
                 },
                 Ok(p) if super::private::claims(api, &parts, &p) => {
-                    return super::private::handle(api, parts, body, p).await;
+                    return super::private::marked(
+                        super::private::handle(api, parts, body, p).await,
+                    );
                 }
                 _ => {}
             }

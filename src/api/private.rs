@@ -73,6 +73,7 @@ async fn caller(api: &PrivateApi, req: &Parts) -> Result<Caller, ApiError> {
         return match api.private.tokens.check(rest.trim()).await {
             Ok(Some(g)) => Ok(Caller::Token(g)),
             Ok(None) => Err(challenge(
+                api,
                 req,
                 None,
                 "the token is not valid or has expired",
@@ -82,25 +83,42 @@ async fn caller(api: &PrivateApi, req: &Parts) -> Result<Caller, ApiError> {
     }
     if !scheme.eq_ignore_ascii_case("basic") {
         return Err(challenge(
+            api,
             req,
             None,
             "send Basic credentials or a Bearer token",
         ));
-    }
-    let ip = client(req);
-    if let Some(ip) = ip {
-        api.limits
-            .may_log_in(ip)
-            .map_err(|r| ApiError::client_limited(&r))?;
     }
     let decoded = base64::engine::general_purpose::STANDARD
         .decode(rest.trim())
         .ok()
         .and_then(|b| String::from_utf8(b).ok());
     let Some((name, password)) = decoded.as_deref().and_then(|d| d.split_once(':')) else {
-        return Err(challenge(req, None, "the Basic credentials are malformed"));
+        return Err(challenge(
+            api,
+            req,
+            None,
+            "the Basic credentials are malformed",
+        ));
     };
-    if api.private.users.verify(name, password).await {
+    let users = &api.private.users;
+    if users.remembered(name, password) {
+        return Ok(Caller::User(name.to_owned()));
+    }
+    // One check at a time per client, each after the lockout verdict on
+    // the one before: guesses cannot run ahead of the count in parallel.
+    let ip = client(req);
+    let _turn = match ip {
+        Some(ip) => {
+            let turn = api.limits.login_turn(ip).await;
+            api.limits
+                .may_log_in(ip)
+                .map_err(|r| ApiError::client_limited(&r))?;
+            Some(turn)
+        }
+        None => None,
+    };
+    if users.verify(name, password).await {
         return Ok(Caller::User(name.to_owned()));
     }
     tracing::info!(user = name, "a login failed");
@@ -109,7 +127,12 @@ async fn caller(api: &PrivateApi, req: &Parts) -> Result<Caller, ApiError> {
     {
         return Err(ApiError::client_limited(&refused));
     }
-    Err(challenge(req, None, "the user name or password is wrong"))
+    Err(challenge(
+        api,
+        req,
+        None,
+        "the user name or password is wrong",
+    ))
 }
 
 fn unavailable(e: impl std::fmt::Display) -> ApiError {
@@ -121,8 +144,37 @@ fn unavailable(e: impl std::fmt::Display) -> ApiError {
     )
 }
 
+/// Marks a response of the private namespace: its failures stay out of
+/// the console's list, which anyone who reaches the console reads.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct PrivateAnswer;
+
+pub(super) fn marked(mut resp: Response) -> Response {
+    resp.extensions_mut().insert(PrivateAnswer);
+    resp
+}
+
 /// A `401` naming the token endpoint, and the scope to ask it for.
-fn challenge(req: &Parts, scope: Option<(&str, Action)>, why: &str) -> ApiError {
+fn challenge(api: &PrivateApi, req: &Parts, scope: Option<(&str, Action)>, why: &str) -> ApiError {
+    let realm = match &api.private.realm {
+        Some(realm) => realm.clone(),
+        None => derived_realm(req),
+    };
+    let mut value = format!("Bearer realm=\"{realm}\",service=\"{SERVICE}\"");
+    if let Some((name, action)) = scope {
+        let actions = match action {
+            Action::Pull => "pull",
+            Action::Push => "pull,push",
+        };
+        value.push_str(&format!(",scope=\"repository:{name}:{actions}\""));
+    }
+    ApiError::new(StatusCode::UNAUTHORIZED, ErrorCode::Unauthorized, why)
+        .with_header(header::WWW_AUTHENTICATE, value)
+}
+
+/// The token endpoint on the host the client asked, by the scheme it
+/// used (as a proxy in front reports it).
+fn derived_realm(req: &Parts) -> String {
     let scheme = match req
         .headers
         .get("x-forwarded-proto")
@@ -134,16 +186,7 @@ fn challenge(req: &Parts, scope: Option<(&str, Action)>, why: &str) -> ApiError 
         _ => "http",
     };
     let host = host_of(req).unwrap_or("localhost");
-    let mut value = format!("Bearer realm=\"{scheme}://{host}/auth/token\",service=\"{SERVICE}\"");
-    if let Some((name, action)) = scope {
-        let actions = match action {
-            Action::Pull => "pull",
-            Action::Push => "pull,push",
-        };
-        value.push_str(&format!(",scope=\"repository:{name}:{actions}\""));
-    }
-    ApiError::new(StatusCode::UNAUTHORIZED, ErrorCode::Unauthorized, why)
-        .with_header(header::WWW_AUTHENTICATE, value)
+    format!("{scheme}://{host}/auth/token")
 }
 
 /// Lets the request through, or says why not: `401` (with what to ask
@@ -168,6 +211,7 @@ fn authorize(
     }
     let Some(user) = who.user() else {
         return Err(challenge(
+            api,
             req,
             Some((name, action)),
             "authentication required: log in to this registry",
@@ -184,7 +228,9 @@ fn authorize(
 /// checks credentials here.
 pub(super) async fn base(api: &PrivateApi, req: &Parts) -> Response {
     match caller(api, req).await {
-        Ok(Caller::Anonymous) => challenge(req, None, "authentication required").into_response(),
+        Ok(Caller::Anonymous) => {
+            challenge(api, req, None, "authentication required").into_response()
+        }
         Ok(_) => json_response(StatusCode::OK, "{}".into()),
         Err(e) => e.into_response(),
     }
@@ -630,48 +676,65 @@ fn created(location: &str, digest: &Digest) -> Response {
 /// the caller may do of them.
 pub(super) async fn token(State(api): State<Arc<PrivateApi>>, req: Request) -> Response {
     let (req, _) = req.into_parts();
-    let req = &req;
-    let who = match caller(&api, req).await {
-        Ok(Caller::Token(_)) => {
-            return ApiError::new(
-                StatusCode::BAD_REQUEST,
-                ErrorCode::Unauthorized,
-                "ask for a token with Basic credentials, or none",
-            )
-            .into_response();
-        }
-        Ok(w) => w,
-        Err(e) => return e.into_response(),
-    };
+    marked(token_for(&api, &req).await)
+}
+
+async fn token_for(api: &PrivateApi, req: &Parts) -> Response {
     let p = &api.private;
-    let mut access: Vec<Access> = Vec::new();
-    for (_, scope) in params(req).iter().filter(|(k, _)| k == "scope") {
+    // repository:<name>:<actions>, space-separated, in one or more scopes.
+    let mut asked: Vec<(Option<Repo>, &str)> = Vec::new();
+    let query = params(req);
+    for (_, scope) in query.iter().filter(|(k, _)| k == "scope") {
         for one in scope.split(' ') {
-            let Some((kind, rest)) = one.split_once(':') else {
+            let Some(("repository", rest)) = one.split_once(':') else {
                 continue;
             };
             let Some((name, actions)) = rest.rsplit_once(':') else {
                 continue;
             };
-            if kind != "repository" {
-                continue;
-            }
-            let Some(Ok(repo)) = p.repo(host_of(req), name) else {
-                continue;
+            let repo = match p.repo(host_of(req), name) {
+                Some(Ok(repo)) => Some(repo),
+                Some(Err(_)) => continue,
+                None => None,
             };
-            let granted: Vec<String> = actions
-                .split(',')
-                .filter_map(Action::parse)
-                .filter(|a| p.users.may(who.user(), repo.name.as_str(), *a))
-                .map(|a| a.as_str().to_owned())
-                .collect();
-            if !granted.is_empty() {
-                access.push(Access {
-                    kind: "repository".into(),
-                    name: repo.key,
-                    actions: granted,
-                });
+            asked.push((repo, actions));
+        }
+    }
+    // A token for mirrored names only (a Docker daemon pulling through
+    // Pier) needs no credentials: stale ones stored for this host must not
+    // break a pull, nor count as failed logins.
+    let mirrored_only = !asked.is_empty() && asked.iter().all(|(repo, _)| repo.is_none());
+    let who = if mirrored_only {
+        Caller::Anonymous
+    } else {
+        match caller(api, req).await {
+            Ok(Caller::Token(_)) => {
+                return ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    ErrorCode::Unauthorized,
+                    "ask for a token with Basic credentials, or none",
+                )
+                .into_response();
             }
+            Ok(w) => w,
+            Err(e) => return e.into_response(),
+        }
+    };
+    let mut access: Vec<Access> = Vec::new();
+    for (repo, actions) in asked {
+        let Some(repo) = repo else { continue };
+        let granted: Vec<String> = actions
+            .split(',')
+            .filter_map(Action::parse)
+            .filter(|a| p.users.may(who.user(), repo.name.as_str(), *a))
+            .map(|a| a.as_str().to_owned())
+            .collect();
+        if !granted.is_empty() {
+            access.push(Access {
+                kind: "repository".into(),
+                name: repo.key,
+                actions: granted,
+            });
         }
     }
     let token = match p.tokens.issue(who.user(), access).await {

@@ -166,6 +166,7 @@ pub struct FilePrivate {
     pub gc_interval: Option<Duration>,
     #[serde(default, with = "humantime_serde")]
     pub gc_grace: Option<Duration>,
+    pub token_realm: Option<String>,
     #[serde(default)]
     pub users: Vec<FilePrivateUser>,
 }

@@ -1,8 +1,6 @@
 //! `[private]`: the namespace of the operator's own images, its users and
 //! what each may push and pull.
 
-use std::time::Duration;
-
 use super::file::{FilePrivate, FilePrivateUser};
 use super::validate::{Problems, is_dns_label, is_route_pattern, positive};
 use super::{PrivateConfig, PrivateUser, Secret, UpstreamConfig};
@@ -16,10 +14,15 @@ pub(super) fn build(
     let prefix = raw.prefix.unwrap_or_else(|| "private".into());
     // One component without a dot or colon: a name starting with it can
     // never be read as a registry host (add-a-prefix).
-    if !crate::reference::is_path_component(&prefix) || prefix.contains('.') {
+    if !crate::reference::is_path_component(&prefix)
+        || prefix.contains('.')
+        || prefix == "localhost"
+    {
         p.add(
             "private.prefix",
-            format!("{prefix:?} is not one path component of a-z 0-9 _ - without a dot"),
+            format!(
+                "{prefix:?} is not one path component of a-z 0-9 _ - without a dot (nor localhost, a registry's name)"
+            ),
         );
     }
     if let Some(alias) = &raw.alias {
@@ -91,6 +94,19 @@ pub(super) fn build(
             pull: globs(p, &format!("{key}.pull"), pull, &["**"]),
         });
     }
+    let upload_ttl = positive(p, "private.upload_ttl", raw.upload_ttl, 3600);
+    // A push's blobs wait unreferenced until its manifest comes, and an
+    // idle upload's chunks until it goes on: neither may be collected first.
+    let gc_grace = positive(p, "private.gc_grace", raw.gc_grace, 86_400);
+    if gc_grace < upload_ttl {
+        p.add(
+            "private.gc_grace",
+            format!(
+                "must be at least upload_ttl ({}): chunks of an upload still going on would be collected",
+                humantime::format_duration(upload_ttl)
+            ),
+        );
+    }
     let htpasswd_push = globs(p, "private.htpasswd_push", raw.htpasswd_push, &[]);
     let htpasswd_pull = globs(p, "private.htpasswd_pull", raw.htpasswd_pull, &["**"]);
     Some(PrivateConfig {
@@ -102,14 +118,19 @@ pub(super) fn build(
         htpasswd_pull,
         anonymous_pull: raw.anonymous_pull.unwrap_or(false),
         token_ttl: positive(p, "private.token_ttl", raw.token_ttl, 300),
-        upload_ttl: positive(
-            p,
-            "private.upload_ttl",
-            raw.upload_ttl,
-            Duration::from_secs(3600).as_secs(),
-        ),
+        upload_ttl,
         gc_interval: positive(p, "private.gc_interval", raw.gc_interval, 3600),
-        gc_grace: positive(p, "private.gc_grace", raw.gc_grace, 3600),
+        token_realm: raw.token_realm.and_then(|r| match url::Url::parse(&r) {
+            Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => Some(r),
+            _ => {
+                p.add(
+                    "private.token_realm",
+                    format!("{r:?} is not an http(s) URL like https://m.example.com/auth/token"),
+                );
+                None
+            }
+        }),
+        gc_grace,
     })
 }
 
@@ -128,4 +149,32 @@ pub(crate) fn is_bcrypt(h: &str) -> bool {
         .iter()
         .any(|v| h.starts_with(v))
         && h.len() == 60
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::config::Config;
+
+    fn problems(private: &str) -> String {
+        match Config::from_toml(&format!("[private]\n{private}"), Vec::new()) {
+            Ok(_) => String::new(),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn bad_private_sections_name_their_keys() {
+        assert_eq!(problems("prefix = \"own\""), "");
+        assert!(problems("prefix = \"localhost\"").contains("private.prefix"));
+        assert!(problems("prefix = \"a.b\"").contains("private.prefix"));
+        assert!(problems("alias = \"own\"").contains("private.alias"));
+        assert!(problems("gc_grace = \"1m\"").contains("private.gc_grace"));
+        assert!(problems("token_realm = \"ftp://x\"").contains("private.token_realm"));
+        let user = "[[private.users]]\nname = \"ci\"\n";
+        assert!(problems(user).contains("password_hash"));
+        assert!(
+            problems(&format!("{user}password_hash = \"plain\"")).contains("not a bcrypt hash")
+        );
+        assert!(problems(&format!("htpasswd = \"/x\"\n{user}push = [\"UP\"]")).contains("push[0]"));
+    }
 }

@@ -74,6 +74,8 @@ pub struct EmbeddedMeta {
     replica: Mutex<Option<(Vec<u8>, Instant)>>,
     /// Failure records, newest first; like the replica's, kept in memory.
     failures: Mutex<std::collections::VecDeque<Vec<u8>>>,
+    /// When lapsed upload sessions were last swept out (Unix ms).
+    uploads_swept: std::sync::atomic::AtomicU64,
 }
 
 impl EmbeddedMeta {
@@ -104,6 +106,7 @@ impl EmbeddedMeta {
             usage: Mutex::new((0, 0)),
             replica: Mutex::new(None),
             failures: Mutex::new(std::collections::VecDeque::new()),
+            uploads_swept: std::sync::atomic::AtomicU64::new(0),
         })
     }
 
@@ -903,6 +906,13 @@ impl MetaStore for EmbeddedMeta {
         let mut value = until.to_be_bytes().to_vec();
         value.extend_from_slice(record);
         let id = id.to_owned();
+        // Lapsed sessions go as new ones come, once a minute at most.
+        let now = now_ms();
+        let swept = &self.uploads_swept;
+        let sweep = swept.load(std::sync::atomic::Ordering::Relaxed) + 60_000 < now;
+        if sweep {
+            swept.store(now, std::sync::atomic::Ordering::Relaxed);
+        }
         self.blocking(move |db| {
             let txn = db.begin_write().map_err(backend)?;
             {
@@ -910,15 +920,17 @@ impl MetaStore for EmbeddedMeta {
                 uploads
                     .insert(id.as_str(), value.as_slice())
                     .map_err(backend)?;
-                // Lapsed sessions go as new ones come: nothing else reads them.
-                let now = now_ms();
-                let lapsed: Vec<String> = uploads
-                    .iter()
-                    .map_err(backend)?
-                    .filter_map(Result::ok)
-                    .filter(|(_, v)| lapse_of(v.value()) <= now)
-                    .map(|(k, _)| k.value().to_owned())
-                    .collect();
+                let lapsed: Vec<String> = if !sweep {
+                    Vec::new()
+                } else {
+                    uploads
+                        .iter()
+                        .map_err(backend)?
+                        .filter_map(Result::ok)
+                        .filter(|(_, v)| lapse_of(v.value()) <= now)
+                        .map(|(k, _)| k.value().to_owned())
+                        .collect()
+                };
                 for k in lapsed {
                     uploads.remove(k.as_str()).map_err(backend)?;
                 }

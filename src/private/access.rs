@@ -56,7 +56,17 @@ pub struct Users {
     anonymous_pull: bool,
     /// SHA-256 of `name \0 password` → when bcrypt last said yes.
     verified: Mutex<HashMap<[u8; 32], Instant>>,
+    /// bcrypt checks running at once: each holds a blocking thread for
+    /// tens of milliseconds, and guesses must not take the pool.
+    checking: tokio::sync::Semaphore,
 }
+
+/// bcrypt checks that may run at once.
+const CHECKS_AT_ONCE: usize = 4;
+
+/// Checked against for an unknown user, so an answer takes as long
+/// whether or not the name exists. (The hash of a random password.)
+const NO_SUCH_USER: &str = "$2b$10$3.NYMJLmyDZzrH.tERmSSeG4TSm9HOczHW5S5Cm3e8nV7ipCkv/.O";
 
 /// The failure to read the htpasswd file.
 #[derive(Debug, thiserror::Error)]
@@ -100,41 +110,44 @@ impl Users {
             users,
             anonymous_pull: config.anonymous_pull,
             verified: Mutex::new(HashMap::new()),
+            checking: tokio::sync::Semaphore::new(CHECKS_AT_ONCE),
         })
     }
 
+    /// Whether `name` and `password` were found right lately: no bcrypt
+    /// needed, and no login attempt to count.
+    pub fn remembered(&self, name: &str, password: &str) -> bool {
+        let verified = self.verified.lock().unwrap_or_else(|p| p.into_inner());
+        verified
+            .get(&pair_key(name, password))
+            .is_some_and(|at| at.elapsed() < VERIFIED_FOR)
+    }
+
     /// Whether `password` is `name`'s. Runs bcrypt (tens of milliseconds)
-    /// on the blocking pool unless the pair was found right lately.
+    /// on the blocking pool, a few at a time, unless the pair was found
+    /// right lately; an unknown name takes as long as a known one.
     pub async fn verify(&self, name: &str, password: &str) -> bool {
-        let Some(hash) = self.users.get(name).and_then(|u| u.hash.clone()) else {
+        if self.remembered(name, password) {
+            return true;
+        }
+        let hash = self.users.get(name).and_then(|u| u.hash.clone());
+        let known = hash.is_some();
+        let hash = hash.unwrap_or_else(|| NO_SUCH_USER.to_owned());
+        let Ok(_permit) = self.checking.acquire().await else {
             return false;
         };
-        let key: [u8; 32] = Sha256::new()
-            .chain_update(name.as_bytes())
-            .chain_update([0])
-            .chain_update(password.as_bytes())
-            .finalize()
-            .into();
-        {
-            let verified = self.verified.lock().unwrap_or_else(|p| p.into_inner());
-            if verified
-                .get(&key)
-                .is_some_and(|at| at.elapsed() < VERIFIED_FOR)
-            {
-                return true;
-            }
-        }
-        let password = password.to_owned();
+        let given = password.to_owned();
         let right =
-            tokio::task::spawn_blocking(move || bcrypt::verify(password, &hash).unwrap_or(false))
+            tokio::task::spawn_blocking(move || bcrypt::verify(given, &hash).unwrap_or(false))
                 .await
-                .unwrap_or(false);
+                .unwrap_or(false)
+                && known;
         if right {
             let mut verified = self.verified.lock().unwrap_or_else(|p| p.into_inner());
             if verified.len() >= VERIFIED_MAX {
                 verified.clear();
             }
-            verified.insert(key, Instant::now());
+            verified.insert(pair_key(name, password), Instant::now());
         }
         right
     }
@@ -158,6 +171,15 @@ impl Users {
     pub fn anonymous_pull(&self) -> bool {
         self.anonymous_pull
     }
+}
+
+fn pair_key(name: &str, password: &str) -> [u8; 32] {
+    Sha256::new()
+        .chain_update(name.as_bytes())
+        .chain_update([0])
+        .chain_update(password.as_bytes())
+        .finalize()
+        .into()
 }
 
 /// `name:hash` lines; blank lines and `#` comments are skipped. Only bcrypt

@@ -27,6 +27,14 @@ const LEASE_TTL: Duration = Duration::from_secs(300);
 /// Repositories read from the catalog per request.
 const PAGE: usize = 1000;
 
+/// Whether a lease's holder is a collection (its removals are claimed
+/// under the blob's lease, held by the collection's holder).
+pub(super) fn is_collector(holder: &str) -> bool {
+    holder.starts_with(HOLDER) && !crate::meta::lease_done(holder)
+}
+
+const HOLDER: &str = "private-gc-";
+
 /// What one collection removed.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Collected {
@@ -69,7 +77,7 @@ impl Private {
     /// One collection: removes what nothing references and nobody used
     /// for `grace`. Another replica's collection running: nothing is done.
     pub async fn collect(&self, grace: Duration) -> Result<Collected, MetaError> {
-        let holder = format!("gc-{:016x}", rand::random::<u64>());
+        let holder = format!("{HOLDER}{:016x}", rand::random::<u64>());
         if self
             .meta
             .acquire_lease(LEASE, &holder, LEASE_TTL)
@@ -130,56 +138,114 @@ impl Private {
                 continue;
             }
             let repos = holders.remove(&digest).unwrap_or_default();
-            let one = std::slice::from_ref(&digest);
-            for repo in &repos {
-                self.meta.unlink(repo, one).await?;
-            }
-            self.meta.unlink(&self.prefix, one).await?;
-            let removal = Removal {
-                fence: LEASE,
-                holder,
-                digest: &digest,
-                seen_ms,
-                ttl: LEASE_TTL,
-            };
-            match self.meta.claim_removal(&removal).await? {
-                Claimed::Yes => {}
-                Claimed::Wanted => {
-                    // Used since the look: it stays where it was.
-                    self.meta.link(&self.prefix, one).await?;
-                    for repo in &repos {
-                        self.meta.link(repo, one).await?;
-                    }
-                    collected.spared += 1;
-                    continue;
-                }
-                Claimed::Fenced => {
-                    self.meta.link(&self.prefix, one).await?;
-                    for repo in &repos {
-                        self.meta.link(repo, one).await?;
-                    }
-                    break;
-                }
-            }
-            let size = self.blobs.stat(&digest).await.ok().flatten();
-            let deleted = self.blobs.delete(&digest).await;
-            let lease = crate::meta::blob_lease(&digest);
-            if let Err(e) = self.meta.release_lease(&lease, holder).await {
-                tracing::debug!(error = %e, "a removal's blob lease is left to lapse");
-            }
-            match deleted {
-                Ok(()) => {
+            match self.remove(holder, &digest, seen_ms, &repos).await {
+                Ok(Some(bytes)) => {
                     collected.removed += 1;
-                    collected.bytes += size.unwrap_or(0);
-                    crate::telemetry::metrics::metrics()
-                        .private_reclaimed_bytes
-                        .inc_by(size.unwrap_or(0));
+                    collected.bytes += bytes;
                 }
-                Err(e) => {
-                    tracing::warn!(%digest, error = %e, "cannot delete an unreferenced private blob")
-                }
+                Ok(None) => collected.spared += 1,
+                Err(Stop::Fenced) => break,
+                Err(Stop::Failed(e)) => return Err(e),
             }
         }
         Ok(collected)
     }
+
+    /// Takes one unreferenced digest out of the namespace: its links first,
+    /// then, if nobody used it since `seen_ms`, the bytes (only those the
+    /// namespace stored, and not pinned for the mirror). The bytes' size,
+    /// or `None` when it was used meanwhile and stays.
+    async fn remove(
+        &self,
+        holder: &str,
+        digest: &Digest,
+        seen_ms: u64,
+        repos: &[String],
+    ) -> Result<Option<u64>, Stop> {
+        let one = std::slice::from_ref(digest);
+        let mut sets: Vec<&str> = repos.iter().map(String::as_str).collect();
+        sets.push(&self.prefix);
+        for (n, set) in sets.iter().enumerate() {
+            if let Err(e) = self.meta.unlink(set, one).await {
+                self.relink(&sets[..n], digest).await;
+                return Err(Stop::Failed(e));
+            }
+        }
+        let removal = Removal {
+            fence: LEASE,
+            holder,
+            digest,
+            seen_ms,
+            ttl: LEASE_TTL,
+        };
+        match self.meta.claim_removal(&removal).await {
+            Ok(Claimed::Yes) => {}
+            Ok(Claimed::Wanted) => {
+                // Used since the look: it stays where it was.
+                self.relink(&sets, digest).await;
+                return Ok(None);
+            }
+            Ok(Claimed::Fenced) => {
+                self.relink(&sets, digest).await;
+                return Err(Stop::Fenced);
+            }
+            Err(e) => {
+                self.relink(&sets, digest).await;
+                return Err(Stop::Failed(e));
+            }
+        }
+        let result = self.delete_bytes(digest).await;
+        let lease = crate::meta::blob_lease(digest);
+        if let Err(e) = self.meta.release_lease(&lease, holder).await {
+            tracing::debug!(error = %e, "a removal's blob lease is left to lapse");
+        }
+        Ok(Some(result))
+    }
+
+    /// Puts back links a removal took, for one that does not go ahead.
+    async fn relink(&self, sets: &[&str], digest: &Digest) {
+        for set in sets {
+            if let Err(e) = self.meta.link(set, std::slice::from_ref(digest)).await {
+                tracing::warn!(%digest, error = %e, "cannot put back a private link");
+            }
+        }
+    }
+
+    /// Deletes the bytes of a digest the namespace no longer holds, when
+    /// it stored them and the mirror does not pin them; their size.
+    async fn delete_bytes(&self, digest: &Digest) -> u64 {
+        let owned = self.owned_key();
+        match self.meta.is_linked(&owned, digest).await {
+            Ok(true) => {}
+            Ok(false) => return 0,
+            Err(e) => {
+                tracing::warn!(%digest, error = %e, "cannot tell whose bytes these are; they stay");
+                return 0;
+            }
+        }
+        if let Some(pins) = &self.pinned
+            && pins.keep(digest).await
+        {
+            return 0;
+        }
+        let size = self.blobs.stat(digest).await.ok().flatten().unwrap_or(0);
+        if let Err(e) = self.blobs.delete(digest).await {
+            tracing::warn!(%digest, error = %e, "cannot delete an unreferenced private blob");
+            return 0;
+        }
+        if let Err(e) = self.meta.unlink(&owned, std::slice::from_ref(digest)).await {
+            tracing::debug!(%digest, error = %e, "a deleted blob stays in the stored set");
+        }
+        crate::telemetry::metrics::metrics()
+            .private_reclaimed_bytes
+            .inc_by(size);
+        size
+    }
+}
+
+/// Why a collection stops early.
+enum Stop {
+    /// Its lease went to another replica.
+    Fenced,
+    Failed(MetaError),
 }

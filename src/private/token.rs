@@ -7,7 +7,6 @@ use std::time::Duration;
 
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
-use tokio::sync::OnceCell;
 
 use crate::meta::{MetaError, MetaStore, now_ms};
 
@@ -50,7 +49,27 @@ pub struct Granted {
 pub struct Tokens {
     meta: Arc<dyn MetaStore>,
     ttl: Duration,
-    keys: OnceCell<(EncodingKey, DecodingKey)>,
+    /// The key last read from the store, and the keys made from it.
+    keys: tokio::sync::RwLock<Option<Arc<Keys>>>,
+}
+
+struct Keys {
+    secret: String,
+    encoding: EncodingKey,
+    decoding: DecodingKey,
+}
+
+impl Keys {
+    fn from(secret: String) -> Result<Keys, MetaError> {
+        let bad = |e: jsonwebtoken::errors::Error| {
+            MetaError::Corrupt(format!("the token signing key: {e}"))
+        };
+        Ok(Keys {
+            encoding: EncodingKey::from_secret(secret.as_bytes()).map_err(bad)?,
+            decoding: DecodingKey::from_secret(secret.as_bytes()).map_err(bad)?,
+            secret,
+        })
+    }
 }
 
 impl Tokens {
@@ -58,7 +77,7 @@ impl Tokens {
         Self {
             meta,
             ttl,
-            keys: OnceCell::new(),
+            keys: tokio::sync::RwLock::new(None),
         }
     }
 
@@ -66,23 +85,32 @@ impl Tokens {
         self.ttl
     }
 
-    async fn keys(&self) -> Result<&(EncodingKey, DecodingKey), MetaError> {
-        self.keys
-            .get_or_try_init(|| async {
-                let mine = hex::encode(rand::random::<[u8; 32]>());
-                let key = match self.meta.acquire_lease(KEY_RECORD, &mine, KEY_KEPT).await? {
-                    None => mine,
-                    Some(theirs) => theirs,
-                };
-                let bad = |e: jsonwebtoken::errors::Error| {
-                    MetaError::Corrupt(format!("the token signing key: {e}"))
-                };
-                Ok((
-                    EncodingKey::from_secret(key.as_bytes()).map_err(bad)?,
-                    DecodingKey::from_secret(key.as_bytes()).map_err(bad)?,
-                ))
-            })
-            .await
+    /// The signing keys, read from the store once (or made, by the first
+    /// replica to need them).
+    async fn keys(&self) -> Result<Arc<Keys>, MetaError> {
+        if let Some(keys) = self.keys.read().await.as_ref() {
+            return Ok(keys.clone());
+        }
+        self.load().await
+    }
+
+    /// Reads the stored key again (it may have been lost and made anew by
+    /// another replica), making one if there is none.
+    async fn load(&self) -> Result<Arc<Keys>, MetaError> {
+        let mut cached = self.keys.write().await;
+        let mine = hex::encode(rand::random::<[u8; 32]>());
+        let secret = match self.meta.acquire_lease(KEY_RECORD, &mine, KEY_KEPT).await? {
+            None => mine,
+            Some(theirs) => theirs,
+        };
+        if let Some(keys) = cached.as_ref()
+            && keys.secret == secret
+        {
+            return Ok(keys.clone());
+        }
+        let keys = Arc::new(Keys::from(secret)?);
+        *cached = Some(keys.clone());
+        Ok(keys)
     }
 
     /// A token for `user` (`None`: anonymous) granting `access`.
@@ -91,7 +119,7 @@ impl Tokens {
         user: Option<&str>,
         access: Vec<Access>,
     ) -> Result<String, MetaError> {
-        let (encoding, _) = self.keys().await?;
+        let keys = self.keys().await?;
         let iat = now_ms() / 1000;
         let claims = Claims {
             iss: ISSUER.into(),
@@ -101,24 +129,36 @@ impl Tokens {
             exp: iat + self.ttl.as_secs(),
             access,
         };
-        jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, encoding)
+        jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &keys.encoding)
             .map_err(|e| MetaError::Backend(format!("signing a token: {e}")))
     }
 
     /// What `token` grants, or `None` when it is not one of Pier's, is
     /// expired or was altered.
     pub async fn check(&self, token: &str) -> Result<Option<Granted>, MetaError> {
-        let (_, decoding) = self.keys().await?;
         let mut validation = Validation::new(Algorithm::HS256);
         validation.set_issuer(&[ISSUER]);
         validation.set_audience(&[SERVICE]);
         validation.leeway = 5;
-        Ok(jsonwebtoken::decode::<Claims>(token, decoding, &validation)
-            .ok()
-            .map(|t| Granted {
-                user: Some(t.claims.sub).filter(|s| !s.is_empty()),
-                access: t.claims.access,
-            }))
+        let keys = self.keys().await?;
+        let checked = jsonwebtoken::decode::<Claims>(token, &keys.decoding, &validation);
+        let checked = match checked {
+            Ok(t) => Ok(t),
+            // Signed with a key this replica has not seen: look again.
+            Err(e) if matches!(e.kind(), jsonwebtoken::errors::ErrorKind::InvalidSignature) => {
+                let again = self.load().await?;
+                if Arc::ptr_eq(&again, &keys) {
+                    Err(e)
+                } else {
+                    jsonwebtoken::decode::<Claims>(token, &again.decoding, &validation)
+                }
+            }
+            Err(e) => Err(e),
+        };
+        Ok(checked.ok().map(|t| Granted {
+            user: Some(t.claims.sub).filter(|s| !s.is_empty()),
+            access: t.claims.access,
+        }))
     }
 }
 
@@ -142,7 +182,7 @@ mod tests {
         assert_eq!(g.user.as_deref(), Some("ci"));
         assert_eq!(g.access, access);
         // Another replica on the same store takes the same key.
-        let other = Tokens::new(meta, Duration::from_secs(60));
+        let other = Tokens::new(meta.clone(), Duration::from_secs(60));
         assert!(other.check(&t).await.unwrap().is_some());
         let mut altered = t.clone().into_bytes();
         let n = altered.len() - 3;
@@ -152,5 +192,13 @@ mod tests {
         assert!(tokens.check("garbage").await.unwrap().is_none());
         let anonymous = tokens.issue(None, Vec::new()).await.unwrap();
         assert_eq!(tokens.check(&anonymous).await.unwrap().unwrap().user, None);
+
+        // The stored key lost (an evicting Redis): a replica made a new one;
+        // one that cached the old one reads it again rather than refuse.
+        let lost = meta.lease(KEY_RECORD).await.unwrap().unwrap();
+        meta.release_lease(KEY_RECORD, &lost).await.unwrap();
+        let fresh = Tokens::new(meta.clone(), Duration::from_secs(60));
+        let t = fresh.issue(Some("ci"), Vec::new()).await.unwrap();
+        assert!(tokens.check(&t).await.unwrap().is_some());
     }
 }

@@ -97,6 +97,9 @@ impl Private {
         if start.is_some_and(|s| s != offset) {
             return Err(PrivateError::RangeInvalid { offset });
         }
+        // The session lapses `upload_ttl` after it was last saved: a chunk
+        // starts the count again, so one as long as that still finds it.
+        self.save(id, &record).await?;
         let spooled = self.spool_body(body, offset).await?;
         let broken = spooled.broken.is_some();
         let result = self.add_part(repo, id, offset, spooled).await;
@@ -152,10 +155,27 @@ impl Private {
         result
     }
 
+    /// Ends an upload without a blob. Under the upload's lease, so a chunk
+    /// being added cannot bring the session back.
     pub async fn cancel(&self, repo: &Repo, id: &str) -> Result<(), PrivateError> {
         self.load(repo, id).await?;
-        self.meta.delete_upload(id).await?;
-        Ok(())
+        let holder = hex::encode(rand::random::<[u8; 8]>());
+        let lease = lease_name(id);
+        if self
+            .meta
+            .acquire_lease(&lease, &holder, CHANGE_LEASE)
+            .await?
+            .is_some()
+        {
+            return Err(PrivateError::UploadInvalid(
+                "another request is writing to this upload".into(),
+            ));
+        }
+        let result = self.meta.delete_upload(id).await;
+        if let Err(e) = self.meta.release_lease(&lease, &holder).await {
+            tracing::debug!(error = %e, "an upload lease is left to lapse");
+        }
+        Ok(result?)
     }
 
     async fn complete(
@@ -191,6 +211,7 @@ impl Private {
                 _ => false,
             };
             if single {
+                self.settle(digest).await?;
                 if self.blobs.stat(digest).await?.is_none() {
                     return Err(part_gone());
                 }
@@ -232,7 +253,9 @@ impl Private {
             if hasher.finish() != *digest {
                 return Err(mismatch(digest));
             }
+            self.settle(digest).await?;
             self.blobs.store(digest, &path, size).await?;
+            self.owned(digest).await?;
             Ok(())
         }
         .await;
@@ -299,16 +322,19 @@ impl Private {
     /// Puts a spooled, hashed chunk in the blob store under its digest
     /// (unless those bytes are stored already).
     async fn store_spooled(&self, spooled: &Spooled) -> Result<(), PrivateError> {
-        let result = match self.blobs.stat(&spooled.digest).await? {
-            Some(size) if size == spooled.size => Ok(()),
-            _ => {
+        let result = async {
+            self.settle(&spooled.digest).await?;
+            if self.blobs.stat(&spooled.digest).await? != Some(spooled.size) {
                 self.blobs
                     .store(&spooled.digest, &spooled.path, spooled.size)
-                    .await
+                    .await?;
+                self.owned(&spooled.digest).await?;
             }
-        };
+            Ok(())
+        }
+        .await;
         remove(&spooled.path).await;
-        Ok(result?)
+        result
     }
 
     /// Writes a request body to a spool file, hashing it; refuses one that
