@@ -832,6 +832,69 @@ async fn podman_pulls_through_registries_conf_mirror() {
     );
 }
 
+/// podman against the private namespace: `podman login`, `push` and `pull`,
+/// with Docker Hub pulls still going through the mirror beside it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn podman_logs_in_pushes_and_pulls_a_private_image() {
+    if !have_tools(&["docker-registry", "podman"]) {
+        return;
+    }
+    let docker = Upstream::start("docker");
+    let password = "podman-push-pw";
+    let hash = bcrypt::hash(password, 4).unwrap();
+    let (pier, _data) = Pier::start(
+        &[("docker.io", &docker.url())],
+        &format!(
+            "[private]\nprefix = \"private\"\n[[private.users]]\nname = \"ci\"\n\
+             password_hash = \"{hash}\"\npush = [\"team/**\"]\n"
+        ),
+    );
+    let dir = short_tempdir();
+    let podman = Podman::new(dir.path(), &pier.host());
+    podman.pull("docker.io/library/alpine:3.19").await;
+
+    let host = pier.host();
+    let login = |pw: &'static str| {
+        podman.cmd(&["login", "--tls-verify=false", "-u", "ci", "-p", pw, &host])
+    };
+    let wrong = run(login("not-it")).await;
+    assert!(!wrong.ok, "a wrong password logged in\n{}", wrong.both());
+    let right = run(login(password)).await;
+    assert!(right.ok, "podman login\n{}", right.both());
+
+    let image = format!("{host}/private/team/alpine:1");
+    let out = run(podman.cmd(&["tag", "docker.io/library/alpine:3.19", &image])).await;
+    assert!(out.ok, "{}", out.both());
+    let digest_file = dir.path().join("pushed.digest");
+    let digest_path = digest_file.display().to_string();
+    let out = run(podman.cmd(&[
+        "push",
+        "--tls-verify=false",
+        "--digestfile",
+        &digest_path,
+        &image,
+    ]))
+    .await;
+    assert!(out.ok, "podman push\n{}", out.both());
+    let pushed = std::fs::read_to_string(&digest_file)
+        .unwrap()
+        .trim()
+        .to_owned();
+    let out = run(podman.cmd(&["rmi", &image, "docker.io/library/alpine:3.19"])).await;
+    assert!(out.ok, "{}", out.both());
+    let policy = dir.path().join("policy.json").display().to_string();
+    let out = run(podman.cmd(&[
+        "pull",
+        "--tls-verify=false",
+        "--signature-policy",
+        &policy,
+        &image,
+    ]))
+    .await;
+    assert!(out.ok, "podman pull {image}\n{}", out.both());
+    assert_eq!(podman.inspect(&image, "{{.Digest}}").await, pushed);
+}
+
 // ---------------------------------------------------------------------------
 // Over HTTPS, trusting a private CA, with no insecure flag anywhere
 // ---------------------------------------------------------------------------
