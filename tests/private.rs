@@ -54,6 +54,19 @@ fn layout(name: &str) -> PathBuf {
     fixtures().join("layouts/docker/library").join(name)
 }
 
+/// Pushes the OCI layout at `src` to `dest` (`docker://…`) as `creds`
+/// (`user:password`); (success, stderr).
+async fn push(src: &Path, dest: &str, creds: &str) -> (bool, String) {
+    skopeo(&[
+        "--dest-tls-verify=false",
+        "--dest-creds",
+        creds,
+        &format!("oci:{}", src.display()),
+        dest,
+    ])
+    .await
+}
+
 /// `skopeo copy SRC DEST` with extra arguments; (success, stderr).
 async fn skopeo(args: &[&str]) -> (bool, String) {
     let out = tokio::process::Command::new("skopeo")
@@ -171,14 +184,7 @@ async fn skopeo_pushes_and_pulls_and_every_auth_case_answers_as_clients_expect()
     // Push with skopeo's credentials; pull back with another user's.
     let dest = format!("docker://{host}/private/team/alpine:3.19");
     let creds = format!("ci:{PASSWORD}");
-    let (ok, err) = skopeo(&[
-        "--dest-tls-verify=false",
-        "--dest-creds",
-        &creds,
-        &format!("oci:{}", src.display()),
-        &dest,
-    ])
-    .await;
+    let (ok, err) = push(&src, &dest, &creds).await;
     assert!(ok, "push: {err}");
     let out = tempfile::tempdir().unwrap();
     let reader = format!("reader:{PASSWORD}");
@@ -249,13 +255,11 @@ async fn skopeo_pushes_and_pulls_and_every_auth_case_answers_as_clients_expect()
             .any(|b| digest.ends_with(b.as_str())),
         "a refused push stored its blob"
     );
-    let (ok, err) = skopeo(&[
-        "--dest-tls-verify=false",
-        "--dest-creds",
-        &reader,
-        &format!("oci:{}", src.display()),
+    let (ok, err) = push(
+        &src,
         &format!("docker://{host}/private/team/alpine:by-reader"),
-    ])
+        &reader,
+    )
     .await;
     assert!(!ok && err.contains("denied"), "{err}");
     let r = c
@@ -367,13 +371,11 @@ async fn skopeo_pushes_and_pulls_and_every_auth_case_answers_as_clients_expect()
         serde_json::json!(["private/team/alpine"])
     );
     assert_eq!(catalog(None).await, serde_json::json!([]));
-    let (ok, err) = skopeo(&[
-        "--dest-tls-verify=false",
-        "--dest-creds",
-        &creds,
-        &format!("oci:{}", src.display()),
+    let (ok, err) = push(
+        &src,
         &format!("docker://{host}/private/team2/alpine:1"),
-    ])
+        &creds,
+    )
     .await;
     assert!(
         !ok && err.contains("denied"),
@@ -432,13 +434,11 @@ async fn anonymous_pull_when_switched_on() {
     let (pier, _data) = start("anonymous_pull = true\nalias = \"own\"");
     let host = pier.host();
     let src = layout("alpine/3.18");
-    let (ok, err) = skopeo(&[
-        "--dest-tls-verify=false",
-        "--dest-creds",
-        &format!("ci:{PASSWORD}"),
-        &format!("oci:{}", src.display()),
+    let (ok, err) = push(
+        &src,
         &format!("docker://{host}/private/team/alpine:3.18"),
-    ])
+        &format!("ci:{PASSWORD}"),
+    )
     .await;
     assert!(ok, "{err}");
     let out = tempfile::tempdir().unwrap();
@@ -1017,14 +1017,7 @@ async fn an_upload_split_across_two_replicas_by_round_robin_completes() {
     for tag in ["3.17", "3.18", "3.19"] {
         let src = layout(&format!("alpine/{tag}"));
         let dest = format!("docker://{}/private/team/alpine:{tag}", lb.host());
-        let (ok, err) = skopeo(&[
-            "--dest-tls-verify=false",
-            "--dest-creds",
-            &creds,
-            &format!("oci:{}", src.display()),
-            &dest,
-        ])
-        .await;
+        let (ok, err) = push(&src, &dest, &creds).await;
         assert!(ok, "push {tag}: {err}");
         let out = tempfile::tempdir().unwrap();
         let (ok, err) = skopeo(&[
@@ -1060,13 +1053,11 @@ async fn oras_pushes_an_artifact_with_a_subject_that_the_referrers_api_lists() {
     let (pier, _data) = start("");
     let host = pier.host();
     let src = layout("alpine/3.19");
-    let (ok, err) = skopeo(&[
-        "--dest-tls-verify=false",
-        "--dest-creds",
-        &format!("ci:{PASSWORD}"),
-        &format!("oci:{}", src.display()),
+    let (ok, err) = push(
+        &src,
         &format!("docker://{host}/private/team/app:1"),
-    ])
+        &format!("ci:{PASSWORD}"),
+    )
     .await;
     assert!(ok, "{err}");
     let c = Client::new(&pier.url());

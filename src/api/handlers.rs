@@ -269,16 +269,7 @@ async fn blob(
         }
         return Ok(resp);
     }
-    let range = match ask.headers.get(header::RANGE).map(|v| v.to_str()) {
-        None => None,
-        Some(Ok(v)) => match RangeSpec::parse(v) {
-            Ok(r) => r,
-            Err(RangeError::Malformed | RangeError::Unsatisfiable) => {
-                return Err(ApiError::malformed_range());
-            }
-        },
-        Some(Err(_)) => return Err(ApiError::malformed_range()),
-    };
+    let range = range_of(ask.headers)?;
     let for_peer = ask.headers.contains_key(crate::mirror::PEER_HEADER);
     // Whole-blob GETs may go straight to the bucket (never ranges, never a
     // peer replica, which streams).
@@ -349,7 +340,21 @@ async fn blob(
     Ok(resp)
 }
 
-fn blob_headers(h: &mut HeaderMap, digest: &Digest) {
+/// The blob range a request's `Range` header asks for, if any.
+pub(super) fn range_of(headers: &HeaderMap) -> Result<Option<RangeSpec>, ApiError> {
+    match headers.get(header::RANGE).map(|v| v.to_str()) {
+        None => Ok(None),
+        Some(Ok(v)) => match RangeSpec::parse(v) {
+            Ok(r) => Ok(r),
+            Err(RangeError::Malformed | RangeError::Unsatisfiable) => {
+                Err(ApiError::malformed_range())
+            }
+        },
+        Some(Err(_)) => Err(ApiError::malformed_range()),
+    }
+}
+
+pub(super) fn blob_headers(h: &mut HeaderMap, digest: &Digest) {
     set(h, header::CONTENT_TYPE, "application/octet-stream");
     set(h, "docker-content-digest", &digest.to_string());
     set(h, header::ETAG, &format!("\"{digest}\""));

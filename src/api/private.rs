@@ -15,12 +15,12 @@ use http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use serde_json::json;
 
 use super::error::{ApiError, ErrorCode};
+use super::handlers::{blob_headers, range_of};
 use super::json_response;
 use super::path::V2Path;
 use crate::limits::ClientLimits;
 use crate::private::manifests::MAX_MANIFEST;
 use crate::private::{Access, Action, Granted, Private, Repo, token::SERVICE};
-use crate::range::{RangeError, RangeSpec};
 use crate::reference::{Digest, Reference};
 
 /// What the private namespace needs beside itself.
@@ -425,7 +425,7 @@ async fn get_blob(
     if req.method == Method::HEAD {
         let size = api.private.blob_size(repo, digest).await?;
         let mut resp = Response::new(Body::empty());
-        blob_headers(resp.headers_mut(), digest);
+        private_blob_headers(resp.headers_mut(), digest);
         set(
             resp.headers_mut(),
             header::CONTENT_LENGTH,
@@ -433,21 +433,12 @@ async fn get_blob(
         );
         return Ok(resp);
     }
-    let range = match req.headers.get(header::RANGE).map(|v| v.to_str()) {
-        None => None,
-        Some(Ok(v)) => match RangeSpec::parse(v) {
-            Ok(r) => r,
-            Err(RangeError::Malformed | RangeError::Unsatisfiable) => {
-                return Err(ApiError::malformed_range());
-            }
-        },
-        Some(Err(_)) => return Err(ApiError::malformed_range()),
-    };
+    let range = range_of(&req.headers)?;
     let b = api.private.blob(repo, digest, range).await?;
     let len = b.len();
     let mut resp = Response::new(Body::from_stream(b.stream));
     let h = resp.headers_mut();
-    blob_headers(h, digest);
+    private_blob_headers(h, digest);
     set(h, header::CONTENT_LENGTH, &len.to_string());
     if let Some(r) = b.range {
         *resp.status_mut() = StatusCode::PARTIAL_CONTENT;
@@ -458,13 +449,6 @@ async fn get_blob(
         );
     }
     Ok(resp)
-}
-
-fn blob_headers(h: &mut HeaderMap, digest: &Digest) {
-    set(h, header::CONTENT_TYPE, "application/octet-stream");
-    set(h, "docker-content-digest", &digest.to_string());
-    set(h, header::ETAG, &format!("\"{digest}\""));
-    set(h, header::ACCEPT_RANGES, "bytes");
 }
 
 async fn tags(
@@ -770,6 +754,12 @@ pub(super) async fn catalog_filter(
                 .may(user.as_deref(), repo.name.as_str(), Action::Pull)
         })
     })
+}
+
+/// A private blob's headers: the mirror's, but no shared cache may keep it.
+fn private_blob_headers(h: &mut HeaderMap, digest: &Digest) {
+    blob_headers(h, digest);
+    set(h, header::CACHE_CONTROL, "private, max-age=31536000");
 }
 
 fn set(h: &mut HeaderMap, name: impl header::IntoHeaderName, value: &str) {

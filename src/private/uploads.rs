@@ -135,20 +135,40 @@ impl Private {
             remove(&spooled.path).await;
             return Err(PrivateError::BodyBroken(e));
         }
+        let path = spooled.path.clone();
+        let result = self
+            .holding(
+                id,
+                FINISH_LEASE,
+                busy(),
+                self.complete(repo, id, spooled, digest),
+            )
+            .await;
+        // Left when the lease was busy and the chunk never looked at.
+        remove(&path).await;
+        result
+    }
+
+    /// Runs `work` holding the upload's lease: one request at a time
+    /// changes a session. `Busy` when another holds it.
+    async fn holding<T>(
+        &self,
+        id: &str,
+        ttl: std::time::Duration,
+        busy: PrivateError,
+        work: impl std::future::Future<Output = Result<T, PrivateError>>,
+    ) -> Result<T, PrivateError> {
         let holder = hex::encode(rand::random::<[u8; 8]>());
         let lease = lease_name(id);
         if self
             .meta
-            .acquire_lease(&lease, &holder, FINISH_LEASE)
+            .acquire_lease(&lease, &holder, ttl)
             .await?
             .is_some()
         {
-            remove(&spooled.path).await;
-            return Err(PrivateError::UploadInvalid(
-                "another request is writing to this upload".into(),
-            ));
+            return Err(busy);
         }
-        let result = self.complete(repo, id, spooled, digest).await;
+        let result = work.await;
         if let Err(e) = self.meta.release_lease(&lease, &holder).await {
             tracing::debug!(error = %e, "an upload lease is left to lapse");
         }
@@ -159,23 +179,10 @@ impl Private {
     /// being added cannot bring the session back.
     pub async fn cancel(&self, repo: &Repo, id: &str) -> Result<(), PrivateError> {
         self.load(repo, id).await?;
-        let holder = hex::encode(rand::random::<[u8; 8]>());
-        let lease = lease_name(id);
-        if self
-            .meta
-            .acquire_lease(&lease, &holder, CHANGE_LEASE)
-            .await?
-            .is_some()
-        {
-            return Err(PrivateError::UploadInvalid(
-                "another request is writing to this upload".into(),
-            ));
-        }
-        let result = self.meta.delete_upload(id).await;
-        if let Err(e) = self.meta.release_lease(&lease, &holder).await {
-            tracing::debug!(error = %e, "an upload lease is left to lapse");
-        }
-        Ok(result?)
+        self.holding(id, CHANGE_LEASE, busy(), async {
+            Ok(self.meta.delete_upload(id).await?)
+        })
+        .await
     }
 
     async fn complete(
@@ -284,17 +291,7 @@ impl Private {
             ));
         }
         self.store_spooled(&spooled).await?;
-        let holder = hex::encode(rand::random::<[u8; 8]>());
-        let lease = lease_name(id);
-        if self
-            .meta
-            .acquire_lease(&lease, &holder, CHANGE_LEASE)
-            .await?
-            .is_some()
-        {
-            return Err(PrivateError::RangeInvalid { offset });
-        }
-        let result = async {
+        let change = async {
             let mut record = self.load(repo, id).await?;
             if record.offset() != offset {
                 return Err(PrivateError::RangeInvalid {
@@ -311,12 +308,10 @@ impl Private {
                 id: id.to_owned(),
                 offset: record.offset(),
             })
-        }
-        .await;
-        if let Err(e) = self.meta.release_lease(&lease, &holder).await {
-            tracing::debug!(error = %e, "an upload lease is left to lapse");
-        }
-        result.map(|s| (s, broken))
+        };
+        let busy = PrivateError::RangeInvalid { offset };
+        let session = self.holding(id, CHANGE_LEASE, busy, change).await?;
+        Ok((session, broken))
     }
 
     /// Puts a spooled, hashed chunk in the blob store under its digest
@@ -427,6 +422,10 @@ impl Private {
         self.meta.put_upload(id, &raw, self.upload_ttl).await?;
         Ok(())
     }
+}
+
+fn busy() -> PrivateError {
+    PrivateError::UploadInvalid("another request is writing to this upload".into())
 }
 
 fn lease_name(id: &str) -> String {
