@@ -13,9 +13,13 @@ against, in turn:
 
   pier           `pier serve`, fs store, `[private]` with one user
   distribution   docker-registry (CNCF distribution) with filesystem storage
+                 and htpasswd auth
+  dist-no-auth   the same without auth (its data path alone)
 
-Both check the same user's password: Pier's htpasswd-style bcrypt entry in
-its config, distribution's htpasswd auth with the same hash. For each:
+Pier and distribution check the same user's password, a bcrypt hash of
+cost 10: distribution at every request (skopeo sends Basic credentials
+with each), Pier once, then by token and by a 5-minute memory of the right
+password. For each:
 the wall time and the server's CPU seconds per GiB moved (utime + stime
 from /proc), medians over the rounds. Everything listens on loopback, and
 the temporary directory is removed at the end.
@@ -27,6 +31,7 @@ library only.
 """
 
 import argparse
+import gzip
 import hashlib
 import json
 import os
@@ -54,17 +59,21 @@ def write_blob(layout, data):
 
 
 def make_image(layout, size):
-    """A one-layer OCI image of `size` random bytes in `layout`."""
+    """A one-layer OCI image of `size` random bytes, gzipped (random bytes
+    do not shrink), in `layout`: skopeo sends a gzip layer as it is, where
+    it would compress an uncompressed one on the client first."""
     layout.mkdir(parents=True)
     (layout / "oci-layout").write_text('{"imageLayoutVersion":"1.0.0"}')
-    layer, layer_size = write_blob(layout, os.urandom(size))
+    raw = os.urandom(size)
+    diff_id = "sha256:" + hashlib.sha256(raw).hexdigest()
+    layer, layer_size = write_blob(layout, gzip.compress(raw, compresslevel=1))
     config = json.dumps({"architecture": "amd64", "os": "linux",
-                         "rootfs": {"type": "layers", "diff_ids": [layer]}}).encode()
+                         "rootfs": {"type": "layers", "diff_ids": [diff_id]}}).encode()
     cfg, cfg_size = write_blob(layout, config)
     manifest = json.dumps({
         "schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
         "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": cfg, "size": cfg_size},
-        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": layer, "size": layer_size}],
+        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": layer, "size": layer_size}],
     }).encode()
     m, m_size = write_blob(layout, manifest)
     (layout / "index.json").write_text(json.dumps({
@@ -98,7 +107,7 @@ def start_pier(binary, work, hash_):
     return proc, f"127.0.0.1:{port}", "private/bench/big"
 
 
-def start_distribution(work, hash_):
+def start_distribution(work, hash_, auth=True):
     port = free_port()
     (work / "htpasswd").write_text(f"{USER}:{hash_}\n")
     cfg = work / "registry.yml"
@@ -106,8 +115,8 @@ def start_distribution(work, hash_):
         "version: 0.1\nlog:\n  level: warn\n  accesslog:\n    disabled: true\n"
         f"storage:\n  filesystem:\n    rootdirectory: {work / 'dist-data'}\n"
         "  maintenance:\n    uploadpurging:\n      enabled: false\n"
-        f"auth:\n  htpasswd:\n    realm: bench\n    path: {work / 'htpasswd'}\n"
-        f"http:\n  addr: 127.0.0.1:{port}\n  secret: pier-bench\n")
+        + (f"auth:\n  htpasswd:\n    realm: bench\n    path: {work / 'htpasswd'}\n" if auth else "")
+        + f"http:\n  addr: 127.0.0.1:{port}\n  secret: pier-bench\n")
     proc = subprocess.Popen(["docker-registry", "serve", cfg], stdout=subprocess.DEVNULL,
                             stderr=open(work / "distribution.log", "w"))
     wait_port(port, proc)
@@ -135,7 +144,8 @@ def main():
             images.append((layout, make_image(layout, size)))
         servers = {}
         for name, start in [("pier", lambda w: start_pier(args.pier, w, hash_)),
-                            ("distribution", lambda w: start_distribution(w, hash_))]:
+                            ("distribution", lambda w: start_distribution(w, hash_)),
+                            ("dist-no-auth", lambda w: start_distribution(w, hash_, auth=False))]:
             d = work / name
             d.mkdir()
             proc, host, repo = start(d)
