@@ -673,3 +673,81 @@ async fn each_registry_keeps_its_images_for_its_own_max_age() {
     assert_eq!(pull(&pier, "docker.io/ages/both:v1").await, both);
     assert_eq!(docker.requests("GET", "ages/both/blobs/"), before);
 }
+
+/// Private images are never evicted: pushed to the private namespace, then
+/// outlived by mirrored pulls of several times the budget, the image still
+/// pulls whole, with upstream stopped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_private_image_survives_the_budget() {
+    if !have_tools(&["docker-registry", "skopeo", "python3"]) {
+        return;
+    }
+    let mut docker = Upstream::start("docker");
+    let work = tempfile::tempdir().unwrap();
+    let own_digest = push_generated(&docker, work.path(), "own/base:v1", 2_500_000);
+    let others: Vec<(String, String)> = (0..4)
+        .map(|i| {
+            let name = format!("churn/img{i}:v1");
+            let digest = push_generated(&docker, work.path(), &name, 2_500_000);
+            (name, digest)
+        })
+        .collect();
+    let hash = bcrypt::hash("pw", 4).unwrap();
+    let (pier, data) = Pier::start(
+        &[("docker.io", &docker.url())],
+        &format!(
+            "[cache]\nmax_size = \"8MiB\"\n[private]\n[[private.users]]\nname = \"ci\"\n\
+             password_hash = \"{hash}\"\npush = [\"**\"]\n"
+        ),
+    );
+    // Pushed straight from the upstream registry into the private namespace.
+    let private = format!("{}/private/team/base:v1", pier.host());
+    let out = Command::new("skopeo")
+        .args([
+            "copy",
+            "--insecure-policy",
+            "--src-tls-verify=false",
+            "--dest-tls-verify=false",
+            "--dest-creds",
+            "ci:pw",
+        ])
+        .arg(format!(
+            "docker://{}/own/base:v1",
+            docker.url().trim_start_matches("http://")
+        ))
+        .arg(format!("docker://{private}"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for (name, digest) in &others {
+        assert_eq!(&pull(&pier, &format!("docker.io/{name}")).await, digest);
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while stored_bytes(data.path()) > 8 << 20 {
+        assert!(
+            Instant::now() < deadline,
+            "{} bytes stored",
+            stored_bytes(data.path())
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    docker.stop();
+    let out = tempfile::tempdir().unwrap();
+    let run = skopeo_copy(&private, out.path(), &["--src-creds", "ci:pw"]).await;
+    assert!(run.ok, "the private image lost a blob: {}", run.stderr);
+    assert_eq!(manifest_digest_in(out.path()), own_digest);
+    // The mirror did evict: its first image needs the (stopped) upstream.
+    let (first, _) = &others[0];
+    let out = tempfile::tempdir().unwrap();
+    let run = skopeo_copy(
+        &format!("{}/docker.io/{first}", pier.host()),
+        out.path(),
+        &[],
+    )
+    .await;
+    assert!(!run.ok, "nothing was evicted: the test proves nothing");
+}

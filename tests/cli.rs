@@ -301,3 +301,53 @@ fn cache_stats_and_gc_work_on_the_bucket() {
     assert!(run(&["gc"]).contains("within budget: nothing to remove"));
     assert!(run(&["cache", "stats"]).contains("blobs: 2 (2.0 MiB)"));
 }
+
+#[test]
+fn users_hash_prints_a_bcrypt_hash_of_stdin() {
+    use std::io::Write as _;
+    let mut child = pier()
+        .args(["users", "hash", "--cost", "4"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"a pass phrase\n")
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    let hash = String::from_utf8(out.stdout).unwrap();
+    let hash = hash.trim();
+    assert!(hash.starts_with("$2b$04$") && hash.len() == 60, "{hash}");
+    // One line ending is not part of the password.
+    assert!(bcrypt::verify("a pass phrase", hash).unwrap());
+    assert!(!bcrypt::verify("a pass phrase\n", hash).unwrap());
+    // A hash the config takes as it is.
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("pier.toml");
+    std::fs::write(
+        &file,
+        format!("[private]\n[[private.users]]\nname = \"ci\"\npassword_hash = \"{hash}\"\n"),
+    )
+    .unwrap();
+    let out = pier().arg("check-config").arg(&file).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let printed = String::from_utf8(out.stdout).unwrap();
+    assert!(printed.contains("[private]"), "{printed}");
+    assert!(!printed.contains(hash), "the hash was printed");
+
+    let empty = pier()
+        .args(["users", "hash"])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    assert!(!empty.status.success());
+    assert!(String::from_utf8_lossy(&empty.stderr).contains("stdin"));
+}
