@@ -67,6 +67,12 @@ async fn push(src: &Path, dest: &str, creds: &str) -> (bool, String) {
     .await
 }
 
+/// Pushes as `ci`, which must succeed.
+async fn push_as_ci(src: &Path, dest: &str) {
+    let (ok, err) = push(src, dest, &format!("ci:{PASSWORD}")).await;
+    assert!(ok, "push to {dest}: {err}");
+}
+
 /// `skopeo copy SRC DEST` with extra arguments; (success, stderr).
 async fn skopeo(args: &[&str]) -> (bool, String) {
     let out = tokio::process::Command::new("skopeo")
@@ -434,13 +440,7 @@ async fn anonymous_pull_when_switched_on() {
     let (pier, _data) = start("anonymous_pull = true\nalias = \"own\"");
     let host = pier.host();
     let src = layout("alpine/3.18");
-    let (ok, err) = push(
-        &src,
-        &format!("docker://{host}/private/team/alpine:3.18"),
-        &format!("ci:{PASSWORD}"),
-    )
-    .await;
-    assert!(ok, "{err}");
+    push_as_ci(&src, &format!("docker://{host}/private/team/alpine:3.18")).await;
     let out = tempfile::tempdir().unwrap();
     let (ok, err) = skopeo(&[
         "--src-tls-verify=false",
@@ -1053,13 +1053,7 @@ async fn oras_pushes_an_artifact_with_a_subject_that_the_referrers_api_lists() {
     let (pier, _data) = start("");
     let host = pier.host();
     let src = layout("alpine/3.19");
-    let (ok, err) = push(
-        &src,
-        &format!("docker://{host}/private/team/app:1"),
-        &format!("ci:{PASSWORD}"),
-    )
-    .await;
-    assert!(ok, "{err}");
+    push_as_ci(&src, &format!("docker://{host}/private/team/app:1")).await;
     let c = Client::new(&pier.url());
     let r = c
         .as_ci(
