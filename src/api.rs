@@ -274,6 +274,15 @@ impl From<StatusCode> for ApiError {
     }
 }
 
+/// The host a request names: its Host header, or the authority of an
+/// HTTP/2 request (which has no Host header).
+fn host_of<'a>(headers: &'a http::HeaderMap, uri: &'a http::Uri) -> Option<&'a str> {
+    match headers.get(http::header::HOST) {
+        Some(v) => v.to_str().ok(),
+        None => uri.authority().map(|a| a.as_str()),
+    }
+}
+
 pub(crate) fn json_response(status: StatusCode, body: String) -> Response {
     (
         status,

@@ -21,7 +21,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures::Stream;
 use thiserror::Error;
 
 pub use access::{Action, Users};
@@ -189,11 +188,7 @@ impl Private {
     }
 
     fn is_alias_host(&self, host: &str) -> bool {
-        let host = host.trim_end_matches('.');
-        let host = match host.rsplit_once(':') {
-            Some((h, port)) if port.bytes().all(|b| b.is_ascii_digit()) => h,
-            _ => host,
-        };
+        let host = crate::route::strip_port(host).trim_end_matches('.');
         self.alias_hosts
             .iter()
             .any(|a| a.eq_ignore_ascii_case(host))
@@ -487,21 +482,6 @@ impl Private {
         }
         self.hold(repo, std::slice::from_ref(digest)).await?;
         Ok(true)
-    }
-
-    /// A whole blob in one request (`POST ?digest=` or a `PUT` on a new
-    /// upload with the whole body).
-    pub async fn put_blob<S>(
-        &self,
-        repo: &Repo,
-        digest: &Digest,
-        body: S,
-    ) -> Result<(), PrivateError>
-    where
-        S: Stream<Item = io::Result<Bytes>> + Send + Unpin,
-    {
-        let session = self.start(repo).await?;
-        self.finish(repo, &session.id, body, digest).await
     }
 }
 

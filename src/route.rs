@@ -227,7 +227,8 @@ fn looks_like_host(component: &str) -> bool {
     component.contains('.') || component.contains(':') || component == "localhost"
 }
 
-fn strip_port(host: &str) -> &str {
+/// `host` without a `:port` (and an IPv6 literal without its brackets).
+pub fn strip_port(host: &str) -> &str {
     if let Some(rest) = host.strip_prefix('[') {
         // [v6]:port
         return rest.split(']').next().unwrap_or(rest);

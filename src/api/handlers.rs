@@ -101,11 +101,7 @@ pub async fn v2(State(state): State<Arc<V2State>>, req: Request) -> Response {
         })
         .unwrap_or_default();
     let headers = req.headers();
-    // HTTP/2 names the host in the URI's authority, not a Host header.
-    let host = match headers.get(header::HOST) {
-        Some(v) => v.to_str().ok(),
-        None => uri.authority().map(|a| a.as_str()),
-    };
+    let host = super::host_of(headers, uri);
     // Over HTTP/2 bodies are copied into frames: placeholders would be sent
     // as they are, so zero-copy is for HTTP/1 only.
     let send_queue = match req.version() {

@@ -54,11 +54,8 @@ fn client(req: &Parts) -> Option<IpAddr> {
 }
 
 /// The request's Host (or HTTP/2 authority).
-pub(super) fn host_of(req: &Parts) -> Option<&str> {
-    match req.headers.get(header::HOST) {
-        Some(v) => v.to_str().ok(),
-        None => req.uri.authority().map(|a| a.as_str()),
-    }
+fn host_of(req: &Parts) -> Option<&str> {
+    super::host_of(&req.headers, &req.uri)
 }
 
 /// Works out who is asking. Wrong credentials are a `401` (counted as a

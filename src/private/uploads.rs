@@ -196,13 +196,13 @@ impl Private {
         let mut record = self.load(repo, id).await?;
         let whole_here = record.parts.is_empty() && digest.algorithm() == Algorithm::Sha256;
         if whole_here {
-            // The whole blob came in this request: check and store it.
-            if last.digest != *digest {
-                remove(&last.path).await;
+            // Done with, stored or refused; a storage failure leaves the
+            // session for the client to try again.
+            let stored = self.store_whole(repo, last, digest).await;
+            if matches!(stored, Ok(()) | Err(PrivateError::DigestInvalid(_))) {
                 self.meta.delete_upload(id).await?;
-                return Err(mismatch(digest));
             }
-            self.store_spooled(&last).await?;
+            return stored;
         } else {
             if last.size > 0 {
                 self.store_spooled(&last).await?;
@@ -233,6 +233,47 @@ impl Private {
         self.hold(repo, std::slice::from_ref(digest)).await?;
         self.meta.delete_upload(id).await?;
         Ok(())
+    }
+
+    /// A blob that came whole in one request (hashed as it spooled):
+    /// stored and held by `repo` if it is `digest`, else nothing is.
+    async fn store_whole(
+        &self,
+        repo: &Repo,
+        spooled: Spooled,
+        digest: &Digest,
+    ) -> Result<(), PrivateError> {
+        if let Some(e) = spooled.broken {
+            remove(&spooled.path).await;
+            return Err(PrivateError::BodyBroken(e));
+        }
+        if spooled.digest != *digest {
+            remove(&spooled.path).await;
+            return Err(mismatch(digest));
+        }
+        self.store_spooled(&spooled).await?;
+        self.hold(repo, std::slice::from_ref(digest)).await?;
+        Ok(())
+    }
+
+    /// A whole blob in one request (`POST ?digest=`): no session is kept
+    /// for it. (A digest of another algorithm than the one chunks are
+    /// hashed with goes through a session, to be read back and checked.)
+    pub async fn put_blob<S>(
+        &self,
+        repo: &Repo,
+        digest: &Digest,
+        body: S,
+    ) -> Result<(), PrivateError>
+    where
+        S: Stream<Item = io::Result<Bytes>> + Send + Unpin,
+    {
+        if digest.algorithm() != Algorithm::Sha256 {
+            let session = self.start(repo).await?;
+            return self.finish(repo, &session.id, body, digest).await;
+        }
+        let spooled = self.spool_body(body, 0).await?;
+        self.store_whole(repo, spooled, digest).await
     }
 
     /// Reads the chunks back in order into one spool file, checks the
